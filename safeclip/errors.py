@@ -1,0 +1,79 @@
+"""The error tree. Every error safeclip raises on purpose is a ``SafeclipError``.
+
+    SafeclipError
+    ├── PolicyError             a policy file is invalid (every problem listed, with its location)
+    ├── ModelLoadError          weights could not be loaded (what was tried, how to point at a local file)
+    ├── EncoderMismatchError    embeddings / artifacts from another embedding space
+    ├── ArtifactIntegrityError  an artifact's sha256 does not match its pin, or it escapes its directory
+    └── DecodeError             an input could not be turned into pixels
+        ├── UnsupportedFormatError  not an allowed image format
+        ├── ImageTooLargeError      byte / pixel / frame limits (decompression bombs)
+        ├── TruncatedImageError     the file ends early or is corrupt
+        └── DecodeTimeoutError      decoding exceeded its time budget
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SafeclipError",
+    "PolicyError",
+    "ModelLoadError",
+    "EncoderMismatchError",
+    "ArtifactIntegrityError",
+    "DecodeError",
+    "UnsupportedFormatError",
+    "ImageTooLargeError",
+    "TruncatedImageError",
+    "DecodeTimeoutError",
+]
+
+
+class SafeclipError(Exception):
+    """Base class of every error safeclip raises on purpose."""
+
+
+class PolicyError(SafeclipError, ValueError):
+    """A policy is invalid. ``problems`` lists every problem as ``"file: path.to.field: message"``."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in policy"
+        super().__init__(head + ":\n  " + "\n  ".join(self.problems))
+
+
+class ModelLoadError(SafeclipError):
+    """The encoder's weights could not be loaded."""
+
+
+class EncoderMismatchError(SafeclipError, ValueError):
+    """Embeddings or artifacts come from a different embedding space (encoder_id) than expected."""
+
+
+class ArtifactIntegrityError(SafeclipError):
+    """An artifact's sha256 does not match the pin in its policy, or its path is not allowed."""
+
+
+class DecodeError(SafeclipError, ValueError):
+    """An input could not be decoded into pixels. ``source`` names the input when known."""
+
+    def __init__(self, message: str, source: str | None = None):
+        self.source = source
+        self.reason = message
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+class UnsupportedFormatError(DecodeError):
+    """The input is not one of the allowed image formats."""
+
+
+class ImageTooLargeError(DecodeError):
+    """The input exceeds a byte, pixel or frame limit (e.g. a decompression bomb)."""
+
+
+class TruncatedImageError(DecodeError):
+    """The input is truncated or corrupt."""
+
+
+class DecodeTimeoutError(DecodeError):
+    """Decoding exceeded its time budget."""

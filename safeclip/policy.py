@@ -1,0 +1,373 @@
+"""Policies: YAML files of categories, prompts, artifacts and thresholds, validated fully.
+
+A policy file is data from a user. :func:`load_policy` reads it with ``yaml.safe_load``, resolves ``extends:``,
+checks every field and raises one :class:`~safeclip.errors.PolicyError` listing every problem with its location
+(``file: categories.sexual.thresholds.flag: ...``).
+
+Format (see ``policies/default.yaml``)::
+
+    name: default
+    version: "1.0"
+    extends: default            # optional: a shipped policy name or a path relative to this file
+    encoder: {model: ViT-B-32, pretrained: laion2b_s34b_b79k}
+    scoring:
+      logit_scale: 100.0        # CLIP's temperature for the prompt softmax
+      templates: ["a photo of {}."]
+      neutral: ["an everyday scene"]   # benign baseline prompts shared by every category
+      top_prompts: 3
+    categories:
+      violence:
+        description: ...
+        prompts: [a bloody wound]      # positive concepts
+        contrast: [a boxing match]     # benign look-alikes
+        thresholds: {flag: 0.5, block: 0.85}
+        probe: {path: probes/violence.json, sha256: ...}          # optional
+        calibrator: {path: calibrators/violence.json, sha256: ...}  # optional
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .artifacts import resolve_artifact_path
+from .errors import ArtifactIntegrityError, PolicyError
+
+__all__ = ["Policy", "Category", "ArtifactRef", "load_policy", "list_policies", "builtin_policy_dir"]
+
+_TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories"}
+_SCORING_KEYS = {"logit_scale", "templates", "neutral", "top_prompts"}
+_CATEGORY_KEYS = {"description", "prompts", "contrast", "templates", "thresholds", "probe", "calibrator", "enabled"}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def builtin_policy_dir() -> Path:
+    """The folder of the policies shipped with the package."""
+    return Path(str(importlib.resources.files("safeclip.policies")))
+
+
+def list_policies() -> list[str]:
+    """Names of the shipped policies."""
+    return sorted(p.stem for p in builtin_policy_dir().glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A probe or calibrator file, resolved against the policy that named it, with its sha256 pin."""
+
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    description: str
+    prompts: tuple[str, ...]
+    contrast: tuple[str, ...]
+    templates: tuple[str, ...]
+    flag: float | None
+    block: float | None
+    probe: ArtifactRef | None = None
+    calibrator: ArtifactRef | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build one with :func:`load_policy`."""
+
+    name: str
+    version: str
+    description: str
+    categories: tuple[Category, ...]
+    logit_scale: float
+    neutral: tuple[str, ...]
+    top_prompts: int = 3
+    encoder: Mapping[str, str] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def id(self) -> str:
+        """``name@version``, recorded in every Decision and audit row."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def category_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.categories)
+
+    def category(self, name: str) -> Category:
+        for c in self.categories:
+            if c.name == name:
+                return c
+        raise KeyError(f"policy {self.id} has no category {name!r}; it has {list(self.category_names)}")
+
+    def with_thresholds(self, name: str, *, flag: float | None, block: float | None) -> Policy:
+        """A copy with one category's thresholds changed (for notebooks): ``p.with_thresholds("drugs", flag=.4, block=.9)``."""
+        import dataclasses
+
+        _check_thresholds(flag, block, name)
+        cats = tuple(dataclasses.replace(c, flag=flag, block=block) if c.name == name else c for c in self.categories)
+        self.category(name)
+        return dataclasses.replace(self, categories=cats)
+
+
+def _check_thresholds(flag: float | None, block: float | None, where: str) -> None:
+    for key, v in (("flag", flag), ("block", block)):
+        if v is not None and not (isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0):
+            raise PolicyError(f"{where}: thresholds.{key}: must be a number in [0, 1] or null, got {v!r}")
+    if flag is not None and block is not None and float(flag) > float(block):
+        raise PolicyError(f"{where}: thresholds: flag ({flag}) must not exceed block ({block})")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _resolve_name(ref: str, base_dir: Path | None) -> Path:
+    p = Path(ref)
+    if base_dir is not None and not p.is_absolute() and (base_dir / p).is_file():
+        return base_dir / p
+    if p.is_file():
+        return p
+    builtin = builtin_policy_dir() / f"{ref}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise PolicyError(f"{ref}: no such policy file, and no shipped policy of that name (shipped: {list_policies()})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: a policy must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _merged(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """The raw mapping of ``path`` with its ``extends`` chain merged in; artifact paths made absolute."""
+    path = path.resolve()
+    if path in chain:
+        raise PolicyError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in chain + (path,))}")
+    data = copy.deepcopy(_read_yaml(path))
+    problems: list[str] = []
+    # Artifact paths are relative to the file that names them: record each file's own directory.
+    cats = data.get("categories")
+    if isinstance(cats, dict):
+        for cname, cat in cats.items():
+            if isinstance(cat, dict):
+                for key in ("probe", "calibrator"):
+                    if isinstance(cat.get(key), dict):
+                        cat[key] = dict(cat[key], _base=str(path.parent), _file=str(path))
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        return data, problems
+    if not isinstance(parent_ref, str):
+        raise PolicyError(f"{path}: extends: must be a policy name or path, got {parent_ref!r}")
+    parent, parent_problems = _merged(_resolve_name(parent_ref, path.parent), chain + (path,))
+    problems += parent_problems
+    merged = parent
+    for key, value in data.items():
+        if key == "scoring" and isinstance(value, dict) and isinstance(merged.get("scoring"), dict):
+            merged["scoring"] = {**merged["scoring"], **value}
+        elif key == "categories" and isinstance(value, dict) and isinstance(merged.get("categories"), dict):
+            out = dict(merged["categories"])
+            for cname, cat in value.items():
+                if cat is None:  # `name: null` removes an inherited category
+                    out.pop(cname, None)
+                elif isinstance(cat, dict) and isinstance(out.get(cname), dict):
+                    base = dict(out[cname])
+                    if "thresholds" in cat and isinstance(cat["thresholds"], dict) and isinstance(
+                            base.get("thresholds"), dict):
+                        cat = {**cat, "thresholds": {**base["thresholds"], **cat["thresholds"]}}
+                    out[cname] = {**base, **cat}
+                else:
+                    out[cname] = cat
+            merged["categories"] = out
+        else:
+            merged[key] = value
+    return merged, problems
+
+
+def _str_list(value: Any, where: str, problems: list[str], *, allow_empty: bool = False) -> tuple[str, ...]:
+    if value is None and allow_empty:
+        return ()
+    if not isinstance(value, list) or (not value and not allow_empty):
+        problems.append(f"{where}: must be a {'' if allow_empty else 'non-empty '}list of strings")
+        return ()
+    out = []
+    for i, v in enumerate(value):
+        if not isinstance(v, str) or not v.strip():
+            problems.append(f"{where}[{i}]: must be a non-empty string, got {v!r}")
+        else:
+            out.append(v.strip())
+    if len(set(out)) != len(out):
+        dupes = sorted({v for v in out if out.count(v) > 1})
+        problems.append(f"{where}: duplicate entries {dupes}")
+    return tuple(out)
+
+
+def _templates(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    out = _str_list(value, where, problems)
+    for i, t in enumerate(out):
+        if t.count("{}") != 1:
+            problems.append(f"{where}[{i}]: a template must contain '{{}}' exactly once, got {t!r}")
+    return out
+
+
+def _artifact(value: Any, where: str, problems: list[str], allow_outside: bool) -> ArtifactRef | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{where}: must be a mapping with 'path' and 'sha256'")
+        return None
+    unknown = set(value) - {"path", "sha256", "_base", "_file"}
+    if unknown:
+        problems.append(f"{where}: unknown keys {sorted(unknown)} (expected path, sha256)")
+    path, sha = value.get("path"), value.get("sha256")
+    ok = True
+    if not isinstance(path, str) or not path:
+        problems.append(f"{where}.path: must be a non-empty string")
+        ok = False
+    if not isinstance(sha, str) or not _SHA_RE.match(sha.lower()):
+        problems.append(f"{where}.sha256: must be 64 hex digits (the artifact's sha256 pin), got {sha!r}")
+        ok = False
+    if not ok:
+        return None
+    try:
+        resolved = resolve_artifact_path(path, value.get("_base"), allow_outside=allow_outside)
+    except ArtifactIntegrityError as e:
+        problems.append(f"{where}.path: {e}")
+        return None
+    if not resolved.is_file():
+        problems.append(f"{where}.path: no such file {str(resolved)!r}")
+        return None
+    return ArtifactRef(path=resolved, sha256=sha.lower())
+
+
+def _number(value: Any, where: str, problems: list[str], lo: float, hi: float, *, nullable: bool) -> float | None:
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+        problems.append(f"{where}: must be a number in [{lo}, {hi}]{' or null' if nullable else ''}, got {value!r}")
+        return None
+    return float(value)
+
+
+def load_policy(
+    source: str | os.PathLike[str] | Policy | None = None, *, allow_outside: bool = False
+) -> Policy:
+    """Load and validate a policy: a shipped name (``"default"``, ``"strict"``, ``"lenient"``) or a YAML path.
+
+    ``allow_outside`` lets artifact paths point outside the policy file's directory.
+
+    >>> p = load_policy("default")
+    >>> "violence" in p.category_names
+    True
+    """
+    if isinstance(source, Policy):
+        return source
+    source = source if source is not None else os.environ.get("SAFECLIP_POLICY", "default")
+    path = _resolve_name(str(source), None)
+    data, problems = _merged(path)
+    where0 = str(path)
+
+    def at(field_path: str) -> str:
+        return f"{where0}: {field_path}"
+
+    for key in sorted(set(data) - _TOP_KEYS):
+        problems.append(at(f"{key}: unknown key (expected one of {sorted(_TOP_KEYS)})"))
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        problems.append(at("name: must be a non-empty string"))
+        name = path.stem
+    version = data.get("version", "0")
+    if not isinstance(version, (str, int, float)) or isinstance(version, bool):
+        problems.append(at(f"version: must be a string, got {version!r}"))
+        version = "0"
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        problems.append(at("description: must be a string"))
+        description = ""
+    encoder = data.get("encoder") or {}
+    if not isinstance(encoder, dict) or not all(isinstance(v, str) for v in encoder.values()) or (
+            set(encoder) - {"model", "pretrained"}):
+        problems.append(at("encoder: must be a mapping with string 'model' and 'pretrained'"))
+        encoder = {}
+
+    scoring = data.get("scoring")
+    if not isinstance(scoring, dict):
+        problems.append(at("scoring: must be a mapping with logit_scale, templates, neutral"))
+        scoring = {}
+    for key in sorted(set(scoring) - _SCORING_KEYS):
+        problems.append(at(f"scoring.{key}: unknown key (expected one of {sorted(_SCORING_KEYS)})"))
+    logit_scale = _number(scoring.get("logit_scale"), at("scoring.logit_scale"), problems, 1e-3, 1e4,
+                          nullable=False) or 100.0
+    templates = _templates(scoring.get("templates"), at("scoring.templates"), problems)
+    neutral = _str_list(scoring.get("neutral"), at("scoring.neutral"), problems)
+    top = scoring.get("top_prompts", 3)
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 50:
+        problems.append(at(f"scoring.top_prompts: must be an integer in [0, 50], got {top!r}"))
+        top = 3
+
+    cats_raw = data.get("categories")
+    categories: list[Category] = []
+    if not isinstance(cats_raw, dict) or not cats_raw:
+        problems.append(at("categories: must be a non-empty mapping of category name -> settings"))
+        cats_raw = {}
+    for cname, cat in cats_raw.items():
+        w = f"categories.{cname}"
+        if not isinstance(cname, str) or not _NAME_RE.match(cname):
+            problems.append(at(f"{w}: category names are lower_snake_case identifiers"))
+            continue
+        if not isinstance(cat, dict):
+            problems.append(at(f"{w}: must be a mapping"))
+            continue
+        for key in sorted(set(cat) - _CATEGORY_KEYS):
+            problems.append(at(f"{w}.{key}: unknown key (expected one of {sorted(_CATEGORY_KEYS)})"))
+        if cat.get("enabled", True) is False:
+            continue
+        desc = cat.get("description", "")
+        if not isinstance(desc, str):
+            problems.append(at(f"{w}.description: must be a string"))
+            desc = ""
+        prompts = _str_list(cat.get("prompts"), at(f"{w}.prompts"), problems)
+        contrast = _str_list(cat.get("contrast"), at(f"{w}.contrast"), problems, allow_empty=True)
+        overlap = sorted(set(prompts) & set(contrast))
+        if overlap:
+            problems.append(at(f"{w}: prompts and contrast share {overlap}"))
+        ctemplates = _templates(cat["templates"], at(f"{w}.templates"), problems) if "templates" in cat else templates
+        th = cat.get("thresholds")
+        flag = block = None
+        if not isinstance(th, dict) or not ({"flag", "block"} & set(th)):
+            problems.append(at(f"{w}.thresholds: must be a mapping with flag and/or block"))
+        else:
+            for key in sorted(set(th) - {"flag", "block"}):
+                problems.append(at(f"{w}.thresholds.{key}: unknown key (expected flag, block)"))
+            flag = _number(th.get("flag"), at(f"{w}.thresholds.flag"), problems, 0, 1, nullable=True)
+            block = _number(th.get("block"), at(f"{w}.thresholds.block"), problems, 0, 1, nullable=True)
+            if flag is not None and block is not None and flag > block:
+                problems.append(at(f"{w}.thresholds: flag ({flag}) must not exceed block ({block})"))
+        probe = _artifact(cat.get("probe"), at(f"{w}.probe"), problems, allow_outside)
+        calibrator = _artifact(cat.get("calibrator"), at(f"{w}.calibrator"), problems, allow_outside)
+        categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, probe, calibrator))
+    if not categories and isinstance(cats_raw, dict) and cats_raw:
+        problems.append(at("categories: every category is disabled"))
+    if problems:
+        raise PolicyError(problems)
+    return Policy(
+        name=name, version=str(version), description=description.strip(), categories=tuple(categories),
+        logit_scale=float(logit_scale), neutral=neutral, top_prompts=int(top), encoder=dict(encoder),
+        source=str(path),
+    )

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random-weight open_clip checkpoint, made here and loaded through the public path.
+
+Nothing these fixtures produce is a moderation result: the weights are random. They exercise the real loading,
+preprocessing and batching code; decision logic is tested with embeddings built so the right answer is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+if not CORPUS.is_dir():  # CI clones main into another folder with shared/ beside it, as here
+    CORPUS = Path(os.environ.get("SAFECLIP_CORPUS", "../shared/corpus")).resolve()
+
+TINY_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """Write an open_clip ``local-dir`` model (config + random weights); return the folder."""
+    import open_clip
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CFG)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"corpus not found at {CORPUS}")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def photos(corpus: Path) -> list[Path]:
+    return sorted(p for p in (corpus / "photos").iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> str:
+    """The ``model=`` string a user passes for a local open_clip folder."""
+    return f"local-dir:{tiny_model_dir}"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("safeclip-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model: str, cache_dir: Path):
+    from safeclip.embed import Encoder
+
+    return Encoder(tiny_model, cache_dir=cache_dir, device="cpu")
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+class OrthoTexts:
+    """A text 'encoder' giving every distinct text its own orthonormal direction (known-answer tests)."""
+
+    def __init__(self, dim: int = 512):
+        self.dim = dim
+        self.index: dict[str, int] = {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            k = self.index.setdefault(t, len(self.index))
+            if k >= self.dim:
+                raise ValueError("too many texts for the dimension")
+            out[i, k] = 1.0
+        return out
