@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_PRETRAINED",
     "Encoder",
     "PixelSpec",
+    "PromptCache",
     "prepare_pixels",
     "resolve_device",
     "default_cache_dir",
@@ -105,12 +106,68 @@ def prepare_pixels(frame: Image.Image, spec: PixelSpec) -> np.ndarray:
         frame = frame.resize((nw, nh), resample)
     top = int(round((nh - s) / 2.0))
     left = int(round((nw - s) / 2.0))
-    if nw < s or nh < s:  # torchvision pads before cropping when the image is smaller than the crop
-        canvas = Image.new("RGB", (max(nw, s), max(nh, s)), (0, 0, 0))
-        canvas.paste(frame, ((max(nw, s) - nw) // 2, (max(nh, s) - nh) // 2))
-        frame, nw, nh = canvas, canvas.size[0], canvas.size[1]
-        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
     return np.asarray(frame.crop((left, top, left + s, top + s)))
+
+
+class PromptCache:
+    """Prompt-text embeddings of one embedding space, in memory and in one ``.npz`` file on disk.
+
+    Keyed by the sha256 of each text, so editing one prompt recomputes only that prompt. Re-scoring under an edited
+    policy reads prompt embeddings from here without loading the model. Thread-safe; writes are atomic renames, and
+    a corrupt or unwritable cache degrades to memory only.
+    """
+
+    def __init__(self, encoder_id: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.encoder_id = encoder_id
+        key = hashlib.sha256(encoder_id.encode()).hexdigest()[:24]
+        self.path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "text" / f"{key}.npz"
+        self._mem: dict[str, np.ndarray] = {}
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                for k in z.files:
+                    self._mem.setdefault(k, z[k])
+        except (OSError, ValueError):
+            pass  # missing or corrupt: it is only a cache
+
+    def missing(self, texts: Sequence[str]) -> list[str]:
+        """The distinct texts that have no cached embedding."""
+        with self._lock:
+            self._load()
+            return [t for t in dict.fromkeys(texts) if self._key(t) not in self._mem]
+
+    def get(self, texts: Sequence[str]) -> np.ndarray:
+        """``(N, D)`` cached embeddings; ``KeyError`` names the first text that is not cached."""
+        with self._lock:
+            self._load()
+            try:
+                return np.stack([self._mem[self._key(t)] for t in texts])
+            except KeyError:
+                first = next(t for t in texts if self._key(t) not in self._mem)
+                raise KeyError(f"no cached embedding for prompt {first!r} under {self.encoder_id!r}") from None
+
+    def put(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        with self._lock:
+            self._load()
+            for t, v in zip(texts, vectors):
+                self._mem[self._key(t)] = np.asarray(v, np.float32)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.{threading.get_ident()}.npz")
+                np.savez(tmp, **self._mem)
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # read-only cache dir: keep the in-memory cache only
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -199,7 +256,6 @@ class Encoder:
         self.pretrained = pretrained
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._lock = threading.Lock()
-        self._text_mem: dict[str, np.ndarray] = {}
 
         import torch
 
@@ -228,6 +284,7 @@ class Encoder:
         )
         arch = model if not model.startswith("local-dir:") else "local-dir"
         self.encoder_id = f"{arch}|{self._weights_id}|px:{self.pixel_spec.digest}"
+        self.prompt_cache = PromptCache(self.encoder_id, self.cache_dir)
         with torch.inference_mode():
             self.logit_scale = float(self._model.logit_scale.exp().item())
         self.dim = int(self._compute_texts(["a photo"]).shape[1])
@@ -337,47 +394,15 @@ class Encoder:
                 out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False)
 
-    def _text_cache_path(self) -> Path:
-        key = hashlib.sha256(self.encoder_id.encode()).hexdigest()[:24]
-        return self.cache_dir / "text" / f"{key}.npz"
-
     def embed_texts(self, texts: Sequence[str], *, use_cache: bool = True) -> np.ndarray:
         """Embed prompt texts -> ``(N, D)`` float32, cached in memory and on disk by (encoder_id, text)."""
         texts = list(texts)
         if not use_cache:
             return self._compute_texts(texts)
-        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-        missing = [k for k in dict.fromkeys(keys) if k not in self._text_mem]
+        missing = self.prompt_cache.missing(texts)
         if missing:
-            self._load_text_cache()
-            missing = [k for k in missing if k not in self._text_mem]
-        if missing:
-            by_key = dict(zip(keys, texts))
-            new = self._compute_texts([by_key[k] for k in missing])
-            self._text_mem.update(zip(missing, new))
-            self._save_text_cache()
-        return np.stack([self._text_mem[k] for k in keys]) if texts else np.empty((0, 0), np.float32)
-
-    def _load_text_cache(self) -> None:
-        path = self._text_cache_path()
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                for k in z.files:
-                    self._text_mem.setdefault(k, z[k])
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError):
-            pass  # a corrupt cache is only a cache: recompute and overwrite it
-
-    def _save_text_cache(self) -> None:
-        path = self._text_cache_path()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.npz")
-            np.savez(tmp, **self._text_mem)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # read-only cache dir: keep the in-memory cache only
+            self.prompt_cache.put(missing, self._compute_texts(missing))
+        return self.prompt_cache.get(texts)
 
     def __repr__(self) -> str:
         return f"Encoder({self.encoder_id!r}, device={self.device!r}, precision={self.precision!r})"

@@ -1,0 +1,64 @@
+"""safeclip: image content moderation on frozen CLIP embeddings.
+
+>>> import safeclip                                  # doctest: +SKIP
+>>> safeclip.check("upload.jpg").action              # doctest: +SKIP
+'allow'
+
+The data flow is decode -> embed -> score -> calibrate -> decide, one module per stage. :class:`Moderator` chains
+them for requests and :func:`audit` for collections; every stage after embed works on numpy arrays alone.
+"""
+
+from __future__ import annotations
+
+from .decide import ACTIONS, CategoryResult, Decision
+from .decode import Decoded, DecodeLimits, decode
+from .embed import Encoder, PromptCache
+from .errors import (
+    ArtifactIntegrityError,
+    DecodeError,
+    DecodeTimeoutError,
+    EncoderMismatchError,
+    ImageTooLargeError,
+    ModelLoadError,
+    PolicyError,
+    SafeclipError,
+    TruncatedImageError,
+    UnsupportedFormatError,
+)
+from .moderator import Moderator, check, default_moderator, set_default_moderator
+from .policy import Category, Policy, list_policies, load_policy
+from .score import Scorer, Scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIONS",
+    "ArtifactIntegrityError",
+    "Category",
+    "CategoryResult",
+    "Decision",
+    "DecodeError",
+    "DecodeLimits",
+    "DecodeTimeoutError",
+    "Decoded",
+    "Encoder",
+    "EncoderMismatchError",
+    "ImageTooLargeError",
+    "ModelLoadError",
+    "Moderator",
+    "Policy",
+    "PolicyError",
+    "PromptCache",
+    "SafeclipError",
+    "Scorer",
+    "Scores",
+    "TruncatedImageError",
+    "UnsupportedFormatError",
+    "__version__",
+    "check",
+    "decode",
+    "default_moderator",
+    "list_policies",
+    "load_policy",
+    "set_default_moderator",
+]

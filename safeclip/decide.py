@@ -1,0 +1,170 @@
+"""Decide stage: calibrated probabilities + policy thresholds -> allow / flag / block, with reasons.
+
+Vectorised for audits (:func:`decide_codes`), and object-building for requests (:func:`build_decision`).
+Each category acts on its own thresholds (``block`` if p >= block, else ``flag`` if p >= flag); the worst
+category action is the image's action.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .policy import Policy
+
+__all__ = ["ACTIONS", "CategoryResult", "Decision", "decide_codes", "build_decision", "error_decision"]
+
+ACTIONS: tuple[str, str, str] = ("allow", "flag", "block")
+
+
+def _thresholds(policy: Policy) -> tuple[np.ndarray, np.ndarray]:
+    # A missing threshold never fires: +inf is above every probability.
+    flag = np.array([np.inf if c.flag is None else c.flag for c in policy.categories], np.float32)
+    block = np.array([np.inf if c.block is None else c.block for c in policy.categories], np.float32)
+    return flag, block
+
+
+def decide_codes(probabilities: np.ndarray, policy: Policy) -> np.ndarray:
+    """Per-category action codes ``(N, C)`` int8 (0 allow, 1 flag, 2 block); ``codes.max(axis=1)`` is the action.
+
+    >>> import numpy as np
+    >>> from safeclip.policy import load_policy
+    >>> p = load_policy("default")
+    >>> probs = np.zeros((1, len(p.categories)), np.float32); probs[0, 0] = 0.99
+    >>> ACTIONS[decide_codes(probs, p).max(axis=1)[0]]
+    'block'
+    """
+    flag, block = _thresholds(policy)
+    p = np.asarray(probabilities, np.float32)
+    return (p >= flag).astype(np.int8) + (p >= block).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class CategoryResult:
+    """One category's verdict on one image."""
+
+    name: str
+    probability: float
+    action: str
+    flag_threshold: float | None
+    block_threshold: float | None
+    calibrated: bool
+    signals: Mapping[str, float]
+    top_prompts: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "probability": self.probability,
+            "action": self.action,
+            "flag_threshold": self.flag_threshold,
+            "block_threshold": self.block_threshold,
+            "calibrated": self.calibrated,
+            "signals": dict(self.signals),
+            "top_prompts": [list(t) for t in self.top_prompts],
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The moderation result for one image.
+
+    ``action`` is ``"allow"``, ``"flag"`` or ``"block"``; ``categories`` maps each policy category to its
+    :class:`CategoryResult`; ``reasons`` lists, worst first, the categories that fired. ``error`` is set only
+    when the image could not be decided and the moderator fails closed (``on_error="flag"|"block"``).
+    """
+
+    action: str
+    categories: Mapping[str, CategoryResult]
+    reasons: tuple[str, ...]
+    policy: str
+    encoder_id: str
+    sha256: str | None = None
+    source: str | None = None
+    frame_index: int | None = None
+    n_frames: int = 1
+    error: str | None = None
+    calibrated: bool = field(default=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "reasons": list(self.reasons),
+            "policy": self.policy,
+            "encoder_id": self.encoder_id,
+            "sha256": self.sha256,
+            "source": self.source,
+            "frame_index": self.frame_index,
+            "n_frames": self.n_frames,
+            "calibrated": self.calibrated,
+            "error": self.error,
+            "categories": {k: v.to_dict() for k, v in self.categories.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def build_decision(
+    policy: Policy,
+    probabilities: np.ndarray,
+    calibrated: np.ndarray,
+    signals: Mapping[str, np.ndarray],
+    *,
+    encoder_id: str,
+    top_prompts: Mapping[str, tuple[tuple[str, float], ...]] | None = None,
+    sha256: str | None = None,
+    source: str | None = None,
+    frame_index: int | None = None,
+    n_frames: int = 1,
+) -> Decision:
+    """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals."""
+    codes = decide_codes(probabilities[None, :], policy)[0]
+    results: dict[str, CategoryResult] = {}
+    fired: list[tuple[int, float, str]] = []
+    for j, cat in enumerate(policy.categories):
+        p = float(probabilities[j])
+        sig = {k: float(v[j]) for k, v in signals.items() if not np.isnan(v[j])}
+        res = CategoryResult(
+            name=cat.name, probability=round(p, 6), action=ACTIONS[codes[j]], flag_threshold=cat.flag,
+            block_threshold=cat.block, calibrated=bool(calibrated[j]), signals=MappingProxyType(sig),
+            top_prompts=(top_prompts or {}).get(cat.name, ()),
+        )
+        results[cat.name] = res
+        if codes[j] > 0:
+            limit = cat.block if codes[j] == 2 else cat.flag
+            why = f"{cat.name}: p={p:.3f} >= {res.action} threshold {_fmt(limit)}"
+            if not res.calibrated:
+                why += " (uncalibrated)"
+            if res.top_prompts:
+                why += f"; closest prompt: {res.top_prompts[0][0]!r}"
+            fired.append((int(codes[j]), p, why))
+    fired.sort(key=lambda t: (-t[0], -t[1]))
+    return Decision(
+        action=ACTIONS[int(codes.max()) if len(codes) else 0],
+        categories=MappingProxyType(results),
+        reasons=tuple(w for _, _, w in fired),
+        policy=policy.id,
+        encoder_id=encoder_id,
+        sha256=sha256,
+        source=source,
+        frame_index=frame_index,
+        n_frames=n_frames,
+        calibrated=bool(np.all(calibrated)) if len(calibrated) else False,
+    )
+
+
+def error_decision(action: str, error: str, *, policy: Policy, encoder_id: str, source: str | None) -> Decision:
+    """A fail-closed Decision for an input that could not be decided."""
+    return Decision(
+        action=action, categories=MappingProxyType({}), reasons=(f"error: {error}",), policy=policy.id,
+        encoder_id=encoder_id, source=source, error=error,
+    )

@@ -1,0 +1,271 @@
+"""Moderator: chains decode -> embed -> score -> calibrate -> decide for requests.
+
+``safeclip.check(image)`` uses one process-wide :class:`Moderator`, built lazily, once, under a lock. A Moderator is
+thread-safe: decoding runs in the calling threads, model forwards are serialised by the encoder's lock (torch
+already uses every core for one forward), and compiled policies are cached per policy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .calibrate import calibrate, load_calibrators
+from .decide import Decision, build_decision, decide_codes, error_decision
+from .decode import DecodeLimits, decode
+from .embed import Encoder, prepare_pixels
+from .errors import DecodeError
+from .policy import Policy, load_policy
+from .score import Scorer, Scores
+
+__all__ = ["Moderator", "check", "default_moderator", "set_default_moderator", "CompiledPolicy"]
+
+_ON_ERROR = ("raise", "flag", "block")
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """A policy bound to one embedding space: its scorer (prompts, probes) and calibrators."""
+
+    policy: Policy
+    scorer: Scorer
+    calibrators: dict[str, Any]
+
+    @classmethod
+    def build(cls, policy: Policy, embed_texts: Any, encoder_id: str) -> CompiledPolicy:
+        """Compile ``policy`` with prompt embeddings from ``embed_texts`` (an Encoder's, or a PromptCache's ``get``)."""
+        return cls(policy, Scorer(policy, embed_texts, encoder_id=encoder_id), load_calibrators(policy, encoder_id))
+
+    def probabilities(self, scores: Scores) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, C)`` probabilities and the ``(C,)`` mask of calibrated categories."""
+        return calibrate(scores, self.calibrators)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    pixels: np.ndarray  # (F, S, S, 3) uint8
+    frame_indices: tuple[int, ...]
+    sha256: str
+    source: str | None
+
+
+def _source_name(image: Any) -> str | None:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+class Moderator:
+    """Moderates images under a policy with one CLIP encoder.
+
+    >>> m = Moderator(policy="strict", model="ViT-B-32", pretrained="/models/vit-b-32.pt")   # doctest: +SKIP
+    >>> d = m.check("upload.jpg")                                                            # doctest: +SKIP
+    >>> d.action, d.reasons                                                                  # doctest: +SKIP
+    ('allow', ())
+
+    Each stage is usable alone: ``emb = m.embed(images)``, ``scores = m.score(emb)``,
+    ``probs, calibrated = m.calibrate(scores)``, ``m.decide(emb)`` (score + calibrate + decide, no model).
+
+    ``on_error`` decides what an undecodable input becomes: ``"raise"`` (a :class:`DecodeError`), or a Decision
+    whose action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers).
+    """
+
+    def __init__(
+        self,
+        policy: str | os.PathLike[str] | Policy | None = None,
+        *,
+        model: str | None = None,
+        pretrained: str | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str = "auto",
+        on_error: str = "raise",
+        decode_limits: DecodeLimits | None = None,
+        fast_decode: bool = True,
+        decode_threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        allow_outside: bool = False,
+        encoder: Encoder | None = None,
+    ) -> None:
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
+        self.on_error = on_error
+        self.allow_outside = allow_outside
+        self.policy = load_policy(policy, allow_outside=allow_outside)
+        self.encoder = encoder or Encoder(
+            model, pretrained, device=device, precision=precision, batch_size=batch_size, cache_dir=cache_dir)
+        self.decode_limits = decode_limits or DecodeLimits()
+        self.fast_decode = fast_decode
+        self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
+        self._compiled: dict[tuple[str, str], CompiledPolicy] = {}
+        self._compile_lock = threading.Lock()
+        self.compiled(self.policy)
+
+    @property
+    def encoder_id(self) -> str:
+        return self.encoder.encoder_id
+
+    def compiled(self, policy: str | os.PathLike[str] | Policy | None = None) -> CompiledPolicy:
+        """The policy (default: this Moderator's) compiled against this encoder, cached."""
+        pol = self.policy if policy is None else load_policy(policy, allow_outside=self.allow_outside)
+        key = (pol.source or pol.id, repr(pol))
+        with self._compile_lock:
+            found = self._compiled.get(key)
+            if found is None:
+                found = CompiledPolicy.build(pol, self.encoder.embed_texts, self.encoder_id)
+                self._compiled[key] = found
+            return found
+
+    # ------------------------------------------------------------------------------------ single stages
+    def embed(self, images: Iterable[Any]) -> np.ndarray:
+        """``(N, D)`` L2-normalised float32 embeddings, one row per image (an animation's first sampled frame)."""
+        prepared = [self._prepare(img) for img in images]
+        if not prepared:
+            return np.empty((0, self.encoder.dim), np.float32)
+        return self.encoder.embed_pixels(np.stack([p.pixels[0] for p in prepared]))
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """``(N, D)`` L2-normalised text embeddings in the same space as :meth:`embed`."""
+        return self.encoder.embed_texts(list(texts))
+
+    def score(self, embeddings: np.ndarray, *, policy: Any = None) -> Scores:
+        """Raw per-category signals for cached embeddings (no model involved)."""
+        return self.compiled(policy).scorer.score(embeddings)
+
+    def calibrate(self, scores: Scores, *, policy: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, C)`` probabilities and the ``(C,)`` calibrated mask."""
+        return self.compiled(policy).probabilities(scores)
+
+    def decide(self, embeddings: np.ndarray, *, policy: Any = None) -> list[Decision]:
+        """Score, calibrate and decide ``(N, D)`` embeddings under a policy, without the model."""
+        comp = self.compiled(policy)
+        scores = comp.scorer.score(embeddings, keep_sims=True)
+        probs, calibrated = comp.probabilities(scores)
+        return [self._decision(comp, scores, probs, calibrated, [i]) for i in range(len(scores))]
+
+    # ------------------------------------------------------------------------------------ requests
+    def check(self, image: Any, *, policy: Any = None) -> Decision:
+        """Moderate one image (path, bytes, file object, PIL image or numpy array)."""
+        return self._run([image], policy, pool=None)[0]
+
+    def check_many(self, images: Iterable[Any], *, policy: Any = None) -> list[Decision]:
+        """Moderate many images, in input order: decoding in threads while the model runs full batches."""
+        images = list(images)
+        if len(images) <= 1:
+            return self._run(images, policy, pool=None)
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="safeclip-decode") as pool:
+            return self._run(images, policy, pool=pool)
+
+    def _prepare(self, image: Any) -> _Prepared:
+        spec = self.encoder.pixel_spec
+        dec = decode(image, limits=self.decode_limits, target_size=spec.size if self.fast_decode else None)
+        pixels = np.stack([prepare_pixels(f, spec) for f in dec.frames])
+        return _Prepared(pixels, dec.frame_indices, dec.sha256, dec.source or _source_name(image))
+
+    def _try_prepare(self, image: Any) -> _Prepared | DecodeError:
+        try:
+            return self._prepare(image)
+        except DecodeError as e:
+            if self.on_error == "raise":
+                raise
+            return e
+
+    def _run(self, images: list[Any], policy: Any, pool: ThreadPoolExecutor | None) -> list[Decision]:
+        comp = self.compiled(policy)
+        prepared_iter = pool.map(self._try_prepare, images) if pool else map(self._try_prepare, images)
+        batch: list[tuple[int, _Prepared]] = []
+        results: dict[int, Decision] = {}
+        n_frames = 0
+        target = self.encoder.batch_size
+
+        def flush() -> None:
+            nonlocal batch, n_frames
+            if not batch:
+                return
+            emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p in batch]))
+            scores = comp.scorer.score(emb, keep_sims=True)
+            probs, calibrated = comp.probabilities(scores)
+            row = 0
+            for i, p in batch:
+                rows = list(range(row, row + len(p.pixels)))
+                row += len(p.pixels)
+                results[i] = self._decision(comp, scores, probs, calibrated, rows, p)
+            batch, n_frames = [], 0
+
+        for i, prep in enumerate(prepared_iter):
+            if isinstance(prep, DecodeError):
+                results[i] = error_decision(self.on_error, str(prep), policy=comp.policy,
+                                            encoder_id=self.encoder_id, source=prep.source or _source_name(images[i]))
+                continue
+            batch.append((i, prep))
+            n_frames += len(prep.pixels)
+            if n_frames >= target:
+                flush()
+        flush()
+        return [results[i] for i in range(len(images))]
+
+    def _decision(
+        self,
+        comp: CompiledPolicy,
+        scores: Scores,
+        probs: np.ndarray,
+        calibrated: np.ndarray,
+        rows: list[int],
+        prep: _Prepared | None = None,
+    ) -> Decision:
+        # Animated inputs: the worst frame wins (highest action, then highest probability).
+        codes = decide_codes(probs[rows], comp.policy)
+        worst = max(range(len(rows)), key=lambda k: (int(codes[k].max()), float(probs[rows[k]].max())))
+        r = rows[worst]
+        k = comp.policy.top_prompts
+        top = {name: comp.scorer.top_prompts(scores.sims[r], j, k)
+               for j, name in enumerate(comp.policy.category_names)} if (scores.sims is not None and k) else None
+        return build_decision(
+            comp.policy, probs[r], calibrated,
+            {"prompt": scores.prompt[r], "probe": scores.probe[r]},
+            encoder_id=self.encoder_id, top_prompts=top,
+            sha256=prep.sha256 if prep else None, source=prep.source if prep else None,
+            frame_index=prep.frame_indices[worst] if prep else None,
+            n_frames=len(rows),
+        )
+
+    def __repr__(self) -> str:
+        return f"Moderator(policy={self.policy.id!r}, encoder={self.encoder_id!r}, on_error={self.on_error!r})"
+
+
+# ---------------------------------------------------------------------------------------- process default
+_default: Moderator | None = None
+_default_lock = threading.Lock()
+
+
+def default_moderator() -> Moderator:
+    """The process-wide Moderator, built once on first use from ``SAFECLIP_*`` environment variables."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Moderator()
+    return _default
+
+
+def set_default_moderator(moderator: Moderator | None) -> None:
+    """Install the Moderator that :func:`check` uses (``None`` resets to lazy construction)."""
+    global _default
+    with _default_lock:
+        _default = moderator
+
+
+def check(image: Any, policy: str | os.PathLike[str] | Policy | None = None) -> Decision:
+    """Moderate one image with the process-wide default Moderator (loaded once, thread-safe).
+
+    >>> import safeclip                       # doctest: +SKIP
+    >>> safeclip.check("upload.jpg").action   # doctest: +SKIP
+    'allow'
+    """
+    return default_moderator().check(image, policy=policy)
+
+

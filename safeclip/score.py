@@ -1,0 +1,148 @@
+"""Score stage (numpy only): image embeddings -> per-category raw signals.
+
+For each category two signals can exist:
+
+- ``prompt``: the log-odds of the category's prompt ensemble against its contrast prompts and the policy's neutral
+  prompts, at the policy's logit scale: ``log sum_pos exp(s*cos) - log sum_neg exp(s*cos)``. Its sigmoid is the
+  softmax mass of the positive prompts, which is the documented fallback probability of an uncalibrated category.
+- ``probe``: a linear probe's logit on the embedding, where the policy names a probe artifact.
+
+A whole batch takes one matrix multiply against all prompt embeddings, one ``exp`` and two small matrix
+multiplies with 0/1 membership matrices (the row maximum cancels in the difference of the two log-sums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibrate import LinearProbe
+from .errors import EncoderMismatchError
+from .policy import Policy
+
+__all__ = ["Scorer", "Scores"]
+
+# exp() of shifted logits can underflow to 0 for prompts far below the row's best one; keep log() finite.
+_TINY = np.float32(1e-30)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Raw per-category signals for N images. Arrays are ``(N, C)`` float32 in ``categories`` order."""
+
+    categories: tuple[str, ...]
+    prompt: np.ndarray
+    probe: np.ndarray  # NaN in the columns of categories without a probe
+    encoder_id: str
+    sims: np.ndarray | None = None  # (N, P) cosine similarities to each concept, kept for evidence when asked
+
+    def __len__(self) -> int:
+        return int(self.prompt.shape[0])
+
+
+class Scorer:
+    """A policy compiled against one embedding space: prompt embedding matrix, membership matrices and probes.
+
+    ``embed_texts`` maps a list of prompt texts to ``(n, D)`` L2-normalised embeddings (an
+    :meth:`safeclip.embed.Encoder.embed_texts`, a cache lookup, or constructed vectors in tests).
+
+    >>> import numpy as np
+    >>> from safeclip.policy import load_policy
+    >>> rng = np.random.default_rng(0)
+    >>> def fake_texts(texts):
+    ...     v = rng.normal(size=(len(texts), 8)).astype("float32")
+    ...     return v / np.linalg.norm(v, axis=1, keepdims=True)
+    >>> scorer = Scorer(load_policy("default"), fake_texts, encoder_id="demo")
+    >>> scorer.score(fake_texts(["an upload"])).prompt.shape
+    (1, 7)
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        embed_texts: Callable[[list[str]], np.ndarray],
+        *,
+        encoder_id: str,
+    ) -> None:
+        self.policy = policy
+        self.encoder_id = encoder_id
+        self.categories = policy.category_names
+        # Concepts: each distinct (text, templates) pair once, embedded as the normalised mean over its templates.
+        keys: dict[tuple[str, tuple[str, ...]], int] = {}
+        pos: list[list[int]] = []
+        neg: list[list[int]] = []
+
+        def concept(text: str, templates: tuple[str, ...]) -> int:
+            return keys.setdefault((text, templates), len(keys))
+
+        for cat in policy.categories:
+            pos.append([concept(t, cat.templates) for t in cat.prompts])
+            neg.append([concept(t, cat.templates) for t in cat.contrast]
+                       + [concept(t, cat.templates) for t in policy.neutral])
+        concepts = list(keys)
+        texts = [tpl.format(text) for text, tpls in concepts for tpl in tpls]
+        flat = np.asarray(embed_texts(texts), dtype=np.float32)
+        if flat.ndim != 2 or flat.shape[0] != len(texts):
+            raise ValueError(f"embed_texts returned shape {flat.shape} for {len(texts)} texts")
+        vecs, i = [], 0
+        for _, tpls in concepts:
+            v = flat[i:i + len(tpls)].mean(axis=0)
+            vecs.append(v / max(float(np.linalg.norm(v)), 1e-12))
+            i += len(tpls)
+        self.concept_texts: tuple[str, ...] = tuple(text for text, _ in concepts)
+        self.prompt_matrix = np.ascontiguousarray(np.stack(vecs).T, dtype=np.float32)  # (D, P)
+        self.dim = int(self.prompt_matrix.shape[0])
+        n_p, n_c = len(concepts), len(self.categories)
+        self.pos_members = np.zeros((n_p, n_c), np.float32)
+        self.neg_members = np.zeros((n_p, n_c), np.float32)
+        for j in range(n_c):
+            self.pos_members[pos[j], j] = 1.0
+            self.neg_members[neg[j], j] = 1.0
+        self.pos_index = tuple(tuple(p) for p in pos)
+
+        self.probes: dict[str, LinearProbe] = {}
+        for cat in policy.categories:
+            if cat.probe is not None:
+                self.probes[cat.name] = LinearProbe.load(cat.probe.path, cat.probe.sha256, encoder_id=encoder_id)
+        if self.probes:
+            self.probe_coef = np.zeros((self.dim, n_c), np.float32)
+            self.probe_intercept = np.full(n_c, np.nan, np.float32)
+            for name, probe in self.probes.items():
+                j = self.categories.index(name)
+                coef = np.asarray(probe.coef_, np.float32).ravel()
+                if coef.shape[0] != self.dim:
+                    raise EncoderMismatchError(
+                        f"probe for {name!r} has dimension {coef.shape[0]}, embeddings have {self.dim}")
+                self.probe_coef[:, j] = coef
+                self.probe_intercept[j] = float(probe.intercept_)
+
+    def score(self, embeddings: np.ndarray, *, keep_sims: bool = False, encoder_id: str | None = None) -> Scores:
+        """Score ``(N, D)`` L2-normalised embeddings. Pass ``encoder_id`` to have the space checked."""
+        if encoder_id is not None and encoder_id != self.encoder_id:
+            raise EncoderMismatchError(
+                f"embeddings come from {encoder_id!r} but the policy was compiled for {self.encoder_id!r}")
+        x = np.asarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise EncoderMismatchError(f"embeddings must be (N, {self.dim}), got {x.shape}")
+        sims = x @ self.prompt_matrix  # (N, P)
+        logits = sims * np.float32(self.policy.logit_scale)
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        prompt = np.log(np.maximum(logits @ self.pos_members, _TINY))
+        prompt -= np.log(np.maximum(logits @ self.neg_members, _TINY))
+        if self.probes:
+            probe = x @ self.probe_coef + self.probe_intercept  # NaN intercept marks categories without a probe
+        else:
+            probe = np.full_like(prompt, np.nan)
+        return Scores(self.categories, prompt, probe, self.encoder_id, sims if keep_sims else None)
+
+    def top_prompts(self, sims_row: np.ndarray, j: int, k: int) -> tuple[tuple[str, float], ...]:
+        """The ``k`` positive prompts of category ``j`` closest to one image, with their cosine similarity."""
+        idx = sorted(self.pos_index[j], key=lambda p: -float(sims_row[p]))[:k]
+        return tuple((self.concept_texts[p], round(float(sims_row[p]), 4)) for p in idx)
+
+    def with_policy(self, policy: Policy, embed_texts: Callable[[list[str]], np.ndarray]) -> Scorer:
+        """Compile another policy against the same space."""
+        return Scorer(policy, embed_texts, encoder_id=self.encoder_id)

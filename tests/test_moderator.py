@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import safeclip
+from safeclip import DecodeError, Moderator
+from safeclip.moderator import CompiledPolicy
+
+
+@pytest.fixture(scope="module")
+def moderator(tiny_model, cache_dir) -> Moderator:
+    return Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, batch_size=4)
+
+
+def test_check_returns_a_full_decision(moderator, photos):
+    path = photos[0]
+    d = moderator.check(path)
+    assert d.action in safeclip.ACTIONS
+    assert set(d.categories) == set(moderator.policy.category_names)
+    assert d.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert d.source == str(path) and d.encoder_id == moderator.encoder_id and d.policy == "default@1.0"
+    for c in d.categories.values():
+        assert 0.0 <= c.probability <= 1.0 and c.calibrated is False
+        assert len(c.top_prompts) == moderator.policy.top_prompts
+    # every input kind gives the same embedding
+    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        kinds = [path, str(path), raw, f, Image.open(path)]
+        probs = [[c.probability for c in moderator.check(k).categories.values()] for k in kinds]
+    np.testing.assert_allclose(probs[0], probs[2], atol=1e-6)
+    np.testing.assert_allclose(probs[0], probs[3], atol=1e-6)
+
+
+def test_check_many_matches_sequential_checks_in_order(moderator, photos):
+    sample = photos[:9]
+    many = moderator.check_many(sample)
+    one = [moderator.check(p) for p in sample]
+    assert [d.source for d in many] == [str(p) for p in sample]
+    for a, b in zip(many, one):
+        assert a.action == b.action and a.sha256 == b.sha256
+        for name in a.categories:
+            assert abs(a.categories[name].probability - b.categories[name].probability) < 1e-4
+
+
+def test_decide_on_prompt_embeddings_picks_that_category(moderator):
+    comp = moderator.compiled()
+    scorer = comp.scorer
+    for j, cat in enumerate(moderator.policy.categories):
+        emb = scorer.prompt_matrix[:, scorer.concept_texts.index(cat.prompts[0])][None, :]
+        d = moderator.decide(emb)[0]
+        assert max(d.categories.values(), key=lambda c: c.probability).name in {cat.name} | {
+            c.name for c in moderator.policy.categories if cat.prompts[0] in c.prompts}
+
+
+def test_known_answer_with_orthogonal_prompts(moderator):
+    """With prompt embeddings built to be orthonormal, the answer is known exactly."""
+    from conftest import OrthoTexts
+
+    comp = CompiledPolicy.build(moderator.policy, OrthoTexts(512), "constructed-space")
+    for cat in moderator.policy.categories:
+        pos = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.prompts[0])][None, :]
+        neg = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.contrast[0])][None, :]
+        probs, _ = comp.probabilities(comp.scorer.score(np.vstack([pos, neg])))
+        j = moderator.policy.category_names.index(cat.name)
+        assert int(np.argmax(probs[0])) == j and probs[0, j] >= (cat.block or cat.flag)
+        assert probs[1, j] < cat.flag
+
+
+def test_other_policy_per_call(moderator, photos):
+    strict = moderator.check(photos[1], policy="strict")
+    assert strict.policy == "strict@1.0"
+    assert strict.categories["sexual"].flag_threshold == 0.3
+
+
+def test_on_error_raise_or_fail_closed(tiny_model, cache_dir, corpus):
+    bad = next(p for p in sorted((corpus / "bad").iterdir()) if p.suffix == ".jpg" or p.suffix == ".png")
+    raising = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir)
+    with pytest.raises(DecodeError):
+        raising.check(bad)
+    closed = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, on_error="block")
+    d = closed.check(bad)
+    assert d.action == "block" and d.error and str(bad.name) in d.error and not d.categories
+    ok, failed = closed.check_many([corpus / "tricky" / "hopper.jpg", bad])
+    assert ok.error is None and failed.action == "block"
+    with pytest.raises(ValueError):
+        Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, on_error="ignore")
+
+
+def test_animated_worst_frame_is_reported(moderator, corpus):
+    d = moderator.check(corpus / "tricky" / "iss634.gif")
+    assert d.n_frames > 1 and d.frame_index is not None
+
+
+def test_module_check_from_16_threads_equals_sequential(tiny_model, cache_dir, photos, monkeypatch):
+    monkeypatch.setenv("SAFECLIP_MODEL", tiny_model)
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("SAFECLIP_DEVICE", "cpu")
+    built = []
+    original = safeclip.moderator.Encoder.__init__
+
+    def counting_init(self, *a, **k):
+        built.append(threading.get_ident())
+        original(self, *a, **k)
+
+    monkeypatch.setattr(safeclip.moderator.Encoder, "__init__", counting_init)
+    safeclip.set_default_moderator(None)
+    try:
+        images = photos[:16]
+        barrier = threading.Barrier(16)
+
+        def run(p):
+            barrier.wait()
+            return safeclip.check(p)
+
+        with ThreadPoolExecutor(16) as pool:
+            parallel = list(pool.map(run, images))
+        sequential = [safeclip.check(p) for p in images]
+        assert len(built) == 1  # the default model loaded once
+        for a, b in zip(parallel, sequential):
+            assert a.to_dict() == b.to_dict()
+    finally:
+        safeclip.set_default_moderator(None)

@@ -1,0 +1,78 @@
+"""Known-answer scoring: prompt embeddings are orthonormal, so the right answer is known exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import OrthoTexts, unit
+from safeclip.errors import EncoderMismatchError
+from safeclip.policy import load_policy
+from safeclip.score import Scorer
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    return Scorer(load_policy("default"), OrthoTexts(512), encoder_id="test-space")
+
+
+def concept_vec(scorer: Scorer, text: str) -> np.ndarray:
+    return scorer.prompt_matrix[:, scorer.concept_texts.index(text)]
+
+
+def test_prompt_embedding_scores_its_category_highest(scorer):
+    pol = scorer.policy
+    for j, cat in enumerate(pol.categories):
+        s = scorer.score(concept_vec(scorer, cat.prompts[0])[None, :])
+        assert int(np.argmax(s.prompt[0])) == j, cat.name
+        # the positive mass (sigmoid of the log-odds) is essentially 1 at CLIP's logit scale
+        assert 1 / (1 + np.exp(-s.prompt[0, j])) > 0.99
+
+
+def test_contrast_prompt_embedding_scores_low(scorer):
+    for j, cat in enumerate(scorer.policy.categories):
+        s = scorer.score(concept_vec(scorer, cat.contrast[0])[None, :])
+        assert 1 / (1 + np.exp(-s.prompt[0, j])) < 0.01, cat.name
+
+
+def test_log_odds_equal_the_softmax_mass_of_positive_prompts(scorer):
+    rng = np.random.default_rng(0)
+    x = unit(rng.normal(size=(5, 512)) + 3 * concept_vec(scorer, "a handgun"))
+    s = scorer.score(x, keep_sims=True)
+    pol = scorer.policy
+    for j, cat in enumerate(pol.categories):
+        pos = [scorer.concept_texts.index(t) for t in cat.prompts]
+        neg = [scorer.concept_texts.index(t) for t in cat.contrast + pol.neutral]
+        logits = pol.logit_scale * s.sims
+        e = np.exp(logits - logits.max(axis=1, keepdims=True)).astype(np.float64)
+        mass = e[:, pos].sum(1) / (e[:, pos].sum(1) + e[:, neg].sum(1))
+        np.testing.assert_allclose(1 / (1 + np.exp(-s.prompt[:, j])), mass, rtol=1e-4, atol=1e-6)
+
+
+def test_template_ensemble_is_the_normalised_mean(scorer):
+    texts = OrthoTexts(512)
+    sc = Scorer(load_policy("default"), texts, encoder_id="x")
+    cat = sc.policy.category("drugs")
+    idx = [texts.index[t.format(cat.prompts[0])] for t in cat.templates]
+    v = concept_vec(sc, cat.prompts[0])
+    assert np.allclose(v[idx], 1 / np.sqrt(len(idx)), atol=1e-6)
+    assert np.isclose(np.linalg.norm(v), 1.0, atol=1e-6)
+
+
+def test_wrong_dimension_or_space_is_refused(scorer):
+    with pytest.raises(EncoderMismatchError):
+        scorer.score(np.zeros((1, 64), np.float32))
+    with pytest.raises(EncoderMismatchError):
+        scorer.score(np.zeros((1, 512), np.float32), encoder_id="another-space")
+
+
+def test_top_prompts_name_the_matching_prompt(scorer):
+    cat = scorer.policy.category("weapons")
+    s = scorer.score(concept_vec(scorer, cat.prompts[2])[None, :], keep_sims=True)
+    j = scorer.categories.index("weapons")
+    assert scorer.top_prompts(s.sims[0], j, 2)[0][0] == cat.prompts[2]
+
+
+def test_no_probe_means_nan_probe_signal(scorer):
+    s = scorer.score(np.eye(512, dtype=np.float32)[:3])
+    assert np.isnan(s.probe).all() and s.prompt.dtype == np.float32
