@@ -1,0 +1,730 @@
+"""Decode untrusted image inputs into RGB frames, safely.
+
+:func:`decode` accepts a path, bytes, a binary file object, a ``PIL.Image.Image`` or a numpy array and returns a
+:class:`Decoded`: RGB, fully loaded PIL frames with EXIF orientation applied and transparency composited on a fixed
+background. Only the formats in :data:`ALLOWED_FORMATS` are ever handed to Pillow (never EPS/PS/PDF or anything
+that runs an external program). Byte, pixel (checked from the header, before any pixel is decoded), frame and time
+limits come from :class:`DecodeLimits`. Every failure is a :class:`~safeclip.errors.DecodeError` subclass with a
+one-line reason naming the input; nothing else escapes for any byte input.
+
+The module keeps no shared mutable state and never changes Pillow's process-wide settings
+(``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many
+threads and from multiprocessing workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError, features
+
+from .errors import (
+    DecodeError,
+    DecodeTimeoutError,
+    ImageTooLargeError,
+    TruncatedImageError,
+    UnsupportedFormatError,
+)
+
+__all__ = ["ALLOWED_FORMATS", "DecodeLimits", "Decoded", "decode", "read_source"]
+
+Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, memoryview, Any]
+"""What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
+
+
+def _allowed_formats() -> tuple[str, ...]:
+    Image.init()  # register every bundled plugin once, at import, so OPEN below is complete
+    wanted = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
+    if features.check("avif"):
+        wanted.append("AVIF")
+    wanted.append("HEIF")  # only present when a plugin (pillow-heif) registered it before safeclip was imported
+    # MPO has no opener of its own: the JPEG opener returns an MpoImageFile. Keep it for im.format checks.
+    return tuple(f for f in wanted if f in Image.OPEN or f == "MPO")
+
+
+ALLOWED_FORMATS: tuple[str, ...] = _allowed_formats()
+"""Pillow format names :func:`decode` accepts (``im.format`` values)."""
+
+_OPENERS: tuple[str, ...] = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+"""The only openers Pillow may try (MPO files come from the JPEG opener)."""
+
+_ORIENTATION_TAG = int(ExifTags.Base.Orientation)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # the same table as PIL.ImageOps.exif_transpose
+_STALE_INFO_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp", "transparency"})
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+# Formats Pillow has no opener for (or that are not registered here), for naming rejected inputs.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"%PDF", "PDF"),
+    (0, b"%!PS", "PostScript"),
+    (0, b"PK\x03\x04", "ZIP archive"),
+    (0, b"\x1f\x8b", "gzip data"),
+    (0, b"\x7fELF", "ELF executable"),
+    (0, b"MZ", "Windows executable"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (0, b"v/1\x01", "OpenEXR"),
+    (0, b"#?RADIANCE", "Radiance HDR"),
+    (0, b"<svg", "SVG"),
+    (0, b"<?xml", "XML/SVG"),
+    (0, b"<!DOCTYPE", "HTML/XML text"),
+    (0, b"<html", "HTML"),
+    (0, b"\x89HDF", "HDF5"),
+    (0, b"RIFF", "RIFF container (not WebP)"),
+)
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Resource limits for one :func:`decode` call.
+
+    ``max_bytes``: input size; ``max_pixels``: width*height of any frame, checked from the header before pixels are
+    decoded; ``max_frames``: frames in the file; ``sample_frames``: how many frames of an animation to return (evenly
+    spaced, first and last included); ``timeout_s``: time budget, checked between steps and frames.
+    """
+
+    max_bytes: int = 64 * 2**20
+    max_pixels: int = 64_000_000
+    max_frames: int = 1000
+    sample_frames: int = 8
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The result of :func:`decode`.
+
+    ``frames`` are RGB, loaded, EXIF-oriented; ``frame_indices`` gives each frame's index in the file. ``size`` is the
+    (width, height) of the first frame (the frames of an animation share it; the pages of an MPO/TIFF may not).
+    ``sha256`` is of the input bytes, or for PIL/ndarray inputs of mode + size + raw pixels. ``nbytes`` is 0 for
+    in-memory inputs.
+    """
+
+    frames: tuple[Image.Image, ...]
+    frame_indices: tuple[int, ...]
+    sha256: str
+    format: str
+    size: tuple[int, int]
+    n_frames: int
+    nbytes: int
+    source: str | None
+
+
+class _Deadline:
+    __slots__ = ("start", "budget", "name")
+
+    def __init__(self, budget: float, name: str | None):
+        self.start = time.monotonic()
+        self.budget = float(budget)
+        self.name = name
+
+    def check(self, step: str) -> None:
+        elapsed = time.monotonic() - self.start
+        if elapsed > self.budget:
+            raise DecodeTimeoutError(
+                f"decoding took {elapsed:.2f}s, over the {self.budget:g}s budget ({step})", self.name
+            )
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = re.sub(r"\s+", " ", str(e)).strip()
+    text = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "<data>", text)
+    if not text:
+        text = type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the input
+
+
+def _read_limited(f: Any, max_bytes: int, name: str, size_hint: int | None = None) -> bytes:
+    """Read ``f`` to EOF, but never more than ``max_bytes + 1`` bytes."""
+    buf = bytearray()
+    first = True
+    while len(buf) <= max_bytes:
+        want = max_bytes + 1 - len(buf)
+        if first and size_hint is not None:
+            want = min(want, size_hint + 1)
+        else:
+            want = min(want, 1 << 20)
+        first = False
+        chunk = f.read(want)
+        if chunk is None:
+            raise DecodeError("file object is non-blocking and returned no data", name)
+        if isinstance(chunk, str):
+            raise DecodeError("file object is in text mode; open it in binary mode ('rb')", name)
+        if not chunk:
+            break
+        buf += chunk
+    if len(buf) > max_bytes:
+        raise ImageTooLargeError(f"input is larger than the {max_bytes}-byte limit", name)
+    return bytes(buf)
+
+
+def read_source(source: Source, *, max_bytes: int | None = None) -> tuple[bytes | None, str]:
+    """Return ``(data, name)`` for an input: the bytes of a path, bytes-like or binary file object (read from its
+    current position), or ``(None, "<PIL>")`` / ``(None, "<ndarray>")`` for in-memory images.
+
+    At most ``max_bytes + 1`` bytes are read (a larger regular file is refused from its size alone); more ->
+    :class:`ImageTooLargeError`. A missing or unreadable file -> :class:`DecodeError`.
+
+    >>> read_source(b"abc")
+    (b'abc', '<bytes>')
+    """
+    if max_bytes is None:
+        max_bytes = DecodeLimits.max_bytes
+    if isinstance(source, Image.Image):
+        return None, "<PIL>"
+    if isinstance(source, np.ndarray):
+        return None, "<ndarray>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = "<bytes>"
+        n = source.nbytes if isinstance(source, memoryview) else len(source)
+        if n > max_bytes:
+            raise ImageTooLargeError(f"input is {n} bytes, over the {max_bytes}-byte limit", name)
+        if isinstance(source, bytes):
+            return source, name
+        return (source.tobytes() if isinstance(source, memoryview) else bytes(source)), name
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            name = os.fsdecode(os.fspath(source))
+        except (TypeError, ValueError) as e:
+            raise DecodeError(f"invalid path: {_one_line(e)}", repr(source)) from e
+        try:
+            with open(source, "rb") as f:
+                st = os.fstat(f.fileno())
+                hint = None
+                if stat.S_ISREG(st.st_mode):
+                    if st.st_size > max_bytes:
+                        raise ImageTooLargeError(
+                            f"file is {st.st_size} bytes, over the {max_bytes}-byte limit", name
+                        )
+                    hint = st.st_size
+                return _read_limited(f, max_bytes, name, hint), name
+        except DecodeError:
+            raise
+        except FileNotFoundError as e:
+            raise DecodeError("file not found", name) from e
+        except IsADirectoryError as e:
+            raise DecodeError("is a directory, not an image file", name) from e
+        except PermissionError as e:
+            raise DecodeError("permission denied", name) from e
+        except (OSError, ValueError) as e:
+            raise DecodeError(f"cannot read file: {_one_line(e)}", name) from e
+    if callable(getattr(source, "read", None)):
+        fname = getattr(source, "name", None)
+        name = fname if isinstance(fname, str) and fname else "<file>"
+        try:
+            return _read_limited(source, max_bytes, name), name
+        except DecodeError:
+            raise
+        except Exception as e:  # a user's file-like object can raise anything
+            raise DecodeError(f"cannot read file object: {type(e).__name__}: {_one_line(e)}", name) from e
+    raise UnsupportedFormatError(
+        f"cannot decode a {type(source).__name__}: expected a path, bytes, a binary file object, "
+        "a PIL image or a numpy array",
+        f"<{type(source).__name__}>",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixels to RGB
+
+
+def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    out = Image.new("RGB", rgba.size, background)
+    out.paste(rgba, (0, 0), rgba)  # blends with the alpha band of rgba as mask
+    return out
+
+
+def _gray8_to_rgb(
+    gray: np.ndarray, alpha: np.ndarray | None, background: tuple[int, int, int]
+) -> Image.Image:
+    g = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8))
+    if alpha is None:
+        return g.convert("RGB")
+    a = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8))
+    return _composite(Image.merge("RGBA", (g, g, g, a)), background)
+
+
+def _int_to_u8(arr: np.ndarray) -> np.ndarray:
+    """32-bit integer pixels to 8 bits by their value range: 0..255 as is, 0..65535 as 16-bit (>> 8), else min-max."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi <= 255:
+        return arr.astype(np.uint8)
+    if lo >= 0 and hi <= 65535:
+        return (arr >> 8).astype(np.uint8)
+    if hi == lo:  # a constant image outside 0..65535
+        return np.full(arr.shape, 0 if lo < 0 else 255, np.uint8)
+    scaled = (arr.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _float_to_u8(arr: np.ndarray) -> np.ndarray:
+    """Float pixels to 8 bits by their value range: [0, 1] and [0, 255] as such, else min-max. NaN/inf -> 0."""
+    a = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0.0 and hi <= 1.0:
+        a *= 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        pass
+    elif hi == lo:  # a constant image outside 0..255
+        a = np.full(a.shape, 0.0 if lo < 0 else 255.0, np.float32)
+    else:
+        a = (a - lo) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _transparency_mask(arr: np.ndarray, trns: Any) -> np.ndarray | None:
+    if isinstance(trns, (int, np.integer)):
+        return np.where(arr == int(trns), 0, 255).astype(np.uint8)
+    return None
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Convert a loaded frame in any Pillow mode to a new RGB image."""
+    mode = im.mode
+    if mode == "RGB" and "transparency" not in im.info:
+        return im.copy()
+    if mode in _SIXTEEN_BIT:
+        arr = np.asarray(im).astype(np.uint16, copy=False)
+        return _gray8_to_rgb(arr >> 8, _transparency_mask(arr, im.info.get("transparency")), background)
+    if mode == "I":
+        arr = np.asarray(im)
+        return _gray8_to_rgb(_int_to_u8(arr), _transparency_mask(arr, im.info.get("transparency")), background)
+    if mode == "F":
+        return _gray8_to_rgb(_float_to_u8(np.asarray(im)), None, background)
+    if mode == "La":  # premultiplied LA: Pillow has no converter for it
+        arr = np.asarray(im).astype(np.float32)
+        a = arr[..., 1]
+        g = np.where(a > 0, arr[..., 0] * 255.0 / np.maximum(a, 1), 0)
+        return _gray8_to_rgb(np.clip(np.rint(g), 0, 255), a, background)
+    if im.has_transparency_data:
+        return _composite(im.convert("RGBA"), background)
+    return im.convert("RGB")
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation (1..8) of the current frame; 1 if absent or unreadable (a broken EXIF never fails)."""
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+        return int(value) if value in _TRANSPOSE else 1
+    except Exception:
+        return 1
+
+
+def _frame_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """A loaded frame -> a new, independent RGB image with its EXIF orientation applied."""
+    method = _TRANSPOSE.get(_orientation(im))
+    if method is not None and im.mode == "RGB" and "transparency" not in im.info:
+        out = im.transpose(method)  # one new image instead of a copy and then a transposed copy
+    else:
+        out = _to_rgb(im, background)
+        if method is not None:
+            out = out.transpose(method)
+    # Orientation and transparency are applied: drop their metadata (a later exif_transpose must not rotate twice).
+    out.info = {k: v for k, v in out.info.items() if k not in _STALE_INFO_KEYS}
+    return out
+
+
+def _sample_indices(n_frames: int, k: int) -> list[int]:
+    k = min(k, n_frames)
+    if k <= 1:
+        return [0]
+    return [int(i) for i in np.unique(np.round(np.linspace(0, n_frames - 1, k)).astype(np.int64))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def _classify(e: BaseException, what: str, name: str | None) -> DecodeError:
+    """Map an exception raised by Pillow / zlib / a codec to the right DecodeError."""
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageTooLargeError(f"{what} is a decompression bomb: {_one_line(e)}", name)
+    if isinstance(e, MemoryError):
+        return ImageTooLargeError(f"ran out of memory decoding {what}", name)
+    reason = _one_line(e)
+    low = reason.lower()
+    if "too large" in low or "exceeds limit" in low or "too many" in low:
+        return ImageTooLargeError(f"{what} is too large: {reason}", name)
+    if "unsupported" in low or "not supported" in low or "not available" in low:
+        return UnsupportedFormatError(f"{what} uses a feature Pillow cannot decode: {reason}", name)
+    if isinstance(e, EOFError) or "truncated" in low or "end of file" in low or "premature" in low:
+        return TruncatedImageError(f"{what} is truncated: {reason}", name)
+    return TruncatedImageError(f"{what} is corrupt ({type(e).__name__}: {reason})", name)
+
+
+def _accepts(accept: Any, prefix: bytes) -> bool | str:
+    if accept is None:
+        return False
+    try:
+        result = accept(prefix)
+    except Exception:
+        return False
+    return result if isinstance(result, str) else bool(result)
+
+
+def _guess_allowed(data: bytes) -> str | None:
+    """The allowed format whose signature ``data`` carries, if any (for error messages)."""
+    for fmt in _OPENERS:
+        if _accepts(Image.OPEN[fmt][1], data[:16]):
+            return fmt
+    return None
+
+
+def _unidentified(data: bytes, name: str) -> DecodeError:
+    """Explain why Pillow could not open ``data`` with the allowed openers."""
+    allowed = ", ".join(ALLOWED_FORMATS)
+    prefix = data[:16]
+    # 1. Looks like an allowed format: the opener rejected its header. Re-run it once to learn why.
+    for fmt in _OPENERS:
+        factory, accept = Image.OPEN[fmt]
+        ok = _accepts(accept, prefix)
+        if isinstance(ok, str):
+            return UnsupportedFormatError(f"{fmt} file, but {ok}", name)
+        if ok and factory is not None:
+            try:
+                factory(io.BytesIO(data), "")
+            except Exception as e:
+                return _classify(e, f"{fmt} header", name)
+            return TruncatedImageError(f"{fmt} file that Pillow could not identify", name)
+    # 2. Something Pillow recognises but we do not allow (EPS, PSD, JPEG 2000, ICO, ...).
+    for fmt, (_factory, accept) in Image.OPEN.items():
+        if fmt not in ALLOWED_FORMATS and _accepts(accept, prefix):
+            return UnsupportedFormatError(f"{fmt} files are not allowed (allowed: {allowed})", name)
+    # 3. Other well-known signatures.
+    if prefix[4:8] == b"ftyp":
+        brand = prefix[8:12]
+        kind = "HEIF (no HEIF plugin installed)" if brand in _HEIF_BRANDS else "ISO media (MP4/MOV/AVIF)"
+        return UnsupportedFormatError(f"{kind} files are not allowed (allowed: {allowed})", name)
+    for offset, magic, kind in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return UnsupportedFormatError(f"{kind} files are not allowed (allowed: {allowed})", name)
+    return UnsupportedFormatError(f"not a recognised image format (allowed: {allowed})", name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _check_pixels(size: tuple[int, int], limits: DecodeLimits, what: str, name: str | None) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise TruncatedImageError(f"{what} has an invalid size {w}x{h}", name)
+    if w * h > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"{what} is {w}x{h} = {w * h} pixels, over the {limits.max_pixels}-pixel limit", name
+        )
+
+
+def _skip_gif_subblocks(data: bytes, p: int) -> int:
+    n = len(data)
+    while p < n:
+        size = data[p]
+        p += 1
+        if size == 0:
+            break
+        p += size
+    return p
+
+
+def _precheck(data: bytes, limits: DecodeLimits, name: str) -> None:
+    """Size checks Pillow cannot give us in time.
+
+    GIF: Pillow grows the canvas and allocates a frame's dispose buffer while *seeking* (even inside ``Image.open``
+    for the first frame), before a frame's size can be checked, so every image descriptor is checked here first
+    (one pass over the block structure, no decoding). Animated WebP: libwebp allocates the whole canvas when the
+    file is opened, so the VP8X canvas size is checked first.
+    """
+    n = len(data)
+    if data[:6] in (b"GIF87a", b"GIF89a") and n >= 13:
+        width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+        flags = data[10]
+        p = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+        frames = 0
+        while p < n:
+            block = data[p]
+            if block == 0x3B:  # trailer
+                break
+            if block == 0x21:  # extension: label, then sub-blocks
+                p = _skip_gif_subblocks(data, p + 2)
+            elif block == 0x2C:  # image descriptor
+                if p + 10 > n:
+                    break
+                x0, y0, w, h = (int.from_bytes(data[p + i : p + i + 2], "little") for i in (1, 3, 5, 7))
+                local = data[p + 9]
+                p += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0)
+                p = _skip_gif_subblocks(data, p + 1)  # after the LZW minimum code size
+                width, height = max(width, x0 + w), max(height, y0 + h)
+                _check_pixels((max(width, 1), max(height, 1)), limits, f"GIF image frame {frames}", name)
+                frames += 1
+            else:  # Pillow skips stray bytes between blocks too
+                p += 1
+        if frames > limits.max_frames:
+            raise ImageTooLargeError(f"GIF image has {frames} frames, over the {limits.max_frames}-frame limit", name)
+    elif data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8X" and n >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        _check_pixels((width, height), limits, "WEBP image canvas", name)
+
+
+def _check_frames(n: Any, limits: DecodeLimits, what: str, name: str | None) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TruncatedImageError(f"{what} reports an invalid frame count {n!r}", name)
+    if n > limits.max_frames:
+        raise ImageTooLargeError(f"{what} has {n} frames, over the {limits.max_frames}-frame limit", name)
+    return n
+
+
+def _decode_file(
+    data: bytes,
+    name: str,
+    limits: DecodeLimits,
+    target_size: int | None,
+    background: tuple[int, int, int],
+    deadline: _Deadline,
+) -> Decoded:
+    sha = hashlib.sha256(data).hexdigest()
+    if not data:
+        raise TruncatedImageError("input is empty", name)
+    what = "image"
+    try:
+        _precheck(data, limits, name)
+        deadline.check("after checking the header")
+        with Image.open(io.BytesIO(data), formats=_OPENERS) as im:
+            fmt = im.format or "unknown"
+            what = f"{fmt} image"
+            if fmt not in ALLOWED_FORMATS:  # cannot happen with formats=..., kept as a guard
+                raise UnsupportedFormatError(f"{fmt} files are not allowed", name)
+            _check_pixels(im.size, limits, what, name)
+            deadline.check("after reading the header")
+            n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+            frames: list[Image.Image] = []
+            indices = _sample_indices(n, limits.sample_frames)
+            for i in indices:
+                deadline.check(f"before frame {i}")
+                if i != im.tell():
+                    im.seek(i)
+                _check_pixels(im.size, limits, f"{what} frame {i}", name)
+                if target_size is not None and fmt == "JPEG" and n == 1:
+                    im.draft("RGB", (target_size, target_size))
+                im.load()
+                if getattr(im, "tile", None):
+                    raise TruncatedImageError(f"{what} frame {i} did not load completely", name)
+                frames.append(_frame_rgb(im, background))
+            deadline.check("after the last frame")
+    except DecodeError:
+        raise
+    except UnidentifiedImageError as e:
+        raise _unidentified(data, name) from e
+    except Exception as e:
+        if what == "image":  # failed inside Image.open: name the format from its signature
+            what = f"{_guess_allowed(data) or 'unknown'} image"
+        raise _classify(e, what, name) from e
+    return Decoded(
+        frames=tuple(frames),
+        frame_indices=tuple(indices),
+        sha256=sha,
+        format=fmt,
+        size=frames[0].size,
+        n_frames=n,
+        nbytes=len(data),
+        source=name,
+    )
+
+
+def _pixel_digest(h: Any, im: Image.Image) -> None:
+    h.update(f"{im.mode} {im.size[0]}x{im.size[1]}\n".encode())
+    h.update(im.tobytes())
+    if im.mode in ("P", "PA") and im.palette is not None:
+        h.update(bytes(im.getpalette() or ()))
+
+
+def _decode_image(
+    im: Image.Image,
+    fmt: str,
+    name: str,
+    limits: DecodeLimits,
+    background: tuple[int, int, int],
+    deadline: _Deadline,
+) -> Decoded:
+    what = "image" if fmt == "ndarray" else "PIL image"
+    try:
+        pending = bool(getattr(im, "tile", None))
+        if pending and im.format and im.format not in ALLOWED_FORMATS:
+            raise UnsupportedFormatError(
+                f"{what} of format {im.format} is not loaded; refusing to decode a non-allowed format", name
+            )
+        _check_pixels(im.size, limits, what, name)
+        n = 1
+        if im.format in ALLOWED_FORMATS:
+            n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+        indices = _sample_indices(n, limits.sample_frames)
+        start = im.tell() if n > 1 else 0
+        h = hashlib.sha256()
+        frames: list[Image.Image] = []
+        try:
+            for i in indices:
+                deadline.check(f"before frame {i}")
+                if n > 1 and i != im.tell():
+                    im.seek(i)
+                _check_pixels(im.size, limits, f"{what} frame {i}", name)
+                im.load()
+                _pixel_digest(h, im)
+                frames.append(_frame_rgb(im, background))
+        finally:
+            if n > 1 and im.tell() != start:
+                try:
+                    im.seek(start)
+                except Exception:
+                    pass
+        deadline.check("after the last frame")
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise _classify(e, what, name) from e
+    return Decoded(
+        frames=tuple(frames),
+        frame_indices=tuple(indices),
+        sha256=h.hexdigest(),
+        format=fmt,
+        size=frames[0].size,
+        n_frames=n,
+        nbytes=0,
+        source=name,
+    )
+
+
+def _array_to_image(a: np.ndarray, name: str, limits: DecodeLimits) -> Image.Image:
+    if a.ndim == 2:
+        pass
+    elif a.ndim == 3 and a.shape[2] in (3, 4):
+        pass
+    else:
+        raise UnsupportedFormatError(
+            f"array of shape {a.shape} is not an image: expected HxW, HxWx3 or HxWx4", name
+        )
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise UnsupportedFormatError(f"array of shape {a.shape} is empty", name)
+    _check_pixels((a.shape[1], a.shape[0]), limits, "array", name)
+    if a.dtype == np.uint8:
+        u8 = a
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise UnsupportedFormatError("float array contains NaN or infinity", name)
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0.0 or hi > 1.0:
+            raise UnsupportedFormatError(
+                f"float array values must lie in [0, 1], got [{lo:g}, {hi:g}]", name
+            )
+        u8 = np.rint(a.astype(np.float32) * 255.0).astype(np.uint8)
+    else:
+        raise UnsupportedFormatError(
+            f"array dtype {a.dtype} is not supported: expected uint8, or float in [0, 1]", name
+        )
+    return Image.fromarray(np.ascontiguousarray(u8))
+
+
+def _check_background(background: Any) -> tuple[int, int, int]:
+    try:
+        bg = tuple(int(c) for c in background)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"background must be an (r, g, b) tuple of ints, got {background!r}") from e
+    if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
+        raise ValueError(f"background must be an (r, g, b) tuple of ints in 0..255, got {background!r}")
+    return bg  # type: ignore[return-value]
+
+
+def decode(
+    source: Source,
+    *,
+    limits: DecodeLimits | None = None,
+    target_size: int | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Decoded:
+    """Decode ``source`` into RGB frames, enforcing ``limits``.
+
+    ``source``: a path (str / PathLike), bytes / bytearray / memoryview, a binary file object (read from its current
+    position), a ``PIL.Image.Image``, or a numpy array (HxW gray, HxWx3 RGB, HxWx4 RGBA; uint8, or float in [0, 1]).
+
+    ``target_size``: the model's input side. Large JPEGs are then decoded straight at a reduced DCT scale (1/2, 1/4,
+    1/8) whose shorter side is still >= ``target_size``; frames are not otherwise resized. ``None``: full resolution.
+
+    ``background``: the colour transparent pixels are composited on.
+
+    Animated images (GIF, APNG, WebP, MPO, multi-page TIFF) return ``min(limits.sample_frames, n_frames)`` frames
+    sampled evenly, first and last included; ``frame_indices`` says which.
+
+    Raises a :class:`~safeclip.errors.DecodeError` subclass, whose message is one line naming the input:
+    :class:`UnsupportedFormatError` (not an allowed format, or not an image input), :class:`ImageTooLargeError`
+    (byte / pixel / frame limits, decompression bombs), :class:`TruncatedImageError` (truncated or corrupt data),
+    :class:`DecodeTimeoutError` (over ``limits.timeout_s``). Bad arguments (``limits``, ``target_size``,
+    ``background``) raise ``ValueError``/``TypeError``.
+
+    The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
+    interrupted from Python. A hard kill needs process isolation, which the audit runner's worker processes provide.
+
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(buf, "PNG")
+    >>> d = decode(buf.getvalue())
+    >>> d.format, d.size, d.n_frames, d.frames[0].mode, d.frames[0].getpixel((0, 0))
+    ('PNG', (40, 30), 1, 'RGB', (255, 255, 255))
+    >>> decode(b"%!PS-Adobe-3.0 EPSF-3.0\\n")
+    Traceback (most recent call last):
+    ...
+    safeclip.errors.UnsupportedFormatError: <bytes>: EPS files are not allowed (allowed: ...)
+    """
+    if limits is None:
+        limits = DecodeLimits()
+    elif not isinstance(limits, DecodeLimits):
+        raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+    if target_size is not None and (
+        isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1
+    ):
+        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
+    bg = _check_background(background)
+
+    if isinstance(source, Image.Image):
+        return _decode_image(source, "PIL", "<PIL>", limits, bg, _Deadline(limits.timeout_s, "<PIL>"))
+    if isinstance(source, np.ndarray):
+        name = "<ndarray>"
+        deadline = _Deadline(limits.timeout_s, name)
+        return _decode_image(_array_to_image(source, name, limits), "ndarray", name, limits, bg, deadline)
+    start = time.monotonic()
+    data, name = read_source(source, max_bytes=limits.max_bytes)
+    if data is None:  # read_source returns None only for PIL / ndarray inputs, handled above
+        raise UnsupportedFormatError("no bytes to decode", name)
+    deadline = _Deadline(limits.timeout_s, name)
+    deadline.start = start
+    deadline.check("after reading the input")
+    return _decode_file(data, name, limits, target_size, bg, deadline)

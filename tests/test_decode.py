@@ -1,0 +1,753 @@
+"""safeclip.decode: every input kind, every mode, limits, bombs, the bad / tricky corpora."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import hashlib
+import importlib
+import io
+import multiprocessing
+import os
+import struct
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, ImageOps
+
+from safeclip.decode import ALLOWED_FORMATS, DecodeLimits, Decoded, decode, read_source
+from safeclip.errors import (
+    DecodeError,
+    DecodeTimeoutError,
+    ImageTooLargeError,
+    TruncatedImageError,
+    UnsupportedFormatError,
+)
+
+# safeclip/__init__ re-exports the function ``decode``, which shadows the submodule attribute ``safeclip.decode``
+decode_module = importlib.import_module("safeclip.decode")
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+if not CORPUS.is_dir():  # CI clones main into another folder with shared/ beside it
+    CORPUS = Path(os.environ.get("SAFECLIP_CORPUS", "../shared/corpus")).resolve()
+BAD = CORPUS / "bad"
+TRICKY = CORPUS / "tricky"
+PHOTOS = CORPUS / "photos"
+DOCS = {"MANIFEST.csv", "README.md", "PILLOW-LICENSE"}  # the corpus' own documentation, not test inputs
+
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+
+
+def _files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name not in DOCS)
+
+
+def _manifest() -> dict[str, str]:
+    path = BAD / "MANIFEST.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {row["file"]: row["pillow13_result"] for row in csv.DictReader(f)}
+
+
+BAD_FILES = _files(BAD)
+TRICKY_FILES = _files(TRICKY)
+MANIFEST = _manifest()
+ALLOWED_EXTS = {".jpg", ".jpeg", ".png", ".apng", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".avif"}
+FOREIGN_EXTS = {  # formats safeclip never hands to Pillow
+    ".eps", ".jp2", ".j2k", ".fli", ".flc", ".sgi", ".psd", ".pcx", ".ico", ".icns", ".cur", ".dds", ".blp",
+    ".grb", ".h5", ".wmf", ".fpx", ".doc", ".gpl", ".lut", ".pil", ".wal", ".spider", ".ppm", ".pdf", ".txt",
+    ".container", ".bufr_d",
+}
+
+
+def rgb_array(d: Decoded, i: int = 0) -> np.ndarray:
+    return np.asarray(d.frames[i]).astype(np.int16)
+
+
+def png_bytes(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A ~60-byte PNG whose IHDR claims width x height RGB pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def assert_valid(d: Decoded) -> None:
+    assert isinstance(d, Decoded)
+    assert len(d.frames) == len(d.frame_indices) >= 1
+    assert list(d.frame_indices) == sorted(set(d.frame_indices))
+    assert 0 <= d.frame_indices[0] and d.frame_indices[-1] < d.n_frames
+    for fr in d.frames:
+        assert fr.mode == "RGB"
+        assert fr.size[0] > 0 and fr.size[1] > 0
+    assert d.size == d.frames[0].size
+    assert len(d.sha256) == 64
+
+
+# ------------------------------------------------------------------------------------------------ docs and constants
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(decode_module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
+
+
+def test_allowed_formats():
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"):
+        assert fmt in ALLOWED_FORMATS
+    for fmt in ("EPS", "PS", "PDF", "JPEG2000", "PSD", "ICO", "FLI", "SGI", "WMF", "XBM", "XPM"):
+        assert fmt not in ALLOWED_FORMATS
+
+
+def test_limits_validated():
+    assert DecodeLimits() == DecodeLimits(64 * 2**20, 64_000_000, 1000, 8, 10.0)
+    for bad in ({"max_bytes": 0}, {"max_pixels": -1}, {"sample_frames": 0}, {"timeout_s": 0}, {"max_frames": 2.5}):
+        with pytest.raises(ValueError):
+            DecodeLimits(**bad)
+    with pytest.raises(ValueError):
+        decode(b"x", target_size=0)
+    with pytest.raises(ValueError):
+        decode(b"x", background=(0, 0))
+    with pytest.raises(TypeError):
+        decode(b"x", limits={"max_bytes": 3})
+
+
+# ------------------------------------------------------------------------------------------------ the bad corpus
+
+
+def expected_kind(path: Path) -> type[DecodeError]:
+    """The subclass a bad file must raise, where the manifest and extension make it unambiguous."""
+    ext = path.suffix.lower()
+    pillow = MANIFEST.get(path.name, "")
+    if ext in FOREIGN_EXTS:
+        return UnsupportedFormatError
+    if ext in ALLOWED_EXTS and "DecompressionBombError" in pillow:
+        return ImageTooLargeError
+    if ext in ALLOWED_EXTS and "truncated" in pillow:
+        return TruncatedImageError
+    return DecodeError
+
+
+@needs_corpus
+def test_bad_corpus_is_listed():
+    assert len(BAD_FILES) >= 100
+    missing = {name for name in MANIFEST if not (BAD / name).is_file()}
+    assert not missing, f"listed in MANIFEST.csv but absent: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=[p.name for p in BAD_FILES])
+def test_bad_file_raises_decode_error(path: Path):
+    t0 = time.monotonic()
+    with pytest.raises(DecodeError) as info:
+        decode(path, limits=DecodeLimits(timeout_s=5.0))
+    elapsed = time.monotonic() - t0
+    err = info.value
+    assert isinstance(err, expected_kind(path)), f"{type(err).__name__}: {err}"
+    msg = str(err)
+    assert "\n" not in msg and str(path) in msg and err.source == str(path)
+    assert err.reason and len(msg) < 400
+    assert elapsed < 5.0
+    # the same bytes, in memory, fail the same way
+    with pytest.raises(type(err)):
+        decode(path.read_bytes())
+
+
+# ------------------------------------------------------------------------------------------------ the tricky corpus
+
+
+@pytest.mark.parametrize("path", TRICKY_FILES, ids=[p.name for p in TRICKY_FILES])
+def test_tricky_file_decodes(path: Path):
+    if path.suffix == ".avif" and "AVIF" not in ALLOWED_FORMATS:
+        pytest.skip("no AVIF support in this Pillow")
+    d = decode(path)
+    assert_valid(d)
+    for fr in d.frames:
+        assert fr.size == d.size
+    assert d.nbytes == path.stat().st_size
+    assert d.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert d.format in ALLOWED_FORMATS and d.source == str(path)
+
+
+@needs_corpus
+@pytest.mark.parametrize("ext", ["jpg", "webp"])
+@pytest.mark.parametrize("n", range(2, 9))
+def test_exif_orientation_applied(n: int, ext: str):
+    ref = rgb_array(decode(TRICKY / "hopper.jpg"))
+    path = TRICKY / f"hopper_orientation_{n}.{ext}"
+    got = rgb_array(decode(path))
+    raw = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)  # as stored, not transposed
+    oriented = np.abs(got - ref).mean()
+    unoriented = np.abs(raw - ref).mean()
+    assert oriented < 10, oriented  # lossy re-encodes of the same picture: ~4.5
+    assert unoriented > 40, unoriented  # forgetting the orientation: ~60-80
+    # the orientation metadata is gone from the frame: a second exif_transpose is a no-op
+    again = np.asarray(ImageOps.exif_transpose(decode(path).frames[0])).astype(np.int16)
+    assert np.array_equal(again, got)
+
+
+@needs_corpus
+def test_orientation_swaps_size():
+    d = decode(TRICKY / "rot1mir0.avif") if "AVIF" in ALLOWED_FORMATS else None
+    if d is not None:  # AVIF irot/imir arrive as EXIF orientation 5: 427x640 stored -> 640x427 shown
+        assert d.size == (640, 427)
+    # a JPEG with orientation 6 (rotate 90) made here: 40x20 stored -> 20x40
+    im = Image.new("RGB", (40, 20), (200, 10, 10))
+    im.paste((10, 10, 200), (0, 0, 10, 20))  # blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    d = decode(buf.getvalue())
+    assert d.size == (20, 40)
+    top = np.asarray(d.frames[0])[:5].mean((0, 1))
+    assert top[2] > 150 and top[0] < 80  # the left band is now on top
+
+
+def test_broken_exif_does_not_fail():
+    im = Image.new("RGB", (32, 16), (30, 120, 200))
+    plain = io.BytesIO()
+    im.save(plain, "JPEG", quality=95)
+    expected = rgb_array(decode(plain.getvalue()))
+    for exif in (
+        b"Exif\x00\x00II*\x00\xff\xff\xff\x7f",  # IFD offset past the end
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 40,  # absurd entry count
+        b"Exif\x00\x00garbage-garbage-garbage",
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x63\x00\x00\x00",  # 99
+    ):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=95, exif=exif)
+        d = decode(buf.getvalue())
+        assert d.size == (32, 16)
+        assert np.abs(rgb_array(d) - expected).max() <= 1
+
+
+@needs_corpus
+@pytest.mark.parametrize("name,n", [("iss634.gif", 42), ("iss634.webp", 42), ("iss634.apng", 41)])
+def test_animation_sampled(name: str, n: int):
+    d = decode(TRICKY / name)
+    assert d.n_frames == n
+    assert len(d.frames) == 8
+    assert d.frame_indices[0] == 0 and d.frame_indices[-1] == n - 1
+    assert d.frame_indices == tuple(int(i) for i in np.unique(np.round(np.linspace(0, n - 1, 8))))
+    arrays = [rgb_array(d, i) for i in range(8)]
+    assert sum(np.abs(a - arrays[0]).mean() > 1 for a in arrays[1:]) >= 5  # the frames really differ
+
+    for k, want in ((1, (0,)), (3, (0, round((n - 1) / 2), n - 1)), (100, tuple(range(n)))):
+        d = decode(TRICKY / name, limits=DecodeLimits(sample_frames=k))
+        assert d.frame_indices == want and len(d.frames) == len(want)
+
+
+@needs_corpus
+def test_animated_frames_match_pillow():
+    """Sampled frames are Pillow's composited frames, flattened on the background."""
+    d = decode(TRICKY / "iss634.gif", limits=DecodeLimits(sample_frames=3), background=(0, 0, 0))
+    with Image.open(TRICKY / "iss634.gif") as im:
+        for idx, frame in zip(d.frame_indices, d.frames):
+            im.seek(idx)
+            ref = Image.new("RGB", im.size, (0, 0, 0))
+            rgba = im.convert("RGBA")
+            ref.paste(rgba, (0, 0), rgba)
+            assert np.array_equal(np.asarray(frame), np.asarray(ref))
+
+
+@needs_corpus
+def test_mpo_frames():
+    d = decode(TRICKY / "frozenpond.mpo")
+    assert d.format == "MPO" and d.n_frames == 2 and d.frame_indices == (0, 1)
+
+
+@needs_corpus
+def test_cmyk_jpeg_is_sane_rgb():
+    d = decode(TRICKY / "pil_sample_cmyk.jpg")
+    a = np.asarray(d.frames[0])
+    with Image.open(TRICKY / "pil_sample_cmyk.jpg") as im:
+        assert im.mode == "CMYK"
+        assert np.array_equal(a, np.asarray(im.convert("RGB")))
+    # "RED" in red letters on black: a red-dominant picture, not inverted (that would be mostly white / cyan)
+    assert a.mean() < 60 and a[..., 0].max() > 200 and a[..., 0].mean() > 3 * a[..., 1].mean()
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", ["i_trns.png", "l_trns.png", "1_trns.png", "p_trns_single.png", "rgb_trns.png"])
+def test_transparency_becomes_background(name: str):
+    bg = (1, 2, 3)
+    with Image.open(TRICKY / name) as im:
+        im.load()
+        trns = im.info["transparency"]
+        raw = np.asarray(im)
+        mask = (raw == np.array(trns)).all(-1) if raw.ndim == 3 else raw == (bool(trns) if im.mode == "1" else trns)
+    assert mask.any() and not mask.all()
+    a = np.asarray(decode(TRICKY / name, background=bg).frames[0])
+    assert (a[mask] == bg).all()
+    assert not (a[~mask] == bg).all(-1).any()
+    a2 = np.asarray(decode(TRICKY / name, background=(250, 0, 250)).frames[0])
+    assert (a2[mask] == (250, 0, 250)).all() and np.array_equal(a2[~mask], a[~mask])
+
+
+def test_sixteen_bit_gray_scaled_not_clipped():
+    ramp = (np.arange(64 * 16, dtype=np.uint16).reshape(16, 64) * 64).astype(np.uint16)  # 0..65472
+    d = decode(png_bytes(Image.fromarray(ramp)))  # a 16-bit grayscale PNG
+    with Image.open(io.BytesIO(png_bytes(Image.fromarray(ramp)))) as im:
+        assert im.mode == "I;16"
+    a = np.asarray(d.frames[0]).astype(np.int64)
+    assert np.array_equal(a[..., 0], ramp >> 8) and a.max() == 255  # >> 8: not clipped at 255, not min-max
+    assert np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])
+
+
+@needs_corpus
+def test_sixteen_bit_png_with_transparency():
+    with Image.open(TRICKY / "i_trns.png") as im:
+        raw = np.asarray(im).astype(np.int64)
+        assert im.mode == "I;16" and im.info["transparency"] == 255
+    a = np.asarray(decode(TRICKY / "i_trns.png", background=(0, 200, 0)).frames[0]).astype(np.int64)
+    keep = raw != 255
+    assert np.array_equal(a[..., 0][keep], raw[keep] >> 8)  # values 0..255 of 65535: near black, as viewers show
+    assert (a[~keep] == (0, 200, 0)).all()
+
+
+@needs_corpus
+def test_rgba_composited_not_dropped():
+    path = TRICKY / "pil123rgba.png"
+    with Image.open(path) as im:
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    assert ((alpha > 0) & (alpha < 1)).any() and (alpha == 0).any()
+    for bg in ((255, 255, 255), (0, 0, 0)):
+        want = rgba[..., :3] * alpha + np.array(bg) * (1 - alpha)
+        got = rgb_array(decode(path, background=bg))
+        assert np.abs(got - want).max() <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ input kinds
+
+
+@needs_corpus
+def test_input_kinds_agree(tmp_path: Path):
+    path = TRICKY / "hopper.jpg"
+    data = path.read_bytes()
+    ref = decode(path)
+    assert ref.sha256 == hashlib.sha256(data).hexdigest() and ref.nbytes == len(data)
+    with path.open("rb") as f:
+        from_file = decode(f)
+    assert from_file.source == str(path)
+    bio = io.BytesIO(b"junk" + data)
+    bio.seek(4)  # read from the current position
+    for other in (decode(str(path)), decode(data), decode(bytearray(data)), decode(memoryview(data)),
+                  decode(io.BytesIO(data)), decode(bio), from_file):
+        assert other.sha256 == ref.sha256 and other.format == "JPEG" and other.nbytes == len(data)
+        assert np.array_equal(np.asarray(other.frames[0]), np.asarray(ref.frames[0]))
+    assert decode(data).source == "<bytes>" and decode(io.BytesIO(data)).source == "<file>"
+    assert read_source(path) == (data, str(path))
+    assert read_source(Image.new("L", (2, 2))) == (None, "<PIL>")
+    assert read_source(np.zeros((2, 2), np.uint8)) == (None, "<ndarray>")
+
+
+def test_pil_input():
+    im = Image.new("RGB", (30, 20), (10, 20, 30))
+    d = decode(im)
+    assert_valid(d)
+    assert d.format == "PIL" and d.nbytes == 0 and d.source == "<PIL>" and d.n_frames == 1
+    assert d.frames[0] is not im and d.frames[0].getpixel((0, 0)) == (10, 20, 30)
+    expected = hashlib.sha256(b"RGB 30x20\n" + im.tobytes()).hexdigest()
+    assert d.sha256 == expected
+    assert decode(im.copy()).sha256 == expected
+    im2 = im.copy()
+    im2.putpixel((3, 3), (0, 0, 0))
+    assert decode(im2).sha256 != expected
+    # the same pixels as an ndarray hash the same
+    assert decode(np.asarray(im)).sha256 == expected
+
+
+@needs_corpus
+def test_pil_animated_input_restores_position():
+    with Image.open(TRICKY / "iss634.gif") as im:
+        im.seek(5)
+        d = decode(im, limits=DecodeLimits(sample_frames=3))
+        assert d.frame_indices == (0, 20, 41) and d.n_frames == 42
+        assert im.tell() == 5
+
+
+@needs_corpus
+def test_pil_input_of_a_foreign_format_is_refused_unloaded():
+    with Image.open(BAD / "pil_sample_cmyk.eps") as im:  # would run Ghostscript on load
+        assert im.format == "EPS"
+        with pytest.raises(UnsupportedFormatError, match="EPS"):
+            decode(im)
+
+
+def test_ndarray_inputs():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    d = decode(gray)
+    assert d.format == "ndarray" and d.size == (10, 12) and d.nbytes == 0
+    a = np.asarray(d.frames[0])
+    assert np.array_equal(a[..., 0], gray) and np.array_equal(a[..., 2], gray)
+
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(decode(rgb).frames[0]), rgb)
+    assert np.array_equal(np.asarray(decode(rgb[:, ::-1]).frames[0]), rgb[:, ::-1])  # non-contiguous
+
+    rgba = np.concatenate([rgb, np.zeros((12, 10, 1), np.uint8)], axis=2)
+    rgba[:6, :, 3] = 255
+    out = np.asarray(decode(rgba, background=(7, 8, 9)).frames[0])
+    assert np.array_equal(out[:6], rgb[:6]) and (out[6:] == (7, 8, 9)).all()
+
+    for dtype in (np.float32, np.float64, np.float16):
+        f = (rgb / 255.0).astype(dtype)
+        got = np.asarray(decode(f).frames[0]).astype(int)
+        assert np.abs(got - rgb).max() <= 1
+    assert decode(np.ones((4, 4))).frames[0].getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((4, 4, 2), np.uint8),
+        np.zeros((4, 4, 5), np.uint8),
+        np.zeros((4, 4, 1), np.uint8),
+        np.zeros(16, np.uint8),
+        np.zeros((2, 4, 4, 3), np.uint8),
+        np.zeros((0, 4, 3), np.uint8),
+        np.zeros((4, 4), np.int64),
+        np.zeros((4, 4), np.uint16),
+        np.zeros((4, 4), bool),
+        np.zeros((4, 4), object),
+        np.full((4, 4), 2.0),
+        np.full((4, 4), -0.5),
+        np.full((4, 4), np.nan),
+        np.array(3),
+    ],
+    ids=lambda a: f"{a.dtype}{a.shape}",
+)
+def test_bad_ndarray_rejected(array: np.ndarray):
+    with pytest.raises(DecodeError) as info:
+        decode(array)
+    assert "\n" not in str(info.value) and "<ndarray>" in str(info.value)
+
+
+@pytest.mark.parametrize("source", [12, 3.5, None, ["a.jpg"], {"path": "x"}, object()])
+def test_unsupported_input_types(source):
+    with pytest.raises(DecodeError):
+        decode(source)
+
+
+def test_unreadable_paths(tmp_path: Path):
+    with pytest.raises(DecodeError, match="not found"):
+        decode(tmp_path / "missing.jpg")
+    with pytest.raises(DecodeError, match="directory"):
+        decode(tmp_path)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(TruncatedImageError, match="empty"):
+        decode(empty)
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with text.open("r") as f, pytest.raises(DecodeError, match="binary mode"):
+        decode(f)
+
+    class Exploding(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            raise OSError("device on fire")
+
+    with pytest.raises(DecodeError, match="device on fire"):
+        decode(Exploding())
+
+
+@pytest.mark.parametrize(
+    "mode,value,expected",
+    [
+        ("1", 1, (255, 255, 255)),
+        ("L", 77, (77, 77, 77)),
+        ("I;16", 40000, (156, 156, 156)),  # >> 8
+        ("I;16B", 40000, (156, 156, 156)),
+        ("I", 40000, (156, 156, 156)),  # 16-bit range in a 32-bit image
+        ("I", 200, (200, 200, 200)),  # already 8-bit range
+        ("F", 0.5, (128, 128, 128)),  # [0, 1] range
+        ("F", 100.0, (100, 100, 100)),
+        ("I", -5, (0, 0, 0)),  # constant images outside every range must not divide by zero
+        ("I", 2**20, (255, 255, 255)),
+        ("F", 1e6, (255, 255, 255)),
+        ("F", float("nan"), (0, 0, 0)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("YCbCr", (255, 128, 128), (255, 255, 255)),
+        ("HSV", (0, 255, 255), (255, 0, 0)),
+        ("LAB", (255, 128, 128), None),
+        ("RGBX", (1, 2, 3, 4), (1, 2, 3)),
+        ("RGBA", (10, 20, 30, 0), (9, 9, 9)),  # fully transparent -> background
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("RGBa", (10, 20, 30, 0), (9, 9, 9)),
+        ("LA", (100, 0), (9, 9, 9)),
+        ("LA", (100, 255), (100, 100, 100)),
+        ("La", (50, 128), None),
+        ("PA", (0, 0), (9, 9, 9)),
+    ],
+)
+def test_every_mode_to_rgb(mode: str, value, expected):
+    im = Image.new(mode, (6, 4), value)
+    d = decode(im, background=(9, 9, 9))
+    fr = d.frames[0]
+    assert fr.mode == "RGB" and fr.size == (6, 4)
+    px = fr.getpixel((0, 0))
+    if expected is not None:
+        assert all(abs(a - b) <= 1 for a, b in zip(px, expected)), px
+    elif mode == "LAB":
+        assert min(px) > 240  # L=255 a=b=0 is white
+    elif mode == "La":  # premultiplied 50 at alpha 128 -> 100 over bg 9 at ~half
+        assert abs(px[0] - (100 * 128 + 9 * 127) / 255) <= 2
+
+
+def test_wide_range_pixels_min_max_scaled():
+    ramp = np.arange(-100, 100, dtype=np.int32).reshape(10, 20)
+    a = np.asarray(decode(Image.fromarray(ramp)).frames[0])[..., 0]
+    assert a[0, 0] == 0 and a[-1, -1] == 255 and (np.diff(a.ravel().astype(int)) >= 0).all()
+    f = np.linspace(-2, 3, 200, dtype=np.float32).reshape(10, 20)
+    b = np.asarray(decode(Image.fromarray(f)).frames[0])[..., 0]
+    assert b[0, 0] == 0 and b[-1, -1] == 255
+
+
+def test_palette_with_alpha_and_files_in_odd_modes():
+    p = Image.new("P", (8, 8), 0)
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.putpixel((1, 1), 1)
+    d = decode(png_bytes(p, transparency=1), background=(0, 0, 255))
+    assert d.frames[0].getpixel((1, 1)) == (0, 0, 255) and d.frames[0].getpixel((0, 0)) == (255, 0, 0)
+    # 16-bit big-endian TIFF and float TIFF through the byte path
+    for mode, value, expected in (("I;16B", 0x8000, 128), ("I;16", 0xFFFF, 255), ("F", 0.25, 64)):
+        buf = io.BytesIO()
+        Image.new(mode, (5, 3), value).save(buf, "TIFF")
+        d = decode(buf.getvalue())
+        assert d.format == "TIFF" and d.frames[0].getpixel((2, 1)) == (expected,) * 3
+    # LA PNG fully transparent on the background
+    la = Image.new("LA", (4, 4), (200, 0))
+    assert decode(png_bytes(la), background=(5, 6, 7)).frames[0].getpixel((0, 0)) == (5, 6, 7)
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+def test_header_bomb_refused_before_decoding(monkeypatch):
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    data = png_claiming(9000, 9000)  # 81 MP: over our 64 MP, under Pillow's own warning threshold
+    assert len(data) < 100
+    t0 = time.monotonic()
+    with pytest.raises(ImageTooLargeError, match="81000000 pixels") as info:
+        decode(data)
+    assert time.monotonic() - t0 < 1.0 and not loads
+    assert "\n" not in str(info.value)
+    with pytest.raises(ImageTooLargeError):
+        decode(png_claiming(100, 100), limits=DecodeLimits(max_pixels=9_999))
+    assert not loads
+
+
+def two_frame_gif() -> tuple[bytes, int]:
+    """A 10x10 two-frame GIF and the offset of its second image descriptor (extent 2,3 5x6)."""
+    a = Image.new("P", (10, 10), 0)
+    a.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    b = a.copy()
+    b.paste(1, (2, 3, 7, 9))
+    buf = io.BytesIO()
+    a.save(buf, "GIF", save_all=True, append_images=[b])
+    data = buf.getvalue()
+    at = data.find(b"\x2c" + struct.pack("<HHHH", 2, 3, 5, 6))
+    assert at > 0
+    return data, at
+
+
+def test_gif_frame_bomb_refused_before_pillow_allocates(monkeypatch):
+    """Pillow grows a GIF's canvas while seeking to a frame, before its size could be checked: prescan."""
+    data, at = two_frame_gif()
+    assert decode(data).n_frames == 2
+    bomb = bytearray(data)
+    bomb[at + 5 : at + 9] = struct.pack("<HH", 9000, 9000)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    with pytest.raises(ImageTooLargeError, match="frame 1 is 9002x9003"):
+        decode(bytes(bomb))
+    assert not opened  # refused from the descriptor, before Pillow touched it
+    with pytest.raises(ImageTooLargeError, match="2 frames, over the 1-frame limit"):
+        decode(data, limits=DecodeLimits(max_frames=1))
+
+
+def test_webp_canvas_checked_before_open():
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (8, 8), (i * 50, 0, 0)) for i in range(2)]
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"VP8X"
+    data[24:30] = (12000 - 1).to_bytes(3, "little") * 2  # 144 MP canvas
+    with pytest.raises(ImageTooLargeError, match="canvas is 12000x12000"):
+        decode(bytes(data))
+
+
+@needs_corpus
+def test_pillow_bomb_error_becomes_image_too_large():
+    if Image.MAX_IMAGE_PIXELS is None:
+        pytest.skip("Pillow's own bomb check is disabled in this process")
+    gif = bytearray((TRICKY / "hopper.gif").read_bytes())
+    gif[6:10] = struct.pack("<HH", 40000, 40000)  # 1.6 GP logical screen
+    with pytest.raises(ImageTooLargeError) as info:
+        decode(bytes(gif), limits=DecodeLimits(max_pixels=10**12))  # our own check would let it through
+    assert isinstance(info.value.__cause__, Image.DecompressionBombError)
+
+
+@needs_corpus
+def test_max_pixels_below_a_real_photo(monkeypatch):
+    photo = PHOTOS / "scikit-learn-e03321afa6.jpg"
+    with Image.open(photo) as im:
+        w, h = im.size
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    with pytest.raises(ImageTooLargeError, match=f"{w}x{h}"):
+        decode(photo, limits=DecodeLimits(max_pixels=w * h - 1))
+    assert not loads
+    assert decode(photo, limits=DecodeLimits(max_pixels=w * h)).size == (w, h)
+
+
+def test_max_bytes(tmp_path: Path):
+    data = png_bytes(Image.new("RGB", (16, 16)))
+    limits = DecodeLimits(max_bytes=len(data) - 1)
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    for source in (data, bytearray(data), memoryview(data), path, io.BytesIO(data)):
+        with pytest.raises(ImageTooLargeError, match="byte"):
+            decode(source, limits=limits)
+    assert decode(data, limits=DecodeLimits(max_bytes=len(data))).size == (16, 16)
+
+    class Endless(io.RawIOBase):
+        served = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            b[:] = b"\0" * len(b)
+            self.served += len(b)
+            return len(b)
+
+    stream = Endless()
+    with pytest.raises(ImageTooLargeError):
+        decode(stream, limits=DecodeLimits(max_bytes=3 * 2**20))
+    assert stream.served <= 3 * 2**20 + 2**20  # stops right after the limit
+
+
+@needs_corpus
+def test_max_frames():
+    with pytest.raises(ImageTooLargeError, match="42 frames"):
+        decode(TRICKY / "iss634.gif", limits=DecodeLimits(max_frames=41))
+    assert decode(TRICKY / "iss634.gif", limits=DecodeLimits(max_frames=42)).n_frames == 42
+
+
+@needs_corpus
+def test_timeout():
+    with pytest.raises(DecodeTimeoutError, match="budget"):
+        decode(TRICKY / "iss634.webp", limits=DecodeLimits(timeout_s=1e-9))
+
+
+@pytest.mark.parametrize(
+    "data,named",
+    [
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "EPS"),
+        (b"\xc5\xd0\xd3\xc6" + b"\0" * 28, "EPS"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\0" * 20, "JPEG2000"),
+        (b"8BPS\x00\x01" + b"\0" * 30, "PSD"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIF"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "SVG"),
+        (b"hello, world", "not a recognised image format"),
+    ],
+)
+def test_foreign_formats_unsupported(data: bytes, named: str):
+    if named == "HEIF" and "HEIF" in ALLOWED_FORMATS:
+        pytest.skip("a HEIF plugin is registered")
+    with pytest.raises(UnsupportedFormatError, match=named):
+        decode(data)
+
+
+@needs_corpus
+def test_eps_file_refused_without_ghostscript():
+    eps = BAD / "pil_sample_cmyk.eps"
+    with pytest.raises(UnsupportedFormatError, match="EPS"):
+        decode(eps)
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", ["hopper.jpg", "hopper.gif", "iss634.apng", "hopper_orientation_3.webp"])
+def test_truncated_files(name: str):
+    data = (TRICKY / name).read_bytes()
+    for cut in (len(data) // 2, len(data) - 30):
+        with pytest.raises(DecodeError) as info:
+            decode(data[:cut])
+        if name.endswith((".jpg", ".png", ".apng")):
+            assert isinstance(info.value, TruncatedImageError), info.value
+
+
+@needs_corpus
+def test_draft_decodes_large_jpeg_at_reduced_scale():
+    photo = PHOTOS / "plasma-workspace-wallpapers-8b814d93fc.jpg"  # 5120x2880
+    full = decode(photo)
+    small = decode(photo, target_size=224)
+    assert full.size == (5120, 2880)
+    assert min(small.size) >= 224
+    assert small.size[0] * small.size[1] * 16 <= full.size[0] * full.size[1]  # at least 1/4 per side
+    assert small.sha256 == full.sha256 and small.n_frames == 1
+    ref = np.asarray(full.frames[0].resize(small.size, Image.Resampling.BOX)).astype(np.int16)
+    diff = np.abs(np.asarray(small.frames[0]).astype(np.int16) - ref)
+    assert diff.mean() < 3.0, diff.mean()
+    # never below the target: a 300 px image stays whole at target 224
+    tiny = io.BytesIO()
+    Image.new("RGB", (300, 500)).save(tiny, "JPEG")
+    assert decode(tiny.getvalue(), target_size=224).size == (300, 500)
+    # orientation is applied after the draft: hopper (128 px) at target 32 -> 1/4 scale, same picture
+    ref = decode(TRICKY / "hopper.jpg").frames[0].resize((32, 32), Image.Resampling.BOX)
+    got = decode(TRICKY / "hopper_orientation_6.jpg", target_size=32)
+    assert got.size == (32, 32)
+    assert np.abs(rgb_array(got) - np.asarray(ref).astype(np.int16)).mean() < 12
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+
+
+def _decode_summary(path: str) -> tuple[str, tuple[int, int], tuple[int, ...], bytes]:
+    d = decode(path, limits=DecodeLimits(sample_frames=3))
+    return d.sha256, d.size, d.frame_indices, d.frames[-1].tobytes()
+
+
+@needs_corpus
+def test_threads_agree_with_sequential():
+    paths = [str(TRICKY / n) for n in ("iss634.gif", "iss634.webp", "pil123rgba.png", "frozenpond.mpo",
+                                       "hopper_orientation_5.jpg", "i_trns.png", "tiff_16bit_RGBa.tiff")] * 3
+    sequential = [_decode_summary(p) for p in paths]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(_decode_summary, paths)) == sequential
+
+
+@needs_corpus
+def test_works_in_worker_processes():
+    paths = [str(TRICKY / "iss634.apng"), str(TRICKY / "hopper.jpg")]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method)) as pool:
+        assert list(pool.map(_decode_summary, paths)) == [_decode_summary(p) for p in paths]
+        with pytest.raises(UnsupportedFormatError):  # errors pickle across processes
+            pool.submit(decode, b"%PDF-1.4").result()

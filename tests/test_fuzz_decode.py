@@ -1,0 +1,335 @@
+"""Fuzz safeclip.decode with mutated real files: it returns a valid Decoded or raises DecodeError, nothing else.
+
+In the test run: a bounded hypothesis search (~300 inputs) plus deterministic header / truncation sweeps.
+Standalone, for a longer run in crash-isolated worker processes::
+
+    python tests/test_fuzz_decode.py --seconds 120 [--seed 1] [--workers 1]
+
+It prints the inputs tried, outcomes by kind, unexpected exceptions and crashes (each with the seed:index that
+regenerates the input: ``python tests/test_fuzz_decode.py --replay SEED:INDEX``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # standalone: make the checkout importable without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from safeclip.decode import DecodeLimits, Decoded, decode
+from safeclip.errors import DecodeError
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+if not CORPUS.is_dir():
+    CORPUS = Path(os.environ.get("SAFECLIP_CORPUS", "../shared/corpus")).resolve()
+
+# Small limits keep every input fast: a mutated header may claim up to 4 MP, and the decode gives up after 2 s.
+LIMITS = DecodeLimits(max_bytes=2 * 2**20, max_pixels=4_000_000, max_frames=200, sample_frames=4, timeout_s=2.0)
+
+TRICKY_SEEDS = (
+    "hopper.jpg", "hopper_16bit_qtables.jpg", "hopper_orientation_6.jpg", "pil_sample_cmyk.jpg", "hopper.gif",
+    "dispose_prev.gif", "apng_blend_op_over.png", "p_trns_single.png", "i_trns.png", "1_trns.png",
+    "exif_imagemagick_orientation.png", "hopper_orientation_6.webp", "tiff_16bit_RGBa.tiff", "hopper.avif",
+)
+INTERESTING_INTS = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF)
+
+
+def _generated_seeds() -> dict[str, bytes]:
+    """Formats the corpus lacks in small sizes: BMP, animated WebP, MPO, multi-page TIFF, gray JPEG, palette GIF."""
+    rng = random.Random(0)
+    frames = []
+    for k in range(3):
+        im = Image.new("RGB", (24, 16), (40 * k, 90, 200 - 40 * k))
+        for _ in range(20):
+            x, y = rng.randrange(24), rng.randrange(16)
+            im.putpixel((x, y), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+        frames.append(im)
+    out: dict[str, bytes] = {}
+
+    def save(name: str, im: Image.Image, fmt: str, **kw) -> None:
+        buf = io.BytesIO()
+        if "append_images" in kw:  # fresh copies: Pillow keeps per-image encoder state between saves
+            kw["append_images"] = [f.copy() for f in kw["append_images"]]
+        try:
+            im.copy().save(buf, fmt, **kw)
+        except Exception:  # a codec or writer missing in this Pillow: skip that seed
+            return
+        out[name] = buf.getvalue()
+
+    save("gen.bmp", frames[0], "BMP")
+    save("gen_rle.bmp", frames[0].convert("P"), "BMP")
+    save("gen_anim.webp", frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    save("gen.mpo", frames[0], "MPO", save_all=True, append_images=frames[1:2])
+    save("gen_pages.tiff", frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    save("gen_gray.jpg", frames[0].convert("L"), "JPEG", quality=80)
+    save("gen_progressive.jpg", frames[1], "JPEG", progressive=True)
+    save("gen_anim.gif", frames[0].convert("P"), "GIF", save_all=True, append_images=[f.convert("P") for f in frames[1:]])
+    save("gen_rgba.png", frames[2].convert("RGBA"), "PNG")
+    return out
+
+
+def load_seeds() -> list[tuple[str, bytes]]:
+    seeds = []
+    tricky = CORPUS / "tricky"
+    for name in TRICKY_SEEDS:
+        if (tricky / name).is_file():
+            seeds.append((name, (tricky / name).read_bytes()))
+    seeds.extend(sorted(_generated_seeds().items()))
+    return seeds
+
+
+SEEDS = load_seeds()
+
+
+# ------------------------------------------------------------------------------------------------ mutations
+
+# An operation is a tuple (kind, a, b, payload): positions a, b are taken modulo the current length.
+OPS = ("flip", "set", "header", "int", "truncate", "delete", "insert", "dup", "splice", "chunk")
+
+
+def apply_ops(data: bytes, ops: list[tuple[str, int, int, bytes]]) -> bytes:
+    buf = bytearray(data)
+    for kind, a, b, payload in ops:
+        n = len(buf)
+        if n == 0:
+            buf += payload
+            continue
+        p = a % n
+        if kind == "flip":
+            buf[p] ^= 1 << (b % 8)
+        elif kind == "set":
+            buf[p] = b % 256
+        elif kind == "header":  # the first 64 bytes hold sizes, counts and offsets
+            buf[a % min(n, 64)] = b % 256
+        elif kind == "int":
+            value = INTERESTING_INTS[b % len(INTERESTING_INTS)]
+            width = 2 if b % 3 == 0 else 4
+            order = "big" if b % 2 else "little"
+            chunk = (value % (1 << (8 * width))).to_bytes(width, order)
+            buf[p : p + width] = chunk
+        elif kind == "truncate":
+            del buf[p:]
+        elif kind == "delete":
+            del buf[p : p + 1 + b % 256]
+        elif kind == "insert":
+            buf[p:p] = payload
+        elif kind == "dup":
+            buf[p:p] = buf[p : p + 1 + b % 512]
+        elif kind == "splice":  # head of this file, tail of another seed
+            other = SEEDS[b % len(SEEDS)][1]
+            buf = buf[:p] + other[(a // 7) % len(other) :]
+        elif kind == "chunk":  # insert a slice of another seed (a foreign chunk / marker / frame)
+            other = SEEDS[b % len(SEEDS)][1]
+            q = (a // 7) % len(other)
+            buf[p:p] = other[q : q + 1 + (a // 3) % 300]
+    return bytes(buf)
+
+
+def random_case(rng: random.Random) -> tuple[int, list[tuple[str, int, int, bytes]]]:
+    """The standalone fuzzer's generator: a seed index and 1-4 operations."""
+    ops = []
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+        payload = bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 4, 16, 64))))
+        ops.append((rng.choice(OPS), rng.randrange(1 << 20), rng.randrange(1 << 16), payload))
+    return rng.randrange(len(SEEDS)), ops
+
+
+def check_one(data: bytes) -> str:
+    """Decode ``data``; return the outcome's name, or raise AssertionError / an unexpected exception."""
+    try:
+        d = decode(data, limits=LIMITS)
+    except DecodeError as e:
+        text = str(e)
+        assert text and "\n" not in text, repr(text)
+        assert text.startswith("<bytes>: "), text
+        return type(e).__name__
+    assert isinstance(d, Decoded)
+    assert d.frames and len(d.frames) == len(d.frame_indices) <= LIMITS.sample_frames
+    assert d.n_frames >= 1 and all(0 <= i < d.n_frames for i in d.frame_indices)
+    for fr in d.frames:
+        assert fr.mode == "RGB" and fr.size[0] > 0 and fr.size[1] > 0
+        assert fr.size[0] * fr.size[1] <= LIMITS.max_pixels
+        fr.getpixel((0, 0))  # really loaded
+    assert d.size == d.frames[0].size and d.nbytes == len(data)
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------------ pytest
+
+
+def test_seeds_decode():
+    assert len(SEEDS) >= 8
+    for name, data in SEEDS:
+        assert check_one(data) == "ok", name
+
+
+op_strategy = st.tuples(
+    st.sampled_from(OPS),
+    st.integers(0, (1 << 20) - 1),
+    st.integers(0, (1 << 16) - 1),
+    st.binary(max_size=64),
+)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning", "ignore::DeprecationWarning")
+@settings(
+    max_examples=1500,
+    deadline=5000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(seed=st.integers(0, len(SEEDS) - 1), ops=st.lists(op_strategy, min_size=1, max_size=4))
+def test_mutated_inputs_decode_or_raise_decode_error(seed: int, ops):
+    check_one(apply_ops(SEEDS[seed][1], ops))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+def test_every_header_byte_and_truncation():
+    """Deterministic sweeps: each of the first 48 bytes set to 0x00 / 0xFF, and truncation at 40 points."""
+    outcomes: dict[str, int] = {}
+    for _name, data in SEEDS:
+        variants = []
+        for p in range(min(48, len(data))):
+            for v in (0x00, 0xFF):
+                b = bytearray(data)
+                b[p] = v
+                variants.append(bytes(b))
+        variants += [data[: len(data) * k // 40] for k in range(40)]
+        for v in variants:
+            kind = check_one(v)
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+    assert outcomes.get("ok", 0) > 0 and outcomes.get("TruncatedImageError", 0) > 0
+
+
+# ------------------------------------------------------------------------------------------------ standalone
+
+
+def _worker(wid: int, seed: int, start: int, stop_at: float, current, queue) -> None:  # pragma: no cover - subprocess
+    import warnings
+
+    warnings.simplefilter("ignore")
+    counts: dict[str, int] = {}
+    unexpected: list[str] = []
+    slowest = (0.0, "")
+    i = start
+    last_flush = time.monotonic()
+    while time.monotonic() < stop_at:
+        current.value = i
+        rng = random.Random(f"{seed}:{i}")
+        s, ops = random_case(rng)
+        data = apply_ops(SEEDS[s][1], ops)
+        t0 = time.monotonic()
+        try:
+            kind = check_one(data)
+        except Exception as e:  # noqa: BLE001 - that is what we are counting
+            kind = "UNEXPECTED"
+            if len(unexpected) < 20:
+                unexpected.append(f"{seed}:{i} seed={SEEDS[s][0]} {type(e).__name__}: {str(e)[:160]}")
+        dt = time.monotonic() - t0
+        if dt > slowest[0]:
+            slowest = (dt, f"{seed}:{i} ({SEEDS[s][0]}, {kind})")
+        counts[kind] = counts.get(kind, 0) + 1
+        i += 1
+        if time.monotonic() - last_flush > 2.0:
+            queue.put((wid, (counts, unexpected, slowest)))
+            counts, unexpected = {}, []
+            last_flush = time.monotonic()
+    queue.put((wid, (counts, unexpected, slowest)))
+    queue.put((wid, None))
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised by hand
+    import argparse
+    import multiprocessing
+    import queue as queue_mod
+    import resource
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--replay", help="SEED:INDEX: regenerate one input and decode it in this process")
+    args = parser.parse_args(argv)
+
+    if args.replay:
+        seed, index = args.replay.split(":")
+        rng = random.Random(f"{seed}:{index}")
+        s, ops = random_case(rng)
+        data = apply_ops(SEEDS[s][1], ops)
+        print(f"seed file {SEEDS[s][0]}, ops {[(k, a, b, len(p)) for k, a, b, p in ops]}, {len(data)} bytes")
+        print(check_one(data))
+        return 0
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    stop_at = time.monotonic() + args.seconds
+    totals: dict[str, int] = {}
+    unexpected: list[str] = []
+    crashes: list[str] = []
+    slowest = (0.0, "")
+    q = ctx.Queue()
+    workers = {}
+
+    def launch(wid: int, start: int) -> None:
+        current = ctx.Value("q", start)
+        p = ctx.Process(target=_worker, args=(wid, args.seed + wid, start, stop_at, current, q), daemon=True)
+        p.start()
+        workers[wid] = (p, current)
+
+    print(f"fuzzing safeclip.decode for {args.seconds:g}s, {args.workers} worker(s), seed {args.seed}, "
+          f"{len(SEEDS)} seed files: {', '.join(n for n, _ in SEEDS)}", flush=True)
+    for wid in range(args.workers):
+        launch(wid, 0)
+    active = set(workers)
+    while active:
+        try:
+            wid, payload = q.get(timeout=1.0)
+        except queue_mod.Empty:
+            wid, payload = None, None
+        if wid is not None and payload is None:
+            active.discard(wid)
+        elif payload is not None:
+            counts, unexp, slow = payload
+            for k, v in counts.items():
+                totals[k] = totals.get(k, 0) + v
+            unexpected += unexp
+            slowest = max(slowest, slow)
+        for w in list(active):
+            p, current = workers[w]
+            if not p.is_alive() and p.exitcode not in (0, None):  # killed by a signal: a C-level crash
+                crashes.append(f"{args.seed + w}:{current.value} exit code {p.exitcode}")
+                totals["CRASH"] = totals.get("CRASH", 0) + 1
+                if time.monotonic() < stop_at:
+                    launch(w, current.value + 1)
+                else:
+                    active.discard(w)
+            elif not p.is_alive() and time.monotonic() > stop_at + 30:  # exited, final message lost
+                active.discard(w)
+    for p, _current in workers.values():
+        p.join(timeout=10)
+    tried = sum(totals.values())
+    print(f"inputs tried: {tried} ({tried / args.seconds:.0f}/s)")
+    for k in sorted(totals, key=lambda k: -totals[k]):
+        print(f"  {k:24s} {totals[k]}")
+    print(f"unexpected exceptions: {totals.get('UNEXPECTED', 0)}")
+    for line in unexpected:
+        print("  ", line)
+    print(f"crashes: {len(crashes)}")
+    for line in crashes:
+        print("  ", line)
+    print(f"slowest input: {slowest[0]:.3f}s  {slowest[1]}")
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(f"peak RSS of a worker: {child_rss / 1024:.0f} MiB")
+    return 1 if totals.get("UNEXPECTED") or crashes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
