@@ -163,7 +163,7 @@ class Moderator:
     def _prepare(self, image: Any) -> _Prepared:
         spec = self.encoder.pixel_spec
         dec = decode(image, limits=self.decode_limits, target_size=spec.size if self.fast_decode else None)
-        pixels = np.stack([prepare_pixels(f, spec) for f in dec.frames])
+        pixels = np.stack([prepare_pixels(f, spec, fast=self.fast_decode) for f in dec.frames])
         return _Prepared(pixels, dec.frame_indices, dec.sha256, dec.source or _source_name(image))
 
     def _try_prepare(self, image: Any) -> _Prepared | DecodeError:
