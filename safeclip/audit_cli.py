@@ -1,0 +1,165 @@
+"""``safeclip audit``, ``safeclip rescore`` and ``safeclip diff``: the batch subcommands.
+
+:func:`register` adds them to the ``safeclip`` parser (``safeclip.cli``). Each handler returns the exit code:
+0 done (per-file failures are rows, not failures), 1 when ``--fail-on`` fired; configuration errors raise
+:class:`~safeclip.errors.SafeclipError`, which the CLI's ``main`` reports with exit code 2, and usage errors exit 2
+through argparse. ``python -m safeclip.audit_cli ...`` runs them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import SafeclipError
+
+__all__ = ["register", "main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False) -> None:
+    if fallback:
+        p.add_argument("--model", help="the encoder that made the embeddings (open_clip architecture, "
+                                       "local-dir:/path or hf-hub:org/repo): loaded only if a prompt of the policy "
+                                       "has no cached embedding")
+        p.add_argument("--pretrained", help="its pretrained tag or local checkpoint path (see --model)")
+    else:
+        p.add_argument("--model", help="open_clip architecture, local-dir:/path or hf-hub:org/repo "
+                                       "(default: $SAFECLIP_MODEL or ViT-B-32)")
+        p.add_argument("--pretrained", help="pretrained tag or local checkpoint path "
+                                            "(default: $SAFECLIP_PRETRAINED or laion2b_s34b_b79k)")
+    p.add_argument("--device", help="cuda, mps, cpu or auto (default)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``audit``, ``rescore`` and ``diff`` to an argparse ``add_subparsers()`` object."""
+    p = subparsers.add_parser(
+        "audit", help="moderate many files into a Parquet table (resumable, cached)",
+        description="Moderate files, folders (walked recursively for image files) and manifests into one Parquet "
+                    "row per input. Re-running the same command after an interruption resumes it; the embedding "
+                    "cache makes re-runs skip the model for every file seen before.")
+    p.add_argument("paths", nargs="*", help="image files and folders")
+    p.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                   help="a text file with one path per line, or a CSV/Parquet file with a 'path' column "
+                        "(repeatable)")
+    p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
+    p.add_argument("--policy", help="shipped policy name or YAML path (default: $SAFECLIP_POLICY or default)")
+    p.add_argument("--cache", metavar="DIR", help="cache folder for embeddings (default: $SAFECLIP_CACHE_DIR or "
+                                                  "~/.cache/safeclip)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--workers", type=_positive_int, help="decode processes (default: one per core)")
+    p.add_argument("--batch-size", type=_positive_int, help="images per model forward")
+    _add_model_args(p)
+    p.add_argument("--fail-on", choices=("flag", "block", "error"),
+                   help="exit 1 if any row reaches this level (flag < block < error: a file that could not be "
+                        "decided counts as worse than a block)")
+    p.add_argument("--save-embeddings", action="store_true",
+                   help="also write each row's embeddings (for `safeclip rescore --embeddings`)")
+    p.add_argument("--part-rows", type=_positive_int, default=2048,
+                   help="rows per committed part file (default 2048); an interrupted run re-scores at most "
+                        "this many rows again, their embeddings already cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_audit)
+
+    p = subparsers.add_parser(
+        "rescore", help="re-decide cached embeddings under a policy, without the model",
+        description="Score cached embeddings under a (new) policy: the rows of a previous audit (--from), the "
+                    "embeddings saved in an audit output (--embeddings), or every image in the cache.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--from", dest="from_audit", metavar="AUDIT.parquet",
+                     help="re-decide the rows of this audit output (embeddings from the cache)")
+    src.add_argument("--embeddings", metavar="AUDIT.parquet",
+                     help="re-decide an audit output written with --save-embeddings (no cache needed)")
+    p.add_argument("--cache", metavar="DIR", help="cache folder (default: $SAFECLIP_CACHE_DIR or ~/.cache/safeclip)")
+    p.add_argument("--encoder-id", help="which embedding space to re-score (default: the source's, or the only one "
+                                        "in the cache)")
+    p.add_argument("--policy", help="shipped policy name or YAML path (default: $SAFECLIP_POLICY or default)")
+    p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
+    _add_model_args(p, fallback=True)
+    p.add_argument("--fail-on", choices=("flag", "block", "error"), help="exit 1 if any row reaches this level")
+    p.set_defaults(func=_cmd_rescore)
+
+    p = subparsers.add_parser(
+        "diff", help="list the inputs whose action differs between two audit outputs",
+        description="Compare two audit/rescore outputs: one line per input whose action changed, with the "
+                    "category whose probability moved most. Always exits 0.")
+    p.add_argument("a", metavar="A.parquet")
+    p.add_argument("b", metavar="B.parquet")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_diff)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+
+    if not args.paths and not args.manifest:
+        raise SafeclipError("audit: give image files or folders, or --manifest FILE")
+    summary = audit(
+        args.paths, out=args.out, manifests=args.manifest, policy=args.policy, model=args.model,
+        pretrained=args.pretrained, device=args.device, cache=args.cache, use_cache=not args.no_cache,
+        workers=args.workers, batch_size=args.batch_size, save_embeddings=args.save_embeddings,
+        part_rows=args.part_rows, progress=False if args.no_progress else None, verbose=True,
+    )
+    return 1 if summary.fails(args.fail_on) else 0
+
+
+def _cmd_rescore(args: argparse.Namespace) -> int:
+    from .audit import rescore
+
+    summary = rescore(
+        out=args.out, policy=args.policy, cache=args.cache, from_audit=args.from_audit, embeddings=args.embeddings,
+        encoder_id=args.encoder_id, model=args.model, pretrained=args.pretrained, device=args.device, verbose=True,
+    )
+    return 1 if summary.fails(args.fail_on) else 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    import json
+
+    from .audit import diff
+
+    table = diff(args.a, args.b)
+    key = (table.schema.metadata or {}).get(b"safeclip.key", b"path").decode()
+    rows = table.to_pylist()
+    if not args.json:
+        print(f"{key}\taction_a\taction_b\tbiggest_change")
+    for r in rows:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        change = "-" if r["category"] is None else (
+            f"{r['category']} {r['p_a']:.3f} -> {r['p_b']:.3f} ({r['delta']:+.3f})")
+        print(f"{r['key']}\t{r['action_a']}\t{r['action_b']}\t{change}")
+    print(f"safeclip diff: {len(rows)} input(s) changed action", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``audit``/``rescore``/``diff`` on their own (as ``safeclip.cli.main`` does once it registers them)."""
+    parser = argparse.ArgumentParser(prog="safeclip", description="Batch audits of image collections.")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SafeclipError as e:
+        msg = str(e).replace("\n", "\n  ")
+        print(f"safeclip: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safeclip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
