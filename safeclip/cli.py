@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Any]:
     """Subcommands that live beside the stage they drive (audit, calibration)."""
-    return []
+    from . import audit_cli
+
+    return [audit_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
