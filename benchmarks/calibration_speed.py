@@ -1,9 +1,12 @@
 """Speed of the calibrate stage and of the numpy path a policy runs on cached embeddings.
 
-    python benchmarks/calibration_speed.py            # all three sections (~1-2 minutes on 2 cores)
+    python benchmarks/calibration_speed.py            # all sections (~2-3 minutes on 2 cores)
     python benchmarks/calibration_speed.py --rows 200000 --sections 2
     python benchmarks/calibration_speed.py --full-cv  # also time train_probe with CV on all 100k rows
 
+0. The library's own path on 1M cached 512-d embeddings under the shipped 7-category ``default`` policy extended
+   with 3 probes and 7 calibrators (pinned JSON artifacts in a temporary folder): ``Scorer.score`` ->
+   ``calibrate`` -> ``decide_codes``, chunked as ``safeclip rescore`` does; embeddings/s and where the time goes.
 1. ``Calibrator.predict_proba`` for a 7-category policy on 1M rows (sigmoid, isotonic, stacked): rows/s.
 2. The whole policy path on 1M cached 512-d float32 embeddings: one matmul against the (512, P) prompt matrix
    (P = 7 x 16 prompts + 4 neutral), the per-category contrast ``logsumexp(pos) - logsumexp(neg)`` (several
@@ -26,8 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safeclip.calibrate import Calibrator, LinearProbe, sigmoid
+from safeclip.calibrate import Calibrator, LinearProbe, calibrate, sigmoid
 from safeclip.calibration import choose_thresholds, fit_calibrator, train_probe
+from safeclip.decide import decide_codes
+from safeclip.policy import load_policy
+from safeclip.score import Scorer
 
 D = 512
 N_CAT = 7
@@ -50,6 +56,98 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def rate(n: int, seconds: float) -> str:
     return f"{n / seconds / 1e6:7.2f} M/s ({seconds * 1e3:8.1f} ms)"
+
+
+# ------------------------------------------------------------------------------------------- 0. library path
+
+
+def _library_policy(folder: Path, rng: np.random.Generator) -> tuple[Scorer, dict[str, Calibrator], object]:
+    """The shipped default policy (random text vectors: speed only) plus probes on 3 categories and calibrators
+    on all 7, fitted on synthetic labels and referenced by sha256 the way ``safeclip calibrate`` writes them."""
+    vecs: dict[str, np.ndarray] = {}
+
+    def texts(ts: list[str]) -> np.ndarray:
+        out = np.stack([vecs.setdefault(t, rng.normal(size=D) + 0.5) for t in ts]).astype(np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    base = load_policy("default")
+    plain = Scorer(base, texts, encoder_id="bench")
+    n = 20_000
+    X = make_unit_rows(rng, n, plain.prompt_matrix.T)
+    prompt = plain.score(X).prompt
+    cats: dict[str, dict] = {}
+    for j, name in enumerate(base.category_names):
+        y = rng.random(n) < sigmoid(3.0 * (prompt[:, j] - np.quantile(prompt[:, j], 0.97)))
+        entry: dict = {}
+        signals: dict[str, np.ndarray] = {"prompt": prompt[:, j]}
+        if j in (0, 2, 5):
+            probe = train_probe(X, y, encoder_id="bench", Cs=(1.0,), cv=2, cv_max_samples=5_000)
+            entry["probe"] = {"path": f"{name}.probe.json", "sha256": probe.save(folder / f"{name}.probe.json")}
+            signals["probe"] = probe.decision_function(X)
+        cal = fit_calibrator(signals, y, "sigmoid", tuple(signals))
+        entry["calibrator"] = {"path": f"{name}.cal.json", "sha256": cal.save(folder / f"{name}.cal.json")}
+        cats[name] = entry
+    import yaml
+
+    (folder / "policy.yaml").write_text(yaml.safe_dump(
+        {"name": "bench", "version": "1", "extends": "default", "categories": cats}))
+    pol = load_policy(folder / "policy.yaml")
+    from safeclip.calibrate import load_calibrators
+
+    return Scorer(pol, texts, encoder_id="bench"), load_calibrators(pol, "bench"), pol
+
+
+def make_unit_rows(rng: np.random.Generator, rows: int, prompts: np.ndarray) -> np.ndarray:
+    """Unit rows near random prompts (cosines ~0.2-0.35, like CLIP images against texts)."""
+    X = np.empty((rows, prompts.shape[1]), np.float32)
+    for a in range(0, rows, 65_536):
+        b = min(a + 65_536, rows)
+        x = rng.standard_normal((b - a, prompts.shape[1]), dtype=np.float32) * np.float32(0.04)
+        x += prompts[rng.integers(0, len(prompts), b - a)] * np.float32(0.3)
+        X[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return X
+
+
+def section_library(rows: int, chunk: int) -> None:
+    import tempfile
+
+    print(f"\n== 0. Library path: Scorer.score -> calibrate -> decide_codes on {rows:,} cached 512-d embeddings ==")
+    rng = np.random.default_rng(4)
+    with tempfile.TemporaryDirectory() as tmp:
+        scorer, cals, pol = _library_policy(Path(tmp), rng)
+    print(f"  policy: {len(pol.categories)} categories, {scorer._fused.shape[0]} fused rows "
+          f"({len(scorer.probes)} probes), {len(cals)} calibrators")
+    X = make_unit_rows(rng, rows, scorer.prompt_matrix.T)
+
+    def run() -> tuple[np.ndarray, dict[str, float]]:
+        acc = dict.fromkeys(("score", "calibrate", "decide"), 0.0)
+        actions = np.empty(rows, np.int8)
+        for a in range(0, rows, chunk):
+            t0 = time.perf_counter()
+            sc = scorer.score(X[a:a + chunk])
+            t1 = time.perf_counter()
+            probs, _ = calibrate(sc, cals)
+            t2 = time.perf_counter()
+            actions[a:a + chunk] = decide_codes(probs, pol).max(axis=1)
+            t3 = time.perf_counter()
+            acc["score"] += t1 - t0
+            acc["calibrate"] += t2 - t1
+            acc["decide"] += t3 - t2
+        return actions, acc
+
+    best, best_acc, acts = float("inf"), {}, None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        acts, acc = run()
+        el = time.perf_counter() - t0
+        if el < best:
+            best, best_acc = el, acc
+    t_mm = best_of(lambda: [scorer._fused @ X[a:a + chunk].T for a in range(0, rows, chunk)], 2)
+    parts = ", ".join(f"{k} {v / best:4.0%}" for k, v in best_acc.items())
+    print(f"  score + calibrate + decide: {rows / best / 1e6:5.2f} M emb/s ({best:5.2f} s)  [{parts}]")
+    print(f"  the matmul alone, same chunks: {rows / t_mm / 1e6:5.2f} M emb/s -> the path runs at "
+          f"{t_mm / best:.0%} of its floor")
+    print(f"  action mix: allow {np.mean(acts == 0):.1%}, flag {np.mean(acts == 1):.1%}, block {np.mean(acts == 2):.1%}")
 
 
 # -------------------------------------------------------------------------------------------- 1. calibrators
@@ -482,13 +580,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--chunk", type=int, default=65_536)
     ap.add_argument("--fit-rows", type=int, default=100_000)
-    ap.add_argument("--sections", default="123")
+    ap.add_argument("--sections", default="0123")
     ap.add_argument("--full-cv", action="store_true")
     a = ap.parse_args()
     import threadpoolctl
 
     print("numpy", np.__version__, "| BLAS:", ", ".join(
         f"{i['internal_api']} {i.get('version', '')} x{i['num_threads']}" for i in threadpoolctl.threadpool_info()))
+    if "0" in a.sections:
+        section_library(a.rows, a.chunk)
     if "1" in a.sections:
         section_calibrators(a.rows)
     if "2" in a.sections:

@@ -7,8 +7,12 @@ For each category two signals can exist:
   softmax mass of the positive prompts, which is the documented fallback probability of an uncalibrated category.
 - ``probe``: a linear probe's logit on the embedding, where the policy names a probe artifact.
 
-A whole batch takes one matrix multiply against all prompt embeddings, one ``exp`` and two small matrix
-multiplies with 0/1 membership matrices (the row maximum cancels in the difference of the two log-sums).
+A batch takes one matrix multiply, one ``exp`` and contiguous block sums. The prompt embeddings (logit scale
+folded in) and the probe weights are stacked into one ``(R, D)`` matrix whose rows are laid out per category,
+``[positives_j, contrasts_j]`` for each j, then the neutral prompts every category shares, then one row per probe.
+``W @ X.T`` gives an ``(R, N)`` block whose per-category sums are sums of contiguous rows, i.e. element-wise vector
+adds over N (the layout ``benchmarks/calibration_speed.py`` found fastest). The column maximum cancels in the
+difference of the two log-sums.
 """
 
 from __future__ import annotations
@@ -94,29 +98,43 @@ class Scorer:
         self.concept_texts: tuple[str, ...] = tuple(text for text, _ in concepts)
         self.prompt_matrix = np.ascontiguousarray(np.stack(vecs).T, dtype=np.float32)  # (D, P)
         self.dim = int(self.prompt_matrix.shape[0])
-        n_p, n_c = len(concepts), len(self.categories)
-        self.pos_members = np.zeros((n_p, n_c), np.float32)
-        self.neg_members = np.zeros((n_p, n_c), np.float32)
-        for j in range(n_c):
-            self.pos_members[pos[j], j] = 1.0
-            self.neg_members[neg[j], j] = 1.0
+        pos = [list(dict.fromkeys(p)) for p in pos]
+        neg = [list(dict.fromkeys(n)) for n in neg]
         self.pos_index = tuple(tuple(p) for p in pos)
+
+        # Row layout of the fused matrix (see the module doc). Neutral concepts shared by every category's negative
+        # side (the same text under the same templates) get one shared block; anything else is repeated per block.
+        shared = [c for c in neg[0] if all(c in n for n in neg[1:])] if neg else []
+        rows: list[int] = []
+        blocks: list[tuple[int, int, int]] = []  # (start of positives, start of negatives, end) per category
+        for p, n in zip(pos, neg):
+            a = len(rows)
+            rows += p
+            b = len(rows)
+            rows += [c for c in n if c not in shared]
+            blocks.append((a, b, len(rows)))
+        self._blocks = tuple(blocks)
+        self._shared = (len(rows), len(rows) + len(shared))
+        rows += shared
+        self._n_prompt_rows = len(rows)
+        fused = [self.prompt_matrix.T[rows] * np.float32(policy.logit_scale)]
 
         self.probes: dict[str, LinearProbe] = {}
         for cat in policy.categories:
             if cat.probe is not None:
                 self.probes[cat.name] = LinearProbe.load(cat.probe.path, cat.probe.sha256, encoder_id=encoder_id)
-        if self.probes:
-            self.probe_coef = np.zeros((self.dim, n_c), np.float32)
-            self.probe_intercept = np.full(n_c, np.nan, np.float32)
-            for name, probe in self.probes.items():
-                j = self.categories.index(name)
-                coef = np.asarray(probe.coef_, np.float32).ravel()
-                if coef.shape[0] != self.dim:
-                    raise EncoderMismatchError(
-                        f"probe for {name!r} has dimension {coef.shape[0]}, embeddings have {self.dim}")
-                self.probe_coef[:, j] = coef
-                self.probe_intercept[j] = float(probe.intercept_)
+        probe_cols, intercepts = [], []
+        for name, probe in self.probes.items():
+            coef = np.asarray(probe.coef_, np.float32).ravel()
+            if coef.shape[0] != self.dim:
+                raise EncoderMismatchError(
+                    f"probe for {name!r} has dimension {coef.shape[0]}, embeddings have {self.dim}")
+            fused.append(coef[None, :])
+            probe_cols.append(self.categories.index(name))
+            intercepts.append(float(probe.intercept_))
+        self._probe_cols = np.asarray(probe_cols, np.intp)
+        self._probe_intercept = np.asarray(intercepts, np.float32)[:, None]
+        self._fused = np.ascontiguousarray(np.concatenate(fused, axis=0), dtype=np.float32)  # (R, D)
 
     def score(self, embeddings: np.ndarray, *, keep_sims: bool = False, encoder_id: str | None = None) -> Scores:
         """Score ``(N, D)`` L2-normalised embeddings. Pass ``encoder_id`` to have the space checked."""
@@ -126,17 +144,26 @@ class Scorer:
         x = np.asarray(embeddings, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise EncoderMismatchError(f"embeddings must be (N, {self.dim}), got {x.shape}")
-        sims = x @ self.prompt_matrix  # (N, P)
-        logits = sims * np.float32(self.policy.logit_scale)
-        logits -= logits.max(axis=1, keepdims=True)
+        n, n_c, r = x.shape[0], len(self.categories), self._n_prompt_rows
+        out = self._fused @ x.T  # (R, N): scaled prompt logits, then probe logits
+        logits = out[:r]
+        logits -= logits.max(axis=0)
         np.exp(logits, out=logits)
-        prompt = np.log(np.maximum(logits @ self.pos_members, _TINY))
-        prompt -= np.log(np.maximum(logits @ self.neg_members, _TINY))
-        if self.probes:
-            probe = x @ self.probe_coef + self.probe_intercept  # NaN intercept marks categories without a probe
-        else:
-            probe = np.full_like(prompt, np.nan)
-        return Scores(self.categories, prompt, probe, self.encoder_id, sims if keep_sims else None)
+        a, b = self._shared
+        shared = logits[a:b].sum(axis=0) if b > a else np.zeros(n, np.float32)
+        prompt_t = np.empty((n_c, n), np.float32)
+        for j, (p0, n0, end) in enumerate(self._blocks):
+            neg = logits[n0:end].sum(axis=0)
+            neg += shared
+            np.log(np.maximum(neg, _TINY), out=neg)
+            np.log(np.maximum(logits[p0:n0].sum(axis=0), _TINY), out=prompt_t[j])
+            prompt_t[j] -= neg
+        prompt = np.ascontiguousarray(prompt_t.T)
+        probe = np.full((n, n_c), np.nan, np.float32)  # NaN in the columns of categories without a probe
+        if len(self._probe_cols):
+            probe[:, self._probe_cols] = (out[r:] + self._probe_intercept).T
+        sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
+        return Scores(self.categories, prompt, probe, self.encoder_id, sims)
 
     def top_prompts(self, sims_row: np.ndarray, j: int, k: int) -> tuple[tuple[str, float], ...]:
         """The ``k`` positive prompts of category ``j`` closest to one image, with their cosine similarity."""

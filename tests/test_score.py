@@ -76,3 +76,51 @@ def test_top_prompts_name_the_matching_prompt(scorer):
 def test_no_probe_means_nan_probe_signal(scorer):
     s = scorer.score(np.eye(512, dtype=np.float32)[:3])
     assert np.isnan(s.probe).all() and s.prompt.dtype == np.float32
+
+
+def test_fused_layout_matches_reference_when_concepts_overlap(tmp_path):
+    """Per-category templates (so neutral concepts are not shared by all) and a text that is one category's
+    positive and another's contrast: the block layout must still give each category exactly its own sets."""
+    (tmp_path / "p.yaml").write_text("""
+name: overlap
+version: "1"
+scoring:
+  logit_scale: 50.0
+  templates: ["a photo of {}."]
+  neutral: ["a landscape", "a car"]
+categories:
+  knives:
+    prompts: ["a kitchen knife", "a dagger"]
+    contrast: ["a spoon"]
+    thresholds: {flag: 0.5, block: 0.9}
+  cutlery:
+    prompts: ["a spoon", "a fork"]
+    contrast: ["a kitchen knife"]
+    templates: ["a drawing of {}.", "a photo of {}."]
+    thresholds: {flag: 0.5, block: 0.9}
+  vehicles:
+    prompts: ["a truck"]
+    contrast: ["a car"]
+    thresholds: {flag: 0.5, block: 0.9}
+""")
+    pol = load_policy(tmp_path / "p.yaml")
+    rng = np.random.default_rng(3)
+    vecs: dict[str, np.ndarray] = {}
+
+    def texts(ts: list[str]) -> np.ndarray:
+        return np.stack([vecs.setdefault(t, unit(rng.normal(size=64))) for t in ts]).astype(np.float32)
+
+    sc = Scorer(pol, texts, encoder_id="x")
+    x = unit(rng.normal(size=(50, 64)) + 2 * sc.prompt_matrix.T[rng.integers(0, len(sc.concept_texts), 50)])
+    s = sc.score(x, keep_sims=True)
+    logits = pol.logit_scale * s.sims.astype(np.float64)
+    for j, cat in enumerate(pol.categories):
+        def own(text: str, cat=cat) -> int:
+            """The concept column of ``text`` under this category's templates (concepts are keyed by both)."""
+            v = texts([tpl.format(text) for tpl in cat.templates]).mean(axis=0)
+            return int(np.argmax(sc.prompt_matrix.T @ (v / np.linalg.norm(v))))
+
+        pos = [own(t) for t in cat.prompts]
+        neg = [own(t) for t in set(cat.contrast) | set(pol.neutral)]
+        ref = np.logaddexp.reduce(logits[:, pos], axis=1) - np.logaddexp.reduce(logits[:, neg], axis=1)
+        np.testing.assert_allclose(s.prompt[:, j], ref, rtol=1e-4, atol=1e-3)
