@@ -10,6 +10,17 @@ them for requests and :func:`audit` for collections; every stage after embed wor
 
 from __future__ import annotations
 
+from .audit import AuditSummary, audit, diff, rescore
+from .calibrate import Calibrator, LinearProbe
+from .calibration import (
+    Report,
+    Thresholds,
+    ThresholdWarning,
+    choose_thresholds,
+    evaluate,
+    fit_calibrator,
+    train_probe,
+)
 from .decide import ACTIONS, CategoryResult, Decision
 from .decode import Decoded, DecodeLimits, decode
 from .embed import Encoder, PromptCache
@@ -34,6 +45,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIONS",
     "ArtifactIntegrityError",
+    "AuditSummary",
+    "Calibrator",
     "Category",
     "CategoryResult",
     "Decision",
@@ -44,21 +57,32 @@ __all__ = [
     "Encoder",
     "EncoderMismatchError",
     "ImageTooLargeError",
+    "LinearProbe",
     "ModelLoadError",
     "Moderator",
     "Policy",
     "PolicyError",
     "PromptCache",
+    "Report",
     "SafeclipError",
     "Scorer",
     "Scores",
+    "ThresholdWarning",
+    "Thresholds",
     "TruncatedImageError",
     "UnsupportedFormatError",
     "__version__",
+    "audit",
     "check",
+    "choose_thresholds",
     "decode",
     "default_moderator",
+    "diff",
+    "evaluate",
+    "fit_calibrator",
     "list_policies",
     "load_policy",
+    "rescore",
     "set_default_moderator",
+    "train_probe",
 ]

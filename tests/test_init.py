@@ -1,0 +1,33 @@
+"""The public surface: one ``__all__``, and importing it (or re-scoring) never loads the model stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import safeclip
+
+
+def test_every_public_name_resolves_and_is_listed_once():
+    assert len(safeclip.__all__) == len(set(safeclip.__all__))
+    for name in safeclip.__all__:
+        assert getattr(safeclip, name) is not None, name
+    assert callable(safeclip.decode) and callable(safeclip.check) and callable(safeclip.audit)
+
+
+def test_import_and_numpy_stages_do_not_load_torch():
+    """Scoring, calibration and decisions run on numpy: importing them must not pull in torch or open_clip."""
+    code = (
+        "import sys, numpy as np, safeclip\n"
+        "from safeclip.score import Scorer\n"
+        "from safeclip.calibration import choose_thresholds\n"
+        "rng = np.random.default_rng(0)\n"
+        "def texts(ts):\n"
+        "    v = rng.normal(size=(len(ts), 16)).astype('float32')\n"
+        "    return v / np.linalg.norm(v, axis=1, keepdims=True)\n"
+        "s = Scorer(safeclip.load_policy('default'), texts, encoder_id='x').score(texts(['a'] * 4))\n"
+        "choose_thresholds(rng.random(200), rng.random(200) < 0.3, block_precision=0.5, flag_recall=0.5)\n"
+        "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
