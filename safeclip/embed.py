@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,35 @@ __all__ = [
 # and laion2b_s34b_b79k is its strongest public checkpoint (66.6% ImageNet zero-shot).
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+# Encoders alive in this process, so that a forked child can repair them (see _after_fork_in_child).
+_live_encoders: weakref.WeakSet[Encoder] = weakref.WeakSet()
+_fork_hook_lock = threading.Lock()
+_fork_hook_installed = False
+
+
+def _after_fork_in_child() -> None:
+    """Make encoders built before ``fork()`` usable in the child (pre-forking servers: gunicorn ``--preload``).
+
+    torch's CPU thread pool (OpenMP) does not survive ``fork()``: once the parent has run an op on several threads,
+    a child that does the same hangs for ever. So the children of a process that built an :class:`Encoder` run
+    torch on one thread (one model replica per worker process is the usual layout anyway), and get fresh locks in
+    case another thread of the parent held one at the moment of the fork.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    for enc in list(_live_encoders):
+        enc._lock = threading.Lock()
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    with _fork_hook_lock:
+        if not _fork_hook_installed and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _fork_hook_installed = True
+
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                    "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -296,6 +326,8 @@ class Encoder:
         std = torch.tensor(self.pixel_spec.std, dtype=torch.float32).view(1, 3, 1, 1)
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (mean / std).to(self.device)
+        _live_encoders.add(self)
+        _install_fork_hook()
 
     def _load(self, torch: Any) -> tuple[Any, Any]:
         import open_clip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class Moderator:
         self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
         self._compiled: dict[tuple[str, str], CompiledPolicy] = {}
         self._compile_lock = threading.Lock()
+        _live_moderators.add(self)
         self.compiled(self.policy)
 
     @property
@@ -240,6 +242,19 @@ class Moderator:
 # ---------------------------------------------------------------------------------------- process default
 _default: Moderator | None = None
 _default_lock = threading.Lock()
+_live_moderators: weakref.WeakSet[Moderator] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Fresh locks in a forked child: a lock held by another thread of the parent at fork time stays held."""
+    global _default_lock
+    _default_lock = threading.Lock()
+    for m in list(_live_moderators):
+        m._compile_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_moderator() -> Moderator:

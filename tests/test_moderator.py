@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -124,5 +125,48 @@ def test_module_check_from_16_threads_equals_sequential(tiny_model, cache_dir, p
         assert len(built) == 1  # the default model loaded once
         for a, b in zip(parallel, sequential):
             assert a.to_dict() == b.to_dict()
+    finally:
+        safeclip.set_default_moderator(None)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_preloaded_default_serves_forked_workers(moderator, photos):
+    """A pre-forking server (gunicorn --preload) loads the model, runs it, then forks workers. torch's OpenMP pool
+    does not survive fork(): without safeclip's at-fork repair a child's first forward hangs for ever."""
+    import json
+    import signal
+    import time
+
+    safeclip.set_default_moderator(moderator)
+    try:
+        expected = safeclip.check(photos[0]).to_dict()  # the parent has run the model on its thread pool
+        children = []
+        for _ in range(2):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                try:
+                    os.close(r)
+                    os.write(w, json.dumps(safeclip.check(photos[0]).to_dict()).encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            children.append((pid, r))
+        deadline = time.monotonic() + 60
+        hung = False
+        for pid, r in children:
+            while not hung and os.waitpid(pid, os.WNOHANG) == (0, 0):
+                hung = time.monotonic() > deadline
+                time.sleep(0.05)
+            if hung:  # reap every child, or a hung one keeps the test run's pipes open for ever
+                for other, _ in children:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                        os.waitpid(other, 0)
+                    except (ProcessLookupError, ChildProcessError):
+                        pass
+                pytest.fail("a forked worker hung in its first forward")
+            with os.fdopen(r, "rb") as f:
+                assert json.loads(f.read()) == expected
     finally:
         safeclip.set_default_moderator(None)
