@@ -226,7 +226,11 @@ class _FastInterp:
         # ~64 cells per knot keeps the share of points in knot-holding cells at a few percent, and the two
         # float64 tables small enough for L2 cache.
         g = int(min(max(64 * m, 4096), 1 << 16))
-        scale = g / (x1 - x0)
+        with np.errstate(over="ignore", divide="ignore"):
+            scale = g / (x1 - x0)
+        if not np.isfinite(scale):  # knots spanning a subnormal range: no grid can resolve them, use np.interp
+            self.m = -1
+            return
         self.g, self.x0, self.scale = g, x0, scale
         vk = (self.xk - x0) * scale  # knots in grid units
         edges = np.arange(g + 1, dtype=np.float64)
@@ -249,6 +253,8 @@ class _FastInterp:
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         z = np.asarray(z, np.float64)
+        if self.m < 0:
+            return np.interp(z, self.xk, self.yk)
         if self.m < 2:
             return np.full(z.shape, self.yk[0] if self.m else 0.5)
         v = np.subtract(z, self.x0)
