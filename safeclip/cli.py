@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Any]:
     """Subcommands that live beside the stage they drive (audit, calibration)."""
-    from . import audit_cli
+    from . import audit_cli, calibration_cli
 
-    return [audit_cli.register]
+    return [audit_cli.register, calibration_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
