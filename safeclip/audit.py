@@ -654,6 +654,13 @@ def _decide(comp: CompiledPolicy, emb: np.ndarray, offsets: np.ndarray) -> tuple
     return (codes.max(axis=1) if codes.shape[1] else np.zeros(len(pick), np.int8)), probs[pick]
 
 
+def _decide_frames(comp: CompiledPolicy, embs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_decide` for a list of per-image ``(F_i, D)`` frame embeddings (the form both engines hold them in)."""
+    offsets = np.zeros(len(embs) + 1, np.int64)
+    np.cumsum([len(e) for e in embs], out=offsets[1:])
+    return _decide(comp, np.concatenate(embs), offsets)
+
+
 class _Rows:
     """A columnar buffer of output rows."""
 
@@ -1006,6 +1013,9 @@ def audit(
     worker_nice: int = 10,
     progress: bool | None = None,
     verbose: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    ray_options: Mapping[str, Any] | None = None,
 ) -> AuditSummary:
     """Moderate every input into ``out`` (Parquet, one row per input, input order); resumable; see the module doc.
 
@@ -1019,6 +1029,9 @@ def audit(
     ``task_timeout``: seconds before a stuck decode worker is killed (default ``6 x decode_limits.timeout_s``).
     ``torch_threads``: the model's intra-op threads (default: every core on CPU), restored afterwards.
     ``verbose``: print the summary to stderr; ``progress``: a progress bar on stderr (default: when it is a TTY).
+    ``engine="ray"`` runs the same decode and embed/score functions on Ray Data (``pip install 'safeclip[ray]'``;
+    ``address``: the cluster, else the running or a new local Ray runtime; ``ray_options``: the keyword arguments
+    of :func:`safeclip.audit_ray.audit_ray`), writing the same ``out``; see :mod:`safeclip.audit_ray`.
 
     Columns: ``path, sha256, bytes, width, height, frames, action, p_<category>..., error, encoder_id, policy``.
     A file that cannot be read or decoded is a row with ``error`` set and ``action`` null. With the ``spawn``/
@@ -1048,6 +1061,19 @@ def audit(
     n_workers = max(1, int(workers)) if workers else min(_cpu_count(), 32)
     if part_rows < 1:
         raise ValueError(f"part_rows must be >= 1, got {part_rows}")
+    if engine not in ("local", "ray"):
+        raise SafeclipError(f"engine must be 'local' or 'ray', not {engine!r}")
+    if engine == "ray":
+        from .audit_ray import audit_ray
+
+        return audit_ray(
+            inputs, out=out, policy=pol, model=model, pretrained=pretrained, device=device, cache_dir=cache_dir,
+            use_cache=use_cache, workers=workers, batch_size=batch_size, encoder=encoder,
+            save_embeddings=save_embeddings, decode_limits=limits, fast_decode=fast_decode, shard_rows=part_rows,
+            task_timeout=task_timeout, torch_threads=torch_threads, progress=progress, verbose=verbose,
+            address=address, t_start=t_start, **dict(ray_options or {}))
+    if address is not None or ray_options:
+        raise SafeclipError("address and ray_options are for engine='ray'")
     hook = os.environ.get(_TEST_HOOK_ENV) or None
 
     timings = dict.fromkeys(("model_load_s", "wait_s", "embed_s", "score_s", "write_s", "read_s", "decode_s",
@@ -1169,10 +1195,7 @@ def audit(
             if not ready:
                 return
             t = time.monotonic()
-            embs = [it.emb for it in ready]
-            offsets = np.zeros(len(embs) + 1, np.int64)
-            np.cumsum([len(e) for e in embs], out=offsets[1:])
-            codes, probs = _decide(comp, np.concatenate(embs), offsets)
+            codes, probs = _decide_frames(comp, [it.emb for it in ready])  # type: ignore[arg-type]
             for k, it in enumerate(ready):
                 rows.add(inputs[it.idx], it.sha, it.nbytes, it.width, it.height, it.n_frames, ACTIONS[codes[k]],
                          probs[k], None, it.emb)

@@ -70,6 +70,13 @@ def register(subparsers: Any) -> None:
                    help="rows per committed part file (default 2048); an interrupted run re-scores at most "
                         "this many rows again, their embeddings already cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: decode processes and the model on this machine (default); ray: the same steps on "
+                        "Ray Data, decode tasks on CPUs and the model in an actor pool on GPUs "
+                        "(pip install 'safeclip[ray]'); --part-rows is then the shard size")
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --engine ray: the Ray cluster to run on ('auto', host:port or ray://host:10001; "
+                        "default: $RAY_ADDRESS, else a local Ray runtime)")
     p.set_defaults(func=_cmd_audit)
 
     p = subparsers.add_parser(
@@ -105,11 +112,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     if not args.paths and not args.manifest:
         raise SafeclipError("audit: give image files or folders, or --manifest FILE")
+    if args.address is not None and args.engine != "ray":
+        raise SafeclipError("audit: --address needs --engine ray")
     summary = audit(
         args.paths, out=args.out, manifests=args.manifest, policy=args.policy, model=args.model,
         pretrained=args.pretrained, device=args.device, cache=args.cache, use_cache=not args.no_cache,
         workers=args.workers, batch_size=args.batch_size, save_embeddings=args.save_embeddings,
         part_rows=args.part_rows, progress=False if args.no_progress else None, verbose=True,
+        engine=args.engine, address=args.address,
     )
     return 1 if summary.fails(args.fail_on) else 0
 
