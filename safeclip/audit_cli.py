@@ -157,18 +157,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``audit``/``rescore``/``diff`` on their own (as ``safeclip.cli.main`` does once it registers them)."""
+    from .cli import run
+
     parser = argparse.ArgumentParser(prog="safeclip", description="Batch audits of image collections.")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except SafeclipError as e:
-        msg = str(e).replace("\n", "\n  ")
-        print(f"safeclip: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("safeclip: interrupted", file=sys.stderr)
-        return 130
+    return run(parser, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

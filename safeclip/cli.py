@@ -133,7 +133,11 @@ def _extensions() -> list[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with ``parser`` and run the chosen subcommand; errors become one line and exit code 2."""
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -18,16 +18,13 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .artifacts import sha256_file
 from .errors import ModelLoadError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 __all__ = [
     "DEFAULT_MODEL",

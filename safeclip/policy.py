@@ -165,7 +165,7 @@ def _merged(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], l
     # Artifact paths are relative to the file that names them: record each file's own directory.
     cats = data.get("categories")
     if isinstance(cats, dict):
-        for cname, cat in cats.items():
+        for cat in cats.values():
             if isinstance(cat, dict):
                 for key in ("probe", "calibrator"):
                     if isinstance(cat.get(key), dict):
