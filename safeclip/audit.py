@@ -849,6 +849,17 @@ class _Parts:
 
 
 # ================================================================================================ audit
+def _release(parts: _Parts | None, db: EmbeddingCache | None, scratch: str | None) -> None:
+    """End of a run, however it ended: unlock the output, checkpoint and close the cache, drop a private cache."""
+    if parts is not None:
+        parts.release()
+    if db is not None:
+        db.checkpoint()
+        db.close()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _warm_pyarrow() -> None:
     with contextlib.suppress(Exception):
         import io
@@ -1305,13 +1316,7 @@ def audit(
             parts, _, db = booting.get("started", (parts, None, db))
         if pool is not None:
             pool.close()
-        if parts is not None:
-            parts.release()
-        if db is not None:
-            db.checkpoint()
-            db.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        _release(parts, db, scratch)
         if torch_prev is not None:
             import torch
 

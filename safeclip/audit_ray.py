@@ -78,6 +78,7 @@ from .audit import (
     _Identity,
     _Parts,
     _process,
+    _release,
     _prompts_also_in,
     _Result,
     _Rows,
@@ -794,15 +795,7 @@ def audit_ray(
         for p in prober:
             with contextlib.suppress(Exception):
                 ray.kill(p)
-        if parts is not None:
-            parts.release()
-        if db is not None:
-            db.checkpoint()
-            db.close()
-        if scratch is not None:
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
+        _release(parts, db, scratch)
         if started:
             ray.shutdown()
 
