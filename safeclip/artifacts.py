@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import ArtifactIntegrityError
 
-__all__ = ["sha256_bytes", "sha256_file", "resolve_artifact_path", "read_pinned_json", "write_json_atomic"]
+__all__ = ["sha256_bytes", "sha256_file", "resolve_artifact_path", "read_pinned_json", "write_bytes_atomic",
+           "write_json_atomic"]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -68,9 +69,13 @@ def read_pinned_json(path: str | os.PathLike[str], sha256: str) -> dict[str, Any
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> str:
     """Write ``obj`` as JSON atomically (tmp file + rename); return the sha256 of the bytes written."""
+    return write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
+    """Write ``data`` atomically (tmp file + rename, so readers never see half a file); return its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

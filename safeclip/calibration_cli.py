@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .artifacts import write_bytes_atomic
 from .errors import EncoderMismatchError, ModelLoadError, SafeclipError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -699,12 +700,6 @@ def _extends_ref(parent: Policy, out_dir: Path) -> str:
         return src.as_posix()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_policy(out_dir: Path, parent: Policy, fits: Sequence[_Fitted], args: argparse.Namespace,
                   data: _Data) -> Path:
     import yaml
@@ -737,7 +732,7 @@ def _write_policy(out_dir: Path, parent: Policy, fits: Sequence[_Fitted], args: 
               "# chosen on held-out rows; a null threshold never fires (the data could not support its target).\n"
               "# See calibration.json and reports/<category>/ in this folder.\n")
     path = out_dir / "policy.yaml"
-    _write_text_atomic(path, header + yaml.safe_dump(doc, sort_keys=False, width=110))
+    write_bytes_atomic(path, (header + yaml.safe_dump(doc, sort_keys=False, width=110)).encode())
     return path
 
 
