@@ -92,3 +92,20 @@ class OrthoTexts:
                 raise ValueError("too many texts for the dimension")
             out[i, k] = 1.0
         return out
+
+
+def assert_same_rows(a, b, *, ignore: tuple[str, ...] = (), atol: float = 1e-6, metadata: bool = False) -> None:
+    """Two audit outputs hold the same rows: equal columns (and schema metadata, if asked), probabilities equal up
+    to ``atol`` (float32 rounding differs with the batch layout, BLAS and engine)."""
+    cols = [c for c in a.column_names if c not in ignore]
+    assert cols == [c for c in b.column_names if c not in ignore]
+    if metadata:
+        assert a.schema.metadata == b.schema.metadata
+    assert a.num_rows == b.num_rows
+    for c in cols:
+        if c.startswith("p_"):
+            x = a.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+            y = b.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+            np.testing.assert_allclose(x, y, rtol=0, atol=atol, equal_nan=True, err_msg=c)
+        else:
+            assert a.column(c).to_pylist() == b.column(c).to_pylist(), c

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_same_rows
 
 from safeclip.audit import AuditSummary, audit, collect_inputs, diff, read_manifest, rescore
 from safeclip.audit_cli import main as cli_main
@@ -73,20 +73,6 @@ def run_audit(paths, out, cache, encoder, **kw) -> AuditSummary:
 
 def read(path) -> pa.Table:
     return pq.read_table(path)
-
-
-def assert_same_rows(a: pa.Table, b: pa.Table, *, ignore: tuple[str, ...] = ()) -> None:
-    """Equal rows; probabilities up to float32 rounding (BLAS may round differently for another batch size)."""
-    cols = [c for c in a.column_names if c not in ignore]
-    assert cols == [c for c in b.column_names if c not in ignore]
-    assert a.num_rows == b.num_rows
-    for c in cols:
-        if c.startswith("p_"):
-            x = a.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-            y = b.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, equal_nan=True, err_msg=c)
-        else:
-            assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
 
 
 # ------------------------------------------------------------------------------------------------ basics

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_same_rows as _assert_same_rows
 
 from safeclip.audit import AuditSummary, audit, diff, rescore
 from safeclip.audit_cli import main as cli_main
@@ -96,16 +97,7 @@ def seeded_cache(src: Path, dst: Path) -> Path:
 
 def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
     """Same columns, metadata and rows; probabilities equal up to float32 rounding of another batch layout."""
-    assert a.column_names == b.column_names
-    assert a.schema.metadata == b.schema.metadata
-    assert a.num_rows == b.num_rows
-    for c in a.column_names:
-        if c.startswith("p_"):
-            x = a.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-            y = b.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, equal_nan=True, err_msg=c)
-        else:
-            assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
+    _assert_same_rows(a, b, atol=1e-5, metadata=True)
 
 
 def committed_paths(parts_dir: Path) -> list[str]:
