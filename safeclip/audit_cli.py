@@ -157,11 +157,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``audit``/``rescore``/``diff`` on their own (as ``safeclip.cli.main`` does once it registers them)."""
-    from .cli import run
+    from .cli import run_standalone
 
-    parser = argparse.ArgumentParser(prog="safeclip", description="Batch audits of image collections.")
-    register(parser.add_subparsers(dest="command", required=True))
-    return run(parser, argv)
+    return run_standalone(register, "Batch audits of image collections.", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

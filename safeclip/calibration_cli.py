@@ -965,11 +965,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # ==================================================================================================== main
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``calibrate``/``eval`` on their own (as ``safeclip.cli.main`` does once it registers them)."""
-    from .cli import run
+    from .cli import run_standalone
 
-    parser = argparse.ArgumentParser(prog="safeclip", description="Calibrate and evaluate moderation policies.")
-    register(parser.add_subparsers(dest="command", required=True))
-    return run(parser, argv)
+    return run_standalone(register, "Calibrate and evaluate moderation policies.", argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -136,6 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
+def run_standalone(register: Any, description: str, argv: Sequence[str] | None = None) -> int:
+    """Run one module's subcommands on their own (``python -m safeclip.audit_cli ...``)."""
+    parser = argparse.ArgumentParser(prog="safeclip", description=description)
+    register(parser.add_subparsers(dest="command", required=True))
+    return run(parser, argv)
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` with ``parser`` and run the chosen subcommand; errors become one line and exit code 2."""
     args = parser.parse_args(argv)
