@@ -44,8 +44,6 @@ DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
 # Encoders alive in this process, so that a forked child can repair them (see _after_fork_in_child).
 _live_encoders: weakref.WeakSet[Encoder] = weakref.WeakSet()
-_fork_hook_lock = threading.Lock()
-_fork_hook_installed = False
 
 
 def _after_fork_in_child() -> None:
@@ -56,19 +54,18 @@ def _after_fork_in_child() -> None:
     torch on one thread (one model replica per worker process is the usual layout anyway), and get fresh locks in
     case another thread of the parent held one at the moment of the fork.
     """
+    encoders = list(_live_encoders)
+    if not encoders:
+        return
     import torch
 
     torch.set_num_threads(1)
-    for enc in list(_live_encoders):
+    for enc in encoders:
         enc._lock = threading.Lock()
 
 
-def _install_fork_hook() -> None:
-    global _fork_hook_installed
-    with _fork_hook_lock:
-        if not _fork_hook_installed and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork_in_child)
-            _fork_hook_installed = True
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -324,7 +321,6 @@ class Encoder:
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (mean / std).to(self.device)
         _live_encoders.add(self)
-        _install_fork_hook()
 
     def _load(self, torch: Any) -> tuple[Any, Any]:
         import open_clip
