@@ -42,7 +42,7 @@ def fresh_cache(base: Path) -> Path:
 
 
 def command(files: list[Path], out: Path, cache: Path, ckpt: Path, engine: str) -> tuple[float, str]:
-    cmd = [sys.executable, "-m", "safeclip.audit_cli", "audit", *map(str, files), "--out", str(out), "--model",
+    cmd = [sys.executable, "-m", "safeclip.cli.audit", "audit", *map(str, files), "--out", str(out), "--model",
            "ViT-B-32", "--pretrained", str(ckpt), "--cache", str(cache), "--device", "cpu", "--no-progress",
            "--engine", engine]
     t = time.perf_counter()

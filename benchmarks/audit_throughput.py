@@ -65,7 +65,7 @@ def audit_command() -> list[str]:
             build_parser().parse_args(["audit", "x", "--out", "y"])
         return [sys.executable, "-m", "safeclip.cli"]
     except SystemExit:
-        return [sys.executable, "-m", "safeclip.audit_cli"]
+        return [sys.executable, "-m", "safeclip.cli.audit"]
 
 
 def run_command(cmd: list[str]) -> tuple[float, str]:

@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safeclip.calibrate import Calibrator, LinearProbe, calibrate, sigmoid
+from safeclip.calibrate import Calibrator, calibrate, sigmoid
+from safeclip.heads import LinearProbe
 from safeclip.calibration import choose_thresholds, fit_calibrator, train_probe
 from safeclip.decide import decide_codes
 from safeclip.policy import load_policy

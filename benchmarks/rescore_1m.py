@@ -82,7 +82,7 @@ def main() -> None:
         subprocess.run(["cat", *map(str, (folder / "embeddings").glob("*.sqlite"))], stdout=subprocess.DEVNULL,
                        check=True)
         out = out_dir / "rescored.parquet"
-        cmd = [sys.executable, "-m", "safeclip.audit_cli", "rescore", "--cache", str(folder), "--encoder-id",
+        cmd = [sys.executable, "-m", "safeclip.cli.audit", "rescore", "--cache", str(folder), "--encoder-id",
                ENCODER_ID, "--policy", args.policy, "--out", str(out)]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)

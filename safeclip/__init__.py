@@ -11,7 +11,7 @@ them for requests and :func:`audit` for collections; every stage after embed wor
 from __future__ import annotations
 
 from .audit import AuditSummary, audit, diff, rescore
-from .calibrate import Calibrator, LinearProbe
+from .calibrate import Calibrator
 from .calibration import (
     Report,
     Thresholds,
@@ -24,6 +24,7 @@ from .calibration import (
 from .decide import ACTIONS, CategoryResult, Decision
 from .decode import Decoded, DecodeLimits, decode
 from .embed import Encoder, PromptCache
+from .heads import LinearProbe
 from .errors import (
     ArtifactIntegrityError,
     DecodeError,

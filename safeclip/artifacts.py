@@ -10,12 +10,20 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from .errors import ArtifactIntegrityError
+import numpy as np
 
-__all__ = ["sha256_bytes", "sha256_file", "resolve_artifact_path", "read_pinned_json", "write_bytes_atomic",
+from ._files import write_bytes_atomic, write_json_atomic
+from .errors import ArtifactIntegrityError, EncoderMismatchError
+
+__all__ = ["ARTIFACT_FORMAT", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
+           "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file", "write_bytes_atomic",
            "write_json_atomic"]
+
+ARTIFACT_FORMAT = 1
+"""The format version every JSON artifact records; a reader refuses any other."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -67,16 +75,55 @@ def read_pinned_json(path: str | os.PathLike[str], sha256: str) -> dict[str, Any
     return obj
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> str:
-    """Write ``obj`` as JSON atomically (tmp file + rename); return the sha256 of the bytes written."""
-    return write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def jsonable(obj: Any) -> Any:
+    """Plain-JSON copy of metadata: numpy scalars/arrays to Python, tuples to lists, NaN/inf to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"metadata value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
-    """Write ``data`` atomically (tmp file + rename, so readers never see half a file); return its sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return sha256_bytes(data)
+def check_artifact(d: Any, kind: str) -> None:
+    if not isinstance(d, Mapping):
+        raise ArtifactIntegrityError(f"a {kind} artifact must be a JSON object")
+    if d.get("kind") != kind:
+        raise ArtifactIntegrityError(f"expected an artifact of kind {kind!r}, got {d.get('kind')!r}")
+    fmt = d.get("format")
+    if fmt != ARTIFACT_FORMAT:
+        raise ArtifactIntegrityError(
+            f"{kind} artifact has format {fmt!r}; this safeclip reads format {ARTIFACT_FORMAT} (upgrade safeclip?)"
+        )
+
+
+def float_list(d: Mapping[str, Any], key: str, kind: str) -> np.ndarray:
+    v = d.get(key)
+    if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a list of numbers")
+    arr = np.asarray(v, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} holds non-finite numbers")
+    return arr
+
+
+def finite_number(d: Mapping[str, Any], key: str, kind: str) -> float:
+    v = d.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a finite number")
+    return float(v)
+
+
+def check_encoder(recorded: str | None, expected: str | None, what: str) -> None:
+    if expected is not None and recorded is not None and recorded != expected:
+        raise EncoderMismatchError(
+            f"{what} was fitted in embedding space {recorded!r}, but this policy runs in {expected!r}; "
+            "refit it for this encoder"
+        )

@@ -1,7 +1,8 @@
 """Calibrate stage: a category's raw signals -> the probability its thresholds apply to.
 
-Two fitted, JSON-serialisable objects (scikit-learn conventions: ``fit`` returns ``self``, fitted attributes end
-in ``_``), both pure numpy at prediction time:
+A :class:`Calibrator` is a fitted, JSON-serialisable object (scikit-learn conventions: ``fit`` returns ``self``,
+fitted attributes end in ``_``), pure numpy at prediction time; fitting it imports scikit-learn lazily, and is what
+:mod:`safeclip.calibration` (the offline side) calls:
 
 - :class:`Calibrator` maps a category's ``(n, k)`` signals (``inputs``, e.g. ``("prompt",)`` or
   ``("prompt", "probe")``) to a probability. ``"sigmoid"`` is Platt scaling: a logistic regression on the k signals
@@ -10,8 +11,8 @@ in ``_``), both pure numpy at prediction time:
   when the calibration set has at least ``AUTO_MIN_SAMPLES`` (1000) rows and ``AUTO_MIN_PER_CLASS`` (100) of each
   class, else sigmoid: below that isotonic's step function overfits, above it its freedom from the logistic
   shape wins.
-- :class:`LinearProbe` is a logistic-regression probe on embeddings (made by
-  :func:`safeclip.calibration.train_probe`); its logit is the ``probe`` signal.
+
+The ``probe`` signal it may take comes from :class:`~safeclip.heads.LinearProbe` (score stage).
 
 Artifacts are JSON written with :func:`~safeclip.artifacts.write_json_atomic` and read back only through
 :func:`~safeclip.artifacts.read_pinned_json` (sha256 pin). Each records the ``encoder_id`` of its embedding space
@@ -29,7 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import read_pinned_json, write_json_atomic
+from ._arrays import as_binary_labels, require_both_classes, sigmoid, sigmoid_inplace
+from .artifacts import (
+    ARTIFACT_FORMAT,
+    check_artifact,
+    check_encoder,
+    finite_number,
+    float_list,
+    jsonable,
+    read_pinned_json,
+    write_json_atomic,
+)
 from .errors import (
     ArtifactIntegrityError,
     EncoderMismatchError,
@@ -44,7 +55,6 @@ __all__ = [
     "KNOWN_SIGNALS",
     "METHODS",
     "Calibrator",
-    "LinearProbe",
     "calibrate",
     "load_calibrators",
     "sigmoid",
@@ -63,53 +73,6 @@ ISOTONIC_EPS = 1e-4
 _PLATT_C = 1e4
 
 _CALIBRATOR_KIND = "safeclip.calibrator"
-_PROBE_KIND = "safeclip.probe"
-_FORMAT = 1
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Logistic function in the dtype of ``z`` (float32 stays float32), without overflow warnings."""
-    z = np.asarray(z)
-    if not np.issubdtype(z.dtype, np.floating):
-        z = z.astype(np.float64)
-    return _sigmoid_inplace(np.negative(z), negated=True)
-
-
-def _sigmoid_inplace(z: np.ndarray, *, negated: bool = False) -> np.ndarray:
-    """``sigmoid(z)`` computed in ``z``'s own buffer (``-z`` already there when ``negated``)."""
-    if not negated:
-        np.negative(z, out=z)
-    with np.errstate(over="ignore"):  # exp(+large) = inf gives exactly 0, which is right
-        np.exp(z, out=z)
-    z += 1
-    np.reciprocal(z, out=z)
-    return z
-
-
-# --------------------------------------------------------------------------------------------------- validation
-
-
-def _as_binary_labels(y: Any, n: int | None = None, *, name: str = "y") -> np.ndarray:
-    arr = np.asarray(y)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if n is not None and arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} labels for {n} rows")
-    if arr.dtype == bool:
-        return arr.astype(np.int8)
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} must hold 0/1 or booleans, got dtype {arr.dtype}")
-    if arr.size and not np.all((arr == 0) | (arr == 1)):
-        raise ValueError(f"{name} must hold only 0 and 1 (positive = 1)")
-    return arr.astype(np.int8)
-
-
-def _require_both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
-    n_pos = int(y.sum())
-    n_neg = int(y.shape[0] - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"{what} needs both classes; got {n_pos} positives and {n_neg} negatives")
-    return n_pos, n_neg
 
 
 def _as_signals(signals: Any, k: int, *, keep_float32: bool) -> np.ndarray:
@@ -146,63 +109,6 @@ def _check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"inputs repeat a signal: {list(out)}")
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain-JSON copy of metadata: numpy scalars/arrays to Python, tuples to lists, NaN/inf to None."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"metadata value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
-
-
-def _check_artifact(d: Any, kind: str) -> None:
-    if not isinstance(d, Mapping):
-        raise ArtifactIntegrityError(f"a {kind} artifact must be a JSON object")
-    if d.get("kind") != kind:
-        raise ArtifactIntegrityError(f"expected an artifact of kind {kind!r}, got {d.get('kind')!r}")
-    fmt = d.get("format")
-    if fmt != _FORMAT:
-        raise ArtifactIntegrityError(
-            f"{kind} artifact has format {fmt!r}; this safeclip reads format {_FORMAT} (upgrade safeclip?)"
-        )
-
-
-def _float_list(d: Mapping[str, Any], key: str, kind: str) -> np.ndarray:
-    v = d.get(key)
-    if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a list of numbers")
-    arr = np.asarray(v, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} holds non-finite numbers")
-    return arr
-
-
-def _number(d: Mapping[str, Any], key: str, kind: str) -> float:
-    v = d.get(key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
-        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a finite number")
-    return float(v)
-
-
-def _check_encoder(recorded: str | None, expected: str | None, what: str) -> None:
-    if expected is not None and recorded is not None and recorded != expected:
-        raise EncoderMismatchError(
-            f"{what} was fitted in embedding space {recorded!r}, but this policy runs in {expected!r}; "
-            "refit it for this encoder"
-        )
-
-
-# --------------------------------------------------------------------------------------------- isotonic lookup
 
 
 class _FastInterp:
@@ -315,7 +221,7 @@ class Calibrator:
         self.method = method
         self.inputs = _check_inputs(inputs)
         self.encoder_id = encoder_id
-        self.metadata: dict[str, Any] = _jsonable(dict(metadata or {}))
+        self.metadata: dict[str, Any] = jsonable(dict(metadata or {}))
 
     def __repr__(self) -> str:
         fitted = f", method_={self.method_!r}, n_samples_={self.n_samples_}" if self._fitted() else ""
@@ -340,8 +246,8 @@ class Calibrator:
         k = len(self.inputs)
         s = _as_signals(signals, k, keep_float32=False)
         n = s.shape[0]
-        yy = _as_binary_labels(y, n)
-        n_pos, _ = _require_both_classes(yy, "calibration")
+        yy = as_binary_labels(y, n)
+        n_pos, _ = require_both_classes(yy, "calibration")
         sw = None
         if sample_weight is not None:
             sw = np.asarray(sample_weight, np.float64)
@@ -411,7 +317,7 @@ class Calibrator:
         """``(n,)`` probability of the positive class; float32 for float32 signals, else float64."""
         z = self.decision_function(signals)
         if self._interp is None:
-            return _sigmoid_inplace(z)  # z is a fresh array
+            return sigmoid_inplace(z)  # z is a fresh array
         p = self._interp(z)
         in32 = np.asarray(signals).dtype == np.float32
         return p.astype(np.float32) if in32 else p
@@ -425,7 +331,7 @@ class Calibrator:
         iso = self.method_ == "isotonic"
         return {
             "kind": _CALIBRATOR_KIND,
-            "format": _FORMAT,
+            "format": ARTIFACT_FORMAT,
             "method": self.method,
             "method_": self.method_,
             "inputs": list(self.inputs),
@@ -436,13 +342,13 @@ class Calibrator:
             "y_thresholds": [float(v) for v in self.y_thresholds_] if iso else None,
             "n_samples": self.n_samples_,
             "n_pos": self.n_pos_,
-            "metadata": _jsonable(self.metadata),
+            "metadata": jsonable(self.metadata),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibrator:
         """Rebuild from :meth:`to_dict`; a malformed dict raises :class:`ArtifactIntegrityError`."""
-        _check_artifact(d, _CALIBRATOR_KIND)
+        check_artifact(d, _CALIBRATOR_KIND)
         kind = "calibrator"
         method_ = d.get("method_")
         if method_ not in ("sigmoid", "isotonic"):
@@ -461,15 +367,15 @@ class Calibrator:
             self = cls(method, inputs, encoder_id=enc, metadata=meta)
         except (ValueError, TypeError) as e:
             raise ArtifactIntegrityError(f"{kind} artifact: {e}") from e
-        coef = _float_list(d, "coef", kind)
+        coef = float_list(d, "coef", kind)
         if coef.shape != (len(self.inputs),):
             raise ArtifactIntegrityError(f"{kind} artifact: {coef.size} coefficients for {len(self.inputs)} inputs")
         self.coef_ = coef
-        self.intercept_ = _number(d, "intercept", kind)
+        self.intercept_ = finite_number(d, "intercept", kind)
         self.x_thresholds_ = self.y_thresholds_ = None
         if method_ == "isotonic":
-            xt = _float_list(d, "x_thresholds", kind)
-            yt = _float_list(d, "y_thresholds", kind)
+            xt = float_list(d, "x_thresholds", kind)
+            yt = float_list(d, "y_thresholds", kind)
             if xt.shape != yt.shape or xt.size == 0:
                 raise ArtifactIntegrityError(f"{kind} artifact: x/y thresholds must be non-empty and equally long")
             if np.any(np.diff(xt) <= 0) or np.any(np.diff(yt) < 0) or yt[0] < 0 or yt[-1] > 1:
@@ -494,112 +400,8 @@ class Calibrator:
     def load(cls, path: str | os.PathLike[str], sha256: str, encoder_id: str | None = None) -> Calibrator:
         """Load a pinned artifact; :class:`EncoderMismatchError` if it records another ``encoder_id``."""
         cal = cls.from_dict(read_pinned_json(path, sha256))
-        _check_encoder(cal.encoder_id, encoder_id, f"calibrator {os.fspath(path)!r}")
+        check_encoder(cal.encoder_id, encoder_id, f"calibrator {os.fspath(path)!r}")
         return cal
-
-
-# -------------------------------------------------------------------------------------------------- LinearProbe
-
-
-class LinearProbe:
-    """A linear probe on embeddings: ``logit = X @ coef_ + intercept_`` in float32.
-
-    Made by :func:`safeclip.calibration.train_probe`. ``metadata`` records how (data hash, C, CV metrics, class
-    balance). Trained with class weights its ``predict_proba`` assumes balanced classes: calibrate its logit
-    (a :class:`Calibrator` with ``inputs=("probe",)`` or ``("prompt", "probe")``) before applying thresholds.
-    """
-
-    def __init__(
-        self,
-        coef: np.ndarray,
-        intercept: float,
-        *,
-        encoder_id: str,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        if not isinstance(encoder_id, str) or not encoder_id:
-            raise ValueError("a LinearProbe needs the encoder_id of its embedding space")
-        coef_ = np.ascontiguousarray(np.asarray(coef, np.float32).ravel())
-        if coef_.size == 0 or not np.isfinite(coef_).all() or not np.isfinite(intercept):
-            raise ValueError("probe coefficients and intercept must be finite and non-empty")
-        self.coef_ = coef_
-        self.intercept_ = float(intercept)
-        self.encoder_id = encoder_id
-        self.dim = int(coef_.shape[0])
-        self.metadata: dict[str, Any] = _jsonable(dict(metadata or {}))
-
-    def __repr__(self) -> str:
-        return f"LinearProbe(dim={self.dim}, encoder_id={self.encoder_id!r})"
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """``(n,)`` float32 logits for ``(n, dim)`` embeddings (a single ``(dim,)`` row is accepted)."""
-        x = np.asarray(X, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise EncoderMismatchError(
-                f"embeddings of shape {np.shape(X)} do not match this probe's dimension {self.dim} "
-                f"(encoder {self.encoder_id!r})"
-            )
-        z = x @ self.coef_
-        z += np.float32(self.intercept_)
-        return z
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """``sigmoid(decision_function(X))`` (balanced-prior probability when trained with class weights)."""
-        return sigmoid(self.decision_function(X))
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (``"kind": "safeclip.probe", "format": 1``)."""
-        return {
-            "kind": _PROBE_KIND,
-            "format": _FORMAT,
-            "encoder_id": self.encoder_id,
-            "dim": self.dim,
-            # float32 -> Python float is exact, and JSON floats round-trip exactly.
-            "coef": [float(c) for c in self.coef_],
-            "intercept": self.intercept_,
-            "metadata": _jsonable(self.metadata),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LinearProbe:
-        """Rebuild from :meth:`to_dict`; a malformed dict raises :class:`ArtifactIntegrityError`."""
-        _check_artifact(d, _PROBE_KIND)
-        enc = d.get("encoder_id")
-        if not isinstance(enc, str) or not enc:
-            raise ArtifactIntegrityError("probe artifact: 'encoder_id' must be a non-empty string")
-        dim = d.get("dim")
-        coef = _float_list(d, "coef", "probe")
-        if not isinstance(dim, int) or isinstance(dim, bool) or coef.shape != (dim,) or dim < 1:
-            raise ArtifactIntegrityError(f"probe artifact: 'dim' {dim!r} does not match {coef.size} coefficients")
-        meta = d.get("metadata", {})
-        if not isinstance(meta, dict):
-            raise ArtifactIntegrityError("probe artifact: 'metadata' must be an object")
-        return cls(coef, _number(d, "intercept", "probe"), encoder_id=enc, metadata=meta)
-
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the JSON artifact atomically; returns its sha256."""
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        sha256: str,
-        encoder_id: str | None = None,
-        *,
-        dim: int | None = None,
-    ) -> LinearProbe:
-        """Load a pinned artifact; :class:`EncoderMismatchError` on another ``encoder_id`` or ``dim``."""
-        probe = cls.from_dict(read_pinned_json(path, sha256))
-        _check_encoder(probe.encoder_id, encoder_id, f"probe {os.fspath(path)!r}")
-        if dim is not None and probe.dim != dim:
-            raise EncoderMismatchError(f"probe {os.fspath(path)!r} has dimension {probe.dim}, embeddings have {dim}")
-        return probe
-
-
-# ------------------------------------------------------------------------------------------- runtime functions
 
 
 def load_calibrators(policy: Any, encoder_id: str | None) -> dict[str, Calibrator]:

@@ -34,10 +34,15 @@ from .errors import (
     UnsupportedFormatError,
 )
 
-__all__ = ["ALLOWED_FORMATS", "DecodeLimits", "Decoded", "decode", "read_source"]
+__all__ = ["ALLOWED_FORMATS", "DECODER_VERSION", "DecodeLimits", "Decoded", "decode", "read_source"]
 
 Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, memoryview, Any]
 """What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
+
+
+DECODER_VERSION = 1
+"""Bump when decoding can give other pixels or other errors for the same bytes (limits, mode handling, sampling).
+Cached decode failures record it with Pillow's version and the limits, so a bump re-decodes them."""
 
 
 def _allowed_formats() -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from .errors import ModelLoadError
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PRETRAINED",
+    "IDENTITY_VERSION",
     "Encoder",
     "PixelSpec",
     "PromptCache",
@@ -41,6 +42,10 @@ __all__ = [
 # and laion2b_s34b_b79k is its strongest public checkpoint (66.6% ImageNet zero-shot).
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+IDENTITY_VERSION = 1
+"""Bump when the way an ``encoder_id`` is derived from (model, weights, preprocessing) changes: audits remember the
+identity of a loaded encoder by its arguments and this version, so a bump makes them load the model to learn it."""
 
 # Encoders alive in this process, so that a forked child can repair them (see _after_fork_in_child).
 _live_encoders: weakref.WeakSet[Encoder] = weakref.WeakSet()

@@ -5,6 +5,16 @@
     ├── ModelLoadError          weights could not be loaded (what was tried, how to point at a local file)
     ├── EncoderMismatchError    embeddings / artifacts from another embedding space
     ├── ArtifactIntegrityError  an artifact's sha256 does not match its pin, or it escapes its directory
+    ├── CacheError              an embedding or prompt cache cannot be opened, read or written
+    ├── DataError               labelled data or an audit/rescore table is malformed (file, row, column named)
+    ├── AuditError              an audit cannot start or finish
+    │   ├── NoInputsError           nothing to audit
+    │   ├── ManifestError           a manifest cannot be read or has no path column
+    │   ├── OutputError             the output cannot be written where it was asked for
+    │   └── AuditLockedError        another audit is writing the same output
+    ├── EngineError             an audit engine failed as a whole
+    │   ├── EngineUnavailableError  the engine is not installed or its cluster cannot be reached
+    │   └── EngineStalledError      the engine made no progress within its stall timeout
     └── DecodeError             an input could not be turned into pixels
         ├── UnsupportedFormatError  not an allowed image format
         ├── ImageTooLargeError      byte / pixel / frame limits (decompression bombs)
@@ -20,6 +30,16 @@ __all__ = [
     "ModelLoadError",
     "EncoderMismatchError",
     "ArtifactIntegrityError",
+    "CacheError",
+    "DataError",
+    "AuditError",
+    "NoInputsError",
+    "ManifestError",
+    "OutputError",
+    "AuditLockedError",
+    "EngineError",
+    "EngineUnavailableError",
+    "EngineStalledError",
     "DecodeError",
     "UnsupportedFormatError",
     "ImageTooLargeError",
@@ -52,6 +72,46 @@ class EncoderMismatchError(SafeclipError, ValueError):
 
 class ArtifactIntegrityError(SafeclipError):
     """An artifact's sha256 does not match the pin in its policy, or its path is not allowed."""
+
+
+class CacheError(SafeclipError):
+    """An embedding or prompt cache cannot be opened, read or written (corrupt, read-only, disk full)."""
+
+
+class DataError(SafeclipError, ValueError):
+    """Input data (labelled rows, an audit or rescore table, embeddings) is malformed; the message names where."""
+
+
+class AuditError(SafeclipError):
+    """An audit cannot start or finish."""
+
+
+class NoInputsError(AuditError, ValueError):
+    """The audit was given nothing to audit."""
+
+
+class ManifestError(AuditError, ValueError):
+    """A manifest cannot be read, or holds no ``path`` column."""
+
+
+class OutputError(AuditError):
+    """The output cannot be written where it was asked for (a folder, unwritable, or not ours to replace)."""
+
+
+class AuditLockedError(AuditError):
+    """Another audit holds the lock on the same output."""
+
+
+class EngineError(SafeclipError):
+    """An audit engine failed as a whole (a file's failure is an error row, never this)."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not installed, too old, or its cluster cannot be reached."""
+
+
+class EngineStalledError(EngineError):
+    """The engine made no progress within its stall timeout."""
 
 
 class DecodeError(SafeclipError, ValueError):

@@ -17,35 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import calibrate, load_calibrators
+from ._compiled import CompiledPolicy
 from .decide import Decision, build_decision, decide_codes, error_decision
 from .decode import DecodeLimits, decode
 from .embed import Encoder, prepare_pixels
 from .errors import DecodeError
 from .policy import Policy, load_policy
-from .score import Scorer, Scores
+from .score import Scores
 
-__all__ = ["Moderator", "check", "default_moderator", "set_default_moderator", "CompiledPolicy"]
+__all__ = ["Moderator", "check", "default_moderator", "set_default_moderator"]
 
 _ON_ERROR = ("raise", "flag", "block")
-
-
-@dataclass(frozen=True)
-class CompiledPolicy:
-    """A policy bound to one embedding space: its scorer (prompts, probes) and calibrators."""
-
-    policy: Policy
-    scorer: Scorer
-    calibrators: dict[str, Any]
-
-    @classmethod
-    def build(cls, policy: Policy, embed_texts: Any, encoder_id: str) -> CompiledPolicy:
-        """Compile ``policy`` with prompt embeddings from ``embed_texts`` (an Encoder's, or a PromptCache's ``get``)."""
-        return cls(policy, Scorer(policy, embed_texts, encoder_id=encoder_id), load_calibrators(policy, encoder_id))
-
-    def probabilities(self, scores: Scores) -> tuple[np.ndarray, np.ndarray]:
-        """``(N, C)`` probabilities and the ``(C,)`` mask of calibrated categories."""
-        return calibrate(scores, self.calibrators)
 
 
 @dataclass(frozen=True)

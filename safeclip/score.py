@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import LinearProbe
+from .heads import LinearProbe
 from .errors import EncoderMismatchError
 from .policy import Policy
 

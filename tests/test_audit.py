@@ -22,7 +22,7 @@ import pytest
 from conftest import assert_same_rows
 
 from safeclip.audit import AuditSummary, audit, collect_inputs, diff, read_manifest, rescore
-from safeclip.audit_cli import main as cli_main
+from safeclip.cli.audit import main as cli_main
 from safeclip.cache import EmbeddingCache
 from safeclip.errors import ModelLoadError, SafeclipError
 
@@ -217,7 +217,7 @@ def test_kill_9_mid_run_then_rerun_gives_every_input_once_without_recomputing(sa
     inputs = list(dict.fromkeys(inputs))
     out, cache = tmp_path / "r.parquet", tmp_path / "cache"
     parts_dir = tmp_path / "r.parquet.parts"
-    cmd = [sys.executable, "-m", "safeclip.audit_cli", "audit", *inputs, "--out", str(out), "--model", tiny_model,
+    cmd = [sys.executable, "-m", "safeclip.cli.audit", "audit", *inputs, "--out", str(out), "--model", tiny_model,
            "--cache", str(cache), "--workers", "1", "--batch-size", "2", "--part-rows", "2", "--no-progress"]
     env = dict(os.environ, **{HOOK: json.dumps({"delay": 0.15})})  # slow decoding down: the kill lands mid-run
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

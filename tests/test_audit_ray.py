@@ -24,7 +24,7 @@ import pytest
 from conftest import assert_same_rows as _assert_same_rows
 
 from safeclip.audit import AuditSummary, audit, diff, rescore
-from safeclip.audit_cli import main as cli_main
+from safeclip.cli.audit import main as cli_main
 from safeclip.cache import EmbeddingCache
 from safeclip.errors import SafeclipError
 
@@ -169,7 +169,7 @@ def test_resume_after_the_driver_dies_skips_committed_shards(parity, files, tiny
     out, cache = tmp_path / "r.parquet", seeded_cache(d / "ray-cache", tmp_path / "cache")
     parts_dir = tmp_path / "r.parquet.parts"
     address = ray_runtime.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "safeclip.audit_cli", "audit", *inputs, "--out", str(out), "--model", tiny_model,
+    cmd = [sys.executable, "-m", "safeclip.cli.audit", "audit", *inputs, "--out", str(out), "--model", tiny_model,
            "--device", "cpu", "--cache", str(cache), "--engine", "ray", "--address", address, "--part-rows", "2",
            "--batch-size", "2", "--no-progress"]
     env = dict(os.environ, **{HOOK: json.dumps({"driver_exit_after_shards": 2})})
@@ -277,7 +277,7 @@ def test_cli_with_a_stale_encoder_memo(parity, files, tiny_model, tmp_path, caps
 
 
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch, tmp_path):
-    from safeclip import audit_ray
+    from safeclip.audit import ray as audit_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(SafeclipError, match=r"pip install 'safeclip\[ray\]'"):

@@ -21,12 +21,12 @@ from safeclip.artifacts import sha256_file
 from safeclip.calibrate import (
     ISOTONIC_EPS,
     Calibrator,
-    LinearProbe,
     _FastInterp,
     calibrate,
     load_calibrators,
     sigmoid,
 )
+from safeclip.heads import LinearProbe
 from safeclip.errors import (
     ArtifactIntegrityError,
     EncoderMismatchError,
@@ -289,8 +289,9 @@ def test_probe_roundtrip_and_checks(tmp_path: Path) -> None:
 
 
 def test_no_pickle_in_stage() -> None:
-    src = (Path(__file__).resolve().parents[1] / "safeclip" / "calibrate.py").read_text()
-    src += (Path(__file__).resolve().parents[1] / "safeclip" / "calibration.py").read_text()
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "safeclip" / "calibrate.py", root / "safeclip" / "heads.py", *(root / "calibration").rglob("*.py")]
+    src = "".join(f.read_text() for f in files)
     assert "pickle" not in src and "joblib" not in src and "np.load" not in src
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from safeclip.calibrate import LinearProbe, sigmoid
+from safeclip.calibrate import sigmoid
+from safeclip.heads import LinearProbe
 from safeclip.calibration import (
     Report,
     Thresholds,

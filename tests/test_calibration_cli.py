@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from safeclip import Moderator, load_policy
 from safeclip.artifacts import sha256_file
 from safeclip.cache import EmbeddingCache
-from safeclip.calibration_cli import _split
+from safeclip.cli.calibration import _split
 from safeclip.cli import main
 from safeclip.errors import ArtifactIntegrityError
 
@@ -197,7 +197,8 @@ def test_calibrated_policy_loads_pins_verify_and_decides_calibrated(calibrated, 
 def test_roles_are_disjoint_and_each_model_saw_only_its_rows(calibrated, train_file, tiny_encoder) -> None:
     """From ``split.parquet``: the probe trained on the probe rows (its data hash), the calibrator was fitted on the
     calibrator rows (refitting there gives its coefficients), thresholds and report come from the held-out rows."""
-    from safeclip.calibrate import Calibrator, LinearProbe
+    from safeclip.calibrate import Calibrator
+    from safeclip.heads import LinearProbe
 
     out = calibrated["out"]
     table = pq.read_table(train_file)
@@ -463,7 +464,7 @@ def test_split_is_stratified_grouped_disjoint_and_seeded() -> None:
 
 
 def test_module_imports_no_torch() -> None:
-    code = ("import sys, safeclip.cli, safeclip.calibration_cli; "
+    code = ("import sys, safeclip.cli, safeclip.cli.calibration; "
             "print(sorted(m for m in ('torch', 'open_clip', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

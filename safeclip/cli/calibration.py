@@ -1,6 +1,6 @@
 """``safeclip calibrate`` and ``safeclip eval``: fit a policy's calibration on labelled data, and measure a policy.
 
-:func:`register` adds both to the ``safeclip`` parser (``safeclip.cli``); ``python -m safeclip.calibration_cli``
+:func:`register` adds both to the ``safeclip`` parser (``safeclip.cli``); ``python -m safeclip.cli.calibration``
 runs them on their own. Handlers return the exit code (0); configuration and data errors raise
 :class:`~safeclip.errors.SafeclipError`, which ``main`` reports on one line with exit code 2, and usage errors exit 2
 through argparse.
@@ -76,15 +76,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .artifacts import write_bytes_atomic
-from .errors import EncoderMismatchError, ModelLoadError, SafeclipError
+from ..artifacts import write_bytes_atomic
+from ..errors import EncoderMismatchError, ModelLoadError, SafeclipError
+from ._options import add_policy_arg, run_standalone
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .calibrate import Calibrator, LinearProbe
-    from .calibration import Report, Thresholds
-    from .embed import Encoder
-    from .moderator import CompiledPolicy
-    from .policy import Policy
+    from ..calibrate import Calibrator
+    from ..heads import LinearProbe
+    from ..calibration import Report, Thresholds
+    from ..embed import Encoder
+    from .._compiled import CompiledPolicy
+    from ..policy import Policy
 
 __all__ = ["main", "register"]
 
@@ -121,7 +123,7 @@ def _target(text: str) -> float | None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", help="shipped policy name or YAML path (default: $SAFECLIP_POLICY or default)")
+    add_policy_arg(p)
     p.add_argument("--data", required=True, metavar="LABELED",
                    help="Parquet or CSV file: an 'embedding' or a 'path' column, and labels (see --label-column)")
     p.add_argument("--category", action="append", metavar="C",
@@ -149,7 +151,7 @@ def register(subparsers: Any) -> None:
         description="For each --category: score the labelled images under --policy, optionally train a linear "
                     "probe, fit a calibrator, choose flag/block thresholds for the targets on held-out rows, and "
                     "write the artifacts, reports and DIR/policy.yaml (which extends --policy). See `pydoc "
-                    "safeclip.calibration_cli` for the data format and the split.")
+                    "safeclip.cli.calibration` for the data format and the split.")
     _add_data_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (policy.yaml, artifacts, reports)")
     p.add_argument("--block-precision", type=_target, default=0.95, metavar="P",
@@ -412,13 +414,13 @@ class _Data:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    from .embed import default_cache_dir
+    from ..embed import default_cache_dir
 
     return Path(args.cache) if args.cache else default_cache_dir()
 
 
 def _load_encoder(args: argparse.Namespace) -> Encoder:
-    from .embed import Encoder
+    from ..embed import Encoder
 
     return Encoder(args.model, args.pretrained, device=args.device, cache_dir=_cache_dir(args))
 
@@ -429,7 +431,7 @@ def _prompt_source(encoder_id: str, args: argparse.Namespace, encoder: Encoder |
     and only when ``--model``/``--pretrained`` name it."""
     if encoder is not None:
         return encoder.embed_texts
-    from .embed import PromptCache
+    from ..embed import PromptCache
 
     prompts = PromptCache(encoder_id, _cache_dir(args))
     holder: dict[str, Encoder] = {}
@@ -463,7 +465,7 @@ def _embed_paths(t: _Table, policy: Policy, encoder: Encoder, cache_dir: Path, p
     """
     import pyarrow.parquet as pq
 
-    from .audit import audit
+    from ..audit import audit
 
     base = t.source.resolve().parent
     raw = t.values(PATH_COLUMN)
@@ -499,7 +501,7 @@ def _embed_paths(t: _Table, policy: Policy, encoder: Encoder, cache_dir: Path, p
 
 def _load_data(args: argparse.Namespace, policy: Policy, t: _Table, categories: Sequence[str], prog: str) -> _Data:
     """Embed (when needed) and label the data; compile ``policy`` for its embedding space."""
-    from .moderator import CompiledPolicy
+    from .._compiled import CompiledPolicy
 
     if t.n == 0:
         raise SafeclipError(f"{t.source}: no rows")
@@ -590,7 +592,7 @@ def _counts(y: np.ndarray) -> dict[str, int]:
 def _fit_category(cat: str, data: _Data, prompt_all: np.ndarray, args: argparse.Namespace, prog: str) -> _Fitted:
     from sklearn.metrics import roc_auc_score
 
-    from .calibration import (
+    from ..calibration import (
         ThresholdWarning,
         choose_thresholds,
         evaluate,
@@ -689,7 +691,7 @@ def _write_split(path: Path, f: _Fitted, data: _Data) -> None:
 
 def _extends_ref(parent: Policy, out_dir: Path) -> str:
     """How ``out_dir/policy.yaml`` names its parent: a shipped name, else a path relative to ``out_dir``."""
-    from .policy import builtin_policy_dir
+    from ..policy import builtin_policy_dir
 
     src = Path(parent.source or "").resolve()
     if src.parent == builtin_policy_dir().resolve():
@@ -738,8 +740,8 @@ def _write_policy(out_dir: Path, parent: Policy, fits: Sequence[_Fitted], args: 
 
 def _verify(path: Path, data: _Data, fits: Sequence[_Fitted]) -> str:
     """Reload the written policy and check it reproduces the held-out probabilities, calibrated."""
-    from .moderator import CompiledPolicy
-    from .policy import load_policy
+    from .._compiled import CompiledPolicy
+    from ..policy import load_policy
 
     pol = load_policy(path)
     comp = CompiledPolicy.build(pol, data.embed_texts, data.encoder_id)
@@ -777,8 +779,8 @@ def _fmt_threshold(kind: str, f: _Fitted, confidence: float) -> str:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .artifacts import sha256_file, write_json_atomic
-    from .policy import load_policy
+    from ..artifacts import sha256_file, write_json_atomic
+    from ..policy import load_policy
 
     prog = "safeclip calibrate"
     if not args.category:
@@ -894,13 +896,13 @@ def _plain(v: Any) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .calibration import (
+    from ..calibration import (
         Thresholds,
         evaluate,
         precision_lower_bound,
         recall_lower_bound,
     )
-    from .policy import load_policy
+    from ..policy import load_policy
 
     prog = "safeclip eval"
     policy = load_policy(args.policy)
@@ -965,8 +967,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # ==================================================================================================== main
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``calibrate``/``eval`` on their own (as ``safeclip.cli.main`` does once it registers them)."""
-    from .cli import run_standalone
-
     return run_standalone(register, "Calibrate and evaluate moderation policies.", argv)
 
 

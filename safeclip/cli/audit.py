@@ -1,9 +1,9 @@
 """``safeclip audit``, ``safeclip rescore`` and ``safeclip diff``: the batch subcommands.
 
-:func:`register` adds them to the ``safeclip`` parser (``safeclip.cli``). Each handler returns the exit code:
+:func:`register` adds them to the ``safeclip`` parser (:mod:`safeclip.cli`). Each handler returns the exit code:
 0 done (per-file failures are rows, not failures), 1 when ``--fail-on`` fired; configuration errors raise
 :class:`~safeclip.errors.SafeclipError`, which the CLI's ``main`` reports with exit code 2, and usage errors exit 2
-through argparse. ``python -m safeclip.audit_cli ...`` runs them on their own.
+through argparse. ``python -m safeclip.cli.audit ...`` runs them on their own.
 """
 
 from __future__ import annotations
@@ -13,33 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import SafeclipError
+from ..errors import SafeclipError
+from ._options import add_model_args, add_policy_arg, positive_int, run_standalone
 
 __all__ = ["register", "main"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False) -> None:
-    if fallback:
-        p.add_argument("--model", help="the encoder that made the embeddings (open_clip architecture, "
-                                       "local-dir:/path or hf-hub:org/repo): loaded only if a prompt of the policy "
-                                       "has no cached embedding")
-        p.add_argument("--pretrained", help="its pretrained tag or local checkpoint path (see --model)")
-    else:
-        p.add_argument("--model", help="open_clip architecture, local-dir:/path or hf-hub:org/repo "
-                                       "(default: $SAFECLIP_MODEL or ViT-B-32)")
-        p.add_argument("--pretrained", help="pretrained tag or local checkpoint path "
-                                            "(default: $SAFECLIP_PRETRAINED or laion2b_s34b_b79k)")
-    p.add_argument("--device", help="cuda, mps, cpu or auto (default)")
 
 
 def register(subparsers: Any) -> None:
@@ -54,19 +31,18 @@ def register(subparsers: Any) -> None:
                    help="a text file with one path per line, or a CSV/Parquet file with a 'path' column "
                         "(repeatable)")
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
-    p.add_argument("--policy", help="shipped policy name or YAML path (default: $SAFECLIP_POLICY or default)")
+    add_policy_arg(p)
     p.add_argument("--cache", metavar="DIR", help="cache folder for embeddings (default: $SAFECLIP_CACHE_DIR or "
                                                   "~/.cache/safeclip)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    p.add_argument("--workers", type=_positive_int, help="decode processes (default: one per core)")
-    p.add_argument("--batch-size", type=_positive_int, help="images per model forward")
-    _add_model_args(p)
+    p.add_argument("--workers", type=positive_int, help="decode processes (default: one per core)")
+    add_model_args(p)
     p.add_argument("--fail-on", choices=("flag", "block", "error"),
                    help="exit 1 if any row reaches this level (flag < block < error: a file that could not be "
                         "decided counts as worse than a block)")
     p.add_argument("--save-embeddings", action="store_true",
                    help="also write each row's embeddings (for `safeclip rescore --embeddings`)")
-    p.add_argument("--part-rows", type=_positive_int, default=2048,
+    p.add_argument("--part-rows", type=positive_int, default=2048,
                    help="rows per committed part file (default 2048); an interrupted run re-scores at most "
                         "this many rows again, their embeddings already cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,9 +67,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache", metavar="DIR", help="cache folder (default: $SAFECLIP_CACHE_DIR or ~/.cache/safeclip)")
     p.add_argument("--encoder-id", help="which embedding space to re-score (default: the source's, or the only one "
                                         "in the cache)")
-    p.add_argument("--policy", help="shipped policy name or YAML path (default: $SAFECLIP_POLICY or default)")
+    add_policy_arg(p)
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
-    _add_model_args(p, fallback=True)
+    add_model_args(p, fallback=True)
     p.add_argument("--fail-on", choices=("flag", "block", "error"), help="exit 1 if any row reaches this level")
     p.set_defaults(func=_cmd_rescore)
 
@@ -108,7 +84,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from ..audit import audit
 
     if not args.paths and not args.manifest:
         raise SafeclipError("audit: give image files or folders, or --manifest FILE")
@@ -125,7 +101,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_rescore(args: argparse.Namespace) -> int:
-    from .audit import rescore
+    from ..audit import rescore
 
     summary = rescore(
         out=args.out, policy=args.policy, cache=args.cache, from_audit=args.from_audit, embeddings=args.embeddings,
@@ -137,7 +113,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     import json
 
-    from .audit import diff
+    from ..audit import diff
 
     table = diff(args.a, args.b)
     key = (table.schema.metadata or {}).get(b"safeclip.key", b"path").decode()
@@ -157,8 +133,6 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``audit``/``rescore``/``diff`` on their own (as ``safeclip.cli.main`` does once it registers them)."""
-    from .cli import run_standalone
-
     return run_standalone(register, "Batch audits of image collections.", argv)
 
 

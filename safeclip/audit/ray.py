@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .audit import (
+from . import (
     _TEST_HOOK_ENV,
     AuditSummary,
     _categories_of,
@@ -86,18 +86,18 @@ from .audit import (
     _summarize,
     _WorkerConfig,
 )
-from .cache import CachedImage, EmbeddingCache
-from .decide import ACTIONS
-from .embed import PromptCache
-from .errors import EncoderMismatchError, ModelLoadError, SafeclipError
-from .policy import Policy
+from ..cache import CachedImage, EmbeddingCache
+from ..decide import ACTIONS
+from ..embed import PromptCache
+from ..errors import EncoderMismatchError, ModelLoadError, SafeclipError
+from ..policy import Policy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from .decode import DecodeLimits
-    from .embed import Encoder
-    from .moderator import CompiledPolicy
+    from ..decode import DecodeLimits
+    from ..embed import Encoder
+    from .._compiled import CompiledPolicy
 
 __all__ = ["INSTALL_HINT", "audit_ray"]
 
@@ -296,8 +296,8 @@ def _decode_batch(batch: pa.Table, cfg: _WorkerConfig, task_timeout: float) -> p
 
     import pyarrow as pa
 
-    from .decode import decode, read_source
-    from .embed import prepare_pixels
+    from ..decode import decode, read_source
+    from ..embed import prepare_pixels
 
     hook = json.loads(cfg.hook) if cfg.hook else {}
     journal = _Journal.open()
@@ -363,8 +363,8 @@ class _EmbedScore:
                  torch_threads: int | None, expected: _Identity, comp: CompiledPolicy) -> None:
         import torch
 
-        from .audit import _cpu_count
-        from .embed import Encoder, resolve_device
+        from . import _cpu_count
+        from ..embed import Encoder, resolve_device
 
         dev = resolve_device(device)
         if not dev.startswith(("cuda", "mps")):
@@ -448,7 +448,7 @@ class _Prober:
     """A short-lived actor that loads the model once: the encoder's identity, and prompt embeddings."""
 
     def __init__(self, model: str | None, pretrained: str | None, device: str | None) -> None:
-        from .embed import Encoder, resolve_device
+        from ..embed import Encoder, resolve_device
 
         self.enc = Encoder(model, pretrained, device=resolve_device(device), cache_dir=tempfile.gettempdir())
 
@@ -472,7 +472,7 @@ def _local_object_store_bytes() -> int:
 
 def _connect(ray: Any, address: str | None, verbose: bool) -> bool:
     """Use the running Ray runtime, else connect to ``address``, else start a local one; True if we started it."""
-    from .audit import _cpu_count
+    from . import _cpu_count
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
@@ -642,7 +642,7 @@ def _compile(get: Any, pol: Policy, cache_dir: Path, ident: _Identity | None, ve
              start_prober: Any) -> tuple[CompiledPolicy, _Identity, bool]:
     """Compile ``pol`` from the prompt cache; prompts never embedded under this encoder come from the prober (which
     also checks a guessed identity). Returns the compiled policy, the identity and whether it is verified."""
-    from .moderator import CompiledPolicy
+    from .._compiled import CompiledPolicy
 
     holder: dict[str, Any] = {}
 
@@ -740,7 +740,7 @@ def audit_ray(
         # The encoder's identity: exact from a loaded encoder, else remembered from an earlier run (the actors
         # check it before any row exists), else from a prober actor that loads the model once.
         if encoder is not None:
-            from .moderator import CompiledPolicy
+            from .._compiled import CompiledPolicy
 
             ident: _Identity = _Identity.of(encoder)
             comp = CompiledPolicy.build(policy, _prompts_also_in(Path(cache_dir), encoder), ident.encoder_id)

@@ -27,14 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import write_json_atomic
-from .calibrate import (
-    Calibrator,
-    LinearProbe,
-    _as_binary_labels,
-    _jsonable,
-    _require_both_classes,
-)
+from ..artifacts import write_json_atomic
+from .._arrays import as_binary_labels, require_both_classes
+from ..artifacts import jsonable
+from ..calibrate import Calibrator
+from ..heads import LinearProbe
 
 __all__ = [
     "DEFAULT_CS",
@@ -123,8 +120,8 @@ def train_probe(
     if not np.isfinite(x).all():
         raise ValueError("X contains NaN or infinity")
     n, dim = x.shape
-    yy = _as_binary_labels(y, n)
-    n_pos, n_neg = _require_both_classes(yy, "train_probe")
+    yy = as_binary_labels(y, n)
+    n_pos, n_neg = require_both_classes(yy, "train_probe")
     if not isinstance(cv, int) or cv < 2:
         raise ValueError(f"cv must be an integer >= 2, got {cv!r}")
     if min(n_pos, n_neg) < cv:
@@ -269,7 +266,7 @@ def _check_scores(p: Any, y: Any, *, probabilities: bool = True) -> tuple[np.nda
         raise ValueError("p contains NaN or infinity")
     if probabilities and (pp.min() < 0 or pp.max() > 1):
         raise ValueError("p must hold probabilities in [0, 1]")
-    return pp, _as_binary_labels(y, pp.size)
+    return pp, as_binary_labels(y, pp.size)
 
 
 def _check_target(name: str, v: float | None) -> float | None:
@@ -321,7 +318,7 @@ class Thresholds:
     bound: str = _BOUND
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def choose_thresholds(
@@ -492,7 +489,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (NaN becomes null)."""
-        return _jsonable({
+        return jsonable({
             "kind": "safeclip.calibration_report",
             "n": self.n, "n_pos": self.n_pos, "roc_auc": self.roc_auc, "pr_auc": self.pr_auc, "ece": self.ece,
             "ece_binning": f"{self.n_bins} equal-width bins on [0, 1], weighted by bin count",

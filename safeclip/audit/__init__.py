@@ -67,10 +67,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import CachedImage, EmbeddingCache, list_cached_encoders
-from .decide import ACTIONS, decide_codes
-from .embed import PixelSpec, PromptCache, default_cache_dir
-from .errors import (
+from ..cache import CachedImage, EmbeddingCache, list_cached_encoders
+from ..decide import ACTIONS, decide_codes
+from ..embed import PixelSpec, PromptCache, default_cache_dir
+from ..errors import (
     DecodeError,
     DecodeTimeoutError,
     EncoderMismatchError,
@@ -80,14 +80,14 @@ from .errors import (
     TruncatedImageError,
     UnsupportedFormatError,
 )
-from .policy import Policy, load_policy
+from ..policy import Policy, load_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from .decode import DecodeLimits
-    from .embed import Encoder
-    from .moderator import CompiledPolicy
+    from ..decode import DecodeLimits
+    from ..embed import Encoder
+    from .._compiled import CompiledPolicy
 
 __all__ = [
     "AuditSummary",
@@ -264,14 +264,12 @@ class _Result:
 
 
 def _decoder_fingerprint(limits: Any, target_size: int | None) -> str:
-    """What a decode failure depends on besides the bytes: Pillow, the decode module, its limits, the target size."""
-    import importlib
-
+    """What a decode failure depends on besides the bytes: Pillow, the decoder's version, its limits, the target size."""
     import PIL
 
-    decode_module = importlib.import_module("safeclip.decode")  # the package may re-export a `decode` function
-    src = Path(decode_module.__file__).read_bytes() if decode_module.__file__ else b""
-    blob = json.dumps([PIL.__version__, repr(limits), target_size, hashlib.sha256(src).hexdigest()])
+    from ..decode import DECODER_VERSION
+
+    blob = json.dumps([PIL.__version__, repr(limits), target_size, DECODER_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -291,8 +289,8 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     if cfg.nice:
         with contextlib.suppress(OSError):
             os.nice(cfg.nice)
-    from .decode import decode, read_source
-    from .embed import prepare_pixels
+    from ..decode import decode, read_source
+    from ..embed import prepare_pixels
 
     cache = None
     if cfg.cache_dir is not None:
@@ -944,7 +942,6 @@ def _encoder_memo_key(model: str | None, pretrained: str | None) -> str | None:
     """A key for what ``Encoder(model, pretrained)`` will load: the arguments, the weight files' identity
     (path, size, mtime, as the encoder's own checkpoint-hash memo uses), and the code that derives the identity."""
     import importlib.metadata
-    import importlib.util
 
     model = model or os.environ.get("SAFECLIP_MODEL")
     pretrained = pretrained or os.environ.get("SAFECLIP_PRETRAINED")
@@ -959,12 +956,11 @@ def _encoder_memo_key(model: str | None, pretrained: str | None) -> str | None:
         with contextlib.suppress(OSError):
             st = f.stat()
             files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    from ..embed import IDENTITY_VERSION
+
     try:
-        code = [importlib.metadata.version("open_clip_torch")]
-        spec = importlib.util.find_spec("safeclip.embed")
-        if spec is not None and spec.origin:
-            code.append(hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest())
-    except (importlib.metadata.PackageNotFoundError, OSError):
+        code = [importlib.metadata.version("open_clip_torch"), IDENTITY_VERSION]
+    except importlib.metadata.PackageNotFoundError:
         return None
     blob = json.dumps([model, pretrained, files, code])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -1056,7 +1052,7 @@ def audit(
     >>> s.rows == len(pd.read_parquet(out))                                  # doctest: +SKIP
     True
     """
-    from .decode import DecodeLimits
+    from ..decode import DecodeLimits
 
     t_start = time.monotonic()
     out = Path(out)
@@ -1075,7 +1071,7 @@ def audit(
     if engine not in ("local", "ray"):
         raise SafeclipError(f"engine must be 'local' or 'ray', not {engine!r}")
     if engine == "ray":
-        from .audit_ray import audit_ray
+        from .ray import audit_ray
 
         return audit_ray(
             inputs, out=out, policy=pol, model=model, pretrained=pretrained, device=device, cache_dir=cache_dir,
@@ -1149,7 +1145,7 @@ def audit(
             booter.start()
             import torch
 
-            from .embed import Encoder, resolve_device
+            from ..embed import Encoder, resolve_device
 
             torch_prev = torch.get_num_threads()
             dev = resolve_device(device)
@@ -1174,7 +1170,7 @@ def audit(
                         db.close()
                 parts, committed, db = start(pool, actual)
                 actual.remember(cache_dir, memo_key)
-        from .moderator import CompiledPolicy
+        from .._compiled import CompiledPolicy
 
         comp = CompiledPolicy.build(pol, _prompts_also_in(cache_dir, enc), enc.encoder_id)
         timings["model_load_s"] = startup = time.monotonic() - t0
@@ -1335,7 +1331,7 @@ def audit(
 def _compile_without_model(policy: Policy, encoder_id: str, cache_dir: Path, model: str | None,
                            pretrained: str | None, device: str | None) -> CompiledPolicy:
     """Compile ``policy`` from cached prompt embeddings; load the model only if some are missing and it was named."""
-    from .moderator import CompiledPolicy
+    from .._compiled import CompiledPolicy
 
     prompts = PromptCache(encoder_id, cache_dir)
     holder: dict[str, Any] = {}
@@ -1350,7 +1346,7 @@ def _compile_without_model(policy: Policy, encoder_id: str, cache_dir: Path, mod
                 f"{encoder_id!r} in {cache_dir} (first: {missing[0]!r}). Re-scoring never loads the model unless "
                 "asked: pass --model/--pretrained (the encoder that made the embeddings) to embed them once, or "
                 "run one `safeclip audit` with this policy.")
-        from .embed import Encoder
+        from ..embed import Encoder
 
         enc = Encoder(model, pretrained, device=device, cache_dir=cache_dir)
         if enc.encoder_id != encoder_id:

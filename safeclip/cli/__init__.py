@@ -1,0 +1,45 @@
+"""The ``safeclip`` command line: one module per command family, each a thin layer over the Python API.
+
+A handler parses its arguments, calls the library and prints; everything a command does is reachable from Python.
+``_options`` holds what the commands share (model/policy/device options, exit codes, the error-to-one-line
+runner). Nothing in the library imports this package.
+
+=============  ==========================================
+module         commands
+=============  ==========================================
+check          ``safeclip check``
+policy         ``safeclip policy lint | show | list``
+audit          ``safeclip audit``, ``rescore``, ``diff``
+calibration    ``safeclip calibrate``, ``eval``
+=============  ==========================================
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from . import audit, calibration, check, policy
+from ._options import run
+
+__all__ = ["build_parser", "main"]
+
+_FAMILIES = (check, policy, audit, calibration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeclip", description="Image content moderation on CLIP embeddings.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for family in _FAMILIES:
+        family.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``safeclip`` command; returns its exit code.
+
+    >>> main(["policy", "list"])                # doctest: +ELLIPSIS
+    default...
+    0
+    """
+    return run(build_parser(), argv)

@@ -1,0 +1,83 @@
+"""What every ``safeclip`` subcommand shares: the model, policy and device options, argument types, and the runner
+that turns a :class:`~safeclip.errors.SafeclipError` into one line on stderr and an exit code.
+
+Exit codes: 0 success; 1 some input could not be read or decoded (``check``), or ``--fail-on`` fired (``audit``,
+``rescore``); 2 usage or configuration errors (bad arguments, invalid policy, weights that cannot be loaded);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import SafeclipError
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "add_model_args", "add_policy_arg",
+           "positive_int", "run", "run_standalone"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_policy_arg(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument("--policy", required=required,
+                   help="shipped policy name or YAML path" + ("" if required else
+                                                              " (default: $SAFECLIP_POLICY or default)"))
+
+
+def add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False, batch_size: bool = True) -> None:
+    """``--model``, ``--pretrained``, ``--device`` (and ``--batch-size``).
+
+    ``fallback``: the model only serves prompts missing from the cache (``rescore``, ``eval``), so the help says so.
+    """
+    if fallback:
+        p.add_argument("--model", help="the encoder that made the embeddings (open_clip architecture, "
+                                       "local-dir:/path or hf-hub:org/repo): loaded only if a prompt of the policy "
+                                       "has no cached embedding")
+        p.add_argument("--pretrained", help="its pretrained tag or local checkpoint path (see --model)")
+    else:
+        p.add_argument("--model", help="open_clip architecture, local-dir:/path or hf-hub:org/repo "
+                                       "(default: the policy's encoder, else $SAFECLIP_MODEL or ViT-B-32)")
+        p.add_argument("--pretrained", help="pretrained tag or local checkpoint path "
+                                            "(default: the policy's encoder, else $SAFECLIP_PRETRAINED or "
+                                            "laion2b_s34b_b79k)")
+    p.add_argument("--device", help="cuda, mps, cpu or auto (default)")
+    if batch_size and not fallback:
+        p.add_argument("--batch-size", type=positive_int, help="images per model forward")
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with ``parser`` and run the chosen subcommand; errors become one line and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SafeclipError as e:
+        msg = str(e).replace("\n", "\n  ")
+        print(f"safeclip: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("safeclip: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run_standalone(register: Callable[[Any], None], description: str, argv: Sequence[str] | None = None) -> int:
+    """Run one command family on its own (``python -m safeclip.cli.audit ...``)."""
+    parser = argparse.ArgumentParser(prog="safeclip", description=description)
+    register(parser.add_subparsers(dest="command", required=True))
+    return run(parser, argv)
