@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = [
     "PromptCache",
     "prepare_pixels",
     "resolve_device",
+    "resolve_encoder_args",
     "default_cache_dir",
 ]
 
@@ -201,6 +202,38 @@ class PromptCache:
                 os.replace(tmp, self.path)
             except OSError:
                 pass  # read-only cache dir: keep the in-memory cache only
+
+
+def resolve_encoder_args(
+    model: str | None, pretrained: str | None, policy_encoder: Mapping[str, str] | None = None
+) -> tuple[str, str | None, str]:
+    """Which weights to load: ``(model, pretrained, chosen_by)``, ``chosen_by`` one of caller / policy / default.
+
+    The caller's choice (the arguments, else ``$SAFECLIP_MODEL`` / ``$SAFECLIP_PRETRAINED``) wins; without one the
+    policy's ``encoder:`` is used; without that, :data:`DEFAULT_MODEL` with :data:`DEFAULT_PRETRAINED`. A caller who
+    names only the weights (``pretrained=/models/vit-b-32.bin``) gets the policy's architecture with them.
+
+    >>> resolve_encoder_args(None, None, {"model": "ViT-L-14", "pretrained": "openai"})[2]  # doctest: +SKIP
+    'policy'
+    """
+    pol = dict(policy_encoder or {})
+    model = model or os.environ.get("SAFECLIP_MODEL") or None
+    pretrained = pretrained or os.environ.get("SAFECLIP_PRETRAINED") or None
+    if model is None and pol.get("model"):
+        if pretrained is None:
+            return pol["model"], pol.get("pretrained"), "policy"
+        return pol["model"], pretrained, "caller"
+    if model is None:
+        model = DEFAULT_MODEL
+        chosen = "caller" if pretrained is not None else "default"
+    else:
+        chosen = "caller"
+    if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
+        if pol.get("model") == model and pol.get("pretrained"):
+            pretrained = pol["pretrained"]
+        elif model == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+    return model, pretrained, chosen
 
 
 def resolve_device(device: str | None = None) -> str:

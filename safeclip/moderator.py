@@ -7,6 +7,7 @@ already uses every core for one forward), and compiled policies are cached per p
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -20,7 +21,7 @@ import numpy as np
 from ._compiled import CompiledPolicy
 from .decide import Decision, build_decision, decide_codes, error_decision
 from .decode import DecodeLimits, decode
-from .embed import Encoder, prepare_pixels
+from .embed import Encoder, prepare_pixels, resolve_encoder_args
 from .errors import DecodeError
 from .policy import Policy, load_policy
 from .score import Scores
@@ -38,6 +39,19 @@ class _Prepared:
     source: str | None
 
 
+_log = logging.getLogger("safeclip")
+
+
+def _note_encoder_override(policy: Policy, model: str, pretrained: str | None, chosen_by: str) -> None:
+    """Say so when the caller's encoder is not the one the policy names (its thresholds were set for that one)."""
+    named = dict(policy.encoder)
+    if chosen_by != "caller" or not named.get("model"):
+        return
+    if named.get("model") != model or named.get("pretrained", pretrained) != pretrained:
+        _log.info("policy %s names encoder %s/%s; using %s/%s as asked (decisions record its encoder_id)",
+                     policy.id, named.get("model"), named.get("pretrained"), model, pretrained)
+
+
 def _source_name(image: Any) -> str | None:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
@@ -52,6 +66,10 @@ class Moderator:
 
     Each stage is usable alone: ``emb = m.embed(images)``, ``scores = m.score(emb)``,
     ``probs, calibrated = m.calibrate(scores)``, ``m.decide(emb)`` (score + calibrate + decide, no model).
+
+    The encoder is the one the caller names (``model``/``pretrained``, else ``$SAFECLIP_MODEL``/
+    ``$SAFECLIP_PRETRAINED``), else the policy's ``encoder:``, else the default; ``encoder_chosen_by`` says which
+    (``"caller"``, ``"policy"`` or ``"default"``) and every Decision records the ``encoder_id`` that decided.
 
     ``on_error`` decides what an undecodable input becomes: ``"raise"`` (a :class:`DecodeError`), or a Decision
     whose action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers).
@@ -79,8 +97,14 @@ class Moderator:
         self.on_error = on_error
         self.allow_outside = allow_outside
         self.policy = load_policy(policy, allow_outside=allow_outside)
-        self.encoder = encoder or Encoder(
-            model, pretrained, device=device, precision=precision, batch_size=batch_size, cache_dir=cache_dir)
+        if encoder is None:
+            model, pretrained, self.encoder_chosen_by = resolve_encoder_args(model, pretrained, self.policy.encoder)
+            _note_encoder_override(self.policy, model, pretrained, self.encoder_chosen_by)
+            encoder = Encoder(model, pretrained, device=device, precision=precision, batch_size=batch_size,
+                              cache_dir=cache_dir)
+        else:
+            self.encoder_chosen_by = "caller"
+        self.encoder = encoder
         self.decode_limits = decode_limits or DecodeLimits()
         self.fast_decode = fast_decode
         self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
