@@ -5,85 +5,111 @@
 'allow'
 
 The data flow is decode -> embed -> score -> calibrate -> decide, one module per stage. :class:`Moderator` chains
-them for requests and :func:`audit` for collections; every stage after embed works on numpy arrays alone.
+them for requests and :func:`audit` for collections; every stage after embed works on numpy arrays alone. The
+offline toolkit (probes, calibrators, thresholds, reports) is :mod:`safeclip.calibration`.
+
+Importing this package is cheap: most names are loaded on first use (PEP 562), so ``import safeclip`` pulls in
+neither torch, pyarrow nor scikit-learn, and starts no process. ``decode`` and ``audit`` are imported at once because
+each shares its name with a submodule, which the import system would otherwise bind in its place.
 """
 
 from __future__ import annotations
 
-from .audit import AuditSummary, audit, diff, rescore
-from .calibrate import Calibrator
-from .calibration import (
-    Report,
-    Thresholds,
-    ThresholdWarning,
-    choose_thresholds,
-    evaluate,
-    fit_calibrator,
-    train_probe,
-)
-from .decide import ACTIONS, CategoryResult, Decision
-from .decode import Decoded, DecodeLimits, decode
-from .embed import Encoder, PromptCache
-from .heads import LinearProbe
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     ArtifactIntegrityError,
+    AuditError,
+    AuditLockedError,
+    CacheError,
+    DataError,
     DecodeError,
     DecodeTimeoutError,
     EncoderMismatchError,
+    EngineError,
+    EngineStalledError,
+    EngineUnavailableError,
     ImageTooLargeError,
+    ManifestError,
     ModelLoadError,
+    NoInputsError,
+    OutputError,
     PolicyError,
     SafeclipError,
     TruncatedImageError,
     UnsupportedFormatError,
 )
-from .moderator import Moderator, check, default_moderator, set_default_moderator
-from .policy import Category, Policy, list_policies, load_policy
-from .score import Scorer, Scores
+
+from .audit import AuditSummary, audit, diff, rescore
+from .decode import Decoded, DecodeLimits, decode
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ACTIONS",
-    "ArtifactIntegrityError",
-    "AuditSummary",
-    "Calibrator",
-    "Category",
-    "CategoryResult",
-    "Decision",
-    "DecodeError",
-    "DecodeLimits",
-    "DecodeTimeoutError",
-    "Decoded",
-    "Encoder",
-    "EncoderMismatchError",
-    "ImageTooLargeError",
-    "LinearProbe",
-    "ModelLoadError",
-    "Moderator",
-    "Policy",
-    "PolicyError",
-    "PromptCache",
-    "Report",
-    "SafeclipError",
-    "Scorer",
-    "Scores",
-    "ThresholdWarning",
-    "Thresholds",
-    "TruncatedImageError",
-    "UnsupportedFormatError",
-    "__version__",
-    "audit",
-    "check",
-    "choose_thresholds",
-    "decode",
-    "default_moderator",
-    "diff",
-    "evaluate",
-    "fit_calibrator",
-    "list_policies",
-    "load_policy",
-    "rescore",
-    "set_default_moderator",
-    "train_probe",
-]
+# public name -> the module that defines it, imported on first access
+_LAZY: dict[str, str] = {
+    "Calibrator": "safeclip.calibrate",
+    "Report": "safeclip.calibration",
+    "Thresholds": "safeclip.calibration",
+    "ThresholdWarning": "safeclip.calibration",
+    "choose_thresholds": "safeclip.calibration",
+    "evaluate": "safeclip.calibration",
+    "fit_calibrator": "safeclip.calibration",
+    "train_probe": "safeclip.calibration",
+    "ACTIONS": "safeclip.decide",
+    "CategoryResult": "safeclip.decide",
+    "Decision": "safeclip.decide",
+    "Encoder": "safeclip.embed",
+    "PromptCache": "safeclip.embed",
+    "LinearProbe": "safeclip.heads",
+    "Moderator": "safeclip.moderator",
+    "check": "safeclip.moderator",
+    "default_moderator": "safeclip.moderator",
+    "set_default_moderator": "safeclip.moderator",
+    "Category": "safeclip.policy",
+    "Policy": "safeclip.policy",
+    "list_policies": "safeclip.policy",
+    "load_policy": "safeclip.policy",
+    "Scorer": "safeclip.score",
+    "Scores": "safeclip.score",
+}
+
+__all__ = sorted([
+    "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "DataError", "DecodeError",
+    "DecodeTimeoutError", "EncoderMismatchError", "EngineError", "EngineStalledError", "EngineUnavailableError",
+    "ImageTooLargeError", "ManifestError", "ModelLoadError", "NoInputsError", "OutputError", "PolicyError",
+    "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary", "audit",
+    "diff", "rescore", "Decoded", "DecodeLimits", "decode", *_LAZY,
+])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safeclip' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from .calibrate import Calibrator
+    from .calibration import (
+        Report,
+        Thresholds,
+        ThresholdWarning,
+        choose_thresholds,
+        evaluate,
+        fit_calibrator,
+        train_probe,
+    )
+    from .decide import ACTIONS, CategoryResult, Decision
+    from .embed import Encoder, PromptCache
+    from .heads import LinearProbe
+    from .moderator import Moderator, check, default_moderator, set_default_moderator
+    from .policy import Category, Policy, list_policies, load_policy
+    from .score import Scorer, Scores

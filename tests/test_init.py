@@ -31,3 +31,30 @@ def test_import_and_numpy_stages_do_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_import_is_light():
+    """``import safeclip`` loads no model stack, no Arrow, no scikit-learn and sets up no worker processes."""
+    heavy = ("torch", "open_clip", "torchvision", "pyarrow", "sklearn", "scipy", "matplotlib", "multiprocessing",
+             "onnxruntime", "ray")
+    code = f"import sys, safeclip\nprint(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_functions_named_like_submodules_stay_functions():
+    """``safeclip.audit`` and ``safeclip.decode`` are functions even after their submodules are imported."""
+    import safeclip.audit.ray  # noqa: F401
+    import safeclip.decode  # noqa: F401
+    import safeclip.moderator  # noqa: F401
+
+    assert callable(safeclip.audit) and callable(safeclip.decode)
+    assert safeclip.audit.__module__.startswith("safeclip.audit")
+
+
+def test_lazy_names_resolve_to_their_modules():
+    from safeclip.calibration import train_probe
+    from safeclip.moderator import Moderator
+
+    assert safeclip.Moderator is Moderator and safeclip.train_probe is train_probe
+    assert set(safeclip._LAZY) <= set(safeclip.__all__) <= set(dir(safeclip))
