@@ -7,7 +7,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_binary_labels", "require_both_classes", "sigmoid", "sigmoid_inplace"]
+from .errors import DataError
+
+__all__ = ["NORM_TOLERANCE", "as_binary_labels", "as_embeddings", "embedding_row_problems", "require_both_classes",
+           "sigmoid", "sigmoid_inplace"]
+
+NORM_TOLERANCE = 1e-2
+"""An embedding whose L2 norm is off 1 by more than this is not one of ours (CLIP embeddings are normalised)."""
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -50,3 +56,52 @@ def require_both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"{what} needs both classes; got {n_pos} positives and {n_neg} negatives")
     return n_pos, n_neg
+
+
+def embedding_row_problems(x: np.ndarray) -> np.ndarray:
+    """``(N,)`` object array: ``None`` for a usable row, else why it is not (non-finite, not L2-normalised).
+
+    The per-row form lets bulk paths (audits, rescore) turn one bad row into an error row and keep the rest.
+    """
+    x = np.asarray(x)
+    out = np.full(x.shape[0] if x.ndim >= 1 else 0, None, dtype=object)
+    if x.ndim != 2 or x.shape[0] == 0:
+        return out
+    xf = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", xf, xf)  # one pass; NaN or inf anywhere in a row makes its sum non-finite
+    suspect = ~np.isfinite(sq)
+    for i in np.flatnonzero(suspect):
+        out[i] = "holds NaN or infinity" if not np.isfinite(xf[i]).all() else "is not L2-normalised (norm overflows)"
+    off = ~suspect & (np.abs(np.sqrt(np.where(suspect, 1.0, sq)) - 1.0) > NORM_TOLERANCE)
+    for i in np.flatnonzero(off):
+        out[i] = f"is not L2-normalised (norm {float(np.sqrt(sq[i])):.4g})"
+    return out
+
+
+def as_embeddings(x: Any, *, dim: int | None = None, what: str = "embeddings") -> np.ndarray:
+    """Validate ``(N, D)`` CLIP embeddings and return them as float32; :class:`DataError` names the first bad row.
+
+    Refused: another shape or dimension, non-float dtypes (ints, bools), NaN/inf, rows that are not L2-normalised.
+
+    >>> as_embeddings(np.eye(2, dtype=np.float32)).dtype
+    dtype('float32')
+    >>> as_embeddings(np.array([[0.6, 0.8], [600.0, 800.0]]))
+    Traceback (most recent call last):
+    ...
+    safeclip.errors.DataError: embeddings row 1 is not L2-normalised (norm 1000): pass CLIP embeddings as safeclip computes them
+    """
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise DataError(f"{what} must be a 2-D (N, D) array, got shape {a.shape}")
+    if dim is not None and a.shape[1] != dim:
+        raise DataError(f"{what} have dimension {a.shape[1]}, this policy's embedding space has {dim}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise DataError(f"{what} must be floating point (float32), got dtype {a.dtype}")
+    problems = embedding_row_problems(a)
+    bad = [i for i, p in enumerate(problems) if p is not None]
+    if bad:
+        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise DataError(f"{what} row {bad[0]} {problems[bad[0]]}{more}: pass CLIP embeddings as safeclip computes "
+                        "them")
+    return a.astype(np.float32, copy=False)

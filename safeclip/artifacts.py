@@ -70,6 +70,8 @@ def read_pinned_json(path: str | os.PathLike[str], sha256: str) -> dict[str, Any
         obj = json.loads(data)
     except ValueError as e:
         raise ArtifactIntegrityError(f"artifact {str(path)!r} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ArtifactIntegrityError(f"artifact {str(path)!r} is nested too deeply to be a safeclip artifact") from None
     if not isinstance(obj, dict):
         raise ArtifactIntegrityError(f"artifact {str(path)!r} must hold a JSON object")
     return obj
@@ -108,16 +110,25 @@ def float_list(d: Mapping[str, Any], key: str, kind: str) -> np.ndarray:
     v = d.get(key)
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a list of numbers")
-    arr = np.asarray(v, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} holds non-finite numbers")
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except OverflowError:
+        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} holds numbers beyond float range") from None
+    with np.errstate(over="ignore"):
+        fits32 = np.isfinite(arr.astype(np.float32)).all()  # applied in float32: 1e308 would become inf there
+    if not fits32:
+        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} holds non-finite numbers or numbers beyond float32")
     return arr
 
 
 def finite_number(d: Mapping[str, Any], key: str, kind: str) -> float:
     v = d.get(key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
-        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a finite number")
+    try:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(float(v)) < float(np.finfo(np.float32).max)
+    except OverflowError:  # an int beyond float range
+        ok = False
+    if not ok:
+        raise ArtifactIntegrityError(f"{kind} artifact: {key!r} must be a finite number within float32 range")
     return float(v)
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError
 from .policy import Policy
 
-__all__ = ["ACTIONS", "CategoryResult", "Decision", "decide_codes", "build_decision", "error_decision"]
+__all__ = ["ACTIONS", "CategoryResult", "Decision", "build_decision", "decide_codes", "error_decision", "nonfinite_rows"]
 
 ACTIONS: tuple[str, str, str] = ("allow", "flag", "block")
 
@@ -32,6 +33,9 @@ def _thresholds(policy: Policy) -> tuple[np.ndarray, np.ndarray]:
 def decide_codes(probabilities: np.ndarray, policy: Policy) -> np.ndarray:
     """Per-category action codes ``(N, C)`` int8 (0 allow, 1 flag, 2 block); ``codes.max(axis=1)`` is the action.
 
+    A non-finite probability never allows: it gets code 2. Callers report such rows as errors (see
+    :func:`nonfinite_rows`); the code is the backstop that keeps a missed check from failing open.
+
     >>> import numpy as np
     >>> from safeclip.policy import load_policy
     >>> p = load_policy("default")
@@ -41,7 +45,14 @@ def decide_codes(probabilities: np.ndarray, policy: Policy) -> np.ndarray:
     """
     flag, block = _thresholds(policy)
     p = np.asarray(probabilities, np.float32)
-    return (p >= flag).astype(np.int8) + (p >= block).astype(np.int8)
+    codes = (p >= flag).astype(np.int8) + (p >= block).astype(np.int8)
+    codes[~np.isfinite(p)] = 2  # fail closed: NaN compares false with every threshold, which would mean allow
+    return codes
+
+
+def nonfinite_rows(probabilities: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: the rows of an ``(N, C)`` probability matrix that hold NaN or infinity (never decided)."""
+    return ~np.isfinite(np.asarray(probabilities, np.float32)).all(axis=1)
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ class Decision:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=False)
+        return json.dumps(self.to_dict(), sort_keys=False, allow_nan=False)
 
 
 def _fmt(x: float | None) -> str:
@@ -126,7 +137,15 @@ def build_decision(
     frame_index: int | None = None,
     n_frames: int = 1,
 ) -> Decision:
-    """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals."""
+    """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals.
+
+    Non-finite probabilities raise :class:`~safeclip.errors.DataError`: they decide nothing (the caller turns that
+    into its fail-closed action).
+    """
+    bad = [policy.categories[j].name for j in np.flatnonzero(~np.isfinite(np.asarray(probabilities, np.float64)))]
+    if bad:
+        raise DataError(f"the probability of {', '.join(bad)} is not a finite number (a corrupt embedding, probe or "
+                        "calibrator); no decision is made from it")
     codes = decide_codes(probabilities[None, :], policy)[0]
     results: dict[str, CategoryResult] = {}
     fired: list[tuple[int, float, str]] = []

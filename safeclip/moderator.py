@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from ._compiled import CompiledPolicy
-from .decide import Decision, build_decision, decide_codes, error_decision
+from ._arrays import embedding_row_problems
+from .decide import Decision, build_decision, decide_codes, error_decision, nonfinite_rows
 from .decode import DecodeLimits, decode
 from .embed import Encoder, prepare_pixels, resolve_encoder_args
-from .errors import DecodeError
+from .errors import DataError, DecodeError
 from .policy import Policy, load_policy
 from .score import Scores
 
@@ -71,8 +72,9 @@ class Moderator:
     ``$SAFECLIP_PRETRAINED``), else the policy's ``encoder:``, else the default; ``encoder_chosen_by`` says which
     (``"caller"``, ``"policy"`` or ``"default"``) and every Decision records the ``encoder_id`` that decided.
 
-    ``on_error`` decides what an undecodable input becomes: ``"raise"`` (a :class:`DecodeError`), or a Decision
-    whose action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers).
+    ``on_error`` decides what an input that cannot be fully scored becomes (undecodable, or an embedding that is
+    not finite and normalised): ``"raise"`` (a :class:`DecodeError` / :class:`DataError`), or a Decision whose
+    action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers). Never ``allow``.
     """
 
     def __init__(
@@ -195,12 +197,29 @@ class Moderator:
             if not batch:
                 return
             emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p in batch]))
+            # A row the model got wrong (NaN, not normalised) fails its own image, never its neighbours.
+            problems = embedding_row_problems(emb)
+            unusable = problems != None  # noqa: E711 - elementwise on an object array
+            if unusable.any():
+                emb = emb.copy()
+                emb[unusable] = 0.0
+                emb[unusable, 0] = 1.0  # a placeholder unit vector; its rows are reported as errors below
             scores = comp.scorer.score(emb, keep_sims=True)
             probs, calibrated = comp.probabilities(scores)
+            unusable |= nonfinite_rows(probs)
             row = 0
             for i, p in batch:
                 rows = list(range(row, row + len(p.pixels)))
                 row += len(p.pixels)
+                if unusable[rows].any():
+                    why = next((str(problems[r]) for r in rows if problems[r] is not None),
+                               "its probabilities are not finite")
+                    err = DataError(f"{p.source or 'input'}: the embedding {why}; it was not scored")
+                    if self.on_error == "raise":
+                        raise err
+                    results[i] = error_decision(self.on_error, str(err), policy=comp.policy,
+                                                encoder_id=self.encoder_id, source=p.source)
+                    continue
                 results[i] = self._decision(comp, scores, probs, calibrated, rows, p)
             batch, n_frames = [], 0
 

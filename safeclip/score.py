@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .heads import LinearProbe
+from ._arrays import as_embeddings
 from .errors import EncoderMismatchError
 from .policy import Policy
 
@@ -137,13 +138,18 @@ class Scorer:
         self._fused = np.ascontiguousarray(np.concatenate(fused, axis=0), dtype=np.float32)  # (R, D)
 
     def score(self, embeddings: np.ndarray, *, keep_sims: bool = False, encoder_id: str | None = None) -> Scores:
-        """Score ``(N, D)`` L2-normalised embeddings. Pass ``encoder_id`` to have the space checked."""
+        """Score ``(N, D)`` L2-normalised embeddings. Pass ``encoder_id`` to have the space checked.
+
+        Embeddings that are not finite float L2-normalised rows raise :class:`~safeclip.errors.DataError`: a score
+        of something that is not a CLIP embedding would decide nothing true.
+        """
         if encoder_id is not None and encoder_id != self.encoder_id:
             raise EncoderMismatchError(
                 f"embeddings come from {encoder_id!r} but the policy was compiled for {self.encoder_id!r}")
-        x = np.asarray(embeddings, dtype=np.float32)
+        x = np.asarray(embeddings)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise EncoderMismatchError(f"embeddings must be (N, {self.dim}), got {x.shape}")
+        x = as_embeddings(x, dim=self.dim)
         n, n_c, r = x.shape[0], len(self.categories), self._n_prompt_rows
         out = self._fused @ x.T  # (R, N): scaled prompt logits, then probe logits
         logits = out[:r]

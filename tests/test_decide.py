@@ -60,3 +60,21 @@ def test_error_decision_fails_closed():
     pol = load_policy("default")
     d = error_decision("block", "x.jpg: truncated", policy=pol, encoder_id="e", source="x.jpg")
     assert d.action == "block" and d.error == "x.jpg: truncated" and not d.categories
+
+
+def test_non_finite_probabilities_never_allow_and_never_decide():
+    """Regression (issue 9.1): a NaN probability compared false with every threshold, so the image was allowed."""
+    import pytest
+
+    from safeclip.errors import DataError
+
+    p = load_policy("default")
+    probs = np.zeros((2, len(p.categories)), np.float32)
+    probs[1, 3] = np.nan
+    codes = decide_codes(probs, p)
+    assert codes[0].max() == 0 and codes[1, 3] == 2
+    with pytest.raises(DataError, match=p.categories[3].name):
+        build_decision(p, probs[1], np.zeros(len(p.categories), bool), {}, encoder_id="e")
+    from safeclip.decide import nonfinite_rows
+
+    assert nonfinite_rows(probs).tolist() == [False, True]

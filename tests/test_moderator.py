@@ -170,3 +170,33 @@ def test_preloaded_default_serves_forked_workers(moderator, photos):
                 assert json.loads(f.read()) == expected
     finally:
         safeclip.set_default_moderator(None)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, 1000.0])
+def test_an_embedding_the_model_got_wrong_fails_closed_alone(tiny_model, cache_dir, photos, monkeypatch, poison):
+    """Regression (issue 9.1): a NaN embedding row gave probability NaN and action allow."""
+    from safeclip.errors import DataError
+
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, batch_size=8, on_error="flag")
+    good = m.check_many(photos[:3])
+    real = m.encoder.embed_pixels
+
+    def broken(pixels):
+        emb = real(pixels)
+        emb[1] = emb[1] * poison if np.isfinite(poison) else poison
+        return emb
+
+    monkeypatch.setattr(m.encoder, "embed_pixels", broken)
+    out = m.check_many(photos[:3])
+    assert out[1].action == "flag" and out[1].error and not out[1].categories
+    assert [d.to_dict() for i, d in enumerate(out) if i != 1] == [d.to_dict() for i, d in enumerate(good) if i != 1]
+    m.on_error = "raise"
+    with pytest.raises(DataError, match="not scored"):
+        m.check_many(photos[:3])
+
+
+def test_decide_refuses_embeddings_that_are_not_clip_embeddings(moderator):
+    from safeclip.errors import DataError
+
+    with pytest.raises(DataError):
+        moderator.decide(np.full((1, moderator.encoder.dim), np.nan, np.float32))

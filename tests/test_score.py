@@ -124,3 +124,19 @@ categories:
         neg = [own(t) for t in set(cat.contrast) | set(pol.neutral)]
         ref = np.logaddexp.reduce(logits[:, pos], axis=1) - np.logaddexp.reduce(logits[:, neg], axis=1)
         np.testing.assert_allclose(s.prompt[:, j], ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("make,why", [
+    (lambda e: e * 1000.0, "not L2-normalised"),
+    (lambda e: np.where(np.arange(e.shape[1]) == 0, np.nan, e).astype(np.float32), "NaN or infinity"),
+    (lambda e: np.full_like(e, np.inf), "NaN or infinity"),
+    (lambda e: (e > 0).astype(np.int64), "floating point"),
+    (lambda e: e > 0, "floating point"),
+])
+def test_embeddings_that_are_not_clip_embeddings_are_refused(scorer, make, why):
+    """Regression (issue 9.1): NaN rows scored as allow; x1000, ints and bools changed actions silently."""
+    from safeclip.errors import DataError
+
+    good = unit(np.random.default_rng(0).normal(size=(3, scorer.dim)))
+    with pytest.raises(DataError, match=why):
+        scorer.score(make(good))
