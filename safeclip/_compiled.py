@@ -11,11 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import calibrate, load_calibrators
-from .policy import Policy
+import os
+
+from .calibrate import Calibrator, calibrate, load_calibrators
+from .errors import SafeclipError
+from .heads import LinearProbe
+from .policy import Policy, PolicyError, load_policy
 from .score import Scorer, Scores
 
-__all__ = ["CompiledPolicy"]
+__all__ = ["CompiledPolicy", "lint_policy"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +38,52 @@ class CompiledPolicy:
     def probabilities(self, scores: Scores) -> tuple[np.ndarray, np.ndarray]:
         """``(N, C)`` probabilities and the ``(C,)`` mask of calibrated categories."""
         return calibrate(scores, self.calibrators)
+
+
+def lint_policy(
+    source: str | os.PathLike[str] | Policy, *, allow_outside: bool = False, encoder_id: str | None = None
+) -> Policy:
+    """Load a policy and every artifact it names, checked as a Moderator would check them, without the model.
+
+    Every problem (invalid fields, wrong sha256 pins, malformed or non-finite artifacts, artifacts of different
+    embedding spaces or dimensions, a calibrator that needs a missing probe) is collected into one
+    :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every artifact belongs to that space.
+
+    >>> lint_policy("default").id
+    'default@1.0'
+    """
+    policy = load_policy(source, allow_outside=allow_outside)
+    problems: list[str] = []
+    spaces: dict[str, str] = {}
+    dims: dict[int, str] = {}
+    for cat in policy.categories:
+        for key, ref in (("probe", cat.probe), ("calibrator", cat.calibrator)):
+            if ref is None:
+                continue
+            where = f"{policy.source}: categories.{cat.name}.{key}"
+            try:
+                art = (LinearProbe if key == "probe" else Calibrator).load(ref.path, ref.sha256, encoder_id=encoder_id)
+            except SafeclipError as e:
+                problems.append(f"{where}: {e}")
+                continue
+            if art.encoder_id is not None:
+                spaces.setdefault(art.encoder_id, where)
+            if isinstance(art, LinearProbe):
+                dims.setdefault(art.dim, where)
+        if cat.calibrator is not None and cat.probe is None:
+            try:
+                cal = Calibrator.load(cat.calibrator.path, cat.calibrator.sha256)
+            except SafeclipError:
+                continue
+            if "probe" in cal.inputs:
+                problems.append(f"{policy.source}: categories.{cat.name}.calibrator: it takes the 'probe' signal "
+                                "but the category names no probe")
+    if len(spaces) > 1:
+        problems.append(f"{policy.source}: artifacts come from {len(spaces)} embedding spaces: "
+                        + "; ".join(f"{sid!r} ({where})" for sid, where in spaces.items()))
+    if len(dims) > 1:
+        problems.append(f"{policy.source}: probes of different dimensions: "
+                        + "; ".join(f"{d} ({where})" for d, where in dims.items()))
+    if problems:
+        raise PolicyError(problems)
+    return policy

@@ -41,12 +41,14 @@ import yaml
 from .artifacts import resolve_artifact_path
 from .errors import ArtifactIntegrityError, PolicyError
 
-__all__ = ["Policy", "Category", "ArtifactRef", "load_policy", "list_policies", "builtin_policy_dir"]
+__all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "Policy", "UnknownCategoryError",
+           "builtin_policy_dir", "list_policies", "load_policy"]
 
 _TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories"}
 _SCORING_KEYS = {"logit_scale", "templates", "neutral", "top_prompts"}
 _CATEGORY_KEYS = {"description", "prompts", "contrast", "templates", "thresholds", "probe", "calibrator", "enabled"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -58,6 +60,13 @@ def builtin_policy_dir() -> Path:
 def list_policies() -> list[str]:
     """Names of the shipped policies."""
     return sorted(p.stem for p in builtin_policy_dir().glob("*.yaml"))
+
+
+class UnknownCategoryError(PolicyError, KeyError):
+    """A category name the policy does not have (also a ``KeyError``, as a mapping lookup would raise)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return Exception.__str__(self)
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class Policy:
         for c in self.categories:
             if c.name == name:
                 return c
-        raise KeyError(f"policy {self.id} has no category {name!r}; it has {list(self.category_names)}")
+        raise UnknownCategoryError(f"policy {self.id} has no category {name!r}; it has {list(self.category_names)}")
 
     def with_thresholds(self, name: str, *, flag: float | None, block: float | None) -> Policy:
         """A copy with one category's thresholds changed (for notebooks): ``p.with_thresholds("drugs", flag=.4, block=.9)``."""
@@ -129,38 +138,142 @@ def _check_thresholds(flag: float | None, block: float | None, where: str) -> No
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _resolve_name(ref: str, base_dir: Path | None) -> Path:
-    p = Path(ref)
-    if base_dir is not None and not p.is_absolute() and (base_dir / p).is_file():
-        return base_dir / p
-    if p.is_file():
-        return p
-    builtin = builtin_policy_dir() / f"{ref}.yaml"
-    if builtin.is_file():
-        return builtin
-    raise PolicyError(f"{ref}: no such policy file, and no shipped policy of that name (shipped: {list_policies()})")
+MAX_POLICY_BYTES = 1 << 20
+"""A policy file larger than this is refused before it is parsed (real policies are a few KiB)."""
+MAX_EXTENDS_DEPTH = 16
+"""The longest ``extends`` chain accepted."""
+_POLICY_SUFFIXES = (".yaml", ".yml")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class _PolicyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (no "billion laughs" expansion) and duplicate mapping keys."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in a policy file; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {_printable(key)} (first given at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _printable(value: Any, limit: int = 80) -> str:
+    """``repr`` with control characters escaped and a length bound: policy text never reaches a terminal raw."""
+    text = repr(value)
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_bare_name(ref: str) -> bool:
+    return "/" not in ref and os.sep not in ref and not ref.endswith(_POLICY_SUFFIXES)
+
+
+def _close_names(ref: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(ref, list_policies(), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _resolve_top(ref: str, origin: str) -> Path:
+    """The file a caller's policy reference names: a shipped name, or a path to a YAML file."""
+    if _is_bare_name(ref):
+        builtin = builtin_policy_dir() / f"{ref}.yaml"
+        if builtin.is_file():
+            return builtin
+        hint = f" (a file named {ref!r} exists here: pass ./{ref} to load it)" if Path(ref).is_file() else ""
+        raise PolicyError(f"{origin}: no such policy {_printable(ref)}: not a shipped name{_close_names(ref)} "
+                          f"(shipped: {', '.join(list_policies())}; a policy file is a path ending in .yaml){hint}")
+    p = Path(ref).expanduser()
+    if not p.is_file():
+        what = "is a folder, not a policy file" if p.is_dir() else "no such file"
+        raise PolicyError(f"{origin}: {ref}: {what}")
+    return p
+
+
+def _resolve_extends(ref: Any, path: Path, allow_outside: bool) -> Path:
+    """The parent an ``extends:`` names: a shipped name, or a ``.yaml`` file in the naming file's folder."""
+    where = f"{path}: extends"
+    if not isinstance(ref, str) or not ref.strip():
+        raise PolicyError(f"{where}: must be a shipped policy name or a path to a .yaml file, got {_printable(ref)}")
+    if _is_bare_name(ref):
+        builtin = builtin_policy_dir() / f"{ref}.yaml"
+        if builtin.is_file():
+            return builtin
+        raise PolicyError(f"{where}: no shipped policy named {_printable(ref)}{_close_names(ref)} (shipped: "
+                          f"{', '.join(list_policies())}; to extend a file, give its path ending in .yaml)")
+    if not ref.endswith(_POLICY_SUFFIXES):
+        raise PolicyError(f"{where}: {_printable(ref)} is not a policy file (policy files end in .yaml or .yml)")
+    base = path.parent.resolve()
+    target = (base / Path(ref).expanduser()).resolve()
+    if not allow_outside and not target.is_relative_to(base):
+        raise PolicyError(f"{where}: {_printable(ref)} lies outside the policy's folder {base} (extend a shipped "
+                          "policy or a file beside this one, or pass allow_outside=True / --allow-outside)")
+    if not target.is_file():
+        raise PolicyError(f"{where}: no such policy file {_printable(ref)} (looked in {base})")
+    return target
+
+
+def _read_yaml(path: Path, *, extended: bool = False) -> dict[str, Any]:
+    """Parse one policy file. Nothing of a file reached through ``extends`` is echoed unless it is a policy."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
-        raise PolicyError(f"{path}: cannot read: {e}") from e
+        raise PolicyError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{path}: larger than {MAX_POLICY_BYTES // 1024} KiB; a policy file is a few KiB of YAML")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"{path}: not UTF-8 text (byte {e.start}); save the policy as UTF-8") from e
+    try:
+        data = yaml.load(text, Loader=_PolicyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise PolicyError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        if extended:
+            raise PolicyError(f"{path}: not a valid policy file (YAML error at line "
+                              f"{mark.line + 1 if mark else '?'})") from None
+        if mark is None:
+            raise PolicyError(f"{path}: invalid YAML: {_printable(problem, 200)}") from None
+        lines = text.splitlines()
+        line = lines[mark.line] if mark.line < len(lines) else ""
+        shown = _printable(line[:160], 170)[1:-1]
+        raise PolicyError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}\n"
+                          f"  {shown}\n  {' ' * min(mark.column, 160)}^") from None
+    except RecursionError:
+        raise PolicyError(f"{path}: nested too deeply to be a policy") from None
     if not isinstance(data, dict):
+        if extended:
+            raise PolicyError(f"{path}: not a policy file (a policy is a YAML mapping)")
         raise PolicyError(f"{path}: a policy must be a YAML mapping, got {type(data).__name__}")
     return data
 
 
-def _merged(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     """The raw mapping of ``path`` with its ``extends`` chain merged in; artifact paths made absolute."""
     path = path.resolve()
     if path in chain:
         raise PolicyError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in chain + (path,))}")
-    data = copy.deepcopy(_read_yaml(path))
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise PolicyError(f"{chain[0]}: extends: a chain of more than {MAX_EXTENDS_DEPTH} policies")
+    data = copy.deepcopy(_read_yaml(path, extended=bool(chain)))
     problems: list[str] = []
     # Artifact paths are relative to the file that names them: record each file's own directory.
     cats = data.get("categories")
@@ -173,9 +286,8 @@ def _merged(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], l
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data, problems
-    if not isinstance(parent_ref, str):
-        raise PolicyError(f"{path}: extends: must be a policy name or path, got {parent_ref!r}")
-    parent, parent_problems = _merged(_resolve_name(parent_ref, path.parent), chain + (path,))
+    parent, parent_problems = _merged(_resolve_extends(parent_ref, path, allow_outside), allow_outside,
+                                      chain + (path,))
     problems += parent_problems
     merged = parent
     for key, value in data.items():
@@ -221,8 +333,13 @@ def _str_list(value: Any, where: str, problems: list[str], *, allow_empty: bool 
 def _templates(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
     out = _str_list(value, where, problems)
     for i, t in enumerate(out):
-        if t.count("{}") != 1:
-            problems.append(f"{where}[{i}]: a template must contain '{{}}' exactly once, got {t!r}")
+        try:
+            ok = t.count("{}") == 1 and t.format("x").count("x") >= 1
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"{where}[{i}]: a template must contain '{{}}' exactly once and no other braces "
+                            f"(write {{{{ and }}}} for literal ones), got {_printable(t)}")
     return out
 
 
@@ -278,9 +395,13 @@ def load_policy(
     """
     if isinstance(source, Policy):
         return source
-    source = source if source is not None else os.environ.get("SAFECLIP_POLICY", "default")
-    path = _resolve_name(str(source), None)
-    data, problems = _merged(path)
+    if source is None:
+        env = os.environ.get("SAFECLIP_POLICY")
+        source, origin = (env, "$SAFECLIP_POLICY") if env else ("default", "policy")
+    else:
+        origin = "policy"
+    path = _resolve_top(os.fspath(source), origin)
+    data, problems = _merged(path, allow_outside)
     where0 = str(path)
 
     def at(field_path: str) -> str:
@@ -292,13 +413,20 @@ def load_policy(
     if not isinstance(name, str) or not name:
         problems.append(at("name: must be a non-empty string"))
         name = path.stem
+    elif not _ID_RE.match(name):
+        problems.append(at(f"name: {_printable(name)} must be 1-64 letters, digits or ._+- (it names the policy in "
+                           "every decision)"))
+        name = path.stem
     version = data.get("version", "0")
-    if not isinstance(version, (str, int, float)) or isinstance(version, bool):
-        problems.append(at(f"version: must be a string, got {version!r}"))
+    if not isinstance(version, (str, int, float)) or isinstance(version, bool) or not _ID_RE.match(str(version)):
+        problems.append(at(f"version: must be a string of 1-64 letters, digits or ._+-, got {_printable(version)}"))
         version = "0"
     description = data.get("description", "")
     if not isinstance(description, str):
         problems.append(at("description: must be a string"))
+        description = ""
+    elif any(not ch.isprintable() and ch not in "\n\t" for ch in description):
+        problems.append(at("description: holds control characters (escape codes reach terminals raw)"))
         description = ""
     encoder = data.get("encoder") or {}
     if not isinstance(encoder, dict) or not all(isinstance(v, str) for v in encoder.values()) or (
@@ -336,7 +464,10 @@ def load_policy(
             continue
         for key in sorted(set(cat) - _CATEGORY_KEYS):
             problems.append(at(f"{w}.{key}: unknown key (expected one of {sorted(_CATEGORY_KEYS)})"))
-        if cat.get("enabled", True) is False:
+        enabled = cat.get("enabled", True)
+        if not isinstance(enabled, bool):
+            problems.append(at(f"{w}.enabled: must be true or false, got {_printable(enabled)}"))
+        elif not enabled:
             continue
         desc = cat.get("description", "")
         if not isinstance(desc, str):
@@ -364,6 +495,11 @@ def load_policy(
         categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, probe, calibrator))
     if not categories and isinstance(cats_raw, dict) and cats_raw:
         problems.append(at("categories: every category is disabled"))
+    shipped = builtin_policy_dir() / f"{name}.yaml"
+    if not problems and shipped.is_file() and shipped.resolve() != path.resolve():
+        if _read_yaml(shipped).get("version") == data.get("version"):
+            problems.append(at(f"name/version: {name}@{version} is the id of a shipped policy; give this file its "
+                               "own name or version so that decisions say which policy decided"))
     if problems:
         raise PolicyError(problems)
     return Policy(

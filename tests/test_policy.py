@@ -143,3 +143,139 @@ def test_with_thresholds_returns_a_validated_copy():
         p.with_thresholds("drugs", flag=0.5, block=0.1)
     with pytest.raises(KeyError):
         p.with_thresholds("nope", flag=0.1, block=0.2)
+
+
+# ------------------------------------------------------------------------------ hostile policy files (issue 9)
+BILLION_LAUGHS = "a: &a ['lol','lol','lol','lol','lol','lol','lol','lol','lol']\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+def test_yaml_alias_bomb_is_refused_without_expanding(tmp_path):
+    f = write(tmp_path, "bomb.yaml", BILLION_LAUGHS)
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    assert "aliases" in str(e.value) and len(str(e.value)) < 600
+
+
+def test_oversized_policy_is_refused_before_parsing(tmp_path):
+    f = write(tmp_path, "big.yaml", "name: big\ndescription: '" + "x" * (2 << 20) + "'\n")
+    with pytest.raises(PolicyError, match="larger than"):
+        load_policy(f)
+
+
+@pytest.mark.parametrize("ref", ["/etc/passwd", "../../secret.conf", "../outside.yaml"])
+def test_extends_stays_in_the_policy_folder_and_echoes_no_foreign_content(tmp_path, ref):
+    (tmp_path / "secret.conf").write_text("password: hunter2\n")
+    (tmp_path / "outside.yaml").write_text("name: outside\nsecret: hunter2\n")
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    f = write(inner, "p.yaml", {"name": "p", "extends": ref})
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    msg = str(e.value)
+    assert "extends" in msg and "hunter2" not in msg and "root:" not in msg
+
+
+def test_allow_outside_lets_extends_reach_a_sibling_folder(tmp_path):
+    (tmp_path / "base").mkdir()
+    write(tmp_path / "base", "parent.yaml", {"name": "parent", "version": "7", "extends": "default"})
+    (tmp_path / "tuned").mkdir()
+    f = write(tmp_path / "tuned", "p.yaml", {"name": "child", "extends": "../base/parent.yaml"})
+    with pytest.raises(PolicyError, match="outside the policy's folder"):
+        load_policy(f)
+    assert load_policy(f, allow_outside=True).id == "child@7"  # the version is inherited
+
+
+def test_foreign_file_reached_by_extends_is_not_quoted(tmp_path):
+    (tmp_path / "notes.yaml").write_text("- hunter2\n- [unclosed\n")
+    f = write(tmp_path, "p.yaml", {"name": "p", "extends": "notes.yaml"})
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    assert "hunter2" not in str(e.value) and "unclosed" not in str(e.value)
+
+
+def test_a_local_file_named_like_a_shipped_policy_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "default", {"name": "default", "version": "1.0", "categories": {}})
+    p = load_policy("default")
+    assert Path(p.source).resolve() == (builtin_policy_dir() / "default.yaml").resolve()
+    with pytest.raises(PolicyError, match=r"pass \./strictish"):
+        write(tmp_path, "strictish", {"name": "x"})
+        load_policy("strictish")
+
+
+def test_a_file_may_not_claim_a_shipped_policy_id(tmp_path):
+    f = write(tmp_path, "mine.yaml", {"name": "default", "version": "1.0", "extends": "default"})
+    with pytest.raises(PolicyError, match="id of a shipped policy"):
+        load_policy(f)
+    assert load_policy(write(tmp_path, "ok.yaml", {"name": "default", "version": "1.0+mine",
+                                                    "extends": "default"})).id == "default@1.0+mine"
+
+
+def test_non_utf8_policy_is_one_policy_error(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        load_policy(f)
+
+
+def test_a_1000_deep_extends_chain_is_a_policy_error(tmp_path):
+    for i in range(1000):
+        write(tmp_path, f"p{i}.yaml", {"name": f"p{i}", "extends": f"p{i + 1}.yaml" if i < 999 else "default"})
+    with pytest.raises(PolicyError, match="chain of more than"):
+        load_policy(tmp_path / "p0.yaml")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("name: a\nname: b\n", "duplicate key 'name'"),
+    ("name: a\nextends: default\ncategories:\n  drugs:\n    thresholds: {flag: 0.1, flag: 0.9}\n",
+     "duplicate key 'flag'"),
+])
+def test_duplicate_keys_are_errors(tmp_path, text, where):
+    with pytest.raises(PolicyError, match=where):
+        load_policy(write(tmp_path, "dup.yaml", text))
+
+
+def test_enabled_must_be_a_boolean(tmp_path):
+    f = write(tmp_path, "e.yaml", "name: e\nextends: default\ncategories:\n  drugs:\n    enabled: 'no'\n")
+    with pytest.raises(PolicyError, match="enabled: must be true or false"):
+        load_policy(f)
+
+
+def test_control_characters_in_names_never_reach_the_terminal(tmp_path):
+    f = write(tmp_path, "esc.yaml", {"name": "evil\x1b[2Jname", "extends": "default"})
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    assert "\x1b" not in str(e.value) and "\\x1b" in str(e.value)
+
+
+def test_template_with_other_fields_is_refused_at_load(tmp_path):
+    f = write(tmp_path, "t.yaml", {"name": "t", "extends": "default", "scoring": {"templates": ["{} {x}"]}})
+    with pytest.raises(PolicyError, match="no other braces"):
+        load_policy(f)
+
+
+def test_yaml_syntax_error_keeps_line_column_and_the_line(tmp_path):
+    f = write(tmp_path, "syn.yaml", "name: s\nversion: '1'\ncategories: [unclosed\n")
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    msg = str(e.value)
+    assert "syn.yaml:3:" in msg or "syn.yaml:4:" in msg
+    assert "invalid YAML" in msg and "^" in msg
+
+
+def test_unknown_names_get_did_you_mean_and_say_where_they_came_from(tmp_path, monkeypatch):
+    f = write(tmp_path, "x.yaml", {"name": "x", "extends": "defualt"})
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    assert "x.yaml: extends" in str(e.value) and "did you mean 'default'" in str(e.value)
+    with pytest.raises(PolicyError, match="did you mean 'strict'"):
+        load_policy("stirct")
+    monkeypatch.setenv("SAFECLIP_POLICY", "lenint")
+    with pytest.raises(PolicyError, match=r"\$SAFECLIP_POLICY.*did you mean 'lenient'"):
+        load_policy()
+
+
+def test_unknown_category_is_a_policy_error_and_a_key_error():
+    with pytest.raises(PolicyError, match="no category 'nope'"):
+        load_policy("default").category("nope")

@@ -18,7 +18,9 @@ def register(subparsers: Any) -> None:
         dest="policy_cmd", required=True)
     p = pol.add_parser("lint", help="validate policy files, reporting every problem")
     p.add_argument("files", nargs="+")
-    p.add_argument("--allow-outside", action="store_true", help="allow artifact paths outside the policy folder")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="allow artifact and extends paths outside the policy folder")
+    p.add_argument("--encoder-id", help="also check that every artifact belongs to this embedding space")
     p.set_defaults(func=_cmd_lint)
     p = pol.add_parser("show", help="print a policy with its inheritance resolved")
     p.add_argument("name", help="shipped policy name or YAML path")
@@ -29,11 +31,12 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
-    from ..policy import load_policy
+    from .._compiled import lint_policy
 
     for f in args.files:
-        p = load_policy(f, allow_outside=args.allow_outside)
-        print(f"{f}: ok ({p.id}, {len(p.categories)} categories)")
+        p = lint_policy(f, allow_outside=args.allow_outside, encoder_id=args.encoder_id)
+        n_art = sum((c.probe is not None) + (c.calibrator is not None) for c in p.categories)
+        print(f"{f}: ok ({p.id}, {len(p.categories)} categories, {n_art} artifacts checked)")
     return EXIT_OK
 
 
