@@ -23,6 +23,7 @@ from .errors import (
     AuditError,
     AuditLockedError,
     CacheError,
+    ConfigError,
     DataError,
     DecodeError,
     DecodeTimeoutError,
@@ -75,7 +76,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = sorted([
-    "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "DataError", "DecodeError",
+    "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
     "DecodeTimeoutError", "EncoderMismatchError", "EngineError", "EngineStalledError", "EngineUnavailableError",
     "ImageTooLargeError", "ManifestError", "ModelLoadError", "NoInputsError", "OutputError", "PolicyError",
     "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary", "audit",

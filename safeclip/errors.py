@@ -1,6 +1,7 @@
 """The error tree. Every error safeclip raises on purpose is a ``SafeclipError``.
 
     SafeclipError
+    ├── ConfigError             an argument or setting is invalid (also a ValueError)
     ├── PolicyError             a policy file is invalid (every problem listed, with its location)
     ├── ModelLoadError          weights could not be loaded (what was tried, how to point at a local file)
     ├── EncoderMismatchError    embeddings / artifacts from another embedding space
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "SafeclipError",
+    "ConfigError",
     "PolicyError",
     "ModelLoadError",
     "EncoderMismatchError",
@@ -50,6 +52,10 @@ __all__ = [
 
 class SafeclipError(Exception):
     """Base class of every error safeclip raises on purpose."""
+
+
+class ConfigError(SafeclipError, ValueError):
+    """An argument or setting is invalid (a batch size of 0, an unknown ``on_error``): the message says which."""
 
 
 class PolicyError(SafeclipError, ValueError):

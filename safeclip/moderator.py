@@ -23,7 +23,7 @@ from ._arrays import embedding_row_problems
 from .decide import Decision, build_decision, decide_codes, error_decision, nonfinite_rows
 from .decode import DecodeLimits, decode
 from .embed import Encoder, prepare_pixels, resolve_encoder_args
-from .errors import DataError, DecodeError
+from .errors import ConfigError, DataError, DecodeError
 from .policy import Policy, load_policy
 from .score import Scores
 
@@ -95,7 +95,10 @@ class Moderator:
         encoder: Encoder | None = None,
     ) -> None:
         if on_error not in _ON_ERROR:
-            raise ValueError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
+            raise ConfigError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
         self.on_error = on_error
         self.allow_outside = allow_outside
         self.policy = load_policy(policy, allow_outside=allow_outside)

@@ -70,3 +70,28 @@ def test_policy_lint_show_list(tmp_path, capsys):
     assert shown["categories"]["sexual"]["thresholds"] == {"flag": 0.3, "block": 0.6}
     assert main(["policy", "list"]) == 0
     assert {ln.split("\t")[0] for ln in capsys.readouterr().out.splitlines()} >= {"default", "strict", "lenient"}
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0():
+    """Regression (issue 10.9): `safeclip diff A B | head` died with a BrokenPipeError traceback and exit 1.
+
+    The command prints far more than a pipe buffer holds, so the writer is still writing when `head` exits.
+    """
+    script = (
+        "import argparse, sys\n"
+        "from safeclip.cli._options import run\n"
+        "p = argparse.ArgumentParser()\n"
+        "p.set_defaults(func=lambda a: [print(f'row {i}' + 'x' * 100) for i in range(100000)] and 0)\n"
+        "sys.exit(run(p, []))\n"
+    )
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -c \"$SCRIPT\" | head -2"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "SCRIPT": script})
+    assert proc.stdout.splitlines()[0].startswith("row 0")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0
+
+
+def test_check_batch_size_zero_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["check", "x.jpg", "--batch-size", "0"])
+    assert e.value.code == 2 and "positive integer" in capsys.readouterr().err

@@ -200,3 +200,12 @@ def test_decide_refuses_embeddings_that_are_not_clip_embeddings(moderator):
 
     with pytest.raises(DataError):
         moderator.decide(np.full((1, moderator.encoder.dim), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_batch_size_must_be_a_positive_integer(tiny_model, cache_dir, bad):
+    """Regression (issue 10.11): check --batch-size 0 and Moderator(batch_size=0) were accepted."""
+    from safeclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, batch_size=bad)

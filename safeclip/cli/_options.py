@@ -9,6 +9,8 @@ Exit codes: 0 success; 1 some input could not be read or decoded (``check``), or
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,7 +68,15 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     """Parse ``argv`` with ``parser`` and run the chosen subcommand; errors become one line and exit code 2."""
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`safeclip diff a b | head`): what it read was right; stop quietly. Point stdout at
+        # devnull so that the interpreter's own flush at exit does not raise again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except SafeclipError as e:
         msg = str(e).replace("\n", "\n  ")
         print(f"safeclip: error: {msg}", file=sys.stderr)
