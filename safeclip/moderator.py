@@ -86,6 +86,8 @@ class Moderator:
         device: str | None = None,
         batch_size: int | None = None,
         precision: str = "auto",
+        runtime: str | None = None,
+        threads: int | None = None,
         on_error: str = "raise",
         decode_limits: DecodeLimits | None = None,
         fast_decode: bool = True,
@@ -106,7 +108,7 @@ class Moderator:
             model, pretrained, self.encoder_chosen_by = resolve_encoder_args(model, pretrained, self.policy.encoder)
             _note_encoder_override(self.policy, model, pretrained, self.encoder_chosen_by)
             encoder = Encoder(model, pretrained, device=device, precision=precision, batch_size=batch_size,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, runtime=runtime, threads=threads)
         else:
             self.encoder_chosen_by = "caller"
         self.encoder = encoder

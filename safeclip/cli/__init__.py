@@ -11,6 +11,7 @@ check          ``safeclip check``
 policy         ``safeclip policy lint | show | list``
 audit          ``safeclip audit``, ``rescore``, ``diff``
 calibration    ``safeclip calibrate``, ``eval``
+runtime        ``safeclip runtime verify``
 =============  ==========================================
 """
 
@@ -19,12 +20,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import audit, calibration, check, policy
+from . import audit, calibration, check, policy, runtime
 from ._options import run
 
 __all__ = ["build_parser", "main"]
 
-_FAMILIES = (check, policy, audit, calibration)
+_FAMILIES = (check, policy, audit, calibration, runtime)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,8 @@ def add_policy_arg(p: argparse.ArgumentParser, *, required: bool = False) -> Non
 
 
 def add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False, batch_size: bool = True) -> None:
-    """``--model``, ``--pretrained``, ``--device`` (and ``--batch-size``).
+    """``--model``, ``--pretrained``, ``--device`` (and ``--batch-size``, ``--runtime``, ``--precision``,
+    ``--threads``).
 
     ``fallback``: the model only serves prompts missing from the cache (``rescore``, ``eval``), so the help says so.
     """
@@ -62,6 +63,15 @@ def add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False, batch_
     p.add_argument("--device", help="cuda, mps, cpu or auto (default)")
     if batch_size and not fallback:
         p.add_argument("--batch-size", type=positive_int, help="images per model forward")
+    if not fallback:
+        p.add_argument("--runtime", choices=("auto", "torch", "onnx"),
+                       help="what runs the image tower: auto (default, or $SAFECLIP_RUNTIME) is ONNX Runtime on a "
+                            "CPU and torch on a GPU")
+        p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16", "int8"), default="auto",
+                       help="auto (default): fp32 on a CPU, fp16 on a GPU; int8 is ONNX Runtime dynamic int8, an "
+                            "embedding space of its own (see `safeclip runtime verify`)")
+        p.add_argument("--threads", type=positive_int,
+                       help="threads of one model forward (default: $SAFECLIP_THREADS, else every core)")
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:

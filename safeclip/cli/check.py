@@ -26,7 +26,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from ..moderator import Moderator
 
     moderator = Moderator(policy=args.policy, model=args.model, pretrained=args.pretrained, device=args.device,
-                          batch_size=args.batch_size, on_error="flag")
+                          batch_size=args.batch_size, precision=args.precision, runtime=args.runtime,
+                          threads=args.threads, on_error="flag")
     failed = 0
     for path, decision in zip(args.files, moderator.check_many(args.files)):
         if decision.error is not None:

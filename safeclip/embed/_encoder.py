@@ -1,0 +1,260 @@
+"""The :class:`Encoder`: one open_clip model's image tower (ONNX Runtime or torch) and, when needed, its text tower."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ArtifactIntegrityError, EncoderMismatchError, ModelLoadError
+from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, default_cache_dir, resolve_device,
+                      resolve_runtime, resolve_threads)
+from ._identity import encoder_id_for, weights_identity
+from ._onnx import OnnxImageTower, import_onnxruntime
+from ._pixels import PixelSpec, prepare_pixels
+from ._prompts import PromptCache
+from ._store import ExportStore
+
+__all__ = ["Encoder", "RuntimeFallbackWarning"]
+
+_log = logging.getLogger("safeclip")
+
+
+class RuntimeFallbackWarning(UserWarning):
+    """The ONNX export did not reproduce the torch forward, so the image tower runs on torch."""
+
+
+# Encoders alive in this process, so that a forked child can repair them (see _after_fork_in_child).
+_live_encoders: weakref.WeakSet[Encoder] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Make encoders built before ``fork()`` usable in the child (pre-forking servers: gunicorn ``--preload``).
+
+    Neither torch's CPU thread pool (OpenMP) nor an ONNX Runtime session's survives ``fork()``: a child that runs
+    the parent's pool hangs for ever. So the children of a process that built an :class:`Encoder` run torch on one
+    thread and make their own one-thread ONNX Runtime session on first use (one model replica per worker process is
+    the usual layout anyway), and get fresh locks in case another thread of the parent held one at the fork.
+    """
+    encoders = list(_live_encoders)
+    if not encoders:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    for enc in encoders:
+        enc._lock = threading.Lock()
+        if enc._onnx is not None:
+            enc._onnx.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Encoder:
+    """A frozen open_clip model, loaded once, that embeds images and texts.
+
+    ``model`` is an open_clip architecture name (``"ViT-B-32"``), ``"local-dir:/path"`` (a folder with
+    ``open_clip_config.json`` and weights) or ``"hf-hub:org/repo"``; ``pretrained`` is an open_clip pretrained tag
+    (downloaded from the hub on a connected machine) or the path of a local checkpoint file.
+
+    ``runtime`` (default ``$SAFECLIP_RUNTIME``, else ``"auto"``) runs the image tower on ONNX Runtime on a CPU and
+    on torch on CUDA/MPS. The first ONNX use exports the tower into ``<cache_dir>/onnx/`` (once per weights, in a
+    child process, verified against torch); later starts load the export without importing torch, and the text
+    tower is loaded only for prompts missing from the prompt cache, then released. ``precision="int8"`` (ONNX
+    Runtime dynamic int8) is an opt-in with its own ``encoder_id``. ``threads`` (default ``$SAFECLIP_THREADS``, else
+    every available core) sets ONNX Runtime's intra-op threads, or torch's.
+
+    >>> enc = Encoder("ViT-B-32", "/models/vit-b-32.pt")          # doctest: +SKIP
+    >>> enc.embed_images([Image.open("photo.jpg")]).shape        # doctest: +SKIP
+    (1, 512)
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        pretrained: str | None = None,
+        *,
+        device: str | None = None,
+        precision: str = "auto",
+        batch_size: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        runtime: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        model = model or os.environ.get("SAFECLIP_MODEL") or DEFAULT_MODEL
+        if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
+            pretrained = os.environ.get("SAFECLIP_PRETRAINED") or (
+                DEFAULT_PRETRAINED if model == DEFAULT_MODEL else None
+            )
+        if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
+            raise ModelLoadError(
+                f"model {model!r} needs weights: pass pretrained=<tag> (see open_clip.list_pretrained()) or "
+                "pretrained=<path to a checkpoint>; safeclip never moderates with random weights"
+            )
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.model_name = model
+        self.pretrained = pretrained
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.threads = resolve_threads(threads)
+        self._lock = threading.Lock()
+        self._torch: Any = None  # a TorchModel: the torch runtime's, or none
+        self._onnx: OnnxImageTower | None = None
+
+        asked = runtime or os.environ.get("SAFECLIP_RUNTIME") or "auto"
+        device = device or os.environ.get("SAFECLIP_DEVICE") or "auto"
+        self.device = "cpu" if asked == "onnx" and device == "auto" else resolve_device(device)
+        self.runtime = resolve_runtime(asked, self.device, precision)
+        on_accel = self.device.startswith(("cuda", "mps"))
+        if precision == "auto":
+            # fp16 autocast on GPUs; fp32 on CPU (bf16 autocast is several times slower on CPUs without AMX).
+            precision = "fp16" if on_accel else "fp32"
+        self.precision = precision
+        self.batch_size = batch_size or (64 if on_accel else 16)
+        self._weights_id = weights_identity(model, pretrained, self.cache_dir)
+
+        if self.runtime == "onnx":
+            self._onnx = self._open_onnx(explicit=asked == "onnx" or precision == "int8")
+        if self._onnx is not None:
+            m = self._onnx.manifest
+            self.pixel_spec = PixelSpec.from_dict(m["pixel_spec"])
+            self.encoder_id = str(m["encoder_id"])
+            self.logit_scale = float(m["logit_scale"])
+            self.dim = self._onnx.dim
+        else:
+            self.runtime = "torch"
+            from ._torch import TorchModel
+
+            self._torch = TorchModel(model, pretrained, device=self.device, precision=precision)
+            if self.threads is not None:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            self.pixel_spec = self._torch.pixel_spec
+            self.encoder_id = encoder_id_for(model, self._weights_id, self.pixel_spec, precision)
+            self.logit_scale = self._torch.logit_scale
+            self.dim = int(self._compute_texts(["a photo"]).shape[1])
+        self.prompt_cache = PromptCache(self.encoder_id, self.cache_dir)
+        _live_encoders.add(self)
+
+    # ----------------------------------------------------------------------------------------------- ONNX
+    def _open_onnx(self, *, explicit: bool) -> OnnxImageTower | None:
+        """The verified export's session, exporting it first if needed; None (after one log line or warning) when
+        the image tower has to run on torch instead. ``explicit`` (the caller asked for onnx or int8): raise."""
+        try:
+            import_onnxruntime()
+        except ModelLoadError:
+            if explicit:
+                raise
+            _log.warning("onnxruntime is not installed: the image tower runs on torch (pip install onnxruntime "
+                         "for the faster CPU runtime)")
+            return None
+        store = ExportStore(self.cache_dir, self.model_name, self._weights_id, self.precision)
+        verdict: dict[str, Any] = {}
+        for _ in range(2):  # a refused (tampered) file is exported again once
+            manifest = store.read_manifest()
+            if manifest is not None:
+                try:
+                    tower = OnnxImageTower(store, manifest, self.threads)
+                    expected = encoder_id_for(self.model_name, self._weights_id,
+                                              PixelSpec.from_dict(manifest["pixel_spec"]), self.precision)
+                    if manifest["encoder_id"] != expected:
+                        raise ArtifactIntegrityError(f"{store.manifest_path}: encoder_id {manifest['encoder_id']!r}"
+                                                     f", expected {expected!r}")
+                    return tower
+                except (ArtifactIntegrityError, TypeError, ValueError) as e:
+                    _log.warning("refusing the ONNX export: %s; exporting it again", e)
+            else:
+                recorded = store.read_failure()
+                if recorded is not None:
+                    verdict = {"ok": False, **recorded, "recorded": True}
+                    break
+            from ._export import export_in_child  # not at import: the child runs that module as __main__
+
+            verdict = export_in_child(store, self.model_name, self.pretrained, self.threads)
+            if not verdict["ok"]:
+                break
+        else:
+            verdict = {"ok": False, "kind": "verify", "reason": "the export kept failing its sha256 check"}
+        what = f"ONNX export of {self.model_name} ({self.precision})"
+        reason = f"{what}: {verdict.get('kind', 'export')} failed: {verdict.get('reason')}"
+        if verdict.get("recorded"):
+            reason += f" (recorded in {store.failure_path}; delete that folder to try again)"
+        if explicit:
+            raise ModelLoadError(f"{reason}. Use runtime='torch' (--runtime torch)"
+                                 + (" and precision fp32" if self.precision == "int8" else ""))
+        if verdict.get("kind") == "verify":
+            warnings.warn(f"{reason}; the image tower runs on torch instead", RuntimeFallbackWarning, stacklevel=3)
+        else:
+            _log.warning("%s; the image tower runs on torch instead", reason)
+        return None
+
+    # ----------------------------------------------------------------------------------------------- images
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed prepared pixels ``(N, S, S, 3)`` uint8 (see :func:`prepare_pixels`) -> ``(N, D)`` float32."""
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f"pixels must be (N, S, S, 3) uint8, got {pixels.shape} {pixels.dtype}")
+        out = np.empty((len(pixels), self.dim), dtype=np.float32)
+        if not len(pixels):
+            return out
+        with self._lock:
+            (self._onnx or self._torch).embed_pixels(pixels, self.batch_size, out)
+        return out
+
+    def embed_images(self, frames: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB PIL frames -> ``(N, D)`` L2-normalised float32."""
+        if not frames:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self.embed_pixels(np.stack([prepare_pixels(f, self.pixel_spec) for f in frames]))
+
+    # ----------------------------------------------------------------------------------------------- texts
+    def _compute_texts(self, texts: list[str]) -> np.ndarray:
+        """Run the text tower; on the ONNX runtime it is loaded for this call and released after it."""
+        with self._lock:
+            if self._torch is not None:
+                return self._torch.embed_texts(texts)
+            from ._torch import TorchModel
+
+            tm = TorchModel(self.model_name, self.pretrained, device="cpu", precision="fp32")
+            try:
+                if self.threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self.threads)
+                space = encoder_id_for(self.model_name, self._weights_id, tm.pixel_spec, self.precision)
+                if space != self.encoder_id:
+                    raise EncoderMismatchError(f"the text tower loaded as {space!r}, the image export is "
+                                               f"{self.encoder_id!r}: delete {self._onnx.store.dir} to export again")
+                vecs = tm.embed_texts(texts)
+            finally:
+                del tm
+                gc.collect()
+        if vecs.shape[1] != self.dim:
+            raise EncoderMismatchError(f"text embeddings have dimension {vecs.shape[1]}, images {self.dim}")
+        return vecs
+
+    def embed_texts(self, texts: Sequence[str], *, use_cache: bool = True) -> np.ndarray:
+        """Embed prompt texts -> ``(N, D)`` float32, cached in memory and on disk by (encoder_id, text)."""
+        texts = list(texts)
+        if not use_cache:
+            return self._compute_texts(texts)
+        missing = self.prompt_cache.missing(texts)
+        if missing:
+            self.prompt_cache.put(missing, self._compute_texts(missing))
+        return self.prompt_cache.get(texts)
+
+    def __repr__(self) -> str:
+        return (f"Encoder({self.encoder_id!r}, runtime={self.runtime!r}, device={self.device!r}, "
+                f"precision={self.precision!r})")

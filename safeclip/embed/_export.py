@@ -1,0 +1,212 @@
+"""Export of the image tower to ONNX (fp32, and dynamic int8 from it), verified against torch.
+
+An export runs in a child process (``python -m safeclip.embed._export``): the server that asked for it never pays
+the exporter's memory peak, never sees its output (a failing TorchScript export dumps the whole graph on stderr)
+and survives a crash in it. The child holds the export folder's lock, re-checks whether another process finished
+the export meanwhile, exports, runs the exported graph on a fixed batch against the torch forward (fp32: cosine >=
+:data:`FP32_MIN_COSINE` at batch 1 and 4), and only then writes the file and its manifest. Its last line on stdout is
+a JSON verdict ``{"ok": ..., "kind": ..., "reason": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._files import write_bytes_atomic
+from ._identity import encoder_id_for, weights_identity
+from ._store import EXPORT_FORMAT, ExportStore, package_versions
+
+__all__ = ["FP32_MIN_COSINE", "INT8_MIN_COSINE", "export_in_child", "main", "verification_batch"]
+
+FP32_MIN_COSINE = 0.99999
+"""An fp32 export must give the torch forward's embeddings: same ``encoder_id``, caches and calibrators."""
+
+INT8_MIN_COSINE = 0.9
+"""A floor that only catches a broken quantisation; what int8 costs on real images is measured by
+``safeclip runtime verify`` on the user's own images."""
+
+
+def verification_batch(size: int) -> np.ndarray:
+    """A fixed ``(4, size, size, 3)`` uint8 batch: two noise images and two smooth ones (gradients, rings)."""
+    rng = np.random.default_rng(20240601)
+    noise = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1)
+    grad = np.stack([xx, yy, 1.0 - xx * yy], -1)
+    rings = 0.5 + 0.5 * np.stack([np.sin(12 * np.hypot(xx - .5, yy - .5) + k) for k in (0.0, 2.0, 4.0)], -1)
+    smooth = (np.stack([grad, rings]) * 255).round().astype(np.uint8)
+    return np.concatenate([noise, smooth])
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _to_onnx(tm: Any, opset: int) -> bytes:
+    import torch
+
+    size = tm.pixel_spec.size
+    dummy = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # batch 2: nothing may specialise on batch 1
+    kwargs: dict[str, Any] = dict(opset_version=opset, input_names=["pixels"], output_names=["embeddings"],
+                                  dynamic_axes={"pixels": {0: "batch"}, "embeddings": {0: "batch"}},
+                                  do_constant_folding=True)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript exporter: needs onnx, not onnxscript
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    buf = io.BytesIO()
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)  # the fused attention kernel has no ONNX form
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(tm.image, (dummy,), buf, **kwargs)
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
+    return buf.getvalue()
+
+
+def _cosines(model: bytes | str, pixels: np.ndarray, ref: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    one = session.run(None, {"pixels": pixels[:1]})[0]
+    many = session.run(None, {"pixels": pixels})[0]
+    cos = np.concatenate([(one * ref[:1]).sum(1), (many * ref).sum(1)])
+    return float(cos.min()) if np.isfinite(cos).all() else float("nan")
+
+
+def _export(store: ExportStore, model: str, pretrained: str | None, holder: dict[str, Any]) -> dict[str, Any]:
+    """Export into ``store`` unless a valid export is there; the torch model is loaded once into ``holder``."""
+    from ._torch import TorchModel
+
+    with store.lock():
+        if store.valid_manifest() is not None:
+            return {"ok": True, "reused": True}
+        if "tm" not in holder:
+            holder["tm"] = TorchModel(model, pretrained, device="cpu", precision="fp32")
+        tm = holder["tm"]
+        pixels = verification_batch(tm.pixel_spec.size)
+        if "ref" not in holder:
+            holder["ref"] = tm.reference(pixels)
+        ref = holder["ref"]
+        if store.precision == "fp32":
+            stage = "export"
+            try:
+                data = _to_onnx(tm, store.opset)
+                stage = "verify"
+                cosine = _cosines(data, pixels, ref)
+            except Exception as e:  # an architecture the exporter cannot express, or a graph ORT refuses
+                reason = _one_line(e)
+                store.write_failure(stage, reason)
+                return {"ok": False, "kind": stage, "reason": reason}
+            floor = FP32_MIN_COSINE
+        else:
+            fp32 = store.sibling("fp32")
+            verdict = _export(fp32, model, pretrained, holder)
+            if not verdict["ok"]:
+                return verdict
+            try:
+                data = _quantize(fp32.dir / fp32.read_manifest()["file"], store)  # type: ignore[index]
+                cosine = _cosines(data, pixels, ref)
+            except Exception as e:
+                reason = _one_line(e)
+                store.write_failure("quantize", reason)
+                return {"ok": False, "kind": "quantize", "reason": reason}
+            floor = INT8_MIN_COSINE
+        if not cosine >= floor:
+            reason = (f"the exported graph's embeddings differ from torch's on the verification batch: min cosine "
+                      f"{cosine:.7f} < {floor}")
+            store.write_failure("verify", reason, cosine=cosine)
+            return {"ok": False, "kind": "verify", "reason": reason, "cosine": cosine}
+        digest = write_bytes_atomic(store.model_path, data, durable=True)
+        store.write_manifest({
+            "format": EXPORT_FORMAT, "encoder_id": encoder_id_for(model, store.weights_id, tm.pixel_spec,
+                                                                  store.precision),
+            "model": model, "weights": store.weights_id, "pixel_spec": dataclasses.asdict(tm.pixel_spec),
+            "dim": int(ref.shape[1]), "logit_scale": float(tm.logit_scale), "opset": store.opset,
+            "precision": store.precision, "file": store.model_path.name, "sha256": digest, "bytes": len(data),
+            "verified": {"min_cosine": cosine, "floor": floor, "batch": len(pixels)}, "versions": package_versions(),
+        })
+        return {"ok": True, "reused": False, "cosine": cosine}
+
+
+def _quantize(fp32_path: Path, store: ExportStore) -> bytes:
+    """Dynamic int8 (weights int8 per tensor, activations quantised at run time) of the fp32 export."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantiser's advice on pre-processing, in this child only
+    with tempfile.TemporaryDirectory(dir=store.dir, prefix=".quantize-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(fp32_path, out, weight_type=QuantType.QInt8)
+        return out.read_bytes()
+
+
+def export_in_child(store: ExportStore, model: str, pretrained: str | None, threads: int | None) -> dict[str, Any]:
+    """Run the export in a child process; its verdict (``{"ok": False, ...}`` when it failed or crashed)."""
+    cmd = [sys.executable, "-m", "safeclip.embed._export", "--model", model, "--cache", str(store.cache_dir),
+           "--precision", store.precision, "--opset", str(store.opset)]
+    if pretrained is not None:
+        cmd += ["--pretrained", pretrained]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        return {"ok": False, "kind": "export", "reason": f"could not start the export process: {_one_line(e)}"}
+    lines = proc.stdout.strip().splitlines()
+    with contextlib.suppress(ValueError, IndexError):
+        verdict = json.loads(lines[-1])
+        if isinstance(verdict, dict) and "ok" in verdict:
+            return verdict
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    why = err[-1].strip()[:300] if err else f"exit status {proc.returncode}"
+    return {"ok": False, "kind": "export", "reason": f"the export process failed: {why}"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m safeclip.embed._export")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--pretrained")
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--precision", choices=("fp32", "int8"), required=True)
+    ap.add_argument("--opset", type=int, required=True)
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        weights_id = weights_identity(args.model, args.pretrained, Path(args.cache))
+        store = ExportStore(args.cache, args.model, weights_id, args.precision, args.opset)
+        verdict = _export(store, args.model, args.pretrained, {})
+    except Exception as e:  # the model will not load, the cache is not writable...: the parent says so
+        verdict = {"ok": False, "kind": "load", "reason": _one_line(e)}
+    print(json.dumps(verdict), flush=True)
+    return 0 if verdict["ok"] else 3
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

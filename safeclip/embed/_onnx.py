@@ -1,0 +1,69 @@
+"""The image tower on ONNX Runtime: one CPU session over a verified export, no torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactIntegrityError, ModelLoadError
+from ._config import available_cpus
+from ._store import ExportStore
+
+__all__ = ["OnnxImageTower", "import_onnxruntime"]
+
+
+def import_onnxruntime() -> Any:
+    """``onnxruntime``, or :class:`ModelLoadError` saying how to get it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ModelLoadError(f"onnxruntime is not importable ({e}): pip install onnxruntime, or use "
+                             "runtime='torch' (--runtime torch, SAFECLIP_RUNTIME=torch)") from e
+    return onnxruntime
+
+
+class OnnxImageTower:
+    """A session over the export a manifest vouches for. The file's sha256 is checked before every session is
+    made, including the one a forked child makes for itself."""
+
+    def __init__(self, store: ExportStore, manifest: dict[str, Any], threads: int | None) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.dim = int(manifest["dim"])
+        self.threads = threads
+        self._session: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        ort = import_onnxruntime()
+        path = self.store.checked_model(self.manifest)  # raises ArtifactIntegrityError: never run
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads or available_cpus()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a graph it cannot run
+            raise ArtifactIntegrityError(f"{path}: ONNX Runtime cannot load the export: {type(e).__name__}: {e}") from e
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if [i.name for i in inputs] != ["pixels"] or [o.name for o in outputs] != ["embeddings"] or (
+                outputs[0].shape[-1] not in (self.dim, None) and not isinstance(outputs[0].shape[-1], str)):
+            raise ArtifactIntegrityError(f"{path}: the export's inputs/outputs are not pixels -> embeddings "
+                                         f"(dimension {self.dim})")
+        self._session = session
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's session (its thread pool) is not usable; make a fresh one on first use,
+        on one thread like the torch runtime's children."""
+        self._session = None
+        self.threads = 1
+
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int, out: np.ndarray) -> None:
+        if self._session is None:
+            self._open()
+        for i in range(0, len(pixels), batch_size):
+            chunk = np.ascontiguousarray(pixels[i:i + batch_size])
+            out[i:i + len(chunk)] = self._session.run(None, {"pixels": chunk})[0]

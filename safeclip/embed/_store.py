@@ -1,0 +1,166 @@
+"""Where exported image towers live: ``<cache>/onnx/<arch>-<precision>-<key>/``, one folder per export.
+
+A folder holds the ONNX file, ``manifest.json`` (its sha256 and everything a warm start needs without torch:
+``encoder_id``, pixel spec, dimension, logit scale, opset, versions) and, when an export could not be made or failed
+its verification, ``failed.json`` instead, so that later starts fall back at once instead of trying again. The key
+hashes (architecture, weights identity, opset, precision, open_clip's version): open_clip's version stands for the
+preprocessing, which it derives from the architecture and weights; the manifest records the pixel spec itself.
+
+Writers hold the folder's lock (``fcntl.flock``; the kernel drops it if the process dies) and write the model file
+then the manifest atomically; readers take no lock and check the sha256, so a reader never runs a file the manifest
+does not vouch for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .._files import write_json_atomic
+from ..artifacts import sha256_file
+from ..errors import ArtifactIntegrityError
+from ._identity import model_arch
+
+__all__ = ["EXPORT_FORMAT", "OPSET", "ExportStore", "package_versions"]
+
+EXPORT_FORMAT = 1
+"""Bump when the exported graph's contract changes (inputs, outputs, what the manifest records)."""
+
+OPSET = 17
+"""ONNX opset of the exports: the first with LayerNormalization, which ONNX Runtime runs as one fused kernel."""
+
+_MANIFEST_KEYS = {"format": int, "encoder_id": str, "pixel_spec": dict, "dim": int, "logit_scale": float,
+                  "opset": int, "precision": str, "file": str, "sha256": str, "bytes": int}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions an export depends on (read from package metadata: nothing is imported)."""
+    return {name: _version(dist) for name, dist in (("safeclip", "safeclip"), ("torch", "torch"),
+                                                     ("open_clip", "open_clip_torch"), ("onnx", "onnx"),
+                                                     ("onnxruntime", "onnxruntime"))}
+
+
+class ExportStore:
+    """The folder of one export: (architecture, weights identity, opset, precision)."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str], model: str, weights_id: str, precision: str,
+                 opset: int = OPSET) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.model = model
+        self.weights_id = weights_id
+        self.precision = precision
+        self.opset = int(opset)
+        blob = json.dumps([EXPORT_FORMAT, model_arch(model), weights_id, self.opset, precision,
+                           _version("open_clip_torch")])
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_arch(model))[:40]
+        self.dir = self.cache_dir / "onnx" / f"{slug}-{precision}-{key}"
+        self.manifest_path = self.dir / "manifest.json"
+        self.failure_path = self.dir / "failed.json"
+        self.model_path = self.dir / f"image-{precision}.onnx"
+
+    def sibling(self, precision: str) -> ExportStore:
+        return ExportStore(self.cache_dir, self.model, self.weights_id, precision, self.opset)
+
+    # ------------------------------------------------------------------------------------------- manifest
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest if it is present, well formed and of this format; None otherwise (a corrupt one is as good
+        as none: the export is made again)."""
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(m, dict):
+            return None
+        for key, kind in _MANIFEST_KEYS.items():
+            value = m.get(key)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                m[key] = value = float(value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                return None
+        if m["format"] != EXPORT_FORMAT or m["precision"] != self.precision or m["opset"] != self.opset:
+            return None
+        if Path(m["file"]).name != m["file"] or m["file"].startswith("."):
+            return None  # the model file lives in this folder, nowhere else
+        return m
+
+    def checked_model(self, manifest: dict[str, Any]) -> Path:
+        """The model file the manifest names, after its size and sha256 match; :class:`ArtifactIntegrityError`
+        if they do not (a tampered or truncated file is never run)."""
+        path = self.dir / manifest["file"]
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ArtifactIntegrityError(f"{path}: the exported model is missing ({e.strerror})") from e
+        if size != manifest["bytes"]:
+            raise ArtifactIntegrityError(f"{path}: {size} bytes, the manifest says {manifest['bytes']} (truncated "
+                                         "or replaced)")
+        digest = sha256_file(path)
+        if digest != manifest["sha256"]:
+            raise ArtifactIntegrityError(f"{path}: sha256 {digest[:12]}..., the manifest pins "
+                                         f"{manifest['sha256'][:12]}... (modified)")
+        return path
+
+    def valid_manifest(self) -> dict[str, Any] | None:
+        """The manifest, if its model file checks out too."""
+        m = self.read_manifest()
+        if m is None:
+            return None
+        try:
+            self.checked_model(m)
+        except ArtifactIntegrityError:
+            return None
+        return m
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.failure_path.unlink()
+        write_json_atomic(self.manifest_path, manifest, durable=True)
+
+    # ------------------------------------------------------------------------------------------- failures
+    def read_failure(self) -> dict[str, Any] | None:
+        """A recorded failure that still applies (made with the installed versions), else None."""
+        try:
+            f = json.loads(self.failure_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(f, dict) or f.get("versions") != package_versions() or f.get("format") != EXPORT_FORMAT:
+            return None
+        return f
+
+    def write_failure(self, kind: str, reason: str, **extra: Any) -> None:
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.failure_path, {"format": EXPORT_FORMAT, "kind": kind, "reason": reason,
+                                                  "versions": package_versions(), **extra})
+
+    # ------------------------------------------------------------------------------------------- lock
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive among the processes exporting into this folder (a no-op where ``fcntl`` is missing: the
+        atomic writes and the sha256 check keep the folder consistent, only work may be done twice)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            yield
+            return
+        with open(self.dir / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,150 @@
+"""The torch side of the embed stage: open_clip loading, the image forward torch runs and ONNX exports, the text tower.
+
+Imported only when torch is needed: the torch runtime, an export (in its own process), or a prompt-cache miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError
+from ._pixels import PixelSpec
+
+__all__ = ["PixelsToEmbedding", "TorchModel"]
+
+
+class PixelsToEmbedding(torch.nn.Module):
+    """``(N, S, S, 3)`` uint8 pixels -> ``(N, D)`` L2-normalised float32 embeddings.
+
+    The one image forward: the torch runtime runs it and the ONNX export traces it, so the two cannot drift apart.
+    ``x * scale - shift`` is ``ToTensor()`` then ``Normalize(mean, std)``.
+    """
+
+    def __init__(self, model: Any, spec: PixelSpec) -> None:
+        super().__init__()
+        self.model = model
+        mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", mean / std, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float() * self.scale - self.shift
+        feats = self.model.encode_image(x).float()
+        return torch.nn.functional.normalize(feats, dim=-1)
+
+
+def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """``encode_text`` with the context trimmed to the longest prompt.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so positions after the longest prompt never
+    influence any output: trimming gives the same embeddings as padding to 77, several times faster.
+    """
+    import open_clip
+    from open_clip.transformer import text_global_pool
+
+    m = model
+    causal = getattr(m, "attn_mask", None) is not None
+    if not (isinstance(m, open_clip.CLIP) and causal and getattr(m, "text_pool_type", "") in {"argmax", "eos"}):
+        return m.encode_text(tokens)
+    length = int((tokens != 0).sum(dim=1).max().item())
+    length = max(1, min(length, tokens.shape[1]))
+    t = tokens[:, :length]
+    cast = m.transformer.get_cast_dtype()
+    x = m.token_embedding(t).to(cast) + m.positional_embedding[:length].to(cast)
+    x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+    x = m.ln_final(x)
+    x = text_global_pool(x, t, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+    if m.text_projection is not None:
+        x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+    return x
+
+
+class TorchModel:
+    """An open_clip model (both towers) in eval mode, frozen, on one device."""
+
+    def __init__(self, model_name: str, pretrained: str | None, *, device: str = "cpu",
+                 precision: str = "fp32") -> None:
+        import open_clip
+
+        self.device = device
+        self.precision = precision
+        tried = f"model={model_name!r}, pretrained={pretrained!r}"
+        try:
+            model = open_clip.create_model(
+                model_name,
+                pretrained=None if model_name.startswith(("local-dir:", "hf-hub:")) else pretrained,
+                device=device,
+                precision="fp32",
+                require_pretrained=True,
+                cache_dir=os.environ.get("SAFECLIP_WEIGHTS_DIR"),
+            )
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HTTP errors alike
+            raise ModelLoadError(
+                f"could not load CLIP weights ({tried}): {type(e).__name__}: {e}. "
+                "On a connected machine pretrained tags download from the Hugging Face hub; offline, pass a local "
+                "checkpoint: pretrained='/path/to/open_clip_pytorch_model.bin' (or --pretrained PATH, or "
+                "SAFECLIP_PRETRAINED=PATH), or model='local-dir:/path/to/folder'."
+            ) from e
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pixel_spec = self._pixel_spec()
+        self.image = PixelsToEmbedding(model, self.pixel_spec).to(device).eval()
+        with torch.inference_mode():
+            self.logit_scale = float(model.logit_scale.exp().item())
+
+    def _pixel_spec(self) -> PixelSpec:
+        visual = self.model.visual
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", getattr(visual, "image_size", 224))
+        size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        return PixelSpec(
+            size=int(size),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+            mean=tuple(float(v) for v in cfg.get("mean", PixelSpec.mean)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in cfg.get("std", PixelSpec.std)),  # type: ignore[arg-type]
+            fill_color=int(cfg.get("fill_color", 0)),
+        )
+
+    def _autocast(self) -> Any:
+        if self.precision in {"fp32", "int8"}:
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
+
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int, out: np.ndarray) -> None:
+        """Embed ``(N, S, S, 3)`` uint8 pixels into ``out`` ``(N, D)``."""
+        on_cuda = self.device.startswith("cuda")
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(pixels), batch_size):
+                chunk = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size]))
+                if on_cuda:
+                    chunk = chunk.pin_memory()
+                feats = self.image(chunk.to(self.device, non_blocking=on_cuda))
+                out[i:i + len(feats)] = feats.cpu().numpy()
+
+    def reference(self, pixels: np.ndarray) -> np.ndarray:
+        """The fp32 forward of one batch, what an export is verified against."""
+        with torch.inference_mode():
+            return self.image(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)).cpu().numpy()
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """``(N, D)`` L2-normalised float32 text embeddings, no cache."""
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(texts), 256):
+                tokens = self.tokenizer(list(texts[i:i + 256])).to(self.device)
+                feats = _encode_text_trimmed(self.model, tokens).float()
+                out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)
