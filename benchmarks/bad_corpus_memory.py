@@ -1,10 +1,16 @@
-"""Peak memory of decoding every bad (and tricky) corpus file in one process.
+"""Peak memory of decoding every bad (and tricky) corpus file in one process, and of hostile files built here.
 
     python benchmarks/bad_corpus_memory.py [--corpus ../shared/corpus] [--repeat 2] [--target-size 224]
+                                           [--hostile-only] [--baseline-tree DIR]
 
 Prints the peak RSS (``resource.getrusage().ru_maxrss``) before and after, the files that raised the peak the most,
 the current RSS after each pass (growth across passes would be a leak), and the outcomes by error type. Exits 1 if
 anything but a DecodeError escapes for a bad file, or a tricky file fails.
+
+Then the hostile files of issue 9 item 6, each decoded in a fresh interpreter (peak RSS, seconds, outcome): a 1 KB
+animated WebP of 20 tiny frames on an 8000x8000 canvas and a 23 KB GIF of 999 frames on one, at ``target_size`` 224
+and at full resolution. ``--baseline-tree DIR`` runs them against another checkout's safeclip too (e.g. a
+``git archive`` of an older commit) and prints the ratios.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from safeclip.decode import DecodeLimits, decode  # noqa: E402
 from safeclip.errors import DecodeError  # noqa: E402
+from tests.test_decode import gif_animation, peak_rss_of_decode, webp_animation  # noqa: E402
 
 DOCS = {"MANIFEST.csv", "README.md", "PILLOW-LICENSE"}
 
@@ -48,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=default_corpus())
     parser.add_argument("--repeat", type=int, default=2, help="passes over the files (leak check)")
     parser.add_argument("--target-size", type=int, default=None)
+    parser.add_argument("--hostile-only", action="store_true", help="skip the corpus, run the hostile files only")
+    parser.add_argument("--baseline-tree", type=Path, help="another checkout whose safeclip to compare against")
     args = parser.parse_args(argv)
+    if args.hostile_only:
+        return hostile(args.baseline_tree)
 
     files = []
     for sub in ("bad", "tricky"):
@@ -106,7 +118,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:40s} {v}")
     for line in problems[:20]:
         print("PROBLEM:", line)
-    return 1 if problems else 0
+    return max(1 if problems else 0, hostile(args.baseline_tree))
+
+
+def _outcome(out: dict) -> str:
+    if "error" in out:
+        return f"{out['error']}: {out['message'].split(': ', 2)[-1][:90]}"
+    return f"{out['views']} frames of {out['frame_size'][0]}x{out['frame_size'][1]}"
+
+
+def hostile(baseline: Path | None) -> int:
+    """Each hostile file in a fresh interpreter: peak RSS, seconds and outcome (against ``baseline`` too)."""
+    import tempfile
+
+    cases = [
+        ("animated WebP, 20 4x4 frames on 8000x8000", webp_animation((8000, 8000), 20)),
+        ("GIF, 999 1x1 frames on 8000x8000", gif_animation((8000, 8000), 999)),
+    ]
+    trees = [("this checkout", ROOT)] + ([("baseline", baseline.resolve())] if baseline else [])
+    print("hostile files (each decoded in a fresh interpreter, default limits):")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, data in cases:
+            for target in (224, None):
+                results = {}
+                for tree_name, tree in trees:
+                    out = peak_rss_of_decode(Path(tmp), data, root=tree, **({"target_size": target} if target else {}))
+                    results[tree_name] = out
+                    print(f"  {label} ({len(data)} bytes), target_size={target}, {tree_name}: peak RSS "
+                          f"{out['peak_mib']:.0f} MiB (+{out['rise_mib']:.0f} MiB for the decode), "
+                          f"{out['seconds']:.1f} s, {_outcome(out)}")
+                if baseline:
+                    new, old = results["this checkout"], results["baseline"]
+                    print(f"    baseline / this checkout: peak RSS rise x{old['rise_mib'] / max(new['rise_mib'], 1):.1f},"
+                          f" time x{old['seconds'] / max(new['seconds'], 1e-3):.1f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ class Decision:
     ``action`` is ``"allow"``, ``"flag"`` or ``"block"``; ``categories`` maps each policy category to its
     :class:`CategoryResult`; ``reasons`` lists, worst first, the categories that fired. ``error`` is set only
     when the image could not be decided and the moderator fails closed (``on_error="flag"|"block"``).
+    ``frame_index`` names the frame that decided and, for an image with transparency (judged on several
+    backgrounds, the worst view deciding), ``background`` the ``(r, g, b)`` colour it was seen on (``None``: opaque).
     """
 
     action: str
@@ -100,6 +102,7 @@ class Decision:
     n_frames: int = 1
     error: str | None = None
     calibrated: bool = field(default=False)
+    background: tuple[int, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +114,7 @@ class Decision:
             "source": self.source,
             "frame_index": self.frame_index,
             "n_frames": self.n_frames,
+            "background": None if self.background is None else list(self.background),
             "calibrated": self.calibrated,
             "error": self.error,
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
@@ -136,6 +140,7 @@ def build_decision(
     source: str | None = None,
     frame_index: int | None = None,
     n_frames: int = 1,
+    background: tuple[int, int, int] | None = None,
 ) -> Decision:
     """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals.
 
@@ -178,6 +183,7 @@ def build_decision(
         frame_index=frame_index,
         n_frames=n_frames,
         calibrated=bool(np.all(calibrated)) if len(calibrated) else False,
+        background=background,
     )
 
 

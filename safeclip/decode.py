@@ -40,7 +40,7 @@ Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, 
 """What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
 
 
-DECODER_VERSION = 1
+DECODER_VERSION = 2
 """Bump when decoding can give other pixels or other errors for the same bytes (limits, mode handling, sampling).
 Cached decode failures record it with Pillow's version and the limits, so a bump re-decodes them."""
 
@@ -71,6 +71,8 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }  # the same table as PIL.ImageOps.exif_transpose
+_SWAPS_AXES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                         Image.Transpose.ROTATE_270})
 _STALE_INFO_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp", "transparency"})
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -96,13 +98,23 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
 
+_RGB = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Resource limits for one :func:`decode` call.
+    """Resource limits for one :func:`decode` call, and the backgrounds transparency is judged on.
 
     ``max_bytes``: input size; ``max_pixels``: width*height of any frame, checked from the header before pixels are
     decoded; ``max_frames``: frames in the file; ``sample_frames``: how many frames of an animation to return (evenly
-    spaced, first and last included); ``timeout_s``: time budget, checked between steps and frames.
+    spaced, first and last included); ``timeout_s``: time budget, checked between steps and frames, and between the
+    frames decoded on the way to a sampled one; ``max_total_pixels``: width*height summed over the frames
+    :func:`decode` returns (one per background for a frame with transparency), after the reduction ``target_size``
+    allows, checked from the header before any frame is decoded and again as frames are added.
+
+    ``backgrounds``: the colours a frame with real (not fully opaque) alpha is composited on, one returned frame
+    each, so that content that vanishes on one background (white on a transparent canvas, shown on white) is seen on
+    another. The default is a light and a dark page.
     """
 
     max_bytes: int = 64 * 2**20
@@ -110,25 +122,33 @@ class DecodeLimits:
     max_frames: int = 1000
     sample_frames: int = 8
     timeout_s: float = 10.0
+    max_total_pixels: int = 128_000_000
+    backgrounds: tuple[_RGB, ...] = ((255, 255, 255), (0, 0, 0))
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames"):
+        for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ValueError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
+        bgs = self.backgrounds
+        if isinstance(bgs, (str, bytes)) or not isinstance(bgs, (tuple, list)) or not bgs:
+            raise ValueError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
+        object.__setattr__(self, "backgrounds", tuple(dict.fromkeys(_check_background(b) for b in bgs)))
 
 
 @dataclass(frozen=True)
 class Decoded:
     """The result of :func:`decode`.
 
-    ``frames`` are RGB, loaded, EXIF-oriented; ``frame_indices`` gives each frame's index in the file. ``size`` is the
-    (width, height) of the first frame (the frames of an animation share it; the pages of an MPO/TIFF may not).
-    ``sha256`` is of the input bytes, or for PIL/ndarray inputs of mode + size + raw pixels. ``nbytes`` is 0 for
-    in-memory inputs.
+    ``frames`` are RGB, loaded, EXIF-oriented views of the sampled frames; ``frame_indices`` gives each one's frame
+    index in the file and ``backgrounds`` the colour it was composited on: ``None`` for an opaque frame (one view),
+    else one view per colour of :attr:`DecodeLimits.backgrounds` (so an index repeats). With a ``target_size`` the
+    views may be smaller than the image. ``size`` is the (width, height) of the first frame, oriented, before any
+    reduction (the frames of an animation share it; the pages of an MPO/TIFF may not). ``sha256`` is of the input
+    bytes, or for PIL/ndarray inputs of mode + size + raw pixels. ``nbytes`` is 0 for in-memory inputs.
     """
 
     frames: tuple[Image.Image, ...]
@@ -139,6 +159,7 @@ class Decoded:
     n_frames: int
     nbytes: int
     source: str | None
+    backgrounds: tuple[_RGB | None, ...]
 
 
 class _Deadline:
@@ -193,12 +214,30 @@ def _read_limited(f: Any, max_bytes: int, name: str, size_hint: int | None = Non
     return bytes(buf)
 
 
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_OPEN_FLAGS = _O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _require_regular(mode: int, name: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _FILE_KINDS if test(mode)), "an unknown kind of file")
+        raise UnsupportedFormatError(f"is {kind}, not a regular file; only regular files are decoded", name)
+
+
 def read_source(source: Source, *, max_bytes: int | None = None) -> tuple[bytes | None, str]:
     """Return ``(data, name)`` for an input: the bytes of a path, bytes-like or binary file object (read from its
     current position), or ``(None, "<PIL>")`` / ``(None, "<ndarray>")`` for in-memory images.
 
-    At most ``max_bytes + 1`` bytes are read (a larger regular file is refused from its size alone); more ->
-    :class:`ImageTooLargeError`. A missing or unreadable file -> :class:`DecodeError`.
+    At most ``max_bytes + 1`` bytes are read (a larger file is refused from its size alone); more ->
+    :class:`ImageTooLargeError`. A missing or unreadable file -> :class:`DecodeError`; a path to anything but a
+    regular file (a directory, FIFO, socket or device) -> :class:`UnsupportedFormatError`, before it is opened.
 
     >>> read_source(b"abc")
     (b'abc', '<bytes>')
@@ -223,22 +262,25 @@ def read_source(source: Source, *, max_bytes: int | None = None) -> tuple[bytes 
         except (TypeError, ValueError) as e:
             raise DecodeError(f"invalid path: {_one_line(e)}", repr(source)) from e
         try:
-            with open(source, "rb") as f:
-                st = os.fstat(f.fileno())
-                hint = None
-                if stat.S_ISREG(st.st_mode):
-                    if st.st_size > max_bytes:
-                        raise ImageTooLargeError(
-                            f"file is {st.st_size} bytes, over the {max_bytes}-byte limit", name
-                        )
-                    hint = st.st_size
-                return _read_limited(f, max_bytes, name, hint), name
+            # Only regular files: opening a FIFO blocks until a writer comes (no time budget can interrupt it), and
+            # opening a device can act on it. Check before opening, and again on the open descriptor (which O_NONBLOCK
+            # keeps from blocking) in case the path was swapped in between.
+            _require_regular(os.stat(source).st_mode, name)
+            fd = os.open(source, os.O_RDONLY | _OPEN_FLAGS)
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                _require_regular(st.st_mode, name)
+                if _OPEN_FLAGS & _O_NONBLOCK:
+                    os.set_blocking(fd, True)
+                if st.st_size > max_bytes:
+                    raise ImageTooLargeError(f"file is {st.st_size} bytes, over the {max_bytes}-byte limit", name)
+                return _read_limited(f, max_bytes, name, st.st_size), name
         except DecodeError:
             raise
         except FileNotFoundError as e:
             raise DecodeError("file not found", name) from e
         except IsADirectoryError as e:
-            raise DecodeError("is a directory, not an image file", name) from e
+            raise UnsupportedFormatError("is a directory, not a regular file", name) from e
         except PermissionError as e:
             raise DecodeError("permission denied", name) from e
         except (OSError, ValueError) as e:
@@ -269,14 +311,12 @@ def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Ima
     return out
 
 
-def _gray8_to_rgb(
-    gray: np.ndarray, alpha: np.ndarray | None, background: tuple[int, int, int]
-) -> Image.Image:
+def _gray8(gray: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
     g = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8))
     if alpha is None:
         return g.convert("RGB")
     a = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8))
-    return _composite(Image.merge("RGBA", (g, g, g, a)), background)
+    return Image.merge("RGBA", (g, g, g, a))
 
 
 def _int_to_u8(arr: np.ndarray) -> np.ndarray:
@@ -313,26 +353,29 @@ def _transparency_mask(arr: np.ndarray, trns: Any) -> np.ndarray | None:
     return None
 
 
-def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Convert a loaded frame in any Pillow mode to a new RGB image."""
+def _to_base(im: Image.Image) -> Image.Image:
+    """A loaded frame in any Pillow mode -> an "RGB" image, or "RGBA" where it has transparency data; new, except
+    an RGBA frame, returned as it is."""
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
         return im.copy()
     if mode in _SIXTEEN_BIT:
         arr = np.asarray(im).astype(np.uint16, copy=False)
-        return _gray8_to_rgb(arr >> 8, _transparency_mask(arr, im.info.get("transparency")), background)
+        return _gray8(arr >> 8, _transparency_mask(arr, im.info.get("transparency")))
     if mode == "I":
         arr = np.asarray(im)
-        return _gray8_to_rgb(_int_to_u8(arr), _transparency_mask(arr, im.info.get("transparency")), background)
+        return _gray8(_int_to_u8(arr), _transparency_mask(arr, im.info.get("transparency")))
     if mode == "F":
-        return _gray8_to_rgb(_float_to_u8(np.asarray(im)), None, background)
+        return _gray8(_float_to_u8(np.asarray(im)), None)
     if mode == "La":  # premultiplied LA: Pillow has no converter for it
         arr = np.asarray(im).astype(np.float32)
         a = arr[..., 1]
         g = np.where(a > 0, arr[..., 0] * 255.0 / np.maximum(a, 1), 0)
-        return _gray8_to_rgb(np.clip(np.rint(g), 0, 255), a, background)
+        return _gray8(np.clip(np.rint(g), 0, 255), a)
+    if mode == "RGBA":  # no copy: every path from here makes new images (reduced, composited or converted)
+        return im
     if im.has_transparency_data:
-        return _composite(im.convert("RGBA"), background)
+        return im.convert("RGBA")
     return im.convert("RGB")
 
 
@@ -345,18 +388,54 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _frame_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """A loaded frame -> a new, independent RGB image with its EXIF orientation applied."""
+def _reduction(size: tuple[int, int], target_size: int | None) -> int:
+    """The integer reduction factor that keeps the shorter side at least twice ``target_size`` (1: none).
+
+    Twice the target is what the fast pixel path (``reducing_gap=2``) reduces to anyway, so the model sees nearly the
+    same pixels; decode only does it earlier, frame by frame, so that no sampled frame is held at full canvas size.
+    """
+    if target_size is None:
+        return 1
+    return max(1, min(size) // (2 * target_size))
+
+
+def _reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    return (max(1, round(size[0] / factor)), max(1, round(size[1] / factor)))
+
+
+def _shrink(im: Image.Image, factor: int) -> Image.Image:
+    # A box filter over the exact source geometry: Image.reduce rounds the size up and averages a partial last block,
+    # a sub-pixel shift that the later resize to the model's input turns into visible differences on sharp edges.
+    return im.resize(_reduced_size(im.size, factor), Image.Resampling.BOX)
+
+
+def _frame_base(
+    im: Image.Image, size: tuple[int, int], target_size: int | None
+) -> tuple[Image.Image, tuple[int, int], bool]:
+    """A loaded frame -> (an RGB or RGBA image, reduced for ``target_size`` and EXIF-oriented; ``size`` (the
+    frame's size before any reduction) oriented; whether its alpha is real, i.e. not fully opaque). The image is new
+    unless it has real alpha (then only views composited from it are kept)."""
     method = _TRANSPOSE.get(_orientation(im))
-    if method is not None and im.mode == "RGB" and "transparency" not in im.info:
-        out = im.transpose(method)  # one new image instead of a copy and then a transposed copy
+    factor = _reduction(im.size, target_size)
+    alpha = False
+    if im.mode == "RGB" and "transparency" not in im.info:  # the common case: one new image, not a copy first
+        out = _shrink(im, factor) if factor > 1 else (im.copy() if method is None else im)
     else:
-        out = _to_rgb(im, background)
-        if method is not None:
-            out = out.transpose(method)
-    # Orientation and transparency are applied: drop their metadata (a later exif_transpose must not rotate twice).
-    out.info = {k: v for k, v in out.info.items() if k not in _STALE_INFO_KEYS}
-    return out
+        out = _to_base(im)
+        if out.mode == "RGBA":
+            alpha = out.getextrema()[3][0] < 255  # on the full frame: a reduction would blur a few clear pixels
+            if not alpha:  # fully opaque: the same on every background
+                out = out.convert("RGB")
+        if factor > 1:
+            out = _shrink(out, factor)
+    if method is not None:
+        out = out.transpose(method)
+    if method in _SWAPS_AXES:
+        size = (size[1], size[0])
+    if out is not im:  # only an RGBA frame with alpha can still be ``im``: its views are new, composited images
+        # Orientation and transparency are applied: drop their metadata (a later exif_transpose must not rotate twice).
+        out.info = {k: v for k, v in out.info.items() if k not in _STALE_INFO_KEYS}
+    return out, size, alpha
 
 
 def _sample_indices(n_frames: int, k: int) -> list[int]:
@@ -509,12 +588,107 @@ def _check_frames(n: Any, limits: DecodeLimits, what: str, name: str | None) -> 
     return n
 
 
+_SEQUENTIAL_SEEK = frozenset({"GIF", "PNG", "WEBP"})
+"""Formats whose frames Pillow decodes one after another to reach a later one (it composes each on the last)."""
+
+
+def _seek(im: Image.Image, i: int, deadline: _Deadline) -> None:
+    """Seek to frame ``i``. Where Pillow would decode every frame on the way inside one ``seek`` (a 999-frame GIF on a
+    large canvas: many seconds), step one frame at a time with the time budget checked between frames."""
+    pos = im.tell()
+    if i == pos:
+        return
+    if im.format in _SEQUENTIAL_SEEK:
+        if i < pos:
+            im.seek(0)
+            pos = 0
+        for j in range(pos + 1, i):
+            im.seek(j)
+            im.load()  # WebP decodes on load; GIF and APNG load each frame before the next anyway
+            deadline.check(f"at frame {j} on the way to frame {i}")
+    im.seek(i)
+
+
+class _Views:
+    """The RGB views of the sampled frames, and the pixels they hold, bounded by ``limits.max_total_pixels``."""
+
+    def __init__(self, limits: DecodeLimits, backgrounds: tuple[_RGB, ...], what: str, name: str | None):
+        self.limit, self.backgrounds, self.what, self.name = limits.max_total_pixels, backgrounds, what, name
+        self.frames: list[Image.Image] = []
+        self.indices: list[int] = []
+        self.colours: list[_RGB | None] = []
+        self.held = 0
+
+    def precheck(self, size: tuple[int, int], k: int, target_size: int | None) -> None:
+        """Refuse from the header what ``k`` sampled frames of ``size`` would hold (at least one view each)."""
+        w, h = _reduced_size(size, _reduction(size, target_size))
+        self._check(k * w * h, f"{k} sampled frame{'s' if k > 1 else ''} of {w}x{h}")
+
+    def add(self, base: Image.Image, index: int, alpha: bool) -> None:
+        colours: tuple[_RGB | None, ...] = self.backgrounds if alpha else (None,)
+        w, h = base.size
+        views = f"{len(colours)} view{'s' if len(colours) > 1 else ''}"
+        self._check(self.held + len(colours) * w * h, f"frame {index} ({views} of {w}x{h})")
+        for bg in colours:
+            self.frames.append(base if bg is None else _composite(base, bg))
+            self.indices.append(index)
+            self.colours.append(bg)
+        self.held += len(colours) * w * h
+
+    def _check(self, total: int, what: str) -> None:
+        if total > self.limit:
+            raise ImageTooLargeError(
+                f"{self.what}: holding {what} takes {total} pixels, over the {self.limit}-pixel limit on decoded "
+                "frames (DecodeLimits.max_total_pixels); decode with a target_size or sample fewer frames",
+                self.name,
+            )
+
+
+def _sample(
+    im: Image.Image,
+    n: int,
+    what: str,
+    name: str | None,
+    limits: DecodeLimits,
+    target_size: int | None,
+    backgrounds: tuple[_RGB, ...],
+    deadline: _Deadline,
+    *,
+    draft: bool = False,
+    digest: Any = None,
+) -> tuple[_Views, tuple[int, int]]:
+    """Decode the sampled frames of an open image into views, each reduced for ``target_size`` as it is produced, so
+    that at most one frame is held at full size; return them and the first frame's (oriented, full) size."""
+    indices = _sample_indices(n, limits.sample_frames)
+    views = _Views(limits, backgrounds, what, name)
+    views.precheck(im.size, len(indices), target_size)
+    size: tuple[int, int] | None = None
+    for i in indices:
+        deadline.check(f"before frame {i}")
+        if n > 1:  # never seek a single-frame image: it may be a PIL input of a format we do not hand to Pillow
+            _seek(im, i, deadline)
+        _check_pixels(im.size, limits, f"{what} frame {i}", name)
+        full = im.size
+        if draft:
+            im.draft("RGB", (target_size, target_size))
+        im.load()
+        if getattr(im, "tile", None):
+            raise TruncatedImageError(f"{what} frame {i} did not load completely", name)
+        if digest is not None:
+            _pixel_digest(digest, im)
+        base, oriented, alpha = _frame_base(im, full, target_size)
+        views.add(base, i, alpha)
+        size = size or oriented
+    assert size is not None  # indices is never empty
+    return views, size
+
+
 def _decode_file(
     data: bytes,
     name: str,
     limits: DecodeLimits,
     target_size: int | None,
-    background: tuple[int, int, int],
+    backgrounds: tuple[_RGB, ...],
     deadline: _Deadline,
 ) -> Decoded:
     sha = hashlib.sha256(data).hexdigest()
@@ -532,19 +706,8 @@ def _decode_file(
             _check_pixels(im.size, limits, what, name)
             deadline.check("after reading the header")
             n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
-            frames: list[Image.Image] = []
-            indices = _sample_indices(n, limits.sample_frames)
-            for i in indices:
-                deadline.check(f"before frame {i}")
-                if i != im.tell():
-                    im.seek(i)
-                _check_pixels(im.size, limits, f"{what} frame {i}", name)
-                if target_size is not None and fmt == "JPEG" and n == 1:
-                    im.draft("RGB", (target_size, target_size))
-                im.load()
-                if getattr(im, "tile", None):
-                    raise TruncatedImageError(f"{what} frame {i} did not load completely", name)
-                frames.append(_frame_rgb(im, background))
+            draft = target_size is not None and fmt == "JPEG" and n == 1
+            views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, draft=draft)
             deadline.check("after the last frame")
     except DecodeError:
         raise
@@ -555,14 +718,15 @@ def _decode_file(
             what = f"{_guess_allowed(data) or 'unknown'} image"
         raise _classify(e, what, name) from e
     return Decoded(
-        frames=tuple(frames),
-        frame_indices=tuple(indices),
+        frames=tuple(views.frames),
+        frame_indices=tuple(views.indices),
         sha256=sha,
         format=fmt,
-        size=frames[0].size,
+        size=size,
         n_frames=n,
         nbytes=len(data),
         source=name,
+        backgrounds=tuple(views.colours),
     )
 
 
@@ -578,7 +742,8 @@ def _decode_image(
     fmt: str,
     name: str,
     limits: DecodeLimits,
-    background: tuple[int, int, int],
+    target_size: int | None,
+    backgrounds: tuple[_RGB, ...],
     deadline: _Deadline,
 ) -> Decoded:
     what = "image" if fmt == "ndarray" else "PIL image"
@@ -592,19 +757,10 @@ def _decode_image(
         n = 1
         if im.format in ALLOWED_FORMATS:
             n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
-        indices = _sample_indices(n, limits.sample_frames)
         start = im.tell() if n > 1 else 0
         h = hashlib.sha256()
-        frames: list[Image.Image] = []
         try:
-            for i in indices:
-                deadline.check(f"before frame {i}")
-                if n > 1 and i != im.tell():
-                    im.seek(i)
-                _check_pixels(im.size, limits, f"{what} frame {i}", name)
-                im.load()
-                _pixel_digest(h, im)
-                frames.append(_frame_rgb(im, background))
+            views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, digest=h)
         finally:
             if n > 1 and im.tell() != start:
                 try:
@@ -617,14 +773,15 @@ def _decode_image(
     except Exception as e:
         raise _classify(e, what, name) from e
     return Decoded(
-        frames=tuple(frames),
-        frame_indices=tuple(indices),
+        frames=tuple(views.frames),
+        frame_indices=tuple(views.indices),
         sha256=h.hexdigest(),
         format=fmt,
-        size=frames[0].size,
+        size=size,
         n_frames=n,
         nbytes=0,
         source=name,
+        backgrounds=tuple(views.colours),
     )
 
 
@@ -673,26 +830,31 @@ def decode(
     *,
     limits: DecodeLimits | None = None,
     target_size: int | None = None,
-    background: tuple[int, int, int] = (255, 255, 255),
+    background: tuple[int, int, int] | None = None,
 ) -> Decoded:
     """Decode ``source`` into RGB frames, enforcing ``limits``.
 
-    ``source``: a path (str / PathLike), bytes / bytearray / memoryview, a binary file object (read from its current
-    position), a ``PIL.Image.Image``, or a numpy array (HxW gray, HxWx3 RGB, HxWx4 RGBA; uint8, or float in [0, 1]).
+    ``source``: a path (str / PathLike) to a regular file, bytes / bytearray / memoryview, a binary file object (read
+    from its current position), a ``PIL.Image.Image``, or a numpy array (HxW gray, HxWx3 RGB, HxWx4 RGBA; uint8, or
+    float in [0, 1]).
 
     ``target_size``: the model's input side. Large JPEGs are then decoded straight at a reduced DCT scale (1/2, 1/4,
-    1/8) whose shorter side is still >= ``target_size``; frames are not otherwise resized. ``None``: full resolution.
+    1/8) whose shorter side is still >= ``target_size``, and every frame is box-filtered down by the integer factor
+    that keeps its shorter side >= 2 * ``target_size`` as soon as it is decoded. ``None``: full resolution.
 
-    ``background``: the colour transparent pixels are composited on.
+    Transparency: a frame with real alpha is returned once per colour of ``limits.backgrounds`` (by default on white
+    and on black), so a decision can take the worse; ``backgrounds`` says which view is which (``None``: opaque, one
+    view). ``background``: one colour to composite on instead.
 
     Animated images (GIF, APNG, WebP, MPO, multi-page TIFF) return ``min(limits.sample_frames, n_frames)`` frames
     sampled evenly, first and last included; ``frame_indices`` says which.
 
     Raises a :class:`~safeclip.errors.DecodeError` subclass, whose message is one line naming the input:
-    :class:`UnsupportedFormatError` (not an allowed format, or not an image input), :class:`ImageTooLargeError`
-    (byte / pixel / frame limits, decompression bombs), :class:`TruncatedImageError` (truncated or corrupt data),
-    :class:`DecodeTimeoutError` (over ``limits.timeout_s``). Bad arguments (``limits``, ``target_size``,
-    ``background``) raise ``ValueError``/``TypeError``.
+    :class:`UnsupportedFormatError` (not an allowed format, not an image input, or a path that is not a regular
+    file), :class:`ImageTooLargeError` (byte / pixel / frame / held-pixel limits, decompression bombs),
+    :class:`TruncatedImageError` (truncated or corrupt data), :class:`DecodeTimeoutError` (over
+    ``limits.timeout_s``). Bad arguments (``limits``, ``target_size``, ``background``) raise
+    ``ValueError``/``TypeError``.
 
     The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
     interrupted from Python. A hard kill needs process isolation, which the audit runner's worker processes provide.
@@ -700,10 +862,12 @@ def decode(
     >>> import io
     >>> from PIL import Image
     >>> buf = io.BytesIO()
-    >>> Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(buf, "PNG")
+    >>> Image.new("RGBA", (40, 30), (255, 255, 255, 0)).save(buf, "PNG")
     >>> d = decode(buf.getvalue())
-    >>> d.format, d.size, d.n_frames, d.frames[0].mode, d.frames[0].getpixel((0, 0))
-    ('PNG', (40, 30), 1, 'RGB', (255, 255, 255))
+    >>> d.format, d.size, d.n_frames, d.frame_indices, d.backgrounds
+    ('PNG', (40, 30), 1, (0, 0), ((255, 255, 255), (0, 0, 0)))
+    >>> [f.getpixel((0, 0)) for f in d.frames]
+    [(255, 255, 255), (0, 0, 0)]
     >>> decode(b"%!PS-Adobe-3.0 EPSF-3.0\\n")
     Traceback (most recent call last):
     ...
@@ -717,14 +881,16 @@ def decode(
         isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1
     ):
         raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
-    bg = _check_background(background)
+    bgs = limits.backgrounds if background is None else (_check_background(background),)
 
     if isinstance(source, Image.Image):
-        return _decode_image(source, "PIL", "<PIL>", limits, bg, _Deadline(limits.timeout_s, "<PIL>"))
+        deadline = _Deadline(limits.timeout_s, "<PIL>")
+        return _decode_image(source, "PIL", "<PIL>", limits, target_size, bgs, deadline)
     if isinstance(source, np.ndarray):
         name = "<ndarray>"
         deadline = _Deadline(limits.timeout_s, name)
-        return _decode_image(_array_to_image(source, name, limits), "ndarray", name, limits, bg, deadline)
+        image = _array_to_image(source, name, limits)
+        return _decode_image(image, "ndarray", name, limits, target_size, bgs, deadline)
     start = time.monotonic()
     data, name = read_source(source, max_bytes=limits.max_bytes)
     if data is None:  # read_source returns None only for PIL / ndarray inputs, handled above
@@ -732,4 +898,4 @@ def decode(
     deadline = _Deadline(limits.timeout_s, name)
     deadline.start = start
     deadline.check("after reading the input")
-    return _decode_file(data, name, limits, target_size, bg, deadline)
+    return _decode_file(data, name, limits, target_size, bgs, deadline)

@@ -38,6 +38,7 @@ class _Prepared:
     frame_indices: tuple[int, ...]
     sha256: str
     source: str | None
+    backgrounds: tuple[tuple[int, int, int] | None, ...] = ()  # per row: the colour a transparent frame was seen on
 
 
 _log = logging.getLogger("safeclip")
@@ -179,7 +180,7 @@ class Moderator:
         spec = self.encoder.pixel_spec
         dec = decode(image, limits=self.decode_limits, target_size=spec.size if self.fast_decode else None)
         pixels = np.stack([prepare_pixels(f, spec, fast=self.fast_decode) for f in dec.frames])
-        return _Prepared(pixels, dec.frame_indices, dec.sha256, dec.source or _source_name(image))
+        return _Prepared(pixels, dec.frame_indices, dec.sha256, dec.source or _source_name(image), dec.backgrounds)
 
     def _try_prepare(self, image: Any) -> _Prepared | DecodeError:
         try:
@@ -249,7 +250,8 @@ class Moderator:
         rows: list[int],
         prep: _Prepared | None = None,
     ) -> Decision:
-        # Animated inputs: the worst frame wins (highest action, then highest probability).
+        # Animated inputs and transparent ones (one row per background): the worst row wins (highest action, then
+        # highest probability).
         codes = decide_codes(probs[rows], comp.policy)
         worst = max(range(len(rows)), key=lambda k: (int(codes[k].max()), float(probs[rows[k]].max())))
         r = rows[worst]
@@ -262,7 +264,8 @@ class Moderator:
             encoder_id=self.encoder_id, top_prompts=top,
             sha256=prep.sha256 if prep else None, source=prep.source if prep else None,
             frame_index=prep.frame_indices[worst] if prep else None,
-            n_frames=len(rows),
+            n_frames=len(set(prep.frame_indices)) if prep else len(rows),
+            background=prep.backgrounds[worst] if prep and prep.backgrounds else None,
         )
 
     def __repr__(self) -> str:

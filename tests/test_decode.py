@@ -7,17 +7,23 @@ import doctest
 import hashlib
 import importlib
 import io
+import json
 import multiprocessing
 import os
+import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
+import types
 import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, ImageOps
+from PIL import GifImagePlugin, Image, ImageFile, ImageOps, WebPImagePlugin
 
 from safeclip.decode import ALLOWED_FORMATS, DecodeLimits, Decoded, decode, read_source
 from safeclip.errors import (
@@ -87,11 +93,59 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _riff_chunk(tag: bytes, payload: bytes) -> bytes:
+    return tag + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) % 2 else b"")
+
+
+def webp_animation(canvas: tuple[int, int], frames: int, *, alpha: bool = False) -> bytes:
+    """An animated WebP of ``frames`` 4x4 frames scattered on a ``canvas``-sized canvas: ~1 KB for 20 frames, however
+    large the canvas (libwebp composes every frame on the whole canvas)."""
+    w, h = canvas
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4), (255, 255, 255, 255)).save(buf, "WEBP", lossless=True)
+    vp8l = buf.getvalue()[12:]  # the VP8L chunk of a still image
+    assert vp8l[:4] == b"VP8L"
+    body = b""
+    for k in range(frames):
+        x, y = (k * 74) % max(2, w - 4), (k * 106) % max(2, h - 4)
+        anmf = b"".join(v.to_bytes(3, "little") for v in (x // 2, y // 2, 3, 3, 50)) + b"\0"
+        body += _riff_chunk(b"ANMF", anmf + vp8l)
+    vp8x = bytes([0x02 | (0x10 if alpha else 0), 0, 0, 0]) + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+    payload = b"WEBP" + _riff_chunk(b"VP8X", vp8x) + _riff_chunk(b"ANIM", b"\0" * 6) + body
+    return b"RIFF" + struct.pack("<I", len(payload)) + payload
+
+
+def gif_animation(canvas: tuple[int, int], frames: int, *, transparent: bool = False) -> bytes:
+    """A GIF of ``frames`` 1x1 white frames scattered on a black (or, ``transparent``, clear) ``canvas``: 23 bytes a
+    frame, however large the canvas (Pillow composes every frame on the whole canvas)."""
+    w, h = canvas
+    out = bytearray(b"GIF89a" + struct.pack("<HH", w, h) + bytes([0x80, 0, 0]) + b"\0\0\0\xff\xff\xff")
+    for k in range(frames):
+        out += b"\x21\xf9\x04" + (b"\x01" if transparent else b"\x00") + b"\x05\x00\x00\x00"  # 50 ms, clear = 0
+        out += b"\x2c" + struct.pack("<HHHH", (k * 37) % w, (k * 53) % h, 1, 1) + b"\x00"
+        out += b"\x02\x02\x4c\x01\x00"  # LZW: clear, colour 1 (white), end
+    return bytes(out + b"\x3b")
+
+
+def white_drawing_on_clear(size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """White strokes on a fully transparent canvas: blank on a white page, plain to see on a dark one."""
+    im = Image.new("RGBA", size, (255, 255, 255, 0))
+    for x in range(8, size[0] - 8):
+        im.putpixel((x, size[1] // 2), (255, 255, 255, 255))
+        im.putpixel((x, x * (size[1] - 1) // size[0]), (255, 255, 255, 255))
+    return im
+
+
 def assert_valid(d: Decoded) -> None:
+    """A well-formed Decoded: each sampled frame once if opaque (background None), else once per background."""
+    backgrounds = DecodeLimits().backgrounds
     assert isinstance(d, Decoded)
-    assert len(d.frames) == len(d.frame_indices) >= 1
-    assert list(d.frame_indices) == sorted(set(d.frame_indices))
+    assert len(d.frames) == len(d.frame_indices) == len(d.backgrounds) >= 1
+    assert list(d.frame_indices) == sorted(d.frame_indices)
     assert 0 <= d.frame_indices[0] and d.frame_indices[-1] < d.n_frames
+    for i in set(d.frame_indices):
+        bgs = tuple(b for j, b in zip(d.frame_indices, d.backgrounds) if j == i)
+        assert bgs in ((None,), tuple(backgrounds)), bgs
     for fr in d.frames:
         assert fr.mode == "RGB"
         assert fr.size[0] > 0 and fr.size[1] > 0
@@ -333,6 +387,54 @@ def test_rgba_composited_not_dropped():
         assert np.abs(got - want).max() <= 1.0
 
 
+def test_alpha_is_judged_on_a_light_and_a_dark_background():
+    """Issue 9 item 2: white content on a clear canvas must not reach the model as a blank white page."""
+    drawing = white_drawing_on_clear()
+    blank = np.full((48, 64, 3), 255, np.uint8)
+    for source in (png_bytes(drawing), drawing, np.asarray(drawing)):
+        d = decode(source)
+        assert_valid(d)
+        assert d.n_frames == 1 and d.frame_indices == (0, 0) and d.size == (64, 48)
+        assert d.backgrounds == ((255, 255, 255), (0, 0, 0))
+        on_white, on_black = (np.asarray(f) for f in d.frames)
+        assert np.array_equal(on_white, blank)  # what a light page shows: nothing
+        assert not np.array_equal(on_black, blank) and not (on_black == 0).all()  # the drawing, in white on black
+        strokes = np.asarray(drawing)[..., 3] == 255
+        assert (on_black[strokes] == 255).all() and (on_black[~strokes] == 0).all()
+
+
+def test_backgrounds_are_an_option_and_opaque_images_keep_one_frame():
+    drawing = png_bytes(white_drawing_on_clear())
+    grey = decode(drawing, limits=DecodeLimits(backgrounds=((128, 128, 128),)))
+    assert grey.backgrounds == ((128, 128, 128),) and len(grey.frames) == 1
+    assert decode(drawing, background=(0, 0, 255)).backgrounds == ((0, 0, 255),)  # one colour, as asked
+    three = decode(drawing, limits=DecodeLimits(backgrounds=[(255, 255, 255), (0, 0, 0), (255, 0, 255), (0, 0, 0)]))
+    assert three.backgrounds == ((255, 255, 255), (0, 0, 0), (255, 0, 255))  # duplicates dropped, order kept
+    # opaque inputs, even RGBA ones with alpha 255 everywhere, are one frame with no background: as before
+    for source in (png_bytes(Image.new("RGBA", (8, 8), (10, 20, 30, 255))), Image.new("RGB", (8, 8)),
+                   png_bytes(Image.new("L", (8, 8), 7))):
+        d = decode(source)
+        assert d.backgrounds == (None,) and len(d.frames) == 1 and d.frame_indices == (0,)
+    # a partly transparent pixel is real alpha
+    im = Image.new("RGBA", (8, 8), (10, 20, 30, 255))
+    im.putpixel((3, 3), (10, 20, 30, 254))
+    assert len(decode(im).frames) == 2
+    for bad in ((), ((0, 0),), "white", ((0, 0, 256),), None):
+        with pytest.raises(ValueError, match="background"):
+            DecodeLimits(backgrounds=bad)
+
+
+def test_animated_transparency_gives_views_per_frame():
+    """A frame is judged on every background only where it has real alpha; the others stay one frame."""
+    d = decode(gif_animation((40, 30), 5, transparent=True), limits=DecodeLimits(sample_frames=3))
+    assert_valid(d)
+    assert d.frame_indices == (0, 0, 2, 2, 4, 4) and d.backgrounds == ((255, 255, 255), (0, 0, 0)) * 3
+    white, black = np.asarray(d.frames[4]), np.asarray(d.frames[5])
+    assert (white == 255).all() and (black == 255).any() and (black == 0).any()  # white dots, seen on black only
+    opaque = decode(gif_animation((40, 30), 5), limits=DecodeLimits(sample_frames=3))
+    assert opaque.frame_indices == (0, 2, 4) and opaque.backgrounds == (None,) * 3
+
+
 # ------------------------------------------------------------------------------------------------ input kinds
 
 
@@ -471,6 +573,53 @@ def test_unreadable_paths(tmp_path: Path):
         decode(Exploding())
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_refused_before_opening(tmp_path: Path):
+    """Issue 9 item 11: open() on a FIFO blocks until a writer comes, whatever the time budget."""
+    fifo = tmp_path / "upload.png"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.png"
+    link.symlink_to(fifo)
+    outcome: dict[str, BaseException] = {}
+
+    def run(source) -> None:
+        try:
+            decode(source, limits=DecodeLimits(timeout_s=1.0))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome[str(source)] = e
+
+    try:
+        for source in (fifo, link, str(fifo)):
+            t = threading.Thread(target=run, args=(source,), daemon=True)
+            t.start()
+            t.join(10.0)
+            assert not t.is_alive(), f"decode({source}) is blocked in open()"
+            err = outcome[str(source)]
+            assert isinstance(err, UnsupportedFormatError), repr(err)
+            assert "FIFO" in str(err) and str(source) in str(err) and "\n" not in str(err)
+    finally:  # unblock a reader stuck in open() (the code before the fix), so the thread can end
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    with pytest.raises(UnsupportedFormatError, match="FIFO"):
+        read_source(fifo)
+
+
+def test_other_non_regular_files_refused(tmp_path: Path):
+    with pytest.raises(UnsupportedFormatError, match="is a directory, not a regular file"):
+        decode(tmp_path)
+    if hasattr(socket, "AF_UNIX"):
+        path = tmp_path / "s.jpg"
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+            with pytest.raises(UnsupportedFormatError, match="is a socket"):
+                decode(path)
+    if os.path.exists("/dev/zero"):  # endless zeros: refused from its kind, not read up to the byte limit
+        with pytest.raises(UnsupportedFormatError, match="character device"):
+            decode("/dev/zero")
+
+
 @pytest.mark.parametrize(
     "mode,value,expected",
     [
@@ -600,6 +749,126 @@ def test_webp_canvas_checked_before_open():
         decode(bytes(data))
 
 
+_PEAK_RSS = r"""
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+from safeclip.decode import DecodeLimits, decode
+from safeclip.errors import DecodeError
+data = open(sys.argv[1], "rb").read()
+args = json.loads(sys.argv[2])
+limits = DecodeLimits(**args.pop("limits", {}))
+decode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+try:
+    d = decode(data, limits=limits, **args)
+    out = {"views": len(d.frames), "size": d.size, "frame_size": d.frames[0].size}
+except DecodeError as e:
+    out = {"error": type(e).__name__, "message": str(e)}
+out["seconds"] = time.perf_counter() - t0
+out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+out["rise_mib"] = out["peak_mib"] - base / 1024
+print(json.dumps(out))
+"""
+
+
+def peak_rss_of_decode(tmp_path: Path, data: bytes, root: Path | None = None, **args) -> dict:
+    """Decode ``data`` in a fresh interpreter (importing safeclip from ``root``, default this checkout): its outcome,
+    seconds, peak RSS and how far the decode raised it (MiB)."""
+    path = tmp_path / "input.bin"
+    path.write_bytes(data)
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), json.dumps(args)], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+CANVAS = (2000, 2000)
+CANVAS_MIB = CANVAS[0] * CANVAS[1] * 4 / 2**20  # one RGBA (or Pillow RGB) canvas: 15.3 MiB
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+@pytest.mark.parametrize(
+    "case",
+    ["webp", "webp_alpha", "gif", "gif_alpha"],
+)
+def test_tiny_animation_on_a_large_canvas_has_a_memory_ceiling(tmp_path: Path, case: str):
+    """Issue 9 item 6: sampled frames were held at full canvas size (8 of them: 8 canvases, 2.7 GB for the 1 KB
+    8000x8000 WebP). Now each frame is reduced as it is produced: a few canvases, however many frames are sampled."""
+    alpha = case.endswith("alpha")
+    data = webp_animation(CANVAS, 20, alpha=alpha) if case.startswith("webp") else gif_animation(
+        CANVAS, 20, transparent=alpha)
+    assert len(data) < 2000
+    out = peak_rss_of_decode(tmp_path, data, target_size=224, limits={"sample_frames": 16})
+    assert "error" not in out, out
+    # libwebp keeps two canvases of its own, Pillow the current frame, its bytes and (alpha) a premultiplied copy to
+    # reduce: at most 5-6 canvases, where holding the 16 sampled frames took 16 more
+    ceiling = 8 * CANVAS_MIB
+    assert out["rise_mib"] < ceiling, f"{case}: peak RSS rose {out['rise_mib']:.0f} MiB, over {ceiling:.0f} MiB"
+    assert out["size"] == list(CANVAS) and out["frame_size"] == [500, 500]  # 2000 // (2 * 224) = 4
+    assert out["views"] == (32 if alpha else 16)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_frames_held_at_full_size_are_bounded(tmp_path: Path, monkeypatch):
+    """Without a target_size nothing is reduced: canvas area x frames held is refused from the header."""
+    data = webp_animation(CANVAS, 20)
+    limit = 7 * CANVAS[0] * CANVAS[1]  # 7 full frames
+    out = peak_rss_of_decode(tmp_path, data, limits={"max_total_pixels": limit})
+    assert out["error"] == "ImageTooLargeError", out
+    assert "8 sampled frames of 2000x2000" in out["message"] and f"{limit}-pixel" in out["message"]
+    assert "max_total_pixels" in out["message"]
+    assert out["rise_mib"] < 3 * CANVAS_MIB  # refused before a single frame was decoded
+    # 7 frames fit; an alpha frame counts once per background
+    assert len(decode(data, limits=DecodeLimits(max_total_pixels=limit, sample_frames=7)).frames) == 7
+    alpha = webp_animation(CANVAS, 20, alpha=True)
+    with pytest.raises(ImageTooLargeError, match=r"frame 10 \(2 views of 2000x2000\)"):
+        decode(alpha, limits=DecodeLimits(max_total_pixels=limit, sample_frames=7))
+    assert len(decode(alpha, limits=DecodeLimits(max_total_pixels=limit), target_size=224).frames) == 16
+
+
+def test_reduced_frames_give_the_model_the_same_pixels():
+    """Reducing on the fast path is what the fast pixel path does anyway (reducing_gap=2): the same model input."""
+    from safeclip.embed import PixelSpec, prepare_pixels
+
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((1200, 900),
+                                                                                     Image.Resampling.BICUBIC)
+    spec = PixelSpec(size=224)
+    full, fast = decode(png_bytes(smooth)), decode(png_bytes(smooth), target_size=224)
+    assert fast.size == full.size == (1200, 900) and fast.frames[0].size == (600, 450)
+    a = prepare_pixels(full.frames[0], spec, fast=True).astype(np.int16)
+    b = prepare_pixels(fast.frames[0], spec, fast=True).astype(np.int16)
+    assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.3
+    assert decode(Image.new("RGB", (300, 300)), target_size=224).frames[0].size == (300, 300)  # never below 2x
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_time_budget_is_checked_inside_frame_seeking(monkeypatch, fmt: str):
+    """Issue 9 item 6: one seek to a sampled frame decoded every frame on the way (a 999-frame GIF on a large canvas:
+    20 s against a 10 s budget). A clock that advances one second per frame decoded shows where the budget is
+    checked: every frame, not every sampled frame."""
+    data = gif_animation((40, 30), 60) if fmt == "GIF" else webp_animation((40, 30), 60)
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: clock.t))
+    plugin = GifImagePlugin.GifImageFile if fmt == "GIF" else WebPImagePlugin.WebPImageFile
+    real_load = plugin.load
+
+    def load(self):
+        if self.tile or fmt == "WEBP":  # a frame really decoded
+            clock.t += 1.0
+        return real_load(self)
+
+    monkeypatch.setattr(plugin, "load", load)
+    with pytest.raises(DecodeTimeoutError, match="on the way to frame 59"):
+        decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=5.0))
+    assert clock.t <= 7, f"{clock.t:.0f} frames decoded against a 5-frame budget"
+    clock.t = 0.0
+    assert decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=100.0)).frame_indices == (0, 59)
+
+
 @needs_corpus
 def test_pillow_bomb_error_becomes_image_too_large():
     if Image.MAX_IMAGE_PIXELS is None:
@@ -708,21 +977,22 @@ def test_draft_decodes_large_jpeg_at_reduced_scale():
     photo = PHOTOS / "plasma-workspace-wallpapers-8b814d93fc.jpg"  # 5120x2880
     full = decode(photo)
     small = decode(photo, target_size=224)
-    assert full.size == (5120, 2880)
-    assert min(small.size) >= 224
-    assert small.size[0] * small.size[1] * 16 <= full.size[0] * full.size[1]  # at least 1/4 per side
+    assert full.size == small.size == (5120, 2880)  # the image's size, not the reduced frame's
+    got = small.frames[0].size
+    assert min(got) >= 224
+    assert got[0] * got[1] * 16 <= full.size[0] * full.size[1]  # at least 1/4 per side
     assert small.sha256 == full.sha256 and small.n_frames == 1
-    ref = np.asarray(full.frames[0].resize(small.size, Image.Resampling.BOX)).astype(np.int16)
+    ref = np.asarray(full.frames[0].resize(got, Image.Resampling.BOX)).astype(np.int16)
     diff = np.abs(np.asarray(small.frames[0]).astype(np.int16) - ref)
     assert diff.mean() < 3.0, diff.mean()
     # never below the target: a 300 px image stays whole at target 224
     tiny = io.BytesIO()
     Image.new("RGB", (300, 500)).save(tiny, "JPEG")
-    assert decode(tiny.getvalue(), target_size=224).size == (300, 500)
+    assert decode(tiny.getvalue(), target_size=224).frames[0].size == (300, 500)
     # orientation is applied after the draft: hopper (128 px) at target 32 -> 1/4 scale, same picture
     ref = decode(TRICKY / "hopper.jpg").frames[0].resize((32, 32), Image.Resampling.BOX)
     got = decode(TRICKY / "hopper_orientation_6.jpg", target_size=32)
-    assert got.size == (32, 32)
+    assert got.frames[0].size == (32, 32)
     assert np.abs(rgb_array(got) - np.asarray(ref).astype(np.int16)).mean() < 12
 
 

@@ -1,12 +1,16 @@
-"""Fuzz safeclip.decode with mutated real files: it returns a valid Decoded or raises DecodeError, nothing else.
+"""Fuzz safeclip.decode with mutated real files and generated animations and alpha images: it returns a valid
+Decoded or raises DecodeError, nothing else, and no input raises the process' peak RSS over a ceiling.
 
-In the test run: a bounded hypothesis search (~300 inputs) plus deterministic header / truncation sweeps.
-Standalone, for a longer run in crash-isolated worker processes::
+In the test run (a few seconds): bounded hypothesis searches over mutated seeds and over generated animated canvases
+and alpha images (a tiny frame on a large canvas is how a 1 KB file asked for 3 GB), plus deterministic header /
+truncation sweeps. Each case's peak RSS is measured (Linux: the high-water mark is reset before every decode) and
+must stay under :data:`RSS_CEILING_MIB`. The ``slow`` test runs the standalone fuzzer for 60 s; standalone, for a
+longer run in crash-isolated worker processes::
 
     python tests/test_fuzz_decode.py --seconds 120 [--seed 1] [--workers 1]
 
 It prints the inputs tried, outcomes by kind, unexpected exceptions and crashes (each with the seed:index that
-regenerates the input: ``python tests/test_fuzz_decode.py --replay SEED:INDEX``).
+regenerates the input: ``python tests/test_fuzz_decode.py --replay SEED:INDEX``) and the largest per-case peak RSS.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 if __name__ == "__main__":  # standalone: make the checkout importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,13 +33,20 @@ from PIL import Image
 
 from safeclip.decode import DecodeLimits, Decoded, decode
 from safeclip.errors import DecodeError
+from test_decode import gif_animation, webp_animation, white_drawing_on_clear
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.is_dir():
     CORPUS = Path(os.environ.get("SAFECLIP_CORPUS", "../shared/corpus")).resolve()
 
 # Small limits keep every input fast: a mutated header may claim up to 4 MP, and the decode gives up after 2 s.
-LIMITS = DecodeLimits(max_bytes=2 * 2**20, max_pixels=4_000_000, max_frames=200, sample_frames=4, timeout_s=2.0)
+LIMITS = DecodeLimits(max_bytes=2 * 2**20, max_pixels=4_000_000, max_frames=200, sample_frames=4, timeout_s=2.0,
+                      max_total_pixels=8_000_000)
+# What one decode may add to the peak RSS: a few full frames in flight (libwebp keeps two canvases, Pillow the frame,
+# its bytes and a converted copy) plus the frames held. Holding every sampled view at full size would be
+# 4 frames x 2 backgrounds x 16 MiB on top of that.
+RSS_CEILING_MIB = 6 * LIMITS.max_pixels * 4 / 2**20 + LIMITS.max_total_pixels * 4 / 2**20
+TARGET_SIZES = (None, 64, 224)
 
 TRICKY_SEEDS = (
     "hopper.jpg", "hopper_16bit_qtables.jpg", "hopper_orientation_6.jpg", "pil_sample_cmyk.jpg", "hopper.gif",
@@ -75,6 +87,14 @@ def _generated_seeds() -> dict[str, bytes]:
     save("gen_progressive.jpg", frames[1], "JPEG", progressive=True)
     save("gen_anim.gif", frames[0].convert("P"), "GIF", save_all=True, append_images=[f.convert("P") for f in frames[1:]])
     save("gen_rgba.png", frames[2].convert("RGBA"), "PNG")
+    # alpha images and tiny frames on large canvases
+    save("gen_white_on_clear.png", white_drawing_on_clear(), "PNG")
+    save("gen_la.png", white_drawing_on_clear().convert("LA"), "PNG")
+    save("gen_alpha.webp", white_drawing_on_clear(), "WEBP", lossless=True)
+    clear = [white_drawing_on_clear((24, 16)).rotate(90 * k) for k in range(3)]
+    save("gen_alpha.apng", clear[0], "PNG", save_all=True, append_images=clear[1:], disposal=1)
+    out["gen_canvas.webp"] = webp_animation((640, 480), 8, alpha=True)
+    out["gen_canvas.gif"] = gif_animation((640, 480), 12, transparent=True)
     return out
 
 
@@ -144,24 +164,99 @@ def random_case(rng: random.Random) -> tuple[int, list[tuple[str, int, int, byte
     return rng.randrange(len(SEEDS)), ops
 
 
-def check_one(data: bytes) -> str:
-    """Decode ``data``; return the outcome's name, or raise AssertionError / an unexpected exception."""
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset this process' peak-RSS mark (Linux ``clear_refs``); return the current RSS in KiB, None if unsupported."""
     try:
-        d = decode(data, limits=LIMITS)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kib("VmRSS")
+    except OSError:
+        return None
+
+
+RSS_SEEN_MIB = [0.0, 0.0]  # the largest per-case rise of the peak RSS in this process, and the largest peak
+
+
+def check_one(data: bytes, target_size: int | None = None) -> str:
+    """Decode ``data``; return the outcome's name, or raise AssertionError / an unexpected exception."""
+    base = _reset_peak_rss()
+    try:
+        d = decode(data, limits=LIMITS, target_size=target_size)
     except DecodeError as e:
         text = str(e)
         assert text and "\n" not in text, repr(text)
         assert text.startswith("<bytes>: "), text
         return type(e).__name__
+    finally:
+        if base is not None:
+            peak = _proc_status_kib("VmHWM") / 1024
+            rise = peak - base / 1024
+            RSS_SEEN_MIB[:] = max(RSS_SEEN_MIB[0], rise), max(RSS_SEEN_MIB[1], peak)
+            assert rise <= RSS_CEILING_MIB, f"peak RSS rose {rise:.0f} MiB, over the {RSS_CEILING_MIB:.0f} MiB ceiling"
     assert isinstance(d, Decoded)
-    assert d.frames and len(d.frames) == len(d.frame_indices) <= LIMITS.sample_frames
+    n_bg = len(LIMITS.backgrounds)
+    assert d.frames and len(d.frames) == len(d.frame_indices) == len(d.backgrounds) <= LIMITS.sample_frames * n_bg
     assert d.n_frames >= 1 and all(0 <= i < d.n_frames for i in d.frame_indices)
+    assert list(d.frame_indices) == sorted(d.frame_indices)
+    for i in set(d.frame_indices):  # each sampled frame: once if opaque, once per background if it has alpha
+        bgs = tuple(b for j, b in zip(d.frame_indices, d.backgrounds) if j == i)
+        assert bgs in ((None,), LIMITS.backgrounds), bgs
+    assert sum(fr.size[0] * fr.size[1] for fr in d.frames) <= LIMITS.max_total_pixels
     for fr in d.frames:
         assert fr.mode == "RGB" and fr.size[0] > 0 and fr.size[1] > 0
         assert fr.size[0] * fr.size[1] <= LIMITS.max_pixels
+        if target_size is not None:
+            assert min(fr.size) < 4 * target_size  # reduced as it was produced (or small to begin with)
         fr.getpixel((0, 0))  # really loaded
-    assert d.size == d.frames[0].size and d.nbytes == len(data)
+    assert d.size[0] * d.size[1] <= LIMITS.max_pixels and d.nbytes == len(data)
+    if target_size is None:
+        assert d.size == d.frames[0].size
     return "ok"
+
+
+def canvas_case(kind: str, canvas: tuple[int, int], frames: int, alpha: bool) -> bytes:
+    """A generated input: a tiny animation on a large canvas, or an alpha still of ``canvas`` size."""
+    if kind == "webp":
+        return webp_animation(canvas, frames, alpha=alpha)
+    if kind == "gif":
+        return gif_animation(canvas, frames, transparent=alpha)
+    w, h = min(canvas[0], 600), min(canvas[1], 600)  # stills are drawn in full: keep them small
+    im = white_drawing_on_clear((max(w, 17), max(h, 17)))
+    if not alpha:
+        im = im.convert("RGB")
+    buf = io.BytesIO()
+    if kind == "apng":
+        im.save(buf, "PNG", save_all=True, append_images=[im.rotate(180)] * min(frames, 3), disposal=1)
+    elif kind == "webp_still":
+        im.save(buf, "WEBP", lossless=True)
+    else:
+        im.save(buf, {"png_still": "PNG", "tiff_still": "TIFF"}[kind])
+    return buf.getvalue()
+
+
+CANVAS_KINDS = ("webp", "gif", "apng", "png_still", "webp_still", "tiff_still")
+
+
+def random_input(rng: random.Random) -> tuple[str, bytes]:
+    """The standalone fuzzer's generator: a mutated seed (3 in 4) or a generated canvas / alpha case, mutated or not."""
+    if rng.random() < 0.75:
+        s, ops = random_case(rng)
+        return SEEDS[s][0], apply_ops(SEEDS[s][1], ops)
+    kind = rng.choice(CANVAS_KINDS)
+    canvas = (rng.choice((1, 7, 300, 1999, 2000)), rng.choice((1, 9, 500, 2000, 2001)))
+    data = canvas_case(kind, canvas, rng.randrange(1, 60), rng.random() < 0.5)
+    if rng.random() < 0.5:
+        _, ops = random_case(rng)
+        data = apply_ops(data, ops)
+    return f"canvas:{kind}{canvas}", data
 
 
 # ------------------------------------------------------------------------------------------------ pytest
@@ -170,7 +265,10 @@ def check_one(data: bytes) -> str:
 def test_seeds_decode():
     assert len(SEEDS) >= 8
     for name, data in SEEDS:
-        assert check_one(data) == "ok", name
+        for target_size in TARGET_SIZES:
+            assert check_one(data, target_size) == "ok", (name, target_size)
+    alpha = [name for name, data in SEEDS if None not in decode(data, limits=LIMITS).backgrounds]
+    assert {"gen_white_on_clear.png", "gen_la.png", "gen_alpha.webp", "gen_canvas.webp", "gen_canvas.gif"} <= set(alpha)
 
 
 op_strategy = st.tuples(
@@ -187,9 +285,26 @@ op_strategy = st.tuples(
     deadline=5000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(seed=st.integers(0, len(SEEDS) - 1), ops=st.lists(op_strategy, min_size=1, max_size=4))
-def test_mutated_inputs_decode_or_raise_decode_error(seed: int, ops):
-    check_one(apply_ops(SEEDS[seed][1], ops))
+@given(seed=st.integers(0, len(SEEDS) - 1), ops=st.lists(op_strategy, min_size=1, max_size=4),
+       target_size=st.sampled_from(TARGET_SIZES))
+def test_mutated_inputs_decode_or_raise_decode_error(seed: int, ops, target_size):
+    check_one(apply_ops(SEEDS[seed][1], ops), target_size)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning", "ignore::DeprecationWarning")
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    kind=st.sampled_from(CANVAS_KINDS),
+    canvas=st.tuples(st.integers(1, 2100), st.integers(1, 2100)),
+    frames=st.integers(1, 60),
+    alpha=st.booleans(),
+    ops=st.lists(op_strategy, max_size=2),
+    target_size=st.sampled_from(TARGET_SIZES),
+)
+def test_animated_canvases_and_alpha_images(kind, canvas, frames, alpha, ops, target_size):
+    """Tiny frames on canvases up to the pixel limit, and alpha stills: valid views or a DecodeError, and no case
+    raises the peak RSS over the ceiling."""
+    check_one(apply_ops(canvas_case(kind, canvas, frames, alpha), ops), target_size)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
@@ -210,7 +325,25 @@ def test_every_header_byte_and_truncation():
     assert outcomes.get("ok", 0) > 0 and outcomes.get("TruncatedImageError", 0) > 0
 
 
+@pytest.mark.slow
+def test_long_fuzz_run():
+    """The standalone fuzzer for 60 s in a crash-isolated worker: no unexpected exception, no crash."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--seconds", "60", "--seed", "9"], capture_output=True,
+                          text=True, timeout=300)
+    print(proc.stdout)
+    assert proc.returncode == 0 and "unexpected exceptions: 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------ standalone
+
+
+def numbered_case(seed: int, i: int) -> tuple[str, bytes, int | None]:
+    """Input number ``i`` of a run with ``seed``: a label, the bytes and the target_size to decode at."""
+    rng = random.Random(f"{seed}:{i}")
+    label, data = random_input(rng)
+    return label, data, rng.choice(TARGET_SIZES)
 
 
 def _worker(wid: int, seed: int, start: int, stop_at: float, current, queue) -> None:  # pragma: no cover - subprocess
@@ -224,26 +357,24 @@ def _worker(wid: int, seed: int, start: int, stop_at: float, current, queue) -> 
     last_flush = time.monotonic()
     while time.monotonic() < stop_at:
         current.value = i
-        rng = random.Random(f"{seed}:{i}")
-        s, ops = random_case(rng)
-        data = apply_ops(SEEDS[s][1], ops)
+        label, data, target_size = numbered_case(seed, i)
         t0 = time.monotonic()
         try:
-            kind = check_one(data)
+            kind = check_one(data, target_size)
         except Exception as e:  # noqa: BLE001 - that is what we are counting
             kind = "UNEXPECTED"
             if len(unexpected) < 20:
-                unexpected.append(f"{seed}:{i} seed={SEEDS[s][0]} {type(e).__name__}: {str(e)[:160]}")
+                unexpected.append(f"{seed}:{i} {label} {type(e).__name__}: {str(e)[:160]}")
         dt = time.monotonic() - t0
         if dt > slowest[0]:
-            slowest = (dt, f"{seed}:{i} ({SEEDS[s][0]}, {kind})")
+            slowest = (dt, f"{seed}:{i} ({label}, {kind})")
         counts[kind] = counts.get(kind, 0) + 1
         i += 1
         if time.monotonic() - last_flush > 2.0:
-            queue.put((wid, (counts, unexpected, slowest)))
+            queue.put((wid, (counts, unexpected, slowest, tuple(RSS_SEEN_MIB))))
             counts, unexpected = {}, []
             last_flush = time.monotonic()
-    queue.put((wid, (counts, unexpected, slowest)))
+    queue.put((wid, (counts, unexpected, slowest, tuple(RSS_SEEN_MIB))))
     queue.put((wid, None))
 
 
@@ -262,11 +393,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
 
     if args.replay:
         seed, index = args.replay.split(":")
-        rng = random.Random(f"{seed}:{index}")
-        s, ops = random_case(rng)
-        data = apply_ops(SEEDS[s][1], ops)
-        print(f"seed file {SEEDS[s][0]}, ops {[(k, a, b, len(p)) for k, a, b, p in ops]}, {len(data)} bytes")
-        print(check_one(data))
+        label, data, target_size = numbered_case(int(seed), int(index))
+        print(f"{label}, {len(data)} bytes, target_size {target_size}")
+        print(check_one(data, target_size), f"(peak RSS rose {RSS_SEEN_MIB[0]:.0f} MiB)")
         return 0
 
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -275,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     unexpected: list[str] = []
     crashes: list[str] = []
     slowest = (0.0, "")
+    max_rss = (0.0, 0.0)
     q = ctx.Queue()
     workers = {}
 
@@ -297,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
         if wid is not None and payload is None:
             active.discard(wid)
         elif payload is not None:
-            counts, unexp, slow = payload
+            counts, unexp, slow, rise = payload
             for k, v in counts.items():
                 totals[k] = totals.get(k, 0) + v
             unexpected += unexp
             slowest = max(slowest, slow)
+            max_rss = (max(max_rss[0], rise[0]), max(max_rss[1], rise[1]))
         for w in list(active):
             p, current = workers[w]
             if not p.is_alive() and p.exitcode not in (0, None):  # killed by a signal: a C-level crash
@@ -326,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - exercised 
     for line in crashes:
         print("  ", line)
     print(f"slowest input: {slowest[0]:.3f}s  {slowest[1]}")
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(f"peak RSS of a worker: {child_rss / 1024:.0f} MiB")
+    if max_rss[1]:  # the peak is reset before each case, so the children's ru_maxrss would only tell the last one
+        print(f"peak RSS of a worker: {max_rss[1]:.0f} MiB; largest rise of the peak in one case: {max_rss[0]:.0f} MiB "
+              f"(ceiling {RSS_CEILING_MIB:.0f} MiB)")
+    else:
+        print(f"peak RSS of a worker: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
     return 1 if totals.get("UNEXPECTED") or crashes else 0
 
 

@@ -209,3 +209,51 @@ def test_batch_size_must_be_a_positive_integer(tiny_model, cache_dir, bad):
 
     with pytest.raises(ConfigError, match="batch_size"):
         Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, batch_size=bad)
+
+
+class _KnownAnswerEncoder:
+    """A stand-in encoder whose answer is known: a frame that shows something embeds as ``visible``, a featureless
+    one as ``blank`` (both set by the test). Its prompt embeddings are orthonormal (conftest ``OrthoTexts``)."""
+
+    encoder_id = "known-answer-space"
+    batch_size = 8
+
+    def __init__(self):
+        from conftest import OrthoTexts
+        from safeclip.embed import PixelSpec
+
+        self.embed_texts = OrthoTexts(512)
+        self.dim = 512
+        self.pixel_spec = PixelSpec(size=32)
+        self.visible = self.blank = None
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return np.stack([self.visible if px.std() > 10 else self.blank for px in pixels]).astype(np.float32)
+
+
+def test_content_seen_only_on_a_dark_page_decides_and_names_it():
+    """Issue 9 item 2: a white drawing on a transparent canvas was judged on white only, i.e. as a blank page."""
+    import io
+
+    enc = _KnownAnswerEncoder()
+    m = Moderator(encoder=enc)
+    comp = m.compiled()
+    cat = next(c for c in m.policy.categories if c.block is not None)
+    enc.visible = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.prompts[0])]
+    enc.blank = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(m.policy.neutral[0])]
+
+    def png(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    drawing = Image.new("RGBA", (64, 48), (255, 255, 255, 0))
+    drawing.paste((255, 255, 255, 255), (16, 12, 48, 36))  # white on clear: blank on white, a shape on black
+    blank = m.check(png(Image.new("RGB", (64, 48), (255, 255, 255))))
+    d = m.check(png(drawing))
+    assert blank.action == "allow" and d.action != "allow" and d.categories[cat.name].action != "allow"
+    assert blank.background is None and blank.to_dict()["background"] is None
+    assert d.background == (0, 0, 0) and d.to_dict()["background"] == [0, 0, 0]
+    assert d.frame_index == 0 and d.n_frames == 1
+    on_white = Moderator(encoder=enc, decode_limits=safeclip.DecodeLimits(backgrounds=((255, 255, 255),)))
+    assert on_white.check(png(drawing)).action == "allow"  # what the single white background used to give
