@@ -36,6 +36,7 @@ from .errors import (
     ModelLoadError,
     NoInputsError,
     OutputError,
+    OverloadedError,
     PolicyError,
     SafeclipError,
     TruncatedImageError,
@@ -78,9 +79,9 @@ _LAZY: dict[str, str] = {
 __all__ = sorted([
     "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
     "DecodeTimeoutError", "EncoderMismatchError", "EngineError", "EngineStalledError", "EngineUnavailableError",
-    "ImageTooLargeError", "ManifestError", "ModelLoadError", "NoInputsError", "OutputError", "PolicyError",
-    "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary", "audit",
-    "diff", "rescore", "Decoded", "DecodeLimits", "decode", *_LAZY,
+    "ImageTooLargeError", "ManifestError", "ModelLoadError", "NoInputsError", "OutputError", "OverloadedError",
+    "PolicyError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
+    "audit", "diff", "rescore", "Decoded", "DecodeLimits", "decode", *_LAZY,
 ])
 
 

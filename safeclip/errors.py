@@ -16,6 +16,7 @@
     ├── EngineError             an audit engine failed as a whole
     │   ├── EngineUnavailableError  the engine is not installed or its cluster cannot be reached
     │   └── EngineStalledError      the engine made no progress within its stall timeout
+    ├── OverloadedError         a Moderator's request queue is full (retry later; a server answers 503)
     └── DecodeError             an input could not be turned into pixels
         ├── UnsupportedFormatError  not an allowed image format
         ├── ImageTooLargeError      byte / pixel / frame limits (decompression bombs)
@@ -42,6 +43,7 @@ __all__ = [
     "EngineError",
     "EngineUnavailableError",
     "EngineStalledError",
+    "OverloadedError",
     "DecodeError",
     "UnsupportedFormatError",
     "ImageTooLargeError",
@@ -118,6 +120,10 @@ class EngineUnavailableError(EngineError):
 
 class EngineStalledError(EngineError):
     """The engine made no progress within its stall timeout."""
+
+
+class OverloadedError(SafeclipError):
+    """A Moderator has as many requests in flight as its queue holds; nothing was done: retry later."""
 
 
 class DecodeError(SafeclipError, ValueError):

@@ -1,23 +1,26 @@
 """Moderator: chains decode -> embed -> score -> calibrate -> decide for requests.
 
 ``safeclip.check(image)`` uses one process-wide :class:`Moderator`, built lazily, once, under a lock. A Moderator is
-thread-safe: decoding runs in the calling threads, model forwards are serialised by the encoder's lock (torch
-already uses every core for one forward), and compiled policies are cached per policy.
+thread-safe: ``check`` decodes in the calling thread and ``check_async`` in a decode pool, then a micro-batcher
+merges the requests in flight into one model forward (see ``safeclip._batcher``); ``check_many`` decodes in threads
+and runs full batches itself. Compiled policies are cached per policy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._batcher import MicroBatcher, Ticket
 from ._compiled import CompiledPolicy
 from ._arrays import embedding_row_problems
 from .decide import Decision, build_decision, decide_codes, error_decision, nonfinite_rows
@@ -76,6 +79,10 @@ class Moderator:
     ``on_error`` decides what an input that cannot be fully scored becomes (undecodable, or an embedding that is
     not finite and normalised): ``"raise"`` (a :class:`DecodeError` / :class:`DataError`), or a Decision whose
     action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers). Never ``allow``.
+
+    Concurrent ``check`` / ``check_async`` calls share forwards: requests arriving within ``max_wait_ms`` of each
+    other are embedded together, up to ``max_batch`` frames (default: the encoder's batch size). At most
+    ``max_queue`` requests are in flight at once; one more raises :class:`~safeclip.errors.OverloadedError`.
     """
 
     def __init__(
@@ -96,6 +103,9 @@ class Moderator:
         cache_dir: str | os.PathLike[str] | None = None,
         allow_outside: bool = False,
         encoder: Encoder | None = None,
+        max_batch: int | None = None,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
     ) -> None:
         if on_error not in _ON_ERROR:
             raise ConfigError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
@@ -116,6 +126,11 @@ class Moderator:
         self.decode_limits = decode_limits or DecodeLimits()
         self.fast_decode = fast_decode
         self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
+        self._batching = {"max_batch": max_batch or self.encoder.batch_size, "max_wait_ms": max_wait_ms,
+                          "max_queue": max_queue}
+        self.batcher = MicroBatcher(self._embed_and_decide, **self._batching)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._compiled: dict[tuple[str, str], CompiledPolicy] = {}
         self._compile_lock = threading.Lock()
         _live_moderators.add(self)
@@ -165,8 +180,38 @@ class Moderator:
 
     # ------------------------------------------------------------------------------------ requests
     def check(self, image: Any, *, policy: Any = None) -> Decision:
-        """Moderate one image (path, bytes, file object, PIL image or numpy array)."""
-        return self._run([image], policy, pool=None)[0]
+        """Moderate one image (path, bytes, file object, PIL image or numpy array).
+
+        Decodes in the calling thread; the forward is shared with the other requests in flight.
+        """
+        with self.batcher.admit() as ticket:
+            prepared = self._prepare_request(image, policy, ticket)
+            return prepared if isinstance(prepared, Decision) else prepared.result()
+
+    async def check_async(self, image: Any, *, policy: Any = None, ticket: Ticket | None = None) -> Decision:
+        """:meth:`check` for asyncio code: decoding and the forward run in threads, never in the event loop.
+
+        Cancelling the call (a timeout, a client gone) drops the request if it has not reached a forward yet.
+        ``ticket`` is a place taken beforehand with :meth:`admit` (a server admits before reading the body).
+
+        >>> decision = await moderator.check_async(upload_bytes, policy="strict")   # doctest: +SKIP
+        """
+        own = ticket is None
+        ticket = self.admit() if ticket is None else ticket
+        try:
+            prepared = await asyncio.wrap_future(self._decode_pool().submit(self._prepare_request, image, policy,
+                                                                            ticket))
+            return prepared if isinstance(prepared, Decision) else await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:
+            ticket.cancel()
+            raise
+        finally:
+            if own:
+                ticket.release()
+
+    def admit(self) -> Ticket:
+        """A place among the ``max_queue`` requests in flight, or :class:`~safeclip.errors.OverloadedError`."""
+        return self.batcher.admit()
 
     def check_many(self, images: Iterable[Any], *, policy: Any = None) -> list[Decision]:
         """Moderate many images, in input order: decoding in threads while the model runs full batches."""
@@ -181,6 +226,34 @@ class Moderator:
         dec = decode(image, limits=self.decode_limits, target_size=spec.size if self.fast_decode else None)
         pixels = np.stack([prepare_pixels(f, spec, fast=self.fast_decode) for f in dec.frames])
         return _Prepared(pixels, dec.frame_indices, dec.sha256, dec.source or _source_name(image), dec.backgrounds)
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="safeclip-decode")
+            return self._pool
+
+    def _prepare_request(self, image: Any, policy: Any, ticket: Ticket) -> Decision | Future[Decision]:
+        """Decode one request and queue it for a forward; an input that cannot be decoded is decided here."""
+        if ticket.cancelled:  # the caller gave up while this waited for a decode thread: decode nothing
+            gone: Future[Decision] = Future()
+            gone.cancel()
+            return gone
+        comp = self.compiled(policy)
+        prep = self._try_prepare(image)
+        if isinstance(prep, DecodeError):
+            return error_decision(self.on_error, str(prep), policy=comp.policy, encoder_id=self.encoder_id,
+                                  source=prep.source or _source_name(image))
+        return self.batcher.submit(ticket, (comp, prep), len(prep.pixels))
+
+    def _embed_and_decide(self, items: list[tuple[CompiledPolicy, _Prepared]]) -> list[Decision | DataError]:
+        """The micro-batcher's batch: one forward for every request, then each scored alone, under its policy."""
+        emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p in items]))
+        out, row = [], 0
+        for comp, p in items:
+            out.extend(self._decide_embedded(comp, emb[row:row + len(p.pixels)], [p]))
+            row += len(p.pixels)
+        return out
 
     def _try_prepare(self, image: Any) -> _Prepared | DecodeError:
         try:
@@ -203,30 +276,10 @@ class Moderator:
             if not batch:
                 return
             emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p in batch]))
-            # A row the model got wrong (NaN, not normalised) fails its own image, never its neighbours.
-            problems = embedding_row_problems(emb)
-            unusable = problems != None  # noqa: E711 - elementwise on an object array
-            if unusable.any():
-                emb = emb.copy()
-                emb[unusable] = 0.0
-                emb[unusable, 0] = 1.0  # a placeholder unit vector; its rows are reported as errors below
-            scores = comp.scorer.score(emb, keep_sims=True)
-            probs, calibrated = comp.probabilities(scores)
-            unusable |= nonfinite_rows(probs)
-            row = 0
-            for i, p in batch:
-                rows = list(range(row, row + len(p.pixels)))
-                row += len(p.pixels)
-                if unusable[rows].any():
-                    why = next((str(problems[r]) for r in rows if problems[r] is not None),
-                               "its probabilities are not finite")
-                    err = DataError(f"{p.source or 'input'}: the embedding {why}; it was not scored")
-                    if self.on_error == "raise":
-                        raise err
-                    results[i] = error_decision(self.on_error, str(err), policy=comp.policy,
-                                                encoder_id=self.encoder_id, source=p.source)
-                    continue
-                results[i] = self._decision(comp, scores, probs, calibrated, rows, p)
+            for (i, _), decided in zip(batch, self._decide_embedded(comp, emb, [p for _, p in batch])):
+                if isinstance(decided, DataError):
+                    raise decided
+                results[i] = decided
             batch, n_frames = [], 0
 
         for i, prep in enumerate(prepared_iter):
@@ -240,6 +293,36 @@ class Moderator:
                 flush()
         flush()
         return [results[i] for i in range(len(images))]
+
+    def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray,
+                         prepared: list[_Prepared]) -> list[Decision | DataError]:
+        """Score, calibrate and decide the embeddings of ``prepared`` (their frames' rows, in order). A row the model
+        got wrong (NaN, not normalised) fails its own image, never its neighbours: a :class:`DataError` in its place
+        (``on_error="raise"``), else a fail-closed Decision."""
+        problems = embedding_row_problems(emb)
+        unusable = problems != None  # noqa: E711 - elementwise on an object array
+        if unusable.any():
+            emb = emb.copy()
+            emb[unusable] = 0.0
+            emb[unusable, 0] = 1.0  # a placeholder unit vector; its rows are reported as errors below
+        scores = comp.scorer.score(emb, keep_sims=True)
+        probs, calibrated = comp.probabilities(scores)
+        unusable |= nonfinite_rows(probs)
+        out: list[Decision | DataError] = []
+        row = 0
+        for p in prepared:
+            rows = list(range(row, row + len(p.pixels)))
+            row += len(p.pixels)
+            if unusable[rows].any():
+                why = next((str(problems[r]) for r in rows if problems[r] is not None),
+                           "its probabilities are not finite")
+                err = DataError(f"{p.source or 'input'}: the embedding {why}; it was not scored")
+                out.append(err if self.on_error == "raise" else
+                           error_decision(self.on_error, str(err), policy=comp.policy, encoder_id=self.encoder_id,
+                                          source=p.source))
+                continue
+            out.append(self._decision(comp, scores, probs, calibrated, rows, p))
+        return out
 
     def _decision(
         self,
@@ -284,6 +367,9 @@ def _after_fork_in_child() -> None:
     _default_lock = threading.Lock()
     for m in list(_live_moderators):
         m._compile_lock = threading.Lock()
+        # The batcher's worker and the decode pool's threads are not in the child; its locks may be held.
+        m.batcher = MicroBatcher(m._embed_and_decide, **m._batching)
+        m._pool, m._pool_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
