@@ -1,11 +1,9 @@
 """``safeclip calibrate`` / ``safeclip eval`` on known-answer data, and on real files through the tiny checkpoint.
 
-Known answer: for each category, labelled embeddings are built around two directions of the tiny model's space: the
-direction its prompt signal responds to (its prompts minus its contrast and neutral prompts) and a direction
-orthogonal to every prompt, which only a trained probe can see. So the prompt signal alone is informative but weak,
-a probe plus the prompt is strong, and a fresh sample from the same generator tells whether the chosen thresholds
-keep their promise. The photos run through the tiny random-weight checkpoint only to exercise the embedding path
-and the cache: nothing they produce is a moderation result.
+The labelled embeddings come from calibration_known.sample (the prompt signal alone is informative but weak, a probe
+plus the prompt is strong, and a fresh sample tells whether the chosen thresholds keep their promise). The photos run
+through the tiny random-weight checkpoint only to exercise the embedding path and the cache: nothing they produce is
+a moderation result. The workflow under the commands is tested from Python in test_calibration_workflow.py.
 """
 
 from __future__ import annotations
@@ -17,77 +15,31 @@ import json
 import shutil
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from calibration_known import (  # noqa: F401 (fixtures: one_blas_thread, policy_file, synth, train_file, work)
+    N_TRAIN,
+    TARGET_PRECISION,
+    TARGET_RECALL,
+    one_blas_thread,
+    policy_file,
+    sample,
+    synth,
+    train_file,
+    work,
+    write_parquet,
+)
 from sklearn.metrics import roc_auc_score
 
 from safeclip import Moderator, load_policy
 from safeclip.artifacts import sha256_file
 from safeclip.cache import EmbeddingCache
-from safeclip.cli.calibration import _split
 from safeclip.cli import main
 from safeclip.errors import ArtifactIntegrityError
-
-POLICY = """
-name: synth
-version: "1"
-scoring:
-  logit_scale: 100.0
-  templates: ["a photo of {}."]
-  neutral: ["a landscape", "a city street", "a bowl of fruit"]
-categories:
-  weapons:
-    prompts: ["a handgun", "a rifle"]
-    contrast: ["a toy water pistol"]
-    thresholds: {flag: 0.5, block: 0.9}
-  drugs:
-    prompts: ["lines of cocaine", "a syringe with heroin"]
-    contrast: ["sugar on a table"]
-    thresholds: {flag: 0.5, block: 0.9}
-  gambling:
-    prompts: ["a casino slot machine"]
-    contrast: ["a board game"]
-    thresholds: {flag: 0.4, block: 0.8}
-"""
-TARGET_PRECISION = 0.9
-TARGET_RECALL = 0.9
-N_TRAIN = 2000  # rows per category
-
-
-# ------------------------------------------------------------------------------------------- known-answer data
-def _concept(embed, text: str, templates) -> np.ndarray:
-    v = np.asarray(embed([t.format(text) for t in templates]), np.float64).mean(axis=0)
-    return v / np.linalg.norm(v)
-
-
-def directions(policy, embed, cat: str) -> tuple[np.ndarray, np.ndarray]:
-    """(u, h): the prompt signal's direction for ``cat``, and a unit direction orthogonal to every prompt."""
-    c = policy.category(cat)
-    pos = np.stack([_concept(embed, p, c.templates) for p in c.prompts])
-    neg = np.stack([_concept(embed, p, c.templates) for p in (*c.contrast, *policy.neutral)])
-    u = pos.mean(axis=0) - neg.mean(axis=0)
-    u /= np.linalg.norm(u)
-    everything = np.stack([_concept(embed, p, c.templates) for cc in policy.categories
-                           for p in (*cc.prompts, *cc.contrast, *policy.neutral)])
-    q, _ = np.linalg.qr(everything.T)
-    h = np.random.default_rng(zlib.crc32(cat.encode())).normal(size=u.size)
-    h -= q @ (q.T @ h)
-    return u, h / np.linalg.norm(h)
-
-
-def sample(policy, embed, cat: str, n: int, rng: np.random.Generator, prior: float = 0.3,
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` unit embeddings and 0/1 labels: class means +-(0.12 u + 0.1 h), isotropic noise 0.125 per axis."""
-    u, h = directions(policy, embed, cat)
-    y = (rng.random(n) < prior).astype(np.int8)
-    sign = np.where(y == 1, 1.0, -1.0)[:, None]
-    g = rng.normal(0.0, 0.125, size=(n, u.size)) + sign * (0.12 * u + 0.1 * h) + 1.0 / np.sqrt(u.size)
-    return (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32), y
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -101,46 +53,8 @@ def run(*argv: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def write_parquet(path: Path, x: np.ndarray, columns: dict, encoder_id: str | None = None) -> Path:
-    cols = {"embedding": pa.array(list(x), pa.list_(pa.float32())), **columns}
-    if encoder_id is not None:
-        cols["encoder_id"] = [encoder_id] * len(x)
-    pq.write_table(pa.table(cols), path)
-    return path
-
 
 # ------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("calibration-cli")
-
-
-@pytest.fixture(scope="module")
-def policy_file(work: Path, tiny_encoder) -> Path:
-    path = work / "policies" / "synth.yaml"
-    path.parent.mkdir()
-    path.write_text(POLICY)
-    Moderator(policy=path, encoder=tiny_encoder)  # embeds the prompts once: later runs read the prompt cache
-    return path
-
-
-@pytest.fixture(scope="module")
-def synth(policy_file: Path, tiny_encoder):
-    pol = load_policy(policy_file)
-    return lambda cat, n, seed: sample(pol, tiny_encoder.embed_texts, cat, n, np.random.default_rng(seed))
-
-
-@pytest.fixture(scope="module")
-def train_file(work: Path, synth, tiny_encoder) -> Path:
-    """Two categories, one 0/1 column each; each half of the rows is labelled for one category only."""
-    xw, yw = synth("weapons", N_TRAIN, 0)
-    xd, yd = synth("drugs", N_TRAIN, 1)
-    return write_parquet(work / "train.parquet", np.concatenate([xw, xd]), {
-        "weapons": pa.array([*map(int, yw), *[None] * N_TRAIN], pa.int8()),
-        "drugs": pa.array([*[None] * N_TRAIN, *map(int, yd)], pa.int8()),
-    }, tiny_encoder.encoder_id)
-
-
 @pytest.fixture(scope="module")
 def calibrated(work: Path, policy_file: Path, train_file: Path, cache_dir: Path) -> dict:
     out = work / "out"
@@ -153,7 +67,33 @@ def calibrated(work: Path, policy_file: Path, train_file: Path, cache_dir: Path)
             "summary": json.loads((out / "calibration.json").read_text())}
 
 
+
 # ---------------------------------------------------------------------------------------------------- tests
+def test_calibrate_then_eval_on_a_small_file(policy_file: Path, synth, tiny_encoder, tmp_path: Path,
+                                             cache_dir: Path) -> None:
+    """The light end-to-end case (the heavier ones are slow): the library's warnings become prefixed stderr lines,
+    the summary goes to stdout, and eval reads what calibrate wrote."""
+    x, y = synth("weapons", 500, 21)
+    data = write_parquet(tmp_path / "d.parquet", np.concatenate([x, x[:1]]), {"label": [*map(int, y), 1]},
+                         tiny_encoder.encoder_id)
+    table = pq.read_table(data)
+    pq.write_table(table.set_column(0, "embedding", pa.array([*map(list, x), None], pa.list_(pa.float32()))), data)
+    out = tmp_path / "out"
+    rc, stdout, err = run("calibrate", "--policy", str(policy_file), "--data", str(data), "--category", "weapons",
+                          "--no-probe", "--block-precision", "0.7", "--flag-recall", "0.7", "--cache",
+                          str(cache_dir), "--out", str(out))
+    assert rc == 0, err
+    assert "safeclip calibrate: warning: 1 of 501 row(s) have no embedding and are left out (first: row 500)" in err
+    assert stdout.startswith("weapons: 500 labelled rows") and f"wrote {out / 'policy.yaml'}" in stdout
+    rc, stdout, err = run("eval", "--policy", str(out / "policy.yaml"), "--data", str(data), "--category", "weapons",
+                          "--cache", str(cache_dir), "--json")
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert res["categories"]["weapons"]["calibrated"] is True and res["rows"] == 500
+    assert res["policy"] == load_policy(out / "policy.yaml").id
+
+
+@pytest.mark.slow
 def test_calibrated_policy_loads_pins_verify_and_decides_calibrated(calibrated, tiny_encoder, synth) -> None:
     out = calibrated["out"]
     pol = load_policy(out / "policy.yaml")
@@ -194,6 +134,7 @@ def test_calibrated_policy_loads_pins_verify_and_decides_calibrated(calibrated, 
         assert set(d.categories["weapons"].signals) == {"prompt", "probe"}
 
 
+@pytest.mark.slow
 def test_roles_are_disjoint_and_each_model_saw_only_its_rows(calibrated, train_file, tiny_encoder) -> None:
     """From ``split.parquet``: the probe trained on the probe rows (its data hash), the calibrator was fitted on the
     calibrator rows (refitting there gives its coefficients), thresholds and report come from the held-out rows."""
@@ -234,6 +175,7 @@ def test_roles_are_disjoint_and_each_model_saw_only_its_rows(calibrated, train_f
         assert report["roc_auc"] == pytest.approx(roc_auc_score(y[part["holdout"]], p), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_summary_reports_thresholds_and_aucs(calibrated) -> None:
     text = calibrated["stdout"]
     for name in ("weapons", "drugs"):
@@ -249,6 +191,7 @@ def test_summary_reports_thresholds_and_aucs(calibrated) -> None:
     assert f"wrote {calibrated['out'] / 'policy.yaml'}" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["weapons", "drugs"])
 def test_thresholds_keep_their_promise_on_a_fresh_sample(calibrated, tiny_encoder, synth, name) -> None:
     m = Moderator(policy=calibrated["out"] / "policy.yaml", encoder=tiny_encoder)
@@ -268,10 +211,11 @@ def test_thresholds_keep_their_promise_on_a_fresh_sample(calibrated, tiny_encode
     assert roc_auc_score(y, p) > roc_auc_score(y, m.score(x).prompt[:, j]) + 0.03
 
 
+@pytest.mark.slow
 def test_tampered_artifact_is_refused(calibrated, tiny_encoder, tmp_path, synth, cache_dir) -> None:
     out = tmp_path / "copy"
     shutil.copytree(calibrated["out"], out)
-    shutil.copytree(calibrated["out"].parent / "policies", tmp_path / "policies")  # the parent it extends
+    shutil.copytree(calibrated["out"].parent / "policies", tmp_path / "policies")  # the parent (copied into out too)
     m = Moderator(policy=out / "policy.yaml", encoder=tiny_encoder)  # the copy is intact: loads
     assert m.policy.category("drugs").calibrator is not None
     art = out / "calibrators" / "drugs.json"
@@ -287,6 +231,7 @@ def test_tampered_artifact_is_refused(calibrated, tiny_encoder, tmp_path, synth,
     assert rc == 2 and "sha256" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_eval_numbers_match_a_direct_computation(calibrated, tiny_encoder, synth, tmp_path, cache_dir) -> None:
     x, y = synth("weapons", 3000, 55)
     labels = np.where(y == 1, "weapons", "none").astype(object)
@@ -329,6 +274,7 @@ def test_eval_numbers_match_a_direct_computation(calibrated, tiny_encoder, synth
     assert "flag  >= 0.5:" in text and "block >= 0.9:" in text
 
 
+@pytest.mark.slow
 def test_csv_input_label_names_no_probe_and_lazy_model(tiny_encoder, tiny_model, synth, policy_file, tmp_path,
                                                        ) -> None:
     """CSV with both embedding spellings and a label column of names; a fresh cache, so the model embeds the
@@ -365,6 +311,7 @@ def test_csv_input_label_names_no_probe_and_lazy_model(tiny_encoder, tiny_model,
     assert d.categories["weapons"].calibrated and set(d.categories["weapons"].signals) == {"prompt"}
 
 
+@pytest.mark.slow
 def test_path_column_is_embedded_through_the_cache(photos, policy_file, tiny_model, tiny_encoder, tmp_path) -> None:
     small = sorted(photos, key=lambda p: p.stat().st_size)[:12]
     folder = tmp_path / "imgs"
@@ -446,22 +393,6 @@ def _table(path: Path, cols: dict) -> Path:
     return path
 
 
-def test_split_is_stratified_grouped_disjoint_and_seeded() -> None:
-    rng = np.random.default_rng(0)
-    y = (rng.random(1000) < 0.2).astype(np.int8)
-    groups = np.arange(1000)
-    groups[500:520] = 7  # twenty copies of one image (row 7's group), labelled like row 7
-    y[500:520] = y[7]
-    parts = _split(y, groups, [0.35, 0.35, 0.3], np.random.default_rng(3))
-    allrows = np.concatenate(parts)
-    assert np.array_equal(np.sort(allrows), np.arange(1000))  # a partition
-    for p in parts:
-        assert abs(y[p].mean() - y.mean()) < 0.03  # stratified
-    where = [k for k, p in enumerate(parts) if 7 in p]
-    assert all(set(range(500, 520)) <= set(parts[k]) for k in where) and len(where) == 1  # duplicates together
-    again = _split(y, groups, [0.35, 0.35, 0.3], np.random.default_rng(3))
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-
 
 def test_module_imports_no_torch() -> None:
     code = ("import sys, safeclip.cli, safeclip.cli.calibration; "
@@ -470,6 +401,7 @@ def test_module_imports_no_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_shipped_parent_is_extended_by_name(tiny_encoder, tiny_model, tmp_path, cache_dir) -> None:
     parent = load_policy("default")
     x, y = sample(parent, tiny_encoder.embed_texts, "drugs", 600, np.random.default_rng(5))
