@@ -68,11 +68,47 @@ def test_checkpoint_file_with_registered_architecture(tmp_path, tiny_model_dir, 
     (cfg_dir / "safeclip-tiny-test.json").write_text(json.dumps(TINY_CFG))
     open_clip.add_model_config(cfg_dir)
     ckpt = tiny_model_dir / "open_clip_pytorch_model.bin"
-    enc = Encoder("safeclip-tiny-test", str(ckpt), device="cpu", cache_dir=cache_dir)
+    # An architecture registered at run time exists only in this process, not in an export child: torch runtime.
+    enc = Encoder("safeclip-tiny-test", str(ckpt), device="cpu", cache_dir=cache_dir, runtime="torch")
     ref = Encoder(f"local-dir:{tiny_model_dir}", device="cpu", cache_dir=cache_dir)
     img = Image.new("RGB", (80, 60), (200, 30, 30))
     np.testing.assert_allclose(enc.embed_images([img]), ref.embed_images([img]), atol=1e-6)
     assert "sha256:" in enc.encoder_id and enc.encoder_id != ref.encoder_id
+
+
+def test_checkpoint_lookup_in_a_folder_matches_open_clip(tmp_path):
+    """The weights identity of a local-dir: model hashes the file open_clip will load, found without open_clip."""
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    from safeclip.embed._identity import find_checkpoint_in_dir
+
+    for i, names in enumerate((["b.bin", "a.pth"], ["pytorch_model.bin", "model.safetensors", "x.safetensors"],
+                  ["z.bin", "open_clip_pytorch_model.bin", "open_clip_model.safetensors"], ["q.pth"])):
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        for n in names:
+            (folder / n).write_bytes(b"x")
+        assert str(find_checkpoint_in_dir(folder)) == _find_checkpoint_in_dir(folder)
+    (tmp_path / "empty").mkdir()
+    assert find_checkpoint_in_dir(tmp_path / "empty") is None
+
+
+def test_checkpoint_hash_is_remembered_on_disk(tiny_model_dir, tmp_path, monkeypatch):
+    """A warm start only stats the checkpoint; a changed file is hashed again."""
+    import shutil
+
+    from safeclip.embed import _identity
+
+    ckpt = tmp_path / "w.bin"
+    shutil.copy(tiny_model_dir / "open_clip_pytorch_model.bin", ckpt)
+    first = _identity.weights_identity("ViT-B-32", str(ckpt), tmp_path)
+    monkeypatch.setattr(_identity, "_memo", {})  # a new process
+    monkeypatch.setattr(_identity, "sha256_file", lambda p: pytest.fail("hashed again"))
+    assert _identity.weights_identity("ViT-B-32", str(ckpt), tmp_path) == first
+    monkeypatch.undo()
+    with open(ckpt, "ab") as f:
+        f.write(b"more")
+    assert _identity.weights_identity("ViT-B-32", str(ckpt), tmp_path) != first
 
 
 def test_missing_weights_raise_model_load_error(tmp_path, monkeypatch):
@@ -87,13 +123,16 @@ def test_missing_weights_raise_model_load_error(tmp_path, monkeypatch):
         Encoder(f"local-dir:{tmp_path}", device="cpu")
 
 
-def test_trimmed_text_encoding_equals_full_context(tiny_encoder):
+def test_trimmed_text_encoding_equals_full_context(tiny_model, tiny_encoder):
     import torch
 
+    from safeclip.embed._torch import TorchModel
+
+    tm = TorchModel(tiny_model)
     texts = ["a photo of a cat.", "x", "a long prompt " + "with many words " * 8]
     with torch.inference_mode():
-        full = tiny_encoder._model.encode_text(tiny_encoder._tokenizer(texts))
-        full = torch.nn.functional.normalize(full, dim=-1).numpy()
+        full = torch.nn.functional.normalize(tm.model.encode_text(tm.tokenizer(texts)), dim=-1).numpy()
+    np.testing.assert_allclose(tm.embed_texts(texts), full, atol=1e-5)
     np.testing.assert_allclose(tiny_encoder.embed_texts(texts, use_cache=False), full, atol=1e-5)
 
 

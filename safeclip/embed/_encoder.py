@@ -20,7 +20,7 @@ from ..errors import ArtifactIntegrityError, EncoderMismatchError, ModelLoadErro
 from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, default_cache_dir, resolve_device,
                       resolve_runtime, resolve_threads)
 from ._identity import encoder_id_for, weights_identity
-from ._onnx import OnnxImageTower, import_onnxruntime
+from ._onnx import OnnxImageTower, exit_without_native_teardown, import_onnxruntime
 from ._pixels import PixelSpec, prepare_pixels
 from ._prompts import PromptCache
 from ._store import ExportStore
@@ -44,8 +44,11 @@ def _after_fork_in_child() -> None:
     Neither torch's CPU thread pool (OpenMP) nor an ONNX Runtime session's survives ``fork()``: a child that runs
     the parent's pool hangs for ever. So the children of a process that built an :class:`Encoder` run torch on one
     thread and make their own one-thread ONNX Runtime session on first use (one model replica per worker process is
-    the usual layout anyway), and get fresh locks in case another thread of the parent held one at the fork.
+    the usual layout anyway), and get fresh locks in case another thread of the parent held one at the fork. A child
+    of a process that imported onnxruntime also exits without onnxruntime's native teardown, which would hang.
     """
+    if "onnxruntime" in sys.modules:
+        exit_without_native_teardown()
     encoders = list(_live_encoders)
     if not encoders:
         return

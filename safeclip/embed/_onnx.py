@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,26 @@ from ..errors import ArtifactIntegrityError, ModelLoadError
 from ._config import available_cpus
 from ._store import ExportStore
 
-__all__ = ["OnnxImageTower", "import_onnxruntime"]
+__all__ = ["OnnxImageTower", "exit_without_native_teardown", "import_onnxruntime"]
+
+_inherited_sessions: list[Any] = []  # sessions a forked child inherited: never deallocated (see after_fork)
+
+
+def exit_without_native_teardown() -> None:
+    """In a forked child of a process that imported onnxruntime: end the process right after Python's own
+    finalisation, with its exit status, skipping C-level exit handlers.
+
+    onnxruntime starts a native thread when it is imported; a forked child inherits the state of its condition
+    variable but not the thread, and onnxruntime's static destructor then waits for it for ever at exit (a
+    pre-forking server's worker that returns or calls ``sys.exit`` would hang). glibc's ``on_exit`` handlers run
+    in reverse order of registration and receive the status, so registering ``_exit`` itself, here, ends the
+    process before that destructor runs. A no-op where ``on_exit`` does not exist."""
+    try:
+        libc = ctypes.CDLL(None)
+        on_exit, _exit = libc.on_exit, libc._exit
+    except (OSError, AttributeError):  # not glibc
+        return
+    on_exit(ctypes.cast(_exit, ctypes.c_void_p), None)
 
 
 def import_onnxruntime() -> Any:
@@ -57,7 +77,12 @@ class OnnxImageTower:
 
     def after_fork(self) -> None:
         """In a forked child: the parent's session (its thread pool) is not usable; make a fresh one on first use,
-        on one thread like the torch runtime's children."""
+        on one thread like the torch runtime's children. The parent's session is kept, never destroyed: its
+        destructor waits on threads that do not exist in the child, and hangs."""
+        if self._session is not None:
+            # One reference that nothing ever drops, not even the interpreter's exit (a worker's sys.exit).
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._session))
+            _inherited_sessions.append(self._session)
         self._session = None
         self.threads = 1
 

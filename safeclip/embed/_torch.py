@@ -69,7 +69,7 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 class TorchModel:
     """An open_clip model (both towers) in eval mode, frozen, on one device."""
 
-    def __init__(self, model_name: str, pretrained: str | None, *, device: str = "cpu",
+    def __init__(self, model_name: str, pretrained: str | None = None, *, device: str = "cpu",
                  precision: str = "fp32") -> None:
         import open_clip
 

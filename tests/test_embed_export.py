@@ -1,0 +1,170 @@
+"""The ONNX export of the image tower (safeclip.embed._export / _store): manifest, verification, integrity, locking,
+and the fall-backs to torch. Tiny random-weight checkpoint: these test the machinery, never a moderation result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safeclip.embed import Encoder, RuntimeFallbackWarning
+from safeclip.embed._export import verification_batch
+from safeclip.embed._store import ExportStore
+from safeclip.errors import ArtifactIntegrityError, ModelLoadError
+
+
+def store_of(enc: Encoder) -> ExportStore:
+    return enc._onnx.store
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    """A cache with the tiny model exported (fp32), and the torch encoder of the same weights."""
+    cache = tmp_path_factory.mktemp("export-cache")
+    return Encoder(tiny_model, cache_dir=cache, device="cpu"), Encoder(tiny_model, cache_dir=cache, runtime="torch")
+
+
+def test_export_round_trip_matches_torch_and_shares_its_space(exported):
+    onnx, torch_enc = exported
+    assert onnx.runtime == "onnx" and torch_enc.runtime == "torch"
+    assert onnx.encoder_id == torch_enc.encoder_id  # same space: caches and calibrators carry over
+    assert (onnx.pixel_spec, onnx.dim) == (torch_enc.pixel_spec, torch_enc.dim)
+    assert onnx.logit_scale == pytest.approx(torch_enc.logit_scale)
+    rng = np.random.default_rng(3)
+    for n in (1, 5, 17):  # below, at and above the batch size
+        px = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+        a, b = onnx.embed_pixels(px), torch_enc.embed_pixels(px)
+        assert a.shape == (n, onnx.dim) and a.dtype == np.float32
+        assert (a * b).sum(1).min() >= 0.99999
+    m = store_of(onnx).read_manifest()
+    path = store_of(onnx).dir / m["file"]
+    assert path.parent.parent == Path(onnx.cache_dir) / "onnx"
+    assert m["bytes"] == path.stat().st_size and m["verified"]["min_cosine"] >= 0.99999
+    assert m["opset"] == 17 and m["versions"]["onnxruntime"] and m["dim"] == onnx.dim
+
+
+def test_verification_batch_is_fixed():
+    a, b = verification_batch(32), verification_batch(32)
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_tampered_export_is_refused_and_exported_again(exported, tiny_model, damage, caplog, monkeypatch):
+    onnx, torch_enc = exported
+    store = store_of(onnx)
+    m = store.read_manifest()
+    path = store.dir / m["file"]
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 3]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError):
+        store.checked_model(m)  # what a load runs before any session is made
+    sessions = []
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda p, *a, **k: sessions.append(Path(p).read_bytes()) or real(p, *a, **k))
+    with caplog.at_level(logging.WARNING, logger="safeclip"):
+        again = Encoder(tiny_model, cache_dir=onnx.cache_dir, device="cpu")
+    assert any("refusing the ONNX export" in r.getMessage() for r in caplog.records)
+    assert again.runtime == "onnx" and store.valid_manifest() is not None
+    assert bytes(data) not in sessions  # the damaged bytes were never given to ONNX Runtime
+    px = np.random.default_rng(4).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    assert (again.embed_pixels(px) * torch_enc.embed_pixels(px)).sum(1).min() >= 0.99999
+
+
+def test_two_exporters_at_once_export_once(tiny_model, tmp_path):
+    """Two processes exporting into one cache: one exports, the other waits on the lock and reuses it."""
+    cmd = [sys.executable, "-m", "safeclip.embed._export", "--model", tiny_model, "--cache", str(tmp_path),
+           "--precision", "fp32", "--opset", "17"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    verdicts = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(v["ok"] for v in verdicts), verdicts
+    assert sorted(v["reused"] for v in verdicts) == [False, True]
+    enc = Encoder(tiny_model, cache_dir=tmp_path, device="cpu")
+    assert enc.runtime == "onnx" and store_of(enc).valid_manifest() is not None
+    assert not [p for p in store_of(enc).dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def _shadow(tmp_path: Path, files: dict[str, str]) -> str:
+    """A folder put first on the export child's PYTHONPATH (the parent process is not affected)."""
+    d = tmp_path / "shadow"
+    for name, text in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(textwrap.dedent(text))
+    return os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])
+
+
+def test_an_export_that_fails_falls_back_to_torch_with_one_log_line(tiny_model, tmp_path, monkeypatch, caplog):
+    # The TorchScript exporter needs the onnx package: without it the export fails as an unexportable tower does.
+    monkeypatch.setenv("PYTHONPATH", _shadow(tmp_path, {"onnx/__init__.py": "raise ImportError('no onnx here')"}))
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
+    assert enc.runtime == "torch"
+    lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
+    assert len(lines) == 1 and "runs on torch" in lines[0] and "onnx" in lines[0], lines
+    # The failure is recorded: the next start falls back at once, without another export attempt ...
+    from safeclip.embed import _export
+
+    monkeypatch.setattr(_export, "export_in_child", lambda *a, **k: pytest.fail("exported again"))
+    assert Encoder(tiny_model, cache_dir=cache, device="cpu").runtime == "torch"
+    # ... and asking for onnx explicitly is an error that says why.
+    with pytest.raises(ModelLoadError, match="runtime='torch'"):
+        Encoder(tiny_model, cache_dir=cache, runtime="onnx")
+
+
+def test_an_export_that_does_not_reproduce_torch_falls_back_with_a_warning(tiny_model, tmp_path, monkeypatch):
+    # In the export child only, ONNX Runtime returns the embeddings' components reversed.
+    monkeypatch.setenv("PYTHONPATH", _shadow(tmp_path, {"sitecustomize.py": """
+        import onnxruntime
+        _run = onnxruntime.InferenceSession.run
+        def run(self, *args, **kwargs):
+            return [o[:, ::-1].copy() for o in _run(self, *args, **kwargs)]
+        onnxruntime.InferenceSession.run = run
+        """}))
+    with pytest.warns(RuntimeFallbackWarning, match="min cosine"):
+        enc = Encoder(tiny_model, cache_dir=tmp_path / "cache", device="cpu")
+    assert enc.runtime == "torch"
+    assert store_of_failure(tmp_path / "cache")["kind"] == "verify"
+
+
+def store_of_failure(cache: Path) -> dict:
+    (failed,) = (cache / "onnx").glob("*/failed.json")
+    return json.loads(failed.read_text())
+
+
+def test_without_onnxruntime_auto_runs_torch_and_onnx_is_an_error(tiny_model, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with caplog.at_level(logging.WARNING, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=tmp_path, device="cpu")
+    assert enc.runtime == "torch"
+    assert [r.getMessage() for r in caplog.records if "onnxruntime is not installed" in r.getMessage()]
+    with pytest.raises(ModelLoadError, match="pip install onnxruntime"):
+        Encoder(tiny_model, cache_dir=tmp_path, runtime="onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_int8_is_its_own_space(exported, tiny_model):
+    onnx, torch_enc = exported
+    int8 = Encoder(tiny_model, cache_dir=onnx.cache_dir, precision="int8")
+    assert int8.runtime == "onnx" and int8.precision == "int8"
+    assert int8.encoder_id == onnx.encoder_id + "|int8"
+    assert int8.prompt_cache.path != onnx.prompt_cache.path  # caches never mix
+    px = np.random.default_rng(5).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    cos = (int8.embed_pixels(px) * torch_enc.embed_pixels(px)).sum(1)
+    assert cos.min() > 0.9 and not np.allclose(cos, 1.0, atol=1e-7)  # close, but not the fp32 embeddings
+    with pytest.raises(ModelLoadError, match="int8"):
+        Encoder(tiny_model, cache_dir=onnx.cache_dir, precision="int8", runtime="torch")

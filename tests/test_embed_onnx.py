@@ -1,0 +1,159 @@
+"""The ONNX Runtime image tower in use (safeclip.embed._onnx / _encoder): a warm start without torch, the text tower
+only on a prompt-cache miss, the threads knob, forked children, the runtime/precision/device rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import safeclip
+from safeclip.embed import Encoder
+from safeclip.errors import ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tiny_model, tmp_path_factory):
+    """A cache holding the export and the default policy's prompts: what a second start finds."""
+    cache = tmp_path_factory.mktemp("warm-cache")
+    safeclip.Moderator(model=tiny_model, cache_dir=cache, device="cpu")
+    return cache
+
+
+def run_py(code: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=full,
+                          timeout=300)
+
+
+HEAVY = ("torch", "open_clip", "torchvision")
+
+
+def test_a_warm_start_imports_neither_torch_nor_open_clip(tiny_model, warm_cache, photos):
+    code = (
+        "import json, sys, safeclip\n"
+        f"m = safeclip.Moderator(model={tiny_model!r}, cache_dir={str(warm_cache)!r})\n"
+        f"d = m.check({str(photos[0])!r})\n"
+        f"print(json.dumps([m.encoder.runtime, d.action, sorted(x for x in {HEAVY!r} if x in sys.modules)]))\n"
+    )
+    out = run_py(code)
+    assert out.returncode == 0, out.stderr
+    runtime, action, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runtime == "onnx" and action in safeclip.ACTIONS and heavy == []
+
+
+def test_the_check_command_on_a_warm_cache_imports_no_torch(tiny_model, warm_cache, photos):
+    code = (
+        "import sys\n"
+        "from safeclip.cli import main\n"
+        f"rc = main(['check', {str(photos[0])!r}, {str(photos[1])!r}, '--model', {tiny_model!r}])\n"
+        f"print(rc, sorted(x for x in {HEAVY!r} if x in sys.modules))\n"
+    )
+    out = run_py(code, SAFECLIP_CACHE_DIR=str(warm_cache))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0 []"
+    assert out.stdout.count("\t") >= 2  # one result line per file
+
+
+def test_the_text_tower_is_loaded_on_a_miss_and_released(tiny_model, warm_cache):
+    enc = Encoder(tiny_model, cache_dir=warm_cache)
+    assert enc.runtime == "onnx" and enc._torch is None
+    ref = Encoder(tiny_model, cache_dir=warm_cache, runtime="torch")
+    texts = ["a prompt no policy has", "another new one"]
+    assert enc.prompt_cache.missing(texts) == texts
+    got = enc.embed_texts(texts)
+    assert enc._torch is None  # released again
+    np.testing.assert_allclose(got, ref.embed_texts(texts, use_cache=False), atol=1e-5)
+    assert enc.prompt_cache.missing(texts) == []
+
+
+def test_check_decides_like_the_torch_runtime(tiny_model, warm_cache, photos):
+    onnx = safeclip.Moderator(model=tiny_model, cache_dir=warm_cache, fast_decode=False)
+    torch_m = safeclip.Moderator(model=tiny_model, cache_dir=warm_cache, runtime="torch", fast_decode=False)
+    assert (onnx.encoder.runtime, torch_m.encoder.runtime) == ("onnx", "torch")
+    for a, b in zip(onnx.check_many(photos[:6]), torch_m.check_many(photos[:6])):
+        assert a.encoder_id == b.encoder_id
+        for name in a.categories:
+            assert abs(a.categories[name].probability - b.categories[name].probability) < 1e-4
+
+
+def test_one_threads_knob_for_both_runtimes(tiny_model, warm_cache, monkeypatch):
+    enc = Encoder(tiny_model, cache_dir=warm_cache, threads=1)
+    assert enc._onnx._session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("SAFECLIP_THREADS", "2")
+    enc = Encoder(tiny_model, cache_dir=warm_cache)
+    assert enc.threads == 2 and enc._onnx._session.get_session_options().intra_op_num_threads == 2
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        Encoder(tiny_model, cache_dir=warm_cache, runtime="torch", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("SAFECLIP_THREADS", "many")
+    with pytest.raises(ModelLoadError, match="SAFECLIP_THREADS"):
+        Encoder(tiny_model, cache_dir=warm_cache)
+
+
+def test_runtime_rules(tiny_model, warm_cache, monkeypatch):
+    with pytest.raises(ModelLoadError, match="runs on the CPU"):
+        Encoder(tiny_model, cache_dir=warm_cache, runtime="onnx", device="cuda")
+    with pytest.raises(ModelLoadError, match="runtime must be one of"):
+        Encoder(tiny_model, cache_dir=warm_cache, runtime="tensorrt")
+    with pytest.raises(ModelLoadError, match="autocast"):
+        Encoder(tiny_model, cache_dir=warm_cache, runtime="onnx", precision="fp16")
+    monkeypatch.setenv("SAFECLIP_RUNTIME", "torch")
+    assert Encoder(tiny_model, cache_dir=warm_cache).runtime == "torch"
+    assert Encoder(tiny_model, cache_dir=warm_cache, runtime="onnx").runtime == "onnx"  # the argument wins
+
+
+FORKING_SERVER = """
+import json, os, sys, time
+import safeclip
+m = safeclip.Moderator(model=sys.argv[1], cache_dir=sys.argv[2], threads=2)
+m.embed_text(["a prompt that loads the text tower in this process"])  # torch has run here too
+expected = m.check(sys.argv[3]).to_dict()  # the parent has run ORT's thread pool
+kids = {}
+for _ in range(2):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        d = m.check(sys.argv[3]).to_dict()
+        threads = m.encoder._onnx._session.get_session_options().intra_op_num_threads
+        os.write(w, json.dumps([d == expected, threads]).encode())
+        os.close(w)
+        sys.exit(7)  # a worker that ends normally: the interpreter's full exit, not os._exit
+    os.close(w)
+    kids[pid] = r
+out = []
+for pid, r in kids.items():
+    with os.fdopen(r, "rb") as f:
+        same, threads = json.loads(f.read() or b"[null, null]")
+    out.append([same, threads, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_children_of_an_onnx_moderator_neither_hang_nor_hang_at_exit(tiny_model, warm_cache, photos):
+    """gunicorn --preload: the parent ran ORT's thread pool (and torch), then forks. Each child makes its own
+    one-thread session (the parent's pool does not survive fork, and destroying the inherited session hangs), and
+    exits with its own status (onnxruntime's native teardown would wait for ever on a thread of the parent)."""
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", FORKING_SERVER, tiny_model, str(warm_cache),
+                             str(photos[0])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its hung children
+        proc.communicate()
+        pytest.fail("a forked worker hung (in its first forward or at exit)")
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == [[True, 1, 7], [True, 1, 7]]
