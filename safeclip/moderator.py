@@ -82,7 +82,8 @@ class Moderator:
 
     Concurrent ``check`` / ``check_async`` calls share forwards: requests arriving within ``max_wait_ms`` of each
     other are embedded together, up to ``max_batch`` frames (default: the encoder's batch size). At most
-    ``max_queue`` requests are in flight at once; one more raises :class:`~safeclip.errors.OverloadedError`.
+    ``max_queue`` requests are in flight at once (``None``: four batches); one more raises
+    :class:`~safeclip.errors.OverloadedError`.
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class Moderator:
         encoder: Encoder | None = None,
         max_batch: int | None = None,
         max_wait_ms: float = 5.0,
-        max_queue: int = 256,
+        max_queue: int | None = 256,
     ) -> None:
         if on_error not in _ON_ERROR:
             raise ConfigError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
@@ -126,8 +127,9 @@ class Moderator:
         self.decode_limits = decode_limits or DecodeLimits()
         self.fast_decode = fast_decode
         self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
-        self._batching = {"max_batch": max_batch or self.encoder.batch_size, "max_wait_ms": max_wait_ms,
-                          "max_queue": max_queue}
+        max_batch = self.encoder.batch_size if max_batch is None else max_batch
+        self._batching = {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                          "max_queue": 4 * max_batch if max_queue is None else max_queue}
         self.batcher = MicroBatcher(self._embed_and_decide, **self._batching)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()

@@ -12,6 +12,7 @@ policy         ``safeclip policy lint | show | list``
 audit          ``safeclip audit``, ``rescore``, ``diff``
 calibration    ``safeclip calibrate``, ``eval``
 runtime        ``safeclip runtime verify``
+serve          ``safeclip serve``
 =============  ==========================================
 """
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import audit, calibration, check, policy, runtime
+from . import audit, calibration, check, policy, runtime, serve
 from ._options import run
 
 __all__ = ["build_parser", "main"]
 
-_FAMILIES = (check, policy, audit, calibration, runtime)
+_FAMILIES = (check, policy, audit, calibration, runtime, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

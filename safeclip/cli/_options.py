@@ -37,10 +37,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_policy_arg(p: argparse.ArgumentParser, *, required: bool = False) -> None:
-    p.add_argument("--policy", required=required,
-                   help="shipped policy name or YAML path" + ("" if required else
-                                                              " (default: $SAFECLIP_POLICY or default)"))
+def add_policy_arg(p: argparse.ArgumentParser, *, required: bool = False, multiple: bool = False) -> None:
+    """``--policy``; ``multiple``: repeatable, ``args.policy`` is then a list (or None)."""
+    p.add_argument("--policy", required=required, action="append" if multiple else "store",
+                   help="shipped policy name or YAML path" + ("; repeat it to load several, the first is the default"
+                                                              if multiple else "")
+                        + ("" if required else " (default: $SAFECLIP_POLICY or default)"))
 
 
 def add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False, batch_size: bool = True) -> None:

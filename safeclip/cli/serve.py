@@ -1,0 +1,158 @@
+"""``safeclip serve``: moderate uploads over HTTP (:mod:`safeclip.server` under uvicorn; ``pip install safeclip[serve]``).
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM stops accepting connections, lets the requests in flight
+finish (at most ``--timeout-s`` more), and exits 0. The access log is one JSON line per request on stdout; uvicorn's
+own messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ._options import EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, positive_int, run_standalone
+
+__all__ = ["register", "main"]
+
+TOKEN_ENV = "SAFECLIP_SERVE_TOKEN"
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _wait_ms(text: str) -> float:
+    value = 0.0 if text.strip() in ("0", "0.0") else _positive_float(text)
+    if value >= 1e4:
+        raise argparse.ArgumentTypeError(f"expected milliseconds below 10000, got {text}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="serve POST /v1/check over HTTP (needs safeclip[serve])",
+                              description="Moderate uploads over HTTP: POST /v1/check, GET /healthz, /readyz, "
+                                          "/metrics. Binds 127.0.0.1 by default; SIGTERM drains and exits 0.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=_port, default=8080, help="TCP port (default 8080; 0: any free port)")
+    add_policy_arg(p, multiple=True)
+    add_model_args(p)
+    p.add_argument("--max-batch", type=positive_int,
+                   help="most frames embedded in one shared forward (default: --batch-size, i.e. 16 on a CPU, 64 on "
+                        "a GPU); 1 turns micro-batching off")
+    p.add_argument("--max-wait-ms", type=_wait_ms, default=5.0,
+                   help="how long a forward waits for requests still being decoded (default 5)")
+    p.add_argument("--max-queue", type=positive_int,
+                   help="requests in flight at once; one more is answered 503 (default: 4 x --max-batch)")
+    p.add_argument("--on-error", choices=("raise", "block", "flag"), default="raise",
+                   help="an undecodable image: raise (default) answers 422 with the error; block or flag answers a "
+                        "fail-closed Decision")
+    p.add_argument("--token-file", type=Path,
+                   help=f"file holding the bearer token required on /v1/check and /metrics (default: ${TOKEN_ENV}; "
+                        "neither: no token)")
+    p.add_argument("--timeout-s", type=_positive_float, default=30.0,
+                   help="a request not answered within this many seconds gets 504 (default 30)")
+    p.add_argument("--max-body-mb", type=_positive_float, default=20.0,
+                   help="larger request bodies get 413 (default 20)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.set_defaults(func=_cmd_serve)
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The bearer token from ``token_file``, else ``$SAFECLIP_SERVE_TOKEN``, else None (surrounding blanks
+    stripped); an empty or unreadable source is a :class:`ConfigError`, never an open server."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--token-file {token_file}: cannot be read ({e})") from e
+        if not token:
+            raise ConfigError(f"--token-file {token_file} is empty: put the token in it")
+        return token
+    env = os.environ.get(TOKEN_ENV)
+    if env is None:
+        return None
+    if not env.strip():
+        raise ConfigError(f"${TOKEN_ENV} is set but empty: unset it to serve without a token, or set the token")
+    return env.strip()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..server import create_app
+    except ImportError as e:
+        raise ConfigError(f"safeclip serve needs the serve extra ({e.name} is not installed): "
+                          "pip install 'safeclip[serve]'") from e
+    from ..moderator import Moderator
+
+    token = read_token(args.token_file)
+    policies = args.policy or []
+    moderator = Moderator(policy=policies[0] if policies else None, model=args.model, pretrained=args.pretrained,
+                          device=args.device, batch_size=args.batch_size, precision=args.precision,
+                          runtime=args.runtime, threads=args.threads, on_error=args.on_error,
+                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    app = create_app(moderator, policies=policies or None, token=token,
+                     max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s)
+
+    access = logging.getLogger("safeclip.server.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    log = logging.getLogger("safeclip.server")
+    if args.host not in _LOOPBACK and token is None:
+        log.warning("listening on %s without a bearer token: anyone who can reach it can use it (--token-file)",
+                    args.host)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=args.timeout_s + 5, server_header=False,
+                            limit_concurrency=max(64, 2 * moderator.batcher.max_queue))
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM (drain, then shut down) and re-raises it afterwards under the handler it found:
+    # this one, so that a drained server exits 0 instead of dying of the signal.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True)) if main_thread else None
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits 1 when it cannot listen; it has said why on stderr
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} (see the message above)") from e
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        access.removeHandler(handler)
+    return EXIT_OK if server.started else EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_standalone(register, "Moderate uploads over HTTP.", argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""safeclip.server and ``safeclip serve`` on the tiny random-weight checkpoint, on loopback only.
+
+In-process tests drive the ASGI app through Starlette's TestClient or httpx's ASGI transport; one test starts
+``safeclip serve`` as a subprocess on a free 127.0.0.1 port and stops it with SIGTERM. Nothing here is a moderation
+result: the weights are random. Every server started here stops by itself (bounded waits, killed on failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from safeclip import Moderator  # noqa: E402
+from safeclip.server import create_app  # noqa: E402
+from test_batcher import Forwards, png_bytes  # noqa: E402
+
+TOKEN = "test-token-7f3a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WAIT = 10.0
+
+
+@pytest.fixture(scope="module")
+def moderator(tiny_model, cache_dir) -> Moderator:
+    return Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_wait_ms=20)
+
+
+def wait_ready(client) -> None:
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(moderator):
+    with TestClient(create_app(moderator, policies=["default", "strict"], token=TOKEN)) as c:
+        wait_ready(c)
+        yield c
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def metrics(client) -> dict[str, float]:
+    r = client.get("/metrics", headers=AUTH)
+    assert r.status_code == 200
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            key = s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
+
+
+# ---------------------------------------------------------------------------------------------- requests
+def test_raw_and_multipart_bodies_get_the_decision_of_their_image(client, moderator):
+    img = png_bytes(1)
+    raw = client.post("/v1/check", content=img, headers={**AUTH, "Content-Type": "image/png"})
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("application/json")
+    body = raw.json()
+    assert body["sha256"] == sha(img) and body["policy"] == "default@1.0" and body["encoder_id"] == moderator.encoder_id
+    assert body == moderator.check(img).to_dict()
+    multi = client.post("/v1/check?policy=strict", files={"image": ("x.png", img, "image/png")}, headers=AUTH)
+    assert multi.status_code == 200 and multi.json()["sha256"] == sha(img) and multi.json()["policy"] == "strict@1.0"
+
+
+def test_probes(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200  # open, no token
+    assert client.post("/healthz").status_code == 405 and client.get("/nowhere").status_code == 404
+
+
+def test_token(client):
+    img = png_bytes(2)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": TOKEN}):
+        r = client.post("/v1/check", content=img, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert client.get("/metrics", headers=headers).status_code == 401
+    assert client.post("/v1/check", content=img, headers=AUTH).status_code == 200
+
+
+def test_unknown_policy_and_missing_field_are_400(client):
+    r = client.post("/v1/check?policy=lenient", content=png_bytes(3), headers=AUTH)
+    assert r.status_code == 400 and "default, strict" in r.json()["error"]["message"]
+    r = client.post("/v1/check", files={"other": ("x.png", png_bytes(3), "image/png")}, headers=AUTH)
+    assert r.status_code == 400 and "image" in r.json()["error"]["message"]
+    r = client.post("/v1/check", data={"image": "text"}, files={"x": ("x.png", b"1")}, headers=AUTH)
+    assert r.status_code == 400  # a plain multipart field holds text: an image sent so would arrive mangled
+
+
+def test_undecodable_is_422_with_the_typed_error(client):
+    for bad in (b"this is not an image", png_bytes(4)[:60], b""):
+        r = client.post("/v1/check", content=bad, headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["type"] in {"UnsupportedFormatError", "TruncatedImageError", "EmptyBody"}
+
+
+def test_a_fail_closed_server_answers_the_fail_closed_decision(tiny_model, cache_dir):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, on_error="block")
+    with TestClient(create_app(m, warm_up=False)) as c:
+        r = c.post("/v1/check", content=b"this is not an image")
+        assert r.status_code == 200
+        d = r.json()
+        assert d["action"] == "block" and d["error"] and d["categories"] == {}
+
+
+def test_a_body_over_the_limit_is_413_read_or_not(moderator):
+    with TestClient(create_app(moderator, max_body_bytes=1000, warm_up=False)) as c:
+        small = png_bytes(5, size=8)
+        assert len(small) < 1000 and c.post("/v1/check", content=small).status_code == 200
+        big = png_bytes(5, size=64)
+        assert len(big) > 1000
+        assert c.post("/v1/check", content=big).status_code == 413  # Content-Length says so
+        chunks = (big[i:i + 100] for i in range(0, len(big), 100))  # chunked: no Content-Length
+        assert c.post("/v1/check", content=chunks).status_code == 413
+        assert c.post("/v1/check", files={"image": ("x.png", big, "image/png")}).status_code == 413
+
+
+def test_request_id_on_every_response_and_one_json_access_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="safeclip.server.access")
+    img = png_bytes(6)
+    r = client.post("/v1/check", content=img, headers={**AUTH, "X-Request-ID": "req-42.a"})
+    assert r.headers["x-request-id"] == "req-42.a"
+    for insane in ("has spaces", "x" * 200, "semi;colon"):
+        r = client.get("/healthz", headers={"X-Request-ID": insane})
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", client.post("/v1/check", content=img).headers["x-request-id"])  # a 401
+    assert client.get("/nowhere").headers["x-request-id"]
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "safeclip.server.access"]
+    first = next(x for x in lines if x["id"] == "req-42.a")
+    assert first["status"] == 200 and first["path"] == "/v1/check" and first["action"] in {"allow", "flag", "block"}
+    assert first["batch_size"] >= 1 and first["latency_ms"] >= 0 and first["outcome"] == first["action"]
+    assert set(first) == {"id", "method", "path", "status", "outcome", "latency_ms", "batch_size", "action"}
+    assert any(x["status"] == 401 and x["outcome"] == "unauthorized" for x in lines)
+    text = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert len(text) < 2000 and "PNG" not in text  # never the image
+
+
+def test_metrics_parse_and_count_outcomes(client, moderator):
+    before = metrics(client)
+    client.post("/v1/check", content=png_bytes(7), headers=AUTH)
+    client.post("/v1/check", content=b"garbage", headers=AUTH)
+    client.post("/v1/check", content=b"garbage")
+    after = metrics(client)
+
+    def delta(outcome):
+        key = 'safeclip_requests_total{"outcome": "%s"}' % outcome
+        return after[key] - before.get(key, 0)
+
+    assert sum(delta(a) for a in ("allow", "flag", "block")) == 1
+    assert delta("invalid_image") == 1 and delta("unauthorized") == 1
+    assert after["safeclip_request_duration_seconds_count"] - before["safeclip_request_duration_seconds_count"] == 3
+    assert after["safeclip_batch_size_count"] > before["safeclip_batch_size_count"]
+    assert after["safeclip_queue_depth"] == 0 and after["safeclip_requests_in_flight"] == 0
+    assert after["safeclip_queue_capacity"] == moderator.batcher.max_queue
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def test_concurrent_requests_each_get_their_own_image_and_share_forwards(tiny_model, cache_dir, monkeypatch):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_wait_ms=20)
+    fw = Forwards(m, monkeypatch)
+    app = create_app(m, warm_up=False)
+    images = [png_bytes(100 + i, size=32 + i) for i in range(24)]
+
+    async def main():
+        async with asgi_client(app) as c:
+            fw.hold.clear()
+            first = asyncio.create_task(c.post("/v1/check", content=images[0]))
+            while not fw.entered.is_set():
+                await asyncio.sleep(0.01)
+            rest = [asyncio.create_task(c.post("/v1/check", content=im)) for im in images[1:]]
+            while m.batcher.in_flight < len(images):
+                await asyncio.sleep(0.01)
+            fw.hold.set()
+            return await asyncio.wait_for(asyncio.gather(first, *rest), WAIT)
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * len(images)
+    assert [r.json()["sha256"] for r in responses] == [sha(im) for im in images]
+    assert len(fw.sizes) < len(images) and max(fw.sizes) > 1
+
+
+def test_full_queue_is_503_with_retry_after_and_a_timeout_is_504(tiny_model, cache_dir, monkeypatch):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_queue=1)
+    fw = Forwards(m, monkeypatch)
+    app = create_app(m, warm_up=False, timeout_s=0.5)
+
+    async def main():
+        async with asgi_client(app) as c:
+            fw.hold.clear()
+            held = asyncio.create_task(c.post("/v1/check", content=png_bytes(1)))
+            while not fw.entered.is_set():
+                await asyncio.sleep(0.01)
+            full = await c.post("/v1/check", content=png_bytes(2))
+            timed_out = await asyncio.wait_for(held, WAIT)
+            fw.hold.set()
+            return full, timed_out
+
+    full, timed_out = asyncio.run(main())
+    assert full.status_code == 503 and full.headers["retry-after"].isdigit()
+    assert full.json()["error"]["type"] == "OverloadedError"
+    assert timed_out.status_code == 504
+    deadline = time.monotonic() + WAIT
+    while m.batcher.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m.batcher.in_flight == 0  # the timed-out request let go of its place
+
+
+def test_a_timed_out_request_still_queued_never_reaches_a_forward(tiny_model, cache_dir, monkeypatch):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir)
+    fw = Forwards(m, monkeypatch)
+    app = create_app(m, warm_up=False, timeout_s=0.5)
+    first = png_bytes(1)
+
+    async def main():
+        async with asgi_client(app) as c:
+            fw.hold.clear()
+            held = asyncio.create_task(c.post("/v1/check", content=first))
+            while not fw.entered.is_set():
+                await asyncio.sleep(0.01)
+            queued = await c.post("/v1/check", content=png_bytes(2))  # waits behind the held forward: 504
+            fw.hold.set()
+            return await asyncio.wait_for(held, WAIT), queued
+
+    held, queued = asyncio.run(main())
+    assert queued.status_code == 504 and held.status_code == 504
+    assert fw.sizes == [1]  # the queued one was dropped, not embedded
+
+
+# ---------------------------------------------------------------------------------------------- safeclip serve
+def _start_serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    port: list[int] = []
+    stderr_lines: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            stderr_lines.append(line)
+            m = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port.append(int(m.group(1)))
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not port:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("safeclip serve did not start:\n" + "".join(stderr_lines[-30:]))
+        time.sleep(0.1)
+    proc.stderr_lines = stderr_lines  # type: ignore[attr-defined]
+    return proc, port[0]
+
+
+def test_safeclip_serve_answers_then_drains_on_sigterm_and_exits_0(tiny_model, cache_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache_dir), "SAFECLIP_DEVICE": "cpu"}
+    env.pop("SAFECLIP_SERVE_TOKEN", None)
+    proc, port = _start_serve(["--model", tiny_model, "--token-file", str(token_file), "--policy", "default",
+                               "--policy", "strict", "--max-wait-ms", "10"], env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        images = [png_bytes(200 + i) for i in range(8)]
+        with httpx.Client(base_url=base, headers=AUTH, timeout=30) as c:
+            assert c.post("/v1/check", content=images[0]).json()["sha256"] == sha(images[0])
+            assert c.post("/v1/check?policy=strict", files={"image": ("a.png", images[1])}).json()["policy"] \
+                == "strict@1.0"
+            assert httpx.post(f"{base}/v1/check", content=images[0], timeout=5).status_code == 401
+
+        # In flight at SIGTERM: requests whose headers and half of whose bodies have arrived.
+        socks = []
+        for im in images:
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall((f"POST /v1/check HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                       f"Content-Type: image/png\r\nContent-Length: {len(im)}\r\n\r\n").encode() + im[:len(im) // 2])
+            socks.append(s)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no new connections once draining
+            httpx.get(f"{base}/healthz", timeout=2)
+        answers = []
+        for s, im in zip(socks, images):
+            s.sendall(im[len(im) // 2:])
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            answers.append((head.split(b"\r\n")[0], json.loads(body)["sha256"]))
+        assert answers == [(b"HTTP/1.1 200 OK", sha(im)) for im in images]
+        assert proc.wait(60) == 0
+        access = [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
+        assert sum(1 for a in access if a["path"] == "/v1/check" and a["status"] == 200) == 2 + len(images)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _content_length(data: bytes) -> int:
+    m = re.search(rb"content-length: (\d+)", data, re.IGNORECASE)
+    return int(m.group(1)) if m else 1 << 30
+
+
+def test_safeclip_serve_refuses_an_empty_token_file(tiny_model, tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    r = subprocess.run([sys.executable, "-m", "safeclip", "serve", "--model", tiny_model, "--token-file", str(empty)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_token_comes_from_the_file_else_the_environment(tmp_path, monkeypatch):
+    from safeclip.cli.serve import read_token
+    from safeclip.errors import ConfigError
+
+    monkeypatch.delenv("SAFECLIP_SERVE_TOKEN", raising=False)
+    assert read_token(None) is None
+    monkeypatch.setenv("SAFECLIP_SERVE_TOKEN", " from-env ")
+    assert read_token(None) == "from-env"
+    f = tmp_path / "t"
+    f.write_text("from-file\n")
+    assert read_token(f) == "from-file"
+    monkeypatch.setenv("SAFECLIP_SERVE_TOKEN", "  ")
+    with pytest.raises(ConfigError, match="empty"):
+        read_token(None)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_token(tmp_path / "missing")
