@@ -257,3 +257,45 @@ def test_content_seen_only_on_a_dark_page_decides_and_names_it():
     assert d.frame_index == 0 and d.n_frames == 1
     on_white = Moderator(encoder=enc, decode_limits=safeclip.DecodeLimits(backgrounds=((255, 255, 255),)))
     assert on_white.check(png(drawing)).action == "allow"  # what the single white background used to give
+
+
+def test_a_row_the_model_got_wrong_in_a_shared_forward_fails_only_its_caller(tiny_model, cache_dir, photos,
+                                                                              monkeypatch):
+    """Concurrent checks share a forward (micro-batching); a bad embedding row still fails its own request alone."""
+    from safeclip.errors import DataError
+
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_wait_ms=50)
+    sample = photos[:6]
+    poisoned = hashlib.sha256(sample[2].read_bytes()).hexdigest()
+    expected = {str(p): m.check(p) for p in sample}
+    bad_pixels = m._prepare(sample[2]).pixels[0]
+    real = m.encoder.embed_pixels
+    gate, sizes = threading.Event(), []
+
+    def shared(pixels):
+        sizes.append(len(pixels))
+        gate.wait(10)
+        emb = real(pixels)
+        for i, px in enumerate(pixels):  # poison the row of sample[2], wherever the batch put it
+            if np.array_equal(px, bad_pixels):
+                emb[i] = np.nan
+        return emb
+
+    monkeypatch.setattr(m.encoder, "embed_pixels", shared)
+    with ThreadPoolExecutor(len(sample)) as pool:
+        futures = [pool.submit(m.check, p) for p in sample]
+        for _ in range(1000):
+            if m.batcher.in_flight == len(sample):
+                break
+            threading.Event().wait(0.01)
+        gate.set()
+        for p, f in zip(sample, futures):
+            if hashlib.sha256(p.read_bytes()).hexdigest() == poisoned:
+                with pytest.raises(DataError, match="not scored"):
+                    f.result(10)
+            else:
+                got, want = f.result(10), expected[str(p)]
+                assert got.sha256 == want.sha256 and got.action == want.action
+                for name, c in got.categories.items():
+                    assert abs(c.probability - want.categories[name].probability) < 1e-4
+    assert max(sizes) > 1  # some requests did share a forward
