@@ -28,6 +28,7 @@ so a re-run need not open a hostile file again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EncoderMismatchError, SafeclipError
+from .errors import CacheError, EncoderMismatchError
 
 __all__ = ["CachedImage", "CacheChunk", "EmbeddingCache", "list_cached_encoders"]
 
@@ -105,8 +106,10 @@ class EmbeddingCache:
 
     Each process opens its own ``EmbeddingCache`` (SQLite connections do not cross ``fork``); one instance may be
     shared by threads. ``readonly`` opens an existing database for lookups and scans only; ``create=False`` raises
-    :class:`SafeclipError` when there is no database yet. Counters ``hits``, ``misses`` and ``written`` count this
-    instance's lookups and new entries.
+    :class:`~safeclip.errors.CacheError` when there is no database yet. Counters ``hits``, ``misses`` and
+    ``written`` count this instance's lookups and new entries. A database that cannot be opened, read or written
+    (corrupt, read-only, disk full) raises :class:`~safeclip.errors.CacheError`; embeddings of another space
+    :class:`~safeclip.errors.EncoderMismatchError`.
     """
 
     def __init__(
@@ -123,15 +126,16 @@ class EmbeddingCache:
         self.hits = self.misses = self.written = 0
         self._lock = threading.RLock()
         if not self.path.exists() and (readonly or not create):
-            raise SafeclipError(
+            raise CacheError(
                 f"no embedding cache for encoder {encoder_id!r} in {Path(cache_dir)} "
                 f"(known there: {list_cached_encoders(cache_dir) or 'none'})")
         try:
             self._con = self._connect()
+            meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as e:
-            raise SafeclipError(f"cannot open the embedding cache {self.path}: {e}") from e
+            raise CacheError(f"cannot open the embedding cache {self.path}: {e}; if it is damaged, delete it (it is "
+                             "rebuilt as files are audited again)") from e
         self.dim: int | None = None
-        meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
         stored = meta.get("encoder_id")
         if stored is not None and stored != encoder_id:
             raise EncoderMismatchError(f"{self.path} holds embeddings of {stored!r}, not {encoder_id!r}")
@@ -168,9 +172,18 @@ class EmbeddingCache:
             raise
         return con
 
+    @contextlib.contextmanager
+    def _locked(self, what: str) -> Iterator[None]:
+        """This instance's lock; SQLite's errors (corrupt file, disk full, read-only folder) as a CacheError."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as e:
+                raise CacheError(f"cannot {what} the embedding cache {self.path}: {e}") from e
+
     # ------------------------------------------------------------------------------------------------ reads
     def __len__(self) -> int:
-        with self._lock:
+        with self._locked("read"):
             return int(self._con.execute("SELECT count(*) FROM images").fetchone()[0])
 
     def _vectors(self, blob: bytes) -> np.ndarray:
@@ -182,7 +195,7 @@ class EmbeddingCache:
         """The cached entries among ``shas`` (hex sha256), in one indexed query per 900 keys."""
         keys = list(dict.fromkeys(shas))
         out: dict[str, CachedImage] = {}
-        with self._lock:
+        with self._locked("read"):
             if self.dim is None:
                 self._refresh_dim()
             for i in range(0, len(keys), _IN_CHUNK):
@@ -209,7 +222,7 @@ class EmbeddingCache:
 
     def scan(self, chunk_rows: int = 65536) -> Iterator[CacheChunk]:
         """Every entry, in insertion order, as :class:`CacheChunk` s of up to ``chunk_rows`` images."""
-        with self._lock:
+        with self._locked("read"):
             self._refresh_dim()
             if self.dim is None:
                 return
@@ -234,6 +247,8 @@ class EmbeddingCache:
                     n_frames=np.fromiter((r[3] for r in rows), np.int64, len(rows)),
                     nbytes=np.fromiter((r[4] for r in rows), np.int64, len(rows)),
                 )
+        except sqlite3.Error as e:
+            raise CacheError(f"cannot read the embedding cache {self.path}: {e}") from e
         finally:
             con.close()
 
@@ -241,7 +256,7 @@ class EmbeddingCache:
         """Remembered decode failures ``sha -> (error class name, message)`` for this decoder fingerprint."""
         keys = list(dict.fromkeys(shas))
         out: dict[str, tuple[str, str]] = {}
-        with self._lock:
+        with self._locked("read"):
             for i in range(0, len(keys), _IN_CHUNK):
                 chunk = [bytes.fromhex(k) for k in keys[i:i + _IN_CHUNK]]
                 rows = self._con.execute(
@@ -256,7 +271,7 @@ class EmbeddingCache:
         if not items:
             return 0
         if self.readonly:
-            raise SafeclipError(f"{self.path} is open read-only")
+            raise CacheError(f"{self.path} is open read-only")
         dim = int(items[0].embeddings.shape[1])
         for it in items:
             if it.embeddings.ndim != 2 or it.embeddings.shape[1] != dim or len(it.embeddings) < 1:
@@ -264,7 +279,7 @@ class EmbeddingCache:
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
                  np.ascontiguousarray(it.embeddings, np.float32).tobytes()) for it in items]
-        with self._lock:
+        with self._locked("write to"):
             con = self._con
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -289,7 +304,7 @@ class EmbeddingCache:
         """Remember deterministic decode failures ``(sha256, error class name, message)``."""
         if not errors or self.readonly:
             return
-        with self._lock:
+        with self._locked("write to"):
             self._con.execute("BEGIN IMMEDIATE")
             try:
                 self._con.executemany("INSERT OR REPLACE INTO decode_errors VALUES (?, ?, ?, ?)",

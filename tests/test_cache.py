@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from safeclip.cache import CachedImage, EmbeddingCache, list_cached_encoders
-from safeclip.errors import EncoderMismatchError, SafeclipError
+from safeclip.errors import CacheError, EncoderMismatchError, SafeclipError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,25 @@ def test_decode_errors_are_remembered_per_fingerprint(tmp_path):
     assert cache.get_decode_errors([sha(1)], "fp2") == {}  # another Pillow / limits: try again
 
 
+def test_cache_problems_are_cache_errors(tmp_path):
+    with pytest.raises(CacheError, match="no embedding cache"):
+        EmbeddingCache(tmp_path, "enc-a", create=False)
+    EmbeddingCache(tmp_path, "enc-a").close()
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro, pytest.raises(CacheError, match="read-only"):
+        ro.put_many([entry(1)])
+    # A damaged database file: one line naming it, whatever SQLite raised.
+    bad = EmbeddingCache(tmp_path, "enc-b")
+    path = bad.path
+    bad.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CacheError, match="cannot open the embedding cache") as e:
+        EmbeddingCache(tmp_path, "enc-b")
+    assert str(path) in str(e.value) and isinstance(e.value.__cause__, sqlite3.Error)
+
+
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_every_committed_batch_intact(tmp_path):
     # A writer commits batches of 50 as fast as it can; SIGKILL it mid-stream, then check the database.
     script = textwrap.dedent(f"""
