@@ -97,11 +97,12 @@ def main() -> None:
               f"({rows / wall / 1e3:.0f}k rows/s), command incl. Python start-up")
 
         # Where the time goes, in this process.
-        from safeclip.audit import _compile_without_model, _decide
+        from safeclip.audit.mapper import decide_images
+        from safeclip.audit.rescore import compile_without_model
         from safeclip.cache import EmbeddingCache
         from safeclip.policy import load_policy
 
-        comp = _compile_without_model(load_policy(args.policy), ENCODER_ID, folder, None, None, None)
+        comp = compile_without_model(load_policy(args.policy), ENCODER_ID, folder, None, None, None)
         t_scan = t_score = 0.0
         with EmbeddingCache(folder, ENCODER_ID, readonly=True) as db:
             t = time.perf_counter()
@@ -112,7 +113,7 @@ def main() -> None:
                 if chunk is None:
                     break
                 t = time.perf_counter()
-                _decide(comp, chunk.embeddings, chunk.offsets)
+                decide_images(comp, chunk.embeddings, chunk.offsets)
                 t_score += time.perf_counter() - t
                 t = time.perf_counter()
         print(f"where the time goes (measured again here, one after the other): scanning the cache {t_scan:.1f}s, "

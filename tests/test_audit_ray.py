@@ -26,14 +26,14 @@ from conftest import assert_same_rows as _assert_same_rows
 from safeclip.audit import AuditSummary, audit, diff, rescore
 from safeclip.cli.audit import main as cli_main
 from safeclip.cache import EmbeddingCache
-from safeclip.errors import SafeclipError
+from safeclip.errors import EngineError, EngineUnavailableError, SafeclipError
 
 REPO = Path(__file__).resolve().parents[1]
 HOOK = "SAFECLIP_AUDIT_TEST_HOOK"
 TEST_TIMEOUT_S = 240
 STALL_S = 90  # Ray Data's no-progress timeout and the wait for the model, per run
 
-pytestmark = [pytest.mark.ray]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 if importlib.util.find_spec("pytest_timeout") is not None:
     pytestmark.append(pytest.mark.timeout(TEST_TIMEOUT_S))
 
@@ -212,7 +212,7 @@ def test_a_failing_task_stops_the_run_cleanly_and_the_rerun_completes(parity, fi
     last = os.path.basename(inputs[-1])
     monkeypatch.setenv(HOOK, json.dumps({"fail": {"names": [last], "after_parts": [str(parts_dir), 1],
                                                   "wait_s": 60}}))
-    with pytest.raises(SafeclipError, match="run the same command again to resume") as e:
+    with pytest.raises(EngineError, match="run the same command again to resume") as e:
         ray_audit(inputs, out, cache, tiny_model, part_rows=2, batch_size=2, ray_options={"decode_batch": 2})
     assert f"injected failure on {last}" in str(e.value)
     done = committed_paths(parts_dir)
@@ -280,7 +280,7 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, tmp_path):
     from safeclip.audit import ray as audit_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(SafeclipError, match=r"pip install 'safeclip\[ray\]'"):
-        audit_ray._import_ray()
+    with pytest.raises(EngineUnavailableError, match=r"pip install 'safeclip\[ray\]'"):
+        audit_ray.import_ray()
     with pytest.raises(SafeclipError, match="engine must be 'local' or 'ray'"):
         audit([str(tmp_path / "x.jpg")], out=tmp_path / "x.parquet", engine="spark")

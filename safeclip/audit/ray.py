@@ -1,25 +1,28 @@
-"""The audit on a Ray cluster (Ray Data): CPU tasks decode, an actor pool embeds and scores, the driver commits.
+"""The Ray engine (Ray Data): CPU tasks decode, an actor pool runs the batch unit's model half, the driver commits.
 
 ``audit(..., engine="ray")`` / ``safeclip audit ... --engine ray [--address ADDR]`` run this instead of the local
-pipeline of :mod:`safeclip.audit`, with the same per-item and per-batch functions and the same output:
+engine (:mod:`safeclip.audit.local`), over the same worker, batch unit and writer, and write the same output:
 
-    inputs (driver, input order) -> shards of ``shard_rows`` consecutive inputs (by position: a re-run of the
+    inputs (driver, input order) -> shards of ``part_rows`` consecutive inputs (by position: a re-run of the
                                     same inputs makes the same shards)
       -> ray.data.from_arrow(blocks of ``decode_batch`` (index, path) rows)
-      -> map_batches(_decode_batch)   CPU tasks: ``safeclip.audit._process`` per file (read, sha256, cache lookup,
-                                      decode at the model's input size, prepare the model's pixels)
+      -> map_batches(_decode_batch)   CPU tasks: ``worker.process_file`` per file (read, sha256, cache lookup,
+                                      decode at the model's input size, the model's pixels)
       -> map_batches(_EmbedScore)     an actor pool holding the model (``num_gpus=1`` per actor where the cluster
-                                      has GPUs, a fraction of a CPU otherwise): ``Encoder.embed_pixels`` and
-                                      ``safeclip.audit._decide`` under the policy compiled once on the driver
-      -> the driver                   when every row of a shard has arrived: its new embeddings into the cache,
-                                      then the shard's rows as one part in ``OUT.parquet.parts/``
-      -> merge                        ``OUT.parquet``: input order, one row per input (``_Parts.merge``)
+                                      has GPUs, a fraction of a CPU otherwise): ``mapper.BatchUnit.map`` (dedup,
+                                      embed, score) under the policy compiled once on the driver
+      -> the driver                   when every row of a shard has arrived: ``mapper.store`` (its new embeddings
+                                      into the cache, then its rows) and one part in ``OUT.parquet.parts/``
+      -> merge                        ``OUT.parquet``: input order, one row per input
+
+Results cross Ray's object store in their Arrow form (``worker.results_to_arrow``): decoded pixels (~150 KB per
+image at 224 px) on the way to the model, embeddings and decisions on the way back.
 
 Resumable, exactly once
-    Parts are the local engine's (:class:`safeclip.audit._Parts`, same ``run.json``): a re-run skips every input
-    with a committed row, so completed shards are never recomputed, whichever engine wrote them; a shard's rows
-    are committed only after its embeddings are in the cache. Ray may run a task twice (a retry after a worker
-    died); only the driver writes, once per shard, so no row is ever written twice.
+    The parts are the local engine's (``writer.RunOutput``, same ``run.json``): a re-run skips every input with a
+    committed row, so completed shards are never recomputed, whichever engine wrote them; a shard's rows are
+    committed only after its embeddings are in the cache. Ray may run a task twice (a retry after a worker died);
+    only the driver writes, once per shard, so no row is ever written twice.
 
 The embedding cache
     The driver writes the cache (its ``cache_dir``). Decode tasks look files up in the same folder when their node
@@ -34,10 +37,10 @@ A file that kills its decoder
 
 The encoder's identity
     The decode tasks need the model's pixel spec and ``encoder_id`` before any actor has loaded the model: an
-    ``encoder`` passed in gives them, else the identity remembered from an earlier audit of the same weights (as
-    the local engine does; every actor checks it against the model it loaded and refuses to start on a mismatch,
-    before any row is committed, and the audit then starts over with the real one), else a short-lived prober
-    actor loads the model once, which also embeds the policy's prompts missing from the prompt cache.
+    ``encoder`` passed in gives them, else the identity remembered from an earlier audit of the same weights
+    (:mod:`safeclip.audit.identity`; every actor checks it against the model it loaded and refuses to start on a
+    mismatch, before any row is committed, and the audit then starts over with the real one), else a short-lived
+    prober actor loads the model once, which also embeds the policy's prompts missing from the prompt cache.
 
 Inputs
     Paths are made absolute on the driver and must be readable at that path from every node (a shared or mounted
@@ -45,7 +48,9 @@ Inputs
 
 Not hanging
     Ray Data's no-progress timeout is ``stall_timeout``, and calls to the prober wait as long. A stalled run raises
-    :class:`~safeclip.errors.SafeclipError` and keeps its committed shards.
+    :class:`~safeclip.errors.EngineStalledError`, a failed one :class:`~safeclip.errors.EngineError`; both keep the
+    committed shards. Without Ray, with one too old, or with a cluster out of reach:
+    :class:`~safeclip.errors.EngineUnavailableError`.
 
 Ray is imported only here, and only when an audit runs on it.
 """
@@ -61,92 +66,79 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import (
-    _TEST_HOOK_ENV,
-    AuditSummary,
-    _categories_of,
-    _decide_frames,
-    _decoder_fingerprint,
-    _encoder_memo_key,
-    _Identity,
-    _Parts,
-    _process,
-    _release,
-    _prompts_also_in,
-    _Result,
-    _Rows,
-    _schema,
-    _summarize,
-    _WorkerConfig,
-)
-from ..cache import CachedImage, EmbeddingCache
-from ..decide import ACTIONS
+from .._files import write_json_atomic
 from ..embed import PromptCache
-from ..errors import EncoderMismatchError, ModelLoadError, SafeclipError
+from ..errors import (
+    AuditError,
+    EncoderMismatchError,
+    EngineError,
+    EngineStalledError,
+    EngineUnavailableError,
+    ModelLoadError,
+    SafeclipError,
+)
 from ..policy import Policy
+from .identity import EncoderIdentity, encoder_memo_key
+from .mapper import BatchUnit, compile_policy, store
+from .plan import RayOptions, cpu_count
+from .summary import Tally, run_summary
+from .worker import (
+    TEST_HOOK_ENV,
+    FileResult,
+    WorkerConfig,
+    open_cache,
+    process_file,
+    results_from_arrow,
+    results_to_arrow,
+)
+from .writer import RunOutput, embedding_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from ..decode import DecodeLimits
-    from ..embed import Encoder
     from .._compiled import CompiledPolicy
+    from .plan import AuditPlan
+    from .summary import AuditSummary
 
-__all__ = ["INSTALL_HINT", "audit_ray"]
+__all__ = ["INSTALL_HINT", "import_ray", "run"]
 
 INSTALL_HINT = "pip install 'safeclip[ray]'"
 _MIN_RAY = (2, 40)
 _MISMATCH = "safeclip-encoder-mismatch"  # marks an actor's refusal of a wrong encoder guess in Ray's error text
 _MAX_CRASHES = 2  # a file on which the decoder died this many times becomes an error row (the local engine's rule)
 _JOURNALS_SWEPT = False
+_TIMINGS = ("model_load_s", "read_s", "decode_s", "embed_s", "score_s", "write_s", "merge_s")
 
 
-def _import_ray() -> Any:
-    """``ray`` with Ray Data, or a :class:`SafeclipError` saying how to install it."""
+def import_ray() -> Any:
+    """``ray`` with Ray Data, or an :class:`~safeclip.errors.EngineUnavailableError` saying how to install it."""
     try:
         import ray
         import ray.data
     except ImportError as e:
-        raise SafeclipError(f"the Ray engine needs Ray Data, which is not installed: {INSTALL_HINT}") from e
+        raise EngineUnavailableError(f"the Ray engine needs Ray Data, which is not installed: {INSTALL_HINT}") from e
     try:
         version = tuple(int(x) for x in ray.__version__.split(".")[:2])
     except ValueError:
         version = _MIN_RAY
     if version < _MIN_RAY:
-        raise SafeclipError(f"the Ray engine needs ray[data] >= {'.'.join(map(str, _MIN_RAY))}, found "
-                            f"{ray.__version__}: {INSTALL_HINT}")
+        raise EngineUnavailableError(f"the Ray engine needs ray[data] >= {'.'.join(map(str, _MIN_RAY))}, found "
+                                     f"{ray.__version__}: {INSTALL_HINT}")
     return ray
 
 
+def run(plan: AuditPlan) -> AuditSummary:
+    """Run ``plan`` on Ray Data (see the module doc)."""
+    return _RayRun(plan).run()
+
+
 # ================================================================================================ decode (CPU tasks)
-def _decoded_schema() -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema([
-        ("idx", pa.int64()), ("sha256", pa.string()), ("nbytes", pa.int64()), ("width", pa.int32()),
-        ("height", pa.int32()), ("n_frames", pa.int32()), ("frame_indices", pa.list_(pa.int32())),
-        ("format", pa.string()), ("kind", pa.string()), ("error_kind", pa.string()), ("error", pa.string()),
-        ("cacheable", pa.bool_()), ("decoded", pa.bool_()), ("read_s", pa.float64()), ("decode_s", pa.float64()),
-        ("restarts", pa.int32()), ("pixels", pa.large_binary()), ("emb", pa.large_binary()),
-    ])
-
-
-def _scored_schema(n_categories: int) -> pa.Schema:
-    import pyarrow as pa
-
-    base = [f for f in _decoded_schema() if f.name != "pixels"]
-    return pa.schema([*base, pa.field("code", pa.int8()), pa.field("probs", pa.list_(pa.float32(), n_categories)),
-                      pa.field("emb_new", pa.bool_()), pa.field("duplicate", pa.bool_()),
-                      pa.field("embed_s", pa.float64()), pa.field("score_s", pa.float64())])
-
-
 class _Journal:
     """What a decode task was doing when its worker died, kept for the task's retry (same task id, see the module
     doc). ``None`` outside a Ray task."""
@@ -196,24 +188,22 @@ class _Journal:
                         f.unlink(missing_ok=True)
         return cls(folder / f"{task_id}.json")
 
-    def verdict(self, tid: int, path: str) -> _Result | None:
+    def verdict(self, tid: int, path: str) -> FileResult | None:
         """The error row of a file that killed or hung earlier attempts, or None to decode it (again)."""
         if path in self.timeouts:
-            return _Result(tid, "error", error_kind="WorkerTimeout",
+            return FileResult(tid, "error", error_kind="WorkerTimeout",
                            error="decoding took longer than the task timeout; the Ray worker was stopped")
         n = self.crashes.get(path, 0)
         if n >= _MAX_CRASHES:
-            return _Result(tid, "error", error_kind="WorkerCrash",
+            return FileResult(tid, "error", error_kind="WorkerCrash",
                            error=f"the decode worker (a Ray task) died on this file, {n} times")
         return None
 
     def _write(self, **extra: Any) -> None:
         state = {"crashes": self.crashes, "timeouts": sorted(self.timeouts), "current": self.current,
                  "restarts": self.restarts, **extra}
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, state)
 
     def enter(self, path: str) -> None:
         self.current = path
@@ -281,28 +271,13 @@ def _ray_test_hook(hook: Mapping[str, Any], path: str) -> None:
         raise RuntimeError(f"injected failure on {name}")
 
 
-def _open_cache(cfg: _WorkerConfig) -> EmbeddingCache | None:
-    if cfg.cache_dir is None:
-        return None
-    try:
-        return EmbeddingCache(cfg.cache_dir, cfg.encoder_id, readonly=True)
-    except SafeclipError:  # not visible from this node: decode everything
-        return None
-
-
-def _decode_batch(batch: pa.Table, cfg: _WorkerConfig, task_timeout: float) -> pa.Table:
-    """Ray Data UDF (CPU task): ``(idx, path)`` rows -> one :func:`safeclip.audit._process` result per row, with
-    the pixels (``F x S x S x 3`` uint8) or cached embeddings (``F x D`` float32) as bytes."""
-
-    import pyarrow as pa
-
-    from ..decode import decode, read_source
-    from ..embed import prepare_pixels
-
+def _decode_batch(batch: pa.Table, cfg: WorkerConfig, task_timeout: float) -> pa.Table:
+    """Ray Data UDF (CPU task): ``(idx, path)`` rows -> one ``worker.process_file`` result per row, in their Arrow
+    form."""
     hook = json.loads(cfg.hook) if cfg.hook else {}
     journal = _Journal.open()
-    cache = _open_cache(cfg)
-    cols: dict[str, list[Any]] = {f.name: [] for f in _decoded_schema()}
+    cache = open_cache(cfg)
+    results: list[FileResult] = []
     watchdog = _Watchdog(journal, task_timeout)
     failed = True
     try:
@@ -316,9 +291,9 @@ def _decode_batch(batch: pa.Table, cfg: _WorkerConfig, task_timeout: float) -> p
                     watchdog.watch(path)
                     if hook:
                         _ray_test_hook(hook, path)
-                    res = _process(tid, path, cfg, cache, hook, decode, read_source, prepare_pixels)
+                    res = process_file(tid, path, cfg, cache, hook)
                     watchdog.watch(None)
-                _append_result(cols, res)
+                results.append(res)
         failed = False
     finally:
         watchdog.close()
@@ -327,121 +302,40 @@ def _decode_batch(batch: pa.Table, cfg: _WorkerConfig, task_timeout: float) -> p
         if failed and journal is not None:
             journal.clear()  # an exception, not a dead worker: a retry must not blame the current file
     if journal is not None:
-        if cols["restarts"]:
-            cols["restarts"][0] = journal.restarts
+        if results:
+            results[0].restarts = journal.restarts
         journal.clear()
-    return pa.Table.from_pydict(cols, schema=_decoded_schema())
+    return results_to_arrow(results)
 
 
-def _append_result(cols: dict[str, list[Any]], r: _Result) -> None:
-    cols["idx"].append(r.tid)
-    cols["sha256"].append(r.sha256)
-    cols["nbytes"].append(r.nbytes)
-    cols["width"].append(r.width)
-    cols["height"].append(r.height)
-    cols["n_frames"].append(r.n_frames)
-    cols["frame_indices"].append(list(r.frame_indices))
-    cols["format"].append(r.format)
-    cols["kind"].append(r.kind)
-    cols["error_kind"].append(r.error_kind)
-    cols["error"].append(r.error)
-    cols["cacheable"].append(bool(r.cacheable_error))
-    cols["decoded"].append(bool(r.decoded))
-    cols["read_s"].append(float(r.read_s))
-    cols["decode_s"].append(float(r.decode_s))
-    cols["restarts"].append(0)
-    cols["pixels"].append(np.ascontiguousarray(r.pixels).tobytes() if r.pixels is not None else None)
-    cols["emb"].append(np.ascontiguousarray(r.embeddings, np.float32).tobytes() if r.embeddings is not None
-                       else None)
-
-
-# ================================================================================================ embed (actors)
+# ================================================================================================ model (actors)
 class _EmbedScore:
-    """Ray Data UDF (actor): holds the model; embeds decoded pixels and decides every row of a batch."""
+    """Ray Data UDF (actor): holds the model and runs the batch unit's model half on every batch."""
 
     def __init__(self, model: str | None, pretrained: str | None, device: str | None, batch_size: int | None,
-                 torch_threads: int | None, expected: _Identity, comp: CompiledPolicy) -> None:
+                 torch_threads: int | None, expected: EncoderIdentity, comp: CompiledPolicy) -> None:
         import torch
 
-        from . import _cpu_count
         from ..embed import Encoder, resolve_device
 
         dev = resolve_device(device)
         if not dev.startswith(("cuda", "mps")):
             # Ray gives a fractional-CPU actor one OpenMP thread; the model, like the local engine's, takes the
             # node's cores (the decode tasks fill the gaps).
-            torch.set_num_threads(torch_threads or _cpu_count())
+            torch.set_num_threads(torch_threads or cpu_count())
         self.enc = Encoder(model, pretrained, device=dev, batch_size=batch_size,
                            cache_dir=tempfile.gettempdir())  # never writes there: prompts come compiled
-        actual = _Identity.of(self.enc)
+        actual = EncoderIdentity.of(self.enc)
         if actual != expected:
             raise EncoderMismatchError(
                 f"{_MISMATCH}: this node loaded encoder {actual.encoder_id!r} ({actual.spec}, dim {actual.dim}), "
                 f"the audit expects {expected.encoder_id!r} ({expected.spec}, dim {expected.dim})")
         self.ident = actual
-        self.comp = comp
+        self.unit = BatchUnit(self.enc.embed_pixels, comp)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow as pa
-
-        n = batch.num_rows
-        size = self.ident.spec.size
-        kinds = batch.column("kind").to_pylist()
-        shas = batch.column("sha256").to_pylist()
-        pixels = batch.column("pixels").to_pylist()
-        cached = batch.column("emb").to_pylist()
-        embs: list[np.ndarray | None] = [None] * n
-        new = [False] * n
-        dup = [False] * n
-        first: dict[str, int] = {}
-        todo: list[int] = []
-        for i in range(n):
-            if kinds[i] == "hit" and cached[i] is not None:
-                embs[i] = np.frombuffer(cached[i], np.float32).reshape(-1, self.ident.dim)
-            elif kinds[i] == "pixels" and pixels[i] is not None:
-                if shas[i] in first:
-                    dup[i] = True
-                else:
-                    first[shas[i]] = i
-                    todo.append(i)
-        t = time.perf_counter()
-        if todo:
-            pix = [np.frombuffer(pixels[i], np.uint8).reshape(-1, size, size, 3) for i in todo]
-            flat = self.enc.embed_pixels(np.concatenate(pix))
-            row = 0
-            for i, p in zip(todo, pix):
-                embs[i] = flat[row:row + len(p)]
-                new[i] = True
-                row += len(p)
-            for i in range(n):
-                if dup[i]:
-                    embs[i] = embs[first[shas[i]]]
-        embed_s = time.perf_counter() - t
-        t = time.perf_counter()
-        ok = [i for i in range(n) if embs[i] is not None]
-        codes: list[int | None] = [None] * n
-        probs: list[np.ndarray | None] = [None] * n
-        if ok:
-            c, p = _decide_frames(self.comp, [embs[i] for i in ok])  # type: ignore[arg-type]
-            for k, i in enumerate(ok):
-                codes[i], probs[i] = int(c[k]), p[k]
-        score_s = time.perf_counter() - t
-        out = batch.drop_columns(["pixels", "emb"])
-        n_cat = len(self.comp.policy.category_names)
-        extra = {
-            "emb": pa.array([None if e is None else np.ascontiguousarray(e, np.float32).tobytes() for e in embs],
-                            pa.large_binary()),
-            "code": pa.array(codes, pa.int8()),
-            "probs": pa.array([None if p is None else np.asarray(p, np.float32) for p in probs],
-                              pa.list_(pa.float32(), n_cat)),
-            "emb_new": pa.array(new, pa.bool_()),
-            "duplicate": pa.array(dup, pa.bool_()),
-            "embed_s": pa.array([embed_s / max(1, n)] * n, pa.float64()),
-            "score_s": pa.array([score_s / max(1, n)] * n, pa.float64()),
-        }
-        for name, arr in extra.items():
-            out = out.append_column(name, arr)
-        return out.select(_scored_schema(n_cat).names)
+        results = results_from_arrow(batch, self.ident.spec.size, self.ident.dim)
+        return results_to_arrow(self.unit.map(results))
 
 
 class _Prober:
@@ -452,8 +346,8 @@ class _Prober:
 
         self.enc = Encoder(model, pretrained, device=resolve_device(device), cache_dir=tempfile.gettempdir())
 
-    def identity(self) -> _Identity:
-        return _Identity.of(self.enc)
+    def identity(self) -> EncoderIdentity:
+        return EncoderIdentity.of(self.enc)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.enc.embed_texts(texts, use_cache=False)
@@ -472,8 +366,6 @@ def _local_object_store_bytes() -> int:
 
 def _connect(ray: Any, address: str | None, verbose: bool) -> bool:
     """Use the running Ray runtime, else connect to ``address``, else start a local one; True if we started it."""
-    from . import _cpu_count
-
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         if address is not None and verbose:
@@ -486,10 +378,10 @@ def _connect(ray: Any, address: str | None, verbose: bool) -> bool:
         if address is not None:
             ray.init(address=address, **common)
         else:
-            ray.init(num_cpus=max(2, _cpu_count()), object_store_memory=_local_object_store_bytes(), **common)
+            ray.init(num_cpus=max(2, cpu_count()), object_store_memory=_local_object_store_bytes(), **common)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError: whatever ray.init raises
         where = f"the Ray cluster at {address!r}" if address else "a local Ray runtime"
-        raise SafeclipError(f"cannot start or reach {where}: {type(e).__name__}: {e}") from e
+        raise EngineUnavailableError(f"cannot start or reach {where}: {type(e).__name__}: {e}") from e
     return True
 
 
@@ -506,22 +398,34 @@ class _IdentityMismatch(Exception):
     """An actor loaded another encoder than the remembered guess (nothing was committed)."""
 
 
-def _resources(ray: Any, device: str | None, actor_gpus: float | None, actor_cpus: float | None,
-               actors: int | None) -> tuple[dict[str, float], int]:
+def _resources(ray: Any, device: str | None, opts: RayOptions) -> tuple[dict[str, float], int]:
     """Ray resources of one model actor and how many actors: a GPU each where the cluster has GPUs, else a fraction
     of a CPU (so that the decode tasks are never starved of CPU slots), one per node."""
     total = ray.cluster_resources()
     gpus = float(total.get("GPU", 0))
     want = (device or os.environ.get("SAFECLIP_DEVICE") or "auto").lower()
-    if want.startswith("cuda") and gpus == 0 and not actor_gpus:
-        raise SafeclipError("device 'cuda' was asked for, but the Ray cluster has no GPUs (ray.cluster_resources())")
-    use_gpu = bool(actor_gpus) or (gpus > 0 and not want.startswith(("cpu", "mps")))
+    if want.startswith("cuda") and gpus == 0 and not opts.actor_gpus:
+        raise EngineUnavailableError(
+            "device 'cuda' was asked for, but the Ray cluster has no GPUs (ray.cluster_resources())")
+    use_gpu = bool(opts.actor_gpus) or (gpus > 0 and not want.startswith(("cpu", "mps")))
     if use_gpu:
-        per = float(actor_gpus or 1.0)
-        n = actors or max(1, int(gpus // per))
-        return {"num_gpus": per, "num_cpus": float(actor_cpus if actor_cpus is not None else 1.0)}, n
+        per = float(opts.actor_gpus or 1.0)
+        n = opts.actors or max(1, int(gpus // per))
+        return {"num_gpus": per, "num_cpus": float(opts.actor_cpus if opts.actor_cpus is not None else 1.0)}, n
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    return {"num_cpus": float(actor_cpus if actor_cpus is not None else 0.5)}, actors or max(1, nodes)
+    return {"num_cpus": float(opts.actor_cpus if opts.actor_cpus is not None else 0.5)}, opts.actors or max(1, nodes)
+
+
+def _stalled(e: BaseException) -> bool:
+    """Whether Ray gave up waiting (no progress within the stall timeout) rather than failed."""
+    cur: BaseException | None = e
+    for _ in range(8):
+        if cur is None:
+            return False
+        if isinstance(cur, TimeoutError) or type(cur).__name__ == "ExecutionTimeoutError":
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _shard_blocks(todo: Sequence[tuple[int, str]], decode_batch: int) -> list[pa.Table]:
@@ -536,33 +440,22 @@ def _shard_blocks(todo: Sequence[tuple[int, str]], decode_batch: int) -> list[pa
 
 
 class _Committer:
-    """Driver side: gathers each shard's rows and commits the shard (cache first, then its part) once complete."""
+    """Driver side: gathers each shard's results and, once a shard is complete, runs the batch unit's output half
+    on it and commits it as one part."""
 
-    def __init__(self, inputs: Sequence[str], todo_counts: dict[int, int], shard_rows: int, parts: _Parts,
-                 db: EmbeddingCache, schema: pa.Schema, categories: Sequence[str], ident: _Identity,
-                 policy_id: str, fingerprint: str, save_embeddings: bool) -> None:
-        self.inputs = inputs
+    def __init__(self, output: RunOutput, tally: Tally, todo_counts: dict[int, int], hook: Mapping[str, Any]) -> None:
+        self.output = output
+        self.tally = tally
         self.remaining = dict(todo_counts)
-        self.shard_rows = shard_rows
-        self.parts = parts
-        self.db = db
-        self.schema = schema
-        self.categories = categories
-        self.ident = ident
-        self.policy_id = policy_id
-        self.fingerprint = fingerprint
-        self.save_embeddings = save_embeddings
+        self.shard_rows = output.plan.part_rows
         self.pending: dict[int, list[pa.Table]] = {}
         self.seen: dict[int, set[int]] = {}
         self.begun = False
-        self.stats = dict.fromkeys(("decoded", "embedded", "cache_hits", "duplicates", "worker_restarts",
-                                    "shards"), 0)
-        self.timings = dict.fromkeys(("read_s", "decode_s", "embed_s", "score_s", "write_s"), 0.0)
-        hook = json.loads(os.environ.get(_TEST_HOOK_ENV) or "{}")
+        self.shards = 0
         self._exit_after = hook.get("driver_exit_after_shards")  # test-only: the driver dies after n commits
 
     def add(self, block: pa.Table) -> None:
-        """Take one block of scored rows; commit every shard it completes."""
+        """Take one block of scored results; commit every shard it completes."""
         import pyarrow as pa
 
         if not block.num_rows:
@@ -588,65 +481,29 @@ class _Committer:
     def _commit(self, shard: int) -> None:
         import pyarrow as pa
 
-        t = time.monotonic()
-        table = pa.concat_tables(self.pending.pop(shard))
-        table = table.take(np.argsort(table.column("idx").to_numpy(), kind="stable"))
-        c = {k: table.column(k).to_pylist() for k in (
-            "idx", "sha256", "nbytes", "width", "height", "n_frames", "frame_indices", "format", "kind",
-            "error_kind", "error", "cacheable", "decoded", "restarts", "code", "emb_new", "duplicate")}
-        probs = table.column("probs").to_pylist()
-        embs = table.column("emb").to_pylist()
-        for k in ("read_s", "decode_s", "embed_s", "score_s"):
-            self.timings[k] += float(np.nansum(table.column(k).to_numpy(zero_copy_only=False)))
-        rows = _Rows(len(self.categories), self.save_embeddings)
-        new: list[CachedImage] = []
-        errors: list[tuple[str, str, str]] = []
-        dim = self.ident.dim
-        for i in range(table.num_rows):
-            path = self.inputs[c["idx"][i]]
-            self.stats["decoded"] += bool(c["decoded"][i])
-            self.stats["worker_restarts"] += int(c["restarts"][i] or 0)
-            if c["code"][i] is None:
-                kind = c["error_kind"][i] or "DecodeError"
-                reason = c["error"][i] or "no embedding"
-                rows.add(path, c["sha256"][i], c["nbytes"][i], None, None, None, None, None, f"{kind}: {reason}")
-                if c["cacheable"][i] and c["sha256"][i]:
-                    errors.append((c["sha256"][i], kind, reason))
-                continue
-            emb = np.frombuffer(embs[i], np.float32).reshape(-1, dim)
-            if c["kind"][i] == "hit":
-                self.stats["cache_hits"] += 1
-            elif c["duplicate"][i]:
-                self.stats["duplicates"] += 1
-            if c["emb_new"][i]:
-                self.stats["embedded"] += 1
-                new.append(CachedImage(c["sha256"][i], emb, tuple(c["frame_indices"][i] or ()), c["width"][i] or 0,
-                                       c["height"][i] or 0, c["n_frames"][i] or 1, c["nbytes"][i] or 0,
-                                       c["format"][i] or ""))
-            rows.add(path, c["sha256"][i], c["nbytes"][i], c["width"][i], c["height"][i], c["n_frames"][i],
-                     ACTIONS[c["code"][i]], np.asarray(probs[i], np.float32), None, emb)
-        if not self.begun:  # an actor confirmed the encoder (it refuses to start otherwise): the folder is ours
-            self.parts.begin()
-            self.begun = True
-        self.db.put_many(new)  # before the rows that use these embeddings are committed
-        if errors:
-            self.db.put_decode_errors(errors, self.fingerprint)
-        self.parts.commit(rows.table(self.schema, self.categories, self.ident.encoder_id, self.policy_id))
-        self.stats["shards"] += 1
-        self.timings["write_s"] += time.monotonic() - t
-        if self._exit_after is not None and self.stats["shards"] >= int(self._exit_after):
+        ident = self.output.ident
+        with self.tally.timed("write_s"):
+            table = pa.concat_tables(self.pending.pop(shard))
+            results = sorted(results_from_arrow(table, ident.spec.size, ident.dim), key=lambda r: r.tid)
+            if not self.begun:  # an actor confirmed the encoder (it refuses to start otherwise): the folder is ours
+                self.output.begin()
+                self.begun = True
+            store(results, self.output, self.tally)
+            self.output.commit()
+            self.shards += 1
+        if self._exit_after is not None and self.shards >= int(self._exit_after):
             os._exit(75)  # as kill -9 would, right after a commit
 
 
-def _compile(get: Any, pol: Policy, cache_dir: Path, ident: _Identity | None, verified: bool,
-             start_prober: Any) -> tuple[CompiledPolicy, _Identity, bool]:
+def _compile(get: Any, pol: Policy, cache_dir: Path, ident: EncoderIdentity | None, verified: bool,
+             start_prober: Any) -> tuple[CompiledPolicy, EncoderIdentity, bool]:
     """Compile ``pol`` from the prompt cache; prompts never embedded under this encoder come from the prober (which
     also checks a guessed identity). Returns the compiled policy, the identity and whether it is verified."""
     from .._compiled import CompiledPolicy
 
     holder: dict[str, Any] = {}
 
-    def prober_identity() -> _Identity:
+    def prober_identity() -> EncoderIdentity:
         if "ident" not in holder:
             holder["ident"] = get(start_prober().identity.remote())
         return holder["ident"]
@@ -671,163 +528,182 @@ def _compile(get: Any, pol: Policy, cache_dir: Path, ident: _Identity | None, ve
         return comp, ident, True
 
 
-def audit_ray(
-    inputs: Sequence[str],
-    *,
-    out: str | os.PathLike[str],
-    policy: Policy,
-    model: str | None = None,
-    pretrained: str | None = None,
-    device: str | None = None,
-    cache_dir: Path,
-    use_cache: bool = True,
-    workers: int | None = None,
-    batch_size: int | None = None,
-    encoder: Encoder | None = None,
-    save_embeddings: bool = False,
-    decode_limits: DecodeLimits,
-    fast_decode: bool = True,
-    shard_rows: int = 2048,
-    task_timeout: float | None = None,
-    torch_threads: int | None = None,
-    progress: bool | None = None,
-    verbose: bool = True,
-    address: str | None = None,
-    t_start: float | None = None,
-    actors: int | None = None,
-    actor_gpus: float | None = None,
-    actor_cpus: float | None = None,
-    decode_batch: int = 32,
-    stall_timeout: float = 900.0,
-) -> AuditSummary:
-    """Run :func:`safeclip.audit.audit` on Ray Data (see the module doc); called by ``audit(engine="ray")``, which
-    collects ``inputs``, loads the policy and checks the arguments.
+class _RayRun:
+    """One run of the Ray engine, the driver's side: the identity, the Ray Data pipeline, the commits."""
 
-    Ray-only options (``audit(..., ray_options={...})``): ``actors`` (model actors; default one per GPU, or one per
-    node on CPU clusters), ``actor_gpus`` / ``actor_cpus`` (resources per actor; default 1 GPU + 1 CPU, or 0.5 CPU
-    without GPUs), ``decode_batch`` (files per decode task), ``stall_timeout`` (seconds without progress, or
-    waiting for the model, before the run fails instead of hanging). ``workers`` caps concurrent decode tasks;
-    ``shard_rows`` (``--part-rows``) is the shard size: the unit of commit and of resumption.
-    """
-    t_start = time.monotonic() if t_start is None else t_start
-    if decode_batch < 1 or shard_rows < 1:
-        raise ValueError("decode_batch and shard_rows must be >= 1")
-    ray = _import_ray()
-    out = Path(out)
-    categories = _categories_of(policy)
-    scratch = None if use_cache else tempfile.mkdtemp(prefix="safeclip-audit-")
-    emb_dir = (Path(scratch) if scratch else Path(cache_dir)).resolve()
-    hook = os.environ.get(_TEST_HOOK_ENV) or None
-    memo_key = None if encoder is not None else _encoder_memo_key(model, pretrained)
-    started = False
-    prober: list[Any] = []
-    parts: _Parts | None = None
-    db: EmbeddingCache | None = None
-    timings = dict.fromkeys(("model_load_s", "read_s", "decode_s", "embed_s", "score_s", "write_s", "merge_s"), 0.0)
-    try:
-        t0 = time.monotonic()
-        started = _connect(ray, address, verbose)
-        res, n_actors = _resources(ray, device, actor_gpus, actor_cpus, actors)
+    def __init__(self, plan: AuditPlan) -> None:
+        self.plan = plan
+        self.ray = import_ray()
+        self.hook = os.environ.get(TEST_HOOK_ENV) or None
+        self.tally = Tally(timings=dict.fromkeys(_TIMINGS, 0.0))
+        self.memo_key = None if plan.encoder is not None else encoder_memo_key(plan.model, plan.pretrained)
+        self.probers: list[Any] = []
+        self.output: RunOutput | None = None
+        self.resources: dict[str, float] = {}
+        self.n_actors = 1
 
-        def get(ref: Any) -> Any:  # Ray waits forever by default
-            return ray.get(ref, timeout=stall_timeout)
-
-        def start_prober() -> Any:
-            if not prober:
-                prober.append(ray.remote(**res)(_Prober).remote(model, pretrained, device))
-            return prober[0]
-
-        # The encoder's identity: exact from a loaded encoder, else remembered from an earlier run (the actors
-        # check it before any row exists), else from a prober actor that loads the model once.
-        if encoder is not None:
-            from .._compiled import CompiledPolicy
-
-            ident: _Identity = _Identity.of(encoder)
-            comp = CompiledPolicy.build(policy, _prompts_also_in(Path(cache_dir), encoder), ident.encoder_id)
-            verified = True
-            model, pretrained = encoder.model_name, encoder.pretrained
-        else:
-            guess = _Identity.recall(Path(cache_dir), memo_key)
-            comp, ident, verified = _with_timeout(
-                stall_timeout, "load the model to learn its identity and embed the policy's prompts",
-                lambda: _compile(get, policy, Path(cache_dir), guess, False, start_prober))
-            if verified:
-                ident.remember(Path(cache_dir), memo_key)
-        for p in prober:
-            ray.kill(p)
-        prober.clear()
-        timings["model_load_s"] = startup = time.monotonic() - t0
-
-        for attempt in (0, 1):
-            parts = _Parts(out, ident.run_meta(policy, save_embeddings))
-            done = parts.open()
-            db = EmbeddingCache(emb_dir, ident.encoder_id)  # exists before the tasks open it read-only
-            todo = [(i, p) for i, p in enumerate(inputs) if p not in done]
+    def run(self) -> AuditSummary:
+        plan = self.plan
+        started = False
+        with embedding_dir(plan) as emb_dir:
             try:
-                committer = _run(ray, inputs, todo, parts, db, policy, categories, ident, comp, verified,
-                                 save_embeddings, decode_limits, fast_decode, shard_rows, task_timeout,
-                                 torch_threads, progress, verbose, hook, emb_dir, model, pretrained, device,
-                                 batch_size, workers, res, n_actors, decode_batch, stall_timeout)
+                t0 = time.monotonic()
+                started = _connect(self.ray, plan.address, plan.verbose)
+                self.resources, self.n_actors = _resources(self.ray, plan.device, plan.ray)
+                ident, comp, verified = self._identify()
+                startup = self.tally.timings["model_load_s"] = time.monotonic() - t0
+                todo_n, ident = self._commit_all(emb_dir.resolve(), ident, comp, verified)
+                assert self.output is not None
+                with self.tally.timed("merge_s"):
+                    table = self.output.merge()
+            finally:
+                self._kill_probers()
+                if self.output is not None:
+                    self.output.release()
+                if started:
+                    self.ray.shutdown()
+        return run_summary(table, self.tally, plan, processed=todo_n, startup_seconds=startup,
+                           encoder_id=ident.encoder_id, label="safeclip audit (ray)")
+
+    # ------------------------------------------------------------------------------------------------ identity
+    def _get(self, ref: Any) -> Any:  # Ray waits forever by default
+        return self.ray.get(ref, timeout=self.plan.ray.stall_timeout)
+
+    def _prober(self) -> Any:
+        if not self.probers:
+            plan = self.plan
+            actor = self.ray.remote(**self.resources)(_Prober)
+            self.probers.append(actor.remote(plan.model, plan.pretrained, plan.device))
+        return self.probers[0]
+
+    def _kill_probers(self) -> None:
+        for p in self.probers:
+            with contextlib.suppress(Exception):
+                self.ray.kill(p)
+        self.probers.clear()
+
+    def _identify(self, guess: bool = True) -> tuple[EncoderIdentity, CompiledPolicy, bool]:
+        """``(identity, compiled policy, verified)``: exact from a loaded encoder, else remembered from an earlier
+        run (``guess``; the actors check it before any row exists), else from a prober actor that loads the model
+        once."""
+        plan = self.plan
+        if plan.encoder is not None:
+            return EncoderIdentity.of(plan.encoder), compile_policy(plan.policy, plan.encoder, plan.cache_dir), True
+        remembered = EncoderIdentity.recall(plan.cache_dir, self.memo_key) if guess else None
+        comp, ident, verified = _with_timeout(
+            plan.ray.stall_timeout, "load the model to learn its identity and embed the policy's prompts",
+            lambda: _compile(self._get, plan.policy, plan.cache_dir, remembered, not guess, self._prober))
+        if verified:
+            ident.remember(plan.cache_dir, self.memo_key)
+        self._kill_probers()
+        return ident, comp, verified
+
+    # ------------------------------------------------------------------------------------------------ commits
+    def _commit_all(self, emb_dir: Path, ident: EncoderIdentity, comp: CompiledPolicy,
+                    verified: bool) -> tuple[int, EncoderIdentity]:
+        """Stream every input without a committed row through Ray; return how many there were and the identity
+        that wrote them (a remembered identity the actors refused is replaced by the real one, once)."""
+        for attempt in (0, 1):
+            self.output = RunOutput(self.plan, ident, emb_dir)
+            todo = self.output.todo()
+            try:
+                committer = self._stream(todo, emb_dir, ident, comp, verified)
                 break
             except _IdentityMismatch:
-                parts.release()
-                db.close()
-                parts, db = None, None
+                self.output.release()
+                self.output = None
                 if attempt or verified:
-                    raise SafeclipError("the Ray actors loaded another encoder than the audit expects") from None
+                    raise EngineError("the Ray actors loaded another encoder than the audit expects") from None
                 # The remembered identity was stale: learn the real one (nothing was committed under the guess).
-                comp, ident, verified = _with_timeout(
-                    stall_timeout, "load the model to learn its identity",
-                    lambda: _compile(get, policy, Path(cache_dir), None, True, start_prober))
-                ident.remember(Path(cache_dir), memo_key)
-                for p in prober:
-                    ray.kill(p)
-                prober.clear()
+                ident, comp, verified = self._identify(guess=False)
         if not committer.begun:
-            parts.begin()
-        for k, v in committer.timings.items():
-            timings[k] += v
-        t = time.monotonic()
-        schema = _schema(categories, ident.run_meta(policy, save_embeddings), save_embeddings)
-        table: pa.Table = parts.merge(list(inputs), schema)
-        timings["merge_s"] = time.monotonic() - t
-    finally:
-        for p in prober:
-            with contextlib.suppress(Exception):
-                ray.kill(p)
-        _release(parts, db, scratch)
-        if started:
-            ray.shutdown()
+            self.output.begin()
+        return len(todo), ident
 
-    stats = committer.stats
-    summary = _summarize(
-        table, out=str(out), processed=len(todo), resumed=len(inputs) - len(todo),
-        worker_restarts=stats["worker_restarts"], seconds=time.monotonic() - t_start, startup_seconds=startup,
-        encoder_id=ident.encoder_id, policy=policy.id,
-        timings=MappingProxyType({k: round(v, 4) for k, v in timings.items()}),
-        decoded=stats["decoded"], embedded=stats["embedded"], cache_hits=stats["cache_hits"],
-        duplicates=stats["duplicates"])
-    if verbose:
-        print(f"safeclip audit (ray): {summary.format()}", file=sys.stderr)
-    return summary
+    def _stream(self, todo: Sequence[tuple[int, str]], emb_dir: Path, ident: EncoderIdentity, comp: CompiledPolicy,
+                verified: bool) -> _Committer:
+        """Stream the ``todo`` inputs through decode tasks and model actors, committing each shard as it completes."""
+        assert self.output is not None
+        counts: dict[int, int] = {}
+        for i, _ in todo:
+            counts[i // self.plan.part_rows] = counts.get(i // self.plan.part_rows, 0) + 1
+        committer = _Committer(self.output, self.tally, counts, json.loads(self.hook or "{}"))
+        if not todo:
+            return committer
+        with self._data_context():
+            ds = self._pipeline(todo, emb_dir, ident, comp)
+            try:
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    committer.add(block)
+            except SafeclipError:
+                raise
+            except Exception as e:  # RayError, Ray Data's ExecutionTimeoutError, ...: keep what was committed
+                text = _cause_text(e)
+                if _MISMATCH in text and not verified and not committer.begun:
+                    raise _IdentityMismatch from e
+                kind = EngineStalledError if _stalled(e) else EngineError
+                raise kind(f"the Ray audit stopped: {text[:2000]}\n{committer.shards} shard(s) of {len(counts)} "
+                           f"were committed in {self.output.parts.dir}; run the same command again to resume") from e
+        if committer.remaining:
+            raise AuditError(f"Ray returned no rows for {sum(committer.remaining.values())} input(s) of "
+                             f"{len(committer.remaining)} shard(s); what was committed is kept: run the same command "
+                             "again to resume")
+        return committer
+
+    @contextlib.contextmanager
+    def _data_context(self) -> Iterator[None]:
+        """Ray Data's settings for this run: its progress display and its no-progress timeout."""
+        ray, plan = self.ray, self.plan
+        with warnings.catch_warnings():  # Ray Data's own copies of its context warn about its deprecated fields
+            warnings.filterwarnings("ignore", r"`use_\w+` is deprecated", DeprecationWarning)
+            ctx = ray.data.DataContext.get_current().copy()
+        ctx.enable_progress_bars = plan.progress
+        ctx.print_on_execution_start = plan.progress
+        ctx.execution_no_progress_timeout_s = plan.ray.stall_timeout  # (a positive wait_for_min_actors_s would hold
+        # decoding back until the model has loaded; actors that never start are caught by this timeout instead)
+        with ray.data.DataContext.current(ctx), _quiet_ray_data(plan.progress), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`use_\w+` is deprecated", DeprecationWarning)
+            yield
+
+    def _pipeline(self, todo: Sequence[tuple[int, str]], emb_dir: Path, ident: EncoderIdentity,
+                  comp: CompiledPolicy) -> Any:
+        """The Ray Data pipeline: decode tasks, then the model actors."""
+        ray, plan, res = self.ray, self.plan, self.resources
+        assert self.output is not None
+        cfg = WorkerConfig(str(emb_dir), ident.encoder_id, ident.spec, plan.decode_limits, self.output.fingerprint,
+                           0, self.hook, plan.fast_decode)
+        gpu = bool(res.get("num_gpus"))
+        ds = ray.data.from_arrow(_shard_blocks(todo, plan.ray.decode_batch))
+        decode_kw: dict[str, Any] = {}
+        if plan.workers:
+            strategy = getattr(ray.data, "TaskPoolStrategy", None)
+            decode_kw = {"compute": strategy(size=plan.workers)} if strategy else {"concurrency": plan.workers}
+        ds = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
+                            fn_kwargs={"cfg": cfg, "task_timeout": plan.task_timeout}, **decode_kw)
+        return ds.map_batches(
+            _EmbedScore, batch_format="pyarrow", batch_size=int(plan.batch_size or (64 if gpu else 16)),
+            compute=ray.data.ActorPoolStrategy(size=self.n_actors), zero_copy_batch=True,
+            fn_constructor_kwargs={"model": plan.model, "pretrained": plan.pretrained, "device": plan.device,
+                                   "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
+                                   "expected": ident, "comp": comp},
+            **({"num_gpus": res["num_gpus"], "num_cpus": res["num_cpus"]} if gpu else {"num_cpus": res["num_cpus"]}))
 
 
-def _with_timeout(timeout: float, what: str, fn: Any) -> Any:
-    """Run ``fn`` (which waits on Ray for at most ``timeout`` s a call), turning Ray's errors into
-    :class:`SafeclipError` s that say what failed."""
+def _with_timeout(timeout: float, what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` (which waits on Ray for at most ``timeout`` s a call), turning Ray's errors into safeclip's."""
     import ray.exceptions as rex
 
     try:
         return fn()
     except rex.GetTimeoutError as e:
-        raise SafeclipError(
+        raise EngineStalledError(
             f"no Ray worker could {what} within {timeout:g}s: are the resources an actor needs (a GPU, or CPUs) "
             "available in the cluster? (stall_timeout raises this limit)") from e
     except rex.RayError as e:
         text = _cause_text(e)
         if "ModelLoadError" in text or "could not load CLIP weights" in text:
             raise ModelLoadError(f"a Ray worker could not load the model: {text}") from e
-        raise SafeclipError(f"a Ray worker failed to {what}: {text}") from e
+        raise EngineError(f"a Ray worker failed to {what}: {text}") from e
 
 
 @contextlib.contextmanager
@@ -843,68 +719,3 @@ def _quiet_ray_data(show: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _run(ray: Any, inputs: Sequence[str], todo: Sequence[tuple[int, str]], parts: _Parts, db: EmbeddingCache,
-         policy: Policy, categories: Sequence[str], ident: _Identity, comp: CompiledPolicy, verified: bool,
-         save_embeddings: bool, limits: DecodeLimits, fast_decode: bool, shard_rows: int,
-         task_timeout: float | None, torch_threads: int | None, progress: bool | None, verbose: bool,
-         hook: str | None, emb_dir: Path, model: str | None, pretrained: str | None, device: str | None,
-         batch_size: int | None, workers: int | None, res: Mapping[str, float], n_actors: int, decode_batch: int,
-         stall_timeout: float) -> _Committer:
-    """Stream the ``todo`` inputs through decode tasks and model actors, committing each shard as it completes."""
-    import ray.data
-
-    fingerprint = _decoder_fingerprint(limits, ident.spec.size if fast_decode else None)
-    counts: dict[int, int] = {}
-    for i, _ in todo:
-        counts[i // shard_rows] = counts.get(i // shard_rows, 0) + 1
-    schema = _schema(categories, ident.run_meta(policy, save_embeddings), save_embeddings)
-    committer = _Committer(inputs, counts, shard_rows, parts, db, schema, categories, ident, policy.id,
-                           fingerprint, save_embeddings)
-    if not todo:
-        return committer
-    cfg = _WorkerConfig(str(emb_dir), ident.encoder_id, ident.spec, limits, fingerprint, 0, hook, fast_decode)
-    timeout = float(task_timeout or max(60.0, 6 * float(limits.timeout_s)))
-    gpu = bool(res.get("num_gpus"))
-    show = bool(progress) if progress is not None else (verbose and sys.stderr.isatty())
-
-    with warnings.catch_warnings():  # Ray Data's own copies of its context warn about its deprecated fields
-        warnings.filterwarnings("ignore", r"`use_\w+` is deprecated", DeprecationWarning)
-        ctx = ray.data.DataContext.get_current().copy()
-    ctx.enable_progress_bars = show
-    ctx.print_on_execution_start = show
-    ctx.execution_no_progress_timeout_s = stall_timeout  # (a positive wait_for_min_actors_s would hold decoding
-    # back until the model has loaded; actors that never start are caught by this timeout instead)
-    with ray.data.DataContext.current(ctx), _quiet_ray_data(show), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`use_\w+` is deprecated", DeprecationWarning)
-        ds = ray.data.from_arrow(_shard_blocks(todo, decode_batch))
-        decode_kw: dict[str, Any] = {}
-        if workers:
-            strategy = getattr(ray.data, "TaskPoolStrategy", None)
-            decode_kw = {"compute": strategy(size=int(workers))} if strategy else {"concurrency": int(workers)}
-        ds = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
-                            fn_kwargs={"cfg": cfg, "task_timeout": timeout}, **decode_kw)
-        ds = ds.map_batches(
-            _EmbedScore, batch_format="pyarrow", batch_size=int(batch_size or (64 if gpu else 16)),
-            compute=ray.data.ActorPoolStrategy(size=n_actors), zero_copy_batch=True,
-            fn_constructor_kwargs={"model": model, "pretrained": pretrained, "device": device,
-                                   "batch_size": batch_size, "torch_threads": torch_threads, "expected": ident,
-                                   "comp": comp},
-            **({"num_gpus": res["num_gpus"], "num_cpus": res["num_cpus"]} if gpu else {"num_cpus": res["num_cpus"]}))
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                committer.add(block)
-        except SafeclipError:
-            raise
-        except Exception as e:  # RayError, Ray Data's ExecutionTimeoutError, ...: keep what was committed
-            text = _cause_text(e)
-            if _MISMATCH in text and not verified and not committer.begun:
-                raise _IdentityMismatch from e
-            done = committer.stats["shards"]
-            raise SafeclipError(
-                f"the Ray audit stopped: {text[:2000]}\n{done} shard(s) of {len(counts)} were committed in "
-                f"{parts.dir}; run the same command again to resume") from e
-    left = committer.remaining
-    if left:
-        raise SafeclipError(f"internal error: Ray returned no rows for {sum(left.values())} input(s) of "
-                            f"{len(left)} shard(s); run the same command again to resume")
-    return committer

@@ -1,7 +1,8 @@
 """``safeclip audit``, ``safeclip rescore`` and ``safeclip diff``: the batch subcommands.
 
 :func:`register` adds them to the ``safeclip`` parser (:mod:`safeclip.cli`). Each handler returns the exit code:
-0 done (per-file failures are rows, not failures), 1 when ``--fail-on`` fired; configuration errors raise
+0 done (per-file failures are rows, not failures), 1 when ``--fail-on`` fired; configuration errors (no inputs,
+an unreadable manifest or policy, options that do not go together: the library checks them) raise
 :class:`~safeclip.errors.SafeclipError`, which the CLI's ``main`` reports with exit code 2, and usage errors exit 2
 through argparse. ``python -m safeclip.cli.audit ...`` runs them on their own.
 """
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import SafeclipError
+from ..audit import FAIL_LEVELS
+from ..audit.plan import ENGINES
 from ._options import add_model_args, add_policy_arg, positive_int, run_standalone
 
 __all__ = ["register", "main"]
@@ -37,7 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--workers", type=positive_int, help="decode processes (default: one per core)")
     add_model_args(p)
-    p.add_argument("--fail-on", choices=("flag", "block", "error"),
+    p.add_argument("--fail-on", choices=FAIL_LEVELS,
                    help="exit 1 if any row reaches this level (flag < block < error: a file that could not be "
                         "decided counts as worse than a block)")
     p.add_argument("--save-embeddings", action="store_true",
@@ -46,7 +48,7 @@ def register(subparsers: Any) -> None:
                    help="rows per committed part file (default 2048); an interrupted run re-scores at most "
                         "this many rows again, their embeddings already cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
+    p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local: decode processes and the model on this machine (default); ray: the same steps on "
                         "Ray Data, decode tasks on CPUs and the model in an actor pool on GPUs "
                         "(pip install 'safeclip[ray]'); --part-rows is then the shard size")
@@ -70,7 +72,7 @@ def register(subparsers: Any) -> None:
     add_policy_arg(p)
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
     add_model_args(p, fallback=True)
-    p.add_argument("--fail-on", choices=("flag", "block", "error"), help="exit 1 if any row reaches this level")
+    p.add_argument("--fail-on", choices=FAIL_LEVELS, help="exit 1 if any row reaches this level")
     p.set_defaults(func=_cmd_rescore)
 
     p = subparsers.add_parser(
@@ -86,10 +88,6 @@ def register(subparsers: Any) -> None:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from ..audit import audit
 
-    if not args.paths and not args.manifest:
-        raise SafeclipError("audit: give image files or folders, or --manifest FILE")
-    if args.address is not None and args.engine != "ray":
-        raise SafeclipError("audit: --address needs --engine ray")
     summary = audit(
         args.paths, out=args.out, manifests=args.manifest, policy=args.policy, model=args.model,
         pretrained=args.pretrained, device=args.device, cache=args.cache, use_cache=not args.no_cache,

@@ -1,0 +1,258 @@
+"""The local engine: decode processes on this machine feed the batch unit, which runs the model in this process.
+
+    inputs -> DecodePool (worker processes: read, sha256, cache lookup, decode, pixels; distributor.py)
+           -> batches of ``batch_size`` distinct images' frames -> BatchUnit.map (dedup, embed, score; mapper.py)
+           -> store (cache, then rows) -> a part every ``part_rows`` rows or ``part_seconds`` (writer.py) -> merge
+
+Start-up and thread budget
+    The workers boot while the model loads. The encoder's identity is remembered in the cache folder
+    (:mod:`safeclip.audit.identity`), so from the second run on, hashing, cache lookups and decoding start before
+    the model has loaded; the loaded encoder is then checked against the guess, before anything is committed. On a
+    CPU torch gets every core and the workers (one per core) run at ``nice`` +10: measured on 2 cores, this beats
+    giving torch fewer threads (which leaves a core idle whenever the model, not decoding, is the bottleneck) and
+    matches un-niced workers, while keeping decoding from slowing the forward passes when it is not needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .distributor import DONE, DecodePool, mp_context
+from .identity import EncoderIdentity, encoder_memo_key
+from .mapper import BatchUnit, compile_policy, store
+from .plan import cpu_count
+from .summary import Tally, run_summary
+from .worker import TEST_HOOK_ENV, FileResult, WorkerConfig
+from .writer import RunOutput, embedding_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from ..embed import Encoder
+    from .plan import AuditPlan
+    from .summary import AuditSummary
+
+__all__ = ["run"]
+
+_TIMINGS = ("model_load_s", "wait_s", "embed_s", "score_s", "write_s", "read_s", "decode_s", "merge_s")
+_MAX_READY = 1024  # results (cache hits, errors) held before they are scored and stored without a model batch
+_IDLE_FLUSH_S = 0.5  # a partial batch waits this long for more decoded files before it goes to the model
+
+
+def run(plan: AuditPlan) -> AuditSummary:
+    """Run ``plan`` on this machine (see the module doc)."""
+    return _LocalRun(plan).run()
+
+
+def _warm_pyarrow() -> None:
+    with contextlib.suppress(Exception):
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"x": [1]}), io.BytesIO(), compression="zstd")
+
+
+class _Pending:
+    """Results waiting for the next model batch; ``frames`` counts the frames of their distinct images."""
+
+    def __init__(self) -> None:
+        self.results: list[FileResult] = []
+        self.shas: set[str] = set()
+        self.frames = 0
+        self.since = 0.0
+
+    def take(self) -> list[FileResult]:
+        out = self.results
+        self.results, self.shas, self.frames = [], set(), 0
+        return out
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def add(self, r: FileResult) -> None:
+        if not self.results:
+            self.since = time.monotonic()
+        self.results.append(r)
+        if r.kind == "pixels" and r.sha256 not in self.shas:
+            self.shas.add(r.sha256)  # type: ignore[arg-type]
+            self.frames += len(r.pixels)  # type: ignore[arg-type]
+
+
+class _LocalRun:
+    """One run of the local engine: its decode pool, output, encoder and counters."""
+
+    def __init__(self, plan: AuditPlan) -> None:
+        self.plan = plan
+        self.hook = os.environ.get(TEST_HOOK_ENV) or None
+        self.n_workers = plan.workers or min(cpu_count(), 32)
+        self.tally = Tally(timings=dict.fromkeys(_TIMINGS, 0.0))
+        self.pool: DecodePool | None = None
+        self.output: RunOutput | None = None
+        self.emb_dir: Path = plan.cache_dir
+        self.pbar: Any = None
+        self.torch_prev: int | None = None
+
+    def run(self) -> AuditSummary:
+        plan = self.plan
+        # pyarrow's import and first Parquet write take ~0.4 s: pay them on a spare thread while the model loads.
+        threading.Thread(target=_warm_pyarrow, name="safeclip-warm-pyarrow", daemon=True).start()
+        with embedding_dir(plan) as self.emb_dir:
+            try:
+                t0 = time.monotonic()
+                enc = self._start()
+                comp = compile_policy(plan.policy, enc, plan.cache_dir)
+                startup = self.tally.timings["model_load_s"] = time.monotonic() - t0
+                output = self.output
+                assert output is not None and self.pool is not None  # opened by _start
+                output.begin()
+                todo_n = len(output.todo())
+                self._stream(BatchUnit(enc.embed_pixels, comp), int(plan.batch_size or enc.batch_size), todo_n)
+                with self.tally.timed("merge_s"):
+                    table: pa.Table = output.merge()
+                self.tally.worker_restarts += self.pool.restarts
+            finally:
+                self._close()
+        return run_summary(table, self.tally, plan, processed=todo_n, startup_seconds=startup,
+                           encoder_id=enc.encoder_id, label="safeclip audit")
+
+    # ------------------------------------------------------------------------------------------------ start-up
+    def _new_pool(self) -> DecodePool:
+        pool = DecodePool(self.n_workers, max_pending=max(256, 4 * (self.plan.batch_size or 16), 4 * self.n_workers),
+                          task_timeout=self.plan.task_timeout)
+        pool.boot()  # the workers import the decode stack (no torch) while the model loads
+        return pool
+
+    def _open(self, pool: DecodePool, ident: EncoderIdentity) -> RunOutput:
+        """Open the output and the cache of this embedding space; start decoding what is left to do."""
+        plan = self.plan
+        output = RunOutput(plan, ident, self.emb_dir)
+        cfg = WorkerConfig(str(self.emb_dir), ident.encoder_id, ident.spec, plan.decode_limits, output.fingerprint,
+                           plan.worker_nice, self.hook, plan.fast_decode)
+        pool.run(cfg, ((i, p) for i, p in enumerate(plan.inputs) if p not in output.done))  # lazily
+        return output
+
+    def _start(self) -> Encoder:
+        """The encoder, with the pool decoding and the output open for its identity."""
+        plan = self.plan
+        if plan.encoder is not None:
+            self.pool = self._new_pool()
+            self.output = self._open(self.pool, EncoderIdentity.of(plan.encoder))
+            if plan.torch_threads:
+                self._set_torch_threads(plan.torch_threads)
+            return plan.encoder
+        # An audit run before with the same weights told us the encoder's identity: start hashing, cache lookups
+        # and decoding now, while the model loads (seconds on a CPU), and check the guess after.
+        memo_key = encoder_memo_key(plan.model, plan.pretrained)
+        guess = EncoderIdentity.recall(plan.cache_dir, memo_key)
+        mp_context()  # start the fork server here, before torch is imported (it reads the environment)
+        booted: dict[str, BaseException] = {}
+        booter = threading.Thread(target=self._boot, args=(guess, booted), name="safeclip-audit-boot", daemon=True)
+        booter.start()
+        try:
+            enc = self._load_encoder()
+        finally:
+            booter.join()  # the workers' boot waits on the fork server's imports
+        if "error" in booted:
+            raise booted["error"]
+        actual = EncoderIdentity.of(enc)
+        if guess != actual:
+            if self.output is not None:  # a wrong guess: nothing was committed yet; start again, properly
+                self._close_pool_and_output()
+                self.pool = self._new_pool()
+            assert self.pool is not None
+            self.output = self._open(self.pool, actual)
+            actual.remember(plan.cache_dir, memo_key)
+        return enc
+
+    def _boot(self, guess: EncoderIdentity | None, booted: dict[str, BaseException]) -> None:
+        try:
+            self.pool = self._new_pool()
+            if guess is not None:
+                self.output = self._open(self.pool, guess)
+        except BaseException as e:  # re-raised by the main thread once the model has loaded
+            booted["error"] = e
+
+    def _load_encoder(self) -> Encoder:
+        from ..embed import Encoder, resolve_device
+
+        plan = self.plan
+        dev = resolve_device(plan.device)
+        if not dev.startswith(("cuda", "mps")):
+            self._set_torch_threads(plan.torch_threads or cpu_count())
+        return Encoder(plan.model, plan.pretrained, device=dev, batch_size=plan.batch_size, cache_dir=plan.cache_dir)
+
+    def _set_torch_threads(self, n: int) -> None:
+        import torch
+
+        if self.torch_prev is None:
+            self.torch_prev = torch.get_num_threads()
+        torch.set_num_threads(n)
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _stream(self, unit: BatchUnit, target: int, todo_n: int) -> None:
+        """Feed decoded files to the batch unit a model batch at a time, committing parts as they fill."""
+        assert self.pool is not None and self.output is not None
+        if self.plan.progress and todo_n:
+            from tqdm import tqdm
+
+            self.pbar = tqdm(total=todo_n, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+                             desc="audit")
+        pending = _Pending()
+        last_commit = time.monotonic()
+        while True:
+            with self.tally.timed("wait_s"):
+                res = self.pool.get(timeout=_IDLE_FLUSH_S if pending else 5.0)
+            if res is DONE:
+                break
+            if res is not None:
+                pending.add(res)
+            if pending and (pending.frames >= target or len(pending) >= _MAX_READY or (
+                    res is None and time.monotonic() - pending.since > _IDLE_FLUSH_S)):
+                self._map(unit, pending.take())  # a partial batch when the decoders are slow right now
+            rows = len(self.output.rows)
+            if rows and (rows >= self.plan.part_rows or time.monotonic() - last_commit > self.plan.part_seconds):
+                with self.tally.timed("write_s"):
+                    self.output.commit()
+                last_commit = time.monotonic()
+        if pending:
+            self._map(unit, pending.take())
+        with self.tally.timed("write_s"):
+            self.output.commit()
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+
+    def _map(self, unit: BatchUnit, results: list[FileResult]) -> None:
+        assert self.output is not None
+        unit.map(results, known=self.output.db.get_many)
+        with self.tally.timed("write_s"):
+            store(results, self.output, self.tally)
+        if self.pbar is not None:
+            self.pbar.update(len(results))
+
+    # ------------------------------------------------------------------------------------------------ the end
+    def _close_pool_and_output(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.output is not None:
+            self.output.release()
+            self.output = None
+
+    def _close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
+        self._close_pool_and_output()
+        if self.torch_prev is not None:
+            import torch
+
+            torch.set_num_threads(self.torch_prev)

@@ -1,0 +1,159 @@
+"""THE batch unit of an audit: dedup by sha256 -> embed -> cache write -> score -> rows. Both engines run it;
+neither has its own copy.
+
+The unit has two halves, split where the model is:
+
+- :meth:`BatchUnit.map`, where the model is: the batch's decoded files are deduplicated by sha256 (one forward per
+  distinct image, even when the same bytes come under many names), embedded in one forward, and every row with an
+  embedding (decoded now, or found in the cache by the worker) is scored and decided under the compiled policy;
+- :func:`store`, where the output is: the new embeddings (and deterministic decode failures) are written to the
+  embedding cache, then the rows go to the output's buffer, so no row is ever committed before its embedding.
+
+The local engine runs both halves in its main process, one model batch at a time. The Ray engine runs ``map`` in
+its model actors and ``store`` on the driver, per shard; the results travel between them in their Arrow form
+(:func:`safeclip.audit.worker.results_to_arrow`). Scoring is the same numpy path as ``Moderator``: for an animation
+the worst frame decides (:func:`decide_images`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..cache import CachedImage
+from ..decide import decide_codes
+from ..embed import PromptCache
+from .summary import Tally
+from .worker import FileResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._compiled import CompiledPolicy
+    from ..embed import Encoder
+    from ..policy import Policy
+    from .writer import RunOutput
+
+__all__ = ["BatchUnit", "compile_policy", "decide_frames", "decide_images", "store"]
+
+Lookup = Callable[[list[str]], Mapping[str, CachedImage]]
+
+
+def decide_images(comp: CompiledPolicy, emb: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image ``(action codes (n,), probabilities (n, C))`` for images whose frames are
+    ``emb[offsets[i]:offsets[i + 1]]``: the worst frame wins (highest action, then highest probability, first
+    such frame), the rule of ``Moderator._decision``."""
+    scores = comp.scorer.score(emb)
+    probs, _ = comp.probabilities(scores)
+    probs = np.asarray(probs, np.float32)
+    codes = decide_codes(probs, comp.policy)
+    counts = np.diff(offsets)
+    pick = offsets[:-1].copy()
+    multi = np.nonzero(counts > 1)[0]
+    if len(multi):
+        # (code, max prob) in lexicographic order as one float: probabilities lie in [0, 1] and codes step by 2.
+        key = codes.max(axis=1).astype(np.float64) * 2.0 + probs.max(axis=1).astype(np.float64)
+        for i in multi:
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            pick[i] = a + int(np.argmax(key[a:b]))  # argmax takes the first maximum, like max() does
+    codes = codes[pick]
+    return (codes.max(axis=1) if codes.shape[1] else np.zeros(len(pick), np.int8)), probs[pick]
+
+
+def decide_frames(comp: CompiledPolicy, embs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decide_images` for a list of per-image ``(F_i, D)`` frame embeddings."""
+    offsets = np.zeros(len(embs) + 1, np.int64)
+    np.cumsum([len(e) for e in embs], out=offsets[1:])
+    return decide_images(comp, np.concatenate(embs), offsets)
+
+
+def compile_policy(policy: Policy, enc: Encoder, cache_dir: Path) -> CompiledPolicy:
+    """``policy`` compiled against ``enc``, leaving its prompt embeddings in ``cache_dir`` too (where
+    :func:`~safeclip.audit.rescore` looks for them)."""
+    from .._compiled import CompiledPolicy
+
+    own = PromptCache(enc.encoder_id, cache_dir)
+
+    def embed_texts(texts: list[str]) -> np.ndarray:
+        vecs = enc.embed_texts(texts)
+        missing = own.missing(texts)
+        if missing and own.path != enc.prompt_cache.path:
+            first = {t: i for i, t in reversed(list(enumerate(texts)))}
+            own.put(missing, vecs[[first[t] for t in missing]])
+        return vecs
+
+    return CompiledPolicy.build(policy, embed_texts, enc.encoder_id)
+
+
+class BatchUnit:
+    """The model half of the batch unit: ``embed_pixels`` (``Encoder.embed_pixels``: ``(N, S, S, 3)`` uint8 ->
+    ``(N, D)`` float32) and the policy compiled for that encoder."""
+
+    def __init__(self, embed_pixels: Callable[[np.ndarray], np.ndarray], comp: CompiledPolicy) -> None:
+        self.embed_pixels = embed_pixels
+        self.comp = comp
+
+    def map(self, results: Sequence[FileResult], known: Lookup | None = None) -> Sequence[FileResult]:
+        """Dedup by sha256, embed, score: fills in ``embeddings``, ``code``, ``probs``, ``new``, ``duplicate`` and
+        the per-row share of ``embed_s``/``score_s`` of ``results`` (in place; returned for chaining) and drops their
+        pixels. ``known``: embeddings already in the cache by sha256 (files embedded since their worker looked)."""
+        n = max(1, len(results))
+        t = time.perf_counter()
+        self._embed(results, known)
+        embed_s = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        ok = [r for r in results if r.embeddings is not None and r.kind != "error"]
+        if ok:
+            codes, probs = decide_frames(self.comp, [r.embeddings for r in ok])  # type: ignore[misc]
+            for r, code, p in zip(ok, codes.tolist(), probs):
+                r.code, r.probs = int(code), p
+        score_s = (time.perf_counter() - t) / n
+        for r in results:
+            r.embed_s, r.score_s = embed_s, score_s
+        return results
+
+    def _embed(self, results: Sequence[FileResult], known: Lookup | None) -> None:
+        first: dict[str, FileResult] = {}
+        copies: list[FileResult] = []
+        for r in results:
+            if r.kind != "pixels":
+                continue
+            if r.sha256 in first:
+                r.duplicate = True
+                copies.append(r)
+            else:
+                first[r.sha256] = r  # type: ignore[index]
+        todo = list(first.values())
+        if known is not None and todo:
+            found = known([r.sha256 for r in todo])  # type: ignore[misc]
+            for r in todo:
+                if r.sha256 in found:
+                    r.embeddings, r.duplicate = found[r.sha256].embeddings, True  # type: ignore[index]
+            todo = [r for r in todo if r.embeddings is None]
+        if todo:
+            flat = self.embed_pixels(np.concatenate([r.pixels for r in todo]))  # type: ignore[misc]
+            row = 0
+            for r in todo:
+                k = len(r.pixels)  # type: ignore[arg-type]
+                r.embeddings, r.new = flat[row:row + k], True
+                row += k
+        for r in copies:
+            r.embeddings = first[r.sha256].embeddings  # type: ignore[index]
+        for r in results:
+            r.pixels = None
+
+
+def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> None:
+    """The output half of the batch unit: the new embeddings and deterministic decode failures of ``results`` into
+    the cache (one transaction each), then their rows into ``output``'s buffer; ``tally`` counts them."""
+    new = [CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0, r.n_frames or 1,
+                       r.nbytes or 0, r.format or "")
+           for r in results if r.new and r.sha256 is not None and r.embeddings is not None]
+    output.db.put_many(new)  # before any row that uses these embeddings can be committed
+    errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
+              for r in results if r.kind == "error" and r.cacheable_error and r.sha256]
+    output.db.put_decode_errors(errors, output.fingerprint)
+    output.rows.extend(output.plan.inputs, results)
+    tally.add(results)

@@ -1,0 +1,108 @@
+"""The batch unit: identical bytes are embedded once, every row is scored, the output half writes the cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from audit_helpers import ALL_FLAG_POLICY, read, run_audit, sample  # noqa: F401
+from conftest import OrthoTexts, unit
+
+from safeclip.audit.mapper import BatchUnit, decide_frames, store
+from safeclip.audit.summary import Tally
+from safeclip.audit.worker import FileResult
+from safeclip.audit.writer import Rows
+from safeclip.cache import CachedImage, EmbeddingCache
+
+
+def test_identical_files_are_embedded_once(sample, tiny_encoder, tmp_path):
+    src = [p for p in sample if p.endswith((".jpg", ".png"))][:3]
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    paths = []
+    for i in range(12):
+        dst = folder / f"copy{i:02d}{Path(src[i % 3]).suffix}"
+        shutil.copyfile(src[i % 3], dst)
+        paths.append(str(dst))
+    s = run_audit([folder], tmp_path / "d.parquet", tmp_path / "cache", tiny_encoder, batch_size=4)
+    assert s.rows == 12 and s.embedded == 3 and s.duplicates + s.cache_hits == 9
+    t = read(tmp_path / "d.parquet")
+    assert t.column("path").to_pylist() == paths  # walked in sorted order
+    by_sha: dict[str, set] = {}
+    for r in t.to_pylist():
+        by_sha.setdefault(r["sha256"], set()).add(tuple(v for k, v in r.items() if k.startswith("p_")))
+    assert len(by_sha) == 3 and all(len(v) == 1 for v in by_sha.values())
+
+
+def _fake_results(dim: int) -> list[FileResult]:
+    px = np.zeros((1, 4, 4, 3), np.uint8)
+    hit_emb = unit(np.ones((1, dim)))
+    return [
+        FileResult(0, "pixels", sha256="a" * 64, nbytes=10, width=4, height=4, n_frames=1, frame_indices=(0,),
+                   format="PNG", pixels=px + 1, decoded=True),
+        FileResult(1, "pixels", sha256="a" * 64, nbytes=10, width=4, height=4, n_frames=1, frame_indices=(0,),
+                   format="PNG", pixels=px + 1, decoded=True),  # the same bytes under another name
+        FileResult(2, "pixels", sha256="b" * 64, nbytes=11, width=4, height=4, n_frames=2, frame_indices=(0, 1),
+                   format="GIF", pixels=np.concatenate([px + 2, px + 3]), decoded=True),
+        FileResult(3, "pixels", sha256="c" * 64, nbytes=12, width=4, height=4, n_frames=1, frame_indices=(0,),
+                   format="PNG", pixels=px + 4, decoded=True),  # embedded since its worker looked
+        FileResult(4, "hit", sha256="d" * 64, nbytes=13, width=8, height=8, n_frames=1, frame_indices=(0,),
+                   format="JPEG", embeddings=hit_emb),
+        FileResult(5, "error", sha256="e" * 64, nbytes=14, error="PNG image is truncated",
+                   error_kind="TruncatedImageError", cacheable_error=True),
+    ]
+
+
+def test_the_batch_unit_embeds_each_distinct_image_once_and_decides_every_row(tmp_path):
+    from types import SimpleNamespace
+
+    from safeclip._compiled import CompiledPolicy
+    from safeclip.policy import load_policy
+
+    dim = 8
+    pol_file = tmp_path / "p.yaml"
+    pol_file.write_text(ALL_FLAG_POLICY)
+    comp = CompiledPolicy.build(load_policy(pol_file), OrthoTexts(dim), "enc")
+    calls: list[int] = []
+
+    def embed_pixels(pixels: np.ndarray) -> np.ndarray:
+        calls.append(len(pixels))
+        return unit(np.stack([np.arange(dim) + float(p.mean()) for p in pixels]))
+
+    known_emb = unit(np.arange(dim, dtype=np.float32)[None] + 100)
+    looked_up: list[list[str]] = []
+
+    def known(shas: list[str]) -> dict[str, CachedImage]:
+        looked_up.append(shas)
+        return {s: CachedImage(s, known_emb, (0,), 4, 4, 1, 12, "PNG") for s in shas if s == "c" * 64}
+
+    results = _fake_results(dim)
+    BatchUnit(embed_pixels, comp).map(results, known=known)
+    assert calls == [3]  # a (1 frame) and b (2 frames) in one forward; the copy of a and the known c not embedded
+    assert looked_up == [["a" * 64, "b" * 64, "c" * 64]]
+    assert [(r.new, r.duplicate) for r in results] == [(True, False), (False, True), (True, False), (False, True),
+                                                       (False, False), (False, False)]
+    np.testing.assert_array_equal(results[1].embeddings, results[0].embeddings)
+    np.testing.assert_array_equal(results[3].embeddings, known_emb)
+    assert results[2].embeddings.shape == (2, dim) and all(r.pixels is None for r in results)
+    codes, probs = decide_frames(comp, [r.embeddings for r in results[:5]])
+    assert [r.code for r in results[:5]] == codes.tolist() == [1] * 5  # this policy flags everything
+    for r, p in zip(results, probs):
+        np.testing.assert_array_equal(r.probs, p)
+    assert results[5].code is None and results[5].probs is None
+
+    # The output half: only the new embeddings and the deterministic failure go to the cache, then one row each.
+    db = EmbeddingCache(tmp_path / "cache", "enc")
+    output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp",
+                             plan=SimpleNamespace(inputs=[f"f{i}" for i in range(6)]))
+    tally = Tally()
+    store(results, output, tally)
+    assert sorted(db.get_many([c * 64 for c in "abcde"])) == ["a" * 64, "b" * 64]
+    np.testing.assert_array_equal(db.get("b" * 64).embeddings, results[2].embeddings)
+    assert db.get_decode_errors(["e" * 64], "fp") == {"e" * 64: ("TruncatedImageError", "PNG image is truncated")}
+    rows = output.rows.cols
+    assert rows["path"] == [f"f{i}" for i in range(6)] and rows["action"] == ["flag"] * 5 + [None]
+    assert rows["error"] == [None] * 5 + ["TruncatedImageError: PNG image is truncated"]
+    assert (tally.decoded, tally.embedded, tally.cache_hits, tally.duplicates) == (4, 2, 1, 2)
+    db.close()
