@@ -3,6 +3,7 @@ and the fall-backs to torch. Tiny random-weight checkpoint: these test the machi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +47,11 @@ def test_export_round_trip_matches_torch_and_shares_its_space(exported):
     m = store_of(onnx).read_manifest()
     path = store_of(onnx).dir / m["file"]
     assert path.parent.parent == Path(onnx.cache_dir) / "onnx"
-    assert m["bytes"] == path.stat().st_size and m["verified"]["min_cosine"] >= 0.99999
+    assert sorted(m["files"]) == [path.name, path.name + ".data"]  # the graph, and its weights beside it
+    for name, f in m["files"].items():
+        assert f["bytes"] == (path.parent / name).stat().st_size
+        assert f["sha256"] == hashlib.sha256((path.parent / name).read_bytes()).hexdigest()
+    assert m["verified"]["min_cosine"] >= 0.99999 and m["verified"]["floor"] == 0.99999
     assert m["opset"] == 17 and m["versions"]["onnxruntime"] and m["dim"] == onnx.dim
 
 
@@ -56,33 +61,50 @@ def test_verification_batch_is_fixed():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "graph"])
 def test_a_tampered_export_is_refused_and_exported_again(exported, tiny_model, damage, caplog, monkeypatch):
     onnx, torch_enc = exported
     store = store_of(onnx)
     m = store.read_manifest()
-    path = store.dir / m["file"]
-    data = bytearray(path.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 0xFF
-    else:
+    weights = store.dir / (m["file"] + ".data")
+    target = store.dir / m["file"] if damage == "graph" else weights
+    data = bytearray(target.read_bytes())
+    if damage == "truncate":
         data = data[: len(data) // 3]
-    path.write_bytes(bytes(data))
+    else:
+        data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
     with pytest.raises(ArtifactIntegrityError):
-        store.checked_model(m)  # what a load runs before any session is made
-    sessions = []
+        store.checked_model(m)
+    # Every session made, with the weights' digest when it was made; every run, with its session's digest.
     import onnxruntime
 
+    made, runs = [], []
     real = onnxruntime.InferenceSession
-    monkeypatch.setattr(onnxruntime, "InferenceSession",
-                        lambda p, *a, **k: sessions.append(Path(p).read_bytes()) or real(p, *a, **k))
+
+    class Recording:
+        def __init__(self, path, *args, **kwargs):
+            self.digest = hashlib.sha256(weights.read_bytes() + Path(path).read_bytes()).hexdigest()
+            self._s = real(path, *args, **kwargs)
+            made.append(self.digest)
+
+        def run(self, *args, **kwargs):
+            runs.append(self.digest)
+            return self._s.run(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)
     with caplog.at_level(logging.WARNING, logger="safeclip"):
         again = Encoder(tiny_model, cache_dir=onnx.cache_dir, device="cpu")
     assert any("refusing the ONNX export" in r.getMessage() for r in caplog.records)
     assert again.runtime == "onnx" and store.valid_manifest() is not None
-    assert bytes(data) not in sessions  # the damaged bytes were never given to ONNX Runtime
     px = np.random.default_rng(4).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     assert (again.embed_pixels(px) * torch_enc.embed_pixels(px)).sum(1).min() >= 0.99999
+    good = hashlib.sha256(weights.read_bytes() + (store.dir / m["file"]).read_bytes()).hexdigest()
+    assert runs and set(runs) == {good}  # whatever was loaded from the damaged files never ran
+    assert damage != "truncate" or made == [good]  # a wrong size is refused before anything reads the file
 
 
 def test_two_exporters_at_once_export_once(tiny_model, tmp_path):

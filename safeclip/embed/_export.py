@@ -17,6 +17,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .._files import write_bytes_atomic
+from .._files import write_atomic
+from ..artifacts import sha256_file
 from ._identity import encoder_id_for, weights_identity
 from ._store import EXPORT_FORMAT, ExportStore, package_versions
 
@@ -108,58 +110,71 @@ def _export(store: ExportStore, model: str, pretrained: str | None, holder: dict
         if "ref" not in holder:
             holder["ref"] = tm.reference(pixels)
         ref = holder["ref"]
-        if store.precision == "fp32":
-            stage = "export"
+        with tempfile.TemporaryDirectory(dir=store.dir, prefix=".export-") as tmp:
+            staged = Path(tmp) / store.model_path.name
+            stage = "export" if store.precision == "fp32" else "quantize"
             try:
-                data = _to_onnx(tm, store.opset)
+                if store.precision == "fp32":
+                    _save_split(_to_onnx(tm, store.opset), staged)
+                    floor = FP32_MIN_COSINE
+                else:
+                    fp32 = store.sibling("fp32")
+                    verdict = _export(fp32, model, pretrained, holder)
+                    if not verdict["ok"]:
+                        return verdict
+                    _quantize(fp32.dir / fp32.read_manifest()["file"], staged)  # type: ignore[index]
+                    floor = INT8_MIN_COSINE
                 stage = "verify"
-                cosine = _cosines(data, pixels, ref)
+                cosine = _cosines(str(staged), pixels, ref)  # the very files that will be published
             except Exception as e:  # an architecture the exporter cannot express, or a graph ORT refuses
                 reason = _one_line(e)
                 store.write_failure(stage, reason)
                 return {"ok": False, "kind": stage, "reason": reason}
-            floor = FP32_MIN_COSINE
-        else:
-            fp32 = store.sibling("fp32")
-            verdict = _export(fp32, model, pretrained, holder)
-            if not verdict["ok"]:
-                return verdict
-            try:
-                data = _quantize(fp32.dir / fp32.read_manifest()["file"], store)  # type: ignore[index]
-                cosine = _cosines(data, pixels, ref)
-            except Exception as e:
-                reason = _one_line(e)
-                store.write_failure("quantize", reason)
-                return {"ok": False, "kind": "quantize", "reason": reason}
-            floor = INT8_MIN_COSINE
-        if not cosine >= floor:
-            reason = (f"the exported graph's embeddings differ from torch's on the verification batch: min cosine "
-                      f"{cosine:.7f} < {floor}")
-            store.write_failure("verify", reason, cosine=cosine)
-            return {"ok": False, "kind": "verify", "reason": reason, "cosine": cosine}
-        digest = write_bytes_atomic(store.model_path, data, durable=True)
+            if not cosine >= floor:
+                reason = (f"the exported graph's embeddings differ from torch's on the verification batch: min "
+                          f"cosine {cosine:.7f} < {floor}")
+                store.write_failure("verify", reason, cosine=cosine)
+                return {"ok": False, "kind": "verify", "reason": reason, "cosine": cosine}
+            files = {}
+            for src in (staged.with_name(staged.name + ".data"), staged):  # the weights first, the graph last
+                with open(src, "rb") as f:
+                    write_atomic(store.dir / src.name, lambda out, f=f: shutil.copyfileobj(f, out, 1 << 22),
+                                 durable=True)
+                files[src.name] = {"sha256": sha256_file(store.dir / src.name), "bytes": src.stat().st_size}
         store.write_manifest({
             "format": EXPORT_FORMAT, "encoder_id": encoder_id_for(model, store.weights_id, tm.pixel_spec,
                                                                   store.precision),
             "model": model, "weights": store.weights_id, "pixel_spec": dataclasses.asdict(tm.pixel_spec),
             "dim": int(ref.shape[1]), "logit_scale": float(tm.logit_scale), "opset": store.opset,
-            "precision": store.precision, "file": store.model_path.name, "sha256": digest, "bytes": len(data),
+            "precision": store.precision, "file": store.model_path.name, "files": files,
             "verified": {"min_cosine": cosine, "floor": floor, "batch": len(pixels)}, "versions": package_versions(),
         })
         return {"ok": True, "reused": False, "cosine": cosine}
 
 
-def _quantize(fp32_path: Path, store: ExportStore) -> bytes:
+def _save_split(model: Any, path: Path) -> None:
+    """Save an ONNX model (bytes or ModelProto) as a small graph file plus its weights in ``<name>.data``.
+
+    ONNX Runtime maps external weights from the file instead of parsing them out of one protobuf: the session
+    starts about twice as fast, and the weights are not held twice while it starts."""
+    import onnx
+
+    proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else model
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def _quantize(fp32_graph: Path, out: Path) -> None:
     """Dynamic int8 (weights int8 per tensor, activations quantised at run time) of the fp32 export."""
     import logging
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser's advice on pre-processing, in this child only
-    with tempfile.TemporaryDirectory(dir=store.dir, prefix=".quantize-") as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(fp32_path, out, weight_type=QuantType.QInt8)
-        return out.read_bytes()
+    single = out.with_name("quantized.onnx")
+    quantize_dynamic(fp32_graph, single, weight_type=QuantType.QInt8)
+    _save_split(onnx.load_model(str(single)), out)
 
 
 def export_in_child(store: ExportStore, model: str, pretrained: str | None, threads: int | None) -> dict[str, Any]:

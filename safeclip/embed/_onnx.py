@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,13 @@ from ._store import ExportStore
 __all__ = ["OnnxImageTower", "exit_without_native_teardown", "import_onnxruntime"]
 
 _inherited_sessions: list[Any] = []  # sessions a forked child inherited: never deallocated (see after_fork)
+
+
+def _capture(into: list[BaseException], fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except BaseException as e:  # handed to the thread that waits for this one
+        into.append(e)
 
 
 def exit_without_native_teardown() -> None:
@@ -57,20 +65,34 @@ class OnnxImageTower:
 
     def _open(self) -> None:
         ort = import_onnxruntime()
-        path = self.store.checked_model(self.manifest)  # raises ArtifactIntegrityError: never run
+        path = self.store.check_sizes(self.manifest)  # a truncated file is refused before anything reads it
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads or available_cpus()
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # The sha256 check runs beside the session's construction (each takes a core for a few hundred ms); the
+        # session is used only once the check passed, and dropped unrun when it fails.
+        problem: list[BaseException] = []
+        hasher = threading.Thread(target=_capture, args=(problem, self.store.check_hashes, self.manifest),
+                                  name="safeclip-export-check")
+        hasher.start()
         try:
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a graph it cannot run
+            hasher.join()
+            if problem:
+                raise problem[0] from None
             raise ArtifactIntegrityError(f"{path}: ONNX Runtime cannot load the export: {type(e).__name__}: {e}") from e
+        hasher.join()
+        if problem:
+            del session
+            raise problem[0]
         inputs, outputs = session.get_inputs(), session.get_outputs()
+        width = outputs[0].shape[-1] if outputs else None
         if [i.name for i in inputs] != ["pixels"] or [o.name for o in outputs] != ["embeddings"] or (
-                outputs[0].shape[-1] not in (self.dim, None) and not isinstance(outputs[0].shape[-1], str)):
+                isinstance(width, int) and width != self.dim):
             raise ArtifactIntegrityError(f"{path}: the export's inputs/outputs are not pixels -> embeddings "
                                          f"(dimension {self.dim})")
         self._session = session

@@ -1,14 +1,15 @@
 """Where exported image towers live: ``<cache>/onnx/<arch>-<precision>-<key>/``, one folder per export.
 
-A folder holds the ONNX file, ``manifest.json`` (its sha256 and everything a warm start needs without torch:
-``encoder_id``, pixel spec, dimension, logit scale, opset, versions) and, when an export could not be made or failed
-its verification, ``failed.json`` instead, so that later starts fall back at once instead of trying again. The key
+A folder holds the ONNX graph, its weights beside it (``<graph>.data``, mapped by ONNX Runtime instead of parsed),
+``manifest.json`` (each file's size and sha256, and everything a warm start needs without torch: ``encoder_id``,
+pixel spec, dimension, logit scale, opset, versions) and, when an export could not be made or failed its
+verification, ``failed.json`` instead, so that later starts fall back at once instead of trying again. The key
 hashes (architecture, weights identity, opset, precision, open_clip's version): open_clip's version stands for the
 preprocessing, which it derives from the architecture and weights; the manifest records the pixel spec itself.
 
-Writers hold the folder's lock (``fcntl.flock``; the kernel drops it if the process dies) and write the model file
-then the manifest atomically; readers take no lock and check the sha256, so a reader never runs a file the manifest
-does not vouch for.
+Writers hold the folder's lock (``fcntl.flock``; the kernel drops it if the process dies) and write the weights, the
+graph, then the manifest, each atomically; readers take no lock and check sizes and sha256s, so a reader never runs
+a file the manifest does not vouch for.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ OPSET = 17
 """ONNX opset of the exports: the first with LayerNormalization, which ONNX Runtime runs as one fused kernel."""
 
 _MANIFEST_KEYS = {"format": int, "encoder_id": str, "pixel_spec": dict, "dim": int, "logit_scale": float,
-                  "opset": int, "precision": str, "file": str, "sha256": str, "bytes": int}
+                  "opset": int, "precision": str, "file": str, "files": dict}
 
 
 def _version(dist: str) -> str | None:
@@ -94,25 +95,41 @@ class ExportStore:
                 return None
         if m["format"] != EXPORT_FORMAT or m["precision"] != self.precision or m["opset"] != self.opset:
             return None
-        if Path(m["file"]).name != m["file"] or m["file"].startswith("."):
-            return None  # the model file lives in this folder, nowhere else
+        files = m["files"]
+        if m["file"] not in files or not all(
+                isinstance(name, str) and Path(name).name == name and not name.startswith(".")
+                and isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
+                for name, f in files.items()):
+            return None  # every file of the export lives in this folder, nowhere else
         return m
 
+    def check_sizes(self, manifest: dict[str, Any]) -> Path:
+        """The graph file the manifest names, after every file's size matches (a truncated file is caught at once);
+        :class:`ArtifactIntegrityError` otherwise."""
+        for name, f in manifest["files"].items():
+            path = self.dir / name
+            try:
+                size = path.stat().st_size
+            except OSError as e:
+                raise ArtifactIntegrityError(f"{path}: the exported model is missing ({e.strerror})") from e
+            if size != f["bytes"]:
+                raise ArtifactIntegrityError(f"{path}: {size} bytes, the manifest says {f['bytes']} (truncated or "
+                                             "replaced)")
+        return self.dir / manifest["file"]
+
+    def check_hashes(self, manifest: dict[str, Any]) -> None:
+        """:class:`ArtifactIntegrityError` unless every file's sha256 matches the manifest's pin."""
+        for name, f in manifest["files"].items():
+            digest = sha256_file(self.dir / name)
+            if digest != f["sha256"]:
+                raise ArtifactIntegrityError(f"{self.dir / name}: sha256 {digest[:12]}..., the manifest pins "
+                                             f"{f['sha256'][:12]}... (modified)")
+
     def checked_model(self, manifest: dict[str, Any]) -> Path:
-        """The model file the manifest names, after its size and sha256 match; :class:`ArtifactIntegrityError`
-        if they do not (a tampered or truncated file is never run)."""
-        path = self.dir / manifest["file"]
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise ArtifactIntegrityError(f"{path}: the exported model is missing ({e.strerror})") from e
-        if size != manifest["bytes"]:
-            raise ArtifactIntegrityError(f"{path}: {size} bytes, the manifest says {manifest['bytes']} (truncated "
-                                         "or replaced)")
-        digest = sha256_file(path)
-        if digest != manifest["sha256"]:
-            raise ArtifactIntegrityError(f"{path}: sha256 {digest[:12]}..., the manifest pins "
-                                         f"{manifest['sha256'][:12]}... (modified)")
+        """The graph file, after every file of the export matches its size and sha256 (a tampered or truncated file
+        is never run)."""
+        path = self.check_sizes(manifest)
+        self.check_hashes(manifest)
         return path
 
     def valid_manifest(self) -> dict[str, Any] | None:
