@@ -10,7 +10,7 @@ from audit_helpers import ALL_FLAG_POLICY
 
 from safeclip.audit import AuditPlan, audit
 from safeclip.embed import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from safeclip.errors import AuditError, NoInputsError, OutputError
+from safeclip.errors import ConfigError, NoInputsError, OutputError
 
 POLICY_WITH_ENCODER = ALL_FLAG_POLICY + "encoder: {model: ViT-L-14, pretrained: openai}\n"
 
@@ -74,22 +74,22 @@ def test_bad_options_fail_before_anything_loads(tmp_path):
         AuditPlan.create([], out=out)
     with pytest.raises(OutputError, match="is a folder"):
         AuditPlan.create(["a.jpg"], out=tmp_path)
-    with pytest.raises(AuditError, match="engine must be 'local' or 'ray'"):
+    with pytest.raises(ConfigError, match="engine must be 'local' or 'ray'"):
         AuditPlan.create(["a.jpg"], out=out, engine="spark")
-    with pytest.raises(AuditError, match="--address needs --engine ray"):
+    with pytest.raises(ConfigError, match="--address needs --engine ray"):
         AuditPlan.create(["a.jpg"], out=out, address="auto")
-    with pytest.raises(AuditError, match="ray_options"):
+    with pytest.raises(ConfigError, match="ray_options"):
         AuditPlan.create(["a.jpg"], out=out, ray_options={"stall_timeout": 5})
-    with pytest.raises(AuditError, match=r"unknown ray_options \['stall'\]"):
+    with pytest.raises(ConfigError, match=r"unknown ray_options \['stall'\]"):
         AuditPlan.create(["a.jpg"], out=out, engine="ray", ray_options={"stall": 5})
     for bad in ({"part_rows": 0}, {"workers": 0}, {"batch_size": 0}, {"task_timeout": 0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             AuditPlan.create(["a.jpg"], out=out, **bad)
-    with pytest.raises(ValueError, match="decode_batch"):
+    with pytest.raises(ConfigError, match="decode_batch"):
         AuditPlan.create(["a.jpg"], out=out, engine="ray", ray_options={"decode_batch": 0})
     plan = AuditPlan.create(["a.jpg"], out=out, engine="ray", ray_options={"stall_timeout": 5, "actors": 2})
     assert (plan.ray.stall_timeout, plan.ray.actors, plan.ray.decode_batch) == (5, 2, 32)
     # audit() validates through the plan: nothing is started for a wrong option.
-    with pytest.raises(AuditError, match="engine must be"):
+    with pytest.raises(ConfigError, match="engine must be"):
         audit(["a.jpg"], out=out, engine="spark")
     assert not out.exists() and not (tmp_path / "a.parquet.parts").exists()

@@ -9,7 +9,7 @@ from audit_helpers import ALL_FLAG_POLICY, audited, bad_files, read, sample  # n
 from conftest import assert_same_rows
 
 from safeclip.audit import rescore
-from safeclip.errors import AuditError, CacheError, DataError, ModelLoadError
+from safeclip.errors import CacheError, ConfigError, DataError, ModelLoadError
 
 
 def test_rescore_from_an_audit_equals_a_fresh_audit_under_the_new_policy(audited):
@@ -66,6 +66,6 @@ def test_sources_that_cannot_be_rescored_say_why(audited, tmp_path):
                 verbose=False)
     with pytest.raises(CacheError, match="holds none"):
         rescore(out=tmp_path / "x.parquet", policy="strict", cache=tmp_path / "empty", verbose=False)
-    with pytest.raises(AuditError, match="not both"):
+    with pytest.raises(ConfigError, match="not both"):
         rescore(out=tmp_path / "x.parquet", from_audit=other, embeddings=other, verbose=False)
     assert not (tmp_path / "x.parquet").exists()

@@ -107,8 +107,9 @@ def audit(
 
     Columns: ``path, sha256, bytes, width, height, frames, action, p_<category>..., error, encoder_id, policy``.
     A file that cannot be read or decoded is a row with ``error`` set and ``action`` null. Errors of the audit as a
-    whole are :class:`~safeclip.errors.AuditError` s (no inputs, unreadable manifest, output a folder or locked)
-    and :class:`~safeclip.errors.EngineError` s (engine missing, stalled or failed; what was committed is kept).
+    whole are :class:`~safeclip.errors.ConfigError` (an option out of range, options that do not go together),
+    :class:`~safeclip.errors.AuditError` s (no inputs, unreadable manifest, output a folder or locked) and
+    :class:`~safeclip.errors.EngineError` s (engine missing, stalled or failed; what was committed is kept).
     With the ``spawn``/``forkserver`` start methods a script calling this must guard its entry point with
     ``if __name__ == "__main__":``.
 

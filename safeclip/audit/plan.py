@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..decode import DecodeLimits
 from ..embed import default_cache_dir, resolve_encoder_args
-from ..errors import AuditError, NoInputsError, OutputError
+from ..errors import ConfigError, NoInputsError, OutputError
 from ..policy import Policy, load_policy
 from .reader import collect_inputs
 
@@ -65,12 +65,12 @@ class RayOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise AuditError(f"unknown ray_options {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown ray_options {unknown}; known: {sorted(known)}")
         opts = cls(**options)
         if opts.decode_batch < 1 or (opts.actors is not None and opts.actors < 1):
-            raise ValueError("ray_options: decode_batch and actors must be >= 1")
+            raise ConfigError("ray_options: decode_batch and actors must be >= 1")
         if not opts.stall_timeout > 0:
-            raise ValueError(f"ray_options: stall_timeout must be > 0, got {opts.stall_timeout!r}")
+            raise ConfigError(f"ray_options: stall_timeout must be > 0, got {opts.stall_timeout!r}")
         return opts
 
 
@@ -138,23 +138,22 @@ class AuditPlan:
 
         Raises :class:`~safeclip.errors.NoInputsError`, :class:`~safeclip.errors.OutputError`,
         :class:`~safeclip.errors.PolicyError`, :class:`~safeclip.errors.ManifestError`, or
-        :class:`~safeclip.errors.AuditError` for options that do not go together; ``ValueError`` for numbers out of
-        range.
+        :class:`~safeclip.errors.ConfigError` for an option out of range or options that do not go together.
         """
         started_at = time.monotonic()
         engine = options.get("engine", "local")
         if engine not in ENGINES:
-            raise AuditError(f"engine must be 'local' or 'ray', not {engine!r}")
+            raise ConfigError(f"engine must be 'local' or 'ray', not {engine!r}")
         if engine != "ray" and (options.get("address") is not None or ray_options):
-            raise AuditError("address and ray_options are for engine='ray' "
+            raise ConfigError("address and ray_options are for engine='ray' "
                              "(on the command line: --address needs --engine ray)")
         ray = RayOptions.create(ray_options)
         for name in ("part_rows", "workers", "batch_size", "torch_threads"):
             value = options.get(name)
             if value is not None and int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if task_timeout is not None and not task_timeout > 0:
-            raise ValueError(f"task_timeout must be > 0, got {task_timeout!r}")
+            raise ConfigError(f"task_timeout must be > 0, got {task_timeout!r}")
         out = Path(out)
         if out.is_dir():
             raise OutputError(f"--out {out} is a folder; give the path of the Parquet file to write")

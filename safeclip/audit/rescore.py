@@ -23,7 +23,7 @@ from .._files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
 from ..decide import ACTIONS
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
-from ..errors import AuditError, CacheError, DataError, EncoderMismatchError, ModelLoadError
+from ..errors import CacheError, ConfigError, DataError, EncoderMismatchError, ModelLoadError
 from ..policy import Policy, load_policy
 from .mapper import decide_images
 from .summary import AuditSummary, Tally, summarize
@@ -96,7 +96,7 @@ def rescore(
     """
     t_start = time.monotonic()
     if from_audit is not None and embeddings is not None:
-        raise AuditError("give either from_audit (embeddings from the cache) or embeddings, not both")
+        raise ConfigError("give either from_audit (embeddings from the cache) or embeddings, not both")
     pol = load_policy(policy)
     cache_dir = Path(cache) if cache is not None else default_cache_dir()
     save_emb = embeddings is not None

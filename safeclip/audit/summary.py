@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ..decide import ACTIONS
+from ..errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -67,7 +68,7 @@ class AuditSummary:
         if level is None:
             return False
         if level not in FAIL_LEVELS:
-            raise ValueError(f"fail-on level must be one of {FAIL_LEVELS}, not {level!r}")
+            raise ConfigError(f"fail-on level must be one of {FAIL_LEVELS}, not {level!r}")
         n = self.errors
         if level in ("flag", "block"):
             n += self.actions.get("block", 0)
