@@ -27,6 +27,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
+from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
@@ -251,6 +252,57 @@ def test_a_timed_out_request_still_queued_never_reaches_a_forward(tiny_model, ca
     held, queued = asyncio.run(main())
     assert queued.status_code == 504 and held.status_code == 504
     assert fw.sizes == [1]  # the queued one was dropped, not embedded
+
+
+def test_a_client_that_goes_away_has_its_queued_request_dropped(tiny_model, cache_dir, monkeypatch):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir)
+    fw = Forwards(m, monkeypatch)
+    app = create_app(m, warm_up=False)
+    img = png_bytes(9)
+
+    async def call(disconnect: asyncio.Event) -> list:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/check", "raw_path": b"/v1/check", "query_string": b"",
+                 "headers": [(b"content-length", str(len(img)).encode())], "client": ("127.0.0.1", 5),
+                 "server": ("127.0.0.1", 80), "state": {}}
+        pending = [{"type": "http.request", "body": img, "more_body": False}]
+        sent: list = []
+
+        async def receive():
+            if pending:
+                return pending.pop()
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    async def main():
+        fw.hold.clear()
+        stays, leaves = asyncio.Event(), asyncio.Event()
+        held = asyncio.create_task(call(stays))
+        while not fw.entered.is_set():
+            await asyncio.sleep(0.01)
+        gone = asyncio.create_task(call(leaves))
+        while m.batcher.in_flight < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        leaves.set()  # the second client hangs up while its request waits for a forward
+        await asyncio.wait_for(gone, WAIT)
+        fw.hold.set()
+        first = await asyncio.wait_for(held, WAIT)
+        stays.set()
+        return first
+
+    first = asyncio.run(main())
+    assert first[0]["status"] == 200 and json.loads(first[1]["body"])["sha256"] == sha(img)
+    assert fw.sizes == [1]  # the request of the client that left never reached a forward
+    assert m.batcher.in_flight == 0
+    text = generate_latest(app.state.metrics_registry).decode()
+    assert 'safeclip_requests_total{outcome="client_gone"} 1.0' in text
 
 
 # ---------------------------------------------------------------------------------------------- safeclip serve
