@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheError, EncoderMismatchError
+from .errors import CacheError, DataError, EncoderMismatchError
 
 __all__ = ["CachedImage", "CacheChunk", "EmbeddingCache", "list_cached_encoders"]
 
@@ -275,7 +275,7 @@ class EmbeddingCache:
         dim = int(items[0].embeddings.shape[1])
         for it in items:
             if it.embeddings.ndim != 2 or it.embeddings.shape[1] != dim or len(it.embeddings) < 1:
-                raise ValueError(f"embeddings of {it.sha256} must be (F >= 1, {dim}), got {it.embeddings.shape}")
+                raise DataError(f"embeddings of {it.sha256} must be (F >= 1, {dim}), got {it.embeddings.shape}")
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
                  np.ascontiguousarray(it.embeddings, np.float32).tobytes()) for it in items]
