@@ -1,8 +1,8 @@
 """``safeclip serve``: moderate uploads over HTTP (:mod:`safeclip.server` under uvicorn).
 
-Needs the serve extra: ``pip install safeclip[serve]``. Binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM stops accepting connections, lets the requests in flight
-finish (at most ``--timeout-s`` more), and exits 0. The access log is one JSON line per request on stdout; uvicorn's
-own messages go to stderr.
+Needs the serve extra: ``pip install safeclip[serve]``. Binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM
+stops accepting connections, lets the requests in flight finish (at most ``--timeout-s`` more), and exits 0. The
+access log is one JSON line per request on stdout; uvicorn's own messages go to stderr.
 """
 
 from __future__ import annotations
