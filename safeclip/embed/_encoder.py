@@ -170,13 +170,12 @@ class Encoder:
             manifest = store.read_manifest()
             if manifest is not None:
                 try:
-                    tower = OnnxImageTower(store, manifest, self.threads)
                     expected = encoder_id_for(self.model_name, self._weights_id,
                                               PixelSpec.from_dict(manifest["pixel_spec"]), self.precision)
                     if manifest["encoder_id"] != expected:
                         raise ArtifactIntegrityError(f"{store.manifest_path}: encoder_id {manifest['encoder_id']!r}"
                                                      f", expected {expected!r}")
-                    return tower
+                    return OnnxImageTower(store, manifest, self.threads)
                 except (ArtifactIntegrityError, TypeError, ValueError) as e:
                     _log.warning("refusing the ONNX export: %s; exporting it again", e)
             else:

@@ -4,7 +4,7 @@ An export runs in a child process (``python -m safeclip.embed._export``): the se
 the exporter's memory peak, never sees its output (a failing TorchScript export dumps the whole graph on stderr)
 and survives a crash in it. The child holds the export folder's lock, re-checks whether another process finished
 the export meanwhile, exports, runs the exported graph on a fixed batch against the torch forward (fp32: cosine >=
-:data:`FP32_MIN_COSINE` at batch 1 and 4), and only then writes the file and its manifest. Its last line on stdout is
+:data:`FP32_MIN_COSINE` at batch 1 and 4), and only then publishes the files and their manifest. Its last line on stdout is
 a JSON verdict ``{"ok": ..., "kind": ..., "reason": ...}``.
 """
 
@@ -103,6 +103,8 @@ def _export(store: ExportStore, model: str, pretrained: str | None, holder: dict
     with store.lock():
         if store.valid_manifest() is not None:
             return {"ok": True, "reused": True}
+        for stale in store.dir.glob(".export-*"):  # left by an exporter that was killed; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         if "tm" not in holder:
             holder["tm"] = TorchModel(model, pretrained, device="cpu", precision="fp32")
         tm = holder["tm"]
@@ -136,7 +138,8 @@ def _export(store: ExportStore, model: str, pretrained: str | None, holder: dict
                 store.write_failure("verify", reason, cosine=cosine)
                 return {"ok": False, "kind": "verify", "reason": reason, "cosine": cosine}
             files = {}
-            for src in (staged.with_name(staged.name + ".data"), staged):  # the weights first, the graph last
+            weights = staged.with_name(staged.name + ".data")
+            for src in ([weights] if weights.exists() else []) + [staged]:  # the weights first, the graph last
                 with open(src, "rb") as f:
                     write_atomic(store.dir / src.name, lambda out, f=f: shutil.copyfileobj(f, out, 1 << 22),
                                  durable=True)
