@@ -19,21 +19,23 @@ serve          ``safeclip serve``
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
 
-from . import audit, calibration, check, policy, runtime, serve
 from ._options import run
 
 __all__ = ["build_parser", "main"]
 
-_FAMILIES = (check, policy, audit, calibration, runtime, serve)
+# Imported when the parser is built, not with the package: `python -m safeclip.cli.audit` then runs a module that
+# is not already half-imported (runpy warns about that).
+_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safeclip", description="Image content moderation on CLIP embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in _FAMILIES:
-        family.register(sub)
+    for name in _FAMILIES:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 
