@@ -14,6 +14,17 @@ Embeddings are float32 BLOBs (``F * D * 4`` bytes, ``F`` sampled frames; an anim
 that any policy can re-pick its worst frame). Each entry also keeps what an audit row reports about the file
 (width, height, frame count, byte size, format) so a cache hit never needs the image.
 
+Transparency: since :data:`~safeclip.decode.DECODER_VERSION` 2 an image with real alpha is one view per background
+(its embeddings hold one row per view; ``backgrounds`` says which colour each row was seen on, ``None`` for an opaque
+frame). The database records the decoder version of each entry (schema 2). Entries of an older decoder (schema 1
+databases are upgraded in place when opened for writing, with one line on stderr) are kept only for formats that
+cannot carry transparency (JPEG, MPO); the others read as misses and are replaced when the file is embedded again.
+
+Damage: a database SQLite reports as malformed ("database disk image is malformed", "file is not a database") is
+never read as "no entry". Opening it for writing moves it aside to ``<name>.corrupt-<timestamp>`` and starts an empty
+one (one line on stderr); damage found later raises :class:`~safeclip.errors.CacheError` with :attr:`EmbeddingCache.damaged`
+set, and :meth:`EmbeddingCache.quarantine` moves the file aside (the audit does so, then stops: run it again).
+
 Deterministic decode failures can be remembered too (:meth:`EmbeddingCache.put_decode_errors`), keyed by
 ``(sha256, decoder fingerprint)``: the same bytes under the same Pillow version and decode limits fail the same way,
 so a re-run need not open a hostile file again.
@@ -33,18 +44,24 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .decode import DECODER_VERSION
 from .errors import CacheError, DataError, EncoderMismatchError
 
-__all__ = ["CachedImage", "CacheChunk", "EmbeddingCache", "list_cached_encoders"]
+__all__ = ["CachedImage", "CacheChunk", "EmbeddingCache", "is_damage", "list_cached_encoders"]
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+_OPAQUE_FORMATS = ("JPEG", "MPO")  # entries of a decoder before version 2 stay valid only for these (no alpha)
+_VALID = f"(decoder >= 2 OR format IN {_OPAQUE_FORMATS!r})"
+_DAMAGE = ("malformed", "not a database", "file is encrypted", "database corrupt")
 _PAGE_SIZE = 16384  # 2 KiB rows (512-d float32) pack ~7 to a page; 4 KiB pages waste half the file
 _IN_CHUNK = 900  # bound parameters per IN (...) query, under every SQLite build's limit
 _BUSY_TIMEOUT_MS = 60_000
@@ -62,6 +79,19 @@ class CachedImage:
     n_frames: int
     nbytes: int
     format: str
+    backgrounds: tuple[str | None, ...] = ()  # per embedding row: "#rrggbb" it was composited on, None opaque
+
+
+def is_damage(e: BaseException) -> bool:
+    """Whether a SQLite error says the database file itself is damaged (not busy, full or read-only)."""
+    return isinstance(e, sqlite3.DatabaseError) and any(m in str(e).lower() for m in _DAMAGE)
+
+
+def _rollback(con: sqlite3.Connection) -> None:
+    # SQLite has already rolled back after some errors (disk full): ROLLBACK would then hide the real cause.
+    if con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
 
 
 @dataclass(frozen=True)
@@ -124,23 +154,68 @@ class EmbeddingCache:
         self.path = Path(cache_dir) / "embeddings" / _db_name(encoder_id)
         self.readonly = readonly
         self.hits = self.misses = self.written = 0
+        self.damaged = False
         self._lock = threading.RLock()
         if not self.path.exists() and (readonly or not create):
             raise CacheError(
                 f"no embedding cache for encoder {encoder_id!r} in {Path(cache_dir)} "
                 f"(known there: {list_cached_encoders(cache_dir) or 'none'})")
         try:
-            self._con = self._connect()
-            meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
+            try:
+                meta = self._open()
+            except sqlite3.DatabaseError as e:
+                if readonly or not is_damage(e):
+                    raise
+                moved = self.quarantine()
+                print(f"safeclip: the embedding cache {self.path} was damaged ({e}): moved aside to {moved.name}; "
+                      "starting an empty one (files are embedded again as they are audited)", file=sys.stderr)
+                meta = self._open()
         except sqlite3.Error as e:
-            raise CacheError(f"cannot open the embedding cache {self.path}: {e}; if it is damaged, delete it (it is "
-                             "rebuilt as files are audited again)") from e
+            self.damaged = is_damage(e)
+            raise CacheError(self._problem("open", e)) from e
         self.dim: int | None = None
         stored = meta.get("encoder_id")
         if stored is not None and stored != encoder_id:
             raise EncoderMismatchError(f"{self.path} holds embeddings of {stored!r}, not {encoder_id!r}")
         if "dim" in meta:
             self.dim = int(meta["dim"])
+
+    def _open(self) -> dict[str, str]:
+        self._con = self._connect()
+        try:
+            cols = {r[1] for r in self._con.execute("PRAGMA table_info(images)").fetchall()}
+            self._views = "decoder" in cols  # False: a schema 1 database opened read-only
+            return dict(self._con.execute("SELECT key, value FROM meta").fetchall())
+        except BaseException:
+            self._con.close()
+            raise
+
+    def _problem(self, what: str, e: sqlite3.Error) -> str:
+        if is_damage(e):
+            return (f"the embedding cache {self.path} is damaged ({e}); move it aside (or delete it) and run again: "
+                    "an audit rebuilds it as files are audited again, and opening it for writing moves it aside "
+                    "itself")
+        if "full" in str(e).lower():
+            return (f"cannot {what} the embedding cache {self.path}: {e}; free some space there, or give another "
+                    "--cache")
+        if "readonly" in str(e).lower() or "read-only" in str(e).lower() or "unable to open" in str(e).lower():
+            return (f"cannot {what} the embedding cache {self.path}: {e}; give a --cache folder you can write to, "
+                    "or --no-cache")
+        return f"cannot {what} the embedding cache {self.path}: {e}"
+
+    def quarantine(self) -> Path:
+        """Move the (damaged) database aside to ``<name>.corrupt-<timestamp>``, with its WAL; returns the new path.
+        This instance is closed; a new :class:`EmbeddingCache` starts an empty database."""
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._con.close()
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(src, Path(str(dest) + suffix))
+            return dest
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
@@ -160,7 +235,16 @@ class EmbeddingCache:
             con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             con.execute(
                 "CREATE TABLE IF NOT EXISTS images (sha BLOB PRIMARY KEY, width INTEGER, height INTEGER, "
-                "n_frames INTEGER, nbytes INTEGER, format TEXT, frame_indices TEXT, vec BLOB NOT NULL)")
+                "n_frames INTEGER, nbytes INTEGER, format TEXT, frame_indices TEXT, vec BLOB NOT NULL, "
+                "decoder INTEGER, backgrounds TEXT)")
+            cols = {r[1] for r in con.execute("PRAGMA table_info(images)").fetchall()}
+            if "decoder" not in cols:  # schema 1: every entry predates per-background views
+                con.execute("ALTER TABLE images ADD COLUMN decoder INTEGER")
+                con.execute("ALTER TABLE images ADD COLUMN backgrounds TEXT")
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (_SCHEMA_VERSION,))
+                print(f"safeclip: upgraded the embedding cache {self.path} to schema {_SCHEMA_VERSION}: entries of "
+                      f"formats other than {', '.join(_OPAQUE_FORMATS)} made before the decoder judged transparency "
+                      "on several backgrounds are embedded again when next seen", file=sys.stderr)
             con.execute(
                 "CREATE TABLE IF NOT EXISTS decode_errors (sha BLOB NOT NULL, fingerprint TEXT NOT NULL, "
                 "kind TEXT NOT NULL, message TEXT NOT NULL, PRIMARY KEY (sha, fingerprint)) WITHOUT ROWID")
@@ -168,7 +252,8 @@ class EmbeddingCache:
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            _rollback(con)
+            con.close()
             raise
         return con
 
@@ -179,7 +264,8 @@ class EmbeddingCache:
             try:
                 yield
             except sqlite3.Error as e:
-                raise CacheError(f"cannot {what} the embedding cache {self.path}: {e}") from e
+                self.damaged = self.damaged or is_damage(e)
+                raise CacheError(self._problem(what, e)) from e
 
     # ------------------------------------------------------------------------------------------------ reads
     def __len__(self) -> int:
@@ -201,15 +287,23 @@ class EmbeddingCache:
             for i in range(0, len(keys), _IN_CHUNK):
                 chunk = [bytes.fromhex(k) for k in keys[i:i + _IN_CHUNK]]
                 rows = self._con.execute(
-                    "SELECT sha, width, height, n_frames, nbytes, format, frame_indices, vec FROM images "
-                    f"WHERE sha IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-                for sha, w, h, nf, nb, fmt, fi, vec in rows:
+                    f"SELECT sha, width, height, n_frames, nbytes, format, frame_indices, vec, {self._bg_col} "
+                    f"FROM images WHERE sha IN ({','.join('?' * len(chunk))}) AND {self._valid}", chunk).fetchall()
+                for sha, w, h, nf, nb, fmt, fi, vec, bgs in rows:
                     key = sha.hex()
                     out[key] = CachedImage(key, self._vectors(vec), tuple(json.loads(fi)), int(w), int(h), int(nf),
-                                           int(nb), str(fmt))
+                                           int(nb), str(fmt), tuple(json.loads(bgs)) if bgs else ())
             self.hits += len(out)
             self.misses += len(keys) - len(out)
         return out
+
+    @property
+    def _valid(self) -> str:
+        return _VALID if self._views else f"format IN {_OPAQUE_FORMATS!r}"
+
+    @property
+    def _bg_col(self) -> str:
+        return "backgrounds" if self._views else "NULL"
 
     def get(self, sha256: str) -> CachedImage | None:
         """One entry, or None."""
@@ -230,7 +324,8 @@ class EmbeddingCache:
             # A private read transaction: one consistent snapshot even while another process writes.
             con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
         try:
-            cur = con.execute("SELECT sha, width, height, n_frames, nbytes, vec FROM images ORDER BY rowid")
+            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec FROM images WHERE {self._valid} "
+                              "ORDER BY rowid")
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:
@@ -248,7 +343,8 @@ class EmbeddingCache:
                     nbytes=np.fromiter((r[4] for r in rows), np.int64, len(rows)),
                 )
         except sqlite3.Error as e:
-            raise CacheError(f"cannot read the embedding cache {self.path}: {e}") from e
+            self.damaged = self.damaged or is_damage(e)
+            raise CacheError(self._problem("read", e)) from e
         finally:
             con.close()
 
@@ -278,7 +374,8 @@ class EmbeddingCache:
                 raise DataError(f"embeddings of {it.sha256} must be (F >= 1, {dim}), got {it.embeddings.shape}")
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
-                 np.ascontiguousarray(it.embeddings, np.float32).tobytes()) for it in items]
+                 np.ascontiguousarray(it.embeddings, np.float32).tobytes(), DECODER_VERSION,
+                 json.dumps(list(it.backgrounds)) if any(it.backgrounds) else None) for it in items]
         with self._locked("write to"):
             con = self._con
             con.execute("BEGIN IMMEDIATE")
@@ -290,11 +387,18 @@ class EmbeddingCache:
                     raise EncoderMismatchError(
                         f"{self.path} holds {row[0]}-d embeddings of {self.encoder_id!r}; refusing {dim}-d ones")
                 before = con.total_changes
-                con.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                # Present entries are kept, except those of a decoder before per-background views.
+                con.executemany(
+                    "INSERT INTO images (sha, width, height, n_frames, nbytes, format, frame_indices, vec, decoder, "
+                    "backgrounds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha) DO UPDATE SET "
+                    "width = excluded.width, height = excluded.height, n_frames = excluded.n_frames, "
+                    "nbytes = excluded.nbytes, format = excluded.format, frame_indices = excluded.frame_indices, "
+                    "vec = excluded.vec, decoder = excluded.decoder, backgrounds = excluded.backgrounds "
+                    "WHERE images.decoder IS NULL OR images.decoder < excluded.decoder", rows)
                 added = con.total_changes - before
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
             self.dim = dim
             self.written += added
@@ -311,7 +415,23 @@ class EmbeddingCache:
                                       [(bytes.fromhex(s), fingerprint, k, m) for s, k, m in errors])
                 self._con.execute("COMMIT")
             except BaseException:
-                self._con.execute("ROLLBACK")
+                _rollback(self._con)
+                raise
+
+    def discard(self, shas: Iterable[str]) -> None:
+        """Remove entries (embeddings found unusable: non-finite or not normalised), so they are embedded again."""
+        keys = [bytes.fromhex(k) for k in dict.fromkeys(shas)]
+        if not keys or self.readonly:
+            return
+        with self._locked("write to"):
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                for i in range(0, len(keys), _IN_CHUNK):
+                    chunk = keys[i:i + _IN_CHUNK]
+                    self._con.execute(f"DELETE FROM images WHERE sha IN ({','.join('?' * len(chunk))})", chunk)
+                self._con.execute("COMMIT")
+            except BaseException:
+                _rollback(self._con)
                 raise
 
     def checkpoint(self) -> None:

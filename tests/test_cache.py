@@ -108,9 +108,101 @@ def test_cache_problems_are_cache_errors(tmp_path):
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(CacheError, match="cannot open the embedding cache") as e:
-        EmbeddingCache(tmp_path, "enc-b")
+    with pytest.raises(CacheError, match="is damaged") as e:
+        EmbeddingCache(tmp_path, "enc-b", readonly=True)
     assert str(path) in str(e.value) and isinstance(e.value.__cause__, sqlite3.Error)
+
+
+def _page_damaged_cache(tmp_path: Path) -> tuple[EmbeddingCache, list[CachedImage]]:
+    cache = EmbeddingCache(tmp_path, "enc-a")
+    items = [entry(i, dim=512) for i in range(300)]
+    cache.put_many(items)
+    cache.checkpoint()
+    cache.close()
+    raw = bytearray(cache.path.read_bytes())
+    page = 16384
+    for k in range(3, len(raw) // page - 1):  # every data page after the schema: the header still opens
+        raw[k * page:k * page + 64] = b"\xff" * 64
+    cache.path.write_bytes(bytes(raw))
+    return EmbeddingCache(tmp_path, "enc-a"), items
+
+
+def test_a_damaged_page_is_reported_as_damage_and_moved_aside_never_a_miss(tmp_path, capsys):
+    cache, items = _page_damaged_cache(tmp_path)
+    with pytest.raises(CacheError, match="is damaged .*malformed.*move it aside"):
+        cache.get_many([it.sha256 for it in items])
+    assert cache.damaged
+    moved = cache.quarantine()
+    assert moved.name.startswith(cache.path.name + ".corrupt-") and moved.exists() and not cache.path.exists()
+    fresh = EmbeddingCache(tmp_path, "enc-a")
+    assert len(fresh) == 0 and not fresh.damaged
+    fresh.close()
+
+
+def test_a_damaged_file_opened_for_writing_is_moved_aside_and_rebuilt(tmp_path, capsys):
+    path = EmbeddingCache(tmp_path, "enc-a").path
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"this is not a database" * 1000)
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        assert len(cache) == 0 and cache.put_many([entry(1)]) == 1
+    err = capsys.readouterr().err
+    assert "was damaged" in err and "moved aside" in err and len(err.strip().splitlines()) == 1
+    assert len(list(path.parent.glob(path.name + ".corrupt-*"))) == 1
+
+
+def test_a_full_disk_says_so_instead_of_cannot_rollback(tmp_path):
+    cache = EmbeddingCache(tmp_path, "enc-a")
+    cache.put_many([entry(0, dim=512)])
+    pages = cache._con.execute("PRAGMA page_count").fetchone()[0]
+    cache._con.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own "disk full"
+    with pytest.raises(CacheError, match="database or disk is full; free some space") as e:
+        cache.put_many([entry(i, dim=512) for i in range(1, 200)])
+    assert "rollback" not in str(e.value)
+    assert len(cache) == 1  # the failed batch left nothing behind, and the cache still works
+    assert cache.get(sha(0)) is not None
+    cache.close()
+
+
+def _schema1_cache(tmp_path: Path) -> Path:
+    """A database as the previous version wrote it: no decoder or backgrounds columns."""
+    path = EmbeddingCache(tmp_path, "enc-a").path
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    con = sqlite3.connect(path)
+    con.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "CREATE TABLE images (sha BLOB PRIMARY KEY, width INTEGER, height INTEGER, n_frames INTEGER, "
+        "nbytes INTEGER, format TEXT, frame_indices TEXT, vec BLOB NOT NULL);"
+        "CREATE TABLE decode_errors (sha BLOB NOT NULL, fingerprint TEXT NOT NULL, kind TEXT NOT NULL, "
+        "message TEXT NOT NULL, PRIMARY KEY (sha, fingerprint)) WITHOUT ROWID;"
+        "INSERT INTO meta VALUES ('encoder_id', 'enc-a'), ('schema', '1'), ('dim', '8');")
+    for i, fmt in ((1, "JPEG"), (2, "PNG"), (3, "WEBP")):
+        e = entry(i)
+        con.execute("INSERT INTO images VALUES (?, 1, 1, 1, 1, ?, '[0]', ?)",
+                    (bytes.fromhex(e.sha256), fmt, e.embeddings.tobytes()))
+    con.commit()
+    con.close()
+    return path
+
+
+def test_entries_made_before_per_background_views_are_misses_unless_opaque(tmp_path, capsys):
+    _schema1_cache(tmp_path)
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:  # a schema 1 file still opens read-only
+        assert set(ro.get_many([sha(1), sha(2), sha(3)])) == {sha(1)}
+        assert [c.sha256 for c in ro.scan()] == [[sha(1)]]
+    with EmbeddingCache(tmp_path, "enc-a") as cache:  # upgraded in place, with one line
+        assert "upgraded the embedding cache" in capsys.readouterr().err
+        assert set(cache.get_many([sha(1), sha(2), sha(3)])) == {sha(1)}
+        v = np.stack([entry(2).embeddings[0], entry(9).embeddings[0]])
+        again = CachedImage(sha(2), v, (0, 0), 1, 1, 1, 1, "PNG", ("#ffffff", "#000000"))
+        assert cache.put_many([again]) == 1  # the old entry is replaced
+        got = cache.get(sha(2))
+        assert got.backgrounds == ("#ffffff", "#000000") and got.embeddings.shape == (2, 8)
+        assert cache.get(sha(1)).backgrounds == ()
+        assert cache.put_many([again]) == 0  # a current entry is kept
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        assert capsys.readouterr().err == ""  # upgraded once
 
 
 @pytest.mark.slow
