@@ -72,6 +72,7 @@ class FileResult:
     height: int | None = None
     n_frames: int | None = None
     frame_indices: tuple[int, ...] = ()
+    backgrounds: tuple[str | None, ...] = ()  # per embedding row: "#rrggbb" a transparent view was seen on
     format: str | None = None
     pixels: np.ndarray | None = None
     embeddings: np.ndarray | None = None
@@ -86,6 +87,7 @@ class FileResult:
     probs: np.ndarray | None = None
     new: bool = False
     duplicate: bool = False
+    background: str | None = None  # the deciding view's background (set with ``code``)
     embed_s: float = 0.0
     score_s: float = 0.0
 
@@ -147,6 +149,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
                 res.kind, res.embeddings = "hit", hit.embeddings
                 res.width, res.height, res.n_frames = hit.width, hit.height, hit.n_frames
                 res.frame_indices, res.format = hit.frame_indices, hit.format
+                res.backgrounds = hit.backgrounds
                 return res
             known = cache.get_decode_errors([sha], cfg.fingerprint).get(sha)
             if known is not None:
@@ -163,6 +166,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.kind = "pixels"
         res.width, res.height = dec.size
         res.n_frames, res.frame_indices, res.format = dec.n_frames, tuple(dec.frame_indices), dec.format
+        res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in dec.backgrounds)
     except DecodeError as e:
         res.error_kind, res.error = type(e).__name__, e.reason
         res.cacheable_error = (res.sha256 is not None and isinstance(e, _DETERMINISTIC_ERRORS)
@@ -224,6 +228,7 @@ def _arrow_schema() -> pa.Schema:
     return pa.schema([
         ("idx", pa.int64()), ("sha256", pa.string()), ("nbytes", pa.int64()), ("width", pa.int32()),
         ("height", pa.int32()), ("n_frames", pa.int32()), ("frame_indices", pa.list_(pa.int32())),
+        ("backgrounds", pa.list_(pa.string())), ("background", pa.string()),
         ("format", pa.string()), ("kind", pa.string()), ("error_kind", pa.string()), ("error", pa.string()),
         ("cacheable", pa.bool_()), ("decoded", pa.bool_()), ("restarts", pa.int32()), ("read_s", pa.float64()),
         ("decode_s", pa.float64()), ("pixels", pa.large_binary()), ("emb", pa.large_binary()),
@@ -245,6 +250,7 @@ def results_to_arrow(results: Sequence[FileResult]) -> pa.Table:
         "nbytes": [r.nbytes for r in results], "width": [r.width for r in results],
         "height": [r.height for r in results], "n_frames": [r.n_frames for r in results],
         "frame_indices": [list(r.frame_indices) for r in results], "format": [r.format for r in results],
+        "backgrounds": [list(r.backgrounds) for r in results], "background": [r.background for r in results],
         "kind": [r.kind for r in results], "error_kind": [r.error_kind for r in results],
         "error": [r.error for r in results], "cacheable": [bool(r.cacheable_error) for r in results],
         "decoded": [bool(r.decoded) for r in results], "restarts": [r.restarts for r in results],
@@ -268,6 +274,7 @@ def results_from_arrow(table: pa.Table, size: int, dim: int) -> list[FileResult]
         out.append(FileResult(
             tid=c["idx"][i], kind=c["kind"][i], sha256=c["sha256"][i], nbytes=c["nbytes"][i], width=c["width"][i],
             height=c["height"][i], n_frames=c["n_frames"][i], frame_indices=tuple(c["frame_indices"][i] or ()),
+            backgrounds=tuple(c["backgrounds"][i] or ()), background=c["background"][i],
             format=c["format"][i], error=c["error"][i], error_kind=c["error_kind"][i],
             cacheable_error=bool(c["cacheable"][i]), decoded=bool(c["decoded"][i]), restarts=c["restarts"][i] or 0,
             read_s=c["read_s"][i], decode_s=c["decode_s"][i], code=c["code"][i], new=bool(c["new"][i]),
