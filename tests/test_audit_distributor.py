@@ -24,3 +24,27 @@ def test_a_worker_that_dies_or_hangs_is_replaced_and_the_file_reported(sample, t
     others = [r for n, r in rows.items() if n not in {names[1], names[4], names[7]}]
     assert all(r["error"] is None and r["action"] for r in others)
     assert s.errors == 3 and s.worker_restarts == 5  # crash and abort retried once each, the hang killed once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_plain_script_without_a_main_guard_runs_once(method, sample, tiny_model, tmp_path):
+    """The workers never re-import the caller's ``__main__`` (10.1): a script's top-level print comes out once."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import multiprocessing\n"
+        f"if {method!r} == 'spawn':  # what the engine falls back to where there is no forkserver\n"
+        "    multiprocessing.get_all_start_methods = lambda: ['spawn']\n"
+        "print('TOP-LEVEL', flush=True)\n"
+        "from safeclip.audit import audit\n"
+        f"s = audit({sample[:4]!r}, out={str(tmp_path / 'o.parquet')!r}, model={tiny_model!r},\n"
+        f"          cache={str(tmp_path / 'cache')!r}, workers=2, device='cpu', verbose=False, progress=False)\n"
+        "print('ROWS', s.rows, s.errors, flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("TOP-LEVEL") == 1, proc.stdout[-2000:]
+    assert "ROWS 4 0" in proc.stdout

@@ -2,7 +2,11 @@
 
 Workers start with ``forkserver`` (they fork from a server that already imported the decode stack, no torch:
 starting or replacing one costs milliseconds), else ``spawn``; never ``fork``, since the parent runs torch's thread
-pools. Each has one BLAS/OpenMP thread and runs at ``nice`` +10, so the model's threads win the CPU and decoding
+pools. Workers never import the caller's ``__main__`` (both start methods would: multiprocessing re-imports the
+main script or module in each child so that a target defined there can be found), so a script without an
+``if __name__ == "__main__":`` guard, a notebook or ``python -c`` can run an audit: a worker's target is
+:func:`~safeclip.audit.worker.worker_main`, and the preparation data of a process named :data:`WORKER_NAME` leaves
+the main module out. Each has one BLAS/OpenMP thread and runs at ``nice`` +10, so the model's threads win the CPU and decoding
 fills the gaps. The pump thread keeps a bounded number of tasks in flight and drains the workers' pipes while torch
 runs, so memory stays bounded for any number of inputs.
 
@@ -30,7 +34,10 @@ from typing import Any
 from ..errors import EngineError
 from .worker import FileResult, WorkerConfig, worker_main
 
-__all__ = ["DONE", "DecodePool", "mp_context", "worker_env"]
+__all__ = ["DONE", "WORKER_NAME", "DecodePool", "mp_context", "worker_env"]
+
+WORKER_NAME = "safeclip-decode"
+"""The name of every decode process (what :func:`mp_context` recognises to leave ``__main__`` out)."""
 
 _WORKER_THREAD_ENV = {
     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1",
@@ -55,10 +62,32 @@ def worker_env() -> Iterator[None]:
                     os.environ[k] = v
 
 
+def _hide_main_from_workers() -> None:
+    """Wrap :func:`multiprocessing.spawn.get_preparation_data` (once) so that the data a decode process starts
+    from names no main module to re-import. Only processes named :data:`WORKER_NAME` are affected; the name is
+    what the stdlib passes, so this holds for ``spawn`` and ``forkserver`` alike and for every thread."""
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "safeclip_hides_main", False):
+        return
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data = original(name)
+        if name == WORKER_NAME:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data.safeclip_hides_main = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
+
+
 def mp_context() -> multiprocessing.context.BaseContext:
     """``forkserver`` where available (workers fork from a server that already imported the decode stack, no
     torch: starting or replacing a worker costs milliseconds), else ``spawn``. Never ``fork``: the parent runs
-    torch's thread pools."""
+    torch's thread pools. Either way the workers do not import the caller's ``__main__``."""
+    _hide_main_from_workers()
     if "forkserver" in multiprocessing.get_all_start_methods():
         from multiprocessing import forkserver
 
@@ -116,7 +145,7 @@ class DecodePool:
 
     def _spawn(self) -> _Handle:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=worker_main, args=(child,), daemon=True, name="safeclip-decode")
+        proc = self._ctx.Process(target=worker_main, args=(child,), daemon=True, name=WORKER_NAME)
         with worker_env() if self._ctx.get_start_method() == "spawn" else contextlib.nullcontext():
             proc.start()
         child.close()
