@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pyarrow as pa
@@ -43,3 +44,54 @@ def test_manifests_and_folders(sample, tiny_encoder, tmp_path):
     shutil.copyfile(sample[0], tmp_path / "tree" / "a.jpg")
     (tmp_path / "tree" / "notes.txt").write_text("not an image")
     assert collect_inputs([tmp_path / "tree"]) == [str(tmp_path / "tree" / "a.jpg"), str(nested / "z.JPG")]
+
+
+def test_a_folder_is_walked_by_content_and_what_is_left_out_is_counted(sample, tmp_path):
+    """10.3: extensionless, hash-named uploads are images by their first bytes; the rest is counted, by reason."""
+    from safeclip.audit.reader import gather_inputs
+
+    up = tmp_path / "uploads"
+    (up / "ab").mkdir(parents=True)
+    shutil.copyfile(sample[0], up / "ab" / "3f1c9a0e")            # JPEG bytes, no extension
+    (up / "ab" / "9ab2").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))  # PNG magic (truncated: an error row)
+    (up / "README").write_text("not an image")
+    (up / "photo.jpg").write_text("an extension is taken at its word")
+    os.mkfifo(up / "pipe")                                        # never opened
+    got = gather_inputs([up])
+    assert got.paths == (str(up / "photo.jpg"), str(up / "ab" / "3f1c9a0e"), str(up / "ab" / "9ab2"))
+    assert got.skipped == {"not an image": 1, "not a regular file": 1}
+    assert "skipped 2 file(s)" in got.skipped_line() and "--all-files" in got.skipped_line()
+    every = gather_inputs([up], include_all=True)
+    assert every.paths == (str(up / "README"), *got.paths) and every.skipped == {"not a regular file": 1}
+
+
+def test_the_bad_corpus_is_walked_by_content(corpus):
+    from safeclip.audit.reader import gather_inputs
+
+    folder = corpus / "bad"
+    regular = [p for p in folder.rglob("*") if p.is_file()]
+    got = gather_inputs([folder])
+    assert len(got.paths) + sum(got.skipped.values()) == len(regular)  # every file is a row or counted
+    assert len(gather_inputs([folder], include_all=True).paths) == len(regular)
+
+
+def test_manifest_names_are_exact_and_errors_say_what_is_wrong(tmp_path):
+    """9.12: only the line terminator is removed; 10.11: a missing manifest says "no such file"."""
+    txt = tmp_path / "list.txt"
+    txt.write_bytes(b"# comment\n trailing space.jpg \ncrlf.jpg\r\n\nraw\xff.jpg\nlast.jpg")
+    assert read_manifest(txt) == [" trailing space.jpg ", "crlf.jpg", os.fsdecode(b"raw\xff.jpg"), "last.jpg"]
+    for name in ("nope.parquet", "nope.csv", "nope.txt"):
+        with pytest.raises(SafeclipError, match=r"cannot read manifest .*nope\.\w+: no such file$"):
+            read_manifest(tmp_path / name)
+    with pytest.raises(SafeclipError, match="is a folder"):
+        read_manifest(tmp_path)
+
+
+def test_path_text_and_bytes_are_lossless():
+    from safeclip.audit.reader import path_bytes, path_text
+
+    for raw in (b"plain.jpg", "caf\u00e9.jpg".encode(), b"bad\xff\xfe.jpg", b"\x80", b"a\\xff"):
+        p = os.fsdecode(raw)
+        text, blob = path_text(p), path_bytes(p)
+        text.encode("utf-8")  # always storable as a Parquet string
+        assert (blob if blob is not None else text.encode()) == raw

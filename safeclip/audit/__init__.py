@@ -67,6 +67,10 @@ def audit(
     model: str | None = None,
     pretrained: str | None = None,
     device: str | None = None,
+    runtime: str | None = None,
+    precision: str = "auto",
+    threads: int | None = None,
+    include_all: bool = False,
     cache: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     workers: int | None = None,
@@ -88,10 +92,12 @@ def audit(
 ) -> AuditSummary:
     """Moderate every input into ``out`` (Parquet, one row per input, input order); resumable.
 
-    ``paths``: files and folders (walked recursively for :data:`IMAGE_EXTENSIONS`); ``manifests``: text / CSV /
-    Parquet lists of paths (:func:`read_manifest`). ``policy``: a shipped name, a YAML path or a
+    ``paths``: files and folders (walked recursively for image files, by extension or content; ``include_all``:
+    every regular file; what is left out is counted in the summary's ``skipped``: see :mod:`~safeclip.audit.reader`);
+    ``manifests``: text / CSV / Parquet lists of paths (:func:`read_manifest`). ``policy``: a shipped name, a YAML path or a
     :class:`~safeclip.policy.Policy`. ``model``/``pretrained``: the weights (default: the policy's ``encoder:``,
-    else the default encoder; the output's metadata records ``encoder_chosen_by``). ``cache``: the cache folder
+    else the default encoder; the output's metadata records ``encoder_chosen_by``); ``runtime``, ``precision``,
+    ``threads``: as for :class:`~safeclip.embed.Encoder`. ``cache``: the cache folder
     (embeddings and prompt embeddings; default :func:`~safeclip.embed.default_cache_dir`); ``use_cache=False``
     neither reads nor writes embeddings. ``workers``: decode processes (default: one per core); ``batch_size``:
     images per model forward (default: the encoder's). ``encoder``: an already loaded
@@ -110,8 +116,8 @@ def audit(
     whole are :class:`~safeclip.errors.ConfigError` (an option out of range, options that do not go together),
     :class:`~safeclip.errors.AuditError` s (no inputs, unreadable manifest, output a folder or locked) and
     :class:`~safeclip.errors.EngineError` s (engine missing, stalled or failed; what was committed is kept).
-    With the ``spawn``/``forkserver`` start methods a script calling this must guard its entry point with
-    ``if __name__ == "__main__":``.
+    The decode workers never import the caller's ``__main__``: a plain script, a notebook and ``python -c`` can
+    call this without an ``if __name__ == "__main__":`` guard.
 
     >>> import pandas as pd, tempfile, os
     >>> from safeclip.audit import audit
@@ -122,7 +128,8 @@ def audit(
     """
     plan = AuditPlan.create(
         paths, out=out, manifests=manifests, policy=policy, model=model, pretrained=pretrained, device=device,
-        cache=cache, use_cache=use_cache, workers=workers, batch_size=batch_size, encoder=encoder,
+        runtime=runtime, precision=precision, threads=threads, include_all=include_all, cache=cache,
+        use_cache=use_cache, workers=workers, batch_size=batch_size, encoder=encoder,
         save_embeddings=save_embeddings, decode_limits=decode_limits, fast_decode=fast_decode, part_rows=part_rows,
         part_seconds=part_seconds, task_timeout=task_timeout, torch_threads=torch_threads, worker_nice=worker_nice,
         progress=progress, verbose=verbose, engine=engine, address=address, ray_options=ray_options)

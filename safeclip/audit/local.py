@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .distributor import DONE, DecodePool, mp_context
 from .identity import EncoderIdentity, encoder_memo_key
 from .mapper import BatchUnit, compile_policy, store
-from .plan import cpu_count
+from .plan import cpu_count, encoder_kwargs
 from .summary import Tally, run_summary
 from .worker import TEST_HOOK_ENV, FileResult, WorkerConfig
 from .writer import RunOutput, embedding_dir
@@ -188,7 +188,8 @@ class _LocalRun:
         dev = resolve_device(plan.device)
         if not dev.startswith(("cuda", "mps")):
             self._set_torch_threads(plan.torch_threads or cpu_count())
-        return Encoder(plan.model, plan.pretrained, device=dev, batch_size=plan.batch_size, cache_dir=plan.cache_dir)
+        return Encoder(plan.model, plan.pretrained, device=dev, batch_size=plan.batch_size, cache_dir=plan.cache_dir,
+                       **encoder_kwargs(plan))
 
     def _set_torch_threads(self, n: int) -> None:
         import torch

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..decode import DecodeLimits
-from ..embed import default_cache_dir, resolve_encoder_args
+from ..embed import PRECISIONS, RUNTIMES, default_cache_dir, resolve_encoder_args
 from ..errors import ConfigError, NoInputsError, OutputError
 from ..policy import Policy, load_policy
-from .reader import collect_inputs
+from .reader import gather_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import Encoder
 
-__all__ = ["ENGINES", "AuditPlan", "RayOptions", "cpu_count"]
+__all__ = ["ENGINES", "AuditPlan", "RayOptions", "cpu_count", "encoder_kwargs"]
 
 ENGINES: tuple[str, ...] = ("local", "ray")
 
@@ -41,6 +41,11 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def encoder_kwargs(plan: AuditPlan) -> dict[str, Any]:
+    """The :class:`~safeclip.embed.Encoder` options of ``plan`` that both engines pass on as they are."""
+    return {"runtime": plan.runtime, "precision": plan.precision, "threads": plan.threads}
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,10 @@ class AuditPlan:
     ``inputs`` are collected (folders walked, manifests read); ``policy`` is loaded; ``model``/``pretrained`` are
     the weights to load, resolved from the caller, the policy's ``encoder:`` and the default, and
     ``encoder_chosen_by`` says which of the three chose them (``"caller"`` when an ``encoder`` was passed in);
-    ``task_timeout`` and ``progress`` have their defaults applied; ``started_at`` is ``time.monotonic()`` at the
-    call. Build one with :meth:`create`.
+    ``task_timeout`` and ``progress`` have their defaults applied; ``skipped`` counts the files of the folders left
+    out, by reason (:class:`~safeclip.audit.reader.Inputs`); ``runtime``/``precision``/``threads`` go to the
+    :class:`~safeclip.embed.Encoder`; ``started_at`` is ``time.monotonic()`` at the call. Build one with
+    :meth:`create`.
     """
 
     inputs: tuple[str, ...]
@@ -96,6 +103,11 @@ class AuditPlan:
     task_timeout: float
     encoder: Encoder | None = field(default=None, compare=False, repr=False)
     device: str | None = None
+    runtime: str | None = None
+    precision: str = "auto"
+    threads: int | None = None
+    include_all: bool = False
+    skipped: Mapping[str, int] = field(default_factory=dict)
     use_cache: bool = True
     workers: int | None = None
     batch_size: int | None = None
@@ -148,18 +160,25 @@ class AuditPlan:
             raise ConfigError("address and ray_options are for engine='ray' "
                              "(on the command line: --address needs --engine ray)")
         ray = RayOptions.create(ray_options)
-        for name in ("part_rows", "workers", "batch_size", "torch_threads"):
+        for name in ("part_rows", "workers", "batch_size", "torch_threads", "threads"):
             value = options.get(name)
             if value is not None and int(value) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if options.get("runtime") is not None and options["runtime"] not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {options['runtime']!r}")
+        if options.get("precision", "auto") not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {options['precision']!r}")
         if task_timeout is not None and not task_timeout > 0:
             raise ConfigError(f"task_timeout must be > 0, got {task_timeout!r}")
         out = Path(out)
         if out.is_dir():
             raise OutputError(f"--out {out} is a folder; give the path of the Parquet file to write")
-        inputs = tuple(collect_inputs(paths, list(manifests)))
+        gathered = gather_inputs(paths, list(manifests), include_all=bool(options.get("include_all", False)))
+        inputs = gathered.paths
         if not inputs:
-            raise NoInputsError("no inputs: give image files, folders with image files, or a manifest")
+            skipped = gathered.skipped_line()
+            raise NoInputsError("no inputs: give image files, folders with image files, or a manifest"
+                                + (f" ({skipped})" if skipped else ""))
         pol = load_policy(policy)
         if encoder is not None:
             model, pretrained, chosen_by = encoder.model_name, encoder.pretrained, "caller"
@@ -172,4 +191,4 @@ class AuditPlan:
             cache_dir=Path(cache) if cache is not None else default_cache_dir(), decode_limits=limits,
             task_timeout=float(task_timeout or max(60.0, 6 * float(limits.timeout_s))), encoder=encoder,
             progress=bool(progress) if progress is not None else (verbose and sys.stderr.isatty()),
-            ray=ray, started_at=started_at, **options)
+            skipped=gathered.skipped, ray=ray, started_at=started_at, **options)

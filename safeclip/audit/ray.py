@@ -86,7 +86,7 @@ from ..errors import (
 from ..policy import Policy
 from .identity import EncoderIdentity, encoder_memo_key
 from .mapper import BatchUnit, compile_policy, store
-from .plan import RayOptions, cpu_count
+from .plan import RayOptions, cpu_count, encoder_kwargs
 from .summary import Tally, run_summary
 from .worker import (
     TEST_HOOK_ENV,
@@ -313,7 +313,8 @@ class _EmbedScore:
     """Ray Data UDF (actor): holds the model and runs the batch unit's model half on every batch."""
 
     def __init__(self, model: str | None, pretrained: str | None, device: str | None, batch_size: int | None,
-                 torch_threads: int | None, expected: EncoderIdentity, comp: CompiledPolicy) -> None:
+                 torch_threads: int | None, expected: EncoderIdentity, comp: CompiledPolicy,
+                 encoder_kw: Mapping[str, Any] | None = None) -> None:
         import torch
 
         from ..embed import Encoder, resolve_device
@@ -323,7 +324,7 @@ class _EmbedScore:
             # Ray gives a fractional-CPU actor one OpenMP thread; the model, like the local engine's, takes the
             # node's cores (the decode tasks fill the gaps).
             torch.set_num_threads(torch_threads or cpu_count())
-        self.enc = Encoder(model, pretrained, device=dev, batch_size=batch_size,
+        self.enc = Encoder(model, pretrained, device=dev, batch_size=batch_size, **dict(encoder_kw or {}),
                            cache_dir=tempfile.gettempdir())  # never writes there: prompts come compiled
         actual = EncoderIdentity.of(self.enc)
         if actual != expected:
@@ -341,10 +342,12 @@ class _EmbedScore:
 class _Prober:
     """A short-lived actor that loads the model once: the encoder's identity, and prompt embeddings."""
 
-    def __init__(self, model: str | None, pretrained: str | None, device: str | None) -> None:
+    def __init__(self, model: str | None, pretrained: str | None, device: str | None,
+                 encoder_kw: Mapping[str, Any] | None = None) -> None:
         from ..embed import Encoder, resolve_device
 
-        self.enc = Encoder(model, pretrained, device=resolve_device(device), cache_dir=tempfile.gettempdir())
+        self.enc = Encoder(model, pretrained, device=resolve_device(device), cache_dir=tempfile.gettempdir(),
+                           **dict(encoder_kw or {}))
 
     def identity(self) -> EncoderIdentity:
         return EncoderIdentity.of(self.enc)
@@ -573,7 +576,7 @@ class _RayRun:
         if not self.probers:
             plan = self.plan
             actor = self.ray.remote(**self.resources)(_Prober)
-            self.probers.append(actor.remote(plan.model, plan.pretrained, plan.device))
+            self.probers.append(actor.remote(plan.model, plan.pretrained, plan.device, encoder_kwargs(plan)))
         return self.probers[0]
 
     def _kill_probers(self) -> None:
@@ -685,7 +688,7 @@ class _RayRun:
             compute=ray.data.ActorPoolStrategy(size=self.n_actors), zero_copy_batch=True,
             fn_constructor_kwargs={"model": plan.model, "pretrained": plan.pretrained, "device": plan.device,
                                    "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
-                                   "expected": ident, "comp": comp},
+                                   "expected": ident, "comp": comp, "encoder_kw": encoder_kwargs(plan)},
             **({"num_gpus": res["num_gpus"], "num_cpus": res["num_cpus"]} if gpu else {"num_cpus": res["num_cpus"]}))
 
 

@@ -1,43 +1,189 @@
 """The audit's inputs: folders walked for image files, manifests read, in order and each once.
 
+What a folder holds is decided by content: a file with a known image extension (:data:`IMAGE_EXTENSIONS`) is
+taken, any other regular file is taken when its first bytes are those of an allowed format (:func:`sniff_image`:
+JPEG/MPO, PNG/APNG, GIF, WebP, BMP, TIFF, AVIF, HEIF), so extensionless, hash-named uploads are found. What is left
+out is counted by reason (:class:`Inputs` ``skipped``: ``"not an image"``, ``"not a regular file"``,
+``"unreadable"``) and reported; ``include_all=True`` (``--all-files``) takes every regular file (a non-image
+becomes an error row). Files named explicitly, and the entries of a manifest, are taken as given (a missing one
+becomes an error row).
+
+File names are kept exactly, whatever bytes the filesystem allows. Inside the audit a path is a ``str`` as
+:func:`os.fsdecode` gives it (bytes that are not UTF-8 become surrogate escapes, so the file can be opened). In
+the output:
+
+* ``path`` is :func:`path_text`: the name as UTF-8 text, each byte that is not part of valid UTF-8 written as
+  ``\\xNN`` (two lower-case hex digits: Python's ``backslashreplace``). For a valid UTF-8 name it is the name itself.
+* ``path_bytes`` is :func:`path_bytes`: null when the name is valid UTF-8 (``path`` is then exact), else the raw
+  bytes of the name. The exact name of a row is therefore ``path_bytes if path_bytes is not None else
+  path.encode()`` (``os.fsdecode`` of that opens the file).
+
+Manifests keep names exactly too: a text manifest is read as UTF-8 with surrogate escapes (any byte string is a
+name), one name per line, and only the line terminator (``\\n`` or ``\\r\\n``) is removed, so leading and trailing
+spaces are part of the name; empty lines and lines starting with ``#`` are skipped (write ``./#name`` for a name
+that starts with ``#``). A name containing a newline needs a CSV manifest (quote the field) or a Parquet one.
+
 >>> collect_inputs(["a.jpg", "b.png", "a.jpg"])     # files are taken as given (a missing one becomes an error row)
 ['a.jpg', 'b.png']
+>>> path_text(os.fsdecode(b"caf\\xe9.jpg")), path_bytes(os.fsdecode(b"caf\\xe9.jpg"))
+('caf\\\\xe9.jpg', b'caf\\xe9.jpg')
+>>> path_text("café.jpg"), path_bytes("café.jpg")
+('café.jpg', None)
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable, Iterator
+import stat
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ManifestError
 
-__all__ = ["IMAGE_EXTENSIONS", "collect_inputs", "read_manifest"]
+__all__ = ["IMAGE_EXTENSIONS", "Inputs", "collect_inputs", "describe_skipped", "gather_inputs", "path_bytes",
+           "path_text", "read_manifest", "sniff_image"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo",
     ".avif", ".heic", ".heif",
 })
-"""File extensions (lower case) collected when a folder is walked. Files named explicitly are audited whatever
-their extension (a non-image becomes an error row)."""
+"""File extensions (lower case) taken without reading when a folder is walked; other files are taken by content
+(:func:`sniff_image`). Files named explicitly are audited whatever they hold (a non-image becomes an error row)."""
+
+SNIFF_BYTES = 16
+"""How many leading bytes :func:`sniff_image` needs."""
+
+_ISOBMFF_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
+                   b"mif1", b"msf1")
+
+SKIP_NOT_IMAGE = "not an image"
+SKIP_NOT_REGULAR = "not a regular file"
+SKIP_UNREADABLE = "unreadable"
 
 
-def _walk(folder: str) -> Iterator[str]:
+def sniff_image(head: bytes) -> bool:
+    """Whether ``head`` (a file's first :data:`SNIFF_BYTES` bytes) starts like one of the formats the decoder
+    allows.
+
+    >>> sniff_image(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(8)), sniff_image(b"%!PS-Adobe-3.0 EPSF")
+    (True, False)
+    """
+    return (head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+                             b"MM\x00*"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (head[4:8] == b"ftyp" and head[8:12] in _ISOBMFF_BRANDS))
+
+
+def path_text(path: str) -> str:
+    """The ``path`` column of an input: its name as text, bytes that are not UTF-8 written ``\\xNN`` (module doc)."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to (e.g. from a Parquet manifest)
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def path_bytes(path: str) -> bytes | None:
+    """The ``path_bytes`` column of an input: None when its name is valid UTF-8, else its raw bytes."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(path)
+        except UnicodeEncodeError:
+            return path.encode("utf-8", "surrogatepass")
+
+
+def describe_skipped(skipped: Mapping[str, int]) -> str:
+    """What was left out of the folders, and how to include it, in words.
+
+    >>> describe_skipped({"not an image": 3, "not a regular file": 1})
+    'skipped 4 file(s) in the folders (1 not a regular file, 3 not an image); --all-files (include_all=True) makes every regular file a row'
+    """
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+    return (f"skipped {sum(skipped.values())} file(s) in the folders ({why}); --all-files (include_all=True) "
+            "makes every regular file a row")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The inputs of an audit (``paths``, in order, each once) and the files of its folders left out, counted by
+    reason (``skipped``: see the module doc)."""
+
+    paths: tuple[str, ...]
+    skipped: Mapping[str, int] = field(default_factory=dict)
+
+    def skipped_line(self) -> str | None:
+        """One line saying what was left out and how to include it, or None."""
+        return describe_skipped(self.skipped) if self.skipped else None
+
+
+def _keep(path: str, name: str, include_all: bool) -> str | None:
+    """None to keep ``path``, else why it is skipped."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return SKIP_UNREADABLE  # e.g. a dangling symlink
+    if not stat.S_ISREG(st.st_mode):
+        return SKIP_NOT_REGULAR  # FIFOs, sockets, devices: opening one may block
+    if include_all or os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return SKIP_UNREADABLE
+    return None if sniff_image(head) else SKIP_NOT_IMAGE
+
+
+def _walk(folder: str, include_all: bool, skipped: Counter[str]) -> Iterator[str]:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(root, name)
+            path = os.path.join(root, name)
+            why = _keep(path, name, include_all)
+            if why is None:
+                yield path
+            else:
+                skipped[why] += 1
+
+
+def _lines(f: Iterable[str]) -> Iterator[str]:
+    for line in f:
+        name = line[:-1] if line.endswith("\n") else line
+        if name.endswith("\r"):
+            name = name[:-1]
+        if name and not name.startswith("#"):
+            yield name
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return "it is a folder, not a file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[str]:
     """The paths a manifest lists: a ``.csv`` or ``.parquet`` file with a ``path`` column, else a text file with one
-    path per line (blank lines and lines starting with ``#`` are skipped). Paths are used as written (relative ones
-    relative to the working directory). Raises :class:`~safeclip.errors.ManifestError`."""
+    path per line (see the module doc: names are kept exactly, only the line terminator is removed; empty lines and
+    lines starting with ``#`` are skipped). Paths are used as written (relative ones relative to the working
+    directory). Raises :class:`~safeclip.errors.ManifestError`."""
     p = Path(path)
     suffix = p.suffix.lower()
     try:
+        if not p.exists():
+            raise FileNotFoundError(str(p))
+        if p.is_dir():
+            raise IsADirectoryError(str(p))
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -45,33 +191,45 @@ def read_manifest(path: str | os.PathLike[str]) -> list[str]:
             if "path" not in schema.names:
                 raise ManifestError(f"manifest {p}: no 'path' column (columns: {schema.names})")
             col = pq.read_table(p, columns=["path"]).column("path")
-            return [str(v) for v in col.to_pylist() if v is not None and str(v) != ""]
+            return [os.fsdecode(v) if isinstance(v, bytes) else str(v)
+                    for v in col.to_pylist() if v is not None and len(v) != 0]
         if suffix == ".csv":
-            with open(p, newline="", encoding="utf-8") as f:
+            with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or "path" not in reader.fieldnames:
                     raise ManifestError(f"manifest {p}: no 'path' column (header: {reader.fieldnames})")
                 return [row["path"] for row in reader if row.get("path")]
-        with open(p, encoding="utf-8") as f:
-            return [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+        with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return list(_lines(f))
     except ManifestError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:  # pyarrow's errors are OSError/ValueError
-        raise ManifestError(f"cannot read manifest {p}: {e}") from e
+        raise ManifestError(f"cannot read manifest {p}: {_why(e)}") from e
 
 
-def collect_inputs(
-    paths: Iterable[str | os.PathLike[str]] = (), manifests: Iterable[str | os.PathLike[str]] = ()
-) -> list[str]:
-    """The inputs of an audit, in order, each once: files as given, folders walked recursively (sorted, image
-    extensions only, see :data:`IMAGE_EXTENSIONS`), then the paths of each manifest (:func:`read_manifest`)."""
+def gather_inputs(
+    paths: Iterable[str | os.PathLike[str]] = (), manifests: Iterable[str | os.PathLike[str]] = (), *,
+    include_all: bool = False,
+) -> Inputs:
+    """The inputs of an audit, in order, each once: files as given, folders walked recursively (sorted; image
+    files by extension or content, every regular file with ``include_all``), then the paths of each manifest
+    (:func:`read_manifest`); with the folders' files left out, counted by reason."""
     out: list[str] = []
+    skipped: Counter[str] = Counter()
     for p in paths:
-        s = os.fspath(p)
+        s = os.fsdecode(p) if isinstance(p, bytes) else os.fspath(p)
         if os.path.isdir(s):
-            out.extend(_walk(s))
+            out.extend(_walk(s, include_all, skipped))
         else:
             out.append(s)  # a missing file becomes an error row, not a crash
     for m in manifests:
         out.extend(read_manifest(m))
-    return list(dict.fromkeys(out))
+    return Inputs(tuple(dict.fromkeys(out)), dict(skipped))
+
+
+def collect_inputs(
+    paths: Iterable[str | os.PathLike[str]] = (), manifests: Iterable[str | os.PathLike[str]] = (), *,
+    include_all: bool = False,
+) -> list[str]:
+    """The paths of :func:`gather_inputs`."""
+    return list(gather_inputs(paths, manifests, include_all=include_all).paths)

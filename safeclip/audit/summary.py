@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..decide import ACTIONS
 from ..errors import ConfigError
+from .reader import describe_skipped
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -25,7 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .plan import AuditPlan
     from .worker import FileResult
 
-__all__ = ["FAIL_LEVELS", "AuditSummary", "Tally", "run_summary", "summarize"]
+__all__ = ["ERROR_ACTION", "FAIL_LEVELS", "AuditSummary", "Tally", "run_summary", "summarize"]
+
+ERROR_ACTION = "error"
+"""The ``action`` of an output row whose input could not be decided (its ``error`` says why)."""
 
 FAIL_LEVELS: tuple[str, ...] = ("flag", "block", "error")
 """``--fail-on`` levels, in increasing severity: an undecidable file (error) is worse than a block (fail closed)."""
@@ -35,12 +40,14 @@ FAIL_LEVELS: tuple[str, ...] = ("flag", "block", "error")
 class AuditSummary:
     """What an :func:`~safeclip.audit.audit` or :func:`~safeclip.audit.rescore` run produced.
 
-    Counts over the whole output: ``rows``, ``actions`` (allow/flag/block), ``errors``. This run only:
+    Counts over the whole output: ``rows``, ``actions`` (allow/flag/block), ``errors`` (rows whose action is
+    ``error``: inputs that could not be decided). This run only:
     ``processed`` (rows computed now), ``resumed`` (rows kept from the committed parts of an interrupted run),
     ``decoded`` (files decoded into pixels), ``embedded`` (distinct images the model embedded), ``cache_hits``
     (rows whose embedding the worker found in the cache, including copies of a file embedded earlier in this run),
     ``duplicates`` (rows decoded in this run whose sha256 was already embedded or waiting in the model's batch),
-    ``worker_restarts``. ``seconds`` is the wall time of the call, ``startup_seconds`` the part spent
+    ``worker_restarts``; ``skipped``: the files of the input folders left out, by reason (see
+    :mod:`safeclip.audit.reader`). ``seconds`` is the wall time of the call, ``startup_seconds`` the part spent
     loading the model, ``images_per_s`` = processed / seconds. ``timings`` breaks the time down (worker-side
     ``read_s``/``decode_s`` are summed over workers).
     """
@@ -62,6 +69,7 @@ class AuditSummary:
     encoder_id: str
     policy: str
     timings: Mapping[str, float] = field(default_factory=dict)
+    skipped: Mapping[str, int] = field(default_factory=dict)
 
     def fails(self, level: str | None) -> bool:
         """Whether any row reaches ``level`` (``flag`` < ``block`` < ``error``); ``None`` never fails."""
@@ -82,7 +90,8 @@ class AuditSummary:
                 f"processed in {self.seconds:.1f}s ({self.images_per_s:.1f} images/s, model load "
                 f"{self.startup_seconds:.1f}s), {self.decoded} decoded, {self.embedded} embedded, "
                 f"{self.cache_hits} cache hits, {self.duplicates} duplicates, {self.resumed} resumed"
-                + (f", {self.worker_restarts} worker restarts" if self.worker_restarts else ""))
+                + (f", {self.worker_restarts} worker restarts" if self.worker_restarts else "")
+                + (f" | {describe_skipped(self.skipped)}" if self.skipped else ""))
 
 
 @dataclass
@@ -126,7 +135,7 @@ def summarize(table: pa.Table, tally: Tally, *, out: str, processed: int, resume
     counts = {a: 0 for a in ACTIONS}
     vc = pc.value_counts(table.column("action")).to_pylist() if table.num_rows else []
     for item in vc:
-        if item["values"] is not None:
+        if item["values"] in counts:  # error rows (action "error", or null in older outputs) are ``errors``
             counts[item["values"]] = int(item["counts"])
     errors = int(table.num_rows - pc.count(table.column("error"), mode="only_null").as_py()) if table.num_rows else 0
     seconds = time.monotonic() - started_at
@@ -148,6 +157,7 @@ def run_summary(table: pa.Table, tally: Tally, plan: AuditPlan, *, processed: in
     summary = summarize(table, tally, out=str(plan.out), processed=processed, resumed=len(plan.inputs) - processed,
                         started_at=plan.started_at, startup_seconds=startup_seconds, encoder_id=encoder_id,
                         policy=plan.policy.id)
+    summary = dataclasses.replace(summary, skipped=MappingProxyType(dict(plan.skipped)))
     if plan.verbose:
         print(f"{label}: {summary.format()}", file=sys.stderr)
     return summary

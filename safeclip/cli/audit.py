@@ -16,7 +16,7 @@ from typing import Any
 
 from ..audit import FAIL_LEVELS
 from ..audit.plan import ENGINES
-from ._options import add_model_args, add_policy_arg, positive_int, run_standalone
+from ._options import EXIT_USAGE, add_model_args, add_policy_arg, positive_int, run_standalone
 
 __all__ = ["register", "main"]
 
@@ -33,6 +33,9 @@ def register(subparsers: Any) -> None:
                    help="a text file with one path per line, or a CSV/Parquet file with a 'path' column "
                         "(repeatable)")
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
+    p.add_argument("--all-files", action="store_true",
+                   help="make every regular file in the folders a row (default: image files, found by extension "
+                        "or by content; the summary says how many files were skipped and why)")
     add_policy_arg(p)
     p.add_argument("--cache", metavar="DIR", help="cache folder for embeddings (default: $SAFECLIP_CACHE_DIR or "
                                                   "~/.cache/safeclip)")
@@ -86,11 +89,18 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    import os
+
     from ..audit import audit
 
+    for path in args.paths:  # a typo is a usage error, before the model loads (a manifest's entries are rows)
+        if not os.path.lexists(path):
+            print(f"safeclip audit: error: {path}: no such file or folder", file=sys.stderr)
+            return EXIT_USAGE
     summary = audit(
         args.paths, out=args.out, manifests=args.manifest, policy=args.policy, model=args.model,
-        pretrained=args.pretrained, device=args.device, cache=args.cache, use_cache=not args.no_cache,
+        pretrained=args.pretrained, device=args.device, runtime=args.runtime, precision=args.precision,
+        threads=args.threads, include_all=args.all_files, cache=args.cache, use_cache=not args.no_cache,
         workers=args.workers, batch_size=args.batch_size, save_embeddings=args.save_embeddings,
         part_rows=args.part_rows, progress=False if args.no_progress else None, verbose=True,
         engine=args.engine, address=args.address,
