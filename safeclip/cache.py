@@ -56,7 +56,7 @@ import numpy as np
 from .decode import DECODER_VERSION
 from .errors import CacheError, DataError, EncoderMismatchError
 
-__all__ = ["CachedImage", "CacheChunk", "EmbeddingCache", "is_damage", "list_cached_encoders"]
+__all__ = ["CacheChunk", "CachedImage", "EmbeddingCache", "is_damage", "list_cached_encoders"]
 
 _SCHEMA_VERSION = "2"
 _OPAQUE_FORMATS = ("JPEG", "MPO")  # entries of a decoder before version 2 stay valid only for these (no alpha)
@@ -441,8 +441,8 @@ class EmbeddingCache:
         with self._lock:
             try:
                 self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.OperationalError:
-                pass  # a reader holds an old snapshot: SQLite checkpoints later
+            except sqlite3.Error:
+                pass  # a reader holds an old snapshot (SQLite checkpoints later), or the file was moved aside
 
     def close(self) -> None:
         with self._lock:

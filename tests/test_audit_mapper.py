@@ -102,7 +102,81 @@ def test_the_batch_unit_embeds_each_distinct_image_once_and_decides_every_row(tm
     np.testing.assert_array_equal(db.get("b" * 64).embeddings, results[2].embeddings)
     assert db.get_decode_errors(["e" * 64], "fp") == {"e" * 64: ("TruncatedImageError", "PNG image is truncated")}
     rows = output.rows.cols
-    assert rows["path"] == [f"f{i}" for i in range(6)] and rows["action"] == ["flag"] * 5 + [None]
+    assert rows["path"] == [f"f{i}" for i in range(6)] and rows["action"] == ["flag"] * 5 + ["error"]
     assert rows["error"] == [None] * 5 + ["TruncatedImageError: PNG image is truncated"]
     assert (tally.decoded, tally.embedded, tally.cache_hits, tally.duplicates) == (4, 2, 1, 2)
     db.close()
+
+
+def _comp(tmp_path, dim: int = 8):
+    from safeclip._compiled import CompiledPolicy
+    from safeclip.policy import load_policy
+
+    pol_file = tmp_path / "p.yaml"
+    pol_file.write_text(ALL_FLAG_POLICY.replace("flag: 0.0, block: null", "flag: 0.999, block: null"))
+    return CompiledPolicy.build(load_policy(pol_file), OrthoTexts(dim), "enc")
+
+
+def test_unusable_embeddings_are_error_rows_never_allow_and_leave_the_cache(tmp_path):
+    from types import SimpleNamespace
+
+    dim = 8
+    comp = _comp(tmp_path, dim)
+    good = unit(np.arange(dim, dtype=np.float32)[None] + 1)
+    cases = {"a": good.copy(), "b": np.full((1, dim), np.nan, np.float32), "c": good * 1000,
+             "d": np.concatenate([good, np.full((1, dim), np.inf, np.float32)]), "e": good.astype(np.int64)}
+    db = EmbeddingCache(tmp_path / "cache", "enc")
+    db.put_many([CachedImage(s * 64, np.asarray(e, np.float32), tuple(range(len(e))), 4, 4, len(e), 1, "PNG")
+                 for s, e in cases.items() if s != "e"])  # a damaged entry reads back as such
+    results = [FileResult(i, "hit", sha256=s * 64, nbytes=1, width=4, height=4, n_frames=len(e), embeddings=e)
+               for i, (s, e) in enumerate(cases.items())]
+    BatchUnit(lambda px: px, comp).map(results)
+    assert results[0].code == 0 and results[0].error is None
+    for r in results[1:]:
+        assert r.code is None and r.probs is None and r.error_kind == "InvalidEmbedding"
+    assert "NaN or infinity" in results[1].error and "not L2-normalised" in results[2].error
+    assert "row 1" in results[3].error and "dtype int64" in results[4].error
+    output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp",
+                             plan=SimpleNamespace(inputs=[f"f{i}" for i in range(5)]))
+    store(results, output, Tally())
+    assert output.rows.cols["action"] == ["allow"] + ["error"] * 4
+    assert all(p is None for p in output.rows.probs[1:])
+    assert set(db.get_many(s * 64 for s in "abcd")) == {"a" * 64}  # the bad entries are embedded again next time
+    db.close()
+
+
+def test_the_worst_background_decides_and_is_reported(tmp_path):
+    dim = 8
+    comp = _comp(tmp_path, dim)
+    prompt = comp.scorer.prompt_matrix[:, 0] if comp.scorer.prompt_matrix.shape[1] else None
+    rng = np.random.default_rng(0)
+    bland = unit(rng.normal(size=(1, dim)))
+    emb = np.concatenate([bland, unit(prompt[None])]) if prompt is not None else np.concatenate([bland, bland])
+    r = FileResult(0, "hit", sha256="a" * 64, nbytes=1, width=4, height=4, n_frames=1, frame_indices=(0, 0),
+                   backgrounds=("#ffffff", "#000000"), embeddings=emb)
+    opaque = FileResult(1, "hit", sha256="b" * 64, nbytes=1, width=4, height=4, n_frames=1, embeddings=bland)
+    BatchUnit(lambda px: px, comp).map([r, opaque])
+    codes, probs = decide_frames(comp, [emb[:1], emb[1:]])
+    worst = int(np.argmax(codes * 2.0 + probs.max(axis=1)))
+    assert r.background == ("#ffffff", "#000000")[worst] and opaque.background is None
+    np.testing.assert_array_equal(r.probs, probs[worst])
+
+
+def test_a_cache_failing_under_a_worker_stops_the_audit_and_never_blames_the_image(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from safeclip.errors import CacheError
+
+    db = EmbeddingCache(tmp_path / "cache", "enc")
+    path = db.path
+    output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp", plan=SimpleNamespace(inputs=["f0"]))
+    bad = FileResult(0, "error", sha256="a" * 64, nbytes=1, error_kind="CacheError",
+                     error=f"unexpected error while decoding: the embedding cache {path} is damaged (database disk "
+                           "image is malformed); move it aside")
+    with pytest.raises(CacheError, match="audit stopped: the embedding cache .* is damaged.*moved aside to .*run the "
+                                         "same command again"):
+        store([bad], output, Tally())
+    assert len(output.rows) == 0 and not path.exists()
+    assert list(path.parent.glob(path.name + ".corrupt-*"))

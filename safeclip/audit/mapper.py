@@ -12,7 +12,15 @@ The unit has two halves, split where the model is:
 The local engine runs both halves in its main process, one model batch at a time. The Ray engine runs ``map`` in
 its model actors and ``store`` on the driver, per shard; the results travel between them in their Arrow form
 (:func:`safeclip.audit.worker.results_to_arrow`). Scoring is the same numpy path as ``Moderator``: for an animation
-the worst frame decides (:func:`decide_images`).
+the worst frame decides, and for a transparent image the worst background (:func:`decide_images`; the row's
+``background`` is the deciding view's).
+
+Nothing unusable decides: an embedding row that is not finite and L2-normalised
+(:func:`~safeclip._arrays.embedding_row_problems`: a damaged cache entry, a model that overflowed) makes its input an
+error row (``InvalidEmbedding``; a cached entry is discarded so that the next run embeds the file again), and so does
+a non-finite probability (``InvalidScore``). A cache that fails under a worker (damaged, unreadable) stops the audit
+with :class:`~safeclip.errors.CacheError` instead of turning good files into decode errors; a damaged database is
+moved aside first (:meth:`~safeclip.cache.EmbeddingCache.quarantine`), so the same command run again rebuilds it.
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._arrays import embedding_row_problems
 from ..cache import CachedImage
-from ..decide import decide_codes
+from ..decide import decide_codes, nonfinite_rows
 from ..embed import PromptCache
+from ..errors import CacheError
 from .summary import Tally
 from .worker import FileResult
 
@@ -36,7 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..policy import Policy
     from .writer import RunOutput
 
-__all__ = ["BatchUnit", "compile_policy", "decide_frames", "decide_images", "store"]
+__all__ = ["BatchUnit", "compile_policy", "decide_frames", "decide_images", "decide_views", "embedding_problem",
+           "store"]
 
 Lookup = Callable[[list[str]], Mapping[str, CachedImage]]
 
@@ -45,6 +56,13 @@ def decide_images(comp: CompiledPolicy, emb: np.ndarray, offsets: np.ndarray) ->
     """Per image ``(action codes (n,), probabilities (n, C))`` for images whose frames are
     ``emb[offsets[i]:offsets[i + 1]]``: the worst frame wins (highest action, then highest probability, first
     such frame), the rule of ``Moderator._decision``."""
+    codes, probs, _ = decide_views(comp, emb, offsets)
+    return codes, probs
+
+
+def decide_views(comp: CompiledPolicy, emb: np.ndarray,
+                 offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`decide_images`, plus the row of ``emb`` that decided each image (``(n,)``, absolute)."""
     scores = comp.scorer.score(emb)
     probs, _ = comp.probabilities(scores)
     probs = np.asarray(probs, np.float32)
@@ -59,7 +77,25 @@ def decide_images(comp: CompiledPolicy, emb: np.ndarray, offsets: np.ndarray) ->
             a, b = int(offsets[i]), int(offsets[i + 1])
             pick[i] = a + int(np.argmax(key[a:b]))  # argmax takes the first maximum, like max() does
     codes = codes[pick]
-    return (codes.max(axis=1) if codes.shape[1] else np.zeros(len(pick), np.int8)), probs[pick]
+    return (codes.max(axis=1) if codes.shape[1] else np.zeros(len(pick), np.int8)), probs[pick], pick
+
+
+def embedding_problem(emb: np.ndarray | None, dim: int | None = None) -> str | None:
+    """Why ``emb`` (one input's ``(F, D)`` frame embeddings) cannot decide, or ``None`` when every row is a finite
+    L2-normalised embedding (of dimension ``dim`` when given)."""
+    if emb is None:
+        return "no embedding"
+    a = np.asarray(emb)
+    if a.ndim != 2 or a.shape[0] == 0:
+        return f"embedding of shape {a.shape}, not (frames >= 1, D)"
+    if dim is not None and a.shape[1] != dim:
+        return f"embedding of dimension {a.shape[1]}, this encoder's is {dim}"
+    if not np.issubdtype(a.dtype, np.floating):
+        return f"embedding of dtype {a.dtype}, not floating point"
+    for k, why in enumerate(embedding_row_problems(a)):
+        if why is not None:
+            return f"embedding row {k} {why}"
+    return None
 
 
 def decide_frames(comp: CompiledPolicy, embs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,11 +140,30 @@ class BatchUnit:
         self._embed(results, known)
         embed_s = (time.perf_counter() - t) / n
         t = time.perf_counter()
-        ok = [r for r in results if r.embeddings is not None and r.kind != "error"]
+        ok = []
+        for r in results:
+            if r.embeddings is None or r.kind == "error":
+                continue
+            why = embedding_problem(r.embeddings, self.comp.scorer.dim)
+            if why is None:
+                ok.append(r)
+            else:
+                _unusable(r, "InvalidEmbedding", f"{why}; it never decides (a cached entry is discarded: the next "
+                                                 "run embeds the file again)")
         if ok:
-            codes, probs = decide_frames(self.comp, [r.embeddings for r in ok])  # type: ignore[misc]
-            for r, code, p in zip(ok, codes.tolist(), probs):
-                r.code, r.probs = int(code), p
+            embs = [np.asarray(r.embeddings, np.float32) for r in ok]
+            offsets = np.zeros(len(embs) + 1, np.int64)
+            np.cumsum([len(e) for e in embs], out=offsets[1:])
+            codes, probs, pick = decide_views(self.comp, np.concatenate(embs), offsets)
+            bad = nonfinite_rows(probs)
+            for k, r in enumerate(ok):
+                if bad[k]:
+                    _unusable(r, "InvalidScore", "a probability is not finite (check the policy's calibrators); "
+                                                 "it never decides")
+                    continue
+                r.code, r.probs = int(codes[k]), probs[k]
+                view = int(pick[k] - offsets[k])
+                r.background = r.backgrounds[view] if view < len(r.backgrounds) else None
         score_s = (time.perf_counter() - t) / n
         for r in results:
             r.embed_s, r.score_s = embed_s, score_s
@@ -145,15 +200,37 @@ class BatchUnit:
             r.pixels = None
 
 
+def _unusable(r: FileResult, kind: str, why: str) -> None:
+    r.kind, r.error_kind, r.error, r.cacheable_error = "error", kind, why, False
+    r.code = r.probs = r.background = None
+
+
 def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> None:
     """The output half of the batch unit: the new embeddings and deterministic decode failures of ``results`` into
-    the cache (one transaction each), then their rows into ``output``'s buffer; ``tally`` counts them."""
-    new = [CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0, r.n_frames or 1,
-                       r.nbytes or 0, r.format or "")
-           for r in results if r.new and r.sha256 is not None and r.embeddings is not None]
-    output.db.put_many(new)  # before any row that uses these embeddings can be committed
-    errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
-              for r in results if r.kind == "error" and r.cacheable_error and r.sha256]
-    output.db.put_decode_errors(errors, output.fingerprint)
+    the cache (one transaction each), then their rows into ``output``'s buffer; ``tally`` counts them.
+
+    A cache failure seen by a worker raises :class:`~safeclip.errors.CacheError` before any of these rows is
+    buffered (a damaged database is moved aside first), so no good file becomes an error row."""
+    failed = next((r for r in results if r.error_kind == "CacheError"), None)
+    try:
+        if failed is not None:
+            if "damaged" in (failed.error or ""):
+                output.db.damaged = True
+            why = (failed.error or "").removeprefix("unexpected error while decoding: ")
+            raise CacheError(f"the audit stopped: {why}")
+        new = [CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0, r.n_frames or 1,
+                           r.nbytes or 0, r.format or "", r.backgrounds)
+               for r in results if r.new and r.sha256 is not None and r.embeddings is not None and r.kind != "error"]
+        output.db.put_many(new)  # before any row that uses these embeddings can be committed
+        errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
+                  for r in results if r.kind == "error" and r.cacheable_error and r.sha256]
+        output.db.put_decode_errors(errors, output.fingerprint)
+        output.db.discard(r.sha256 for r in results if r.error_kind == "InvalidEmbedding" and r.sha256)
+    except CacheError as e:
+        if output.db.damaged:
+            moved = output.db.quarantine()
+            raise CacheError(f"{e}. It was moved aside to {moved}: run the same command again (the rows committed "
+                             "so far are kept; the cache is rebuilt as files are embedded again)") from e
+        raise
     output.rows.extend(output.plan.inputs, results)
     tally.add(results)

@@ -10,13 +10,33 @@ Exactly once, resumable
     dropped. At the end the parts are merged, in input order and one row per input, into ``OUT.parquet``, and the
     parts folder is removed. Both engines write this same layout, so each can resume the other's runs.
 
-Columns: ``path, sha256, bytes, width, height, frames, action, p_<category>..., error, encoder_id, policy`` (and
-``embedding`` with ``save_embeddings``); the run's metadata is the schema's ``safeclip`` key (JSON).
+Changed inputs are redone
+    A committed row is kept on resume only while its file is unchanged: each part row records the file's size and
+    ``mtime_ns`` (a parts-only column, taken when the row is buffered; ``-1`` when the file's size then already
+    differed from the bytes hashed). A row is redone when the file is gone or its size or mtime differs. When
+    mtime cannot tell (the file was modified less than :data:`RACY_NS` before its row was committed: coarse
+    timestamps could hide a later write of the same size), the file is hashed again and compared with ``sha256``.
+    Parts written by the previous version (no ``mtime_ns``) are checked by size and against the part's own commit
+    time: a file modified after its row was committed is redone. A redone row is written to a later part and the
+    merge keeps the latest row of each input.
+
+Columns: ``path, sha256, bytes, width, height, frames, background, action, p_<category>..., error, encoder_id,
+policy`` (with ``save_embeddings`` also ``embedding``, a list of per-frame lists of D floats: ``np.stack`` of one
+row gives ``(frames, D)``, and ``embedding_backgrounds``, the background of each of those rows). ``action`` is
+``allow``/``flag``/``block``, or ``error`` for an input that could not be decided (``error`` says why; no
+probabilities). ``background`` is the colour (``#rrggbb``) of the view that decided a transparent image, null for
+an opaque one. The run's metadata is the schema's ``safeclip`` key (JSON).
+
+Not overwritten
+    :func:`check_output`: ``OUT`` is never one of the inputs, never a file that is not a safeclip output, and an
+    existing audit of other inputs is replaced only with ``overwrite=True``; the write errors of the output
+    (unwritable folder, full disk) are :class:`~safeclip.errors.OutputError` s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -32,9 +52,10 @@ import numpy as np
 from .._files import fsync_dir, write_json_atomic, write_parquet_atomic
 from ..cache import EmbeddingCache
 from ..decide import ACTIONS
-from ..errors import AuditError, AuditLockedError
+from ..errors import AuditError, AuditLockedError, OutputError
 from ..policy import Policy
 from .identity import EncoderIdentity
+from .summary import ERROR_ACTION
 from .worker import FileResult, decoder_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,11 +63,66 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .plan import AuditPlan
 
-__all__ = ["FORMAT_VERSION", "Parts", "Rows", "RunOutput", "embedding_dir", "output_schema", "policy_fingerprint",
-           "read_meta", "run_meta"]
+__all__ = ["FORMAT_VERSION", "RACY_NS", "Parts", "Rows", "RunOutput", "check_output", "embedding_dir",
+           "nested_embeddings", "output_error", "output_schema", "policy_fingerprint", "read_meta", "run_meta"]
 
 FORMAT_VERSION = 1
-_NOT_IDENTITY = ("encoder_chosen_by",)  # run metadata that does not change a row: resuming ignores it
+_NOT_IDENTITY = ("encoder_chosen_by", "cwd", "thresholds")  # metadata that does not change a row: resuming ignores it
+RACY_NS = 2_000_000_000
+"""A file modified less than this before its row was committed is hashed again on resume (mtime may be coarse)."""
+
+
+def output_error(e: OSError, out: os.PathLike[str] | str, doing: str = "write") -> OutputError:
+    """One line for an OS error on the output (to raise ``from e``)."""
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        fix = "free some space there, or give another --out"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "give an --out in a folder you can write to"
+    elif e.errno == errno.EISDIR:
+        fix = "give the path of a Parquet file, not a folder"
+    else:
+        fix = "give another --out"
+    return OutputError(f"cannot {doing} {out}: {why}; {fix}")
+
+
+def _real(p: str | os.PathLike[str]) -> str:
+    return os.path.realpath(os.path.abspath(p))
+
+
+def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, overwrite: bool = False,
+                 what: str = "audit") -> None:
+    """Refuse an ``out`` that would destroy something: a folder, one of ``inputs``, an existing file that is not a
+    safeclip output, or (without ``overwrite``) a safeclip output of other inputs. :class:`OutputError`, one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give the path of the Parquet file to write")
+    real = _real(out)
+    for p in inputs:
+        if _real(p) == real:
+            raise OutputError(f"--out {out} is one of the inputs; give another path for the output")
+    if not os.path.lexists(out):
+        return
+    try:
+        schema = pq.read_schema(out)
+    except (OSError, pa.ArrowException):
+        schema = None
+    meta = read_meta(schema) if schema is not None else {}
+    if meta.get("kind") not in ("audit", "rescore"):
+        raise OutputError(f"--out {out} exists and is not a safeclip output; refusing to replace it: give another "
+                          "path, or move it away")
+    if overwrite or not inputs:
+        return
+    try:
+        old = pq.read_table(out, columns=["path"]).column("path").to_pylist()
+    except (OSError, pa.ArrowException, KeyError):
+        old = None
+    if old is None or {_real(p) for p in old if p is not None} != {_real(p) for p in inputs}:
+        raise OutputError(f"--out {out} holds a safeclip {meta.get('kind')} of other inputs; refusing to replace it: "
+                          f"give another --out, or pass --overwrite (overwrite=True) to replace it with this {what}")
 
 
 def policy_fingerprint(policy: Policy) -> str:
@@ -58,7 +134,13 @@ def run_meta(ident: EncoderIdentity, policy: Policy, save_embeddings: bool, enco
     return {"format": FORMAT_VERSION, "kind": "audit", "encoder_id": ident.encoder_id,
             "encoder_chosen_by": encoder_chosen_by, "policy": policy.id,
             "policy_fingerprint": policy_fingerprint(policy), "categories": list(policy.category_names),
-            "dim": ident.dim, "save_embeddings": bool(save_embeddings)}
+            "dim": ident.dim, "save_embeddings": bool(save_embeddings), "cwd": os.getcwd(),
+            "thresholds": policy_thresholds(policy)}
+
+
+def policy_thresholds(policy: Policy) -> dict[str, list[float | None]]:
+    """``{category: [flag, block]}`` of the enabled categories (what :func:`~safeclip.audit.diff` reads)."""
+    return {c.name: [c.flag, c.block] for c in policy.categories}
 
 
 def _same_run(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
@@ -82,6 +164,7 @@ def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embed
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("frames", pa.int32()),
+        pa.field("background", pa.string()),
         pa.field("action", pa.string()),
         *[pa.field(f"p_{c}", pa.float32()) for c in categories],
         pa.field("error", pa.string()),
@@ -89,8 +172,33 @@ def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embed
         pa.field("policy", pa.string()),
     ]
     if save_embeddings:
-        fields.append(pa.field("embedding", pa.list_(pa.float32())))
+        fields.append(pa.field("embedding", pa.list_(pa.list_(pa.float32()))))
+        fields.append(pa.field("embedding_backgrounds", pa.list_(pa.string())))
     return pa.schema(fields, metadata={b"safeclip": json.dumps(dict(meta), sort_keys=True).encode()})
+
+
+def _parts_schema(schema: pa.Schema) -> pa.Schema:
+    import pyarrow as pa
+
+    return schema.append(pa.field("mtime_ns", pa.int64()))
+
+
+def nested_embeddings(col: pa.ChunkedArray | pa.Array, dim: int) -> pa.Array:
+    """An ``embedding`` column in the current layout (per-frame lists): the previous layout (one flat list of
+    frames x ``dim`` floats per row) is split into frames; a row that does not divide into frames becomes null."""
+    import pyarrow as pa
+
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_list(arr.type) and pa.types.is_list(arr.type.value_type):
+        return arr
+    rows = []
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    for i, ok in enumerate(arr.is_valid().to_numpy(zero_copy_only=False)):
+        n = int(offsets[i + 1] - offsets[i])
+        rows.append(values[offsets[i]:offsets[i + 1]].reshape(-1, dim).tolist() if ok and dim and n
+                    and n % dim == 0 else None)
+    return pa.array(rows, pa.list_(pa.list_(pa.float32())))
 
 
 def read_meta(schema: pa.Schema) -> dict[str, Any]:
@@ -109,16 +217,23 @@ class Rows:
         self.c = n_categories
         self.save_embeddings = save_embeddings
         self.cols: dict[str, list[Any]] = {k: [] for k in (
-            "path", "sha256", "bytes", "width", "height", "frames", "action", "error")}
+            "path", "sha256", "bytes", "width", "height", "frames", "background", "action", "error")}
         self.probs: list[np.ndarray | None] = []
         self.emb: list[np.ndarray | None] = []
+        self.emb_bg: list[Sequence[str | None] | None] = []
+        self.mtime_ns: list[int | None] = []
 
     def __len__(self) -> int:
         return len(self.probs)
 
     def add(self, path: str | None, sha: str | None, nbytes: int | None, width: int | None, height: int | None,
             frames: int | None, action: str | None, probs: np.ndarray | None, error: str | None,
-            emb: np.ndarray | None = None) -> None:
+            emb: np.ndarray | None = None, *, background: str | None = None,
+            emb_backgrounds: Sequence[str | None] | None = None, mtime_ns: int | None = None) -> None:
+        """One row; an error row (``error`` set) always gets the action ``error`` and no probabilities."""
+        if error is not None or action is None:
+            action, probs, background = ERROR_ACTION, None, None
+            error = error or "no decision"
         c = self.cols
         c["path"].append(path)
         c["sha256"].append(sha)
@@ -126,22 +241,31 @@ class Rows:
         c["width"].append(width)
         c["height"].append(height)
         c["frames"].append(frames)
+        c["background"].append(background)
         c["action"].append(action)
         c["error"].append(error)
         self.probs.append(probs)
+        self.mtime_ns.append(mtime_ns)
         if self.save_embeddings:
             self.emb.append(emb)
+            self.emb_bg.append(None if emb is None else (list(emb_backgrounds or ()) or [None] * len(emb)))
 
     def extend(self, inputs: Sequence[str], results: Sequence[FileResult]) -> None:
-        """One row per result: decided (``code`` set) or an error row."""
+        """One row per result: decided (``code`` set) or an error row; each records its file's mtime (see the
+        module docstring)."""
         for r in results:
+            path = inputs[r.tid]
+            mtime = _stat_mark(path, r.nbytes)
             if r.code is None:
-                self.add(inputs[r.tid], r.sha256, r.nbytes, None, None, None, None, None, r.error_text)
+                self.add(path, r.sha256, r.nbytes, None, None, None, None, None, r.error_text, mtime_ns=mtime)
             else:
-                self.add(inputs[r.tid], r.sha256, r.nbytes, r.width, r.height, r.n_frames, ACTIONS[r.code],
-                         r.probs, None, r.embeddings)
+                self.add(path, r.sha256, r.nbytes, r.width, r.height, r.n_frames, ACTIONS[r.code],
+                         r.probs, None, r.embeddings, background=r.background, emb_backgrounds=r.backgrounds,
+                         mtime_ns=mtime)
 
-    def table(self, schema: pa.Schema, categories: Sequence[str], encoder_id: str, policy_id: str) -> pa.Table:
+    def table(self, schema: pa.Schema, categories: Sequence[str], encoder_id: str, policy_id: str, *,
+              parts: bool = False) -> pa.Table:
+        """The rows as a table of ``schema`` (``parts``: with the parts-only ``mtime_ns`` column)."""
         import pyarrow as pa
 
         n = len(self)
@@ -157,8 +281,50 @@ class Rows:
         arrays["encoder_id"] = [encoder_id] * n
         arrays["policy"] = [policy_id] * n
         if self.save_embeddings:
-            arrays["embedding"] = [None if e is None else np.asarray(e, np.float32).ravel() for e in self.emb]
+            arrays["embedding"] = [None if e is None else np.asarray(e, np.float32).reshape(len(e), -1).tolist()
+                                   for e in self.emb]
+            arrays["embedding_backgrounds"] = self.emb_bg
+        if parts:
+            schema = _parts_schema(schema)
+            arrays["mtime_ns"] = self.mtime_ns
         return pa.Table.from_arrays([pa.array(arrays[f.name], f.type) for f in schema], schema=schema)
+
+
+def _stat_mark(path: str, nbytes: int | None) -> int | None:
+    """The ``mtime_ns`` recorded for a row: -1 when the file's size already differs from what was hashed (it
+    changed while it was read: redone on resume), None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return -1 if nbytes is not None and st.st_size != nbytes else st.st_mtime_ns
+
+
+def _unchanged(path: str, nbytes: int | None, sha: str | None, mtime_ns: int | None, committed_ns: int,
+               has_mtime: bool) -> bool:
+    """Whether a committed row still describes its file (the rules of the module docstring)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return nbytes is None  # an error row of a file that was not there: still not there
+    if nbytes is None or st.st_size != nbytes:
+        return False
+    if has_mtime and mtime_ns != st.st_mtime_ns:
+        return False
+    if not has_mtime and st.st_mtime_ns > committed_ns:
+        return False
+    if st.st_mtime_ns < committed_ns - RACY_NS:
+        return True
+    if sha is None:
+        return False
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.hexdigest() == sha
 
 
 class Parts:
@@ -173,15 +339,19 @@ class Parts:
         self.previous: Any = None
 
     def open(self) -> set[str]:
-        """Lock the folder; return the paths that already have a committed row of this same run. Nothing is
-        deleted until :meth:`begin` (the run's identity may still be a prediction)."""
+        """Lock the folder; return the paths that already have a committed row of this same run whose file is
+        unchanged (see the module docstring). Nothing is deleted until :meth:`begin` (the run's identity may still
+        be a prediction)."""
         import pyarrow.parquet as pq
 
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.parent.glob(f"{self.dir.name}.done-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.dir.mkdir(exist_ok=True)
-        self._lock()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.parent.glob(f"{self.dir.name}.done-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.dir.mkdir(exist_ok=True)
+            self._lock()
+        except OSError as e:
+            raise output_error(e, self.out) from e
         for tmp in self.dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         try:
@@ -193,10 +363,20 @@ class Parts:
             return done
         for p in sorted(self.dir.glob("part-*.parquet")):
             try:
-                done.update(v for v in pq.read_table(p, columns=["path"]).column("path").to_pylist() if v)
+                names = pq.read_schema(p).names
+                cols = [c for c in ("path", "sha256", "bytes", "mtime_ns") if c in names]
+                t = pq.read_table(p, columns=cols)
+                committed_ns = p.stat().st_mtime_ns
             except Exception:  # parts are renamed into place whole, so this is outside damage: recompute them
                 p.unlink(missing_ok=True)
                 continue
+            c = {k: t.column(k).to_pylist() if k in cols else [None] * t.num_rows
+                 for k in ("path", "sha256", "bytes", "mtime_ns")}
+            for path, sha, nbytes, mtime in zip(c["path"], c["sha256"], c["bytes"], c["mtime_ns"]):
+                if path and _unchanged(path, nbytes, sha, mtime, committed_ns, "mtime_ns" in cols):
+                    done.add(path)
+                elif path:
+                    done.discard(path)  # an earlier part's row of the same input is just as stale
             self._next = max(self._next, int(p.stem.split("-")[1]) + 1)
         return done
 
@@ -232,7 +412,10 @@ class Parts:
 
     def commit(self, table: pa.Table) -> None:
         if table.num_rows:
-            write_parquet_atomic(table, self.dir / f"part-{self._next:06d}.parquet")
+            try:
+                write_parquet_atomic(table, self.dir / f"part-{self._next:06d}.parquet")
+            except OSError as e:
+                raise output_error(e, self.dir, "commit rows to") from e
             self._next += 1
 
     def merge(self, inputs: Sequence[str], schema: pa.Schema) -> pa.Table:
@@ -241,7 +424,8 @@ class Parts:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(p).cast(schema) for p in sorted(self.dir.glob("part-*.parquet"))]
+        dim = int(self.run.get("dim") or 0)
+        tables = [_conform(pq.read_table(p), schema, dim) for p in sorted(self.dir.glob("part-*.parquet"))]
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         idx = pc.index_in(table.column("path"), value_set=pa.array(inputs, pa.string()))
         table = table.filter(pc.is_valid(idx))
@@ -249,14 +433,17 @@ class Parts:
         order = np.argsort(idx, kind="stable")
         idx = idx[order]
         keep = np.ones(len(idx), bool)
-        keep[1:] = idx[1:] != idx[:-1]  # exactly once, even if a part were ever duplicated
+        keep[:-1] = idx[:-1] != idx[1:]  # exactly once; the latest part's row wins (a redone, changed input)
         table = table.take(pa.array(order[keep]))
         if table.num_rows != len(inputs):
             raise AuditError(
                 f"{self.dir} holds rows for {table.num_rows} of the {len(inputs)} inputs after the run: its parts "
                 "were changed while the audit ran. Nothing was lost from the embedding cache: run the same "
                 "command again (it recomputes the missing rows), or delete the folder to start over")
-        write_parquet_atomic(table.replace_schema_metadata(schema.metadata), self.out)
+        try:
+            write_parquet_atomic(table.replace_schema_metadata(schema.metadata), self.out)
+        except OSError as e:
+            raise output_error(e, self.out) from e
         self.remove()
         return table
 
@@ -273,6 +460,27 @@ class Parts:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _conform(t: pa.Table, schema: pa.Schema, dim: int) -> pa.Table:
+    """A part as a table of ``schema``: parts of the previous version lack ``background`` (null) and store error
+    rows' action as null (now ``error``) and embeddings flat (now per frame); the parts-only column is dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols = []
+    for f in schema:
+        if f.name not in t.column_names:
+            cols.append(pa.nulls(t.num_rows, f.type))
+        elif f.name == "embedding":
+            cols.append(nested_embeddings(t.column(f.name), dim))
+        elif f.name == "action":
+            col = t.column("action")
+            cols.append(pc.if_else(pc.is_valid(t.column("error")), ERROR_ACTION, col) if "error" in t.column_names
+                        else col)
+        else:
+            cols.append(t.column(f.name))
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema)], schema=schema)
 
 
 @contextlib.contextmanager
@@ -304,6 +512,7 @@ class RunOutput:
         self.meta = run_meta(ident, plan.policy, plan.save_embeddings, plan.encoder_chosen_by)
         self.schema = output_schema(plan.categories, self.meta, plan.save_embeddings)
         self.fingerprint = decoder_fingerprint(plan.decode_limits, ident.spec.size if plan.fast_decode else None)
+        check_output(plan.out, plan.inputs, overwrite=bool(getattr(plan, "overwrite", False)))
         self.parts = Parts(plan.out, self.meta)
         self.done = self.parts.open()
         try:
@@ -328,7 +537,7 @@ class RunOutput:
         :func:`safeclip.audit.mapper.store`)."""
         if len(self.rows):
             self.parts.commit(self.rows.table(self.schema, self.plan.categories, self.ident.encoder_id,
-                                              self.plan.policy.id))
+                                              self.plan.policy.id, parts=True))
             self.rows = self._new_rows()
 
     def merge(self) -> pa.Table:
