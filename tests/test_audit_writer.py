@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from audit_helpers import HOOK, REPO, file_sha, read, run_audit, sample  # noqa: F401
+from audit_helpers import HOOK, REPO, bad_files, file_sha, read, run_audit, sample  # noqa: F401
 from conftest import assert_same_rows
 
 from safeclip.audit.identity import EncoderIdentity
@@ -126,3 +127,144 @@ def test_one_writer_per_output_and_a_damaged_parts_folder_is_reported(sample, ti
         parts.merge(sample[:2], schema)
     parts.release()
     assert list(parts.dir.glob("part-*.parquet")) and not out.exists()
+
+
+def _copies(sample, tmp_path, n=4):
+    import shutil
+    from pathlib import Path
+
+    d = tmp_path / "in"
+    d.mkdir()
+    files = []
+    for i, p in enumerate(sample[:n]):
+        dst = d / f"f{i}{Path(p).suffix}"
+        shutil.copyfile(p, dst)
+        files.append(str(dst))
+    return files
+
+
+def _interrupted(files, ref_table, out, mtimes=True):
+    """A parts folder as an interrupted run of ``ref_table``'s configuration left it."""
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    (parts / "run.json").write_text(json.dumps(read_meta(ref_table.schema), sort_keys=True))
+    t = ref_table.replace_schema_metadata(None)
+    if mtimes:
+        t = t.append_column("mtime_ns", pa.array([os.stat(p).st_mtime_ns for p in files], pa.int64()))
+    else:  # the previous version's parts: no mtime, no background, error rows with a null action
+        t = t.drop_columns(["background"])
+    pq.write_table(t, parts / "part-000000.parquet")
+
+
+def _flip_a_byte(path, keep_mtime):
+    st = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_resume_redoes_inputs_whose_content_changed(sample, tiny_encoder, tmp_path):
+    files = _copies(sample, tmp_path)
+    cache, ref = tmp_path / "cache", tmp_path / "ref.parquet"
+    run_audit(files, ref, cache, tiny_encoder)
+    out = tmp_path / "o.parquet"
+    _interrupted(files, read(ref), out)
+    with open(files[0], "ab") as f:
+        f.write(b"\0" * 16)  # another size
+    _flip_a_byte(files[1], keep_mtime=True)  # same size and mtime: only the content hash can tell
+    _flip_a_byte(files[2], keep_mtime=False)  # same size, another mtime
+    s = run_audit(files, out, cache, tiny_encoder)
+    assert (s.resumed, s.processed) == (1, 3)
+    t = read(out)
+    assert t.column("path").to_pylist() == files
+    assert t.column("sha256").to_pylist() == [file_sha(p) for p in files]
+
+
+def test_resume_of_a_previous_version_run_rechecks_size_and_commit_time(sample, tiny_encoder, tmp_path):
+    files = _copies(sample, tmp_path)
+    old = time.time() - 3600
+    for p in files:
+        os.utime(p, (old, old))
+    cache, ref = tmp_path / "cache", tmp_path / "ref.parquet"
+    run_audit(files, ref, cache, tiny_encoder)
+    out = tmp_path / "o.parquet"
+    _interrupted(files, read(ref), out, mtimes=False)
+    _flip_a_byte(files[2], keep_mtime=False)  # modified after its row was committed
+    s = run_audit(files, out, cache, tiny_encoder)
+    assert (s.resumed, s.processed) == (3, 1)
+    t = read(out)
+    assert t.column("sha256").to_pylist() == [file_sha(p) for p in files]
+    assert_same_rows(t.slice(0, 2), read(ref).slice(0, 2))
+
+
+def test_error_rows_have_the_action_error(sample, bad_files, tiny_encoder, tmp_path):
+    s = run_audit(sample[:2] + bad_files[:2] + [str(tmp_path / "missing.jpg")], tmp_path / "o.parquet",
+                  tmp_path / "cache", tiny_encoder)
+    rows = read(tmp_path / "o.parquet").to_pylist()
+    errors = [r for r in rows if r["error"] is not None]
+    assert len(errors) == s.errors >= 2 and all(r["action"] == "error" for r in errors)
+    assert all(r["action"] in ("allow", "flag", "block") for r in rows if r["error"] is None)
+    assert sum(s.actions.values()) + s.errors == len(rows) and s.fails("error")
+
+
+def test_the_output_never_replaces_an_input_a_foreign_file_or_another_audit(sample, tiny_encoder, tmp_path):
+    from safeclip.audit.writer import check_output
+    from safeclip.errors import OutputError
+
+    files = _copies(sample, tmp_path, 3)
+    cache = tmp_path / "cache"
+    before = open(files[0], "rb").read()
+    with pytest.raises(OutputError, match="is one of the inputs"):
+        run_audit(files, files[0], cache, tiny_encoder)
+    foreign = tmp_path / "notes.parquet"
+    foreign.write_bytes(b"my own notes")
+    with pytest.raises(OutputError, match="not a safeclip output"):
+        run_audit(files, foreign, cache, tiny_encoder)
+    assert open(files[0], "rb").read() == before and foreign.read_bytes() == b"my own notes"
+    a = tmp_path / "a.parquet"
+    run_audit(files[:2], a, cache, tiny_encoder)
+    run_audit(files[:2], a, cache, tiny_encoder)  # the same inputs again: a re-run, allowed
+    with pytest.raises(OutputError, match="of other inputs.*--overwrite"):
+        run_audit(files[1:], a, cache, tiny_encoder)
+    assert read(a).column("path").to_pylist() == files[:2]
+    check_output(a, files[1:], overwrite=True)  # asked for: allowed
+    with pytest.raises(OutputError, match="is one of the inputs"):
+        check_output(files[0], files, overwrite=True)
+
+
+def test_output_write_failures_are_one_line_output_errors(monkeypatch, tmp_path):
+    import errno
+
+    from safeclip.audit import writer
+    from safeclip.errors import OutputError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    meta = {"kind": "audit", "dim": 1}
+    parts = Parts(tmp_path / "o.parquet", meta)
+    parts.open()
+    parts.begin()
+    monkeypatch.setattr(writer, "write_parquet_atomic", full)
+    schema = output_schema(["c"], meta, False)
+    rows = Rows(1, False)
+    rows.add("x", "a" * 64, 1, 1, 1, 1, "allow", np.zeros(1, np.float32), None)
+    with pytest.raises(OutputError, match="No space left on device; free some space"):
+        parts.commit(rows.table(schema, ["c"], "e", "p", parts=True))
+    parts.release()
+    with pytest.raises(OutputError, match="cannot write /proc/a.parquet"):
+        Parts(Path("/proc/a.parquet"), meta).open()
+
+
+def test_saved_embeddings_are_one_list_per_frame(sample, tiny_encoder, tmp_path):
+    pd = pytest.importorskip("pandas")
+    out = tmp_path / "o.parquet"
+    run_audit(sample, out, tmp_path / "cache", tiny_encoder, save_embeddings=True)
+    df = pd.read_parquet(out)
+    for _, r in df.iterrows():
+        frames = np.stack(r.embedding)  # the README's example
+        assert frames.shape == (len(r.embedding_backgrounds), tiny_encoder.dim)
+        np.testing.assert_allclose(np.linalg.norm(frames, axis=1), 1.0, atol=1e-3)
+    assert (df.frames > 1).any()
