@@ -8,8 +8,11 @@ what ``Moderator`` gives for the same file, and that re-runs reuse what was comm
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from audit_helpers import ALL_FLAG_POLICY, bad_files, file_sha, read, run_audit, sample  # noqa: F401
 from conftest import assert_same_rows
 
@@ -24,7 +27,8 @@ def test_rows_schema_order_and_parity_with_moderator(sample, tiny_encoder, tmp_p
     s = run_audit(sample, out, tmp_path / "cache", tiny_encoder, batch_size=5)
     t = read(out)
     pol_cats = Moderator(policy="default", encoder=tiny_encoder).policy.category_names
-    assert t.column_names == ["path", "sha256", "bytes", "width", "height", "frames", "action",
+    assert t.column_names == ["path", "path_bytes", "sha256", "bytes", "width", "height", "frames", "background",
+                              "action",
                               *[f"p_{c}" for c in pol_cats], "error", "encoder_id", "policy"]
     assert t.column("path").to_pylist() == sample  # one row per input, input order
     assert s.rows == len(sample) and s.errors == 0 and s.processed == len(sample) and s.resumed == 0
@@ -77,3 +81,42 @@ def test_the_policys_encoder_is_used_when_the_caller_names_none(sample, tiny_mod
               verbose=False)
     t = read(tmp_path / "b.parquet")
     assert s.encoder_id == tiny_encoder.encoder_id and read_meta(t.schema)["encoder_chosen_by"] == "caller"
+
+
+_NAME = st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"\0" not in b
+                                                  and b not in (b".", b".."))
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(_NAME, min_size=1, max_size=5, unique=True), data=st.data())
+def test_any_file_name_the_filesystem_allows_becomes_exactly_one_row(names, data, sample, tiny_encoder, tmp_path):
+    """9.4: random byte strings as file names (not UTF-8 among them): one row each, the raw name kept losslessly
+    (``path_bytes``, else ``path``), and a rerun of the same audit works the same."""
+    import shutil
+    import tempfile
+
+    from safeclip.audit.reader import path_text
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    raw_dir = os.fsencode(folder)
+    for i, name in enumerate(names):
+        target = os.path.join(raw_dir, name)
+        if data.draw(st.booleans(), label=f"image {i}"):
+            shutil.copyfile(sample[i % len(sample)], target)
+        else:
+            with open(target, "wb") as f:
+                f.write(b"junk")
+    listed = [os.fsdecode(os.path.join(raw_dir, n)) for n in names]
+    out = folder / "o.parquet"
+    run_audit(listed, out, tmp_path / "cache", tiny_encoder, workers=1)
+    rows = read(out).to_pylist()
+    assert len(rows) == len(names)
+    for r, name in zip(rows, names):
+        raw = r["path_bytes"] if r["path_bytes"] is not None else r["path"].encode()
+        assert raw == os.path.join(raw_dir, name)
+        assert r["path"] == path_text(os.fsdecode(raw))
+        assert (r["error"] is None) == (r["action"] in ("allow", "flag", "block"))
+    run_audit([os.fsdecode(folder)], folder / "again.parquet", tmp_path / "cache", tiny_encoder, workers=1,
+              include_all=True)  # the folder walk too (it also holds o.parquet)
+    assert len(read(folder / "again.parquet")) == len(names) + 1

@@ -283,7 +283,8 @@ def _decode_batch(batch: pa.Table, cfg: WorkerConfig, task_timeout: float) -> pa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's per-file warnings: each file's outcome is its row
-            for tid, path in zip(batch.column("idx").to_pylist(), batch.column("path").to_pylist()):
+            for tid, raw in zip(batch.column("idx").to_pylist(), batch.column("path").to_pylist()):
+                path = os.fsdecode(raw)
                 res = journal.verdict(tid, path) if journal is not None else None
                 if res is None:
                     if journal is not None:
@@ -438,7 +439,8 @@ def _shard_blocks(todo: Sequence[tuple[int, str]], decode_batch: int) -> list[pa
     for i in range(0, len(todo), decode_batch):
         chunk = todo[i:i + decode_batch]
         out.append(pa.table({"idx": pa.array([t[0] for t in chunk], pa.int64()),
-                             "path": pa.array([os.path.abspath(t[1]) for t in chunk], pa.string())}))
+                             # bytes: a file name need not be valid UTF-8 (see safeclip.audit.reader)
+                             "path": pa.array([os.fsencode(os.path.abspath(t[1])) for t in chunk], pa.binary())}))
     return out
 
 

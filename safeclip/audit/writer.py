@@ -55,6 +55,7 @@ from ..decide import ACTIONS
 from ..errors import AuditError, AuditLockedError, OutputError
 from ..policy import Policy
 from .identity import EncoderIdentity
+from .reader import path_bytes, path_text
 from .summary import ERROR_ACTION
 from .worker import FileResult, decoder_fingerprint
 
@@ -159,6 +160,7 @@ def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embed
 
     fields = [
         pa.field("path", pa.string()),
+        pa.field("path_bytes", pa.binary()),  # the raw name when it is not UTF-8 (safeclip.audit.reader)
         pa.field("sha256", pa.string()),
         pa.field("bytes", pa.int64()),
         pa.field("width", pa.int32()),
@@ -270,6 +272,10 @@ class Rows:
 
         n = len(self)
         arrays: dict[str, Any] = dict(self.cols)
+        # Any name the filesystem allows: text with \xNN escapes plus the raw bytes (see safeclip.audit.reader).
+        arrays["path_bytes"] = [None if p is None else path_bytes(p) for p in arrays["path"]]
+        arrays["path"] = [None if p is None else path_text(p) for p in arrays["path"]]
+        arrays["error"] = [None if e is None else path_text(e) for e in arrays["error"]]  # may quote a name
         mat = np.full((n, self.c), np.nan, np.float32)
         valid = np.zeros(n, bool)
         for i, p in enumerate(self.probs):
@@ -427,7 +433,7 @@ class Parts:
         dim = int(self.run.get("dim") or 0)
         tables = [_conform(pq.read_table(p), schema, dim) for p in sorted(self.dir.glob("part-*.parquet"))]
         table = pa.concat_tables(tables) if tables else schema.empty_table()
-        idx = pc.index_in(table.column("path"), value_set=pa.array(inputs, pa.string()))
+        idx = pc.index_in(table.column("path"), value_set=pa.array([path_text(p) for p in inputs], pa.string()))
         table = table.filter(pc.is_valid(idx))
         idx = pc.drop_null(idx).to_numpy()
         order = np.argsort(idx, kind="stable")
