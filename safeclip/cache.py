@@ -40,6 +40,7 @@ so a re-run need not open a hostile file again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -105,6 +106,7 @@ class CacheChunk:
     height: np.ndarray
     n_frames: np.ndarray
     nbytes: np.ndarray
+    backgrounds: list[tuple[str | None, ...]] = dataclasses.field(default_factory=list)  # per image, per row
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -324,8 +326,8 @@ class EmbeddingCache:
             # A private read transaction: one consistent snapshot even while another process writes.
             con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
         try:
-            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec FROM images WHERE {self._valid} "
-                              "ORDER BY rowid")
+            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {self._bg_col} FROM images "
+                              f"WHERE {self._valid} ORDER BY rowid")
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:
@@ -341,6 +343,7 @@ class EmbeddingCache:
                     height=np.fromiter((r[2] for r in rows), np.int64, len(rows)),
                     n_frames=np.fromiter((r[3] for r in rows), np.int64, len(rows)),
                     nbytes=np.fromiter((r[4] for r in rows), np.int64, len(rows)),
+                    backgrounds=[tuple(json.loads(r[6])) if r[6] else () for r in rows],
                 )
         except sqlite3.Error as e:
             self.damaged = self.damaged or is_damage(e)

@@ -19,15 +19,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._arrays import embedding_row_problems
 from .._files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
-from ..decide import ACTIONS
+from ..decide import ACTIONS, nonfinite_rows
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
-from ..errors import CacheError, ConfigError, DataError, EncoderMismatchError, ModelLoadError
+from ..errors import (
+    CacheError,
+    ConfigError,
+    DataError,
+    EncoderMismatchError,
+    ModelLoadError,
+)
 from ..policy import Policy, load_policy
-from .mapper import decide_images
-from .summary import AuditSummary, Tally, summarize
-from .writer import FORMAT_VERSION, Rows, output_schema, policy_fingerprint, read_meta
+from .mapper import decide_views, embedding_problem
+from .summary import ERROR_ACTION, AuditSummary, Tally, summarize
+from .writer import (
+    FORMAT_VERSION,
+    Rows,
+    check_output,
+    output_error,
+    output_schema,
+    policy_fingerprint,
+    policy_thresholds,
+    read_meta,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -81,6 +97,7 @@ def rescore(
     device: str | None = None,
     chunk_rows: int = 65536,
     verbose: bool = True,
+    overwrite: bool = False,
 ) -> AuditSummary:
     """Re-decide cached embeddings under ``policy`` without the model; write the rows to ``out`` (Parquet).
 
@@ -91,6 +108,12 @@ def rescore(
     policy has prompts never embedded under this encoder, ``model``/``pretrained`` (optional) load it just for
     them, else :class:`~safeclip.errors.ModelLoadError` explains what to do. A source that is not an audit output
     raises :class:`~safeclip.errors.DataError`.
+
+    Every source row that cannot decide is an error row of its own (action ``error``, no probabilities): a source
+    error row, a malformed sha256, an embedding not cached, a saved embedding that is null, empty, of the wrong
+    length, non-finite or not normalised. ``out`` is checked as an audit's is
+    (:func:`~safeclip.audit.writer.check_output`: never the source, never a file that is not a safeclip output, an
+    output of other rows only with ``overwrite=True``); :class:`~safeclip.errors.OutputError` otherwise.
 
     >>> s = rescore(out="strict.parquet", policy="strict", from_audit="audit.parquet")   # doctest: +SKIP
     """
@@ -104,15 +127,19 @@ def rescore(
     src_table = None
     if source is not None:
         src_table, encoder_id = _read_source(source, encoder_id, save_emb)
+    out = Path(out)
+    check_output(out, [source] if source is not None else [], overwrite=overwrite, what="rescore",
+                 rows=_column(src_table, "path") if src_table is not None else [])
     if encoder_id is None:
         encoder_id = _only_cached_encoder(cache_dir)
 
     comp = compile_without_model(pol, encoder_id, cache_dir, model, pretrained, device)
     categories = pol.category_names
     meta = {"format": FORMAT_VERSION, "kind": "rescore", "encoder_id": encoder_id, "policy": pol.id,
-            "policy_fingerprint": policy_fingerprint(pol), "categories": list(categories)}
+            "policy_fingerprint": policy_fingerprint(pol), "categories": list(categories), "dim": comp.scorer.dim,
+            "cwd": str(read_meta(src_table.schema).get("cwd") or os.getcwd()) if src_table is not None
+            else os.getcwd(), "thresholds": policy_thresholds(pol)}
     schema = output_schema(categories, meta, save_emb)
-    out = Path(out)
     if src_table is None:
         with EmbeddingCache(cache_dir, encoder_id, readonly=True) as db:
             table, hits = _rescore_cache(comp, db, schema, chunk_rows)
@@ -121,7 +148,10 @@ def rescore(
     else:
         with EmbeddingCache(cache_dir, encoder_id, readonly=True) as db:
             table, hits = _rescore_table(comp, src_table, schema, db, chunk_rows, source)
-    write_parquet_atomic(table.replace_schema_metadata(schema.metadata), out)
+    try:
+        write_parquet_atomic(table.replace_schema_metadata(schema.metadata), out)
+    except OSError as e:
+        raise output_error(e, out) from e
     summary = summarize(table, Tally(cache_hits=hits), out=str(out), processed=table.num_rows, resumed=0,
                         started_at=t_start, startup_seconds=0.0, encoder_id=encoder_id, policy=pol.id)
     if verbose:
@@ -164,16 +194,38 @@ def _only_cached_encoder(cache_dir: Path) -> str:
 
 def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
                    chunk_rows: int) -> tuple[pa.Table, int]:
-    """One row per image in the cache (``path`` null), scanned in insertion order."""
+    """One row per image in the cache (``path`` null), scanned in insertion order; an entry that cannot decide
+    (non-finite, not normalised) is an error row."""
     import pyarrow as pa
 
     pieces, hits = [], 0
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
-        codes, probs = decide_images(comp, chunk.embeddings, chunk.offsets)
-        hits += len(chunk)
+        with np.errstate(all="ignore"):
+            codes, probs, pick = decide_views(comp, chunk.embeddings, chunk.offsets)
+        bad = _bad_images(chunk.embeddings, chunk.offsets, probs)
+        hits += len(chunk) - len(bad)
+        bgs = chunk.backgrounds or [()] * len(chunk)
+        background = [_view(bgs[i], int(pick[i] - chunk.offsets[i])) for i in range(len(chunk))]
         pieces.append(_columns_table(schema, comp, chunk.sha256, chunk.nbytes, chunk.width, chunk.height,
-                                     chunk.n_frames, codes, probs))
+                                     chunk.n_frames, codes, probs, background, bad))
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
+
+
+def _view(backgrounds: Sequence[str | None], k: int) -> str | None:
+    return backgrounds[k] if 0 <= k < len(backgrounds) else None
+
+
+def _bad_images(emb: np.ndarray, offsets: np.ndarray, probs: np.ndarray) -> dict[int, str]:
+    """``{image: error text}`` for the images of a decided block that must not decide."""
+    problems = embedding_row_problems(emb)
+    bad: dict[int, str] = {}
+    for row in (k for k, why in enumerate(problems) if why is not None):
+        i = int(np.searchsorted(offsets, row, side="right") - 1)
+        bad.setdefault(i, (f"InvalidEmbedding: embedding row {int(row - offsets[i])} {problems[row]}; it never "
+                           "decides (audit the file again)"))
+    for i in np.flatnonzero(nonfinite_rows(probs)):
+        bad.setdefault(int(i), "InvalidScore: a probability is not finite (check the policy's calibrators)")
+    return bad
 
 
 def _rescore_table(comp: CompiledPolicy, src: pa.Table, schema: pa.Schema, db: EmbeddingCache | None,
@@ -181,64 +233,138 @@ def _rescore_table(comp: CompiledPolicy, src: pa.Table, schema: pa.Schema, db: E
     """The rows of a previous audit, re-decided: embeddings from ``db`` by sha256, else from its embedding column."""
     import pyarrow as pa
 
-    dim = int(read_meta(src.schema).get("dim") or 0)
-    if db is None and not dim:
-        raise DataError(f"{source}: no embedding dimension recorded in its metadata")
+    dim = int(read_meta(src.schema).get("dim") or comp.scorer.dim)
     pieces, hits = [], 0
     for start in range(0, src.num_rows, chunk_rows):
         part = src.slice(start, chunk_rows)
-        embs = _embedding_column(part, dim) if db is None else _cached_embeddings(part, db)
+        embs = _embedding_column(part, dim) if db is None else _cached_embeddings(part, db, comp.scorer.encoder_id)
         piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None)
         hits += n_hits
         pieces.append(piece)
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
 
 
-def _embedding_column(table: pa.Table, dim: int) -> list[np.ndarray | None]:
+Source = tuple[np.ndarray | None, Sequence[str | None], str | None]
+"""One row's embeddings ``(F, D)``, the background of each, or why there are none (an error text)."""
+
+
+def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
+    """The saved embeddings of each row, in either layout (per-frame lists, or the previous flat list of frames x D
+    floats); every malformed row (null, empty, a length that is not frames x D) is an error of its own."""
+    import pyarrow as pa
+
     col = table.column("embedding").combine_chunks()
-    out: list[np.ndarray | None] = []
-    offsets = col.offsets.to_numpy()
-    values = col.values.to_numpy(zero_copy_only=False)
-    valid = col.is_valid().to_numpy(zero_copy_only=False)
-    for i in range(len(col)):
-        out.append(values[offsets[i]:offsets[i + 1]].reshape(-1, dim) if valid[i] else None)
+    flat = not (pa.types.is_list(col.type.value_type) or pa.types.is_fixed_size_list(col.type.value_type)
+                or pa.types.is_large_list(col.type.value_type))
+    bgs = (table.column("embedding_backgrounds").to_pylist() if "embedding_backgrounds" in table.column_names
+           else [None] * table.num_rows)
+    out: list[Source] = []
+    for i, value in enumerate(col.to_pylist()):
+        if value is None:
+            out.append((None, (), "NoEmbedding: this row has no saved embedding (audit with --save-embeddings)"))
+            continue
+        try:
+            frames = [value] if flat else value
+            if flat:
+                if not value or len(value) % dim:
+                    raise ValueError(f"{len(value)} floats, not a whole number of {dim}-d frames")
+                arr = np.asarray(value, np.float32).reshape(-1, dim)
+            else:
+                if not frames:
+                    raise ValueError("no frames")
+                bad = [len(f) for f in frames if f is None or len(f) != dim]
+                if bad or any(f is None for f in frames):
+                    raise ValueError(f"frames of {sorted(set(map(str, bad)))} floats, not {dim}")
+                arr = np.asarray(frames, np.float32)
+        except (ValueError, TypeError) as e:
+            out.append((None, (), f"InvalidEmbedding: malformed saved embedding ({e})"))
+            continue
+        row_bgs = bgs[i] or ()
+        out.append((arr, tuple(row_bgs) if len(row_bgs) == len(arr) else (), None))
     return out
 
 
-def _cached_embeddings(part: pa.Table, db: EmbeddingCache) -> list[np.ndarray | None]:
+def _cached_embeddings(part: pa.Table, db: EmbeddingCache, encoder_id: str) -> list[Source]:
     shas, errors = part.column("sha256").to_pylist(), part.column("error").to_pylist()
-    found = db.get_many([s for s, err in zip(shas, errors) if s and err is None])
-    return [found[s].embeddings if (s in found and err is None) else None for s, err in zip(shas, errors)]
+    valid = [isinstance(s, str) and len(s) == 64 and all(ch in _HEX for ch in s.lower()) for s in shas]
+    found = db.get_many([s.lower() for s, ok, err in zip(shas, valid, errors) if ok and err is None])
+    out: list[Source] = []
+    for s, ok, err in zip(shas, valid, errors):
+        if err is not None:
+            out.append((None, (), err))
+        elif not ok:
+            why = f"InvalidSha256: {str(s)[:80]!r} is not a sha256 (64 hex digits); audit the file again"
+            out.append((None, (), why))
+        elif s.lower() in found:
+            hit = found[s.lower()]
+            out.append((hit.embeddings, hit.backgrounds, None))
+        else:
+            why = f"EmbeddingNotCached: no embedding for sha256 {s} under encoder {encoder_id!r}; audit this file again"
+            out.append((None, (), why))
+    return out
 
 
-def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[np.ndarray | None], schema: pa.Schema,
+_HEX = frozenset("0123456789abcdef")
+
+
+def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], schema: pa.Schema,
                   save_emb: bool) -> tuple[pa.Table, int]:
-    """Re-decide one slice of a previous audit's rows; its error rows stay error rows."""
-    c = {k: part.column(k).to_pylist() for k in ("path", "sha256", "error")}
-    for k in ("bytes", "width", "height", "frames"):
-        c[k] = part.column(k).to_pylist() if k in part.column_names else [None] * part.num_rows
-    ok = [i for i, (e, err) in enumerate(zip(embs, c["error"])) if e is not None and err is None]
+    """Re-decide one slice of a previous audit's rows; its error rows stay error rows, and so does every row
+    without usable embeddings (each one its own: no row ever takes another's decision)."""
+    c = {k: _column(part, k) for k in ("path", "sha256", "error", "bytes", "width", "height", "frames")}
     categories = comp.policy.category_names
     rows = Rows(len(categories), save_emb)
-    decided: dict[int, tuple[int, np.ndarray]] = {}
+    errors: dict[int, str] = {}
+    ok: list[int] = []
+    for i, (e, _, why) in enumerate(embs):
+        if c["error"][i] is not None or e is None:  # an error row of the source stays one, with its own error
+            errors[i] = c["error"][i] or why or "no embedding"
+            continue
+        problem = embedding_problem(e, comp.scorer.dim)
+        if problem is None:
+            ok.append(i)
+        else:
+            errors[i] = f"InvalidEmbedding: {problem}; it never decides (audit the file again)"
+    decided: dict[int, tuple[int, np.ndarray, str | None]] = {}
     if ok:
-        sel = [embs[i] for i in ok]
+        sel = [np.asarray(embs[i][0], np.float32) for i in ok]
         offsets = np.zeros(len(sel) + 1, np.int64)
-        np.cumsum([len(e) for e in sel], out=offsets[1:])  # type: ignore[arg-type]
-        codes, probs = decide_images(comp, np.concatenate(sel), offsets)  # type: ignore[arg-type]
-        decided = {i: (int(codes[k]), probs[k]) for k, i in enumerate(ok)}
+        np.cumsum([len(e) for e in sel], out=offsets[1:])
+        codes, probs, pick = decide_views(comp, np.concatenate(sel), offsets)
+        bad = nonfinite_rows(probs)
+        for k, i in enumerate(ok):
+            if bad[k]:
+                errors[i] = "InvalidScore: a probability is not finite (check the policy's calibrators)"
+            else:
+                decided[i] = (int(codes[k]), probs[k], _view(embs[i][1], int(pick[k] - offsets[k])))
     for i in range(part.num_rows):
-        err = c["error"][i]
-        action, probs_i = None, None
+        action = probs_i = background = None
         if i in decided:
-            code, probs_i = decided[i]
+            code, probs_i, background = decided[i]
             action = ACTIONS[code]
-        elif err is None:
-            err = (f"EmbeddingNotCached: no embedding for sha256 {c['sha256'][i]} under encoder "
-                   f"{comp.scorer.encoder_id!r}; audit this file again")
-        rows.add(c["path"][i], c["sha256"][i], c["bytes"][i], c["width"][i], c["height"][i], c["frames"][i],
-                 action, probs_i, err, embs[i])
+        rows.add(c["path"][i], c["sha256"][i], _int(c["bytes"][i]), _int(c["width"][i]), _int(c["height"][i]),
+                 _int(c["frames"][i]), action, probs_i, errors.get(i), embs[i][0] if i in decided else None,
+                 background=background, emb_backgrounds=embs[i][1])
     return rows.table(schema, categories, comp.scorer.encoder_id, comp.policy.id), len(decided)
+
+
+def _column(t: pa.Table, name: str) -> list[Any]:
+    if name not in t.column_names:
+        return [None] * t.num_rows
+    values = t.column(name).to_pylist()
+    if name == "path" and "path_bytes" in t.column_names:  # the exact name, where it is not UTF-8
+        raw = t.column("path_bytes").to_pylist()
+        values = [os.fsdecode(b) if isinstance(b, bytes) else v for v, b in zip(values, raw)]
+    if name in ("path", "sha256", "error"):
+        return [v if v is None or isinstance(v, str) else str(v) for v in values]
+    return values
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return None if v is None else int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -282,24 +408,34 @@ def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str], nbytes: np.ndarray,
                    width: np.ndarray, height: np.ndarray, frames: np.ndarray, codes: np.ndarray,
-                   probs: np.ndarray) -> pa.Table:
-    """A table of decided rows without paths, built straight from column arrays (the whole-cache fast path)."""
+                   probs: np.ndarray, background: Sequence[str | None], bad: dict[int, str]) -> pa.Table:
+    """A table of rows without paths, built straight from column arrays (the whole-cache fast path); the images
+    in ``bad`` are error rows (action ``error``, no probabilities, ``error`` from ``bad``)."""
     import pyarrow as pa
 
     n = len(shas)
-    actions = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), pa.array(list(ACTIONS)))
+    codes = codes.astype(np.int32)
+    valid = np.ones(n, bool)
+    if bad:
+        idx = np.fromiter(bad, np.int64, len(bad))
+        codes[idx] = len(ACTIONS)
+        valid[idx] = False
+        background = [None if i in bad else b for i, b in enumerate(background)]
+    actions = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array([*ACTIONS, ERROR_ACTION]))
     cols: dict[str, Any] = {
         "path": pa.nulls(n, pa.string()),
+        "path_bytes": pa.nulls(n, pa.binary()),
         "sha256": pa.array(shas, pa.string()),
         "bytes": pa.array(nbytes, pa.int64()),
         "width": pa.array(width, pa.int32()),
         "height": pa.array(height, pa.int32()),
         "frames": pa.array(frames, pa.int32()),
+        "background": pa.array(background, pa.string()),
         "action": actions.cast(pa.string()),
-        "error": pa.nulls(n, pa.string()),
+        "error": pa.array([bad.get(i) for i in range(n)], pa.string()) if bad else pa.nulls(n, pa.string()),
         "encoder_id": pa.array([comp.scorer.encoder_id] * n, pa.string()),
         "policy": pa.array([comp.policy.id] * n, pa.string()),
     }
     for j, name in enumerate(comp.policy.category_names):
-        cols[f"p_{name}"] = pa.array(np.ascontiguousarray(probs[:, j]), pa.float32())
+        cols[f"p_{name}"] = pa.array(np.ascontiguousarray(probs[:, j]), pa.float32(), mask=~valid)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)

@@ -92,9 +92,10 @@ def _real(p: str | os.PathLike[str]) -> str:
 
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, overwrite: bool = False,
-                 what: str = "audit") -> None:
+                 what: str = "audit", rows: Sequence[str | None] | None = None) -> None:
     """Refuse an ``out`` that would destroy something: a folder, one of ``inputs``, an existing file that is not a
-    safeclip output, or (without ``overwrite``) a safeclip output of other inputs. :class:`OutputError`, one line."""
+    safeclip output, or (without ``overwrite``) a safeclip output whose rows are not those of this run (``rows``:
+    their paths, default ``inputs``). :class:`OutputError`, one line."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -105,6 +106,8 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, ove
     for p in inputs:
         if _real(p) == real:
             raise OutputError(f"--out {out} is one of the inputs; give another path for the output")
+    if rows is None:
+        rows = inputs
     if not os.path.lexists(out):
         return
     try:
@@ -115,13 +118,13 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, ove
     if meta.get("kind") not in ("audit", "rescore"):
         raise OutputError(f"--out {out} exists and is not a safeclip output; refusing to replace it: give another "
                           "path, or move it away")
-    if overwrite or not inputs:
+    if overwrite:
         return
     try:
         old = pq.read_table(out, columns=["path"]).column("path").to_pylist()
     except (OSError, pa.ArrowException, KeyError):
         old = None
-    if old is None or {_real(p) for p in old if p is not None} != {_real(p) for p in inputs}:
+    if old is None or {_real(p) for p in old if p is not None} != {_real(p) for p in rows if p is not None}:
         raise OutputError(f"--out {out} holds a safeclip {meta.get('kind')} of other inputs; refusing to replace it: "
                           f"give another --out, or pass --overwrite (overwrite=True) to replace it with this {what}")
 
