@@ -76,6 +76,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
     add_model_args(p, fallback=True)
     p.add_argument("--fail-on", choices=FAIL_LEVELS, help="exit 1 if any row reaches this level")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing safeclip output of other rows at --out (never an input or a file that "
+                        "is not a safeclip output)")
     p.set_defaults(func=_cmd_rescore)
 
     p = subparsers.add_parser(
@@ -114,6 +117,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
     summary = rescore(
         out=args.out, policy=args.policy, cache=args.cache, from_audit=args.from_audit, embeddings=args.embeddings,
         encoder_id=args.encoder_id, model=args.model, pretrained=args.pretrained, device=args.device, verbose=True,
+        overwrite=args.overwrite,
     )
     return 1 if summary.fails(args.fail_on) else 0
 
