@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from audit_helpers import ALL_FLAG_POLICY, bad_files, file_sha, read, run_audit, sample  # noqa: F401
 from conftest import assert_same_rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from safeclip.audit import audit
 from safeclip.audit.writer import read_meta
@@ -120,3 +120,61 @@ def test_any_file_name_the_filesystem_allows_becomes_exactly_one_row(names, data
     run_audit([os.fsdecode(folder)], folder / "again.parquet", tmp_path / "cache", tiny_encoder, workers=1,
               include_all=True)  # the folder walk too (it also holds o.parquet)
     assert len(read(folder / "again.parquet")) == len(names) + 1
+
+
+@pytest.mark.slow
+def test_the_model_is_loaded_only_when_a_file_needs_it(sample, tiny_model, tmp_path):
+    """10.15: "loading model" is said on stderr; a re-run whose inputs are all cache hits or errors never loads
+    the model (nor imports torch); one new file loads it, and its row is embedded. Run with ``python -c`` (10.1)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+
+    def run(paths, out):
+        code = (f"import sys\nfrom safeclip.audit import audit\n"
+                f"s = audit({paths!r}, out={str(tmp_path / out)!r}, model={tiny_model!r}, cache={str(cache)!r}, "
+                f"workers=1, device='cpu', progress=False)\n"
+                f"print('TORCH', 'torch' in sys.modules, s.embedded, s.cache_hits, s.errors, s.rows)\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.strip().splitlines()[-1].split()[1:], proc.stderr
+
+    missing = str(tmp_path / "missing.jpg")
+    first, err = run(sample[:3] + [missing], "a.parquet")
+    assert first == ["True", "3", "0", "1", "4"] and "loading model" in err
+    again, err = run(sample[:3] + [missing], "b.parquet")
+    assert again == ["False", "0", "3", "1", "4"] and "loading model" not in err
+    more, err = run(sample[:4], "c.parquet")
+    assert more == ["True", "1", "3", "0", "4"] and "loading model" in err
+    assert_same_rows(read(tmp_path / "a.parquet").slice(0, 3), read(tmp_path / "b.parquet").slice(0, 3))
+
+
+@pytest.mark.slow
+def test_a_wrong_remembered_identity_is_caught_when_the_model_loads_late(sample, tiny_model, tmp_path):
+    """The late-loaded model has the last word: a remembered identity that is wrong (its prompts cached too)
+    restarts the run under the real one; nothing of the wrong guess reaches the output."""
+    import hashlib
+    import json
+    import shutil
+
+    from safeclip.audit.identity import MEMO_FILE
+
+    cache = tmp_path / "cache"
+    kw = {"model": tiny_model, "cache": cache, "workers": 1, "device": "cpu", "verbose": False}
+    real = audit(sample[:1], out=tmp_path / "a.parquet", **kw).encoder_id
+    memo = json.loads((cache / MEMO_FILE).read_text())
+    (entry,) = memo.values()
+    entry["encoder_id"] = "wrong|guess"
+    (cache / MEMO_FILE).write_text(json.dumps(memo))
+
+    def prompts(enc_id):
+        return cache / "text" / f"{hashlib.sha256(enc_id.encode()).hexdigest()[:24]}.npz"
+
+    shutil.copyfile(prompts(real), prompts("wrong|guess"))
+    s = audit(sample[:3], out=tmp_path / "b.parquet", **kw)
+    t = read(tmp_path / "b.parquet")
+    assert s.encoder_id == real and set(t.column("encoder_id").to_pylist()) == {real}
+    assert t.num_rows == 3 and t.column("error").null_count == 3
+    assert json.loads((cache / MEMO_FILE).read_text())[next(iter(memo))]["encoder_id"] == real

@@ -26,7 +26,7 @@ def test_hostile_files_become_error_rows_and_the_cli_exits_0(bad_files, tiny_mod
     t = read(tmp_path / "bad.parquet")
     assert s.rows == len(bad_files) == t.num_rows and s.errors == len(bad_files)
     for r in t.to_pylist():
-        assert r["action"] is None and r["error"], r["path"]
+        assert r["action"] == "error" and r["error"], r["path"]  # error rows have the action "error"
         kind, _, reason = r["error"].partition(": ")
         assert kind.endswith("Error") and reason, r["error"]  # e.g. "TruncatedImageError: PNG image is truncated"
     assert s.worker_restarts == 0

@@ -5,7 +5,9 @@
            -> store (cache, then rows) -> a part every ``part_rows`` rows or ``part_seconds`` (writer.py) -> merge
 
 Start-up and thread budget
-    The workers boot while the model loads. The encoder's identity is remembered in the cache folder
+    The workers boot while the model loads. When every prompt of the policy has a cached embedding and the
+    encoder's identity is remembered, the model is loaded only once a file needs embedding: a re-run whose inputs
+    are all cache hits (or errors) never loads it. The encoder's identity is remembered in the cache folder
     (:mod:`safeclip.audit.identity`), so from the second run on, hashing, cache lookups and decoding start before
     the model has loaded; the loaded encoder is then checked against the guess, before anything is committed. On a
     CPU torch gets every core and the workers (one per core) run at ``nice`` +10: measured on 2 cores, this beats
@@ -33,9 +35,12 @@ from .writer import RunOutput, embedding_dir
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
 
+    import numpy as np
     import pyarrow as pa
 
+    from .._compiled import CompiledPolicy
     from ..embed import Encoder
+    from ..policy import Policy
     from .plan import AuditPlan
     from .summary import AuditSummary
 
@@ -49,6 +54,22 @@ _IDLE_FLUSH_S = 0.5  # a partial batch waits this long for more decoded files be
 def run(plan: AuditPlan) -> AuditSummary:
     """Run ``plan`` on this machine (see the module doc)."""
     return _LocalRun(plan).run()
+
+
+class _WrongGuess(Exception):
+    """The model loaded late has another identity than the remembered one the run started with."""
+
+
+def _compile_from_cache(policy: Policy, ident: EncoderIdentity, cache_dir: Path) -> CompiledPolicy | None:
+    """``policy`` compiled from the prompt cache of ``ident``'s space alone, or None if a prompt is missing."""
+    from .._compiled import CompiledPolicy
+    from ..embed import PromptCache
+
+    prompts = PromptCache(ident.encoder_id, cache_dir)
+    try:
+        return CompiledPolicy.build(policy, prompts.get, ident.encoder_id)
+    except KeyError:
+        return None
 
 
 def _warm_pyarrow() -> None:
@@ -100,6 +121,9 @@ class _LocalRun:
         self.emb_dir: Path = plan.cache_dir
         self.pbar: Any = None
         self.torch_prev: int | None = None
+        self.enc: Encoder | None = None
+        self.ident: EncoderIdentity | None = None  # the identity the pool and the output were opened for
+        self.memo_key: str | None = None
 
     def run(self) -> AuditSummary:
         plan = self.plan
@@ -108,21 +132,26 @@ class _LocalRun:
         with embedding_dir(plan) as self.emb_dir:
             try:
                 t0 = time.monotonic()
-                enc = self._start()
-                comp = compile_policy(plan.policy, enc, plan.cache_dir)
-                startup = self.tally.timings["model_load_s"] = time.monotonic() - t0
-                output = self.output
-                assert output is not None and self.pool is not None  # opened by _start
-                output.begin()
-                todo_n = len(output.todo())
-                self._stream(BatchUnit(enc.embed_pixels, comp), int(plan.batch_size or enc.batch_size), todo_n)
+                comp = self._start()
+                self.tally.timings["model_load_s"] = time.monotonic() - t0
+                while True:
+                    output = self.output
+                    assert output is not None and self.pool is not None  # opened by _start
+                    output.begin()
+                    todo_n = len(output.todo())
+                    try:
+                        self._stream(BatchUnit(self._embed_pixels, comp), todo_n)
+                        break
+                    except _WrongGuess:  # the model, loaded late, is not the remembered one: start over with it
+                        comp = self._restart()
                 with self.tally.timed("merge_s"):
                     table: pa.Table = output.merge()
                 self.tally.worker_restarts += self.pool.restarts
             finally:
                 self._close()
-        return run_summary(table, self.tally, plan, processed=todo_n, startup_seconds=startup,
-                           encoder_id=enc.encoder_id, label="safeclip audit")
+        return run_summary(table, self.tally, plan, processed=todo_n,
+                           startup_seconds=self.tally.timings["model_load_s"], encoder_id=self.ident.encoder_id,
+                           label="safeclip audit")
 
     # ------------------------------------------------------------------------------------------------ start-up
     def _new_pool(self) -> DecodePool:
@@ -140,19 +169,28 @@ class _LocalRun:
         pool.run(cfg, ((i, p) for i, p in enumerate(plan.inputs) if p not in output.done))  # lazily
         return output
 
-    def _start(self) -> Encoder:
-        """The encoder, with the pool decoding and the output open for its identity."""
+    def _start(self) -> CompiledPolicy:
+        """The policy compiled for the encoder, with the pool decoding and the output open for its identity. The
+        encoder is loaded here unless its identity is remembered and every prompt is cached (then
+        :meth:`_embed_pixels` loads it when a file first needs it)."""
         plan = self.plan
         if plan.encoder is not None:
+            self.enc, self.ident = plan.encoder, EncoderIdentity.of(plan.encoder)
             self.pool = self._new_pool()
-            self.output = self._open(self.pool, EncoderIdentity.of(plan.encoder))
+            self.output = self._open(self.pool, self.ident)
             if plan.torch_threads:
                 self._set_torch_threads(plan.torch_threads)
-            return plan.encoder
+            return compile_policy(plan.policy, plan.encoder, plan.cache_dir)
         # An audit run before with the same weights told us the encoder's identity: start hashing, cache lookups
         # and decoding now, while the model loads (seconds on a CPU), and check the guess after.
-        memo_key = encoder_memo_key(plan.model, plan.pretrained)
+        self.memo_key = memo_key = encoder_memo_key(plan.model, plan.pretrained)
         guess = EncoderIdentity.recall(plan.cache_dir, memo_key)
+        comp = None if guess is None else _compile_from_cache(plan.policy, guess, plan.cache_dir)
+        if guess is not None and comp is not None:
+            self.ident = guess
+            self.pool = self._new_pool()
+            self.output = self._open(self.pool, guess)
+            return comp
         mp_context()  # start the fork server here, before torch is imported (it reads the environment)
         booted: dict[str, BaseException] = {}
         booter = threading.Thread(target=self._boot, args=(guess, booted), name="safeclip-audit-boot", daemon=True)
@@ -171,7 +209,31 @@ class _LocalRun:
             assert self.pool is not None
             self.output = self._open(self.pool, actual)
             actual.remember(plan.cache_dir, memo_key)
-        return enc
+        self.enc, self.ident = enc, actual
+        return compile_policy(plan.policy, enc, plan.cache_dir)
+
+    def _embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if self.enc is None:  # the first file that needs the model
+            with self.tally.timed("model_load_s"):
+                self.enc = self._load_encoder()
+            if EncoderIdentity.of(self.enc) != self.ident:
+                raise _WrongGuess
+        return self.enc.embed_pixels(pixels)
+
+    def _restart(self) -> CompiledPolicy:
+        """Start over with the loaded encoder's identity (parts committed under the wrong guess are dropped by
+        :meth:`RunOutput.begin`; the embedding cache keeps what was computed)."""
+        assert self.enc is not None
+        plan = self.plan
+        self._close_pool_and_output()
+        self.ident = actual = EncoderIdentity.of(self.enc)
+        actual.remember(plan.cache_dir, self.memo_key)
+        load_s = self.tally.timings["model_load_s"]
+        self.tally = Tally(timings=dict.fromkeys(_TIMINGS, 0.0))
+        self.tally.timings["model_load_s"] = load_s
+        self.pool = self._new_pool()
+        self.output = self._open(self.pool, actual)
+        return compile_policy(plan.policy, self.enc, plan.cache_dir)
 
     def _boot(self, guess: EncoderIdentity | None, booted: dict[str, BaseException]) -> None:
         try:
@@ -186,6 +248,9 @@ class _LocalRun:
 
         plan = self.plan
         dev = resolve_device(plan.device)
+        if plan.verbose:
+            weights = f" ({plan.pretrained})" if plan.pretrained else ""
+            print(f"safeclip audit: loading model {plan.model}{weights} on {dev} ...", file=sys.stderr, flush=True)
         if not dev.startswith(("cuda", "mps")):
             self._set_torch_threads(plan.torch_threads or cpu_count())
         return Encoder(plan.model, plan.pretrained, device=dev, batch_size=plan.batch_size, cache_dir=plan.cache_dir,
@@ -199,7 +264,11 @@ class _LocalRun:
         torch.set_num_threads(n)
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def _stream(self, unit: BatchUnit, target: int, todo_n: int) -> None:
+    def _target(self) -> int:
+        """Frames per model batch (the encoder's default once it is loaded)."""
+        return int(self.plan.batch_size or (self.enc.batch_size if self.enc is not None else 16))
+
+    def _stream(self, unit: BatchUnit, todo_n: int) -> None:
         """Feed decoded files to the batch unit a model batch at a time, committing parts as they fill."""
         assert self.pool is not None and self.output is not None
         if self.plan.progress and todo_n:
@@ -216,7 +285,7 @@ class _LocalRun:
                 break
             if res is not None:
                 pending.add(res)
-            if pending and (pending.frames >= target or len(pending) >= _MAX_READY or (
+            if pending and (pending.frames >= self._target() or len(pending) >= _MAX_READY or (
                     res is None and time.monotonic() - pending.since > _IDLE_FLUSH_S)):
                 self._map(unit, pending.take())  # a partial batch when the decoders are slow right now
             rows = len(self.output.rows)

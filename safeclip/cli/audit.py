@@ -139,6 +139,13 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         change = "-" if r["category"] is None else (
             f"{r['category']} {r['p_a']:.3f} -> {r['p_b']:.3f} ({r['delta']:+.3f})")
         print(f"{r['key']}\t{r['action_a']}\t{r['action_b']}\t{change}")
+    meta = table.schema.metadata or {}
+    shared = int(meta.get(b"safeclip.shared", b"-1"))
+    if shared == 0:
+        print(f"safeclip diff: {args.a} and {args.b} share no inputs (matched by path, resolved against the folder "
+              "each audit ran in, and by sha256): every row reads as missing", file=sys.stderr)
+    elif key == "sha256" and shared > 0:
+        print(f"safeclip diff: {shared} input(s) matched by content (sha256)", file=sys.stderr)
     print(f"safeclip diff: {len(rows)} input(s) changed action", file=sys.stderr)
     return 0
 
