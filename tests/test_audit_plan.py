@@ -93,3 +93,20 @@ def test_bad_options_fail_before_anything_loads(tmp_path):
     with pytest.raises(ConfigError, match="engine must be"):
         audit(["a.jpg"], out=out, engine="spark")
     assert not out.exists() and not (tmp_path / "a.parquet.parts").exists()
+
+
+def test_no_inputs_says_what_the_folder_walk_left_out(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(NoInputsError, match=r"skipped 1 file\(s\) in the folders \(1 not an image\).*--all-files"):
+        AuditPlan.create([tmp_path], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/models/b32.bin")
+
+
+def test_runtime_precision_and_threads_are_checked_and_reach_the_encoder(tmp_path):
+    from safeclip.audit.plan import encoder_kwargs
+
+    plan = AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/models/b32.bin",
+                            runtime="onnx", precision="int8", threads=2)
+    assert encoder_kwargs(plan) == {"runtime": "onnx", "precision": "int8", "threads": 2}
+    for bad in ({"runtime": "tensorrt"}, {"precision": "fp8"}, {"threads": 0}):
+        with pytest.raises(ConfigError):
+            AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/b.bin", **bad)

@@ -94,8 +94,8 @@ def audit(
 
     ``paths``: files and folders (walked recursively for image files, by extension or content; ``include_all``:
     every regular file; what is left out is counted in the summary's ``skipped``: see :mod:`~safeclip.audit.reader`);
-    ``manifests``: text / CSV / Parquet lists of paths (:func:`read_manifest`). ``policy``: a shipped name, a YAML path or a
-    :class:`~safeclip.policy.Policy`. ``model``/``pretrained``: the weights (default: the policy's ``encoder:``,
+    ``manifests``: text / CSV / Parquet lists of paths (:func:`read_manifest`). ``policy``: a shipped name, a YAML
+    path or a :class:`~safeclip.policy.Policy`. ``model``/``pretrained``: the weights (default: the policy's ``encoder:``,
     else the default encoder; the output's metadata records ``encoder_chosen_by``); ``runtime``, ``precision``,
     ``threads``: as for :class:`~safeclip.embed.Encoder`. ``cache``: the cache folder
     (embeddings and prompt embeddings; default :func:`~safeclip.embed.default_cache_dir`); ``use_cache=False``

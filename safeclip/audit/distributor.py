@@ -6,8 +6,8 @@ pools. Workers never import the caller's ``__main__`` (both start methods would:
 main script or module in each child so that a target defined there can be found), so a script without an
 ``if __name__ == "__main__":`` guard, a notebook or ``python -c`` can run an audit: a worker's target is
 :func:`~safeclip.audit.worker.worker_main`, and the preparation data of a process named :data:`WORKER_NAME` leaves
-the main module out. Each has one BLAS/OpenMP thread and runs at ``nice`` +10, so the model's threads win the CPU and decoding
-fills the gaps. The pump thread keeps a bounded number of tasks in flight and drains the workers' pipes while torch
+the main module out. Each worker has one BLAS/OpenMP thread and runs at ``nice`` +10, so the model's threads win
+the CPU and decoding fills the gaps. The pump thread keeps a bounded number of tasks in flight and drains the workers' pipes while torch
 runs, so memory stays bounded for any number of inputs.
 
 Worker failures: each worker processes its tasks in order, so when one dies (segfault, OOM kill, ``os._exit``) the

