@@ -71,6 +71,7 @@ def audit(
     precision: str = "auto",
     threads: int | None = None,
     include_all: bool = False,
+    overwrite: bool = False,
     cache: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     workers: int | None = None,
@@ -128,7 +129,7 @@ def audit(
     """
     plan = AuditPlan.create(
         paths, out=out, manifests=manifests, policy=policy, model=model, pretrained=pretrained, device=device,
-        runtime=runtime, precision=precision, threads=threads, include_all=include_all, cache=cache,
+        runtime=runtime, precision=precision, threads=threads, include_all=include_all, overwrite=overwrite, cache=cache,
         use_cache=use_cache, workers=workers, batch_size=batch_size, encoder=encoder,
         save_embeddings=save_embeddings, decode_limits=decode_limits, fast_decode=fast_decode, part_rows=part_rows,
         part_seconds=part_seconds, task_timeout=task_timeout, torch_threads=torch_threads, worker_nice=worker_nice,

@@ -5,11 +5,14 @@
            -> store (cache, then rows) -> a part every ``part_rows`` rows or ``part_seconds`` (writer.py) -> merge
 
 Start-up and thread budget
-    The workers boot while the model loads. When every prompt of the policy has a cached embedding and the
-    encoder's identity is remembered, the model is loaded only once a file needs embedding: a re-run whose inputs
-    are all cache hits (or errors) never loads it. The encoder's identity is remembered in the cache folder
+    The workers boot while the model loads. The encoder's identity is remembered in the cache folder
     (:mod:`safeclip.audit.identity`), so from the second run on, hashing, cache lookups and decoding start before
-    the model has loaded; the loaded encoder is then checked against the guess, before anything is committed. On a
+    the model has loaded; the loaded encoder is then checked against the guess, before anything is committed.
+    When, besides, every prompt of the policy has a cached embedding in that space, the model is loaded (with a
+    "loading model" line on stderr) only when a file first needs embedding: a re-run whose inputs are all cache
+    hits or errors never loads it, its rows scored from cached embeddings and cached prompts of the remembered
+    space. If a model loaded that late turns out not to be the remembered one, the run starts over under the
+    real identity (rows committed under the guess belong to another configuration and are dropped). On a
     CPU torch gets every core and the workers (one per core) run at ``nice`` +10: measured on 2 cores, this beats
     giving torch fewer threads (which leaves a core idle whenever the model, not decoding, is the bottleneck) and
     matches un-niced workers, while keeping decoding from slowing the forward passes when it is not needed.

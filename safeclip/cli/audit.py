@@ -55,6 +55,9 @@ def register(subparsers: Any) -> None:
                    help="local: decode processes and the model on this machine (default); ray: the same steps on "
                         "Ray Data, decode tasks on CPUs and the model in an actor pool on GPUs "
                         "(pip install 'safeclip[ray]'); --part-rows is then the shard size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing safeclip output of other inputs at --out (never an input or a file "
+                        "that is not a safeclip output)")
     p.add_argument("--address", metavar="ADDR",
                    help="with --engine ray: the Ray cluster to run on ('auto', host:port or ray://host:10001; "
                         "default: $RAY_ADDRESS, else a local Ray runtime)")
@@ -106,7 +109,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         threads=args.threads, include_all=args.all_files, cache=args.cache, use_cache=not args.no_cache,
         workers=args.workers, batch_size=args.batch_size, save_embeddings=args.save_embeddings,
         part_rows=args.part_rows, progress=False if args.no_progress else None, verbose=True,
-        engine=args.engine, address=args.address,
+        engine=args.engine, address=args.address, overwrite=args.overwrite,
     )
     return 1 if summary.fails(args.fail_on) else 0
 
