@@ -112,8 +112,9 @@ def audit(
     runtime; ``ray_options``: see :class:`~safeclip.audit.plan.RayOptions`), writing the same ``out``; see
     :mod:`safeclip.audit.ray`.
 
-    Columns: ``path, sha256, bytes, width, height, frames, action, p_<category>..., error, encoder_id, policy``.
-    A file that cannot be read or decoded is a row with ``error`` set and ``action`` null. Errors of the audit as a
+    Columns: ``path, path_bytes, sha256, bytes, width, height, frames, background, action, p_<category>..., error,
+    encoder_id, policy`` (``path_bytes``: the raw name when it is not valid UTF-8, see :mod:`~safeclip.audit.reader`).
+    A file that cannot be read or decoded is a row with ``error`` set and ``action`` ``"error"``. Errors of the audit as a
     whole are :class:`~safeclip.errors.ConfigError` (an option out of range, options that do not go together),
     :class:`~safeclip.errors.AuditError` s (no inputs, unreadable manifest, output a folder or locked) and
     :class:`~safeclip.errors.EngineError` s (engine missing, stalled or failed; what was committed is kept).
