@@ -268,3 +268,15 @@ def test_saved_embeddings_are_one_list_per_frame(sample, tiny_encoder, tmp_path)
         assert frames.shape == (len(r.embedding_backgrounds), tiny_encoder.dim)
         np.testing.assert_allclose(np.linalg.norm(frames, axis=1), 1.0, atol=1e-3)
     assert (df.frames > 1).any()
+
+
+def test_unwritable_out_or_cache_is_one_line_before_the_model_loads(sample, tmp_path):
+    # /proc refuses even root; --pretrained names weights that do not exist, so reaching the model would say so.
+    base = [sys.executable, "-m", "safeclip", "audit", sample[0], "--pretrained", str(tmp_path / "none.pt"),
+            "--no-progress"]
+    cases = {("--out", "/proc/a.parquet", "--cache", str(tmp_path / "c")): "cannot write /proc/a.parquet",
+             ("--out", str(tmp_path / "o.parquet"), "--cache", "/proc/safeclip-cache"): "cannot write to the cache"}
+    for args, why in cases.items():
+        p = subprocess.run(base + list(args), capture_output=True, text=True, timeout=120, cwd=REPO)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and why in lines[0], p.stderr

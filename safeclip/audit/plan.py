@@ -107,6 +107,7 @@ class AuditPlan:
     precision: str = "auto"
     threads: int | None = None
     include_all: bool = False
+    overwrite: bool = False
     skipped: Mapping[str, int] = field(default_factory=dict)
     use_cache: bool = True
     workers: int | None = None
@@ -179,6 +180,11 @@ class AuditPlan:
             skipped = gathered.skipped_line()
             raise NoInputsError("no inputs: give image files, folders with image files, or a manifest"
                                 + (f" ({skipped})" if skipped else ""))
+        from .writer import check_output, check_writable  # here: importing the package stays light
+
+        check_output(out, inputs, overwrite=bool(options.get("overwrite", False)))
+        check_writable(out, (Path(cache) if cache is not None else default_cache_dir())
+                       if options.get("use_cache", True) else None)
         pol = load_policy(policy)
         if encoder is not None:
             model, pretrained, chosen_by = encoder.model_name, encoder.pretrained, "caller"

@@ -52,7 +52,7 @@ import numpy as np
 from .._files import fsync_dir, write_json_atomic, write_parquet_atomic
 from ..cache import EmbeddingCache
 from ..decide import ACTIONS
-from ..errors import AuditError, AuditLockedError, OutputError
+from ..errors import AuditError, AuditLockedError, CacheError, OutputError
 from ..policy import Policy
 from .identity import EncoderIdentity
 from .reader import path_bytes, path_text
@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .plan import AuditPlan
 
-__all__ = ["FORMAT_VERSION", "RACY_NS", "Parts", "Rows", "RunOutput", "check_output", "embedding_dir",
+__all__ = ["FORMAT_VERSION", "RACY_NS", "Parts", "Rows", "RunOutput", "check_output", "check_writable", "embedding_dir",
            "nested_embeddings", "output_error", "output_schema", "policy_fingerprint", "read_meta", "run_meta"]
 
 FORMAT_VERSION = 1
@@ -89,6 +89,34 @@ def output_error(e: OSError, out: os.PathLike[str] | str, doing: str = "write") 
 
 def _real(p: str | os.PathLike[str]) -> str:
     return os.path.realpath(os.path.abspath(p))
+
+
+def check_writable(out: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> None:
+    """Before the model loads: the output's folder and the cache folder (``None``: not used) can be written.
+    :class:`OutputError` / :class:`~safeclip.errors.CacheError`, one line naming the fix."""
+    out = Path(out)
+    try:
+        _probe(out.parent)
+    except OSError as e:
+        raise output_error(e, out) from e
+    if cache_dir is None:
+        return
+    folder = Path(cache_dir) / "embeddings"
+    try:
+        _probe(folder)
+        for db in folder.glob("*.sqlite"):
+            if not os.access(db, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", str(db))
+    except OSError as e:
+        raise CacheError(f"cannot write to the cache {e.filename or folder}: {e.strerror or e}; give a --cache "
+                         "folder you can write to, or --no-cache") from e
+
+
+def _probe(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".safeclip-probe-")
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, overwrite: bool = False,
