@@ -22,8 +22,9 @@ cannot carry transparency (JPEG, MPO); the others read as misses and are replace
 
 Damage: a database SQLite reports as malformed ("database disk image is malformed", "file is not a database") is
 never read as "no entry". Opening it for writing moves it aside to ``<name>.corrupt-<timestamp>`` and starts an empty
-one (one line on stderr); damage found later raises :class:`~safeclip.errors.CacheError` with :attr:`EmbeddingCache.damaged`
-set, and :meth:`EmbeddingCache.quarantine` moves the file aside (the audit does so, then stops: run it again).
+one (one line on stderr). Damage found later raises :class:`~safeclip.errors.CacheError` (with
+:attr:`EmbeddingCache.damaged` set); a writable instance moves the file aside first (:meth:`EmbeddingCache.quarantine`),
+so running the same audit again rebuilds the cache.
 
 Deterministic decode failures can be remembered too (:meth:`EmbeddingCache.put_decode_errors`), keyed by
 ``(sha256, decoder fingerprint)``: the same bytes under the same Pillow version and decode limits fail the same way,
@@ -157,6 +158,7 @@ class EmbeddingCache:
         self.readonly = readonly
         self.hits = self.misses = self.written = 0
         self.damaged = False
+        self._moved: Path | None = None
         self._lock = threading.RLock()
         if not self.path.exists() and (readonly or not create):
             raise CacheError(
@@ -209,6 +211,8 @@ class EmbeddingCache:
         """Move the (damaged) database aside to ``<name>.corrupt-<timestamp>``, with its WAL; returns the new path.
         This instance is closed; a new :class:`EmbeddingCache` starts an empty database."""
         with self._lock:
+            if self._moved is not None:
+                return self._moved
             with contextlib.suppress(Exception):
                 self._con.close()
             stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -217,6 +221,7 @@ class EmbeddingCache:
                 src = Path(str(self.path) + suffix)
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(src, Path(str(dest) + suffix))
+            self._moved = dest
             return dest
 
     def _connect(self) -> sqlite3.Connection:
@@ -266,6 +271,12 @@ class EmbeddingCache:
             try:
                 yield
             except sqlite3.Error as e:
+                if is_damage(e) and not self.readonly and self._moved is None:
+                    self.damaged = True
+                    moved = self.quarantine()
+                    raise CacheError(f"the embedding cache {self.path} is damaged ({e}): moved aside to {moved.name}; "
+                                     "run the same command again (a new cache is built as files are embedded "
+                                     "again)") from e
                 self.damaged = self.damaged or is_damage(e)
                 raise CacheError(self._problem(what, e)) from e
 

@@ -180,3 +180,37 @@ def test_a_cache_failing_under_a_worker_stops_the_audit_and_never_blames_the_ima
         store([bad], output, Tally())
     assert len(output.rows) == 0 and not path.exists()
     assert list(path.parent.glob(path.name + ".corrupt-*"))
+
+
+def test_a_damaged_cache_stops_the_audit_and_the_next_run_rebuilds_it(sample, tiny_model, tiny_encoder, tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    from audit_helpers import REPO
+
+    cache = tmp_path / "cache"
+    run_audit(sample[:4], tmp_path / "first.parquet", cache, tiny_encoder)
+    db = EmbeddingCache(cache, tiny_encoder.encoder_id)
+    path = db.path
+    db.checkpoint()
+    db.close()
+    con = sqlite3.connect(path)
+    root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'images'").fetchone()[0]
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    raw = bytearray(path.read_bytes())
+    raw[(root - 1) * page:(root - 1) * page + 100] = b"\xff" * 100  # the images table, not the meta table
+    path.write_bytes(bytes(raw))
+    cmd = [sys.executable, "-m", "safeclip", "audit", *sample[:4], "--out", str(tmp_path / "o.parquet"), "--model",
+           tiny_model, "--cache", str(cache), "--workers", "1", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    err = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("safeclip audit: loading")]
+    assert p.returncode == 2 and len(err) == 1 and "damaged" in err[0] and "moved aside" in err[0], p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o.parquet").exists()
+    assert list(path.parent.glob(path.name + ".corrupt-*"))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    t = read(tmp_path / "o.parquet")
+    assert t.column("error").null_count == t.num_rows  # no good image was blamed
+    assert t.column("action").to_pylist() == read(tmp_path / "first.parquet").column("action").to_pylist()

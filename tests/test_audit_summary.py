@@ -15,3 +15,16 @@ def test_summary_fail_levels():
     with pytest.raises(ValueError):
         s.fails("allow")
     assert "flag 1" in s.format()
+
+
+def test_error_rows_count_as_errors_not_as_an_action():
+    import pyarrow as pa
+
+    from safeclip.audit.summary import ERROR_ACTION, Tally, summarize
+
+    t = pa.table({"action": ["allow", ERROR_ACTION, "block", None],
+                  "error": [None, "DecodeError: x", None, "DecodeError: y"]})  # None: an output of the old version
+    s = summarize(t, Tally(), out="o", processed=4, resumed=0, started_at=0.0, startup_seconds=0.0, encoder_id="e",
+                  policy="p")
+    assert dict(s.actions) == {"allow": 1, "flag": 0, "block": 1} and s.errors == 2
+    assert s.fails("error") and "errors 2" in s.format()

@@ -129,10 +129,14 @@ def _page_damaged_cache(tmp_path: Path) -> tuple[EmbeddingCache, list[CachedImag
 
 def test_a_damaged_page_is_reported_as_damage_and_moved_aside_never_a_miss(tmp_path, capsys):
     cache, items = _page_damaged_cache(tmp_path)
-    with pytest.raises(CacheError, match="is damaged .*malformed.*move it aside"):
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:  # a reader says so and leaves the file alone
+        with pytest.raises(CacheError, match="is damaged .*malformed.*move it aside"):
+            ro.get_many([it.sha256 for it in items])
+        assert ro.damaged and cache.path.exists()
+    with pytest.raises(CacheError, match="is damaged .*malformed.*moved aside to .*run the same command again"):
         cache.get_many([it.sha256 for it in items])
     assert cache.damaged
-    moved = cache.quarantine()
+    moved = cache.quarantine()  # already done: the same place
     assert moved.name.startswith(cache.path.name + ".corrupt-") and moved.exists() and not cache.path.exists()
     fresh = EmbeddingCache(tmp_path, "enc-a")
     assert len(fresh) == 0 and not fresh.damaged

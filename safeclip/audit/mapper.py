@@ -227,7 +227,7 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
         output.db.put_decode_errors(errors, output.fingerprint)
         output.db.discard(r.sha256 for r in results if r.error_kind == "InvalidEmbedding" and r.sha256)
     except CacheError as e:
-        if output.db.damaged:
+        if output.db.damaged and "moved aside to" not in str(e):
             moved = output.db.quarantine()
             raise CacheError(f"{e}. It was moved aside to {moved}: run the same command again (the rows committed "
                              "so far are kept; the cache is rebuilt as files are embedded again)") from e
