@@ -27,6 +27,7 @@ from .errors import (
     DataError,
     DecodeError,
     DecodeTimeoutError,
+    DeviceError,
     EncoderMismatchError,
     EngineError,
     EngineStalledError,
@@ -78,7 +79,8 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted([
     "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
-    "DecodeTimeoutError", "EncoderMismatchError", "EngineError", "EngineStalledError", "EngineUnavailableError",
+    "DecodeTimeoutError", "DeviceError", "EncoderMismatchError", "EngineError", "EngineStalledError",
+    "EngineUnavailableError",
     "ImageTooLargeError", "ManifestError", "ModelLoadError", "NoInputsError", "OutputError", "OverloadedError",
     "PolicyError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
     "audit", "diff", "rescore", "Decoded", "DecodeLimits", "decode", *_LAZY,

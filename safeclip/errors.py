@@ -4,6 +4,7 @@
     ├── ConfigError             an argument or setting is invalid (also a ValueError)
     ├── PolicyError             a policy file is invalid (every problem listed, with its location)
     ├── ModelLoadError          weights could not be loaded (what was tried, how to point at a local file)
+    ├── DeviceError             the device is not a device name, or not available on this machine
     ├── EncoderMismatchError    embeddings / artifacts from another embedding space
     ├── ArtifactIntegrityError  an artifact's sha256 does not match its pin, or it escapes its directory
     ├── CacheError              an embedding or prompt cache cannot be opened, read or written
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "PolicyError",
     "ModelLoadError",
+    "DeviceError",
     "EncoderMismatchError",
     "ArtifactIntegrityError",
     "CacheError",
@@ -71,7 +73,16 @@ class PolicyError(SafeclipError, ValueError):
 
 
 class ModelLoadError(SafeclipError):
-    """The encoder's weights could not be loaded."""
+    """The encoder's weights could not be loaded. ``cli_message`` is the same message with its fix in command-line
+    syntax (``--pretrained PATH`` where the message says ``pretrained='PATH'``); the CLI prints that one."""
+
+    def __init__(self, message: str, *, cli_message: str | None = None):
+        self.cli_message = cli_message or message
+        super().__init__(message)
+
+
+class DeviceError(SafeclipError):
+    """The device is not a device name (cpu, cuda, cuda:N, mps, auto), or is not available on this machine."""
 
 
 class EncoderMismatchError(SafeclipError, ValueError):

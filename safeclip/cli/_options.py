@@ -90,7 +90,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except SafeclipError as e:
-        msg = str(e).replace("\n", "\n  ")
+        msg = str(getattr(e, "cli_message", None) or e).replace("\n", "\n  ")
         print(f"safeclip: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

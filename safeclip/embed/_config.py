@@ -5,6 +5,7 @@ Nothing here imports torch unless a GPU may actually be present (see :func:`acce
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import platform
@@ -13,11 +14,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import DeviceError, ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "IDENTITY_VERSION", "PRECISIONS", "RUNTIMES",
-           "accelerator_possible", "available_cpus", "default_cache_dir", "resolve_device", "resolve_encoder_args",
-           "resolve_runtime", "resolve_threads"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEVICES", "IDENTITY_VERSION", "PRECISIONS", "RUNTIMES",
+           "accelerator_possible", "available_cpus", "check_device_name", "check_model_name", "default_cache_dir",
+           "resolve_device", "resolve_encoder_args", "resolve_runtime", "resolve_threads"]
 
 # ViT-B-32 at 224 px is ~4.4 GFLOPs per image: the best accuracy per CPU-second among the LAION-trained CLIPs,
 # and laion2b_s34b_b79k is its strongest public checkpoint (66.6% ImageNet zero-shot).
@@ -34,6 +35,12 @@ RUNTIMES = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 """``auto``: fp16 autocast on a GPU, fp32 on a CPU. ``int8``: ONNX Runtime dynamic int8, an opt-in with its own
 ``encoder_id``. fp16/bf16 are torch autocast."""
+
+
+DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
+"""The device names an :class:`~safeclip.embed.Encoder` takes (``cuda:N``: the N-th CUDA GPU)."""
+
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
 
 
 def default_cache_dir() -> Path:
@@ -117,15 +124,20 @@ def accelerator_possible() -> bool:
 
 
 def resolve_device(device: str | None = None) -> str:
-    """``"auto"``/None -> cuda, then mps, then cpu; anything else is returned as given.
+    """``"auto"``/None -> cuda, then mps, then cpu; a named device is returned as given once it is known available.
 
-    ``auto`` imports torch only when :func:`accelerator_possible` says a GPU may be there.
+    ``auto`` imports torch only when :func:`accelerator_possible` says a GPU may be there. An unknown name or an
+    unavailable device is a :class:`~safeclip.errors.DeviceError`, raised before any weights load.
 
     >>> resolve_device("cpu")
     'cpu'
     """
+    from_env = not device and bool(os.environ.get("SAFECLIP_DEVICE"))
     device = device or os.environ.get("SAFECLIP_DEVICE") or "auto"
+    where = " (from $SAFECLIP_DEVICE)" if from_env else ""
+    check_device_name(device, where)
     if device != "auto":
+        _check_available(device, where)
         return device
     if not accelerator_possible():
         return "cpu"
@@ -137,6 +149,70 @@ def resolve_device(device: str | None = None) -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+def check_device_name(device: str, where: str = "") -> None:
+    """Raise :class:`DeviceError` unless ``device`` is one of :data:`DEVICES` (``where``: said after the name)."""
+    if not _DEVICE_RE.fullmatch(device):
+        raise DeviceError(f"unknown device {device!r}{where}: use one of {', '.join(DEVICES)}")
+
+
+def _check_available(device: str, where: str) -> None:
+    """Raise :class:`DeviceError` unless ``device`` (cpu, cuda, cuda:N or mps) exists on this machine."""
+    if device == "cpu":
+        return
+    missing = None
+    if device == "mps":
+        if sys.platform != "darwin" or not accelerator_possible():
+            missing = "MPS needs an Apple-silicon Mac"
+        else:
+            import torch
+
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                missing = "torch reports MPS unavailable"
+    elif not accelerator_possible():
+        missing = "no CUDA GPU is visible (no driver, a CPU-only torch, or CUDA_VISIBLE_DEVICES hides it)"
+    else:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            missing = f"torch sees {count or 'no'} CUDA GPU{'s' if count > 1 else ''}"
+    if missing:
+        raise DeviceError(f"device {device!r}{where} is not available here: {missing}; use --device cpu "
+                          "(device='cpu') or auto")
+
+
+def check_model_name(model: str) -> None:
+    """Raise :class:`ModelLoadError` with close names unless ``model`` is an open_clip architecture (or a
+    ``local-dir:`` / ``hf-hub:`` name). Reads open_clip's model configs without importing it (and torch)."""
+    if model.startswith(("local-dir:", "hf-hub:")):
+        return
+    names = _open_clip_models()
+    if not names or model in names:
+        return
+    folded = {n.lower(): n for n in names}  # case-folded, so that vit-b-32 finds ViT-B-32 first
+    close = [folded[n] for n in difflib.get_close_matches(model.lower(), list(folded), n=4, cutoff=0.6)]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelLoadError(f"unknown open_clip model {model!r}: {hint}(open_clip.list_models() lists all {len(names)}; "
+                         "a local open_clip folder is local-dir:/path/to/folder)")
+
+
+def _open_clip_models() -> list[str]:
+    """``open_clip.list_models()``; read from its ``model_configs`` folder while open_clip is not imported."""
+    oc = sys.modules.get("open_clip")
+    if oc is not None:
+        return list(oc.list_models())
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return []
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
+    return sorted(p.stem for p in folder.glob("*.json"))
 
 
 def resolve_runtime(runtime: str | None, device: str, precision: str) -> str:

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ArtifactIntegrityError, EncoderMismatchError, ModelLoadError
-from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, default_cache_dir, resolve_device,
-                      resolve_runtime, resolve_threads)
+from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, check_device_name, check_model_name,
+                      default_cache_dir, resolve_device, resolve_runtime, resolve_threads)
 from ._identity import encoder_id_for, weights_identity
 from ._onnx import OnnxImageTower, exit_without_native_teardown, import_onnxruntime
 from ._pixels import PixelSpec, prepare_pixels
@@ -101,6 +101,7 @@ class Encoder:
             pretrained = os.environ.get("SAFECLIP_PRETRAINED") or (
                 DEFAULT_PRETRAINED if model == DEFAULT_MODEL else None
             )
+        check_model_name(model)
         if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
             raise ModelLoadError(
                 f"model {model!r} needs weights: pass pretrained=<tag> (see open_clip.list_pretrained()) or "
@@ -118,6 +119,9 @@ class Encoder:
 
         asked = runtime or os.environ.get("SAFECLIP_RUNTIME") or "auto"
         device = device or os.environ.get("SAFECLIP_DEVICE") or "auto"
+        if device != "auto":  # a runtime that cannot run there is named before the device is probed
+            check_device_name(device)
+            resolve_runtime(asked, device, precision)
         self.device = "cpu" if asked == "onnx" and device == "auto" else resolve_device(device)
         self.runtime = resolve_runtime(asked, self.device, precision)
         on_accel = self.device.startswith(("cuda", "mps"))
@@ -186,6 +190,9 @@ class Encoder:
             from ._export import export_in_child  # not at import: the child runs that module as __main__
 
             verdict = export_in_child(store, self.model_name, self.pretrained, self.threads)
+            if verdict.get("kind") == "load" and isinstance(verdict.get("error"), dict):
+                # the weights themselves cannot be loaded: torch here would fail the same way, only later
+                raise ModelLoadError(**verdict["error"])
             if not verdict["ok"]:
                 break
         else:

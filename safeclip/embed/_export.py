@@ -30,6 +30,7 @@ import numpy as np
 
 from .._files import write_atomic
 from ..artifacts import sha256_file
+from ..errors import ModelLoadError
 from ._identity import encoder_id_for, weights_identity
 from ._store import EXPORT_FORMAT, ExportStore, package_versions
 
@@ -219,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_id = weights_identity(args.model, args.pretrained, Path(args.cache))
         store = ExportStore(args.cache, args.model, weights_id, args.precision, args.opset)
         verdict = _export(store, args.model, args.pretrained, {})
-    except Exception as e:  # the model will not load, the cache is not writable...: the parent says so
+    except ModelLoadError as e:  # the parent raises it as it is (with its command-line form)
+        verdict = {"ok": False, "kind": "load", "reason": _one_line(e),
+                   "error": {"message": str(e), "cli_message": e.cli_message}}
+    except Exception as e:  # the cache is not writable...: the parent says so
         verdict = {"ok": False, "kind": "load", "reason": _one_line(e)}
     print(json.dumps(verdict), flush=True)
     return 0 if verdict["ok"] else 3

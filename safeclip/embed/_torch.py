@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelLoadError
+from ._hub import hub_offline_reason, local_weights_error, quiet_hub
 from ._pixels import PixelSpec
 
 __all__ = ["PixelsToEmbedding", "TorchModel"]
@@ -66,6 +66,16 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _from_hub(open_clip: Any, model_name: str, pretrained: str | None) -> bool:
+    """Whether open_clip will fetch these weights from the Hugging Face hub (an ``hf-hub:`` name or a hub tag)."""
+    if model_name.startswith("hf-hub:"):
+        return True
+    if model_name.startswith("local-dir:") or not pretrained:
+        return False
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    return bool(cfg.get("hf_hub")) and "file" not in cfg
+
+
 class TorchModel:
     """An open_clip model (both towers) in eval mode, frozen, on one device."""
 
@@ -75,24 +85,25 @@ class TorchModel:
 
         self.device = device
         self.precision = precision
-        tried = f"model={model_name!r}, pretrained={pretrained!r}"
+        tried = f"{model_name} {pretrained}" if pretrained and not model_name.startswith("local-dir:") else model_name
+        offline = hub_offline_reason() if _from_hub(open_clip, model_name, pretrained) else None
         try:
-            model = open_clip.create_model(
-                model_name,
-                pretrained=None if model_name.startswith(("local-dir:", "hf-hub:")) else pretrained,
-                device=device,
-                precision="fp32",
-                require_pretrained=True,
-                cache_dir=os.environ.get("SAFECLIP_WEIGHTS_DIR"),
-            )
-            tokenizer = open_clip.get_tokenizer(model_name)
+            with quiet_hub(offline=offline is not None):
+                model = open_clip.create_model(
+                    model_name,
+                    pretrained=None if model_name.startswith(("local-dir:", "hf-hub:")) else pretrained,
+                    device=device,
+                    precision="fp32",
+                    require_pretrained=True,
+                    cache_dir=os.environ.get("SAFECLIP_WEIGHTS_DIR"),
+                )
+                tokenizer = open_clip.get_tokenizer(model_name)
         except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HTTP errors alike
-            raise ModelLoadError(
-                f"could not load CLIP weights ({tried}): {type(e).__name__}: {e}. "
-                "On a connected machine pretrained tags download from the Hugging Face hub; offline, pass a local "
-                "checkpoint: pretrained='/path/to/open_clip_pytorch_model.bin' (or --pretrained PATH, or "
-                "SAFECLIP_PRETRAINED=PATH), or model='local-dir:/path/to/folder'."
-            ) from e
+            if offline is not None:
+                raise local_weights_error(f"cannot download the CLIP weights {tried}: {offline} and they are not in "
+                                          "the local hub cache", model_name) from e
+            raise local_weights_error(f"could not load the CLIP weights {tried}: {type(e).__name__}: "
+                                      f"{str(e)[:300]}", model_name) from e
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
