@@ -150,7 +150,7 @@ def test_corrupt_and_missing_files_are_error_rows(parity, files):
     local = {r["path"]: r for r in pq.read_table(d / "local.parquet").to_pylist()}
     for p in files["bad"] + files["missing"]:
         r = rows[p]
-        assert r["action"] is None and r["embedding"] is None, p
+        assert r["action"] == "error" and r["embedding"] is None, p
         kind, _, reason = r["error"].partition(": ")
         assert kind.endswith("Error") and reason, r["error"]
         assert r["error"] == local[p]["error"]  # the same decode path, the same message
