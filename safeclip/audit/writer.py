@@ -401,16 +401,18 @@ class Parts:
         for p in sorted(self.dir.glob("part-*.parquet")):
             try:
                 names = pq.read_schema(p).names
-                cols = [c for c in ("path", "sha256", "bytes", "mtime_ns") if c in names]
+                cols = [c for c in ("path", "path_bytes", "sha256", "bytes", "mtime_ns") if c in names]
                 t = pq.read_table(p, columns=cols)
                 committed_ns = p.stat().st_mtime_ns
             except Exception:  # parts are renamed into place whole, so this is outside damage: recompute them
                 p.unlink(missing_ok=True)
                 continue
             c = {k: t.column(k).to_pylist() if k in cols else [None] * t.num_rows
-                 for k in ("path", "sha256", "bytes", "mtime_ns")}
-            for path, sha, nbytes, mtime in zip(c["path"], c["sha256"], c["bytes"], c["mtime_ns"]):
-                if path and _unchanged(path, nbytes, sha, mtime, committed_ns, "mtime_ns" in cols):
+                 for k in ("path", "path_bytes", "sha256", "bytes", "mtime_ns")}
+            for path, raw, sha, nbytes, mtime in zip(c["path"], c["path_bytes"], c["sha256"], c["bytes"],
+                                                     c["mtime_ns"]):
+                name = os.fsdecode(raw) if isinstance(raw, bytes) else path  # the file's exact name
+                if path and _unchanged(name, nbytes, sha, mtime, committed_ns, "mtime_ns" in cols):
                     done.add(path)
                 elif path:
                     done.discard(path)  # an earlier part's row of the same input is just as stale
@@ -564,7 +566,7 @@ class RunOutput:
 
     def todo(self) -> list[tuple[int, str]]:
         """``(position, path)`` of the inputs without a committed row."""
-        return [(i, p) for i, p in enumerate(self.plan.inputs) if p not in self.done]
+        return [(i, p) for i, p in enumerate(self.plan.inputs) if path_text(p) not in self.done]
 
     def begin(self) -> None:
         self.parts.begin()
