@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ModelLoadError
 
-__all__ = ["PROBE_TIMEOUT_S", "hub_offline_reason", "local_weights_error", "quiet_hub"]
+__all__ = ["PROBE_TIMEOUT_S", "hub_offline_reason", "local_weights_error", "not_in_hub_cache", "quiet_hub"]
 
 PROBE_TIMEOUT_S = 3.0
 """How long the reachability probe waits for a TCP connection to the hub (name resolution included)."""
@@ -95,6 +95,20 @@ def quiet_hub(*, offline: bool) -> Iterator[None]:
         hub_log.setLevel(level)
         root.removeFilter(drop)
         root.removeHandler(placeholder)
+
+
+def not_in_hub_cache(e: BaseException) -> bool:
+    """Whether ``e`` (open_clip re-raises the hub's errors as new ones) comes from a file missing in offline mode."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def local_weights_error(problem: str, model: str) -> ModelLoadError:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._hub import hub_offline_reason, local_weights_error, quiet_hub
+from ._hub import hub_offline_reason, local_weights_error, not_in_hub_cache, quiet_hub
 from ._pixels import PixelSpec
 
 __all__ = ["PixelsToEmbedding", "TorchModel"]
@@ -87,6 +87,7 @@ class TorchModel:
         self.precision = precision
         tried = f"{model_name} {pretrained}" if pretrained and not model_name.startswith("local-dir:") else model_name
         offline = hub_offline_reason() if _from_hub(open_clip, model_name, pretrained) else None
+        cache_dir = os.environ.get("SAFECLIP_WEIGHTS_DIR")
         try:
             with quiet_hub(offline=offline is not None):
                 model = open_clip.create_model(
@@ -95,11 +96,11 @@ class TorchModel:
                     device=device,
                     precision="fp32",
                     require_pretrained=True,
-                    cache_dir=os.environ.get("SAFECLIP_WEIGHTS_DIR"),
+                    cache_dir=cache_dir,
                 )
-                tokenizer = open_clip.get_tokenizer(model_name)
+                tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HTTP errors alike
-            if offline is not None:
+            if offline is not None and not_in_hub_cache(e):
                 raise local_weights_error(f"cannot download the CLIP weights {tried}: {offline} and they are not in "
                                           "the local hub cache", model_name) from e
             raise local_weights_error(f"could not load the CLIP weights {tried}: {type(e).__name__}: "
