@@ -55,3 +55,60 @@ def test_threads(monkeypatch):
     for bad in (0, -1, True, "2"):
         with pytest.raises(ModelLoadError):
             resolve_threads(bad)
+
+
+def _check_cli(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    from PIL import Image
+
+    img = tmp_path / "img.jpg"
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(img)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFECLIP_")}
+    env.update(SAFECLIP_CACHE_DIR=str(tmp_path / "sc"), HF_HUB_OFFLINE="1")  # nothing may be downloaded
+    return subprocess.run([sys.executable, "-m", "safeclip", "check", str(img), *args], capture_output=True,
+                          text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def _one_error_line(p: subprocess.CompletedProcess[str]) -> str:
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("safeclip: error: "), p.stderr
+    assert "weights" not in lines[0] and len(lines[0]) < 240, lines[0]
+    return lines[0]
+
+
+def test_an_unknown_device_lists_the_valid_ones(tmp_path, tiny_model):
+    line = _one_error_line(_check_cli(tmp_path, "--model", tiny_model, "--device", "gpu"))
+    assert "unknown device 'gpu': use one of cpu, cuda, cuda:N, mps, auto" in line
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in GPU_NODES) or sys.platform == "darwin",
+                    reason="a GPU may be present")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps"])
+def test_an_unavailable_device_says_so(tmp_path, tiny_model, device):
+    line = _one_error_line(_check_cli(tmp_path, "--model", tiny_model, "--device", device))
+    assert f"device {device!r} is not available here" in line and "--device cpu" in line
+
+
+def test_a_device_error_comes_before_the_weights():
+    from safeclip.embed import Encoder
+    from safeclip.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):  # this checkpoint does not exist: not reached
+        Encoder("ViT-B-32", "/nonexistent/weights.bin", device="gpu")
+    assert not issubclass(DeviceError, ModelLoadError)
+
+
+def test_an_unknown_model_gets_close_names(tmp_path):
+    for args in (["--model", "ViT-B-23"], ["--model", "ViT-B-23", "--pretrained", "openai"]):
+        line = _one_error_line(_check_cli(tmp_path, *args))
+        assert "unknown open_clip model 'ViT-B-23': did you mean ViT-B-32" in line
+        assert "local-dir:/path/to/folder" in line and "RN50" not in line
+
+
+def test_model_names_are_read_without_importing_open_clip():
+    code = ("import sys\nfrom safeclip.embed._config import _open_clip_models\n"
+            "names = _open_clip_models()\nprint(len(names), 'open_clip' in sys.modules, 'torch' in sys.modules)\n"
+            "import open_clip\nprint(set(names) == set(open_clip.list_models()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.splitlines()
+    assert int(first.split()[0]) > 50 and first.split()[1:] == ["False", "False"] and second == "True"
