@@ -129,7 +129,7 @@ def rescore(
         src_table, encoder_id = _read_source(source, encoder_id, save_emb)
     out = Path(out)
     check_output(out, [source] if source is not None else [], overwrite=overwrite, what="rescore",
-                 rows=_column(src_table, "path") if src_table is not None else [])
+                 rows=src_table.column("path").to_pylist() if src_table is not None else [])
     if encoder_id is None:
         encoder_id = _only_cached_encoder(cache_dir)
 

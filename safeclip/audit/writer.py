@@ -171,7 +171,7 @@ def run_meta(ident: EncoderIdentity, policy: Policy, save_embeddings: bool, enco
 
 
 def policy_thresholds(policy: Policy) -> dict[str, list[float | None]]:
-    """``{category: [flag, block]}`` of the enabled categories (what :func:`~safeclip.audit.diff` reads)."""
+    """``{category: [flag, block]}`` of the policy's categories (what :func:`~safeclip.audit.diff` reads)."""
     return {c.name: [c.flag, c.block] for c in policy.categories}
 
 
