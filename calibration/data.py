@@ -319,12 +319,27 @@ def _frames_to_rows(lengths: np.ndarray, flat: np.ndarray, valid: np.ndarray, wh
     return flat[starts[:, None] + np.arange(dim)[None, :]].astype(np.float64)
 
 
+def _is_list(t: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+
+
 def _arrow_lists(col: Any, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(lengths, flat values, valid mask)`` of an Arrow list-of-floats column (nulls have length 0)."""
     import pyarrow as pa
 
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     t = arr.type
+    if _is_list(t) and _is_list(t.value_type):  # per-frame lists (safeclip audit --save-embeddings): concatenated
+        frames = arr.flatten()
+        counts = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        per_frame = frames.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        ends = np.concatenate([[0], np.cumsum(per_frame)])
+        rows = np.concatenate([[0], np.cumsum(counts)])
+        arr = pa.ListArray.from_arrays(pa.array(ends[rows], pa.int32()), frames.flatten(),
+                                       mask=arr.is_null())
+        t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or not (
             pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
         raise DataError(f"{where}: the {EMBEDDING_COLUMN!r} column must be a list of floats, not {t}")
