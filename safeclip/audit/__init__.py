@@ -114,6 +114,8 @@ def audit(
 
     Columns: ``path, path_bytes, sha256, bytes, width, height, frames, background, action, p_<category>..., error,
     encoder_id, policy`` (``path_bytes``: the raw name when it is not valid UTF-8, see :mod:`~safeclip.audit.reader`).
+    ``out`` is never one of the inputs nor a file that is not a safeclip output; an existing safeclip output of
+    other inputs is replaced only with ``overwrite=True`` (:func:`~safeclip.audit.writer.check_output`).
     A file that cannot be read or decoded is a row with ``error`` set and ``action`` ``"error"``. Errors of the audit as a
     whole are :class:`~safeclip.errors.ConfigError` (an option out of range, options that do not go together),
     :class:`~safeclip.errors.AuditError` s (no inputs, unreadable manifest, output a folder or locked) and
@@ -130,7 +132,8 @@ def audit(
     """
     plan = AuditPlan.create(
         paths, out=out, manifests=manifests, policy=policy, model=model, pretrained=pretrained, device=device,
-        runtime=runtime, precision=precision, threads=threads, include_all=include_all, overwrite=overwrite, cache=cache,
+        runtime=runtime, precision=precision, threads=threads, include_all=include_all, overwrite=overwrite,
+        cache=cache,
         use_cache=use_cache, workers=workers, batch_size=batch_size, encoder=encoder,
         save_embeddings=save_embeddings, decode_limits=decode_limits, fast_decode=fast_decode, part_rows=part_rows,
         part_seconds=part_seconds, task_timeout=task_timeout, torch_threads=torch_threads, worker_nice=worker_nice,
