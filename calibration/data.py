@@ -337,11 +337,10 @@ def _arrow_lists(col: Any, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         per_frame = frames.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         ends = np.concatenate([[0], np.cumsum(per_frame)])
         rows = np.concatenate([[0], np.cumsum(counts)])
-        arr = pa.ListArray.from_arrays(pa.array(ends[rows], pa.int32()), frames.flatten(),
-                                       mask=arr.is_null())
+        arr = pa.LargeListArray.from_arrays(pa.array(ends[rows], pa.int64()), frames.flatten(),  # 64-bit offsets
+                                            mask=arr.is_null())
         t = arr.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or not (
-            pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+    if not _is_list(t) or not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
         raise DataError(f"{where}: the {EMBEDDING_COLUMN!r} column must be a list of floats, not {t}")
     valid = arr.is_valid().to_numpy(zero_copy_only=False).astype(bool)
     if pa.types.is_fixed_size_list(t):

@@ -189,3 +189,15 @@ def test_prompt_source_without_a_model_names_the_fix(tmp_path: Path) -> None:
     texts = prompt_source(ENC, cache=tmp_path)
     with pytest.raises(ModelLoadError, match=r"1 prompt\(s\) have no cached embedding .* pass --model/--pretrained"):
         texts(["a handgun"])
+
+
+def test_per_frame_embedding_lists_as_audit_writes_them(policy: Path, tmp_path: Path) -> None:
+    """``safeclip audit --save-embeddings`` stores one list per sampled frame: the first frame is the row's."""
+    x = unit_rows(4)
+    frames = [[list(x[0])], None, [list(x[1]), list(x[2])], [list(x[3])]]
+    pq.write_table(pa.table({"embedding": pa.array(frames, pa.list_(pa.list_(pa.float32()))), "weapons": [1, 0, 0, 1],
+                             "encoder_id": [ENC] * 4}), tmp_path / "audit.parquet")
+    with pytest.warns(DataWarning, match=r"1 of 4 row\(s\) have no embedding"):
+        d = load_labeled(tmp_path / "audit.parquet", policy, ["weapons"])
+    assert d.rows.tolist() == [0, 2, 3] and d.labels["weapons"].tolist() == [1, 0, 1]
+    np.testing.assert_allclose(d.embeddings, x[[0, 1, 3]], rtol=1e-6)
