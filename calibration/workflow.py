@@ -536,6 +536,7 @@ def calibrate_policy(
     seed: int = 0,
     name: str | None = None,
     embed_texts: Callable[[list[str]], np.ndarray] | None = None,
+    allow_disabled: bool = False,
 ) -> CalibrationResult:
     """Fit ``categories`` of ``policy`` on labelled ``data`` and write a calibrated policy into ``out`` (see the
     module doc for the split and the files).
@@ -547,6 +548,9 @@ def calibrate_policy(
     ``name``: the written policy's name (default: the input policy's). ``embed_texts``: prompt embeddings for the
     data's space (default: the data's own source, else the prompt cache). Unsupported targets and doubtful fits emit
     a :class:`~safeclip.calibration.CalibrationWarning` naming the category, also kept in the result.
+
+    A category for which neither threshold can meet its target would never flag or block again: that is refused
+    with a :class:`~safeclip.errors.DataError` before anything is written, unless ``allow_disabled=True``.
     """
     parent, cats, out_dir = check_calibration_request(policy, categories, out, block_precision, flag_recall)
     for label, v in (("holdout", holdout), ("probe_fraction", probe_fraction), ("confidence", confidence)):
@@ -561,6 +565,13 @@ def calibrate_policy(
     settings = {"block_precision": block_precision, "flag_recall": flag_recall, "confidence": confidence,
                 "probe": probe, "method": method, "holdout": holdout, "probe_fraction": probe_fraction, "seed": seed}
     fits = [_fit_category(c, data, comp, prompt_all, **settings) for c in cats]
+    disabled = [f.category for f in fits if f.thresholds.flag is None and f.thresholds.block is None]
+    if disabled and not allow_disabled:
+        raise DataError(
+            f"calibrating would turn moderation off for {', '.join(disabled)}: no threshold meets the targets (block precision {block_precision}, flag recall {flag_recall} at "
+            f"{confidence:.0%} confidence) on these labels, so the policy would never flag or block. Add labelled "
+            "rows, lower the targets, or pass allow_disabled=True (--allow-disabled) to write it anyway; nothing "
+            "was written")
 
     source = {"file": None if data.source is None else str(data.source), "sha256": data.sha256}
     split = {"seed": seed, "holdout": holdout, "probe_fraction": probe_fraction if probe else None,

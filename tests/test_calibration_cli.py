@@ -326,6 +326,12 @@ def test_path_column_is_embedded_through_the_cache(photos, policy_file, tiny_mod
     cache = tmp_path / "cache"
     args = ["calibrate", "--policy", str(policy_file), "--data", str(data), "--category", "weapons", "--no-probe",
             "--model", tiny_model, "--device", "cpu", "--cache", str(cache)]
+    # Regression (issue 10.5): a category left with no threshold never fires again; that is no silent outcome.
+    own_cache = [str(tmp_path / "cache0") if a == str(cache) else a for a in args]  # keep `cache` cold for below
+    rc, _, err0 = run(*own_cache, "--out", str(tmp_path / "refused"))
+    assert rc == 2 and "would turn moderation off for weapons" in err0 and "--allow-disabled" in err0
+    assert not (tmp_path / "refused" / "policy.yaml").exists()
+    args.append("--allow-disabled")
     rc, _, err1 = run(*args, "--out", str(tmp_path / "a"))
     assert rc == 0, err1
     assert "13 image(s) through the embedding cache: 0 cache hit(s), 12 embedded, 1 error(s)" in err1

@@ -121,11 +121,24 @@ def test_warnings_name_the_category_and_are_kept(policy_file: Path, synth, tiny_
     data = LabeledData(x, {"weapons": y}, tiny_encoder.encoder_id, embed_texts=tiny_encoder.embed_texts)
     with pytest.warns(ThresholdWarning, match=r"^weapons: no threshold supports precision >= 0.999") as rec:
         res = calibrate_policy(policy_file, data, ["weapons"], out=tmp_path, probe=False, block_precision=0.999,
-                               flag_recall=None)
+                               flag_recall=None, allow_disabled=True)
     assert len(rec) == 1 and res.warnings == (str(rec[0].message),)
     assert res.fits["weapons"].warnings == (str(rec[0].message).removeprefix("weapons: "),)
     assert res.summary["categories"]["weapons"]["warnings"] == list(res.fits["weapons"].warnings)
     assert res.fits["weapons"].thresholds.block is None
+
+
+def test_a_category_left_without_thresholds_is_refused_unless_allowed(policy_file: Path, synth, tiny_encoder,
+                                                                        tmp_path: Path) -> None:
+    """Regression (issue 10.5): calibrate wrote `flag: null, block: null` (the category never fires) and exited 0."""
+    from safeclip.errors import DataError
+
+    x, y = synth("weapons", 40, 14)
+    data = LabeledData(x, {"weapons": y}, tiny_encoder.encoder_id, embed_texts=tiny_encoder.embed_texts)
+    with pytest.warns(ThresholdWarning), pytest.raises(DataError, match="turn moderation off for weapons"):
+        calibrate_policy(policy_file, data, ["weapons"], out=tmp_path / "out", probe=False, block_precision=0.999,
+                         flag_recall=None)
+    assert not (tmp_path / "out" / "policy.yaml").exists()
 
 
 def test_requests_are_checked_before_any_data_is_read(policy_file: Path, tmp_path: Path) -> None:

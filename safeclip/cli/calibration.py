@@ -102,6 +102,8 @@ def register(subparsers: Any) -> None:
                         "calibrator (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the probe's CV folds (default 0)")
     p.add_argument("--name", help="name of the written policy (default: the input policy's)")
+    p.add_argument("--allow-disabled", action="store_true",
+                   help="write the policy even when a category ends with no threshold (it would never fire)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = subparsers.add_parser(
@@ -155,7 +157,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         result = calibrate_policy(
             parent, _load(args, parent, cats), cats, out=out, block_precision=args.block_precision,
             flag_recall=args.flag_recall, confidence=args.confidence, probe=args.probe, method=args.method,
-            holdout=args.holdout, probe_fraction=args.probe_fraction, seed=args.seed, name=args.name)
+            holdout=args.holdout, probe_fraction=args.probe_fraction, seed=args.seed, name=args.name,
+            allow_disabled=args.allow_disabled)
     print(result.format())
     print(f"wrote {result.policy_path} ({result.policy_id}); use it with --policy {result.policy_path}")
     return 0
