@@ -182,6 +182,7 @@ def test_a_cache_failing_under_a_worker_stops_the_audit_and_never_blames_the_ima
     assert list(path.parent.glob(path.name + ".corrupt-*"))
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_stops_the_audit_and_the_next_run_rebuilds_it(sample, tiny_model, tiny_encoder, tmp_path):
     import sqlite3
     import subprocess

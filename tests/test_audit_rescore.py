@@ -39,6 +39,7 @@ def test_rescore_the_whole_cache(audited):
     assert_same_rows(mine, theirs)
 
 
+@pytest.mark.slow
 def test_rescore_with_uncached_prompts_needs_the_model(audited, tiny_model, tmp_path):
     d, _ = audited
     pol = tmp_path / "new.yaml"
@@ -140,6 +141,7 @@ def test_malformed_sha256_values_are_error_rows(audited, tmp_path):
     assert rows[ok[2]]["error"] is None
 
 
+@pytest.mark.slow
 def test_rescore_out_problems_are_one_line_exit_2(audited, tmp_path):
     import os
     import subprocess

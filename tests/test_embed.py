@@ -136,6 +136,7 @@ def test_trimmed_text_encoding_equals_full_context(tiny_model, tiny_encoder):
     np.testing.assert_allclose(tiny_encoder.embed_texts(texts, use_cache=False), full, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_prompt_cache_is_reused_across_encoders(tiny_model, tmp_path, monkeypatch):
     first = Encoder(tiny_model, device="cpu", cache_dir=tmp_path)
     a = first.embed_texts(["a red apple", "a blue car"])
@@ -150,6 +151,7 @@ def test_prompt_cache_is_reused_across_encoders(tiny_model, tmp_path, monkeypatc
     np.testing.assert_array_equal(PromptCache(first.encoder_id, tmp_path).get(["a blue car"])[0], a[1])
 
 
+@pytest.mark.slow
 def test_corrupt_prompt_cache_is_only_a_cache(tiny_model, tmp_path):
     enc = Encoder(tiny_model, device="cpu", cache_dir=tmp_path)
     enc.embed_texts(["a dog"])

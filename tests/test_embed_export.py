@@ -61,6 +61,7 @@ def test_verification_batch_is_fixed():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "graph"])
 def test_a_tampered_export_is_refused_and_exported_again(exported, tiny_model, damage, caplog, monkeypatch):
     onnx, torch_enc = exported
@@ -107,6 +108,7 @@ def test_a_tampered_export_is_refused_and_exported_again(exported, tiny_model, d
     assert damage != "truncate" or made == [good]  # a wrong size is refused before anything reads the file
 
 
+@pytest.mark.slow
 def test_two_exporters_at_once_export_once(tiny_model, tmp_path):
     """Two processes exporting into one cache: one exports, the other waits on the lock and reuses it."""
     cmd = [sys.executable, "-m", "safeclip.embed._export", "--model", tiny_model, "--cache", str(tmp_path),
@@ -129,6 +131,7 @@ def _shadow(tmp_path: Path, files: dict[str, str]) -> str:
     return os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_falls_back_to_torch_with_one_log_line(tiny_model, tmp_path, monkeypatch, caplog):
     # The TorchScript exporter needs the onnx package: without it the export fails as an unexportable tower does.
     monkeypatch.setenv("PYTHONPATH", _shadow(tmp_path, {"onnx/__init__.py": "raise ImportError('no onnx here')"}))
@@ -148,6 +151,7 @@ def test_an_export_that_fails_falls_back_to_torch_with_one_log_line(tiny_model, 
         Encoder(tiny_model, cache_dir=cache, runtime="onnx")
 
 
+@pytest.mark.slow
 def test_an_export_that_does_not_reproduce_torch_falls_back_with_a_warning(tiny_model, tmp_path, monkeypatch):
     # In the export child only, ONNX Runtime returns the embeddings' components reversed.
     monkeypatch.setenv("PYTHONPATH", _shadow(tmp_path, {"sitecustomize.py": """
@@ -179,6 +183,7 @@ def test_without_onnxruntime_auto_runs_torch_and_onnx_is_an_error(tiny_model, tm
     assert not (tmp_path / "onnx").exists()
 
 
+@pytest.mark.slow
 def test_int8_is_its_own_space(exported, tiny_model):
     onnx, torch_enc = exported
     int8 = Encoder(tiny_model, cache_dir=onnx.cache_dir, precision="int8")

@@ -42,6 +42,7 @@ def _check(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Comple
                           text=True, env=env, timeout=20, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", ["unreachable", "HF_HUB_OFFLINE"])
 def test_default_weights_offline_is_one_cli_line(tmp_path, offline_env, offline):
     if offline == "HF_HUB_OFFLINE":

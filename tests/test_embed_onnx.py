@@ -47,6 +47,7 @@ def test_a_warm_start_imports_neither_torch_nor_open_clip(tiny_model, warm_cache
     assert runtime == "onnx" and action in safeclip.ACTIONS and heavy == []
 
 
+@pytest.mark.slow
 def test_the_check_command_on_a_warm_cache_imports_no_torch(tiny_model, warm_cache, photos):
     code = (
         "import sys\n"
@@ -141,6 +142,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_children_of_an_onnx_moderator_neither_hang_nor_hang_at_exit(tiny_model, warm_cache, photos):
     """gunicorn --preload: the parent ran ORT's thread pool (and torch), then forks. Each child makes its own

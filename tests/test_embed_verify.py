@@ -16,6 +16,7 @@ from safeclip.embed import Encoder, verify_int8
 from safeclip.errors import DataError
 
 
+@pytest.mark.slow
 def test_verify_int8_compares_embeddings_and_decisions(tiny_model, cache_dir, photos, tmp_path):
     fp32 = Encoder(tiny_model, cache_dir=cache_dir, precision="fp32")
     judge = safeclip.Moderator(encoder=fp32)
@@ -40,6 +41,7 @@ def cli(*args: str, cache) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_runtime_verify_command(tiny_model, cache_dir, photos, tmp_path):
     images = [str(p) for p in photos[:4]]
     out = cli(*images, "--model", tiny_model, cache=cache_dir)
