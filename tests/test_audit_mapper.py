@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from audit_helpers import ALL_FLAG_POLICY, read, run_audit, sample  # noqa: F401
 from conftest import OrthoTexts, unit
 
