@@ -34,6 +34,7 @@ from .errors import (
     EngineUnavailableError,
     ImageTooLargeError,
     ManifestError,
+    MissingPromptError,
     ModelLoadError,
     NoInputsError,
     OutputError,
@@ -81,7 +82,8 @@ __all__ = sorted([
     "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
     "DecodeTimeoutError", "DeviceError", "EncoderMismatchError", "EngineError", "EngineStalledError",
     "EngineUnavailableError",
-    "ImageTooLargeError", "ManifestError", "ModelLoadError", "NoInputsError", "OutputError", "OverloadedError",
+    "ImageTooLargeError", "ManifestError", "MissingPromptError", "ModelLoadError", "NoInputsError", "OutputError",
+    "OverloadedError",
     "PolicyError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
     "audit", "diff", "rescore", "Decoded", "DecodeLimits", "decode", *_LAZY,
 ])

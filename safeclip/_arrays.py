@@ -38,15 +38,15 @@ def sigmoid_inplace(z: np.ndarray, *, negated: bool = False) -> np.ndarray:
 def as_binary_labels(y: Any, n: int | None = None, *, name: str = "y") -> np.ndarray:
     arr = np.asarray(y)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise DataError(f"{name} must be 1-D, got shape {arr.shape}")
     if n is not None and arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} labels for {n} rows")
+        raise DataError(f"{name} has {arr.shape[0]} labels for {n} rows")
     if arr.dtype == bool:
         return arr.astype(np.int8)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{name} must hold 0/1 or booleans, got dtype {arr.dtype}")
+        raise DataError(f"{name} must hold 0/1 or booleans, got dtype {arr.dtype}")
     if arr.size and not np.all((arr == 0) | (arr == 1)):
-        raise ValueError(f"{name} must hold only 0 and 1 (positive = 1)")
+        raise DataError(f"{name} must hold only 0 and 1 (positive = 1)")
     return arr.astype(np.int8)
 
 
@@ -54,7 +54,7 @@ def require_both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
     n_pos = int(y.sum())
     n_neg = int(y.shape[0] - n_pos)
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"{what} needs both classes; got {n_pos} positives and {n_neg} negatives")
+        raise DataError(f"{what} needs both classes; got {n_pos} positives and {n_neg} negatives")
     return n_pos, n_neg
 
 

@@ -42,6 +42,7 @@ from .artifacts import (
     write_json_atomic,
 )
 from .errors import (
+    ConfigError,
     ArtifactIntegrityError,
     EncoderMismatchError,
     PolicyError,
@@ -81,17 +82,17 @@ def _as_signals(signals: Any, k: int, *, keep_float32: bool) -> np.ndarray:
     if s.dtype == bool or np.issubdtype(s.dtype, np.integer):
         s = s.astype(np.float64)
     elif not np.issubdtype(s.dtype, np.floating):
-        raise ValueError(f"signals must be numeric, got dtype {s.dtype}")
+        raise ConfigError(f"signals must be numeric, got dtype {s.dtype}")
     if not (keep_float32 and s.dtype == np.float32):
         s = s.astype(np.float64, copy=False)
     if s.ndim == 1:
         if k != 1:
-            raise ValueError(f"signals are 1-D but the calibrator takes {k} inputs; pass an (n, {k}) array")
+            raise ConfigError(f"signals are 1-D but the calibrator takes {k} inputs; pass an (n, {k}) array")
         s = s[:, None]
     elif s.ndim != 2 or s.shape[1] != k:
-        raise ValueError(f"signals must be (n,) or (n, {k}), got shape {s.shape}")
+        raise ConfigError(f"signals must be (n,) or (n, {k}), got shape {s.shape}")
     if not np.isfinite(s).all():
-        raise ValueError(
+        raise ConfigError(
             "signals contain NaN or infinity (a NaN probe column means the policy has no probe for this category)"
         )
     return s
@@ -102,12 +103,12 @@ def _check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
         inputs = (inputs,)
     out = tuple(inputs)
     if not out:
-        raise ValueError("inputs must name at least one signal")
+        raise ConfigError("inputs must name at least one signal")
     bad = [s for s in out if s not in KNOWN_SIGNALS]
     if bad:
-        raise ValueError(f"unknown signal(s) {bad}; known signals are {list(KNOWN_SIGNALS)}")
+        raise ConfigError(f"unknown signal(s) {bad}; known signals are {list(KNOWN_SIGNALS)}")
     if len(set(out)) != len(out):
-        raise ValueError(f"inputs repeat a signal: {list(out)}")
+        raise ConfigError(f"inputs repeat a signal: {list(out)}")
     return out
 
 
@@ -217,7 +218,7 @@ class Calibrator:
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         if method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+            raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
         self.inputs = _check_inputs(inputs)
         self.encoder_id = encoder_id
@@ -252,7 +253,7 @@ class Calibrator:
         if sample_weight is not None:
             sw = np.asarray(sample_weight, np.float64)
             if sw.shape != (n,) or not np.isfinite(sw).all() or (sw < 0).any() or sw.sum() <= 0:
-                raise ValueError("sample_weight must be (n,), finite, non-negative and not all zero")
+                raise ConfigError("sample_weight must be (n,), finite, non-negative and not all zero")
         method = self.resolve_method(self.method, n, n_pos)
 
         if method == "isotonic" and k == 1:

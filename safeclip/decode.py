@@ -27,6 +27,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError, features
 
 from .errors import (
+    ConfigError,
     DecodeError,
     DecodeTimeoutError,
     ImageTooLargeError,
@@ -129,13 +130,13 @@ class DecodeLimits:
         for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ValueError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
+            raise ConfigError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
         bgs = self.backgrounds
         if isinstance(bgs, (str, bytes)) or not isinstance(bgs, (tuple, list)) or not bgs:
-            raise ValueError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
+            raise ConfigError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
         object.__setattr__(self, "backgrounds", tuple(dict.fromkeys(_check_background(b) for b in bgs)))
 
 
@@ -819,9 +820,9 @@ def _check_background(background: Any) -> tuple[int, int, int]:
     try:
         bg = tuple(int(c) for c in background)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"background must be an (r, g, b) tuple of ints, got {background!r}") from e
+        raise ConfigError(f"background must be an (r, g, b) tuple of ints, got {background!r}") from e
     if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
-        raise ValueError(f"background must be an (r, g, b) tuple of ints in 0..255, got {background!r}")
+        raise ConfigError(f"background must be an (r, g, b) tuple of ints in 0..255, got {background!r}")
     return bg  # type: ignore[return-value]
 
 

@@ -8,6 +8,7 @@
     ├── EncoderMismatchError    embeddings / artifacts from another embedding space
     ├── ArtifactIntegrityError  an artifact's sha256 does not match its pin, or it escapes its directory
     ├── CacheError              an embedding or prompt cache cannot be opened, read or written
+    │   └── MissingPromptError      a prompt has no cached embedding (also a KeyError)
     ├── DataError               labelled data or an audit/rescore table is malformed (file, row, column named)
     ├── AuditError              an audit cannot start or finish
     │   ├── NoInputsError           nothing to audit
@@ -36,6 +37,7 @@ __all__ = [
     "EncoderMismatchError",
     "ArtifactIntegrityError",
     "CacheError",
+    "MissingPromptError",
     "DataError",
     "AuditError",
     "NoInputsError",
@@ -95,6 +97,13 @@ class ArtifactIntegrityError(SafeclipError):
 
 class CacheError(SafeclipError):
     """An embedding or prompt cache cannot be opened, read or written (corrupt, read-only, disk full)."""
+
+
+class MissingPromptError(CacheError, KeyError):
+    """A prompt text has no cached embedding in this embedding space (a ``KeyError`` too, as a lookup would be)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return Exception.__str__(self)
 
 
 class DataError(SafeclipError, ValueError):

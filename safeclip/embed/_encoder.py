@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import ArtifactIntegrityError, EncoderMismatchError, ModelLoadError
+from ..errors import ArtifactIntegrityError, ConfigError, EncoderMismatchError, ModelLoadError
 from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, check_device_name, check_model_name,
                       default_cache_dir, resolve_device, resolve_runtime, resolve_threads)
 from ._identity import encoder_id_for, weights_identity
@@ -108,7 +108,7 @@ class Encoder:
                 "pretrained=<path to a checkpoint>; safeclip never moderates with random weights"
             )
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.model_name = model
         self.pretrained = pretrained
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -214,7 +214,7 @@ class Encoder:
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embed prepared pixels ``(N, S, S, 3)`` uint8 (see :func:`prepare_pixels`) -> ``(N, D)`` float32."""
         if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-            raise ValueError(f"pixels must be (N, S, S, 3) uint8, got {pixels.shape} {pixels.dtype}")
+            raise ConfigError(f"pixels must be (N, S, S, 3) uint8, got {pixels.shape} {pixels.dtype}")
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
         if not len(pixels):
             return out

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingPromptError
+
 from .._files import write_atomic
 from ._config import default_cache_dir
 
@@ -62,7 +64,7 @@ class PromptCache:
                 return np.stack([self._mem[self._key(t)] for t in texts])
             except KeyError:
                 first = next(t for t in texts if self._key(t) not in self._mem)
-                raise KeyError(f"no cached embedding for prompt {first!r} under {self.encoder_id!r}") from None
+                raise MissingPromptError(f"no cached embedding for prompt {first!r} under {self.encoder_id!r}") from None
 
     def put(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, DecodeError
+from ..errors import ConfigError, DataError, DecodeError
 from ._encoder import Encoder
 from ._pixels import prepare_pixels
 
@@ -96,7 +96,7 @@ def verify_int8(
     from ..decode import DecodeLimits, decode
 
     if fp32.precision != "fp32":
-        raise ValueError(f"verify_int8 compares against an fp32 encoder, not {fp32.precision}")
+        raise ConfigError(f"verify_int8 compares against an fp32 encoder, not {fp32.precision}")
     int8 = int8 or Encoder(fp32.model_name, fp32.pretrained, precision="int8", runtime="onnx", device="cpu",
                            cache_dir=fp32.cache_dir, threads=fp32.threads)
     spec = fp32.pixel_spec
