@@ -21,6 +21,12 @@ from ._options import EXIT_USAGE, add_model_args, add_policy_arg, positive_int, 
 __all__ = ["register", "main"]
 
 
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace an existing safeclip output of other {what} at --out (never an input or a file "
+                        "that is not a safeclip output)")
+
+
 def register(subparsers: Any) -> None:
     """Add ``audit``, ``rescore`` and ``diff`` to an argparse ``add_subparsers()`` object."""
     p = subparsers.add_parser(
@@ -55,9 +61,7 @@ def register(subparsers: Any) -> None:
                    help="local: decode processes and the model on this machine (default); ray: the same steps on "
                         "Ray Data, decode tasks on CPUs and the model in an actor pool on GPUs "
                         "(pip install 'safeclip[ray]'); --part-rows is then the shard size")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing safeclip output of other inputs at --out (never an input or a file "
-                        "that is not a safeclip output)")
+    _add_overwrite(p, "inputs")
     p.add_argument("--address", metavar="ADDR",
                    help="with --engine ray: the Ray cluster to run on ('auto', host:port or ray://host:10001; "
                         "default: $RAY_ADDRESS, else a local Ray runtime)")
@@ -79,9 +83,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="output Parquet file")
     add_model_args(p, fallback=True)
     p.add_argument("--fail-on", choices=FAIL_LEVELS, help="exit 1 if any row reaches this level")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing safeclip output of other rows at --out (never an input or a file that "
-                        "is not a safeclip output)")
+    _add_overwrite(p, "rows")
     p.set_defaults(func=_cmd_rescore)
 
     p = subparsers.add_parser(
