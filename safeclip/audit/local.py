@@ -254,10 +254,10 @@ class _LocalRun:
         if plan.verbose:
             weights = f" ({plan.pretrained})" if plan.pretrained else ""
             print(f"safeclip audit: loading model {plan.model}{weights} on {dev} ...", file=sys.stderr, flush=True)
-        if not dev.startswith(("cuda", "mps")):
-            self._set_torch_threads(plan.torch_threads or cpu_count())
+        if "torch" in sys.modules and self.torch_prev is None:  # a caller's torch: give its thread count back
+            self.torch_prev = sys.modules["torch"].get_num_threads()
         return Encoder(plan.model, plan.pretrained, device=dev, batch_size=plan.batch_size, cache_dir=plan.cache_dir,
-                       **encoder_kwargs(plan))
+                       **encoder_kwargs(plan, dev))
 
     def _set_torch_threads(self, n: int) -> None:
         import torch

@@ -43,9 +43,17 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def encoder_kwargs(plan: AuditPlan) -> dict[str, Any]:
-    """The :class:`~safeclip.embed.Encoder` options of ``plan`` that both engines pass on as they are."""
-    return {"runtime": plan.runtime, "precision": plan.precision, "threads": plan.threads}
+def encoder_kwargs(plan: AuditPlan, device: str | None = None) -> dict[str, Any]:
+    """The :class:`~safeclip.embed.Encoder` options of ``plan`` that both engines pass on.
+
+    On a CPU ``device`` the model's forward takes every core unless told otherwise (the decode workers run niced and
+    fill the gaps); the Encoder's ``threads`` knob sets ONNX Runtime's threads or torch's, so the ONNX path never
+    imports torch to set them.
+    """
+    threads = plan.threads or plan.torch_threads
+    if threads is None and device is not None and not device.startswith(("cuda", "mps")):
+        threads = cpu_count()
+    return {"runtime": plan.runtime, "precision": plan.precision, "threads": threads}
 
 
 @dataclass(frozen=True)

@@ -316,16 +316,15 @@ class _EmbedScore:
     def __init__(self, model: str | None, pretrained: str | None, device: str | None, batch_size: int | None,
                  torch_threads: int | None, expected: EncoderIdentity, comp: CompiledPolicy,
                  encoder_kw: Mapping[str, Any] | None = None) -> None:
-        import torch
-
         from ..embed import Encoder, resolve_device
 
         dev = resolve_device(device)
-        if not dev.startswith(("cuda", "mps")):
+        kw = dict(encoder_kw or {})
+        if kw.get("threads") is None and not dev.startswith(("cuda", "mps")):
             # Ray gives a fractional-CPU actor one OpenMP thread; the model, like the local engine's, takes the
             # node's cores (the decode tasks fill the gaps).
-            torch.set_num_threads(torch_threads or cpu_count())
-        self.enc = Encoder(model, pretrained, device=dev, batch_size=batch_size, **dict(encoder_kw or {}),
+            kw["threads"] = torch_threads or cpu_count()
+        self.enc = Encoder(model, pretrained, device=dev, batch_size=batch_size, **kw,
                            cache_dir=tempfile.gettempdir())  # never writes there: prompts come compiled
         actual = EncoderIdentity.of(self.enc)
         if actual != expected:
