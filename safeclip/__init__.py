@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ArtifactIntegrityError,
+    ArtifactUnavailableError,
     AuditError,
     AuditLockedError,
     CacheError,
@@ -79,7 +80,7 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = sorted([
-    "ArtifactIntegrityError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
+    "ArtifactIntegrityError", "ArtifactUnavailableError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
     "DecodeTimeoutError", "DeviceError", "EncoderMismatchError", "EngineError", "EngineStalledError",
     "EngineUnavailableError",
     "ImageTooLargeError", "ManifestError", "MissingPromptError", "ModelLoadError", "NoInputsError", "OutputError",

@@ -7,6 +7,7 @@
     ├── DeviceError             the device is not a device name, or not available on this machine
     ├── EncoderMismatchError    embeddings / artifacts from another embedding space
     ├── ArtifactIntegrityError  an artifact's sha256 does not match its pin, or it escapes its directory
+    ├── ArtifactUnavailableError a pinned artifact is not here and cannot be fetched (offline: where to put it)
     ├── CacheError              an embedding or prompt cache cannot be opened, read or written
     │   └── MissingPromptError      a prompt has no cached embedding (also a KeyError)
     ├── DataError               labelled data or an audit/rescore table is malformed (file, row, column named)
@@ -36,6 +37,7 @@ __all__ = [
     "DeviceError",
     "EncoderMismatchError",
     "ArtifactIntegrityError",
+    "ArtifactUnavailableError",
     "CacheError",
     "MissingPromptError",
     "DataError",
@@ -93,6 +95,12 @@ class EncoderMismatchError(SafeclipError, ValueError):
 
 class ArtifactIntegrityError(SafeclipError):
     """An artifact's sha256 does not match the pin in its policy, or its path is not allowed."""
+
+
+class ArtifactUnavailableError(SafeclipError):
+    """A pinned artifact named by its public location is in no mirror or cache and cannot be downloaded now.
+
+    The message names the file, its sha256 and where to put a copy (``$SAFECLIP_ARTIFACTS_DIR``)."""
 
 
 class CacheError(SafeclipError):
