@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 import warnings
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+from .._net import can_connect, env_true
 from ..errors import ModelLoadError
 
 __all__ = ["PROBE_TIMEOUT_S", "hub_offline_reason", "local_weights_error", "not_in_hub_cache", "quiet_hub"]
@@ -30,35 +30,14 @@ _LOCAL_DIR = "/path/to/folder"
 _offline_lock = threading.Lock()
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _can_connect(host: str, port: int, timeout: float) -> bool:
-    """A TCP connection within ``timeout``; run in a thread because name resolution itself has no timeout."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    t = threading.Thread(target=probe, name="safeclip-hub-probe", daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
-
-
 def hub_offline_reason(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """Why the hub cannot be used now (``HF_HUB_OFFLINE`` set, or no connection within ``timeout``), else None."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+    if env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE"):
         return "HF_HUB_OFFLINE is set"
     url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
-    if _can_connect(host, port, timeout):
+    if can_connect(host, port, timeout):
         return None
     return f"the Hugging Face hub ({host}) cannot be reached"
 
