@@ -4,14 +4,27 @@
 the pretrained tag, the ``hf-hub:`` name, or a hash of the local checkpoint file. Hashing a 600 MB checkpoint takes
 a good part of a second, so hashes are remembered on disk by (path, size, mtime, inode), as the in-process memo
 always did, and a warm start only ``stat``s the file.
+
+A local checkpoint file is named by its content, not by its path: when its full sha256 is that of a published file
+listed in ``known_weights.json`` (OpenAI's CLIP checkpoints, whose download URLs carry their sha256), its identity is
+that file's pretrained tag, so ``--model ViT-B-32 --pretrained /models/ViT-B-32.pt`` with OpenAI's own file embeds
+into the same space as ``--pretrained openai``, and the torch loader (``TorchModel``) loads it as the tag loads.
+The same file under another architecture is a :class:`~safeclip.errors.ModelLoadError`; any other file keeps
+``sha256:<16 hex>`` and never passes as a tag. The table is read from the installed package only (no environment
+variable or user file can add to it); tests replace :func:`known_weights` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.resources
 import json
 import os
 import threading
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._files import write_json_atomic
@@ -19,7 +32,8 @@ from ..artifacts import sha256_file
 from ..errors import ModelLoadError
 from ._pixels import PixelSpec
 
-__all__ = ["encoder_id_for", "find_checkpoint_in_dir", "model_arch", "weights_identity"]
+__all__ = ["KnownWeights", "encoder_id_for", "find_checkpoint_in_dir", "known_weights", "model_arch",
+           "recognised_weights", "weights_identity"]
 
 _MEMO_FILE = "checkpoint-hashes.json"
 _memo: dict[str, str] = {}
@@ -58,6 +72,44 @@ def _file_sha256(path: Path, cache_dir: Path | None) -> str:
     return digest
 
 
+@dataclass(frozen=True)
+class KnownWeights:
+    """A published checkpoint file, known by its full sha256: open_clip loads it as ``model`` + ``pretrained``."""
+
+    sha256: str
+    model: str
+    pretrained: str
+    source: str
+    other_models: tuple[str, ...] = ()
+    """Further architectures whose ``pretrained`` tag is this same file (``ViT-B-32-quickgelu`` for ``ViT-B-32``)."""
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.model, *self.other_models)
+
+
+@functools.cache
+def _shipped_known_weights() -> Mapping[str, KnownWeights]:
+    try:
+        raw = json.loads((importlib.resources.files(__package__) / "known_weights.json").read_text())
+        table = {sha: KnownWeights(sha256=sha, model=e["model"], pretrained=e["pretrained"], source=e["source"],
+                                   other_models=tuple(e.get("other_models", ())))
+                 for sha, e in raw.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ModelLoadError(f"safeclip's table of known weights (safeclip/embed/known_weights.json) cannot be "
+                             f"read ({type(e).__name__}: {e}): reinstall safeclip") from e
+    return types.MappingProxyType(table)
+
+
+def known_weights() -> Mapping[str, KnownWeights]:
+    """The published checkpoint files recognised by content, by full sha256 (``known_weights.json``).
+
+    >>> known_weights()["40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"].pretrained
+    'openai'
+    """
+    return _shipped_known_weights()
+
+
 def find_checkpoint_in_dir(folder: Path) -> Path | None:
     """The checkpoint open_clip loads from a ``local-dir:`` folder (the same preference order, without open_clip)."""
     found = [p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext)]
@@ -72,8 +124,45 @@ def find_checkpoint_in_dir(folder: Path) -> Path | None:
     return named[0] if named else found[0]
 
 
+def _checkpoint_file(model: str, pretrained: str | None) -> Path | None:
+    """The local checkpoint file ``pretrained`` names (None for a tag, a ``local-dir:`` or ``hf-hub:`` model)."""
+    if model.startswith(("local-dir:", "hf-hub:")) or not pretrained:
+        return None
+    if not (os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}):
+        return None
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(
+            f"checkpoint file {pretrained!r} does not exist. Pass the path of an open_clip checkpoint "
+            "(.pt/.bin/.safetensors) or a pretrained tag; see `open_clip.list_pretrained()`."
+        )
+    return path
+
+
+def _recognise(model: str, path: Path, digest: str) -> KnownWeights | None:
+    known = known_weights().get(digest)
+    if known is None or model in known.models:
+        return known
+    problem = (f"{path} is the published {known.model} checkpoint ({known.pretrained}, sha256 {digest[:16]}...) but "
+               f"the model is {model}")
+    raise ModelLoadError(f"{problem}: pass model={known.model!r}",
+                         cli_message=f"{problem}: pass --model {known.model}")
+
+
+def recognised_weights(model: str, pretrained: str | None, cache_dir: Path | None = None) -> KnownWeights | None:
+    """The :func:`known_weights` entry of the local checkpoint file ``pretrained``, or None (a tag, another file).
+
+    A published file under an architecture it is not for raises :class:`~safeclip.errors.ModelLoadError`.
+    """
+    path = _checkpoint_file(model, pretrained)
+    return None if path is None else _recognise(model, path, _file_sha256(path, cache_dir))
+
+
 def weights_identity(model: str, pretrained: str | None, cache_dir: Path | None = None) -> str:
-    """A stable name for the weights: the pretrained tag, the hub name, or a hash of the local checkpoint file."""
+    """A stable name for the weights: the pretrained tag, the hub name, or a hash of the local checkpoint file.
+
+    A checkpoint file that is a published one (:func:`recognised_weights`) is named by its tag, as if loaded by it.
+    """
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:"):])
         ckpt = find_checkpoint_in_dir(folder) if folder.is_dir() else None
@@ -86,14 +175,11 @@ def weights_identity(model: str, pretrained: str | None, cache_dir: Path | None 
         return f"sha256:{_file_sha256(ckpt, cache_dir)[:16]}+cfg:{sha256_file(cfg)[:8]}"
     if model.startswith("hf-hub:"):
         return model
-    if pretrained and (os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(
-                f"checkpoint file {pretrained!r} does not exist. Pass the path of an open_clip checkpoint "
-                "(.pt/.bin/.safetensors) or a pretrained tag; see `open_clip.list_pretrained()`."
-            )
-        return "sha256:" + _file_sha256(path, cache_dir)[:16]
+    path = _checkpoint_file(model, pretrained)
+    if path is not None:
+        digest = _file_sha256(path, cache_dir)
+        known = _recognise(model, path, digest)
+        return known.pretrained if known is not None else "sha256:" + digest[:16]
     return str(pretrained)
 
 
