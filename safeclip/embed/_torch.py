@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..artifacts import sha256_file
+from ..errors import ModelLoadError
 from ._hub import hub_offline_reason, local_weights_error, not_in_hub_cache, quiet_hub
+from ._identity import recognised_weights
 from ._pixels import PixelSpec
 
 __all__ = ["PixelsToEmbedding", "TorchModel"]
@@ -76,8 +81,44 @@ def _from_hub(open_clip: Any, model_name: str, pretrained: str | None) -> bool:
     return bool(cfg.get("hf_hub")) and "file" not in cfg
 
 
+def _is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's CLIP ``.pt`` files), as ``torch.load`` tells them apart."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _load_kwargs(open_clip: Any, model_name: str, pretrained: str | None) -> dict[str, Any]:
+    """``create_model`` arguments beyond the weights: a tag's QuickGELU and, for a published checkpoint file
+    (``recognised_weights``), what its tag's load has that a file's lacks.
+
+    open_clip applies a tag's ``quick_gelu`` only as a warning; the weights were trained with QuickGELU, so it is
+    forced. A recognised file gets its tag's preprocessing; OpenAI's files are TorchScript archives, which
+    ``torch.load`` reads only with ``weights_only=False``: allowed for those, whose sha256 is checked here.
+    """
+    if model_name.startswith(("local-dir:", "hf-hub:")) or not pretrained:
+        return {}
+    known = recognised_weights(model_name, pretrained)
+    cfg = open_clip.get_pretrained_cfg(model_name, known.pretrained if known else pretrained) or {}
+    kwargs: dict[str, Any] = {"force_quick_gelu": bool(cfg.get("quick_gelu"))}
+    if known is not None:
+        kwargs["force_preprocess_cfg"] = cfg
+        kwargs["weights_only"] = not _is_torchscript(pretrained)
+        # weights_only=False trusts the bytes about to be read, so hash those, not a hash remembered by stat
+        if not kwargs["weights_only"] and sha256_file(pretrained) != known.sha256:
+            raise ModelLoadError(f"{pretrained} changed after it was recognised as {known.model} {known.pretrained} "
+                                 "weights: load it again")
+    return kwargs
+
+
 class TorchModel:
-    """An open_clip model (both towers) in eval mode, frozen, on one device."""
+    """An open_clip model (both towers) in eval mode, frozen, on one device.
+
+    A published checkpoint file (see :mod:`safeclip.embed._identity`) loads as its pretrained tag loads: the same
+    architecture config, QuickGELU setting and preprocessing, so the same model and ``pixel_spec``.
+    """
 
     def __init__(self, model_name: str, pretrained: str | None = None, *, device: str = "cpu",
                  precision: str = "fp32") -> None:
@@ -88,8 +129,11 @@ class TorchModel:
         tried = f"{model_name} {pretrained}" if pretrained and not model_name.startswith("local-dir:") else model_name
         offline = hub_offline_reason() if _from_hub(open_clip, model_name, pretrained) else None
         cache_dir = os.environ.get("SAFECLIP_WEIGHTS_DIR")
+        kwargs = _load_kwargs(open_clip, model_name, pretrained)
         try:
-            with quiet_hub(offline=offline is not None):
+            with quiet_hub(offline=offline is not None), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+                warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
                 model = open_clip.create_model(
                     model_name,
                     pretrained=None if model_name.startswith(("local-dir:", "hf-hub:")) else pretrained,
@@ -97,6 +141,7 @@ class TorchModel:
                     precision="fp32",
                     require_pretrained=True,
                     cache_dir=cache_dir,
+                    **kwargs,
                 )
                 tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HTTP errors alike
