@@ -1,0 +1,222 @@
+"""A local checkpoint file is named by its content: a published one (``known_weights.json``) is its tag's space.
+
+The tiny random-weight checkpoint stands in for a published file by registering its sha256 through the test seam
+(replacing ``_identity.known_weights``); the shipped table itself is checked against open_clip's own URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_CFG
+from safeclip.embed import Encoder, PixelSpec, _identity
+from safeclip.embed._identity import KnownWeights, encoder_id_for, known_weights, weights_identity
+from safeclip.errors import ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "safeclip-tiny-ident"  # the tiny config registered as an open_clip architecture (see `arch`)
+VITB32_SHA = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
+VITL14_SHA = "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def register(monkeypatch: pytest.MonkeyPatch, *files: tuple[Path, str], pretrained: str = "openai",
+             other_models: tuple[str, ...] = ()) -> None:
+    """Make each ``(file, model)`` a published checkpoint of ``model`` with tag ``pretrained`` (the test seam)."""
+    table = dict(known_weights())
+    for path, model in files:
+        digest = sha256(path)
+        table[digest] = KnownWeights(digest, model, pretrained, f"https://example.invalid/{digest}/{path.name}",
+                                     other_models)
+    monkeypatch.setattr(_identity, "known_weights", lambda: table)
+
+
+@pytest.fixture
+def ckpt(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir / "open_clip_pytorch_model.bin"
+
+
+# ------------------------------------------------------------------------------------------ weights_identity
+def test_a_registered_file_is_named_by_its_tag(monkeypatch, ckpt, tmp_path):
+    assert weights_identity("ViT-B-32", str(ckpt), tmp_path).startswith("sha256:")
+    register(monkeypatch, (ckpt, "ViT-B-32"), other_models=("ViT-B-32-quickgelu",))
+    assert weights_identity("ViT-B-32", str(ckpt), tmp_path) == "openai" == weights_identity("ViT-B-32", "openai")
+    assert weights_identity("ViT-B-32-quickgelu", str(ckpt), tmp_path) == "openai"
+    assert _identity.recognised_weights("ViT-B-32", str(ckpt)).model == "ViT-B-32"  # type: ignore[union-attr]
+    assert _identity.recognised_weights("ViT-B-32", "openai") is None  # a tag is not a file
+
+
+def test_the_identity_follows_the_content_not_the_name(monkeypatch, ckpt, tmp_path):
+    register(monkeypatch, (ckpt, "ViT-B-32"))
+    copy = tmp_path / "elsewhere" / "renamed.pt"
+    copy.parent.mkdir()
+    shutil.copy(ckpt, copy)
+    assert weights_identity("ViT-B-32", str(copy), tmp_path) == "openai"
+
+
+def test_a_file_with_one_weight_changed_is_not_the_tag(monkeypatch, ckpt, tmp_path):
+    import torch
+
+    register(monkeypatch, (ckpt, "ViT-B-32"))
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    sd["logit_scale"] = sd["logit_scale"] + 1e-3
+    changed = tmp_path / ckpt.name
+    torch.save(sd, changed)
+    got = weights_identity("ViT-B-32", str(changed), tmp_path)
+    assert got == "sha256:" + sha256(changed)[:16]
+
+
+def test_a_published_file_under_another_architecture_is_refused(monkeypatch, ckpt, tmp_path):
+    register(monkeypatch, (ckpt, "ViT-L-14"))
+    with pytest.raises(ModelLoadError, match=r"ViT-L-14 checkpoint .* but the model is ViT-B-32") as e:
+        weights_identity("ViT-B-32", str(ckpt), tmp_path)
+    assert "model='ViT-L-14'" in str(e.value) and e.value.cli_message.endswith("pass --model ViT-L-14")
+
+
+def test_nothing_else_passes_as_a_tag(ckpt, tmp_path):
+    """Neither a published file's name nor its folder makes a file the published one: only its sha256 does."""
+    lookalike = tmp_path / VITB32_SHA / "ViT-B-32.pt"
+    lookalike.parent.mkdir()
+    shutil.copy(ckpt, lookalike)
+    got = weights_identity("ViT-B-32", str(lookalike), tmp_path)
+    assert got == "sha256:" + sha256(ckpt)[:16]
+    spec = PixelSpec(size=224)
+    assert encoder_id_for("ViT-B-32", got, spec, "fp32") != encoder_id_for("ViT-B-32", "openai", spec, "fp32")
+
+
+# ------------------------------------------------------------------------------------------ the shipped table
+def test_the_shipped_table_holds_openais_files_by_the_sha256_of_their_urls():
+    import open_clip
+
+    table = known_weights()
+    for model, sha in (("ViT-B-32", VITB32_SHA), ("ViT-L-14", VITL14_SHA)):
+        url = open_clip.get_pretrained_url(model, "openai")
+        assert url.split("/")[-2] == sha
+        assert (table[sha].model, table[sha].pretrained, table[sha].source) == (model, "openai", url)
+        assert f"{model}-quickgelu" in table[sha].models
+    assert all(len(sha) == 64 and e.source.split("/")[-2] == sha for sha, e in table.items())
+
+
+def test_the_shipped_table_is_what_the_script_computes_from_open_clip():
+    computed = runpy.run_path(str(ROOT / ".ci" / "known_weights.py"))["table"]()
+    shipped = json.loads((ROOT / "safeclip" / "embed" / "known_weights.json").read_text())
+    assert shipped == computed
+
+
+# ------------------------------------------------------------------------------------------ loading
+@pytest.fixture(scope="module")
+def arch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny config as a named open_clip architecture (in this process only)."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("ident-configs")
+    (folder / f"{ARCH}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(folder)
+    return ARCH
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One QuickGELU model's weights as a state_dict file (what the tag loads) and as a TorchScript archive (as
+    OpenAI publishes them)."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("published")
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**TINY_CFG, quick_gelu=True).eval()
+    torch.save(model.state_dict(), folder / "tag.bin")
+    size = TINY_CFG["vision_cfg"]["image_size"]
+    # OpenAI's archives hold the causal mask as a constant, and their input_resolution as a tensor open_clip drops.
+    model.attn_mask = model._buffers.pop("attn_mask")
+    model.register_buffer("input_resolution", torch.tensor(size))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.zeros(1, 3, size, size), torch.zeros(1, 77, dtype=torch.long)),
+                                 check_trace=False)
+    traced.save(str(folder / "TINY.pt"))
+    torch.nn.init.zeros_(model.visual.proj)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, (torch.zeros(1, 3, size, size), torch.zeros(1, 77, dtype=torch.long)),
+                        check_trace=False).save(str(folder / "other.pt"))
+    return {"state_dict": folder / "tag.bin", "jit": folder / "TINY.pt", "other_jit": folder / "other.pt"}
+
+
+@pytest.fixture
+def tag(monkeypatch, arch, published) -> str:
+    """An ``openai`` tag for the tiny architecture, as open_clip defines OpenAI's: QuickGELU, its own mean/std."""
+    import open_clip
+
+    cfg = {"url": "", "hf_hub": "", "file": str(published["state_dict"]), "quick_gelu": True,
+           "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "interpolation": "bicubic", "resize_mode": "shortest"}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, arch, {"openai": cfg})
+    return "openai"
+
+
+def _uses_quick_gelu(tm) -> bool:
+    import open_clip
+
+    return all(isinstance(b.mlp.gelu, open_clip.transformer.QuickGELU) for b in tm.model.visual.transformer.resblocks)
+
+
+def test_a_tag_trained_with_quick_gelu_loads_with_it(arch, tag):
+    """open_clip only warns about a tag's QuickGELU; the weights are loaded into the activation they were trained
+    with."""
+    from safeclip.embed._torch import TorchModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tm = TorchModel(arch, tag)
+    assert _uses_quick_gelu(tm)
+
+
+def test_a_registered_file_loads_as_its_tag(monkeypatch, arch, tag, published):
+    """Both a TorchScript archive and a state_dict file: the tag's QuickGELU, preprocessing and weights."""
+    from safeclip.embed._torch import TorchModel
+
+    register(monkeypatch, (published["jit"], arch), (published["state_dict"], arch))
+    ref = TorchModel(arch, tag)
+    assert ref.pixel_spec.mean == (0.5, 0.4, 0.3)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    for path in (published["jit"], published["state_dict"]):
+        tm = TorchModel(arch, str(path))
+        assert tm.pixel_spec == ref.pixel_spec and _uses_quick_gelu(tm)
+        np.testing.assert_allclose(tm.reference(pixels), ref.reference(pixels), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(tm.embed_texts(["a photo"]), ref.embed_texts(["a photo"]), rtol=0, atol=1e-6)
+
+
+def test_an_unregistered_torchscript_archive_is_not_loaded(monkeypatch, arch, published):
+    """Only a file whose sha256 is a published one is read with ``weights_only=False``: its bytes are hashed
+    before that load, whatever hash is remembered for it."""
+    from safeclip.embed._torch import TorchModel
+
+    with pytest.raises(ModelLoadError, match="could not load"):
+        TorchModel(arch, str(published["jit"]))
+    register(monkeypatch, (published["jit"], arch))
+    other = published["other_jit"]
+    monkeypatch.setitem(_identity._memo, _identity._stat_key(other), sha256(published["jit"]))
+    with pytest.raises(ModelLoadError, match="changed after it was recognised"):
+        TorchModel(arch, str(other))
+
+
+def test_an_encoder_on_a_registered_file_is_in_its_tags_space(monkeypatch, arch, tag, published, cache_dir):
+    """End to end (torch runtime: the tiny architecture exists only in this process, not in an export child)."""
+    register(monkeypatch, (published["jit"], arch))
+    ref = Encoder(arch, tag, device="cpu", cache_dir=cache_dir, runtime="torch")
+    enc = Encoder(arch, str(published["jit"]), device="cpu", cache_dir=cache_dir, runtime="torch")
+    assert enc.encoder_id == ref.encoder_id and enc.encoder_id.startswith(f"{arch}|openai|px:")
+    img = Image.new("RGB", (80, 60), (200, 30, 30))
+    np.testing.assert_allclose(enc.embed_images([img]), ref.embed_images([img]), rtol=0, atol=1e-6)
