@@ -320,7 +320,7 @@ def check_calibration_request(policy: PolicyLike, categories: Sequence[str] | No
 
 def _fit_category(cat: str, data: LabeledData, comp: CompiledPolicy, prompt_all: np.ndarray, *,
                   block_precision: float | None, flag_recall: float | None, confidence: float, probe: bool,
-                  method: str, holdout: float, probe_fraction: float, seed: int) -> CategoryFit:
+                  head: bool, method: str, holdout: float, probe_fraction: float, seed: int) -> CategoryFit:
     from sklearn.metrics import roc_auc_score
 
     rows, y = _labelled_rows(data, cat)
@@ -345,24 +345,28 @@ def _fit_category(cat: str, data: LabeledData, comp: CompiledPolicy, prompt_all:
 
     x = data.embeddings
     prompt = prompt_all[:, comp.scorer.categories.index(cat)]
-    head = None
+    trained = None
     if probe:
         tr = parts[0]
         c = counts["probe"]
         folds = min(_MAX_PROBE_FOLDS, c["n_pos"], c["n"] - c["n_pos"])
         try:
-            head = train_probe(x[tr], y_all[tr], encoder_id=data.encoder_id, cv=folds, random_state=seed)
+            trained = train_probe(x[tr], y_all[tr], encoder_id=data.encoder_id, cv=folds, random_state=seed)
         except ValueError as e:
             raise DataError(f"{cat}: cannot train the probe: {e}") from e
-        head.metadata.update(category=cat)
+        trained.metadata.update(category=cat)
+    # A head the policy already has (LAION's NSFW head) is stacked as it is: it is not refitted here.
+    published = comp.scorer.heads.get(cat) if head else None
 
     def signals(idx: np.ndarray) -> np.ndarray:
         cols = [prompt[idx]]
-        if head is not None:
-            cols.append(head.decision_function(x[idx]))
+        if trained is not None:
+            cols.append(trained.decision_function(x[idx]))
+        if published is not None:
+            cols.append(published.decision_function(x[idx]))
         return np.column_stack(cols).astype(np.float32)  # float32, as the runtime scorer gives them
 
-    inputs = ("prompt", "probe") if head is not None else ("prompt",)
+    inputs = ("prompt",) + (("probe",) if trained is not None else ()) + (("head",) if published is not None else ())
     cal_idx, hold_idx = parts[-2], parts[-1]
     try:
         cal = fit_calibrator(signals(cal_idx), y_all[cal_idx], method=method, inputs=inputs,
@@ -373,7 +377,7 @@ def _fit_category(cat: str, data: LabeledData, comp: CompiledPolicy, prompt_all:
     p_hold = np.asarray(cal.predict_proba(signals(hold_idx)), np.float32)
 
     notes: list[str] = []
-    if head is None and cal.method_ == "sigmoid" and cal.coef_[0] < 0:
+    if len(inputs) == 1 and cal.method_ == "sigmoid" and cal.coef_[0] < 0:
         notes.append("the calibrator's probability falls as the prompt signal rises: the category's prompts point "
                      "away from these labels; check the labels and the prompts")
         warnings.warn(f"{cat}: {notes[-1]}", CalibrationWarning, stacklevel=3)
@@ -387,7 +391,7 @@ def _fit_category(cat: str, data: LabeledData, comp: CompiledPolicy, prompt_all:
             warnings.warn(f"{cat}: {w.message}", ThresholdWarning, stacklevel=3)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return CategoryFit(cat, th, evaluate(p_hold, y_hold, th), cal, head, counts, dict(zip(roles, parts)),
+    return CategoryFit(cat, th, evaluate(p_hold, y_hold, th), cal, trained, counts, dict(zip(roles, parts)),
                        p_hold, float(roc_auc_score(y_hold, prompt[hold_idx])), tuple(notes))
 
 
@@ -424,8 +428,16 @@ def _extends_ref(parent: Policy, out_dir: Path) -> str | None:
     return ref if unchanged else None
 
 
+def _artifact_entry(ref: ArtifactRef, out_dir: Path, rel: str) -> dict[str, str]:
+    """The policy entry for ``ref`` in ``out_dir/policy.yaml``: a ``url`` stays one; a file is copied to ``rel``."""
+    if ref.path is None:
+        return {"url": str(ref.url), "sha256": ref.sha256}
+    return {"path": rel, "sha256": _copy_artifact(ref, out_dir / rel)}
+
+
 def _copy_artifact(ref: ArtifactRef, dst: Path) -> str:
     """Copy a pinned artifact to ``dst`` (checking its pin); returns the pin."""
+    assert ref.path is not None
     if ref.path.resolve() != dst.resolve():
         try:
             data = ref.path.read_bytes()
@@ -444,11 +456,12 @@ def _copied_categories(parent: Policy, out_dir: Path, calibrated: set[str]) -> d
     for c in parent.categories:
         d: dict[str, Any] = {"description": c.description, "prompts": list(c.prompts), "contrast": list(c.contrast),
                              "templates": list(c.templates), "thresholds": {"flag": c.flag, "block": c.block}}
+        if c.head is not None:  # kept for calibrated categories too: their new calibrator may stack it
+            d["head"] = _artifact_entry(c.head, out_dir, f"heads/{c.name}{c.head.path.suffix if c.head.path else ''}")
         if c.name not in calibrated:
             for kind, ref in (("probe", c.probe), ("calibrator", c.calibrator)):
                 if ref is not None:
-                    rel = f"{kind}s/{c.name}.json"
-                    d[kind] = {"path": rel, "sha256": _copy_artifact(ref, out_dir / rel)}
+                    d[kind] = _artifact_entry(ref, out_dir, f"{kind}s/{c.name}.json")
         cats[c.name] = d
     return cats
 
@@ -530,6 +543,7 @@ def calibrate_policy(
     flag_recall: float | None = 0.9,
     confidence: float = 0.95,
     probe: bool = True,
+    head: bool = True,
     method: str = "auto",
     holdout: float = 0.3,
     probe_fraction: float = 0.5,
@@ -543,7 +557,8 @@ def calibrate_policy(
 
     ``data``: a :class:`~safeclip.calibration.LabeledData`, or a file / table that :func:`load_labeled` reads with
     its defaults. ``block_precision`` / ``flag_recall``: the targets (``None``: no such threshold); ``probe``: also
-    train a linear probe and calibrate the prompt and probe signals together; ``method``: ``"auto"``, ``"sigmoid"``
+    train a linear probe and calibrate the prompt and probe signals together; ``head``: stack the head a category
+    already has (LAION's NSFW head in ``laion-nsfw-b32``) with its other signals, as it is; ``method``: ``"auto"``, ``"sigmoid"``
     or ``"isotonic"`` (see :class:`~safeclip.calibrate.Calibrator`); ``seed``: the split's and the probe's CV folds';
     ``name``: the written policy's name (default: the input policy's). ``embed_texts``: prompt embeddings for the
     data's space (default: the data's own source, else the prompt cache). Unsupported targets and doubtful fits emit
@@ -563,7 +578,7 @@ def calibrate_policy(
     comp = _compile(parent, data, texts)
     prompt_all = comp.scorer.score(data.embeddings).prompt  # (n, C) float32: the prompt signal of every category
     settings = {"block_precision": block_precision, "flag_recall": flag_recall, "confidence": confidence,
-                "probe": probe, "method": method, "holdout": holdout, "probe_fraction": probe_fraction, "seed": seed}
+                "probe": probe, "head": head, "method": method, "holdout": holdout, "probe_fraction": probe_fraction, "seed": seed}
     fits = [_fit_category(c, data, comp, prompt_all, **settings) for c in cats]
     disabled = [f.category for f in fits if f.thresholds.flag is None and f.thresholds.block is None]
     if disabled and not allow_disabled:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 import os
 
-from .calibrate import Calibrator, calibrate, load_calibrators
+import numpy as np
+
+from .calibrate import Calibrator, calibrate, load_calibrators, missing_inputs, probability_basis
 from .errors import SafeclipError
-from .heads import LinearProbe
+from .heads import LinearProbe, load_head
 from .policy import Policy, PolicyError, load_policy
 from .score import Scorer, Scores
 
@@ -39,6 +39,11 @@ class CompiledPolicy:
         """``(N, C)`` probabilities and the ``(C,)`` mask of calibrated categories."""
         return calibrate(scores, self.calibrators)
 
+    @property
+    def basis(self) -> tuple[str, ...]:
+        """Per category: ``"calibrator"``, ``"head"`` or ``"prompt"``, what its probability is."""
+        return probability_basis(self.policy, self.calibrators)
+
 
 def lint_policy(
     source: str | os.PathLike[str] | Policy, *, allow_outside: bool = False, encoder_id: str | None = None
@@ -46,7 +51,8 @@ def lint_policy(
     """Load a policy and every artifact it names, checked as a Moderator would check them, without the model.
 
     Every problem (invalid fields, wrong sha256 pins, malformed or non-finite artifacts, artifacts of different
-    embedding spaces or dimensions, a calibrator that needs a missing probe) is collected into one
+    embedding spaces or dimensions, a calibrator that needs a missing probe or head, a ``url`` artifact that cannot
+    be fetched) is collected into one
     :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every artifact belongs to that space.
 
     >>> lint_policy("default").id
@@ -57,32 +63,33 @@ def lint_policy(
     spaces: dict[str, str] = {}
     dims: dict[int, str] = {}
     for cat in policy.categories:
-        for key, ref in (("probe", cat.probe), ("calibrator", cat.calibrator)):
+        for key, ref in (("probe", cat.probe), ("head", cat.head), ("calibrator", cat.calibrator)):
             if ref is None:
                 continue
             where = f"{policy.source}: categories.{cat.name}.{key}"
+            art: Any
             try:
-                art = (LinearProbe if key == "probe" else Calibrator).load(ref.path, ref.sha256, encoder_id=encoder_id)
+                path = ref.local_path()
+                if key == "probe":
+                    art = LinearProbe.load(path, ref.sha256, encoder_id=encoder_id)
+                elif key == "head":
+                    art = load_head(path, ref.sha256, encoder_id)
+                else:
+                    art = Calibrator.load(path, ref.sha256, encoder_id=encoder_id)
             except SafeclipError as e:
                 problems.append(f"{where}: {e}")
                 continue
             if art.encoder_id is not None:
                 spaces.setdefault(art.encoder_id, where)
-            if isinstance(art, LinearProbe):
+            if key != "calibrator":
                 dims.setdefault(art.dim, where)
-        if cat.calibrator is not None and cat.probe is None:
-            try:
-                cal = Calibrator.load(cat.calibrator.path, cat.calibrator.sha256)
-            except SafeclipError:
-                continue
-            if "probe" in cal.inputs:
-                problems.append(f"{policy.source}: categories.{cat.name}.calibrator: it takes the 'probe' signal "
-                                "but the category names no probe")
+            else:
+                problems += [f"{where}: {p}" for p in missing_inputs(art, cat)]
     if len(spaces) > 1:
         problems.append(f"{policy.source}: artifacts come from {len(spaces)} embedding spaces: "
                         + "; ".join(f"{sid!r} ({where})" for sid, where in spaces.items()))
     if len(dims) > 1:
-        problems.append(f"{policy.source}: probes of different dimensions: "
+        problems.append(f"{policy.source}: probes and heads of different dimensions: "
                         + "; ".join(f"{d} ({where})" for d, where in dims.items()))
     if problems:
         raise PolicyError(problems)

@@ -12,14 +12,18 @@ fitted attributes end in ``_``), pure numpy at prediction time; fitting it impor
   class, else sigmoid: below that isotonic's step function overfits, above it its freedom from the logistic
   shape wins.
 
-The ``probe`` signal it may take comes from :class:`~safeclip.heads.LinearProbe` (score stage).
+The ``probe`` signal it may take comes from :class:`~safeclip.heads.LinearProbe`, the ``head`` signal from
+:class:`~safeclip.heads.MLPHead` (score stage); a stacked calibrator over ``("prompt", "head")`` lets a team's own
+labels sharpen a published head on its own traffic.
 
 Artifacts are JSON written with :func:`~safeclip.artifacts.write_json_atomic` and read back only through
 :func:`~safeclip.artifacts.read_pinned_json` (sha256 pin). Each records the ``encoder_id`` of its embedding space
 and refuses to load into another one (:class:`~safeclip.errors.EncoderMismatchError`).
 
 The runtime entry points used by the moderator are :func:`load_calibrators` and :func:`calibrate`. A category
-without a calibrator gets the documented fallback ``sigmoid(prompt)`` and is marked uncalibrated.
+without a calibrator is marked uncalibrated and gets the documented fallback: its head's own probability
+``sigmoid(head)`` when it has a head (a head is trained as a classifier: LAION's ``punsafe``), else
+``sigmoid(prompt)`` (see :func:`probability_basis`).
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ __all__ = [
     "Calibrator",
     "calibrate",
     "load_calibrators",
+    "missing_inputs",
+    "probability_basis",
     "sigmoid",
 ]
 
-KNOWN_SIGNALS: tuple[str, ...] = ("prompt", "probe")
+KNOWN_SIGNALS: tuple[str, ...] = ("prompt", "probe", "head")
 METHODS: tuple[str, ...] = ("sigmoid", "isotonic", "auto")
 AUTO_MIN_SAMPLES = 1000
 AUTO_MIN_PER_CLASS = 100
@@ -413,24 +419,36 @@ def load_calibrators(policy: Any, encoder_id: str | None) -> dict[str, Calibrato
         ref = getattr(cat, "calibrator", None)
         if ref is None:
             continue
-        cal = Calibrator.load(ref.path, ref.sha256, encoder_id=encoder_id)
-        if "probe" in cal.inputs and getattr(cat, "probe", None) is None:
-            problems.append(
-                f"categories.{cat.name}.calibrator: it takes the 'probe' signal but the category names no probe"
-            )
+        cal = Calibrator.load(ref.local_path(), ref.sha256, encoder_id=encoder_id)
+        problems += [f"categories.{cat.name}.calibrator: {p}" for p in missing_inputs(cal, cat)]
         out[cat.name] = cal
     if problems:
         raise PolicyError(problems)
     return out
 
 
+def missing_inputs(cal: Calibrator, category: Any) -> list[str]:
+    """Why ``cal`` cannot run in ``category``: each signal it takes that the category does not produce."""
+    return [f"it takes the {s!r} signal but the category names no {s}" for s in ("probe", "head")
+            if s in cal.inputs and getattr(category, s, None) is None]
+
+
+def probability_basis(policy: Any, calibrators: Mapping[str, Calibrator]) -> tuple[str, ...]:
+    """Per category, what its probability is: ``"calibrator"``, ``"head"`` (an uncalibrated category's head's own
+    probability) or ``"prompt"`` (the prompt ensemble's softmax mass, the last fallback)."""
+    return tuple("calibrator" if c.name in calibrators else "head" if getattr(c, "head", None) is not None
+                 else "prompt" for c in policy.categories)
+
+
 def calibrate(scores: Any, calibrators: Mapping[str, Calibrator]) -> tuple[np.ndarray, np.ndarray]:
     """``(N, C)`` probabilities and the ``(C,)`` bool mask of calibrated categories for a :class:`Scores`.
 
-    Categories without a calibrator get ``sigmoid(prompt)``, the uncalibrated fallback.
+    Categories without a calibrator get ``sigmoid(head)`` where they have a head, else ``sigmoid(prompt)``: the
+    uncalibrated fallbacks (:func:`probability_basis`).
     """
     prompt = np.asarray(scores.prompt)
     probe = np.asarray(scores.probe)
+    head = np.asarray(scores.head) if getattr(scores, "head", None) is not None else np.full(prompt.shape, np.nan)
     dtype = np.float32 if prompt.dtype == np.float32 else np.float64
     n, c = prompt.shape
     probs = np.empty((n, c), dtype)
@@ -438,9 +456,12 @@ def calibrate(scores: Any, calibrators: Mapping[str, Calibrator]) -> tuple[np.nd
     for j, name in enumerate(scores.categories):
         cal = calibrators.get(name)
         if cal is None:
-            probs[:, j] = sigmoid(prompt[:, j])
+            # A category without a head has an all-NaN head column; one with a head keeps a NaN row NaN (never
+            # decided) rather than falling back to the prompt for it.
+            has_head = not np.isnan(head[:, j]).all()
+            probs[:, j] = sigmoid(head[:, j] if has_head else prompt[:, j])
             continue
-        cols = {"prompt": prompt[:, j], "probe": probe[:, j]}
+        cols = {"prompt": prompt[:, j], "probe": probe[:, j], "head": head[:, j]}
         sig = cols[cal.inputs[0]] if len(cal.inputs) == 1 else np.column_stack([cols[s] for s in cal.inputs])
         probs[:, j] = cal.predict_proba(sig)
         mask[j] = True

@@ -67,6 +67,7 @@ class CategoryResult:
     calibrated: bool
     signals: Mapping[str, float]
     top_prompts: tuple[tuple[str, float], ...] = ()
+    basis: str = "prompt"  # what ``probability`` is: "calibrator", "head" (its own probability) or "prompt"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +76,7 @@ class CategoryResult:
             "flag_threshold": self.flag_threshold,
             "block_threshold": self.block_threshold,
             "calibrated": self.calibrated,
+            "basis": self.basis,
             "signals": dict(self.signals),
             "top_prompts": [list(t) for t in self.top_prompts],
         }
@@ -141,8 +143,13 @@ def build_decision(
     frame_index: int | None = None,
     n_frames: int = 1,
     background: tuple[int, int, int] | None = None,
+    basis: tuple[str, ...] | None = None,
 ) -> Decision:
     """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals.
+
+    ``signals`` maps each signal name (``prompt``, ``probe``, ``head``, a head's named probability such as
+    ``punsafe``) to its ``(C,)`` values, NaN where a category lacks it. ``basis`` says per category what the
+    probability is (see :func:`safeclip.calibrate.probability_basis`); without it, calibrated or prompt.
 
     Non-finite probabilities raise :class:`~safeclip.errors.DataError`: they decide nothing (the caller turns that
     into its fail-closed action).
@@ -161,12 +168,15 @@ def build_decision(
             name=cat.name, probability=round(p, 6), action=ACTIONS[codes[j]], flag_threshold=cat.flag,
             block_threshold=cat.block, calibrated=bool(calibrated[j]), signals=MappingProxyType(sig),
             top_prompts=(top_prompts or {}).get(cat.name, ()),
+            basis=basis[j] if basis is not None else ("calibrator" if calibrated[j] else "prompt"),
         )
         results[cat.name] = res
         if codes[j] > 0:
             limit = cat.block if codes[j] == 2 else cat.flag
             why = f"{cat.name}: p={p:.3f} >= {res.action} threshold {_fmt(limit)}"
-            if not res.calibrated:
+            if res.basis == "head":
+                why += " (uncalibrated: the head's own probability)"
+            elif not res.calibrated:
                 why += " (uncalibrated)"
             if res.top_prompts:
                 why += f"; closest prompt: {res.top_prompts[0][0]!r}"

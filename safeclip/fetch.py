@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from ._dirs import default_cache_dir
 from ._files import write_atomic
 from ._net import can_connect, env_true
 from .artifacts import sha256_file
@@ -63,8 +64,6 @@ def artifacts_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path
     """Where downloaded artifacts are kept: ``<cache_dir>/artifacts``, by default under
     :func:`~safeclip.embed.default_cache_dir`."""
     if cache_dir is None:
-        from .embed import default_cache_dir
-
         cache_dir = default_cache_dir()
     return Path(cache_dir) / "artifacts"
 

@@ -345,8 +345,8 @@ class Moderator:
                for j, name in enumerate(comp.policy.category_names)} if (scores.sims is not None and k) else None
         return build_decision(
             comp.policy, probs[r], calibrated,
-            {"prompt": scores.prompt[r], "probe": scores.probe[r]},
-            encoder_id=self.encoder_id, top_prompts=top,
+            scores.row_signals(r),
+            encoder_id=self.encoder_id, top_prompts=top, basis=comp.basis,
             sha256=prep.sha256 if prep else None, source=prep.source if prep else None,
             frame_index=prep.frame_indices[worst] if prep else None,
             n_frames=len(set(prep.frame_indices)) if prep else len(rows),

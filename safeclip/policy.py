@@ -22,7 +22,12 @@ Format (see ``policies/default.yaml``)::
         contrast: [a boxing match]     # benign look-alikes
         thresholds: {flag: 0.5, block: 0.85}
         probe: {path: probes/violence.json, sha256: ...}          # optional
+        head: {url: https://.../head.pth, sha256: ...}            # optional (see safeclip.heads.MLPHead)
         calibrator: {path: calibrators/violence.json, sha256: ...}  # optional
+
+An artifact is a local ``path`` (relative to the policy file) or a public ``url``, always with its sha256 pin; a
+``url`` is fetched on first use (:func:`safeclip.fetch.fetch_artifact`: an offline mirror in
+``$SAFECLIP_ARTIFACTS_DIR``, then the cache, then the network) and checked on every load.
 """
 
 from __future__ import annotations
@@ -46,10 +51,13 @@ __all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "
 
 _TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories"}
 _SCORING_KEYS = {"logit_scale", "templates", "neutral", "top_prompts"}
-_CATEGORY_KEYS = {"description", "prompts", "contrast", "templates", "thresholds", "probe", "calibrator", "enabled"}
+_CATEGORY_KEYS = {"description", "prompts", "contrast", "templates", "thresholds", "probe", "head", "calibrator",
+                  "enabled"}
+_ARTIFACT_KEYS = ("probe", "head", "calibrator")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_URL_RE = re.compile(r"^https?://[^\s/]+/\S+$")
 
 
 def builtin_policy_dir() -> Path:
@@ -71,10 +79,27 @@ class UnknownCategoryError(PolicyError, KeyError):
 
 @dataclass(frozen=True)
 class ArtifactRef:
-    """A probe or calibrator file, resolved against the policy that named it, with its sha256 pin."""
+    """A probe, head or calibrator a policy names, with its sha256 pin: a local ``path`` (resolved against the policy
+    that named it) or a public ``url`` fetched on first use."""
 
-    path: Path
+    path: Path | None
     sha256: str
+    url: str | None = None
+
+    def local_path(self) -> Path:
+        """The verified local file: ``path``, or the ``url``'s copy from the mirror, the cache or a download.
+
+        Raises :class:`~safeclip.errors.ArtifactUnavailableError` when a ``url`` cannot be fetched (offline).
+        """
+        if self.path is not None:
+            return self.path
+        from .fetch import fetch_artifact
+
+        assert self.url is not None
+        return fetch_artifact(self.url, self.sha256)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else str(self.url)
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,7 @@ class Category:
     block: float | None
     probe: ArtifactRef | None = None
     calibrator: ArtifactRef | None = None
+    head: ArtifactRef | None = None
 
 
 @dataclass(frozen=True)
@@ -280,7 +306,7 @@ def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tu
     if isinstance(cats, dict):
         for cat in cats.values():
             if isinstance(cat, dict):
-                for key in ("probe", "calibrator"):
+                for key in _ARTIFACT_KEYS:
                     if isinstance(cat.get(key), dict):
                         cat[key] = dict(cat[key], _base=str(path.parent), _file=str(path))
     parent_ref = data.pop("extends", None)
@@ -347,21 +373,30 @@ def _artifact(value: Any, where: str, problems: list[str], allow_outside: bool) 
     if value is None:
         return None
     if not isinstance(value, dict):
-        problems.append(f"{where}: must be a mapping with 'path' and 'sha256'")
+        problems.append(f"{where}: must be a mapping with 'path' (or 'url') and 'sha256'")
         return None
-    unknown = set(value) - {"path", "sha256", "_base", "_file"}
+    unknown = set(value) - {"path", "url", "sha256", "_base", "_file"}
     if unknown:
-        problems.append(f"{where}: unknown keys {sorted(unknown)} (expected path, sha256)")
-    path, sha = value.get("path"), value.get("sha256")
+        problems.append(f"{where}: unknown keys {sorted(unknown)} (expected path or url, and sha256)")
+    path, url, sha = value.get("path"), value.get("url"), value.get("sha256")
     ok = True
-    if not isinstance(path, str) or not path:
+    if (path is None) == (url is None):
+        problems.append(f"{where}: give exactly one of 'path' (a file beside the policy) and 'url' (a public "
+                        "location, fetched on first use)")
+        ok = False
+    elif path is not None and (not isinstance(path, str) or not path):
         problems.append(f"{where}.path: must be a non-empty string")
+        ok = False
+    elif url is not None and (not isinstance(url, str) or not _URL_RE.match(url)):
+        problems.append(f"{where}.url: must be an https:// or http:// URL, got {_printable(url)}")
         ok = False
     if not isinstance(sha, str) or not _SHA_RE.match(sha.lower()):
         problems.append(f"{where}.sha256: must be 64 hex digits (the artifact's sha256 pin), got {sha!r}")
         ok = False
     if not ok:
         return None
+    if url is not None:
+        return ArtifactRef(path=None, sha256=sha.lower(), url=url)
     try:
         resolved = resolve_artifact_path(path, value.get("_base"), allow_outside=allow_outside)
     except ArtifactIntegrityError as e:
@@ -490,9 +525,8 @@ def load_policy(
             block = _number(th.get("block"), at(f"{w}.thresholds.block"), problems, 0, 1, nullable=True)
             if flag is not None and block is not None and flag > block:
                 problems.append(at(f"{w}.thresholds: flag ({flag}) must not exceed block ({block})"))
-        probe = _artifact(cat.get("probe"), at(f"{w}.probe"), problems, allow_outside)
-        calibrator = _artifact(cat.get("calibrator"), at(f"{w}.calibrator"), problems, allow_outside)
-        categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, probe, calibrator))
+        refs = {key: _artifact(cat.get(key), at(f"{w}.{key}"), problems, allow_outside) for key in _ARTIFACT_KEYS}
+        categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, **refs))
     if not categories and isinstance(cats_raw, dict) and cats_raw:
         problems.append(at("categories: every category is disabled"))
     shipped = builtin_policy_dir() / f"{name}.yaml"

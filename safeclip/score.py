@@ -6,6 +6,8 @@ For each category two signals can exist:
   prompts, at the policy's logit scale: ``log sum_pos exp(s*cos) - log sum_neg exp(s*cos)``. Its sigmoid is the
   softmax mass of the positive prompts, which is the documented fallback probability of an uncalibrated category.
 - ``probe``: a linear probe's logit on the embedding, where the policy names a probe artifact.
+- ``head``: a trained head's logit (:class:`~safeclip.heads.MLPHead`, e.g. LAION's NSFW head), where the policy names
+  one. A head that names its ``output`` (``punsafe``) also reports ``sigmoid(head)`` under that name.
 
 A batch takes one matrix multiply, one ``exp`` and contiguous block sums. The prompt embeddings (logit scale
 folded in) and the probe weights are stacked into one ``(R, D)`` matrix whose rows are laid out per category,
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .heads import LinearProbe
+from .heads import LinearProbe, MLPHead, load_head
+from ._arrays import sigmoid
 from ._arrays import as_embeddings
 from .errors import EncoderMismatchError
 from .policy import Policy
@@ -42,9 +45,28 @@ class Scores:
     probe: np.ndarray  # NaN in the columns of categories without a probe
     encoder_id: str
     sims: np.ndarray | None = None  # (N, P) cosine similarities to each concept, kept for evidence when asked
+    head: np.ndarray | None = None  # (N, C) head logits, NaN in the columns of categories without a head
+    head_outputs: tuple[str | None, ...] = ()  # per category: the name a head gives its probability, or None
+
+    def __post_init__(self) -> None:
+        if self.head is None:
+            object.__setattr__(self, "head", np.full(np.shape(self.prompt), np.nan, np.float32))
+        if not self.head_outputs:
+            object.__setattr__(self, "head_outputs", (None,) * len(self.categories))
 
     def __len__(self) -> int:
         return int(self.prompt.shape[0])
+
+    def row_signals(self, r: int) -> dict[str, np.ndarray]:
+        """Every signal of row ``r`` as ``{name: (C,) array}`` (NaN where a category lacks it), heads' named
+        probabilities (``punsafe``) included: what a Decision reports per category."""
+        assert self.head is not None
+        out = {"prompt": self.prompt[r], "probe": self.probe[r], "head": self.head[r]}
+        for j, name in enumerate(self.head_outputs):
+            if name is not None:
+                col = out.setdefault(name, np.full(len(self.categories), np.nan, np.float32))
+                col[j] = sigmoid(self.head[r, j:j + 1].astype(np.float64))[0]
+        return out
 
 
 class Scorer:
@@ -121,9 +143,15 @@ class Scorer:
         fused = [self.prompt_matrix.T[rows] * np.float32(policy.logit_scale)]
 
         self.probes: dict[str, LinearProbe] = {}
+        self.heads: dict[str, MLPHead] = {}
         for cat in policy.categories:
             if cat.probe is not None:
-                self.probes[cat.name] = LinearProbe.load(cat.probe.path, cat.probe.sha256, encoder_id=encoder_id)
+                self.probes[cat.name] = LinearProbe.load(cat.probe.local_path(), cat.probe.sha256,
+                                                         encoder_id=encoder_id)
+            if cat.head is not None:
+                self.heads[cat.name] = load_head(cat.head.local_path(), cat.head.sha256, encoder_id, dim=self.dim)
+        self._head_cols = tuple((self.categories.index(name), head) for name, head in self.heads.items())
+        self.head_outputs = tuple(self.heads[c].output if c in self.heads else None for c in self.categories)
         probe_cols, intercepts = [], []
         for name, probe in self.probes.items():
             coef = np.asarray(probe.coef_, np.float32).ravel()
@@ -168,8 +196,11 @@ class Scorer:
         probe = np.full((n, n_c), np.nan, np.float32)  # NaN in the columns of categories without a probe
         if len(self._probe_cols):
             probe[:, self._probe_cols] = (out[r:] + self._probe_intercept).T
+        head = np.full((n, n_c), np.nan, np.float32)
+        for j, h in self._head_cols:
+            head[:, j] = h.decision_function(x)
         sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
-        return Scores(self.categories, prompt, probe, self.encoder_id, sims)
+        return Scores(self.categories, prompt, probe, self.encoder_id, sims, head, self.head_outputs)
 
     def top_prompts(self, sims_row: np.ndarray, j: int, k: int) -> tuple[tuple[str, float], ...]:
         """The ``k`` positive prompts of category ``j`` closest to one image, with their cosine similarity."""

@@ -24,15 +24,17 @@ TINY_CFG = {
 }
 
 
-def make_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """Write an open_clip ``local-dir`` model (config + random weights); return the folder."""
+def make_tiny_checkpoint(folder: Path, seed: int = 0, embed_dim: int | None = None) -> Path:
+    """Write an open_clip ``local-dir`` model (config + random weights); return the folder. ``embed_dim``: another
+    embedding width than TINY_CFG's (512 puts LAION's ViT-B-32 heads behind it, for mechanics)."""
     import open_clip
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CFG)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
+    cfg = TINY_CFG if embed_dim is None else {**TINY_CFG, "embed_dim": embed_dim}
+    model = open_clip.CLIP(**cfg)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
     return folder
 
@@ -58,6 +60,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model(tiny_model_dir: Path) -> str:
     """The ``model=`` string a user passes for a local open_clip folder."""
     return f"local-dir:{tiny_model_dir}"
+
+
+@pytest.fixture(scope="session")
+def tiny512_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random model whose embeddings are 512-d, like ViT-B-32's (LAION's B/32 heads fit behind it)."""
+    return f"local-dir:{make_tiny_checkpoint(tmp_path_factory.mktemp('tiny-clip-512'), seed=1, embed_dim=512)}"
+
+
+LAION = CORPUS.parent / "peers" / "laion-nsfw"
+
+
+@pytest.fixture(scope="session")
+def laion_dir() -> Path:
+    """LAION's published heads and violence vectors (read from ../shared, never copied into the repository)."""
+    if not (LAION / "clip_ViT-B-32_openai_binary_nsfw_head.pth").is_file():
+        pytest.skip(f"LAION's files not found at {LAION}")
+    return LAION
 
 
 @pytest.fixture(scope="session")

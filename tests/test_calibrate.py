@@ -27,6 +27,7 @@ from safeclip.calibrate import (
     sigmoid,
 )
 from safeclip.heads import LinearProbe
+from safeclip.policy import ArtifactRef
 from safeclip.errors import (
     ArtifactIntegrityError,
     EncoderMismatchError,
@@ -300,7 +301,7 @@ def test_no_pickle_in_stage() -> None:
 
 def test_calibrate_and_load_calibrators(tmp_path: Path, gauss: dict[str, np.ndarray]) -> None:
     cal = Calibrator("sigmoid", encoder_id="enc-a").fit(gauss["s"], gauss["y"])
-    ref = SimpleNamespace(path=tmp_path / "c.json", sha256=cal.save(tmp_path / "c.json"))
+    ref = ArtifactRef(path=tmp_path / "c.json", sha256=cal.save(tmp_path / "c.json"))
     policy = SimpleNamespace(categories=(
         SimpleNamespace(name="a", calibrator=ref, probe=None),
         SimpleNamespace(name="b", calibrator=None, probe=None),
@@ -324,7 +325,7 @@ def test_load_calibrators_needs_probe(tmp_path: Path) -> None:
     y = np.r_[np.zeros(50), np.ones(50)]
     sig = np.column_stack([rng.normal(y, 1), rng.normal(y, 1)])
     cal = Calibrator("sigmoid", inputs=("prompt", "probe")).fit(sig, y)
-    ref = SimpleNamespace(path=tmp_path / "c.json", sha256=cal.save(tmp_path / "c.json"))
+    ref = ArtifactRef(path=tmp_path / "c.json", sha256=cal.save(tmp_path / "c.json"))
     policy = SimpleNamespace(categories=(SimpleNamespace(name="a", calibrator=ref, probe=None),))
     with pytest.raises(PolicyError, match="probe"):
         load_calibrators(policy, None)

@@ -12,6 +12,7 @@ policy         ``safeclip policy lint | show | list``
 audit          ``safeclip audit``, ``rescore``, ``diff``
 calibration    ``safeclip calibrate``, ``eval``
 runtime        ``safeclip runtime verify``
+signals        ``safeclip import laion-nsfw | laion-violence``
 serve          ``safeclip serve``
 =============  ==========================================
 """
@@ -28,7 +29,7 @@ __all__ = ["build_parser", "main"]
 
 # Imported when the parser is built, not with the package: `python -m safeclip.cli.audit` then runs a module that
 # is not already half-imported (runpy warns about that).
-_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve")
+_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve", "signals")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,6 +97,9 @@ def register(subparsers: Any) -> None:
                    help="train a linear probe and calibrate the prompt and probe signals together (default: on)")
     p.add_argument("--holdout", type=_fraction, default=0.3,
                    help="share of each category's rows held out for thresholds and the report (default 0.3)")
+    p.add_argument("--head", action=argparse.BooleanOptionalAction, default=True,
+                   help="stack a category's head (e.g. LAION's NSFW head) with its other signals in the calibrator "
+                        "(default: on, for categories that have one)")
     p.add_argument("--probe-fraction", type=_fraction, default=0.5,
                    help="with --probe, share of the other rows that trains the probe; the rest fits the "
                         "calibrator (default 0.5)")
@@ -156,7 +159,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                                       args.flag_recall)
         result = calibrate_policy(
             parent, _load(args, parent, cats), cats, out=out, block_precision=args.block_precision,
-            flag_recall=args.flag_recall, confidence=args.confidence, probe=args.probe, method=args.method,
+            flag_recall=args.flag_recall, confidence=args.confidence, probe=args.probe, head=args.head,
+            method=args.method,
             holdout=args.holdout, probe_fraction=args.probe_fraction, seed=args.seed, name=args.name,
             allow_disabled=args.allow_disabled)
     print(result.format())

@@ -35,7 +35,7 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
     for f in args.files:
         p = lint_policy(f, allow_outside=args.allow_outside, encoder_id=args.encoder_id)
-        n_art = sum((c.probe is not None) + (c.calibrator is not None) for c in p.categories)
+        n_art = sum((c.probe is not None) + (c.head is not None) + (c.calibrator is not None) for c in p.categories)
         print(f"{f}: ok ({p.id}, {len(p.categories)} categories, {n_art} artifacts checked)")
     return EXIT_OK
 
@@ -51,8 +51,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
             c.name: {
                 "description": c.description, "prompts": list(c.prompts), "contrast": list(c.contrast),
                 "templates": list(c.templates), "thresholds": {"flag": c.flag, "block": c.block},
-                "probe": str(c.probe.path) if c.probe else None,
-                "calibrator": str(c.calibrator.path) if c.calibrator else None,
+                "probe": str(c.probe) if c.probe else None,
+                "head": str(c.head) if c.head else None,
+                "calibrator": str(c.calibrator) if c.calibrator else None,
             }
             for c in p.categories
         },

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from .._dirs import default_cache_dir
 from ..errors import DeviceError, ModelLoadError
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEVICES", "IDENTITY_VERSION", "PRECISIONS", "RUNTIMES",
@@ -42,15 +43,6 @@ DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
 """The device names an :class:`~safeclip.embed.Encoder` takes (``cuda:N``: the N-th CUDA GPU)."""
 
 _DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
-
-
-def default_cache_dir() -> Path:
-    """``$SAFECLIP_CACHE_DIR``, else ``$XDG_CACHE_HOME/safeclip``, else ``~/.cache/safeclip``."""
-    env = os.environ.get("SAFECLIP_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "safeclip"
 
 
 def resolve_encoder_args(

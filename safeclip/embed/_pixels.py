@@ -35,6 +35,20 @@ class PixelSpec:
         """The inverse of ``dataclasses.asdict`` (JSON turns the tuples into lists)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
+    @classmethod
+    def from_preprocess_cfg(cls, cfg: dict, size: int | tuple[int, ...] | list[int]) -> PixelSpec:
+        """From open_clip's ``preprocess_cfg`` (a loaded model's, or a pretrained tag's); ``size`` where it has none."""
+        size = cfg.get("size", size)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return cls(
+            size=int(size),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+            mean=tuple(float(v) for v in cfg.get("mean", cls.mean)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in cfg.get("std", cls.std)),  # type: ignore[arg-type]
+            fill_color=int(cfg.get("fill_color", 0)),
+        )
+
     @property
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()

@@ -1,0 +1,55 @@
+"""Reading published torch files as numpy, and the ``encoder_id`` a pretrained tag's weights embed into.
+
+Both need torch/open_clip, which is why they live in the embed stage; both are imported only by offline tools
+(:mod:`safeclip.importers`), never on a request path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactIntegrityError, ModelLoadError
+from ._identity import encoder_id_for
+from ._pixels import PixelSpec
+
+__all__ = ["read_state_dict", "tag_encoder_id"]
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """A torch ``state_dict`` file as ``{name: float32 array}``, read with ``torch.load(weights_only=True)`` only.
+
+    ``weights_only`` unpickles tensors and plain containers and refuses anything that would run code; a file
+    it refuses, or one holding something other than a mapping of tensors, is an :class:`ArtifactIntegrityError`.
+    """
+    import torch
+
+    try:
+        obj: Any = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for refused or corrupt files
+        raise ArtifactIntegrityError(f"{os.fspath(path)!r} is not a torch state_dict that loads with "
+                                     f"weights_only=True: {type(e).__name__}: {str(e)[:200]}") from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise ArtifactIntegrityError(f"{os.fspath(path)!r} holds no mapping of names to tensors")
+    return {k: v.detach().to(torch.float32).numpy().copy() for k, v in obj.items()}
+
+
+def tag_encoder_id(model: str, pretrained: str, precision: str = "fp32") -> str:
+    """The ``encoder_id`` an :class:`~safeclip.embed.Encoder` loading ``(model, pretrained)`` has, from open_clip's
+    configs alone (no weights are loaded or downloaded): how artifacts trained elsewhere name their space.
+
+    >>> tag_encoder_id("ViT-B-32", "openai").startswith("ViT-B-32|openai|px:")  # doctest: +SKIP
+    True
+    """
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    model_cfg = open_clip.get_model_config(model)
+    if not cfg or not model_cfg:
+        raise ModelLoadError(f"open_clip knows no pretrained tag {pretrained!r} for {model!r}")
+    # The same fields and defaults the torch runtime reads from a loaded model's preprocess_cfg.
+    spec = PixelSpec.from_preprocess_cfg(cfg, model_cfg.get("vision_cfg", {}).get("image_size", 224))
+    return encoder_id_for(model, pretrained, spec, precision)
