@@ -151,3 +151,38 @@ def test_rescore_under_a_laion_policy_needs_no_model(tmp_path, retargeted, tiny5
     for r in rows:
         emb = np.asarray(saved[r["path"]], np.float32)  # (frames, D): one frame each here
         assert r["p_sexual"] == pytest.approx(float(head.predict_proba(emb)[0]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_shipped_b32_policy_behind_a_local_copy_recognised_as_openai(mirror, monkeypatch, tmp_path, photos,
+                                                                          capsys):
+    """`check --policy laion-nsfw-b32 --model ViT-B-32 --pretrained <local file>` runs LAION's own head when the file
+    is recognised as OpenAI's weights. OpenAI's file cannot be downloaded here, so a random ViT-B-32 checkpoint is
+    registered as it through the identity table's test seam (mechanics only: random weights)."""
+    import hashlib
+
+    import open_clip
+    import torch
+
+    from safeclip.embed import _identity
+
+    ckpt = tmp_path / "ViT-B-32-openai.bin"
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).half().state_dict(), ckpt)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    table = dict(_identity.known_weights())
+    table[digest] = _identity.KnownWeights(digest, "ViT-B-32", "openai", "https://example.invalid/test", ())
+    monkeypatch.setattr(_identity, "known_weights", lambda: table)
+
+    rc = main(["check", str(photos[0]), "--policy", "laion-nsfw-b32", "--model", "ViT-B-32", "--pretrained",
+               str(ckpt), "--device", "cpu", "--runtime", "torch", "--json"])
+    assert rc in (0, 1)
+    decision = json.loads(capsys.readouterr().out.splitlines()[0])["decision"]
+    assert decision["encoder_id"] == tag_encoder_id("ViT-B-32", "openai")
+    sexual = decision["categories"]["sexual"]
+    assert sexual["basis"] == "head" and "punsafe" in sexual["signals"]
+
+    table.pop(digest)  # the same file, unregistered: nothing else passes as OpenAI's weights
+    assert main(["check", str(photos[0]), "--policy", "laion-nsfw-b32", "--model", "ViT-B-32", "--pretrained",
+                 str(ckpt), "--device", "cpu", "--runtime", "torch"]) == 2
+    assert "ViT-B-32|openai" in capsys.readouterr().err
