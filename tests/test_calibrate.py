@@ -24,6 +24,7 @@ from safeclip.calibrate import (
     _FastInterp,
     calibrate,
     load_calibrators,
+    probability_basis,
     sigmoid,
 )
 from safeclip.heads import LinearProbe
@@ -329,3 +330,38 @@ def test_load_calibrators_needs_probe(tmp_path: Path) -> None:
     policy = SimpleNamespace(categories=(SimpleNamespace(name="a", calibrator=ref, probe=None),))
     with pytest.raises(PolicyError, match="probe"):
         load_calibrators(policy, None)
+
+
+def test_an_uncalibrated_category_with_a_head_uses_the_heads_probability(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    prompt = rng.normal(size=(40, 2)).astype(np.float32)
+    head = np.full_like(prompt, np.nan)
+    head[:, 1] = rng.normal(size=40)
+    head[3, 1] = np.nan  # a row the head could not score stays undecided, never falls back to the prompt
+    scores = SimpleNamespace(categories=("a", "b"), prompt=prompt, probe=np.full_like(prompt, np.nan), head=head)
+    probs, mask = calibrate(scores, {})
+    assert mask.tolist() == [False, False]
+    np.testing.assert_allclose(probs[:, 0], sigmoid(prompt[:, 0]), rtol=1e-6)
+    keep = np.arange(40) != 3
+    np.testing.assert_allclose(probs[keep, 1], sigmoid(head[keep, 1]), rtol=1e-6)
+    assert np.isnan(probs[3, 1])
+    policy = SimpleNamespace(categories=(SimpleNamespace(name="a", head=None), SimpleNamespace(name="b", head=1)))
+    assert probability_basis(policy, {}) == ("prompt", "head")
+
+
+def test_a_calibrator_over_the_head_signal_needs_a_head(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    y = np.r_[np.zeros(60), np.ones(60)]
+    sig = np.column_stack([rng.normal(y, 1), rng.normal(2 * y, 1)])
+    cal = Calibrator("sigmoid", inputs=("prompt", "head")).fit(sig, y)
+    ref = ArtifactRef(path=tmp_path / "c.json", sha256=cal.save(tmp_path / "c.json"))
+    with pytest.raises(PolicyError, match="names no head"):
+        load_calibrators(SimpleNamespace(categories=(SimpleNamespace(name="a", calibrator=ref, probe=None,
+                                                                     head=None),)), None)
+    cals = load_calibrators(SimpleNamespace(categories=(SimpleNamespace(name="a", calibrator=ref, probe=None,
+                                                                        head=object()),)), None)
+    scores = SimpleNamespace(categories=("a",), prompt=sig[:, :1].astype(np.float32),
+                             probe=np.full((120, 1), np.nan, np.float32), head=sig[:, 1:].astype(np.float32))
+    probs, mask = calibrate(scores, cals)
+    assert mask.tolist() == [True]
+    np.testing.assert_allclose(probs[:, 0], cal.predict_proba(sig.astype(np.float32)), rtol=1e-5)

@@ -152,3 +152,42 @@ def test_requests_are_checked_before_any_data_is_read(policy_file: Path, tmp_pat
         with pytest.raises(ValueError, match="holdout"):
             calibrate_policy(policy_file, missing, ["drugs"], out=tmp_path / "o", holdout=1.0)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_stacked_calibrator_sharpens_a_head_the_policy_already_has(policy_file: Path, synth, tiny_encoder,
+                                                                     tmp_path: Path) -> None:
+    """A category with a head (as laion-nsfw-b32's sexual has LAION's) gets a calibrator over (prompt, head): the
+    head here sees the direction only a trained model can (see calibration_known.sample), through a ReLU pair."""
+    from calibration_known import directions
+
+    from safeclip.heads import MLPHead
+
+    pol = load_policy(policy_file)
+    _, h = directions(pol, tiny_encoder.embed_texts, "weapons")
+    head = MLPHead([(np.stack([h, -h]) * 10, np.zeros(2)), (np.array([[1.0, -1.0]]), np.zeros(1))],
+                   encoder_id=tiny_encoder.encoder_id)
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    sha = head.save(folder / "weapons-head.json")
+    with_head = folder / "policy.yaml"
+    with_head.write_text(policy_file.read_text().replace("name: synth", "name: synth-head").replace(
+        '    contrast: ["a toy water pistol"]\n',
+        f'    contrast: ["a toy water pistol"]\n    head: {{path: weapons-head.json, sha256: {sha}}}\n'))
+    x, y = synth("weapons", 2000, 21)
+    data = LabeledData(x, {"weapons": y}, tiny_encoder.encoder_id, embed_texts=tiny_encoder.embed_texts)
+
+    res = calibrate_policy(with_head, data, ["weapons"], out=tmp_path / "out", probe=False, block_precision=0.8,
+                           flag_recall=0.8, seed=2)
+    fit = res.fits["weapons"]
+    assert fit.calibrator.inputs == ("prompt", "head") and fit.probe is None
+    assert fit.report.roc_auc > fit.prompt_roc_auc + 0.05  # the head adds what the prompt cannot see
+    written = load_policy(res.policy_path).category("weapons")
+    assert written.head is not None and written.head.sha256 == sha
+    m = Moderator(policy=res.policy_path, encoder=tiny_encoder)
+    j = m.policy.category_names.index("weapons")
+    p = m.calibrate(m.score(data.embeddings[fit.split["holdout"]]))[0][:, j]
+    np.testing.assert_allclose(p, fit.p_holdout, atol=1e-4)
+
+    alone = calibrate_policy(with_head, data, ["weapons"], out=tmp_path / "out2", probe=False, head=False,
+                             block_precision=0.8, flag_recall=0.8, seed=2)
+    assert alone.fits["weapons"].calibrator.inputs == ("prompt",)

@@ -78,3 +78,22 @@ def test_non_finite_probabilities_never_allow_and_never_decide():
     from safeclip.decide import nonfinite_rows
 
     assert nonfinite_rows(probs).tolist() == [False, True]
+
+
+def test_a_head_decided_category_says_so_and_reports_punsafe():
+    p = load_policy("laion-nsfw-b32")
+    n = len(p.categories)
+    j = p.category_names.index("sexual")
+    probs = np.zeros(n, np.float32)
+    probs[j] = 0.7
+    nan = np.full(n, np.nan, np.float32)
+    head, punsafe = nan.copy(), nan.copy()
+    head[j], punsafe[j] = np.log(0.7 / 0.3), 0.7
+    basis = tuple("head" if c.head is not None else "prompt" for c in p.categories)
+    d = build_decision(p, probs, np.zeros(n, bool), {"prompt": np.zeros(n, np.float32), "head": head,
+                                                     "punsafe": punsafe}, encoder_id="e", basis=basis)
+    sexual = d.categories["sexual"]
+    assert d.action == "block" and sexual.basis == "head" and sexual.signals["punsafe"] == np.float32(0.7)
+    assert d.reasons[0].startswith("sexual: p=0.700 >= block threshold 0.5 (uncalibrated: the head's own")
+    assert "punsafe" not in d.categories["nudity"].signals and d.categories["nudity"].basis == "prompt"
+    assert json.loads(d.to_json())["categories"]["sexual"]["basis"] == "head"

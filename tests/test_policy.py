@@ -20,8 +20,8 @@ def write(tmp: Path, name: str, data: dict | str) -> Path:
 
 
 def test_shipped_policies_are_valid_and_cover_required_categories():
-    assert {"default", "strict", "lenient"} <= set(list_policies())
-    for name in ("default", "strict", "lenient"):
+    assert {"default", "strict", "lenient", "laion-nsfw-b32", "laion-nsfw-l14"} <= set(list_policies())
+    for name in list_policies():
         p = load_policy(name)
         assert REQUIRED <= set(p.category_names), name
         for c in p.categories:
@@ -279,3 +279,30 @@ def test_unknown_names_get_did_you_mean_and_say_where_they_came_from(tmp_path, m
 def test_unknown_category_is_a_policy_error_and_a_key_error():
     with pytest.raises(PolicyError, match="no category 'nope'"):
         load_policy("default").category("nope")
+
+
+def _with_artifact(tmp: Path, entry: str) -> Path:
+    return write(tmp, "p.yaml", "name: a\nversion: '1'\nextends: default\ncategories:\n  sexual:\n"
+                                f"    head: {entry}\n")
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("{sha256: " + "0" * 64 + "}", "exactly one of 'path'"),
+    ("{path: h.json, url: 'https://e.invalid/h.json', sha256: " + "0" * 64 + "}", "exactly one of 'path'"),
+    ("{url: 'ftp://e.invalid/h.json', sha256: " + "0" * 64 + "}", "https:// or http://"),
+    ("{url: 'https://e.invalid/h.json', sha256: abc}", "64 hex digits"),
+    ("{url: 'https://e.invalid/h.json', sha256: " + "0" * 64 + ", size: 3}", "unknown keys"),
+])
+def test_artifact_entries_name_a_path_or_a_url_with_a_pin(tmp_path, entry, match):
+    with pytest.raises(PolicyError, match=match):
+        load_policy(_with_artifact(tmp_path, entry))
+
+
+def test_a_url_artifact_is_not_fetched_by_loading_the_policy(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("policy loading fetched"))
+    p = load_policy(_with_artifact(tmp_path, "{url: 'https://e.invalid/x/h.json', sha256: " + "A" * 64 + "}"))
+    ref = p.category("sexual").head
+    assert (ref.path, ref.url, ref.sha256) == (None, "https://e.invalid/x/h.json", "a" * 64)
+    assert str(ref) == "https://e.invalid/x/h.json"

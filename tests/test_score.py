@@ -140,3 +140,25 @@ def test_embeddings_that_are_not_clip_embeddings_are_refused(scorer, make, why):
     good = unit(np.random.default_rng(0).normal(size=(3, scorer.dim)))
     with pytest.raises(DataError, match=why):
         scorer.score(make(good))
+
+
+def test_a_head_gives_its_own_signal_and_named_probability(tmp_path):
+    from safeclip.heads import MLPHead
+
+    w = unit(np.random.default_rng(0).normal(size=512))
+    head = MLPHead([(w[None, :] * 20, np.array([-1.0]))], encoder_id="test-space", output="punsafe")
+    sha = head.save(tmp_path / "h.json")
+    (tmp_path / "p.yaml").write_text("name: h\nversion: '1'\nextends: default\ncategories:\n  sexual:\n"
+                                     f"    head: {{path: h.json, sha256: {sha}}}\n")
+    sc = Scorer(load_policy(tmp_path / "p.yaml"), OrthoTexts(512), encoder_id="test-space")
+    x = unit(np.stack([w, -w, np.eye(512)[0]]).astype(np.float32))
+    s = sc.score(x)
+    j = sc.categories.index("sexual")
+    np.testing.assert_allclose(s.head[:, j], 20 * (x @ w) - 1, rtol=1e-5)
+    assert np.isnan(np.delete(s.head, j, axis=1)).all()
+    row = s.row_signals(0)
+    assert set(row) == {"prompt", "probe", "head", "punsafe"}
+    assert row["punsafe"][j] == pytest.approx(1 / (1 + np.exp(-19.0)), rel=1e-6)
+    assert np.isnan(np.delete(row["punsafe"], j)).all()
+    with pytest.raises(EncoderMismatchError):
+        Scorer(load_policy(tmp_path / "p.yaml"), OrthoTexts(512), encoder_id="another-space")
