@@ -42,7 +42,41 @@ MAX_HEAD_PARAMETERS = 50_000_000
 """An MLP head with more parameters than this is refused before its arrays are built (LAION's are under 300k)."""
 
 
-class LinearProbe:
+class _JSONArtifact:
+    """What every head artifact shares: JSON written atomically, read back pinned."""
+
+    encoder_id: str
+    dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the JSON artifact atomically; returns its sha256 (the pin a policy records)."""
+        return write_json_atomic(path, self.to_dict())
+
+
+def _identity_fields(d: Mapping[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
+    """``(encoder_id, metadata)`` of an artifact dict, checked."""
+    enc = d.get("encoder_id")
+    if not isinstance(enc, str) or not enc:
+        raise ArtifactIntegrityError(f"{kind} artifact: 'encoder_id' must be a non-empty string")
+    meta = d.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise ArtifactIntegrityError(f"{kind} artifact: 'metadata' must be an object")
+    return enc, meta
+
+
+def _in_space(art: _JSONArtifact, path: str | os.PathLike[str], encoder_id: str | None, dim: int | None,
+              what: str) -> Any:
+    """``art``, unless it belongs to another embedding space or dimension (:class:`EncoderMismatchError`)."""
+    check_encoder(art.encoder_id, encoder_id, f"{what} {os.fspath(path)!r}")
+    if dim is not None and art.dim != dim:
+        raise EncoderMismatchError(f"{what} {os.fspath(path)!r} has dimension {art.dim}, embeddings have {dim}")
+    return art
+
+
+class LinearProbe(_JSONArtifact):
     """A linear probe on embeddings: ``logit = X @ coef_ + intercept_`` in float32.
 
     Made by :func:`safeclip.calibration.train_probe`. ``metadata`` records how (data hash, C, CV metrics, class
@@ -107,21 +141,12 @@ class LinearProbe:
     def from_dict(cls, d: Mapping[str, Any]) -> LinearProbe:
         """Rebuild from :meth:`to_dict`; a malformed dict raises :class:`ArtifactIntegrityError`."""
         check_artifact(d, PROBE_KIND)
-        enc = d.get("encoder_id")
-        if not isinstance(enc, str) or not enc:
-            raise ArtifactIntegrityError("probe artifact: 'encoder_id' must be a non-empty string")
+        enc, meta = _identity_fields(d, "probe")
         dim = d.get("dim")
         coef = float_list(d, "coef", "probe")
         if not isinstance(dim, int) or isinstance(dim, bool) or coef.shape != (dim,) or dim < 1:
             raise ArtifactIntegrityError(f"probe artifact: 'dim' {dim!r} does not match {coef.size} coefficients")
-        meta = d.get("metadata", {})
-        if not isinstance(meta, dict):
-            raise ArtifactIntegrityError("probe artifact: 'metadata' must be an object")
         return cls(coef, finite_number(d, "intercept", "probe"), encoder_id=enc, metadata=meta)
-
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the JSON artifact atomically; returns its sha256."""
-        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(
@@ -133,14 +158,10 @@ class LinearProbe:
         dim: int | None = None,
     ) -> LinearProbe:
         """Load a pinned artifact; :class:`EncoderMismatchError` on another ``encoder_id`` or ``dim``."""
-        probe = cls.from_dict(read_pinned_json(path, sha256))
-        check_encoder(probe.encoder_id, encoder_id, f"probe {os.fspath(path)!r}")
-        if dim is not None and probe.dim != dim:
-            raise EncoderMismatchError(f"probe {os.fspath(path)!r} has dimension {probe.dim}, embeddings have {dim}")
-        return probe
+        return _in_space(cls.from_dict(read_pinned_json(path, sha256)), path, encoder_id, dim, "probe")
 
 
-class MLPHead:
+class MLPHead(_JSONArtifact):
     """A small MLP on embeddings: ``(x - mean) / (sqrt(variance) + epsilon)``, then ``Linear, ReLU, ..., Linear``
     to one logit.
 
@@ -160,6 +181,8 @@ class MLPHead:
     (3,)
     >>> MLPHead.from_dict(head.to_dict()).decision_function(x).tolist() == head.decision_function(x).tolist()
     True
+
+    Load a pinned one with :func:`load_head`.
     """
 
     BLOCK_ROWS = 8192
@@ -275,9 +298,7 @@ class MLPHead:
         """Rebuild from :meth:`to_dict`; a malformed dict raises :class:`ArtifactIntegrityError`."""
         kind = "mlp head"
         check_artifact(d, MLP_KIND)
-        enc = d.get("encoder_id")
-        if not isinstance(enc, str) or not enc:
-            raise ArtifactIntegrityError(f"{kind} artifact: 'encoder_id' must be a non-empty string")
+        enc, meta = _identity_fields(d, kind)
         if d.get("activation") != "relu":
             raise ArtifactIntegrityError(f"{kind} artifact: 'activation' must be 'relu'")
         raw = d.get("layers")
@@ -310,9 +331,6 @@ class MLPHead:
         output = d.get("output")
         if output is not None and not (isinstance(output, str) and output.isidentifier()):
             raise ArtifactIntegrityError(f"{kind} artifact: 'output' must be an identifier or null")
-        meta = d.get("metadata", {})
-        if not isinstance(meta, dict):
-            raise ArtifactIntegrityError(f"{kind} artifact: 'metadata' must be an object")
         try:
             head = cls(layers, encoder_id=enc, standardize=std, output=output, metadata=meta)
         except ValueError as e:
@@ -320,22 +338,6 @@ class MLPHead:
         if d.get("dim") != head.dim:
             raise ArtifactIntegrityError(f"{kind} artifact: 'dim' {d.get('dim')!r} does not match its first layer")
         return head
-
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the JSON artifact atomically; returns its sha256."""
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        sha256: str,
-        encoder_id: str | None = None,
-        *,
-        dim: int | None = None,
-    ) -> MLPHead:
-        """Load a pinned artifact (or a published file :mod:`safeclip.importers` knows; see :func:`load_head`)."""
-        return load_head(path, sha256, encoder_id, dim=dim)
 
 
 def load_head(
@@ -364,7 +366,4 @@ def load_head(
         from .importers import load_published_head
 
         head = load_published_head(path, sha256, cache_dir=cache_dir)
-    check_encoder(head.encoder_id, encoder_id, f"head {os.fspath(path)!r}")
-    if dim is not None and head.dim != dim:
-        raise EncoderMismatchError(f"head {os.fspath(path)!r} has dimension {head.dim}, embeddings have {dim}")
-    return head
+    return _in_space(head, path, encoder_id, dim, "head")

@@ -48,7 +48,7 @@ def test_json_round_trip_is_exact_and_pinned(tmp_path) -> None:
     head = _head(rng, standardize={"mean": np.zeros(16), "variance": np.ones(16), "epsilon": 0.0},
                  output="punsafe", metadata={"source": "test"})
     sha = head.save(tmp_path / "h.json")
-    back = MLPHead.load(tmp_path / "h.json", sha, encoder_id="space-a", dim=16)
+    back = load_head(tmp_path / "h.json", sha, "space-a", dim=16)
     x = unit(rng.normal(size=(50, 16)))
     assert back.decision_function(x).tolist() == head.decision_function(x).tolist()
     assert (back.output, back.metadata, back.n_parameters) == ("punsafe", {"source": "test"}, head.n_parameters)

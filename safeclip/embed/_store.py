@@ -31,8 +31,9 @@ from ._identity import model_arch
 
 __all__ = ["EXPORT_FORMAT", "OPSET", "ExportStore", "package_versions"]
 
-EXPORT_FORMAT = 1
-"""Bump when the exported graph's contract changes (inputs, outputs, what the manifest records)."""
+EXPORT_FORMAT = 2
+"""Bump when the exported graph's contract changes (inputs, outputs, what the manifest records) or what it computes
+(2: tags trained with QuickGELU, such as ``openai``, are exported with it; format 1 exported them with GELU)."""
 
 OPSET = 17
 """ONNX opset of the exports: the first with LayerNormalization, which ONNX Runtime runs as one fused kernel."""

@@ -162,17 +162,8 @@ class TorchModel:
 
     def _pixel_spec(self) -> PixelSpec:
         visual = self.model.visual
-        cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        size = cfg.get("size", getattr(visual, "image_size", 224))
-        size = size[0] if isinstance(size, (tuple, list)) else int(size)
-        return PixelSpec(
-            size=int(size),
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            resize_mode=str(cfg.get("resize_mode", "shortest")),
-            mean=tuple(float(v) for v in cfg.get("mean", PixelSpec.mean)),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in cfg.get("std", PixelSpec.std)),  # type: ignore[arg-type]
-            fill_color=int(cfg.get("fill_color", 0)),
-        )
+        return PixelSpec.from_preprocess_cfg(getattr(visual, "preprocess_cfg", {}) or {},
+                                             getattr(visual, "image_size", 224))
 
     def _autocast(self) -> Any:
         if self.precision in {"fp32", "int8"}:
