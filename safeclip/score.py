@@ -197,8 +197,9 @@ class Scorer:
         if len(self._probe_cols):
             probe[:, self._probe_cols] = (out[r:] + self._probe_intercept).T
         head = np.full((n, n_c), np.nan, np.float32)
+        x64 = x.astype(np.float64) if self._head_cols else x  # heads run in float64: convert once for all of them
         for j, h in self._head_cols:
-            head[:, j] = h.decision_function(x)
+            head[:, j] = h.decision_function(x64)
         sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
         return Scores(self.categories, prompt, probe, self.encoder_id, sims, head, self.head_outputs)
 
