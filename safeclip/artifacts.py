@@ -132,9 +132,9 @@ def finite_number(d: Mapping[str, Any], key: str, kind: str) -> float:
     return float(v)
 
 
-def check_encoder(recorded: str | None, expected: str | None, what: str) -> None:
+def check_encoder(recorded: str | None, expected: str | None, what: str, fix: str = "refit it for this encoder",
+                  ) -> None:
     if expected is not None and recorded is not None and recorded != expected:
         raise EncoderMismatchError(
-            f"{what} was fitted in embedding space {recorded!r}, but this policy runs in {expected!r}; "
-            "refit it for this encoder"
+            f"{what} was fitted in embedding space {recorded!r}, but this policy runs in {expected!r}; {fix}"
         )

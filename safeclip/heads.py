@@ -47,6 +47,7 @@ class _JSONArtifact:
 
     encoder_id: str
     dim: int
+    metadata: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -70,7 +71,12 @@ def _identity_fields(d: Mapping[str, Any], kind: str) -> tuple[str, dict[str, An
 def _in_space(art: _JSONArtifact, path: str | os.PathLike[str], encoder_id: str | None, dim: int | None,
               what: str) -> Any:
     """``art``, unless it belongs to another embedding space or dimension (:class:`EncoderMismatchError`)."""
-    check_encoder(art.encoder_id, encoder_id, f"{what} {os.fspath(path)!r}")
+    fix = "refit it for this encoder"
+    if isinstance(art.metadata.get("trained_in"), str) and "retargeted" not in art.metadata:
+        arch, weights = (art.metadata["trained_in"].split("|") + ["", ""])[:2]
+        fix = (f"it was trained on {arch} {weights} embeddings: run with --model {arch} --pretrained {weights} "
+               "(or a local copy of that published checkpoint file, recognised by its sha256)")
+    check_encoder(art.encoder_id, encoder_id, f"{what} {os.fspath(path)!r}", fix)
     if dim is not None and art.dim != dim:
         raise EncoderMismatchError(f"{what} {os.fspath(path)!r} has dimension {art.dim}, embeddings have {dim}")
     return art
