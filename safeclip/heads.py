@@ -38,6 +38,7 @@ __all__ = ["MAX_HEAD_PARAMETERS", "MLPHead", "MLP_KIND", "LinearProbe", "PROBE_K
 
 PROBE_KIND = "safeclip.probe"
 MLP_KIND = "safeclip.mlp_head"
+_SIGNAL_NAMES = ("prompt", "probe", "head")  # what a head's output may not be called (Decisions report both)
 MAX_HEAD_PARAMETERS = 50_000_000
 """An MLP head with more parameters than this is refused before its arrays are built (LAION's are under 300k)."""
 
@@ -223,6 +224,8 @@ class MLPHead(_JSONArtifact):
         self.layers_ = tuple(built)
         self._layers64 = tuple((w.astype(np.float64), b.astype(np.float64)) for w, b in built)
         self.dim = int(built[0][0].shape[1])
+        if output is not None and (not output.isidentifier() or output in _SIGNAL_NAMES):
+            raise ValueError(f"output {output!r} must be an identifier other than {', '.join(_SIGNAL_NAMES)}")
         self.encoder_id = encoder_id
         self.output = output
         self.standardize: dict[str, Any] | None = None
@@ -335,8 +338,8 @@ class MLPHead(_JSONArtifact):
             std = {"mean": float_list(std, "mean", kind), "variance": float_list(std, "variance", kind),
                    "epsilon": finite_number(std, "epsilon", kind)}
         output = d.get("output")
-        if output is not None and not (isinstance(output, str) and output.isidentifier()):
-            raise ArtifactIntegrityError(f"{kind} artifact: 'output' must be an identifier or null")
+        if output is not None and not isinstance(output, str):
+            raise ArtifactIntegrityError(f"{kind} artifact: 'output' must be a string or null")
         try:
             head = cls(layers, encoder_id=enc, standardize=std, output=output, metadata=meta)
         except ValueError as e:

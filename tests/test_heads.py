@@ -78,6 +78,7 @@ def test_wrong_pin_space_or_dimension_is_refused(tmp_path) -> None:
     (lambda d: d.update(format=2), "format"),
     (lambda d: d.update(dim=15), "dim"),
     (lambda d: d.update(output="p unsafe"), "output"),
+    (lambda d: d.update(output="prompt"), "output"),
     (lambda d: d.update(standardize={"mean": [0.0] * 16, "variance": [-1.0] * 16, "epsilon": 0.0}), "variance"),
     (lambda d: d["layers"][0].update(shape=[MAX_HEAD_PARAMETERS, 16]), "parameters"),
 ])
