@@ -7,6 +7,11 @@ check the download against exactly that). Every (architecture, tag) of the insta
 URL is an entry; several architectures that load the same file (``ViT-B-32`` and ``ViT-B-32-quickgelu``) share it.
 
     python .ci/known_weights.py > safeclip/embed/known_weights.json
+    python .ci/known_weights.py --quickgelu > safeclip/embed/quickgelu_tags.json
+
+``--quickgelu`` prints the other table: per architecture open_clip defines with GELU, the tags whose weights were
+trained with QuickGELU (their pretrained config says ``quick_gelu``), which safeclip names by the ``-quickgelu``
+variant of the architecture: the model they really are.
 """
 
 from __future__ import annotations
@@ -36,5 +41,18 @@ def table() -> dict[str, dict[str, Any]]:
     return dict(sorted(found.items(), key=lambda kv: (kv[1]["model"], kv[0])))
 
 
+def quickgelu_table() -> dict[str, list[str]]:
+    """``{architecture: [tags trained with QuickGELU]}`` for architectures open_clip defines with GELU."""
+    import open_clip
+
+    found: dict[str, list[str]] = {}
+    for model, tag in open_clip.list_pretrained():
+        if open_clip.get_pretrained_cfg(model, tag).get("quick_gelu") and not model.endswith("-quickgelu"):
+            found.setdefault(model, []).append(tag)
+    return {m: sorted(tags) for m, tags in sorted(found.items())}
+
+
 if __name__ == "__main__":
-    print(json.dumps(table(), indent=2))
+    import sys
+
+    print(json.dumps(quickgelu_table() if "--quickgelu" in sys.argv[1:] else table(), indent=2))

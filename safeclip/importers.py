@@ -62,16 +62,16 @@ class Published:
 PUBLISHED: tuple[Published, ...] = (
     Published("laion-nsfw", "ViT-B-32", f"{_REPO}/{_COMMIT}/models/clip_ViT-B-32_openai_binary_nsfw_head.pth",
               "615f35e1364b40b14c30e770544345b82d8e558240692ad72eb8eafa466ef25c",
-              "a953d751e322e4c0aa52a9ee9c0b2a97de5cf8ed010e4f9d236ddfea1700d175"),
+              "e1cb6a1285041a75535782bd5f57e06ace88b8e4ac0a831ebedc9815379ed71c"),
     Published("laion-nsfw", "ViT-L-14", f"{_REPO}/{_COMMIT}/models/clip_ViT-L-14_openai_binary_nsfw_head.pth",
               "fc4d70d2eea4e948d13bc27bf7114f5e8d3bd317eb01a4b49b35dcf1a3d672c6",
-              "26f8c3f71906daf132e0cc1e103acb8d8ae5f61e8543f4a24d6f9c3f4cc44275"),
+              "c11e67be6c12a968bfceeb8018841496318142d67272fe40b6ad12d650d5a3c7"),
     Published("laion-violence", "ViT-B-32", f"{_REPO}/main/violence_detection_vit_b_32.npy",
               "76909cca3e77abbbb21313895756773a9c6fb26c9cc743f3ef0625f025741982",
-              "9e825721cc04130ef04514fcddbb8e834e930aa2410b3f7f5f39ed1bf37ba7e3"),
+              "6117ae9f9baa6cf0189e926b3e4940b6ce08844322af128dc38dfa16b7056132"),
     Published("laion-violence", "ViT-L-14", f"{_REPO}/main/violence_detection_vit_l_14.npy",
               "cc08f81ef50b1ef71452ddc87285fe6fbbc01b6fe8f8b8c24482c386ef2ab7e1",
-              "cb05024fc1e6b05ae7b56149a3899ef02918ba9312659619f5b5451eee3f005c"),
+              "fb74e15659f496c2005b7d10e08d75b0355dc0674d7be73b09e051ddf462bfdf"),
 )
 """The published files, pinned. A ``main``-branch URL can move; its pin cannot, so a changed file is refused."""
 

@@ -109,10 +109,27 @@ def test_the_shipped_table_holds_openais_files_by_the_sha256_of_their_urls():
     assert all(len(sha) == 64 and e.source.split("/")[-2] == sha for sha, e in table.items())
 
 
-def test_the_shipped_table_is_what_the_script_computes_from_open_clip():
-    computed = runpy.run_path(str(ROOT / ".ci" / "known_weights.py"))["table"]()
-    shipped = json.loads((ROOT / "safeclip" / "embed" / "known_weights.json").read_text())
-    assert shipped == computed
+def test_the_shipped_tables_are_what_the_script_computes_from_open_clip():
+    script = runpy.run_path(str(ROOT / ".ci" / "known_weights.py"))
+    for name, fn in (("known_weights.json", "table"), ("quickgelu_tags.json", "quickgelu_table")):
+        shipped = json.loads((ROOT / "safeclip" / "embed" / name).read_text())
+        assert shipped == script[fn](), name
+
+
+def test_a_quickgelu_tag_is_named_by_the_model_it_really_is():
+    """Regression: `ViT-B-32` + `openai` ran with GELU (open_clip 3.3 only warns) under the same encoder_id a
+    QuickGELU run now has; naming the space by open_clip's -quickgelu architecture keeps old caches apart."""
+    from safeclip.embed import PixelSpec
+    from safeclip.embed._identity import encoder_id_for, space_arch
+
+    spec = PixelSpec(224)
+    assert space_arch("ViT-B-32", "openai") == "ViT-B-32-quickgelu"
+    assert encoder_id_for("ViT-B-32", "openai", spec, "fp32") == encoder_id_for("ViT-B-32-quickgelu", "openai",
+                                                                               spec, "fp32")
+    assert space_arch("ViT-L-14", "laion400m_e32") == "ViT-L-14"  # open_clip's own config: no QuickGELU there
+    assert space_arch("ViT-B-32", "laion2b_s34b_b79k") == "ViT-B-32"  # the default: unchanged
+    assert space_arch("ViT-B-32", "sha256:0123456789abcdef") == "ViT-B-32"
+    assert space_arch("local-dir:/x", "sha256:0123") == "local-dir"
 
 
 # ------------------------------------------------------------------------------------------ loading

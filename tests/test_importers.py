@@ -125,7 +125,7 @@ def test_import_writes_a_pinned_artifact_and_a_snippet_that_loads(mirror, tmp_pa
     out = tmp_path / "heads"
     assert main(["import", "laion-nsfw", "--model", "ViT-B-32", "--out", str(out)]) == 0  # from the mirror
     printed = capsys.readouterr().out
-    assert "ViT-B-32|openai|px:" in printed
+    assert tag_encoder_id("ViT-B-32", "openai") in printed
     snippet = (out / "laion-nsfw-ViT-B-32.snippet.yaml").read_text()
     assert "sexual:" in snippet and published("laion-nsfw", "ViT-B-32").converted_sha256 in snippet
     policy = out / "policy.yaml"
@@ -181,13 +181,12 @@ def test_published_file_converts_once_then_loads_without_torch(mirror, offline) 
     load_published_head(mirror / violence.filename, violence.sha256)
     cached = offline / "cache" / "artifacts" / "imported" / f"{pub.converted_sha256}.json"
     assert cached.is_file()
-    code = ("import sys; from safeclip.policy import load_policy; from safeclip.score import Scorer; "
-            "from safeclip.embed import tag_encoder_id as t\n"
+    code = ("import sys; from safeclip.policy import load_policy; from safeclip.score import Scorer\n"
             "import numpy as np\n"
             "p = load_policy('laion-nsfw-b32')\n"
             "rng = np.random.default_rng(0)\n"
             "f = lambda texts: (lambda v: v / np.linalg.norm(v, axis=1, keepdims=True))(rng.normal(size=(len(texts), 512)))\n"
-            "s = Scorer(p, f, encoder_id='ViT-B-32|openai|px:1dcbb423ff01')\n"
+            f"s = Scorer(p, f, encoder_id={tag_encoder_id('ViT-B-32', 'openai')!r})\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "assert set(s.heads) == {'sexual', 'violence'}\n")
     env = {"SAFECLIP_CACHE_DIR": str(offline / "cache"), "SAFECLIP_ARTIFACTS_DIR": str(mirror),

@@ -41,7 +41,7 @@ def tag_encoder_id(model: str, pretrained: str, precision: str = "fp32") -> str:
     """The ``encoder_id`` an :class:`~safeclip.embed.Encoder` loading ``(model, pretrained)`` has, from open_clip's
     configs alone (no weights are loaded or downloaded): how artifacts trained elsewhere name their space.
 
-    >>> tag_encoder_id("ViT-B-32", "openai").startswith("ViT-B-32|openai|px:")  # doctest: +SKIP
+    >>> tag_encoder_id("ViT-B-32", "openai").startswith("ViT-B-32-quickgelu|openai|px:")  # doctest: +SKIP
     True
     """
     import open_clip

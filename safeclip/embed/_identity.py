@@ -33,7 +33,7 @@ from ..errors import ModelLoadError
 from ._pixels import PixelSpec
 
 __all__ = ["KnownWeights", "encoder_id_for", "find_checkpoint_in_dir", "known_weights", "model_arch",
-           "recognised_weights", "weights_identity"]
+           "recognised_weights", "space_arch", "weights_identity"]
 
 _MEMO_FILE = "checkpoint-hashes.json"
 _memo: dict[str, str] = {}
@@ -184,11 +184,36 @@ def weights_identity(model: str, pretrained: str | None, cache_dir: Path | None 
 
 
 def model_arch(model: str) -> str:
-    """The architecture part of an ``encoder_id`` (a local folder's path is not part of the space's name)."""
+    """The architecture a model name loads (a local folder's path is not part of the space's name)."""
     return "local-dir" if model.startswith("local-dir:") else model
 
 
+@functools.cache
+def _quickgelu_tags() -> Mapping[str, frozenset[str]]:
+    try:
+        raw = json.loads((importlib.resources.files(__package__) / "quickgelu_tags.json").read_text())
+        return types.MappingProxyType({m: frozenset(tags) for m, tags in raw.items()})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"safeclip's table of QuickGELU tags (safeclip/embed/quickgelu_tags.json) cannot be "
+                             f"read ({type(e).__name__}: {e}): reinstall safeclip") from e
+
+
+def space_arch(model: str, weights_id: str) -> str:
+    """The architecture part of an ``encoder_id``: the model the weights really run as.
+
+    A tag trained with QuickGELU on an architecture open_clip defines with GELU (``ViT-B-32`` + ``openai``) loads
+    with QuickGELU (see :class:`TorchModel`), which is open_clip's ``ViT-B-32-quickgelu``: so it is named, and the
+    two spellings are one space (``quickgelu_tags.json``, generated from open_clip's configs).
+    """
+    arch = model_arch(model)
+    return f"{arch}-quickgelu" if weights_id in _quickgelu_tags().get(arch, ()) else arch
+
+
 def encoder_id_for(model: str, weights_id: str, spec: PixelSpec, precision: str) -> str:
-    """fp32, fp16 and bf16 embed into one space (torch and ONNX Runtime alike); int8 is a space of its own."""
-    eid = f"{model_arch(model)}|{weights_id}|px:{spec.digest}"
+    """fp32, fp16 and bf16 embed into one space (torch and ONNX Runtime alike); int8 is a space of its own.
+
+    >>> encoder_id_for("ViT-B-32", "openai", PixelSpec(224), "fp32").split("|")[:2]
+    ['ViT-B-32-quickgelu', 'openai']
+    """
+    eid = f"{space_arch(model, weights_id)}|{weights_id}|px:{spec.digest}"
     return f"{eid}|int8" if precision == "int8" else eid
