@@ -52,8 +52,8 @@ def lint_policy(
 
     Every problem (invalid fields, wrong sha256 pins, malformed or non-finite artifacts, artifacts of different
     embedding spaces or dimensions, a calibrator that needs a missing probe or head, a ``url`` artifact that cannot
-    be fetched) is collected into one
-    :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every artifact belongs to that space.
+    be fetched) is collected into one :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every
+    artifact belongs to that space.
 
     >>> lint_policy("default").id
     'default@1.0'

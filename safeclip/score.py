@@ -1,6 +1,6 @@
 """Score stage (numpy only): image embeddings -> per-category raw signals.
 
-For each category two signals can exist:
+For each category up to three signals exist:
 
 - ``prompt``: the log-odds of the category's prompt ensemble against its contrast prompts and the policy's neutral
   prompts, at the policy's logit scale: ``log sum_pos exp(s*cos) - log sum_neg exp(s*cos)``. Its sigmoid is the
@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .heads import LinearProbe, MLPHead, load_head
-from ._arrays import sigmoid
-from ._arrays import as_embeddings
+from ._arrays import as_embeddings, sigmoid
 from .errors import EncoderMismatchError
 from .policy import Policy
 
