@@ -153,36 +153,65 @@ def test_rescore_under_a_laion_policy_needs_no_model(tmp_path, retargeted, tiny5
         assert r["p_sexual"] == pytest.approx(float(head.predict_proba(emb)[0]), abs=1e-6)
 
 
-@pytest.mark.slow
-def test_the_shipped_b32_policy_behind_a_local_copy_recognised_as_openai(mirror, monkeypatch, tmp_path, photos,
-                                                                          capsys):
-    """`check --policy laion-nsfw-b32 --model ViT-B-32 --pretrained <local file>` runs LAION's own head when the file
-    is recognised as OpenAI's weights. OpenAI's file cannot be downloaded here, so a random ViT-B-32 checkpoint is
-    registered as it through the identity table's test seam (mechanics only: random weights)."""
-    import hashlib
-
+@pytest.fixture(scope="module")
+def random_b32(tmp_path_factory) -> str:
+    """A ViT-B-32 checkpoint file with random weights (as OpenAI's QuickGELU model): the real architecture's cost."""
     import open_clip
     import torch
 
-    from safeclip.embed import _identity
-
-    ckpt = tmp_path / "ViT-B-32-openai.bin"
+    ckpt = tmp_path_factory.mktemp("random-b32") / "ViT-B-32-random.bin"
     torch.manual_seed(0)
     torch.save(open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).half().state_dict(), ckpt)
-    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    return str(ckpt)
+
+
+def _check_json(capsys, *args: str) -> dict:
+    rc = main(["check", *args, "--device", "cpu", "--runtime", "torch", "--json"])
+    assert rc in (0, 1)
+    return json.loads(capsys.readouterr().out.splitlines()[0])["decision"]
+
+
+@pytest.mark.slow
+def test_laion_b32_heads_behind_a_random_vit_b32_file_through_the_import_option(mirror, random_b32, tmp_path, photos,
+                                                                                 capsys):
+    """`check --model ViT-B-32 --pretrained <local file>` with LAION's B/32 heads: the shipped policy refuses random
+    weights; imported into that file's space with the explicit option, the heads run (mechanics only)."""
+    args = ["--model", "ViT-B-32", "--pretrained", random_b32]
+    assert main(["check", str(photos[0]), "--policy", "laion-nsfw-b32", *args, "--device", "cpu",
+                 "--runtime", "torch"]) == 2
+    assert tag_encoder_id("ViT-B-32", "openai") in capsys.readouterr().err
+
+    space = Encoder("ViT-B-32", random_b32, device="cpu", runtime="torch").encoder_id
+    out = tmp_path / "pol"
+    for signal in ("laion-nsfw", "laion-violence"):
+        assert main(["import", signal, "--model", "ViT-B-32", "--out", str(out), "--retarget-encoder-id", space]) == 0
+    capsys.readouterr()
+    snippets = "".join(f.read_text() for f in sorted(out.glob("*.snippet.yaml")))
+    policy = out / "policy.yaml"
+    policy.write_text("name: laion-retargeted\nversion: '1'\nextends: laion-nsfw-b32\ncategories:\n" + "".join(
+        f"  {line}\n" for line in snippets.splitlines() if not line.startswith("#")))
+    decision = _check_json(capsys, str(photos[0]), "--policy", str(policy), *args)
+    assert decision["encoder_id"] == space
+    sexual = decision["categories"]["sexual"]
+    assert sexual["basis"] == "head" and set(sexual["signals"]) == {"prompt", "head", "punsafe"}
+
+
+@pytest.mark.slow
+def test_the_shipped_b32_policy_behind_a_local_copy_recognised_as_openai(mirror, random_b32, monkeypatch, photos,
+                                                                          capsys):
+    """`check --policy laion-nsfw-b32 --model ViT-B-32 --pretrained <local file>` runs LAION's own head when the file
+    is recognised as OpenAI's weights. OpenAI's file cannot be downloaded here, so the identity table's test seam
+    registers the random file as it: this tests the recognition, not the head (random weights)."""
+    import hashlib
+
+    from safeclip.embed import _identity
+
+    digest = hashlib.sha256(open(random_b32, "rb").read()).hexdigest()
     table = dict(_identity.known_weights())
     table[digest] = _identity.KnownWeights(digest, "ViT-B-32", "openai", "https://example.invalid/test", ())
     monkeypatch.setattr(_identity, "known_weights", lambda: table)
-
-    rc = main(["check", str(photos[0]), "--policy", "laion-nsfw-b32", "--model", "ViT-B-32", "--pretrained",
-               str(ckpt), "--device", "cpu", "--runtime", "torch", "--json"])
-    assert rc in (0, 1)
-    decision = json.loads(capsys.readouterr().out.splitlines()[0])["decision"]
+    decision = _check_json(capsys, str(photos[0]), "--policy", "laion-nsfw-b32", "--model", "ViT-B-32",
+                           "--pretrained", random_b32)
     assert decision["encoder_id"] == tag_encoder_id("ViT-B-32", "openai")
     sexual = decision["categories"]["sexual"]
     assert sexual["basis"] == "head" and "punsafe" in sexual["signals"]
-
-    table.pop(digest)  # the same file, unregistered: nothing else passes as OpenAI's weights
-    assert main(["check", str(photos[0]), "--policy", "laion-nsfw-b32", "--model", "ViT-B-32", "--pretrained",
-                 str(ckpt), "--device", "cpu", "--runtime", "torch"]) == 2
-    assert tag_encoder_id("ViT-B-32", "openai") in capsys.readouterr().err
