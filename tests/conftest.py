@@ -79,6 +79,25 @@ def laion_dir() -> Path:
     return LAION
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path) -> Path:
+    """An empty cache under ``tmp_path / "cache"``, no artifact mirror, offline; a connection attempt fails the test."""
+    import socket
+
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SAFECLIP_ARTIFACTS_DIR", raising=False)
+    monkeypatch.setenv("SAFECLIP_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("a connection was attempted"))
+    return tmp_path
+
+
+@pytest.fixture
+def mirror(offline, monkeypatch, laion_dir) -> Path:
+    """:func:`offline`, with LAION's published files in ``$SAFECLIP_ARTIFACTS_DIR`` (the offline mirror)."""
+    monkeypatch.setenv("SAFECLIP_ARTIFACTS_DIR", str(laion_dir))
+    return laion_dir
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("safeclip-cache")

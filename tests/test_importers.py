@@ -5,7 +5,6 @@ LAION's files are read from ../shared (``laion_dir``), never copied into the rep
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,27 +21,6 @@ from safeclip.importers import PUBLISHED, import_laion_nsfw, load_published_head
 from conftest import OrthoTexts, unit
 
 N_VECTORS = 10_000
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty cache, no mirror, offline; any connection attempt fails the test."""
-    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SAFECLIP_ARTIFACTS_DIR", raising=False)
-    monkeypatch.setenv("SAFECLIP_OFFLINE", "1")
-
-    def no_network(*a, **k):
-        raise AssertionError("a connection was attempted")
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    return tmp_path
-
-
-@pytest.fixture
-def mirror(offline, monkeypatch, laion_dir):
-    """Offline, with LAION's published files in $SAFECLIP_ARTIFACTS_DIR."""
-    monkeypatch.setenv("SAFECLIP_ARTIFACTS_DIR", str(laion_dir))
-    return laion_dir
 
 
 def _laion_reference(path: Path, x: np.ndarray) -> np.ndarray:

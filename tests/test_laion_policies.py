@@ -7,7 +7,6 @@ pinned, scored, reported as ``punsafe``, re-scored without the model), never wha
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,16 +19,6 @@ from safeclip.importers import import_laion_nsfw, import_laion_violence, publish
 from safeclip.policy import load_policy
 
 from conftest import OrthoTexts
-
-
-@pytest.fixture
-def mirror(monkeypatch, tmp_path, laion_dir):
-    """Offline, an empty cache, LAION's files in $SAFECLIP_ARTIFACTS_DIR; a connection attempt fails the test."""
-    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("SAFECLIP_ARTIFACTS_DIR", str(laion_dir))
-    monkeypatch.setenv("SAFECLIP_OFFLINE", "1")
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("a connection was attempted"))
-    return laion_dir
 
 
 @pytest.fixture(scope="session")
@@ -86,13 +75,10 @@ def test_check_reports_the_head_signal_as_punsafe(tmp_path, retargeted, tiny512_
     assert decision["categories"]["nudity"]["basis"] == "prompt"
 
 
-def test_check_with_heads_fetched_through_an_offline_mirror(tmp_path, retargeted, tiny512_model, photos, cache_dir,
+def test_check_with_heads_fetched_through_an_offline_mirror(offline, tmp_path, retargeted, tiny512_model, photos,
                                                             monkeypatch, capsys):
     out, nsfw, vio = retargeted
     monkeypatch.setenv("SAFECLIP_ARTIFACTS_DIR", str(out))
-    monkeypatch.setenv("SAFECLIP_OFFLINE", "1")
-    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("a connection was attempted"))
     policy_dir = tmp_path / "elsewhere"
     policy_dir.mkdir()
     # example.invalid never resolves: the artifacts can only come from the mirror.
