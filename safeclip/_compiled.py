@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import functools
 import os
 
 import numpy as np
@@ -39,7 +40,7 @@ class CompiledPolicy:
         """``(N, C)`` probabilities and the ``(C,)`` mask of calibrated categories."""
         return calibrate(scores, self.calibrators)
 
-    @property
+    @functools.cached_property
     def basis(self) -> tuple[str, ...]:
         """Per category: ``"calibrator"``, ``"head"`` or ``"prompt"``, what its probability is."""
         return probability_basis(self.policy, self.calibrators)

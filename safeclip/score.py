@@ -42,16 +42,10 @@ class Scores:
     categories: tuple[str, ...]
     prompt: np.ndarray
     probe: np.ndarray  # NaN in the columns of categories without a probe
+    head: np.ndarray  # head logits, NaN in the columns of categories without a head
     encoder_id: str
     sims: np.ndarray | None = None  # (N, P) cosine similarities to each concept, kept for evidence when asked
-    head: np.ndarray | None = None  # (N, C) head logits, NaN in the columns of categories without a head
     head_outputs: tuple[str | None, ...] = ()  # per category: the name a head gives its probability, or None
-
-    def __post_init__(self) -> None:
-        if self.head is None:
-            object.__setattr__(self, "head", np.full(np.shape(self.prompt), np.nan, np.float32))
-        if not self.head_outputs:
-            object.__setattr__(self, "head_outputs", (None,) * len(self.categories))
 
     def __len__(self) -> int:
         return int(self.prompt.shape[0])
@@ -59,7 +53,6 @@ class Scores:
     def row_signals(self, r: int) -> dict[str, np.ndarray]:
         """Every signal of row ``r`` as ``{name: (C,) array}`` (NaN where a category lacks it), heads' named
         probabilities (``punsafe``) included: what a Decision reports per category."""
-        assert self.head is not None
         out = {"prompt": self.prompt[r], "probe": self.probe[r], "head": self.head[r]}
         for j, name in enumerate(self.head_outputs):
             if name is not None:
@@ -196,11 +189,15 @@ class Scorer:
         if len(self._probe_cols):
             probe[:, self._probe_cols] = (out[r:] + self._probe_intercept).T
         head = np.full((n, n_c), np.nan, np.float32)
-        x64 = x.astype(np.float64) if self._head_cols else x  # heads run in float64: convert once for all of them
-        for j, h in self._head_cols:
-            head[:, j] = h.decision_function(x64)
+        if self._head_cols:
+            # Heads run in float64: each block of rows is converted once for all of them, and no more than a block
+            # is ever held in float64.
+            for start in range(0, n, MLPHead.BLOCK_ROWS):
+                block = x[start:start + MLPHead.BLOCK_ROWS].astype(np.float64)
+                for j, h in self._head_cols:
+                    head[start:start + len(block), j] = h.decision_function(block)
         sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
-        return Scores(self.categories, prompt, probe, self.encoder_id, sims, head, self.head_outputs)
+        return Scores(self.categories, prompt, probe, head, self.encoder_id, sims, self.head_outputs)
 
     def top_prompts(self, sims_row: np.ndarray, j: int, k: int) -> tuple[tuple[str, float], ...]:
         """The ``k`` positive prompts of category ``j`` closest to one image, with their cosine similarity."""
