@@ -52,7 +52,7 @@ def main() -> None:
     os.environ.setdefault("SAFECLIP_CACHE_DIR", str(Path(tempfile.gettempdir()) / "safeclip-bench" / "cache"))
     os.environ["SAFECLIP_OFFLINE"] = "1"
 
-    from safeclip._compiled import CompiledPolicy
+    from safeclip.compiled import CompiledPolicy
     from safeclip.decide import decide_codes
     from safeclip.embed import tag_encoder_id
     from safeclip.policy import load_policy

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from safeclip._arrays import as_binary_labels
+from safeclip.arrays import as_binary_labels
 
 __all__ = ["CalibrationWarning", "check_scores"]
 

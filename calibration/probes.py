@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from safeclip._arrays import as_binary_labels, require_both_classes
+from safeclip.arrays import as_binary_labels, require_both_classes
 from safeclip.heads import LinearProbe
 
 __all__ = ["DEFAULT_CS", "data_sha256", "train_probe"]

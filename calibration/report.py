@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from safeclip._files import write_atomic, write_json_atomic
+from safeclip.files import write_atomic, write_json_atomic
 from safeclip.artifacts import jsonable
 
 from ._validate import check_scores

@@ -74,8 +74,8 @@ from typing import Any
 
 import numpy as np
 
-from safeclip._compiled import CompiledPolicy
-from safeclip._files import write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from safeclip.compiled import CompiledPolicy
+from safeclip.files import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from safeclip.artifacts import jsonable, sha256_bytes
 from safeclip.calibrate import Calibrator
 from safeclip.errors import ArtifactIntegrityError, ConfigError, DataError, EncoderMismatchError, SafeclipError

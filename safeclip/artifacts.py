@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import write_bytes_atomic, write_json_atomic
+from .files import write_bytes_atomic, write_json_atomic
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
 __all__ = ["ARTIFACT_FORMAT", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",

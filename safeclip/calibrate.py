@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_binary_labels, require_both_classes, sigmoid, sigmoid_inplace
+from .arrays import as_binary_labels, require_both_classes, sigmoid, sigmoid_inplace
 from .artifacts import (
     ARTIFACT_FORMAT,
     check_artifact,

@@ -26,7 +26,7 @@ from typing import IO
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from ._dirs import default_cache_dir
-from ._files import write_atomic
+from .files import write_atomic
 from ._net import can_connect, env_true
 from .artifacts import sha256_file
 from .errors import ArtifactIntegrityError, ArtifactUnavailableError, CacheError, ConfigError

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import sigmoid
+from .arrays import sigmoid
 from .artifacts import (
     ARTIFACT_FORMAT,
     check_artifact,

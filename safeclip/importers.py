@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import json_bytes, write_bytes_atomic
+from .files import json_bytes, write_bytes_atomic
 from .artifacts import read_pinned_json, sha256_bytes, sha256_file
 from .errors import ArtifactIntegrityError, ConfigError
 from .heads import MLPHead

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from ._batcher import MicroBatcher, Ticket
-from ._compiled import CompiledPolicy
-from ._arrays import embedding_row_problems
+from .compiled import CompiledPolicy
+from .arrays import embedding_row_problems
 from .decide import Decision, build_decision, decide_codes, error_decision, nonfinite_rows
 from .decode import DecodeLimits, decode
 from .embed import Encoder, prepare_pixels, resolve_encoder_args

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .heads import LinearProbe, MLPHead, load_head
-from ._arrays import as_embeddings, sigmoid
+from .arrays import as_embeddings, sigmoid
 from .errors import EncoderMismatchError
 from .policy import Policy
 

@@ -58,7 +58,7 @@ def _fake_results(dim: int) -> list[FileResult]:
 def test_the_batch_unit_embeds_each_distinct_image_once_and_decides_every_row(tmp_path):
     from types import SimpleNamespace
 
-    from safeclip._compiled import CompiledPolicy
+    from safeclip.compiled import CompiledPolicy
     from safeclip.policy import load_policy
 
     dim = 8
@@ -110,7 +110,7 @@ def test_the_batch_unit_embeds_each_distinct_image_once_and_decides_every_row(tm
 
 
 def _comp(tmp_path, dim: int = 8):
-    from safeclip._compiled import CompiledPolicy
+    from safeclip.compiled import CompiledPolicy
     from safeclip.policy import load_policy
 
     pol_file = tmp_path / "p.yaml"

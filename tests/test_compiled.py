@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from safeclip._compiled import lint_policy
+from safeclip.compiled import lint_policy
 from safeclip.artifacts import sha256_bytes
 from safeclip.calibrate import Calibrator
 from safeclip.errors import PolicyError

@@ -11,7 +11,7 @@ from PIL import Image
 
 import safeclip
 from safeclip import DecodeError, Moderator
-from safeclip._compiled import CompiledPolicy
+from safeclip.compiled import CompiledPolicy
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import OrthoTexts
-from safeclip._compiled import CompiledPolicy
+from safeclip.compiled import CompiledPolicy
 from safeclip.decide import build_decision, decide_codes
 from safeclip.errors import SafeclipError
 from safeclip.policy import load_policy

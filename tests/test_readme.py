@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from safeclip._compiled import lint_policy
+from safeclip.compiled import lint_policy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._files import write_json_atomic
+from ..files import write_json_atomic
 from ..embed import IDENTITY_VERSION, PixelSpec
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import pyarrow as pa
 
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
     from ..embed import Encoder
     from ..policy import Policy
     from .plan import AuditPlan
@@ -65,7 +65,7 @@ class _WrongGuess(Exception):
 
 def _compile_from_cache(policy: Policy, ident: EncoderIdentity, cache_dir: Path) -> CompiledPolicy | None:
     """``policy`` compiled from the prompt cache of ``ident``'s space alone, or None if a prompt is missing."""
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
     from ..embed import PromptCache
 
     prompts = PromptCache(ident.encoder_id, cache_dir)

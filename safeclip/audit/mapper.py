@@ -16,7 +16,7 @@ the worst frame decides, and for a transparent image the worst background (:func
 ``background`` is the deciding view's).
 
 Nothing unusable decides: an embedding row that is not finite and L2-normalised
-(:func:`~safeclip._arrays.embedding_row_problems`: a damaged cache entry, a model that overflowed) makes its input an
+(:func:`~safeclip.arrays.embedding_row_problems`: a damaged cache entry, a model that overflowed) makes its input an
 error row (``InvalidEmbedding``; a cached entry is discarded so that the next run embeds the file again), and so does
 a non-finite probability (``InvalidScore``). A cache that fails under a worker (damaged, unreadable) stops the audit
 with :class:`~safeclip.errors.CacheError` instead of turning good files into decode errors; a damaged database is
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._arrays import embedding_row_problems
+from ..arrays import embedding_row_problems
 from ..cache import CachedImage
 from ..decide import decide_codes, nonfinite_rows
 from ..embed import PromptCache
@@ -41,7 +41,7 @@ from .summary import Tally
 from .worker import FileResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
     from ..embed import Encoder
     from ..policy import Policy
     from .writer import RunOutput
@@ -108,7 +108,7 @@ def decide_frames(comp: CompiledPolicy, embs: Sequence[np.ndarray]) -> tuple[np.
 def compile_policy(policy: Policy, enc: Encoder, cache_dir: Path) -> CompiledPolicy:
     """``policy`` compiled against ``enc``, leaving its prompt embeddings in ``cache_dir`` too (where
     :func:`~safeclip.audit.rescore` looks for them)."""
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
 
     own = PromptCache(enc.encoder_id, cache_dir)
 

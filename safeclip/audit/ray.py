@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._files import write_json_atomic
+from ..files import write_json_atomic
 from ..embed import PromptCache
 from ..errors import (
     AuditError,
@@ -102,7 +102,7 @@ from .writer import RunOutput, embedding_dir
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
     from .plan import AuditPlan
     from .summary import AuditSummary
 
@@ -503,7 +503,7 @@ def _compile(get: Any, pol: Policy, cache_dir: Path, ident: EncoderIdentity | No
              start_prober: Any) -> tuple[CompiledPolicy, EncoderIdentity, bool]:
     """Compile ``pol`` from the prompt cache; prompts never embedded under this encoder come from the prober (which
     also checks a guessed identity). Returns the compiled policy, the identity and whether it is verified."""
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
 
     holder: dict[str, Any] = {}
 

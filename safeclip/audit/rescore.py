@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._arrays import embedding_row_problems
-from .._files import write_parquet_atomic
+from ..arrays import embedding_row_problems
+from ..files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
 from ..decide import ACTIONS, nonfinite_rows
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
@@ -48,7 +48,7 @@ from .writer import (
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
 
 __all__ = ["compile_without_model", "rescore"]
 
@@ -58,7 +58,7 @@ def compile_without_model(policy: Policy, encoder_id: str, cache_dir: Path, mode
     """Compile ``policy`` from cached prompt embeddings. Only when some are missing and the caller named weights
     (``model``/``pretrained``, completed from the policy's ``encoder:`` by
     :func:`~safeclip.embed.resolve_encoder_args`) is the model loaded, to embed them."""
-    from .._compiled import CompiledPolicy
+    from ..compiled import CompiledPolicy
 
     prompts = PromptCache(encoder_id, cache_dir)
 

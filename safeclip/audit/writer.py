@@ -3,7 +3,7 @@ exactly-once merge into ``OUT.parquet``.
 
 Exactly once, resumable
     Rows are committed as Parquet part files in ``OUT.parquet.parts/`` (each written whole, fsynced, renamed into
-    place: :func:`safeclip._files.write_parquet_atomic`), always *after* the embeddings they use were committed to
+    place: :func:`safeclip.files.write_parquet_atomic`), always *after* the embeddings they use were committed to
     the cache. ``run.json`` beside them says which configuration (policy, encoder, columns) wrote them. A re-run of
     the same command skips every input that has a committed row, and finds the embeddings of the rest in the cache,
     so after ``kill -9`` at any moment nothing committed is computed again; parts of another configuration are
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._files import fsync_dir, write_json_atomic, write_parquet_atomic
+from ..files import fsync_dir, write_json_atomic, write_parquet_atomic
 from ..cache import EmbeddingCache
 from ..decide import ACTIONS
 from ..errors import AuditError, AuditLockedError, CacheError, OutputError

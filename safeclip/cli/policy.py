@@ -31,7 +31,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
-    from .._compiled import lint_policy
+    from ..compiled import lint_policy
 
     for f in args.files:
         p = lint_policy(f, allow_outside=args.allow_outside, encoder_id=args.encoder_id)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .._files import write_atomic
+from ..files import write_atomic
 from ..artifacts import sha256_file
 from ..errors import ModelLoadError
 from ._identity import encoder_id_for, weights_identity

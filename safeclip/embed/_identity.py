@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._files import write_json_atomic
+from ..files import write_json_atomic
 from ..artifacts import sha256_file
 from ..errors import ModelLoadError
 from ._pixels import PixelSpec

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import MissingPromptError
 
-from .._files import write_atomic
+from ..files import write_atomic
 from ._config import default_cache_dir
 
 __all__ = ["PromptCache"]

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._files import write_json_atomic
+from ..files import write_json_atomic
 from ..artifacts import sha256_file
 from ..errors import ArtifactIntegrityError
 from ._identity import model_arch
