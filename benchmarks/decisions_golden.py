@@ -77,9 +77,11 @@ def records(work: Path) -> list[str]:
         for i, d in enumerate(m.decide(emb)):
             add(f"decide/{policy}", f"random-{i}", d.to_dict())
 
+    # batch_size=1: every image is scored in a forward of its own, so the rows do not depend on which files happened
+    # to share a batch (float32 scoring differs in the last bits between batch layouts).
     out = work / "audit.parquet"
     safeclip.audit([str(f) for f in files], out=str(out), policy="strict", model=model, cache=str(cache),
-                   device="cpu", runtime="torch", batch_size=16, workers=2, verbose=False)
+                   device="cpu", runtime="torch", batch_size=1, workers=2, verbose=False)
     for policy, path in (("strict", out), ("default", work / "rescore.parquet")):
         if policy == "default":
             safeclip.rescore(out=str(path), policy="default", from_audit=str(out), cache=str(cache), verbose=False)

@@ -97,7 +97,7 @@ def main() -> None:
               f"({rows / wall / 1e3:.0f}k rows/s), command incl. Python start-up")
 
         # Where the time goes, in this process.
-        from safeclip.audit.mapper import decide_images
+        from safeclip.compiled import Views
         from safeclip.audit.rescore import compile_without_model
         from safeclip.cache import EmbeddingCache
         from safeclip.policy import load_policy
@@ -113,7 +113,7 @@ def main() -> None:
                 if chunk is None:
                     break
                 t = time.perf_counter()
-                decide_images(comp, chunk.embeddings, chunk.offsets)
+                comp.decide(Views(chunk.embeddings, chunk.offsets))
                 t_score += time.perf_counter() - t
                 t = time.perf_counter()
         print(f"where the time goes (measured again here, one after the other): scanning the cache {t_scan:.1f}s, "

@@ -522,7 +522,8 @@ def _verify(path: Path, data: LabeledData, texts: Callable[[list[str]], np.ndarr
     comp = CompiledPolicy.build(pol, texts, data.encoder_id)
     for f in fits:
         j = comp.scorer.categories.index(f.category)
-        probs, calibrated = comp.probabilities(comp.scorer.score(data.embeddings[f.split["holdout"]]))
+        held = comp.decide(data.embeddings[f.split["holdout"]])  # the decision object, as the runtime decides
+        probs, calibrated = held.probabilities, held.calibrated
         if not calibrated[j]:
             raise SafeclipError(f"internal check failed: {path} leaves {f.category!r} uncalibrated")
         off = np.abs(probs[:, j].astype(np.float64) - f.p_holdout) > _VERIFY_TOLERANCE
@@ -657,7 +658,8 @@ def evaluate_policy(
     data = _as_data(data, pol, categories)
     cats = check_categories(pol, data.categories if categories is None else categories)
     comp = _compile(pol, data, _texts(pol, data, embed_texts))
-    probs, calibrated = comp.probabilities(comp.scorer.score(data.embeddings))
+    verdicts = comp.decide(data.embeddings)  # the decision object, as the runtime decides
+    probs, calibrated = verdicts.probabilities, verdicts.calibrated
     out: dict[str, CategoryEvaluation] = {}
     for cat in cats:
         j = comp.scorer.categories.index(cat)

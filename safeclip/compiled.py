@@ -1,11 +1,25 @@
-"""A policy compiled for one embedding space: its scorer (prompt embeddings, heads) and calibrators.
+"""The decision object: a policy compiled for one embedding space, turning embeddings into decisions.
 
-The :class:`~safeclip.moderator.Moderator` and the audit engines both hold one per policy; re-scoring needs only
-the prompt embeddings (from an encoder or a prompt cache), never the image model.
+:class:`CompiledPolicy` holds what a policy needs to decide in one space (its scorer: prompt embeddings, probes and
+heads; its calibrators; its thresholds) and :meth:`CompiledPolicy.decide` is the one place where score, calibrate and
+decide are chained for N inputs seen in one or more views each (:class:`Views`). It applies every decide rule once
+(unusable inputs, the worst view; :mod:`safeclip.decide`) and returns :class:`Verdicts`, the decisions in array form
+(what audits and rescore write) that build full :class:`~safeclip.decide.Decision` objects on demand (what requests
+return). The :class:`~safeclip.moderator.Moderator`, the audit batch unit, ``rescore`` and calibration's evaluation
+all call it; none applies a decide rule of its own.
+
+Why the compiled policy rather than a separate ``Decider``: deciding needs exactly what compiling produces (the
+scorer, the calibrators and the policy's thresholds) for as long as the policy and the space live, so a second
+object would only forward to this one. What comes next adds to it in place: bank matches are another signal of the
+score stage (a column of :class:`~safeclip.score.Scores`), video frames are views with timestamps aggregated by the
+same rule, and a policy's version travels in ``policy.id``.
+
+Re-scoring needs only the prompt embeddings (from an encoder or a prompt cache), never the image model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +29,147 @@ import os
 import numpy as np
 
 from .calibrate import Calibrator, calibrate, load_calibrators, missing_inputs, probability_basis
-from .errors import SafeclipError
+from .decide import ACTIONS, Decision, build_decision, decide_codes, unusable_inputs, worst_views
+from .errors import DataError, SafeclipError
 from .heads import LinearProbe, load_head
 from .policy import Policy, PolicyError, load_policy
 from .score import Scorer, Scores
 
-__all__ = ["CompiledPolicy", "lint_policy"]
+__all__ = ["CompiledPolicy", "Verdicts", "Views", "lint_policy"]
+
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Views:
+    """The embeddings of N inputs, each seen in one or more views: input ``i``'s views are rows
+    ``embeddings[offsets[i]:offsets[i + 1]]`` (frames of an animation, backgrounds of a transparent image).
+
+    ``problems`` names, per input, why it cannot decide before any scoring (``(kind, why)``, e.g. no embedding);
+    such an input holds one placeholder row. Build with :meth:`single` (one view per row) or :meth:`of` (a list of
+    per-input ``(F_i, D)`` arrays, ``None`` for an input without one).
+
+    >>> v = Views.single(np.eye(2, dtype=np.float32))
+    >>> len(v), v.offsets.tolist()
+    (2, [0, 1, 2])
+    """
+
+    embeddings: np.ndarray
+    offsets: np.ndarray
+    problems: tuple[tuple[str, str] | None, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def single(cls, embeddings: np.ndarray) -> Views:
+        """One view per input: row ``i`` of ``(N, D)`` ``embeddings`` is input ``i``."""
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2:
+            raise DataError(f"embeddings must be a 2-D (N, D) array, got shape {emb.shape}")
+        return cls(emb, np.arange(emb.shape[0] + 1, dtype=np.int64))
+
+    @classmethod
+    def of(cls, per_input: Sequence[np.ndarray | None], dim: int) -> Views:
+        """Views from one ``(F_i, D)`` array per input; an input whose array is missing, empty, of another shape,
+        dimension or dtype gets a problem (``InvalidEmbedding`` / ``NoEmbedding``) and one placeholder row."""
+        rows: list[np.ndarray] = []
+        problems: list[tuple[str, str] | None] = []
+        for e in per_input:
+            why = _shape_problem(e, dim)
+            if why is None:
+                rows.append(np.asarray(e, np.float32))
+                problems.append(None)
+            else:
+                rows.append(_placeholder(1, dim))
+                problems.append(why)
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        emb = np.concatenate(rows) if rows else np.empty((0, dim), np.float32)
+        return cls(emb, offsets, tuple(problems) if any(p is not None for p in problems) else ())
+
+
+def _shape_problem(e: np.ndarray | None, dim: int) -> tuple[str, str] | None:
+    if e is None:
+        return ("NoEmbedding", "no embedding")
+    a = np.asarray(e)
+    if a.ndim != 2 or a.shape[0] == 0:
+        return ("InvalidEmbedding", f"embedding of shape {a.shape}, not (frames >= 1, D)")
+    if a.shape[1] != dim:
+        return ("InvalidEmbedding", f"embedding of dimension {a.shape[1]}, this encoder's is {dim}")
+    if not np.issubdtype(a.dtype, np.floating):
+        return ("InvalidEmbedding", f"embedding of dtype {a.dtype}, not floating point")
+    return None
+
+
+def _placeholder(n: int, dim: int) -> np.ndarray:
+    out = np.zeros((n, dim), np.float32)
+    out[:, 0] = 1.0  # a unit vector, scored and then never used
+    return out
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """The decisions of N inputs in array form, from :meth:`CompiledPolicy.decide`.
+
+    ``actions`` ``(N,)`` int8 codes into :data:`~safeclip.decide.ACTIONS`, ``probabilities`` ``(N, C)`` float32 and
+    ``view`` ``(N,)`` (which of the input's views decided, counted from 0) are those of each input's deciding view;
+    ``problems`` is ``None`` for an input that decided, else ``(kind, why)``: such an input has action code 2 (never
+    allow) and NaN probabilities, and callers report it as an error. :meth:`decision` builds input ``i``'s
+    :class:`~safeclip.decide.Decision`.
+    """
+
+    compiled: CompiledPolicy
+    actions: np.ndarray
+    probabilities: np.ndarray
+    calibrated: np.ndarray
+    view: np.ndarray
+    problems: tuple[tuple[str, str] | None, ...]
+    scores: Scores
+    rows: np.ndarray  # (N,) the absolute row of each input's deciding view in ``scores``
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """``(N,)`` bool: the inputs that decided."""
+        return np.array([p is None for p in self.problems], bool)
+
+    def action(self, i: int) -> str:
+        return ACTIONS[int(self.actions[i])]
+
+    def decision(
+        self,
+        i: int,
+        *,
+        sha256: str | None = None,
+        source: str | None = None,
+        frame_indices: Sequence[int] = (),
+        backgrounds: Sequence[RGB | None] = (),
+        encoder_id: str | None = None,
+    ) -> Decision:
+        """Input ``i``'s :class:`~safeclip.decide.Decision` (``frame_indices``/``backgrounds``: one per view, as
+        decoded). An input that did not decide raises :class:`~safeclip.errors.DataError` naming why."""
+        problem = self.problems[i]
+        if problem is not None:
+            raise DataError(f"{source or 'input'}: {problem[1]}; it was not scored")
+        comp = self.compiled
+        r = int(self.rows[i])
+        v = int(self.view[i])
+        k = comp.policy.top_prompts
+        top = ({name: comp.scorer.top_prompts(self.scores.sims[r], j, k)
+                for j, name in enumerate(comp.policy.category_names)}
+               if (self.scores.sims is not None and k) else None)
+        n_views = len(frame_indices) if frame_indices else None
+        return build_decision(
+            comp.policy, self.probabilities[i], self.calibrated, self.scores.row_signals(r),
+            encoder_id=encoder_id or comp.scorer.encoder_id, top_prompts=top, basis=comp.basis,
+            sha256=sha256, source=source,
+            frame_index=frame_indices[v] if frame_indices else None,
+            n_frames=len(set(frame_indices)) if n_views else 1,
+            background=backgrounds[v] if backgrounds else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +193,55 @@ class CompiledPolicy:
     def basis(self) -> tuple[str, ...]:
         """Per category: ``"calibrator"``, ``"head"`` or ``"prompt"``, what its probability is."""
         return probability_basis(self.policy, self.calibrators)
+
+    def decide(self, views: Views | np.ndarray, *, evidence: bool = False) -> Verdicts:
+        """Score, calibrate and decide N inputs: the one place every decide rule is applied.
+
+        ``views``: a :class:`Views`, or an ``(N, D)`` array (one view per input). An input with any unusable view
+        (not a finite L2-normalised embedding of this space's dimension) or a non-finite probability decides
+        nothing (:func:`~safeclip.decide.unusable_inputs`); the others are decided by their worst view
+        (:func:`~safeclip.decide.worst_views`). ``evidence`` keeps the prompt similarities that
+        :meth:`Verdicts.decision` reports as top prompts.
+
+        >>> verdicts = compiled.decide(embeddings)                 # doctest: +SKIP
+        >>> verdicts.action(0), verdicts.decision(0).reasons       # doctest: +SKIP
+        """
+        if not isinstance(views, Views):
+            views = Views.single(views)
+        emb, offsets = views.embeddings, np.asarray(views.offsets, np.int64)
+        if emb.ndim != 2 or (len(emb) and emb.shape[1] != self.scorer.dim):
+            raise DataError(f"embeddings must be (N, {self.scorer.dim}), got shape {emb.shape}")
+        if not np.issubdtype(emb.dtype, np.floating):
+            raise DataError(f"embeddings must be floating point (float32), got dtype {emb.dtype}")
+        problems = unusable_inputs(emb, offsets)
+        for i, p in enumerate(views.problems):
+            if p is not None:
+                problems[i] = p
+        if any(p is not None for p in problems):
+            emb = emb.copy()
+            for i, p in enumerate(problems):
+                if p is not None:
+                    a, b = int(offsets[i]), int(offsets[i + 1])
+                    emb[a:b] = _placeholder(b - a, emb.shape[1])
+        with np.errstate(all="ignore"):
+            scores = self.scorer.score(emb, keep_sims=evidence)
+            probs, calibrated = self.probabilities(scores)
+        probs = np.asarray(probs, np.float32)
+        for i, p in enumerate(unusable_inputs(emb, offsets, probs)):
+            if problems[i] is None and p is not None:
+                problems[i] = p
+        codes = decide_codes(probs, self.policy)
+        rows = worst_views(codes, probs, offsets)
+        actions = codes[rows].max(axis=1) if codes.shape[1] else np.zeros(len(rows), np.int8)
+        chosen = probs[rows]
+        bad = np.array([p is not None for p in problems], bool)
+        if bad.any():
+            actions = actions.copy()
+            actions[bad] = 2  # never allow what was not fully scored
+            chosen = chosen.copy()
+            chosen[bad] = np.nan
+        return Verdicts(self, actions.astype(np.int8), chosen, calibrated, rows - offsets[:-1], tuple(problems),
+                        scores, rows)
 
 
 def lint_policy(

@@ -1,8 +1,11 @@
 """Decide stage: calibrated probabilities + policy thresholds -> allow / flag / block, with reasons.
 
-Vectorised for audits (:func:`decide_codes`), and object-building for requests (:func:`build_decision`).
-Each category acts on its own thresholds (``block`` if p >= block, else ``flag`` if p >= flag); the worst
-category action is the image's action.
+The rules, each in one function: a category acts on its own thresholds (:func:`decide_codes`: ``block`` if
+p >= block, else ``flag`` if p >= flag) and the worst category action is the view's action; an input seen in several
+views (the frames of an animation, a transparent image on light and dark backgrounds) is decided by its worst view
+(:func:`worst_views`); an input with any unusable view decides nothing (:func:`unusable_inputs`). They are applied
+together by one caller, :meth:`safeclip.compiled.CompiledPolicy.decide`; :func:`build_decision` turns one input's
+result into a :class:`Decision`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import embedding_row_problems
 from .errors import DataError
 from .policy import Policy
 
-__all__ = ["ACTIONS", "CategoryResult", "Decision", "build_decision", "decide_codes", "error_decision", "nonfinite_rows"]
+__all__ = ["ACTIONS", "CategoryResult", "Decision", "build_decision", "decide_codes", "error_decision", "nonfinite_rows",
+           "unusable_inputs", "worst_views"]
 
 ACTIONS: tuple[str, str, str] = ("allow", "flag", "block")
 
@@ -53,6 +58,50 @@ def decide_codes(probabilities: np.ndarray, policy: Policy) -> np.ndarray:
 def nonfinite_rows(probabilities: np.ndarray) -> np.ndarray:
     """``(N,)`` bool: the rows of an ``(N, C)`` probability matrix that hold NaN or infinity (never decided)."""
     return ~np.isfinite(np.asarray(probabilities, np.float32)).all(axis=1)
+
+
+def worst_views(codes: np.ndarray, probabilities: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The view that decides each input: ``(n,)`` absolute rows, for inputs whose views are rows
+    ``offsets[i]:offsets[i + 1]`` of the ``(R, C)`` per-category ``codes`` and ``probabilities``.
+
+    The worst view wins: the highest action, then the highest probability of any category, then the first such view.
+    """
+    offsets = np.asarray(offsets, np.int64)
+    counts = np.diff(offsets)
+    pick = offsets[:-1].copy()
+    multi = np.flatnonzero(counts > 1)
+    if len(multi):
+        # (action, max probability) in lexicographic order as one float: probabilities lie in [0, 1] and actions
+        # step by 2. A non-finite row never gets here (its input is unusable).
+        action = codes.max(axis=1) if codes.shape[1] else np.zeros(len(codes), np.int8)
+        top = probabilities.max(axis=1) if probabilities.shape[1] else np.zeros(len(codes), np.float32)
+        key = action.astype(np.float64) * 2.0 + top.astype(np.float64)
+        for i in multi:
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            pick[i] = a + int(np.argmax(key[a:b]))  # argmax takes the first maximum
+    return pick
+
+
+def unusable_inputs(embeddings: np.ndarray, offsets: np.ndarray,
+                    probabilities: np.ndarray | None = None) -> list[tuple[str, str] | None]:
+    """Per input, ``None`` when it may decide, else ``(kind, why)``: ``("InvalidEmbedding", "embedding row k is
+    not finite ...")`` when any of its views is not a finite L2-normalised embedding, ``("InvalidScore", ...)`` when
+    any of its probabilities is not finite. One bad view makes the whole input undecided: the worst view could be the
+    one that is missing."""
+    offsets = np.asarray(offsets, np.int64)
+    out: list[tuple[str, str] | None] = [None] * (len(offsets) - 1)
+    problems = embedding_row_problems(embeddings)
+    for row in (k for k, why in enumerate(problems) if why is not None):
+        i = int(np.searchsorted(offsets, row, side="right") - 1)
+        if out[i] is None:
+            out[i] = ("InvalidEmbedding", f"embedding row {int(row - offsets[i])} {problems[row]}")
+    if probabilities is not None:
+        bad_rows = np.flatnonzero(nonfinite_rows(probabilities))
+        for row in bad_rows:
+            i = int(np.searchsorted(offsets, row, side="right") - 1)
+            if out[i] is None:
+                out[i] = ("InvalidScore", "a probability is not finite (check the policy's calibrators and heads)")
+    return out
 
 
 @dataclass(frozen=True)

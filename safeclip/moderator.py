@@ -13,48 +13,83 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from ._batcher import MicroBatcher, Ticket
-from .compiled import CompiledPolicy
-from .arrays import embedding_row_problems
-from .decide import Decision, build_decision, decide_codes, error_decision, nonfinite_rows
-from .decode import DecodeLimits, decode
-from .embed import Encoder, prepare_pixels, resolve_encoder_args
+from ._keywords import apply_keywords
+from .compiled import CompiledPolicy, Verdicts, Views
+from .decide import Decision, error_decision
+from .decode import DecodeLimits
+from .embed import DecodeOptions, Encoder, EncoderSpec, Prepared, prepare
 from .errors import ConfigError, DataError, DecodeError
 from .policy import Policy, load_policy
 from .score import Scores
 
-__all__ = ["Moderator", "check", "default_moderator", "set_default_moderator"]
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Unpack
+
+__all__ = ["BatchingOptions", "Moderator", "ModeratorKeywords", "check", "default_moderator",
+           "set_default_moderator"]
 
 _ON_ERROR = ("raise", "flag", "block")
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    pixels: np.ndarray  # (F, S, S, 3) uint8
-    frame_indices: tuple[int, ...]
-    sha256: str
-    source: str | None
-    backgrounds: tuple[tuple[int, int, int] | None, ...] = ()  # per row: the colour a transparent frame was seen on
-
 
 _log = logging.getLogger("safeclip")
 
 
-def _note_encoder_override(policy: Policy, model: str, pretrained: str | None, chosen_by: str) -> None:
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How concurrent requests share forwards: requests arriving within ``max_wait_ms`` of each other are embedded
+    together, up to ``max_batch`` views (``None``: the encoder's batch size); at most ``max_queue`` requests are in
+    flight (``None``: four batches), one more raises :class:`~safeclip.errors.OverloadedError`."""
+
+    max_batch: int | None = None
+    max_wait_ms: float = 5.0
+    max_queue: int | None = 256
+
+
+class ModeratorKeywords(TypedDict, total=False):
+    """The keyword form of :class:`Moderator`'s option groups (each maps onto one field, see ``_KEYWORDS``)."""
+
+    model: str | None
+    pretrained: str | None
+    device: str | None
+    batch_size: int | None
+    precision: str
+    runtime: str | None
+    threads: int | None
+    cache_dir: str | os.PathLike[str] | None
+    decode_limits: DecodeLimits
+    fast_decode: bool
+    decode_threads: int | None
+    max_batch: int | None
+    max_wait_ms: float
+    max_queue: int | None
+
+
+_KEYWORDS: dict[str, tuple[str, str]] = {
+    "model": ("encoder", "model"), "pretrained": ("encoder", "pretrained"), "device": ("encoder", "device"),
+    "batch_size": ("encoder", "batch_size"), "precision": ("encoder", "precision"),
+    "runtime": ("encoder", "runtime"), "threads": ("encoder", "threads"), "cache_dir": ("encoder", "cache_dir"),
+    "decode_limits": ("decoding", "limits"), "fast_decode": ("decoding", "fast"),
+    "decode_threads": ("decoding", "workers"),
+    "max_batch": ("batching", "max_batch"), "max_wait_ms": ("batching", "max_wait_ms"),
+    "max_queue": ("batching", "max_queue"),
+}
+
+
+def _note_encoder_override(policy: Policy, spec: EncoderSpec, chosen_by: str) -> None:
     """Say so when the caller's encoder is not the one the policy names (its thresholds were set for that one)."""
     named = dict(policy.encoder)
     if chosen_by != "caller" or not named.get("model"):
         return
-    if named.get("model") != model or named.get("pretrained", pretrained) != pretrained:
+    if named.get("model") != spec.model or named.get("pretrained", spec.pretrained) != spec.pretrained:
         _log.info("policy %s names encoder %s/%s; using %s/%s as asked (decisions record its encoder_id)",
-                     policy.id, named.get("model"), named.get("pretrained"), model, pretrained)
+                  policy.id, named.get("model"), named.get("pretrained"), spec.model, spec.pretrained)
 
 
 def _source_name(image: Any) -> str | None:
@@ -72,6 +107,11 @@ class Moderator:
     Each stage is usable alone: ``emb = m.embed(images)``, ``scores = m.score(emb)``,
     ``probs, calibrated = m.calibrate(scores)``, ``m.decide(emb)`` (score + calibrate + decide, no model).
 
+    The options come in groups (value objects): ``encoder`` (an :class:`~safeclip.embed.EncoderSpec`, or an already
+    loaded :class:`~safeclip.embed.Encoder`), ``decoding`` (:class:`~safeclip.embed.DecodeOptions`: limits, fast
+    decode, decode threads) and ``batching`` (:class:`BatchingOptions`). Each field also has a keyword of its own
+    (``model=``, ``pretrained=``, ``device=``, ``decode_limits=``, ``max_queue=``, ...: :class:`ModeratorKeywords`).
+
     The encoder is the one the caller names (``model``/``pretrained``, else ``$SAFECLIP_MODEL``/
     ``$SAFECLIP_PRETRAINED``), else the policy's ``encoder:``, else the default; ``encoder_chosen_by`` says which
     (``"caller"``, ``"policy"`` or ``"default"``) and every Decision records the ``encoder_id`` that decided.
@@ -80,57 +120,44 @@ class Moderator:
     not finite and normalised): ``"raise"`` (a :class:`DecodeError` / :class:`DataError`), or a Decision whose
     action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers). Never ``allow``.
 
-    Concurrent ``check`` / ``check_async`` calls share forwards: requests arriving within ``max_wait_ms`` of each
-    other are embedded together, up to ``max_batch`` frames (default: the encoder's batch size). At most
-    ``max_queue`` requests are in flight at once (``None``: four batches); one more raises
-    :class:`~safeclip.errors.OverloadedError`.
+    Concurrent ``check`` / ``check_async`` calls share forwards (:class:`BatchingOptions`); at most ``max_queue``
+    requests are in flight at once, one more raises :class:`~safeclip.errors.OverloadedError`.
     """
 
     def __init__(
         self,
         policy: str | os.PathLike[str] | Policy | None = None,
         *,
-        model: str | None = None,
-        pretrained: str | None = None,
-        device: str | None = None,
-        batch_size: int | None = None,
-        precision: str = "auto",
-        runtime: str | None = None,
-        threads: int | None = None,
+        encoder: Encoder | EncoderSpec | None = None,
+        decoding: DecodeOptions | None = None,
+        batching: BatchingOptions | None = None,
         on_error: str = "raise",
-        decode_limits: DecodeLimits | None = None,
-        fast_decode: bool = True,
-        decode_threads: int | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
         allow_outside: bool = False,
-        encoder: Encoder | None = None,
-        max_batch: int | None = None,
-        max_wait_ms: float = 5.0,
-        max_queue: int | None = 256,
+        **keywords: Unpack[ModeratorKeywords],
     ) -> None:
         if on_error not in _ON_ERROR:
             raise ConfigError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ConfigError(f"batch_size must be a positive integer, not {batch_size!r}")
+        loaded = None if encoder is None or isinstance(encoder, EncoderSpec) else encoder
+        groups = apply_keywords("Moderator", keywords, _KEYWORDS, {
+            "encoder": encoder if isinstance(encoder, EncoderSpec) else EncoderSpec(),
+            "decoding": decoding or DecodeOptions(), "batching": batching or BatchingOptions()})
         self.on_error = on_error
         self.allow_outside = allow_outside
         self.policy = load_policy(policy, allow_outside=allow_outside)
-        if encoder is None:
-            model, pretrained, self.encoder_chosen_by = resolve_encoder_args(model, pretrained, self.policy.encoder)
-            _note_encoder_override(self.policy, model, pretrained, self.encoder_chosen_by)
-            encoder = Encoder(model, pretrained, device=device, precision=precision, batch_size=batch_size,
-                              cache_dir=cache_dir, runtime=runtime, threads=threads)
+        if loaded is None:
+            spec, self.encoder_chosen_by = groups["encoder"].resolve(self.policy.encoder)
+            _note_encoder_override(self.policy, spec, self.encoder_chosen_by)
+            loaded = spec.load()
         else:
             self.encoder_chosen_by = "caller"
-        self.encoder = encoder
-        self.decode_limits = decode_limits or DecodeLimits()
-        self.fast_decode = fast_decode
-        self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
-        max_batch = self.encoder.batch_size if max_batch is None else max_batch
-        self._batching = {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                          "max_queue": 4 * max_batch if max_queue is None else max_queue}
-        self.batcher = MicroBatcher(self._embed_and_decide, **self._batching)
+        self.encoder = loaded
+        self.decoding: DecodeOptions = groups["decoding"]
+        if self.decoding.workers is None:
+            self.decoding = DecodeOptions(self.decoding.limits, self.decoding.fast, min(4, os.cpu_count() or 1))
+        b: BatchingOptions = groups["batching"]
+        max_batch = self.encoder.batch_size if b.max_batch is None else b.max_batch
+        self.batching = BatchingOptions(max_batch, b.max_wait_ms, 4 * max_batch if b.max_queue is None else b.max_queue)
+        self.batcher = self._new_batcher()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._compiled: dict[tuple[str, str], CompiledPolicy] = {}
@@ -138,9 +165,26 @@ class Moderator:
         _live_moderators.add(self)
         self.compiled(self.policy)
 
+    def _new_batcher(self) -> MicroBatcher:
+        b = self.batching
+        return MicroBatcher(self._embed_and_decide, max_batch=b.max_batch, max_wait_ms=b.max_wait_ms,
+                            max_queue=b.max_queue)
+
     @property
     def encoder_id(self) -> str:
         return self.encoder.encoder_id
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return self.decoding.limits
+
+    @property
+    def fast_decode(self) -> bool:
+        return self.decoding.fast
+
+    @property
+    def decode_threads(self) -> int:
+        return int(self.decoding.workers or 1)
 
     def compiled(self, policy: str | os.PathLike[str] | Policy | None = None) -> CompiledPolicy:
         """The policy (default: this Moderator's) compiled against this encoder, cached."""
@@ -155,11 +199,16 @@ class Moderator:
 
     # ------------------------------------------------------------------------------------ single stages
     def embed(self, images: Iterable[Any]) -> np.ndarray:
-        """``(N, D)`` L2-normalised float32 embeddings, one row per image (an animation's first sampled frame)."""
+        """``(N, D)`` L2-normalised float32 embeddings, one row per image: the view that decides it (for an
+        animation or a transparent image, its worst frame or background under this Moderator's policy)."""
         prepared = [self._prepare(img) for img in images]
         if not prepared:
             return np.empty((0, self.encoder.dim), np.float32)
-        return self.encoder.embed_pixels(np.stack([p.pixels[0] for p in prepared]))
+        emb = self.encoder.embed_pixels(np.concatenate([p.pixels for p in prepared]))
+        if all(len(p.pixels) == 1 for p in prepared):
+            return emb
+        verdicts = self.compiled().decide(self._views(emb, prepared))
+        return emb[verdicts.rows]
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """``(N, D)`` L2-normalised text embeddings in the same space as :meth:`embed`."""
@@ -174,11 +223,15 @@ class Moderator:
         return self.compiled(policy).probabilities(scores)
 
     def decide(self, embeddings: np.ndarray, *, policy: Any = None) -> list[Decision]:
-        """Score, calibrate and decide ``(N, D)`` embeddings under a policy, without the model."""
+        """Score, calibrate and decide ``(N, D)`` embeddings under a policy, without the model. A row that is not a
+        finite L2-normalised embedding is handled as ``on_error`` says (raised, or a fail-closed Decision)."""
         comp = self.compiled(policy)
-        scores = comp.scorer.score(embeddings, keep_sims=True)
-        probs, calibrated = comp.probabilities(scores)
-        return [self._decision(comp, scores, probs, calibrated, [i]) for i in range(len(scores))]
+        verdicts = comp.decide(np.asarray(embeddings), evidence=True)
+        out = [self._decision(comp, verdicts, i) for i in range(len(verdicts))]
+        for d in out:
+            if isinstance(d, DataError):
+                raise d
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------ requests
     def check(self, image: Any, *, policy: Any = None) -> Decision:
@@ -216,18 +269,16 @@ class Moderator:
         return self.batcher.admit()
 
     def check_many(self, images: Iterable[Any], *, policy: Any = None) -> list[Decision]:
-        """Moderate many images, in input order: decoding in threads while the model runs full batches."""
+        """Moderate many images, in input order: decoding in threads while the model runs full batches. At most a
+        few batches of decoded images are held at once, however many inputs there are."""
         images = list(images)
         if len(images) <= 1:
             return self._run(images, policy, pool=None)
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="safeclip-decode") as pool:
             return self._run(images, policy, pool=pool)
 
-    def _prepare(self, image: Any) -> _Prepared:
-        spec = self.encoder.pixel_spec
-        dec = decode(image, limits=self.decode_limits, target_size=spec.size if self.fast_decode else None)
-        pixels = np.stack([prepare_pixels(f, spec, fast=self.fast_decode) for f in dec.frames])
-        return _Prepared(pixels, dec.frame_indices, dec.sha256, dec.source or _source_name(image), dec.backgrounds)
+    def _prepare(self, image: Any) -> Prepared:
+        return prepare(image, self.encoder.pixel_spec, self.decoding)
 
     def _decode_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -248,8 +299,8 @@ class Moderator:
                                   source=prep.source or _source_name(image))
         return self.batcher.submit(ticket, (comp, prep), len(prep.pixels))
 
-    def _embed_and_decide(self, items: list[tuple[CompiledPolicy, _Prepared]]) -> list[Decision | DataError]:
-        """The micro-batcher's batch: one forward for every request, then each scored alone, under its policy."""
+    def _embed_and_decide(self, items: list[tuple[CompiledPolicy, Prepared]]) -> list[Decision | DataError]:
+        """The micro-batcher's batch: one forward for every request, then each decided alone, under its policy."""
         emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p in items]))
         out, row = [], 0
         for comp, p in items:
@@ -257,7 +308,7 @@ class Moderator:
             row += len(p.pixels)
         return out
 
-    def _try_prepare(self, image: Any) -> _Prepared | DecodeError:
+    def _try_prepare(self, image: Any) -> Prepared | DecodeError:
         try:
             return self._prepare(image)
         except DecodeError as e:
@@ -265,10 +316,32 @@ class Moderator:
                 raise
             return e
 
+    def _prepared_stream(self, images: list[Any], pool: ThreadPoolExecutor | None) -> Iterator[Prepared | DecodeError]:
+        """The inputs prepared in order, at most a few batches ahead of the model (memory bounded, not O(N))."""
+        if pool is None:
+            yield from map(self._try_prepare, images)
+            return
+        ahead = max(2 * self.decode_threads, 2 * self.encoder.batch_size)
+        pending: list[Future[Prepared | DecodeError]] = []
+        it = iter(images)
+        for image in it:
+            pending.append(pool.submit(self._try_prepare, image))
+            if len(pending) >= ahead:
+                break
+        try:
+            while pending:
+                done = pending.pop(0)
+                nxt = next(it, _END)
+                if nxt is not _END:
+                    pending.append(pool.submit(self._try_prepare, nxt))
+                yield done.result()
+        finally:
+            for f in pending:
+                f.cancel()
+
     def _run(self, images: list[Any], policy: Any, pool: ThreadPoolExecutor | None) -> list[Decision]:
         comp = self.compiled(policy)
-        prepared_iter = pool.map(self._try_prepare, images) if pool else map(self._try_prepare, images)
-        batch: list[tuple[int, _Prepared]] = []
+        batch: list[tuple[int, Prepared]] = []
         results: dict[int, Decision] = {}
         n_frames = 0
         target = self.encoder.batch_size
@@ -284,7 +357,7 @@ class Moderator:
                 results[i] = decided
             batch, n_frames = [], 0
 
-        for i, prep in enumerate(prepared_iter):
+        for i, prep in enumerate(self._prepared_stream(images, pool)):
             if isinstance(prep, DecodeError):
                 results[i] = error_decision(self.on_error, str(prep), policy=comp.policy,
                                             encoder_id=self.encoder_id, source=prep.source or _source_name(images[i]))
@@ -296,65 +369,39 @@ class Moderator:
         flush()
         return [results[i] for i in range(len(images))]
 
-    def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray,
-                         prepared: list[_Prepared]) -> list[Decision | DataError]:
-        """Score, calibrate and decide the embeddings of ``prepared`` (their frames' rows, in order). A row the model
-        got wrong (NaN, not normalised) fails its own image, never its neighbours: a :class:`DataError` in its place
-        (``on_error="raise"``), else a fail-closed Decision."""
-        problems = embedding_row_problems(emb)
-        unusable = problems != None  # noqa: E711 - elementwise on an object array
-        if unusable.any():
-            emb = emb.copy()
-            emb[unusable] = 0.0
-            emb[unusable, 0] = 1.0  # a placeholder unit vector; its rows are reported as errors below
-        scores = comp.scorer.score(emb, keep_sims=True)
-        probs, calibrated = comp.probabilities(scores)
-        unusable |= nonfinite_rows(probs)
-        out: list[Decision | DataError] = []
-        row = 0
-        for p in prepared:
-            rows = list(range(row, row + len(p.pixels)))
-            row += len(p.pixels)
-            if unusable[rows].any():
-                why = next((str(problems[r]) for r in rows if problems[r] is not None),
-                           "its probabilities are not finite")
-                err = DataError(f"{p.source or 'input'}: the embedding {why}; it was not scored")
-                out.append(err if self.on_error == "raise" else
-                           error_decision(self.on_error, str(err), policy=comp.policy, encoder_id=self.encoder_id,
-                                          source=p.source))
-                continue
-            out.append(self._decision(comp, scores, probs, calibrated, rows, p))
-        return out
+    @staticmethod
+    def _views(emb: np.ndarray, prepared: Sequence[Prepared]) -> Views:
+        offsets = np.zeros(len(prepared) + 1, np.int64)
+        np.cumsum([len(p.pixels) for p in prepared], out=offsets[1:])
+        return Views(emb, offsets)
 
-    def _decision(
-        self,
-        comp: CompiledPolicy,
-        scores: Scores,
-        probs: np.ndarray,
-        calibrated: np.ndarray,
-        rows: list[int],
-        prep: _Prepared | None = None,
-    ) -> Decision:
-        # Animated inputs and transparent ones (one row per background): the worst row wins (highest action, then
-        # highest probability).
-        codes = decide_codes(probs[rows], comp.policy)
-        worst = max(range(len(rows)), key=lambda k: (int(codes[k].max()), float(probs[rows[k]].max())))
-        r = rows[worst]
-        k = comp.policy.top_prompts
-        top = {name: comp.scorer.top_prompts(scores.sims[r], j, k)
-               for j, name in enumerate(comp.policy.category_names)} if (scores.sims is not None and k) else None
-        return build_decision(
-            comp.policy, probs[r], calibrated,
-            scores.row_signals(r),
-            encoder_id=self.encoder_id, top_prompts=top, basis=comp.basis,
-            sha256=prep.sha256 if prep else None, source=prep.source if prep else None,
-            frame_index=prep.frame_indices[worst] if prep else None,
-            n_frames=len(set(prep.frame_indices)) if prep else len(rows),
-            background=prep.backgrounds[worst] if prep and prep.backgrounds else None,
-        )
+    def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray,
+                         prepared: list[Prepared]) -> list[Decision | DataError]:
+        """Decide the embeddings of ``prepared`` (their views' rows, in order). An input the decision object could
+        not score fails alone, never its neighbours (see :meth:`_decision`)."""
+        verdicts = comp.decide(self._views(emb, prepared), evidence=True)
+        return [self._decision(comp, verdicts, i, p) for i, p in enumerate(prepared)]
+
+    def _decision(self, comp: CompiledPolicy, verdicts: Verdicts, i: int,
+                  prep: Prepared | None = None) -> Decision | DataError:
+        """Input ``i``'s Decision; one that could not be scored is a :class:`DataError` (``on_error="raise"``) or a
+        fail-closed Decision."""
+        try:
+            if prep is None:
+                return verdicts.decision(i, encoder_id=self.encoder_id)
+            return verdicts.decision(i, sha256=prep.sha256, source=prep.source, frame_indices=prep.frame_indices,
+                                     backgrounds=prep.backgrounds, encoder_id=self.encoder_id)
+        except DataError as err:
+            if self.on_error == "raise":
+                return err
+            return error_decision(self.on_error, str(err), policy=comp.policy, encoder_id=self.encoder_id,
+                                  source=prep.source if prep else None)
 
     def __repr__(self) -> str:
         return f"Moderator(policy={self.policy.id!r}, encoder={self.encoder_id!r}, on_error={self.on_error!r})"
+
+
+_END = object()
 
 
 # ---------------------------------------------------------------------------------------- process default
@@ -370,7 +417,7 @@ def _after_fork_in_child() -> None:
     for m in list(_live_moderators):
         m._compile_lock = threading.Lock()
         # The batcher's worker and the decode pool's threads are not in the child; its locks may be held.
-        m.batcher = MicroBatcher(m._embed_and_decide, **m._batching)
+        m.batcher = m._new_batcher()
         m._pool, m._pool_lock = None, threading.Lock()
 
 

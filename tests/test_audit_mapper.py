@@ -10,7 +10,8 @@ import pytest
 from audit_helpers import ALL_FLAG_POLICY, read, run_audit, sample  # noqa: F401
 from conftest import OrthoTexts, unit
 
-from safeclip.audit.mapper import BatchUnit, decide_frames, store
+from safeclip.audit.mapper import BatchUnit, store
+from safeclip.compiled import Views
 from safeclip.audit.summary import Tally
 from safeclip.audit.worker import FileResult
 from safeclip.audit.writer import Rows
@@ -87,7 +88,8 @@ def test_the_batch_unit_embeds_each_distinct_image_once_and_decides_every_row(tm
     np.testing.assert_array_equal(results[1].embeddings, results[0].embeddings)
     np.testing.assert_array_equal(results[3].embeddings, known_emb)
     assert results[2].embeddings.shape == (2, dim) and all(r.pixels is None for r in results)
-    codes, probs = decide_frames(comp, [r.embeddings for r in results[:5]])
+    v = comp.decide(Views.of([r.embeddings for r in results[:5]], comp.scorer.dim))
+    codes, probs = v.actions, v.probabilities
     assert [r.code for r in results[:5]] == codes.tolist() == [1] * 5  # this policy flags everything
     for r, p in zip(results, probs):
         np.testing.assert_array_equal(r.probs, p)
@@ -157,7 +159,8 @@ def test_the_worst_background_decides_and_is_reported(tmp_path):
                    backgrounds=("#ffffff", "#000000"), embeddings=emb)
     opaque = FileResult(1, "hit", sha256="b" * 64, nbytes=1, width=4, height=4, n_frames=1, embeddings=bland)
     BatchUnit(lambda px: px, comp).map([r, opaque])
-    codes, probs = decide_frames(comp, [emb[:1], emb[1:]])
+    v = comp.decide(Views.of([emb[:1], emb[1:]], comp.scorer.dim))
+    codes, probs = v.actions, v.probabilities
     worst = int(np.argmax(codes * 2.0 + probs.max(axis=1)))
     assert r.background == ("#ffffff", "#000000")[worst] and opaque.background is None
     np.testing.assert_array_equal(r.probs, probs[worst])

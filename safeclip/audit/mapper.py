@@ -11,14 +11,14 @@ The unit has two halves, split where the model is:
 
 The local engine runs both halves in its main process, one model batch at a time. The Ray engine runs ``map`` in
 its model actors and ``store`` on the driver, per shard; the results travel between them in their Arrow form
-(:func:`safeclip.audit.worker.results_to_arrow`). Scoring is the same numpy path as ``Moderator``: for an animation
-the worst frame decides, and for a transparent image the worst background (:func:`decide_images`; the row's
-``background`` is the deciding view's).
+(:func:`safeclip.audit.worker.results_to_arrow`). Deciding is the decision object's
+(:meth:`safeclip.compiled.CompiledPolicy.decide`), as for ``Moderator``: for an animation the worst frame decides, and
+for a transparent image the worst background (the row's ``background`` is the deciding view's).
 
-Nothing unusable decides: an embedding row that is not finite and L2-normalised
-(:func:`~safeclip.arrays.embedding_row_problems`: a damaged cache entry, a model that overflowed) makes its input an
-error row (``InvalidEmbedding``; a cached entry is discarded so that the next run embeds the file again), and so does
-a non-finite probability (``InvalidScore``). A cache that fails under a worker (damaged, unreadable) stops the audit
+Nothing unusable decides: an input the decision object reports as unusable (an embedding row that is not finite and
+L2-normalised: a damaged cache entry, a model that overflowed) is an error row (``InvalidEmbedding``; a cached entry
+is discarded so that the next run embeds the file again), and so is one with a non-finite probability
+(``InvalidScore``). A cache that fails under a worker (damaged, unreadable) stops the audit
 with :class:`~safeclip.errors.CacheError` instead of turning good files into decode errors; a damaged database is
 moved aside first (:meth:`~safeclip.cache.EmbeddingCache.quarantine`), so the same command run again rebuilds it.
 """
@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..arrays import embedding_row_problems
 from ..cache import CachedImage
-from ..decide import decide_codes, nonfinite_rows
+from ..compiled import Views
 from ..embed import PromptCache
 from ..errors import CacheError
 from .summary import Tally
@@ -46,63 +45,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..policy import Policy
     from .writer import RunOutput
 
-__all__ = ["BatchUnit", "compile_policy", "decide_frames", "decide_images", "decide_views", "embedding_problem",
-           "store"]
+__all__ = ["BatchUnit", "UNUSABLE_REMEDY", "compile_policy", "store"]
 
 Lookup = Callable[[list[str]], Mapping[str, CachedImage]]
 
-
-def decide_images(comp: CompiledPolicy, emb: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per image ``(action codes (n,), probabilities (n, C))`` for images whose frames are
-    ``emb[offsets[i]:offsets[i + 1]]``: the worst frame wins (highest action, then highest probability, first
-    such frame), the rule of ``Moderator._decision``."""
-    codes, probs, _ = decide_views(comp, emb, offsets)
-    return codes, probs
-
-
-def decide_views(comp: CompiledPolicy, emb: np.ndarray,
-                 offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`decide_images`, plus the row of ``emb`` that decided each image (``(n,)``, absolute)."""
-    scores = comp.scorer.score(emb)
-    probs, _ = comp.probabilities(scores)
-    probs = np.asarray(probs, np.float32)
-    codes = decide_codes(probs, comp.policy)
-    counts = np.diff(offsets)
-    pick = offsets[:-1].copy()
-    multi = np.nonzero(counts > 1)[0]
-    if len(multi):
-        # (code, max prob) in lexicographic order as one float: probabilities lie in [0, 1] and codes step by 2.
-        key = codes.max(axis=1).astype(np.float64) * 2.0 + probs.max(axis=1).astype(np.float64)
-        for i in multi:
-            a, b = int(offsets[i]), int(offsets[i + 1])
-            pick[i] = a + int(np.argmax(key[a:b]))  # argmax takes the first maximum, like max() does
-    codes = codes[pick]
-    return (codes.max(axis=1) if codes.shape[1] else np.zeros(len(pick), np.int8)), probs[pick], pick
-
-
-def embedding_problem(emb: np.ndarray | None, dim: int | None = None) -> str | None:
-    """Why ``emb`` (one input's ``(F, D)`` frame embeddings) cannot decide, or ``None`` when every row is a finite
-    L2-normalised embedding (of dimension ``dim`` when given)."""
-    if emb is None:
-        return "no embedding"
-    a = np.asarray(emb)
-    if a.ndim != 2 or a.shape[0] == 0:
-        return f"embedding of shape {a.shape}, not (frames >= 1, D)"
-    if dim is not None and a.shape[1] != dim:
-        return f"embedding of dimension {a.shape[1]}, this encoder's is {dim}"
-    if not np.issubdtype(a.dtype, np.floating):
-        return f"embedding of dtype {a.dtype}, not floating point"
-    for k, why in enumerate(embedding_row_problems(a)):
-        if why is not None:
-            return f"embedding row {k} {why}"
-    return None
-
-
-def decide_frames(comp: CompiledPolicy, embs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`decide_images` for a list of per-image ``(F_i, D)`` frame embeddings."""
-    offsets = np.zeros(len(embs) + 1, np.int64)
-    np.cumsum([len(e) for e in embs], out=offsets[1:])
-    return decide_images(comp, np.concatenate(embs), offsets)
+UNUSABLE_REMEDY: dict[str, str] = {
+    "InvalidEmbedding": "; it never decides (a cached entry is discarded: the next run embeds the file again)",
+    "InvalidScore": " (check the policy's calibrators); it never decides",
+}
+"""What an audit row adds to the decision object's reason, per kind of unusable input."""
 
 
 def compile_policy(policy: Policy, enc: Encoder, cache_dir: Path) -> CompiledPolicy:
@@ -140,29 +91,16 @@ class BatchUnit:
         self._embed(results, known)
         embed_s = (time.perf_counter() - t) / n
         t = time.perf_counter()
-        ok = []
-        for r in results:
-            if r.embeddings is None or r.kind == "error":
-                continue
-            why = embedding_problem(r.embeddings, self.comp.scorer.dim)
-            if why is None:
-                ok.append(r)
-            else:
-                _unusable(r, "InvalidEmbedding", f"{why}; it never decides (a cached entry is discarded: the next "
-                                                 "run embeds the file again)")
+        ok = [r for r in results if r.embeddings is not None and r.kind != "error"]
         if ok:
-            embs = [np.asarray(r.embeddings, np.float32) for r in ok]
-            offsets = np.zeros(len(embs) + 1, np.int64)
-            np.cumsum([len(e) for e in embs], out=offsets[1:])
-            codes, probs, pick = decide_views(self.comp, np.concatenate(embs), offsets)
-            bad = nonfinite_rows(probs)
+            verdicts = self.comp.decide(Views.of([r.embeddings for r in ok], self.comp.scorer.dim))
             for k, r in enumerate(ok):
-                if bad[k]:
-                    _unusable(r, "InvalidScore", "a probability is not finite (check the policy's calibrators); "
-                                                 "it never decides")
+                problem = verdicts.problems[k]
+                if problem is not None:
+                    _unusable(r, problem[0], problem[1] + UNUSABLE_REMEDY.get(problem[0], ""))
                     continue
-                r.code, r.probs = int(codes[k]), probs[k]
-                view = int(pick[k] - offsets[k])
+                r.code, r.probs = int(verdicts.actions[k]), verdicts.probabilities[k]
+                view = int(verdicts.view[k])
                 r.background = r.backgrounds[view] if view < len(r.backgrounds) else None
         score_s = (time.perf_counter() - t) / n
         for r in results:

@@ -2,8 +2,8 @@
 
 The embeddings come from the embedding cache (by sha256: the rows of an earlier audit, or every image cached for an
 encoder) or from an audit written with ``save_embeddings=True``; the prompt embeddings from the prompt cache. The
-scoring is the batch unit's (:func:`safeclip.audit.mapper.decide_images`), so a re-score equals a fresh audit under
-the new policy.
+deciding is the decision object's (:meth:`safeclip.compiled.CompiledPolicy.decide`), as in the audit's batch unit,
+so a re-score equals a fresh audit under the new policy.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..arrays import embedding_row_problems
 from ..files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
-from ..decide import ACTIONS, nonfinite_rows
+from ..compiled import Views
+from ..decide import ACTIONS
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
 from ..errors import (
     CacheError,
@@ -32,7 +32,6 @@ from ..errors import (
     ModelLoadError,
 )
 from ..policy import Policy, load_policy
-from .mapper import decide_views, embedding_problem
 from .summary import ERROR_ACTION, AuditSummary, Tally, summarize
 from .writer import (
     FORMAT_VERSION,
@@ -200,14 +199,13 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
 
     pieces, hits = [], 0
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
-        with np.errstate(all="ignore"):
-            codes, probs, pick = decide_views(comp, chunk.embeddings, chunk.offsets)
-        bad = _bad_images(chunk.embeddings, chunk.offsets, probs)
+        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets))
+        bad = {i: _unusable_text(p) for i, p in enumerate(verdicts.problems) if p is not None}
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
-        background = [_view(bgs[i], int(pick[i] - chunk.offsets[i])) for i in range(len(chunk))]
+        background = [_view(bgs[i], int(verdicts.view[i])) for i in range(len(chunk))]
         pieces.append(_columns_table(schema, comp, chunk.sha256, chunk.nbytes, chunk.width, chunk.height,
-                                     chunk.n_frames, codes, probs, background, bad))
+                                     chunk.n_frames, verdicts.actions, verdicts.probabilities, background, bad))
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
 
 
@@ -215,17 +213,13 @@ def _view(backgrounds: Sequence[str | None], k: int) -> str | None:
     return backgrounds[k] if 0 <= k < len(backgrounds) else None
 
 
-def _bad_images(emb: np.ndarray, offsets: np.ndarray, probs: np.ndarray) -> dict[int, str]:
-    """``{image: error text}`` for the images of a decided block that must not decide."""
-    problems = embedding_row_problems(emb)
-    bad: dict[int, str] = {}
-    for row in (k for k, why in enumerate(problems) if why is not None):
-        i = int(np.searchsorted(offsets, row, side="right") - 1)
-        bad.setdefault(i, (f"InvalidEmbedding: embedding row {int(row - offsets[i])} {problems[row]}; it never "
-                           "decides (audit the file again)"))
-    for i in np.flatnonzero(nonfinite_rows(probs)):
-        bad.setdefault(int(i), "InvalidScore: a probability is not finite (check the policy's calibrators)")
-    return bad
+_REMEDY = {"InvalidEmbedding": "; it never decides (audit the file again)"}
+
+
+def _unusable_text(problem: tuple[str, str]) -> str:
+    """The ``error`` of a row the decision object could not decide."""
+    kind, why = problem
+    return f"{kind}: {why}{_REMEDY.get(kind, '')}"
 
 
 def _rescore_table(comp: CompiledPolicy, src: pa.Table, schema: pa.Schema, db: EmbeddingCache | None,
@@ -319,24 +313,18 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
     for i, (e, _, why) in enumerate(embs):
         if c["error"][i] is not None or e is None:  # an error row of the source stays one, with its own error
             errors[i] = c["error"][i] or why or "no embedding"
-            continue
-        problem = embedding_problem(e, comp.scorer.dim)
-        if problem is None:
-            ok.append(i)
         else:
-            errors[i] = f"InvalidEmbedding: {problem}; it never decides (audit the file again)"
+            ok.append(i)
     decided: dict[int, tuple[int, np.ndarray, str | None]] = {}
     if ok:
-        sel = [np.asarray(embs[i][0], np.float32) for i in ok]
-        offsets = np.zeros(len(sel) + 1, np.int64)
-        np.cumsum([len(e) for e in sel], out=offsets[1:])
-        codes, probs, pick = decide_views(comp, np.concatenate(sel), offsets)
-        bad = nonfinite_rows(probs)
+        verdicts = comp.decide(Views.of([embs[i][0] for i in ok], comp.scorer.dim))
         for k, i in enumerate(ok):
-            if bad[k]:
-                errors[i] = "InvalidScore: a probability is not finite (check the policy's calibrators)"
+            problem = verdicts.problems[k]
+            if problem is not None:
+                errors[i] = _unusable_text(problem)
             else:
-                decided[i] = (int(codes[k]), probs[k], _view(embs[i][1], int(pick[k] - offsets[k])))
+                decided[i] = (int(verdicts.actions[k]), verdicts.probabilities[k],
+                              _view(embs[i][1], int(verdicts.view[k])))
     for i in range(part.num_rows):
         action = probs_i = background = None
         if i in decided:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..cache import EmbeddingCache
-from ..decode import DECODER_VERSION, DecodeLimits, decode, read_source
-from ..embed import PixelSpec, prepare_pixels
+from ..decode import DECODER_VERSION, DecodeLimits, read_source
+from ..embed import DecodeOptions, PixelSpec, prepare
 from ..errors import (
     CacheError,
     DecodeError,
@@ -159,14 +159,14 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
             _test_hook(hook, path)
         t1 = time.perf_counter()
         res.decoded = True
-        # The same decode and pixel path as Moderator._prepare, so rows and Moderator.check agree.
-        dec = decode(data, limits=cfg.limits, target_size=cfg.spec.size if cfg.fast else None)
-        res.pixels = np.stack([prepare_pixels(f, cfg.spec, fast=cfg.fast) for f in dec.frames])
+        # The same prepare as Moderator's, so rows and Moderator.check agree.
+        prep = prepare(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast))
+        res.pixels = prep.pixels
         res.decode_s = time.perf_counter() - t1
         res.kind = "pixels"
-        res.width, res.height = dec.size
-        res.n_frames, res.frame_indices, res.format = dec.n_frames, tuple(dec.frame_indices), dec.format
-        res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in dec.backgrounds)
+        res.width, res.height = prep.size
+        res.n_frames, res.frame_indices, res.format = prep.n_frames, prep.frame_indices, prep.format
+        res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in prep.backgrounds)
     except DecodeError as e:
         res.error_kind, res.error = type(e).__name__, e.reason
         res.cacheable_error = (res.sha256 is not None and isinstance(e, _DETERMINISTIC_ERRORS)

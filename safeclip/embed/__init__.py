@@ -12,6 +12,8 @@ module         what
 =============  ===========================================================================
 _config        defaults, model/device/runtime/threads resolution (no torch)
 _pixels        :class:`PixelSpec`, :func:`prepare_pixels` (PIL + numpy)
+_prepare       :func:`prepare` (decode + pixels, shared by requests and audits), :class:`DecodeOptions`,
+               :class:`EncoderSpec` (the option groups that travel)
 _prompts       :class:`PromptCache`
 _identity      weights identity and ``encoder_id`` (no torch)
 _store         the export folders: manifest, sha256 check, lock
@@ -29,21 +31,26 @@ from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, IDENTITY_VERSION, PRECI
 from ._checkpoint import read_state_dict, tag_encoder_id
 from ._encoder import Encoder, RuntimeFallbackWarning
 from ._pixels import PixelSpec, prepare_pixels
+from ._prepare import DecodeOptions, EncoderSpec, Prepared, prepare
 from ._prompts import PromptCache
 from ._verify import Int8Report, verify_int8
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_PRETRAINED",
+    "DecodeOptions",
     "IDENTITY_VERSION",
     "PRECISIONS",
     "RUNTIMES",
     "Encoder",
+    "EncoderSpec",
     "Int8Report",
     "PixelSpec",
+    "Prepared",
     "PromptCache",
     "RuntimeFallbackWarning",
     "default_cache_dir",
+    "prepare",
     "prepare_pixels",
     "read_state_dict",
     "resolve_device",
