@@ -84,3 +84,45 @@ def test_cli_lint_fails_on_a_wrong_pin(tmp_path):
     ref = _write(tmp_path, "c.json", _cal())
     ref["sha256"] = "0" * 64
     assert main(["policy", "lint", str(_policy(tmp_path, {"drugs": {"calibrator": ref}}))]) == 2
+
+
+# ---------------------------------------------------------------------------------- the decision object (issue 20)
+def _known_compiled():
+    from conftest import OrthoTexts
+
+    from safeclip.compiled import CompiledPolicy
+    from safeclip.policy import load_policy
+
+    pol = load_policy("default")
+    comp = CompiledPolicy.build(pol, OrthoTexts(512), "known-space")
+    cat = next(c for c in pol.categories if c.block is not None)
+    j = pol.category_names.index(cat.name)
+    hit = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.prompts[0])].astype(np.float32)
+    calm = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(pol.neutral[0])].astype(np.float32)
+    return comp, j, hit, calm
+
+
+def test_decide_takes_the_worst_view_of_each_input():
+    from safeclip.compiled import Views
+
+    comp, j, hit, calm = _known_compiled()
+    v = comp.decide(Views.of([np.stack([calm, hit, calm]), calm[None], np.stack([hit, calm])], 512))
+    assert [v.action(i) for i in range(3)] == ["block", "allow", "block"]
+    assert v.view.tolist() == [1, 0, 0] and v.rows.tolist() == [1, 3, 4]
+    assert v.ok.all() and v.probabilities[0, j] == v.probabilities[2, j] > 0.5
+    d = v.decision(0, frame_indices=(0, 3, 6))
+    assert d.action == "block" and d.frame_index == 3 and d.n_frames == 3
+
+
+def test_decide_never_allows_an_input_with_an_unusable_view():
+    from safeclip.compiled import Views
+    from safeclip.errors import DataError
+
+    comp, j, hit, calm = _known_compiled()
+    nan = np.full(512, np.nan, np.float32)
+    v = comp.decide(Views.of([np.stack([calm, nan]), calm[None], None, np.zeros((2, 7), np.float32)], 512))
+    assert [p and p[0] for p in v.problems] == ["InvalidEmbedding", None, "NoEmbedding", "InvalidEmbedding"]
+    assert v.actions.tolist() == [2, 0, 2, 2] and np.isnan(v.probabilities[[0, 2, 3]]).all()
+    assert v.action(1) == "allow"  # a bad neighbour never changes another input's decision
+    with pytest.raises(DataError, match="embedding row 1 holds NaN"):
+        v.decision(0, source="x.png")

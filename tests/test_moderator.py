@@ -299,3 +299,60 @@ def test_a_row_the_model_got_wrong_in_a_shared_forward_fails_only_its_caller(tin
                 for name, c in got.categories.items():
                     assert abs(c.probability - want.categories[name].probability) < 1e-4
     assert max(sizes) > 1  # some requests did share a forward
+
+
+def _drawing_png() -> bytes:
+    import io
+
+    drawing = Image.new("RGBA", (64, 48), (255, 255, 255, 0))
+    drawing.paste((255, 255, 255, 255), (16, 12, 48, 36))  # white on clear: blank on white, a shape on black
+    buf = io.BytesIO()
+    drawing.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_embed_returns_the_view_that_decides_not_the_first():
+    """Issue 20: ``Moderator.embed()`` returned the first (white) view of an alpha image, the one that shows nothing,
+    so re-deciding that embedding allowed what ``check`` blocks."""
+    enc = _KnownAnswerEncoder()
+    m = Moderator(encoder=enc)
+    comp = m.compiled()
+    cat = next(c for c in m.policy.categories if c.block is not None)
+    enc.visible = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.prompts[0])]
+    enc.blank = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(m.policy.neutral[0])]
+    emb = m.embed([_drawing_png()])
+    assert emb.shape == (1, 512)
+    np.testing.assert_array_equal(emb[0], enc.visible.astype(np.float32))
+    assert m.decide(emb)[0].action == m.check(_drawing_png()).action != "allow"
+
+
+def test_check_many_keeps_a_bounded_number_of_decoded_images(tiny_encoder, photos, monkeypatch):
+    """Issue 21: check_many submitted every decode at once, holding O(N) decoded images; now a few batches ahead."""
+    import threading
+    import time
+
+    m = Moderator(encoder=tiny_encoder, decode_threads=2)
+    lock = threading.Lock()
+    state = {"prepared": 0, "embedded": 0, "ahead": 0}
+    real_prepare, real_embed = m._try_prepare, tiny_encoder.embed_pixels
+
+    def counting_prepare(image):
+        out = real_prepare(image)
+        with lock:
+            state["prepared"] += 1
+            state["ahead"] = max(state["ahead"], state["prepared"] - state["embedded"])
+        return out
+
+    def slow_embed(pixels):
+        time.sleep(0.05)  # a slow model: decoding would run far ahead if nothing held it back
+        with lock:
+            state["embedded"] += len(pixels)
+        return real_embed(pixels)
+
+    monkeypatch.setattr(m, "_try_prepare", counting_prepare)
+    monkeypatch.setattr(m.encoder, "embed_pixels", slow_embed)
+    images = [np.full((8, 8, 3), i % 255, np.uint8) for i in range(300)]
+    decisions = m.check_many(images)
+    assert len(decisions) == 300 and state["embedded"] == 300
+    bound = 2 * max(2 * m.decode_threads, 2 * tiny_encoder.batch_size) + m.decode_threads
+    assert state["ahead"] <= bound, state
