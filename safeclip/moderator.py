@@ -26,7 +26,7 @@ from .compiled import CompiledPolicy, Verdicts, Views
 from .decide import Decision, error_decision
 from .decode import DecodeLimits
 from .embed import DecodeOptions, Encoder, EncoderSpec, Prepared, prepare
-from .errors import ConfigError, DataError, DecodeError
+from .errors import ConfigError, DataError, DecodeError, ModelLoadError
 from .policy import Policy, load_policy
 from .score import Scores
 
@@ -431,7 +431,15 @@ def default_moderator() -> Moderator:
     if _default is None:
         with _default_lock:
             if _default is None:
-                _default = Moderator()
+                try:
+                    _default = Moderator()
+                except ModelLoadError as e:
+                    # check() takes no model arguments: say how the default Moderator is chosen instead.
+                    hint = (" safeclip.check() uses the process-wide default Moderator: name its weights with "
+                            "$SAFECLIP_MODEL / $SAFECLIP_PRETRAINED (e.g. SAFECLIP_PRETRAINED=/path/to/weights), or "
+                            "install your own with safeclip.set_default_moderator(safeclip.Moderator(model=..., "
+                            "pretrained=...))")
+                    raise ModelLoadError(f"{e}.{hint}", cli_message=e.cli_message) from e
     return _default
 
 

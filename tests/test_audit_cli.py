@@ -70,7 +70,22 @@ def test_runtime_flags_and_all_files_reach_the_audit(tmp_path, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(b"")
     assert cli_main(["audit", str(tmp_path), "--out", str(tmp_path / "o.parquet"), "--runtime", "onnx",
                      "--precision", "int8", "--threads", "3", "--all-files"]) == 0
-    assert (seen["runtime"], seen["precision"], seen["threads"], seen["include_all"]) == ("onnx", "int8", 3, True)
+    spec = seen["encoder"]  # the CLI builds the option groups once (issue 20)
+    assert (spec.runtime, spec.precision, spec.threads, seen["include_all"]) == ("onnx", "int8", 3, True)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Issue 21 (first hour): Ctrl-C during an audit gave no resume hint."""
+    import safeclip.cli.audit as cli_audit
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_audit, "_run_audit", interrupted)
+    (tmp_path / "a.jpg").write_bytes(b"")
+    code = cli_main(["audit", str(tmp_path), "--out", str(tmp_path / "o.parquet")])
+    err = capsys.readouterr().err
+    assert code == 130 and "run the same command again to resume" in err
 
 
 @pytest.mark.slow

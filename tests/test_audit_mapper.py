@@ -98,7 +98,7 @@ def test_the_batch_unit_embeds_each_distinct_image_once_and_decides_every_row(tm
     # The output half: only the new embeddings and the deterministic failure go to the cache, then one row each.
     db = EmbeddingCache(tmp_path / "cache", "enc")
     output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp",
-                             plan=SimpleNamespace(inputs=[f"f{i}" for i in range(6)]))
+                             inputs=[f"f{i}" for i in range(6)])
     tally = Tally()
     store(results, output, tally)
     assert sorted(db.get_many([c * 64 for c in "abcde"])) == ["a" * 64, "b" * 64]
@@ -140,7 +140,7 @@ def test_unusable_embeddings_are_error_rows_never_allow_and_leave_the_cache(tmp_
     assert "NaN or infinity" in results[1].error and "not L2-normalised" in results[2].error
     assert "row 1" in results[3].error and "dtype int64" in results[4].error
     output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp",
-                             plan=SimpleNamespace(inputs=[f"f{i}" for i in range(5)]))
+                             inputs=[f"f{i}" for i in range(5)])
     store(results, output, Tally())
     assert output.rows.cols["action"] == ["allow"] + ["error"] * 4
     assert all(p is None for p in output.rows.probs[1:])
@@ -175,7 +175,7 @@ def test_a_cache_failing_under_a_worker_stops_the_audit_and_never_blames_the_ima
 
     db = EmbeddingCache(tmp_path / "cache", "enc")
     path = db.path
-    output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp", plan=SimpleNamespace(inputs=["f0"]))
+    output = SimpleNamespace(db=db, rows=Rows(1, False), fingerprint="fp", inputs=["f0"])
     bad = FileResult(0, "error", sha256="a" * 64, nbytes=1, error_kind="CacheError",
                      error=f"unexpected error while decoding: the embedding cache {path} is damaged (database disk "
                            "image is malformed); move it aside")

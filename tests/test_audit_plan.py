@@ -31,29 +31,29 @@ def policy_file(tmp_path):
 def test_the_encoder_is_the_callers_else_the_policys_else_the_default(policy_file, no_model_env, tmp_path):
     out = tmp_path / "a.parquet"
     plan = AuditPlan.create(["a.jpg"], out=out, policy=policy_file)
-    assert (plan.model, plan.pretrained, plan.encoder_chosen_by) == ("ViT-L-14", "openai", "policy")
+    assert (plan.encoder.model, plan.encoder.pretrained, plan.encoder_chosen_by) == ("ViT-L-14", "openai", "policy")
     plan = AuditPlan.create(["a.jpg"], out=out, policy=policy_file, model="ViT-B-16", pretrained="/m/b16.bin")
-    assert (plan.model, plan.pretrained, plan.encoder_chosen_by) == ("ViT-B-16", "/m/b16.bin", "caller")
+    assert (plan.encoder.model, plan.encoder.pretrained, plan.encoder_chosen_by) == ("ViT-B-16", "/m/b16.bin", "caller")
     # Only the weights named: the policy's architecture with the caller's checkpoint.
     plan = AuditPlan.create(["a.jpg"], out=out, policy=policy_file, pretrained="/m/l14.bin")
-    assert (plan.model, plan.pretrained, plan.encoder_chosen_by) == ("ViT-L-14", "/m/l14.bin", "caller")
+    assert (plan.encoder.model, plan.encoder.pretrained, plan.encoder_chosen_by) == ("ViT-L-14", "/m/l14.bin", "caller")
     no_encoder = tmp_path / "no-encoder.yaml"
     no_encoder.write_text(ALL_FLAG_POLICY)
     plan = AuditPlan.create(["a.jpg"], out=out, policy=no_encoder)
-    assert (plan.model, plan.pretrained, plan.encoder_chosen_by) == (DEFAULT_MODEL, DEFAULT_PRETRAINED, "default")
+    assert (plan.encoder.model, plan.encoder.pretrained, plan.encoder_chosen_by) == (DEFAULT_MODEL, DEFAULT_PRETRAINED, "default")
 
 
 def test_the_environment_counts_as_the_caller(policy_file, monkeypatch, tmp_path):
     monkeypatch.setenv("SAFECLIP_MODEL", "ViT-B-16")
     monkeypatch.setenv("SAFECLIP_PRETRAINED", "/m/b16.bin")
     plan = AuditPlan.create(["a.jpg"], out=tmp_path / "a.parquet", policy=policy_file)
-    assert (plan.model, plan.pretrained, plan.encoder_chosen_by) == ("ViT-B-16", "/m/b16.bin", "caller")
+    assert (plan.encoder.model, plan.encoder.pretrained, plan.encoder_chosen_by) == ("ViT-B-16", "/m/b16.bin", "caller")
 
 
 def test_a_loaded_encoder_is_the_callers(tiny_encoder, policy_file, tmp_path):
     plan = AuditPlan.create(["a.jpg"], out=tmp_path / "a.parquet", policy=policy_file, encoder=tiny_encoder)
-    assert plan.encoder is tiny_encoder and plan.encoder_chosen_by == "caller"
-    assert (plan.model, plan.pretrained) == (tiny_encoder.model_name, tiny_encoder.pretrained)
+    assert plan.loaded_encoder is tiny_encoder and plan.encoder_chosen_by == "caller"
+    assert (plan.encoder.model, plan.encoder.pretrained) == (tiny_encoder.model_name, tiny_encoder.pretrained)
 
 
 def test_defaults_are_applied_once(tmp_path):
@@ -63,9 +63,9 @@ def test_defaults_are_applied_once(tmp_path):
                             decode_limits=DecodeLimits(timeout_s=20))
     assert plan.inputs == ("b.jpg", "a.jpg")  # in order, each once
     assert plan.task_timeout == 120.0 and plan.progress is False and plan.policy.id == "default@1.0"
-    assert plan.engine == "local" and plan.part_rows == 2048
+    assert plan.engine.name == "local" and plan.output.part_rows == 2048
     with pytest.raises(dataclasses.FrozenInstanceError):
-        plan.part_rows = 1  # type: ignore[misc]
+        plan.output.part_rows = 1  # type: ignore[misc]
 
 
 def test_bad_options_fail_before_anything_loads(tmp_path):
@@ -88,7 +88,7 @@ def test_bad_options_fail_before_anything_loads(tmp_path):
     with pytest.raises(ConfigError, match="decode_batch"):
         AuditPlan.create(["a.jpg"], out=out, engine="ray", ray_options={"decode_batch": 0})
     plan = AuditPlan.create(["a.jpg"], out=out, engine="ray", ray_options={"stall_timeout": 5, "actors": 2})
-    assert (plan.ray.stall_timeout, plan.ray.actors, plan.ray.decode_batch) == (5, 2, 32)
+    assert (plan.engine.ray.stall_timeout, plan.engine.ray.actors, plan.engine.ray.decode_batch) == (5, 2, 32)
     # audit() validates through the plan: nothing is started for a wrong option.
     with pytest.raises(ConfigError, match="engine must be"):
         audit(["a.jpg"], out=out, engine="spark")
@@ -106,7 +106,24 @@ def test_runtime_precision_and_threads_are_checked_and_reach_the_encoder(tmp_pat
 
     plan = AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/models/b32.bin",
                             runtime="onnx", precision="int8", threads=2)
-    assert encoder_kwargs(plan) == {"runtime": "onnx", "precision": "int8", "threads": 2}
+    assert encoder_kwargs(plan.encoder) == {"runtime": "onnx", "precision": "int8", "threads": 2}
     for bad in ({"runtime": "tensorrt"}, {"precision": "fp8"}, {"threads": 0}):
         with pytest.raises(ConfigError):
             AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/b.bin", **bad)
+
+
+def test_option_groups_are_value_objects_each_component_gets_its_own(tmp_path):
+    """Issue 20: the options travel as value objects; the keyword form maps onto the same fields."""
+    from safeclip.audit import EngineOptions, OutputOptions
+    from safeclip.embed import DecodeOptions, EncoderSpec
+
+    spec = EncoderSpec(model="ViT-B-32", pretrained="/m/b32.bin", threads=2)
+    grouped = AuditPlan.create(["a.jpg"], policy="default", encoder=spec, decoding=DecodeOptions(workers=3),
+                               output=OutputOptions(tmp_path / "o.parquet", part_rows=7),
+                               engine=EngineOptions(worker_nice=5))
+    keywords = AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", policy="default", model="ViT-B-32",
+                                pretrained="/m/b32.bin", threads=2, workers=3, part_rows=7, worker_nice=5)
+    for name in ("encoder", "decoding", "output", "engine", "encoder_chosen_by"):
+        assert getattr(grouped, name) == getattr(keywords, name), name
+    with pytest.raises(ConfigError, match="unexpected keyword argument.*'modle'"):
+        AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", modle="ViT-B-32")

@@ -58,3 +58,19 @@ def test_lazy_names_resolve_to_their_modules():
 
     assert safeclip.Moderator is Moderator and safeclip.train_probe is train_probe
     assert set(safeclip._LAZY) <= set(safeclip.__all__) <= set(dir(safeclip))
+
+
+def test_the_type_checking_view_is_the_lazy_table_exactly():
+    """Issue 20: the TYPE_CHECKING imports (what type checkers see) and ``_LAZY`` (what runs) are one list: every lazy
+    name is imported there from the module ``_LAZY`` names, and nothing else is."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(safeclip.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    seen = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names:
+            seen[alias.asname or alias.name] = f"safeclip.{node.module}"
+    assert seen == safeclip._LAZY

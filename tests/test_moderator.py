@@ -356,3 +356,18 @@ def test_check_many_keeps_a_bounded_number_of_decoded_images(tiny_encoder, photo
     assert len(decisions) == 300 and state["embedded"] == 300
     bound = 2 * max(2 * m.decode_threads, 2 * tiny_encoder.batch_size) + m.decode_threads
     assert state["ahead"] <= bound, state
+
+
+def test_check_without_weights_names_the_environment_not_arguments_check_lacks(monkeypatch, tmp_path):
+    """Issue 21 (first hour): check()'s ModelLoadError suggested model=/pretrained= arguments check() does not take."""
+    import safeclip
+    from safeclip import moderator as mod
+    from safeclip.errors import ModelLoadError
+
+    def no_weights(*a, **k):
+        raise ModelLoadError("cannot load the CLIP weights: pass pretrained='/path/to/weights'")
+
+    monkeypatch.setattr(mod.EncoderSpec, "load", no_weights)
+    safeclip.set_default_moderator(None)
+    with pytest.raises(ModelLoadError, match=r"SAFECLIP_PRETRAINED.*set_default_moderator"):
+        safeclip.check(np.zeros((8, 8, 3), np.uint8))

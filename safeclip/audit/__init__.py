@@ -35,21 +35,26 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .diff import diff
-from .plan import AuditPlan
+from .plan import AuditKeywords, AuditPlan, EngineOptions
 from .reader import IMAGE_EXTENSIONS, collect_inputs, read_manifest
 from .rescore import rescore
 from .summary import FAIL_LEVELS, AuditSummary
+from .writer import OutputOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..decode import DecodeLimits
-    from ..embed import Encoder
+    from typing_extensions import Unpack
+
+    from ..embed import DecodeOptions, Encoder, EncoderSpec
     from ..policy import Policy
 
 __all__ = [
+    "AuditKeywords",
     "AuditPlan",
     "AuditSummary",
+    "EngineOptions",
     "FAIL_LEVELS",
     "IMAGE_EXTENSIONS",
+    "OutputOptions",
     "audit",
     "collect_inputs",
     "diff",
@@ -61,37 +66,28 @@ __all__ = [
 def audit(
     paths: Iterable[str | os.PathLike[str]] = (),
     *,
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     manifests: Iterable[str | os.PathLike[str]] = (),
     policy: str | os.PathLike[str] | Policy | None = None,
-    model: str | None = None,
-    pretrained: str | None = None,
-    device: str | None = None,
-    runtime: str | None = None,
-    precision: str = "auto",
-    threads: int | None = None,
-    include_all: bool = False,
-    overwrite: bool = False,
+    encoder: Encoder | EncoderSpec | None = None,
+    decoding: DecodeOptions | None = None,
+    output: OutputOptions | None = None,
+    engine: str | EngineOptions = "local",
     cache: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
-    workers: int | None = None,
-    batch_size: int | None = None,
-    encoder: Encoder | None = None,
-    save_embeddings: bool = False,
-    decode_limits: DecodeLimits | None = None,
-    fast_decode: bool = True,
-    part_rows: int = 2048,
-    part_seconds: float = 60.0,
-    task_timeout: float | None = None,
-    torch_threads: int | None = None,
-    worker_nice: int = 10,
+    include_all: bool = False,
     progress: bool | None = None,
     verbose: bool = True,
-    engine: str = "local",
-    address: str | None = None,
     ray_options: Mapping[str, Any] | None = None,
+    **keywords: Unpack[AuditKeywords],
 ) -> AuditSummary:
     """Moderate every input into ``out`` (Parquet, one row per input, input order); resumable.
+
+    The options come in groups, each a value object handed only to the component that uses it: ``encoder`` (an
+    :class:`~safeclip.embed.EncoderSpec`, or a loaded :class:`~safeclip.embed.Encoder`), ``decoding``
+    (:class:`~safeclip.embed.DecodeOptions`), ``output`` (:class:`~safeclip.audit.writer.OutputOptions`) and
+    ``engine`` (``"local"``, ``"ray"`` or an :class:`~safeclip.audit.plan.EngineOptions`). Every field also has a
+    keyword of its own (:class:`~safeclip.audit.plan.AuditKeywords`), described below.
 
     ``paths``: files and folders (walked recursively for image files, by extension or content; ``include_all``:
     every regular file; what is left out is counted in the summary's ``skipped``: see :mod:`~safeclip.audit.reader`);
@@ -131,14 +127,10 @@ def audit(
     True
     """
     plan = AuditPlan.create(
-        paths, out=out, manifests=manifests, policy=policy, model=model, pretrained=pretrained, device=device,
-        runtime=runtime, precision=precision, threads=threads, include_all=include_all, overwrite=overwrite,
-        cache=cache,
-        use_cache=use_cache, workers=workers, batch_size=batch_size, encoder=encoder,
-        save_embeddings=save_embeddings, decode_limits=decode_limits, fast_decode=fast_decode, part_rows=part_rows,
-        part_seconds=part_seconds, task_timeout=task_timeout, torch_threads=torch_threads, worker_nice=worker_nice,
-        progress=progress, verbose=verbose, engine=engine, address=address, ray_options=ray_options)
-    if plan.engine == "ray":
+        paths, out=out, manifests=manifests, policy=policy, encoder=encoder, decoding=decoding, output=output,
+        engine=engine, cache=cache, use_cache=use_cache, include_all=include_all, progress=progress, verbose=verbose,
+        ray_options=ray_options, **keywords)
+    if plan.engine.name == "ray":
         from . import ray as engine_module
     else:
         from . import local as engine_module

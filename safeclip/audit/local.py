@@ -31,7 +31,7 @@ from .distributor import DONE, DecodePool, mp_context
 from .identity import EncoderIdentity, encoder_memo_key
 from .mapper import BatchUnit, compile_policy, store
 from .plan import cpu_count, encoder_kwargs
-from .summary import Tally, run_summary
+from .summary import Tally
 from .worker import TEST_HOOK_ENV, FileResult, WorkerConfig
 from .writer import RunOutput, embedding_dir
 
@@ -117,7 +117,7 @@ class _LocalRun:
     def __init__(self, plan: AuditPlan) -> None:
         self.plan = plan
         self.hook = os.environ.get(TEST_HOOK_ENV) or None
-        self.n_workers = plan.workers or min(cpu_count(), 32)
+        self.n_workers = plan.decoding.workers or min(cpu_count(), 32)
         self.tally = Tally(timings=dict.fromkeys(_TIMINGS, 0.0))
         self.pool: DecodePool | None = None
         self.output: RunOutput | None = None
@@ -132,7 +132,7 @@ class _LocalRun:
         plan = self.plan
         # pyarrow's import and first Parquet write take ~0.4 s: pay them on a spare thread while the model loads.
         threading.Thread(target=_warm_pyarrow, name="safeclip-warm-pyarrow", daemon=True).start()
-        with embedding_dir(plan) as self.emb_dir:
+        with embedding_dir(plan.cache_dir if plan.use_cache else None) as self.emb_dir:
             try:
                 t0 = time.monotonic()
                 comp = self._start()
@@ -152,13 +152,13 @@ class _LocalRun:
                 self.tally.worker_restarts += self.pool.restarts
             finally:
                 self._close()
-        return run_summary(table, self.tally, plan, processed=todo_n,
-                           startup_seconds=self.tally.timings["model_load_s"], encoder_id=self.ident.encoder_id,
-                           label="safeclip audit")
+        return plan.summarize(table, self.tally, processed=todo_n,
+                              startup_seconds=self.tally.timings["model_load_s"], encoder_id=self.ident.encoder_id,
+                              label="safeclip audit")
 
     # ------------------------------------------------------------------------------------------------ start-up
     def _new_pool(self) -> DecodePool:
-        pool = DecodePool(self.n_workers, max_pending=max(256, 4 * (self.plan.batch_size or 16), 4 * self.n_workers),
+        pool = DecodePool(self.n_workers, max_pending=max(256, 4 * (self.plan.encoder.batch_size or 16), 4 * self.n_workers),
                           task_timeout=self.plan.task_timeout)
         pool.boot()  # the workers import the decode stack (no torch) while the model loads
         return pool
@@ -166,9 +166,9 @@ class _LocalRun:
     def _open(self, pool: DecodePool, ident: EncoderIdentity) -> RunOutput:
         """Open the output and the cache of this embedding space; start decoding what is left to do."""
         plan = self.plan
-        output = RunOutput(plan, ident, self.emb_dir)
-        cfg = WorkerConfig(str(self.emb_dir), ident.encoder_id, ident.spec, plan.decode_limits, output.fingerprint,
-                           plan.worker_nice, self.hook, plan.fast_decode)
+        output = plan.open_output(ident, self.emb_dir)
+        cfg = WorkerConfig(str(self.emb_dir), ident.encoder_id, ident.spec, plan.decoding.limits, output.fingerprint,
+                           plan.engine.worker_nice, self.hook, plan.decoding.fast)
         pool.run(cfg, ((i, p) for i, p in enumerate(plan.inputs) if p not in output.done))  # lazily
         return output
 
@@ -177,16 +177,16 @@ class _LocalRun:
         encoder is loaded here unless its identity is remembered and every prompt is cached (then
         :meth:`_embed_pixels` loads it when a file first needs it)."""
         plan = self.plan
-        if plan.encoder is not None:
-            self.enc, self.ident = plan.encoder, EncoderIdentity.of(plan.encoder)
+        if plan.loaded_encoder is not None:
+            self.enc, self.ident = plan.loaded_encoder, EncoderIdentity.of(plan.loaded_encoder)
             self.pool = self._new_pool()
             self.output = self._open(self.pool, self.ident)
-            if plan.torch_threads:
-                self._set_torch_threads(plan.torch_threads)
-            return compile_policy(plan.policy, plan.encoder, plan.cache_dir)
+            if plan.encoder.threads:
+                self._set_torch_threads(plan.encoder.threads)
+            return compile_policy(plan.policy, plan.loaded_encoder, plan.cache_dir)
         # An audit run before with the same weights told us the encoder's identity: start hashing, cache lookups
         # and decoding now, while the model loads (seconds on a CPU), and check the guess after.
-        self.memo_key = memo_key = encoder_memo_key(plan.model, plan.pretrained)
+        self.memo_key = memo_key = encoder_memo_key(plan.encoder.model, plan.encoder.pretrained)
         guess = EncoderIdentity.recall(plan.cache_dir, memo_key)
         comp = None if guess is None else _compile_from_cache(plan.policy, guess, plan.cache_dir)
         if guess is not None and comp is not None:
@@ -250,14 +250,15 @@ class _LocalRun:
         from ..embed import Encoder, resolve_device
 
         plan = self.plan
-        dev = resolve_device(plan.device)
+        spec = plan.encoder
+        dev = resolve_device(spec.device)
         if plan.verbose:
-            weights = f" ({plan.pretrained})" if plan.pretrained else ""
-            print(f"safeclip audit: loading model {plan.model}{weights} on {dev} ...", file=sys.stderr, flush=True)
+            weights = f" ({spec.pretrained})" if spec.pretrained else ""
+            print(f"safeclip audit: loading model {spec.model}{weights} on {dev} ...", file=sys.stderr, flush=True)
         if "torch" in sys.modules and self.torch_prev is None:  # a caller's torch: give its thread count back
             self.torch_prev = sys.modules["torch"].get_num_threads()
-        return Encoder(plan.model, plan.pretrained, device=dev, batch_size=plan.batch_size, cache_dir=plan.cache_dir,
-                       **encoder_kwargs(plan, dev))
+        return Encoder(spec.model, spec.pretrained, device=dev, batch_size=spec.batch_size, cache_dir=plan.cache_dir,
+                       **encoder_kwargs(spec, dev))
 
     def _set_torch_threads(self, n: int) -> None:
         import torch
@@ -269,7 +270,7 @@ class _LocalRun:
     # ------------------------------------------------------------------------------------------------ the loop
     def _target(self) -> int:
         """Frames per model batch (the encoder's default once it is loaded)."""
-        return int(self.plan.batch_size or (self.enc.batch_size if self.enc is not None else 16))
+        return int(self.plan.encoder.batch_size or (self.enc.batch_size if self.enc is not None else 16))
 
     def _stream(self, unit: BatchUnit, todo_n: int) -> None:
         """Feed decoded files to the batch unit a model batch at a time, committing parts as they fill."""
@@ -292,7 +293,7 @@ class _LocalRun:
                     res is None and time.monotonic() - pending.since > _IDLE_FLUSH_S)):
                 self._map(unit, pending.take())  # a partial batch when the decoders are slow right now
             rows = len(self.output.rows)
-            if rows and (rows >= self.plan.part_rows or time.monotonic() - last_commit > self.plan.part_seconds):
+            if rows and (rows >= self.plan.output.part_rows or time.monotonic() - last_commit > self.plan.output.part_seconds):
                 with self.tally.timed("write_s"):
                     self.output.commit()
                 last_commit = time.monotonic()

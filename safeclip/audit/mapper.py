@@ -170,5 +170,5 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
             raise CacheError(f"{e}. It was moved aside to {moved}: run the same command again (the rows committed "
                              "so far are kept; the cache is rebuilt as files are embedded again)") from e
         raise
-    output.rows.extend(output.plan.inputs, results)
+    output.rows.extend(output.inputs, results)
     tally.add(results)

@@ -5,8 +5,12 @@ re-validates and a wrong option fails in milliseconds: the inputs (collected, at
 folder), the policy (loaded), the encoder to use (the caller's, else the policy's ``encoder:``, else the default:
 :func:`safeclip.embed.resolve_encoder_args`), the engine and its options, the numbers.
 
+The options travel as value objects, each handed only to the component that uses it: :class:`EncoderSpec` (the
+model), :class:`DecodeOptions` (decode limits, fast decode, decode workers), :class:`OutputOptions` (the output
+file, overwrite, parts, saved embeddings; the writer's) and :class:`EngineOptions` (which engine and its options).
+
 >>> plan = AuditPlan.create(["a.jpg"], out="a.parquet", model="ViT-B-32", pretrained="/models/b32.bin")
->>> plan.inputs, plan.engine, plan.encoder_chosen_by
+>>> plan.inputs, plan.engine.name, plan.encoder_chosen_by
 (('a.jpg',), 'local', 'caller')
 """
 
@@ -19,18 +23,27 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from .._keywords import apply_keywords
 from ..decode import DecodeLimits
-from ..embed import PRECISIONS, RUNTIMES, default_cache_dir, resolve_encoder_args
+from ..embed import DecodeOptions, EncoderSpec
 from ..errors import ConfigError, NoInputsError, OutputError
 from ..policy import Policy, load_policy
 from .reader import gather_inputs
+from .writer import OutputOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..embed import Encoder
+    from typing_extensions import Unpack
 
-__all__ = ["ENGINES", "AuditPlan", "RayOptions", "cpu_count", "encoder_kwargs"]
+    import pyarrow as pa
+
+    from ..embed import Encoder
+    from .identity import EncoderIdentity
+    from .summary import AuditSummary, Tally
+    from .writer import RunOutput
+
+__all__ = ["ENGINES", "AuditKeywords", "AuditPlan", "EngineOptions", "RayOptions", "cpu_count", "encoder_kwargs"]
 
 ENGINES: tuple[str, ...] = ("local", "ray")
 
@@ -43,17 +56,17 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def encoder_kwargs(plan: AuditPlan, device: str | None = None) -> dict[str, Any]:
-    """The :class:`~safeclip.embed.Encoder` options of ``plan`` that both engines pass on.
+def encoder_kwargs(spec: EncoderSpec, device: str | None = None) -> dict[str, Any]:
+    """The :class:`~safeclip.embed.Encoder` options of ``spec`` that both engines pass on.
 
     On a CPU ``device`` the model's forward takes every core unless told otherwise (the decode workers run niced and
     fill the gaps); the Encoder's ``threads`` knob sets ONNX Runtime's threads or torch's, so the ONNX path never
     imports torch to set them.
     """
-    threads = plan.threads or plan.torch_threads
+    threads = spec.threads
     if threads is None and device is not None and not device.startswith(("cuda", "mps")):
         threads = cpu_count()
-    return {"runtime": plan.runtime, "precision": plan.precision, "threads": threads}
+    return {"runtime": spec.runtime, "precision": spec.precision, "threads": threads}
 
 
 @dataclass(frozen=True)
@@ -88,72 +101,122 @@ class RayOptions:
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """Which engine runs the audit and how: ``name`` (``"local"`` or ``"ray"``), ``address`` (the Ray cluster),
+    ``ray`` (:class:`RayOptions`), ``task_timeout`` (seconds before a stuck decode worker is killed; ``None``: six
+    times the decode budget) and ``worker_nice`` (the decode processes' niceness)."""
+
+    name: str = "local"
+    address: str | None = None
+    ray: RayOptions = field(default_factory=RayOptions)
+    task_timeout: float | None = None
+    worker_nice: int = 10
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError(f"engine must be 'local' or 'ray', not {self.name!r}")
+        if self.name != "ray" and (self.address is not None or self.ray != RayOptions()):
+            raise ConfigError("address and ray_options are for engine='ray' "
+                              "(on the command line: --address needs --engine ray)")
+        if self.task_timeout is not None and not self.task_timeout > 0:
+            raise ConfigError(f"task_timeout must be > 0, got {self.task_timeout!r}")
+
+
+class AuditKeywords(TypedDict, total=False):
+    """The keyword form of :func:`~safeclip.audit.audit`'s option groups (each maps onto one field: ``_KEYWORDS``)."""
+
+    model: str | None
+    pretrained: str | None
+    device: str | None
+    runtime: str | None
+    precision: str
+    threads: int | None
+    torch_threads: int | None
+    batch_size: int | None
+    workers: int | None
+    decode_limits: DecodeLimits
+    fast_decode: bool
+    overwrite: bool
+    save_embeddings: bool
+    part_rows: int
+    part_seconds: float
+    address: str | None
+    task_timeout: float | None
+    worker_nice: int
+
+
+_KEYWORDS: dict[str, tuple[str, str]] = {
+    "model": ("encoder", "model"), "pretrained": ("encoder", "pretrained"), "device": ("encoder", "device"),
+    "runtime": ("encoder", "runtime"), "precision": ("encoder", "precision"), "threads": ("encoder", "threads"),
+    "torch_threads": ("encoder", "threads"), "batch_size": ("encoder", "batch_size"),
+    "workers": ("decoding", "workers"), "decode_limits": ("decoding", "limits"), "fast_decode": ("decoding", "fast"),
+    "overwrite": ("output", "overwrite"), "save_embeddings": ("output", "save_embeddings"),
+    "part_rows": ("output", "part_rows"), "part_seconds": ("output", "part_seconds"),
+    "address": ("engine", "address"), "task_timeout": ("engine", "task_timeout"),
+    "worker_nice": ("engine", "worker_nice"),
+}
+
+
+@dataclass(frozen=True)
 class AuditPlan:
     """The validated options of one audit (see :func:`safeclip.audit.audit` for what each one means).
 
-    ``inputs`` are collected (folders walked, manifests read); ``policy`` is loaded; ``model``/``pretrained`` are
-    the weights to load, resolved from the caller, the policy's ``encoder:`` and the default, and
-    ``encoder_chosen_by`` says which of the three chose them (``"caller"`` when an ``encoder`` was passed in);
-    ``task_timeout`` and ``progress`` have their defaults applied; ``skipped`` counts the files of the folders left
-    out, by reason (:class:`~safeclip.audit.reader.Inputs`); ``runtime``/``precision``/``threads`` go to the
-    :class:`~safeclip.embed.Encoder`; ``started_at`` is ``time.monotonic()`` at the call. Build one with
-    :meth:`create`.
+    ``inputs`` are collected (folders walked, manifests read; ``skipped`` counts the files left out, by reason);
+    ``policy`` is loaded; ``encoder`` is the :class:`EncoderSpec` with the weights resolved from the caller, the
+    policy's ``encoder:`` and the default, and ``encoder_chosen_by`` says which of the three chose them
+    (``"caller"`` when a loaded ``encoder`` was passed in: ``loaded_encoder``); ``decoding``, ``output`` and
+    ``engine`` are the other option groups, defaults applied; ``started_at`` is ``time.monotonic()`` at the call.
+    Build one with :meth:`create`.
     """
 
     inputs: tuple[str, ...]
-    out: Path
     policy: Policy
-    model: str | None
-    pretrained: str | None
+    encoder: EncoderSpec
     encoder_chosen_by: str
-    cache_dir: Path
-    decode_limits: DecodeLimits
-    task_timeout: float
-    encoder: Encoder | None = field(default=None, compare=False, repr=False)
-    device: str | None = None
-    runtime: str | None = None
-    precision: str = "auto"
-    threads: int | None = None
-    include_all: bool = False
-    overwrite: bool = False
-    skipped: Mapping[str, int] = field(default_factory=dict)
+    decoding: DecodeOptions
+    output: OutputOptions
+    engine: EngineOptions
     use_cache: bool = True
-    workers: int | None = None
-    batch_size: int | None = None
-    save_embeddings: bool = False
-    fast_decode: bool = True
-    part_rows: int = 2048
-    part_seconds: float = 60.0
-    torch_threads: int | None = None
-    worker_nice: int = 10
     progress: bool = False
     verbose: bool = True
-    engine: str = "local"
-    address: str | None = None
-    ray: RayOptions = field(default_factory=RayOptions)
+    skipped: Mapping[str, int] = field(default_factory=dict)
+    loaded_encoder: Encoder | None = field(default=None, compare=False, repr=False)
     started_at: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def categories(self) -> tuple[str, ...]:
         return self.policy.category_names
 
+    @property
+    def cache_dir(self) -> Path:
+        """The cache folder (embeddings, prompt embeddings, exports)."""
+        return self.encoder.cache_path
+
+    @property
+    def task_timeout(self) -> float:
+        """Seconds before a stuck decode worker is killed."""
+        t = self.engine.task_timeout
+        return float(t) if t is not None else max(60.0, 6 * float(self.decoding.limits.timeout_s))
+
     @classmethod
     def create(
         cls,
         paths: Iterable[str | os.PathLike[str]] = (),
         *,
-        out: str | os.PathLike[str],
+        out: str | os.PathLike[str] | None = None,
         manifests: Iterable[str | os.PathLike[str]] = (),
         policy: str | os.PathLike[str] | Policy | None = None,
-        model: str | None = None,
-        pretrained: str | None = None,
-        encoder: Encoder | None = None,
+        encoder: Encoder | EncoderSpec | None = None,
+        decoding: DecodeOptions | None = None,
+        output: OutputOptions | None = None,
+        engine: str | EngineOptions = "local",
         cache: str | os.PathLike[str] | None = None,
-        decode_limits: DecodeLimits | None = None,
-        task_timeout: float | None = None,
+        use_cache: bool = True,
+        include_all: bool = False,
         progress: bool | None = None,
+        verbose: bool = True,
         ray_options: Mapping[str, Any] | None = None,
-        **options: Any,
+        **keywords: Unpack[AuditKeywords],
     ) -> AuditPlan:
         """Validate the arguments of :func:`~safeclip.audit.audit` (the same names) into a plan.
 
@@ -162,27 +225,34 @@ class AuditPlan:
         :class:`~safeclip.errors.ConfigError` for an option out of range or options that do not go together.
         """
         started_at = time.monotonic()
-        engine = options.get("engine", "local")
-        if engine not in ENGINES:
-            raise ConfigError(f"engine must be 'local' or 'ray', not {engine!r}")
-        if engine != "ray" and (options.get("address") is not None or ray_options):
-            raise ConfigError("address and ray_options are for engine='ray' "
-                             "(on the command line: --address needs --engine ray)")
-        ray = RayOptions.create(ray_options)
-        for name in ("part_rows", "workers", "batch_size", "torch_threads", "threads"):
-            value = options.get(name)
-            if value is not None and int(value) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if options.get("runtime") is not None and options["runtime"] not in RUNTIMES:
-            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {options['runtime']!r}")
-        if options.get("precision", "auto") not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {options['precision']!r}")
-        if task_timeout is not None and not task_timeout > 0:
-            raise ConfigError(f"task_timeout must be > 0, got {task_timeout!r}")
-        out = Path(out)
-        if out.is_dir():
-            raise OutputError(f"--out {out} is a folder; give the path of the Parquet file to write")
-        gathered = gather_inputs(paths, list(manifests), include_all=bool(options.get("include_all", False)))
+        loaded = None if encoder is None or isinstance(encoder, EncoderSpec) else encoder
+        if isinstance(engine, str):
+            if engine not in ENGINES:
+                raise ConfigError(f"engine must be 'local' or 'ray', not {engine!r}")
+            engine = EngineOptions(name=engine, ray=RayOptions.create(ray_options) if engine == "ray" else RayOptions())
+            if ray_options and engine.name != "ray":
+                raise ConfigError("address and ray_options are for engine='ray' "
+                                  "(on the command line: --address needs --engine ray)")
+        elif ray_options:
+            raise ConfigError("give ray_options inside EngineOptions(ray=...) when engine is an EngineOptions")
+        if output is None:
+            if out is None:
+                raise ConfigError("audit needs out= (the Parquet file to write) or output=OutputOptions(...)")
+            output = OutputOptions(out=Path(out))
+        elif out is not None:
+            output = dataclasses.replace(output, out=Path(out))
+        spec = encoder if isinstance(encoder, EncoderSpec) else EncoderSpec()
+        if cache is not None:
+            spec = dataclasses.replace(spec, cache_dir=cache)
+        try:
+            groups = apply_keywords("audit", keywords, _KEYWORDS, {
+                "encoder": spec, "decoding": decoding or DecodeOptions(), "output": output, "engine": engine})
+        except TypeError as e:
+            raise ConfigError(str(e)) from e
+        spec, decoding, output, engine = groups["encoder"], groups["decoding"], groups["output"], groups["engine"]
+        if output.out.is_dir():
+            raise OutputError(f"--out {output.out} is a folder; give the path of the Parquet file to write")
+        gathered = gather_inputs(paths, list(manifests), include_all=include_all)
         inputs = gathered.paths
         if not inputs:
             skipped = gathered.skipped_line()
@@ -190,19 +260,35 @@ class AuditPlan:
                                 + (f" ({skipped})" if skipped else ""))
         from .writer import check_output, check_writable  # here: importing the package stays light
 
-        check_output(out, inputs, overwrite=bool(options.get("overwrite", False)))
-        check_writable(out, (Path(cache) if cache is not None else default_cache_dir())
-                       if options.get("use_cache", True) else None)
+        check_output(output.out, inputs, overwrite=output.overwrite)
+        check_writable(output.out, spec.cache_path if use_cache else None)
         pol = load_policy(policy)
-        if encoder is not None:
-            model, pretrained, chosen_by = encoder.model_name, encoder.pretrained, "caller"
+        if loaded is not None:
+            spec = dataclasses.replace(spec, model=loaded.model_name, pretrained=loaded.pretrained)
+            chosen_by = "caller"
         else:
-            model, pretrained, chosen_by = resolve_encoder_args(model, pretrained, pol.encoder)
-        limits = decode_limits or DecodeLimits()
-        verbose = bool(options.get("verbose", True))
+            spec, chosen_by = spec.resolve(pol.encoder)
         return cls(
-            inputs=inputs, out=out, policy=pol, model=model, pretrained=pretrained, encoder_chosen_by=chosen_by,
-            cache_dir=Path(cache) if cache is not None else default_cache_dir(), decode_limits=limits,
-            task_timeout=float(task_timeout or max(60.0, 6 * float(limits.timeout_s))), encoder=encoder,
+            inputs=inputs, policy=pol, encoder=spec, encoder_chosen_by=chosen_by, decoding=decoding, output=output,
+            engine=engine, use_cache=use_cache,
             progress=bool(progress) if progress is not None else (verbose and sys.stderr.isatty()),
-            skipped=gathered.skipped, ray=ray, started_at=started_at, **options)
+            verbose=verbose, skipped=gathered.skipped, loaded_encoder=loaded, started_at=started_at)
+
+    def open_output(self, ident: EncoderIdentity, emb_dir: Path) -> RunOutput:
+        """The run's :class:`~safeclip.audit.writer.RunOutput`, handed only the groups it needs."""
+        from .worker import decoder_fingerprint
+        from .writer import RunOutput
+
+        fingerprint = decoder_fingerprint(self.decoding.limits, ident.spec.size if self.decoding.fast else None)
+        return RunOutput(self.output, self.inputs, self.policy, ident, emb_dir, fingerprint=fingerprint,
+                         encoder_chosen_by=self.encoder_chosen_by)
+
+    def summarize(self, table: pa.Table, tally: Tally, *, processed: int, startup_seconds: float, encoder_id: str,
+                  label: str) -> AuditSummary:
+        """The summary of an engine's run of this plan that wrote ``table`` (printed when verbose)."""
+        from .summary import run_summary
+
+        return run_summary(table, tally, out=str(self.output.out), inputs=len(self.inputs), skipped=self.skipped,
+                           policy=self.policy.id, started_at=self.started_at, processed=processed,
+                           startup_seconds=startup_seconds, encoder_id=encoder_id, label=label,
+                           verbose=self.verbose)

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..files import write_json_atomic
-from ..embed import PromptCache
+from ..embed import EncoderSpec, PromptCache
 from ..errors import (
     AuditError,
     EncoderMismatchError,
@@ -87,7 +87,7 @@ from ..policy import Policy
 from .identity import EncoderIdentity, encoder_memo_key
 from .mapper import BatchUnit, compile_policy, store
 from .plan import RayOptions, cpu_count, encoder_kwargs
-from .summary import Tally, run_summary
+from .summary import Tally
 from .worker import (
     TEST_HOOK_ENV,
     FileResult,
@@ -313,18 +313,14 @@ def _decode_batch(batch: pa.Table, cfg: WorkerConfig, task_timeout: float) -> pa
 class _EmbedScore:
     """Ray Data UDF (actor): holds the model and runs the batch unit's model half on every batch."""
 
-    def __init__(self, model: str | None, pretrained: str | None, device: str | None, batch_size: int | None,
-                 torch_threads: int | None, expected: EncoderIdentity, comp: CompiledPolicy,
-                 encoder_kw: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, spec: EncoderSpec, expected: EncoderIdentity, comp: CompiledPolicy) -> None:
         from ..embed import Encoder, resolve_device
 
-        dev = resolve_device(device)
-        kw = dict(encoder_kw or {})
-        if kw.get("threads") is None and not dev.startswith(("cuda", "mps")):
-            # Ray gives a fractional-CPU actor one OpenMP thread; the model, like the local engine's, takes the
-            # node's cores (the decode tasks fill the gaps).
-            kw["threads"] = torch_threads or cpu_count()
-        self.enc = Encoder(model, pretrained, device=dev, batch_size=batch_size, **kw,
+        dev = resolve_device(spec.device)
+        # Ray gives a fractional-CPU actor one OpenMP thread; the model, like the local engine's, takes the node's
+        # cores (the decode tasks fill the gaps): encoder_kwargs says so for a CPU device.
+        self.enc = Encoder(spec.model, spec.pretrained, device=dev, batch_size=spec.batch_size,
+                           **encoder_kwargs(spec, dev),
                            cache_dir=tempfile.gettempdir())  # never writes there: prompts come compiled
         actual = EncoderIdentity.of(self.enc)
         if actual != expected:
@@ -342,12 +338,11 @@ class _EmbedScore:
 class _Prober:
     """A short-lived actor that loads the model once: the encoder's identity, and prompt embeddings."""
 
-    def __init__(self, model: str | None, pretrained: str | None, device: str | None,
-                 encoder_kw: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, spec: EncoderSpec) -> None:
         from ..embed import Encoder, resolve_device
 
-        self.enc = Encoder(model, pretrained, device=resolve_device(device), cache_dir=tempfile.gettempdir(),
-                           **dict(encoder_kw or {}))
+        self.enc = Encoder(spec.model, spec.pretrained, device=resolve_device(spec.device),
+                           cache_dir=tempfile.gettempdir(), **encoder_kwargs(spec))
 
     def identity(self) -> EncoderIdentity:
         return EncoderIdentity.of(self.enc)
@@ -451,7 +446,7 @@ class _Committer:
         self.output = output
         self.tally = tally
         self.remaining = dict(todo_counts)
-        self.shard_rows = output.plan.part_rows
+        self.shard_rows = output.options.part_rows
         self.pending: dict[int, list[pa.Table]] = {}
         self.seen: dict[int, set[int]] = {}
         self.begun = False
@@ -540,7 +535,8 @@ class _RayRun:
         self.ray = import_ray()
         self.hook = os.environ.get(TEST_HOOK_ENV) or None
         self.tally = Tally(timings=dict.fromkeys(_TIMINGS, 0.0))
-        self.memo_key = None if plan.encoder is not None else encoder_memo_key(plan.model, plan.pretrained)
+        self.memo_key = (None if plan.loaded_encoder is not None
+                         else encoder_memo_key(plan.encoder.model, plan.encoder.pretrained))
         self.probers: list[Any] = []
         self.output: RunOutput | None = None
         self.resources: dict[str, float] = {}
@@ -549,11 +545,11 @@ class _RayRun:
     def run(self) -> AuditSummary:
         plan = self.plan
         started = False
-        with embedding_dir(plan) as emb_dir:
+        with embedding_dir(plan.cache_dir if plan.use_cache else None) as emb_dir:
             try:
                 t0 = time.monotonic()
-                started = _connect(self.ray, plan.address, plan.verbose)
-                self.resources, self.n_actors = _resources(self.ray, plan.device, plan.ray)
+                started = _connect(self.ray, plan.engine.address, plan.verbose)
+                self.resources, self.n_actors = _resources(self.ray, plan.encoder.device, plan.engine.ray)
                 ident, comp, verified = self._identify()
                 startup = self.tally.timings["model_load_s"] = time.monotonic() - t0
                 todo_n, ident = self._commit_all(emb_dir.resolve(), ident, comp, verified)
@@ -566,18 +562,18 @@ class _RayRun:
                     self.output.release()
                 if started:
                     self.ray.shutdown()
-        return run_summary(table, self.tally, plan, processed=todo_n, startup_seconds=startup,
-                           encoder_id=ident.encoder_id, label="safeclip audit (ray)")
+        return plan.summarize(table, self.tally, processed=todo_n, startup_seconds=startup,
+                              encoder_id=ident.encoder_id, label="safeclip audit (ray)")
 
     # ------------------------------------------------------------------------------------------------ identity
     def _get(self, ref: Any) -> Any:  # Ray waits forever by default
-        return self.ray.get(ref, timeout=self.plan.ray.stall_timeout)
+        return self.ray.get(ref, timeout=self.plan.engine.ray.stall_timeout)
 
     def _prober(self) -> Any:
         if not self.probers:
             plan = self.plan
             actor = self.ray.remote(**self.resources)(_Prober)
-            self.probers.append(actor.remote(plan.model, plan.pretrained, plan.device, encoder_kwargs(plan)))
+            self.probers.append(actor.remote(plan.encoder))
         return self.probers[0]
 
     def _kill_probers(self) -> None:
@@ -591,11 +587,12 @@ class _RayRun:
         run (``guess``; the actors check it before any row exists), else from a prober actor that loads the model
         once."""
         plan = self.plan
-        if plan.encoder is not None:
-            return EncoderIdentity.of(plan.encoder), compile_policy(plan.policy, plan.encoder, plan.cache_dir), True
+        if plan.loaded_encoder is not None:
+            loaded = plan.loaded_encoder
+            return EncoderIdentity.of(loaded), compile_policy(plan.policy, loaded, plan.cache_dir), True
         remembered = EncoderIdentity.recall(plan.cache_dir, self.memo_key) if guess else None
         comp, ident, verified = _with_timeout(
-            plan.ray.stall_timeout, "load the model to learn its identity and embed the policy's prompts",
+            plan.engine.ray.stall_timeout, "load the model to learn its identity and embed the policy's prompts",
             lambda: _compile(self._get, plan.policy, plan.cache_dir, remembered, not guess, self._prober))
         if verified:
             ident.remember(plan.cache_dir, self.memo_key)
@@ -608,7 +605,7 @@ class _RayRun:
         """Stream every input without a committed row through Ray; return how many there were and the identity
         that wrote them (a remembered identity the actors refused is replaced by the real one, once)."""
         for attempt in (0, 1):
-            self.output = RunOutput(self.plan, ident, emb_dir)
+            self.output = self.plan.open_output(ident, emb_dir)
             todo = self.output.todo()
             try:
                 committer = self._stream(todo, emb_dir, ident, comp, verified)
@@ -630,7 +627,7 @@ class _RayRun:
         assert self.output is not None
         counts: dict[int, int] = {}
         for i, _ in todo:
-            counts[i // self.plan.part_rows] = counts.get(i // self.plan.part_rows, 0) + 1
+            counts[i // self.plan.output.part_rows] = counts.get(i // self.plan.output.part_rows, 0) + 1
         committer = _Committer(self.output, self.tally, counts, json.loads(self.hook or "{}"))
         if not todo:
             return committer
@@ -663,7 +660,7 @@ class _RayRun:
             ctx = ray.data.DataContext.get_current().copy()
         ctx.enable_progress_bars = plan.progress
         ctx.print_on_execution_start = plan.progress
-        ctx.execution_no_progress_timeout_s = plan.ray.stall_timeout  # (a positive wait_for_min_actors_s would hold
+        ctx.execution_no_progress_timeout_s = plan.engine.ray.stall_timeout  # (a positive wait_for_min_actors_s would hold
         # decoding back until the model has loaded; actors that never start are caught by this timeout instead)
         with ray.data.DataContext.current(ctx), _quiet_ray_data(plan.progress), warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"`use_\w+` is deprecated", DeprecationWarning)
@@ -674,22 +671,20 @@ class _RayRun:
         """The Ray Data pipeline: decode tasks, then the model actors."""
         ray, plan, res = self.ray, self.plan, self.resources
         assert self.output is not None
-        cfg = WorkerConfig(str(emb_dir), ident.encoder_id, ident.spec, plan.decode_limits, self.output.fingerprint,
-                           0, self.hook, plan.fast_decode)
+        cfg = WorkerConfig(str(emb_dir), ident.encoder_id, ident.spec, plan.decoding.limits, self.output.fingerprint,
+                           0, self.hook, plan.decoding.fast)
         gpu = bool(res.get("num_gpus"))
-        ds = ray.data.from_arrow(_shard_blocks(todo, plan.ray.decode_batch))
+        ds = ray.data.from_arrow(_shard_blocks(todo, plan.engine.ray.decode_batch))
         decode_kw: dict[str, Any] = {}
-        if plan.workers:
+        if plan.decoding.workers:
             strategy = getattr(ray.data, "TaskPoolStrategy", None)
-            decode_kw = {"compute": strategy(size=plan.workers)} if strategy else {"concurrency": plan.workers}
+            decode_kw = {"compute": strategy(size=plan.decoding.workers)} if strategy else {"concurrency": plan.decoding.workers}
         ds = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, num_cpus=1,
                             fn_kwargs={"cfg": cfg, "task_timeout": plan.task_timeout}, **decode_kw)
         return ds.map_batches(
-            _EmbedScore, batch_format="pyarrow", batch_size=int(plan.batch_size or (64 if gpu else 16)),
+            _EmbedScore, batch_format="pyarrow", batch_size=int(plan.encoder.batch_size or (64 if gpu else 16)),
             compute=ray.data.ActorPoolStrategy(size=self.n_actors), zero_copy_batch=True,
-            fn_constructor_kwargs={"model": plan.model, "pretrained": plan.pretrained, "device": plan.device,
-                                   "batch_size": plan.batch_size, "torch_threads": plan.torch_threads,
-                                   "expected": ident, "comp": comp, "encoder_kw": encoder_kwargs(plan)},
+            fn_constructor_kwargs={"spec": plan.encoder, "expected": ident, "comp": comp},
             **({"num_gpus": res["num_gpus"], "num_cpus": res["num_cpus"]} if gpu else {"num_cpus": res["num_cpus"]}))
 
 

@@ -24,7 +24,6 @@ from .reader import describe_skipped
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from .plan import AuditPlan
     from .worker import FileResult
 
 __all__ = ["ERROR_ACTION", "FAIL_LEVELS", "AuditSummary", "Tally", "run_summary", "summarize"]
@@ -148,16 +147,16 @@ def summarize(table: pa.Table, tally: Tally, *, out: str, processed: int, resume
         encoder_id=encoder_id, policy=policy, timings=MappingProxyType(timings))
 
 
-def run_summary(table: pa.Table, tally: Tally, plan: AuditPlan, *, processed: int, startup_seconds: float,
-                encoder_id: str, label: str) -> AuditSummary:
-    """The summary of an engine's run of ``plan`` that wrote ``table``, printed on stderr (``label: ...``) when the
-    plan is verbose."""
+def run_summary(table: pa.Table, tally: Tally, *, out: str, inputs: int, skipped: Mapping[str, int], policy: str,
+                started_at: float, processed: int, startup_seconds: float, encoder_id: str, label: str,
+                verbose: bool) -> AuditSummary:
+    """The summary of an engine's run over ``inputs`` inputs that wrote ``table`` to ``out``, printed on stderr
+    (``label: ...``) when ``verbose``."""
     import sys
 
-    summary = summarize(table, tally, out=str(plan.out), processed=processed, resumed=len(plan.inputs) - processed,
-                        started_at=plan.started_at, startup_seconds=startup_seconds, encoder_id=encoder_id,
-                        policy=plan.policy.id)
-    summary = dataclasses.replace(summary, skipped=MappingProxyType(dict(plan.skipped)))
-    if plan.verbose:
+    summary = summarize(table, tally, out=out, processed=processed, resumed=inputs - processed,
+                        started_at=started_at, startup_seconds=startup_seconds, encoder_id=encoder_id, policy=policy)
+    summary = dataclasses.replace(summary, skipped=MappingProxyType(dict(skipped)))
+    if verbose:
         print(f"{label}: {summary.format()}", file=sys.stderr)
     return summary

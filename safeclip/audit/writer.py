@@ -36,6 +36,7 @@ Not overwritten
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import errno
 import hashlib
 import json
@@ -52,7 +53,7 @@ import numpy as np
 from ..files import fsync_dir, write_json_atomic, write_parquet_atomic
 from ..cache import EmbeddingCache
 from ..decide import ACTIONS
-from ..errors import AuditError, AuditLockedError, CacheError, OutputError
+from ..errors import AuditError, AuditLockedError, CacheError, ConfigError, OutputError
 from ..policy import Policy
 from .identity import EncoderIdentity
 from .reader import path_bytes, path_text
@@ -62,10 +63,9 @@ from .worker import FileResult, decoder_fingerprint
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
-    from .plan import AuditPlan
 
-__all__ = ["FORMAT_VERSION", "RACY_NS", "Parts", "Rows", "RunOutput", "check_output", "check_writable", "embedding_dir",
-           "nested_embeddings", "output_error", "output_schema", "policy_fingerprint", "read_meta", "run_meta"]
+__all__ = ["FORMAT_VERSION", "RACY_NS", "OutputOptions", "Parts", "Rows", "RunOutput", "check_output", "check_writable",
+           "embedding_dir", "nested_embeddings", "output_error", "output_schema", "policy_fingerprint", "read_meta", "run_meta"]
 
 FORMAT_VERSION = 1
 _NOT_IDENTITY = ("encoder_chosen_by", "cwd", "thresholds")  # metadata that does not change a row: resuming ignores it
@@ -522,12 +522,33 @@ def _conform(t: pa.Table, schema: pa.Schema, dim: int) -> pa.Table:
     return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema)], schema=schema)
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and how an audit writes: ``out`` (the Parquet file), ``overwrite`` (replace a safeclip output of other
+    inputs), ``save_embeddings`` (an ``embedding`` column that :func:`~safeclip.audit.rescore` can use instead of
+    the cache), and how often rows are committed as parts (every ``part_rows`` rows or ``part_seconds`` seconds).
+    """
+
+    out: Path
+    overwrite: bool = False
+    save_embeddings: bool = False
+    part_rows: int = 2048
+    part_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if isinstance(self.part_rows, bool) or not isinstance(self.part_rows, int) or self.part_rows < 1:
+            raise ConfigError(f"part_rows must be >= 1, got {self.part_rows}")
+        if not self.part_seconds > 0:
+            raise ConfigError(f"part_seconds must be > 0, got {self.part_seconds}")
+
+
 @contextlib.contextmanager
-def embedding_dir(plan: AuditPlan) -> Iterator[Path]:
-    """The folder of the run's embedding cache: the plan's, or with ``use_cache=False`` a private one, removed at
-    the end (identical files are still embedded once within the run)."""
-    if plan.use_cache:
-        yield plan.cache_dir
+def embedding_dir(cache_dir: Path | None) -> Iterator[Path]:
+    """The folder of the run's embedding cache: ``cache_dir``, or without one (``use_cache=False``) a private one,
+    removed at the end (identical files are still embedded once within the run)."""
+    if cache_dir is not None:
+        yield cache_dir
         return
     scratch = tempfile.mkdtemp(prefix="safeclip-audit-")
     try:
@@ -545,14 +566,17 @@ class RunOutput:
     encoder is known for sure, drops parts of another configuration.
     """
 
-    def __init__(self, plan: AuditPlan, ident: EncoderIdentity, emb_dir: Path) -> None:
-        self.plan = plan
+    def __init__(self, options: OutputOptions, inputs: Sequence[str], policy: Policy, ident: EncoderIdentity,
+                 emb_dir: Path, *, fingerprint: str, encoder_chosen_by: str) -> None:
+        self.options = options
+        self.inputs = inputs
+        self.policy = policy
         self.ident = ident
-        self.meta = run_meta(ident, plan.policy, plan.save_embeddings, plan.encoder_chosen_by)
-        self.schema = output_schema(plan.categories, self.meta, plan.save_embeddings)
-        self.fingerprint = decoder_fingerprint(plan.decode_limits, ident.spec.size if plan.fast_decode else None)
-        check_output(plan.out, plan.inputs, overwrite=bool(getattr(plan, "overwrite", False)))
-        self.parts = Parts(plan.out, self.meta)
+        self.meta = run_meta(ident, policy, options.save_embeddings, encoder_chosen_by)
+        self.schema = output_schema(policy.category_names, self.meta, options.save_embeddings)
+        self.fingerprint = fingerprint
+        check_output(options.out, inputs, overwrite=options.overwrite)
+        self.parts = Parts(options.out, self.meta)
         self.done = self.parts.open()
         try:
             self.db = EmbeddingCache(emb_dir, ident.encoder_id)  # exists before the decoders open it read-only
@@ -562,11 +586,11 @@ class RunOutput:
         self.rows = self._new_rows()
 
     def _new_rows(self) -> Rows:
-        return Rows(len(self.plan.categories), self.plan.save_embeddings)
+        return Rows(len(self.policy.category_names), self.options.save_embeddings)
 
     def todo(self) -> list[tuple[int, str]]:
         """``(position, path)`` of the inputs without a committed row."""
-        return [(i, p) for i, p in enumerate(self.plan.inputs) if path_text(p) not in self.done]
+        return [(i, p) for i, p in enumerate(self.inputs) if path_text(p) not in self.done]
 
     def begin(self) -> None:
         self.parts.begin()
@@ -575,12 +599,12 @@ class RunOutput:
         """Commit the buffered rows as one part (their embeddings are in the cache already: see
         :func:`safeclip.audit.mapper.store`)."""
         if len(self.rows):
-            self.parts.commit(self.rows.table(self.schema, self.plan.categories, self.ident.encoder_id,
-                                              self.plan.policy.id, parts=True))
+            self.parts.commit(self.rows.table(self.schema, self.policy.category_names, self.ident.encoder_id,
+                                              self.policy.id, parts=True))
             self.rows = self._new_rows()
 
     def merge(self) -> pa.Table:
-        return self.parts.merge(list(self.plan.inputs), self.schema)
+        return self.parts.merge(list(self.inputs), self.schema)
 
     def release(self) -> None:
         """Unlock the output, fold the cache's write-ahead log in and close it (however the run ended)."""

@@ -13,9 +13,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SafeclipError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..embed import EncoderSpec
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "add_model_args", "add_policy_arg",
            "positive_int", "run", "run_standalone"]
@@ -74,6 +77,17 @@ def add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False, batch_
                             "embedding space of its own (see `safeclip runtime verify`)")
         p.add_argument("--threads", type=positive_int,
                        help="threads of one model forward (default: $SAFECLIP_THREADS, else every core)")
+
+
+def encoder_spec(args: argparse.Namespace) -> EncoderSpec:
+    """The :class:`~safeclip.embed.EncoderSpec` of :func:`add_model_args`' options (and ``--cache`` where the command
+    has one): built once, here, for every command that loads a model."""
+    from ..embed import EncoderSpec
+
+    return EncoderSpec(model=args.model, pretrained=args.pretrained, device=args.device,
+                       runtime=getattr(args, "runtime", None), precision=getattr(args, "precision", "auto"),
+                       threads=getattr(args, "threads", None), batch_size=getattr(args, "batch_size", None),
+                       cache_dir=getattr(args, "cache", None))
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:

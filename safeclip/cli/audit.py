@@ -16,7 +16,7 @@ from typing import Any
 
 from ..audit import FAIL_LEVELS
 from ..audit.plan import ENGINES
-from ._options import EXIT_USAGE, add_model_args, add_policy_arg, positive_int, run_standalone
+from ._options import EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, positive_int, run_standalone
 
 __all__ = ["register", "main"]
 
@@ -99,21 +99,31 @@ def register(subparsers: Any) -> None:
 def _cmd_audit(args: argparse.Namespace) -> int:
     import os
 
-    from ..audit import audit
-
     for path in args.paths:  # a typo is a usage error, before the model loads (a manifest's entries are rows)
         if not os.path.lexists(path):
             print(f"safeclip audit: error: {path}: no such file or folder", file=sys.stderr)
             return EXIT_USAGE
-    summary = audit(
-        args.paths, out=args.out, manifests=args.manifest, policy=args.policy, model=args.model,
-        pretrained=args.pretrained, device=args.device, runtime=args.runtime, precision=args.precision,
-        threads=args.threads, include_all=args.all_files, cache=args.cache, use_cache=not args.no_cache,
-        workers=args.workers, batch_size=args.batch_size, save_embeddings=args.save_embeddings,
-        part_rows=args.part_rows, progress=False if args.no_progress else None, verbose=True,
-        engine=args.engine, address=args.address, overwrite=args.overwrite,
-    )
+    try:
+        summary = _run_audit(args)
+    except KeyboardInterrupt:
+        print("safeclip audit: interrupted; the rows committed so far are kept: run the same command again to resume",
+              file=sys.stderr)
+        raise
     return 1 if summary.fails(args.fail_on) else 0
+
+
+def _run_audit(args: argparse.Namespace) -> Any:
+    from ..audit import EngineOptions, OutputOptions, audit
+    from ..embed import DecodeOptions
+
+    return audit(
+        args.paths, manifests=args.manifest, policy=args.policy, encoder=encoder_spec(args),
+        decoding=DecodeOptions(workers=args.workers),
+        output=OutputOptions(args.out, overwrite=args.overwrite, save_embeddings=args.save_embeddings,
+                             part_rows=args.part_rows),
+        engine=EngineOptions(name=args.engine, address=args.address), include_all=args.all_files,
+        use_cache=not args.no_cache, progress=False if args.no_progress else None, verbose=True,
+    )
 
 
 def _cmd_rescore(args: argparse.Namespace) -> int:

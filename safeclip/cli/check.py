@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._options import EXIT_FAILED, EXIT_OK, add_model_args, add_policy_arg, run_standalone
+from ._options import EXIT_FAILED, EXIT_OK, add_model_args, add_policy_arg, encoder_spec, run_standalone
 
 __all__ = ["register", "main"]
 
@@ -25,9 +25,7 @@ def register(subparsers: Any) -> None:
 def _cmd_check(args: argparse.Namespace) -> int:
     from ..moderator import Moderator
 
-    moderator = Moderator(policy=args.policy, model=args.model, pretrained=args.pretrained, device=args.device,
-                          batch_size=args.batch_size, precision=args.precision, runtime=args.runtime,
-                          threads=args.threads, on_error="flag")
+    moderator = Moderator(policy=args.policy, encoder=encoder_spec(args), on_error="flag")
     failed = 0
     for path, decision in zip(args.files, moderator.check_many(args.files)):
         if decision.error is not None:

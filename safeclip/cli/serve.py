@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ._options import EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, positive_int, run_standalone
+from ._options import EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, positive_int, run_standalone
 
 __all__ = ["register", "main"]
 
@@ -110,14 +110,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"safeclip serve needs the serve extra ({e.name} is not installed): "
                           "pip install 'safeclip[serve]'") from e
-    from ..moderator import Moderator
+    from ..moderator import BatchingOptions, Moderator
 
     token = read_token(args.token_file)
     policies = args.policy or []
-    moderator = Moderator(policy=policies[0] if policies else None, model=args.model, pretrained=args.pretrained,
-                          device=args.device, batch_size=args.batch_size, precision=args.precision,
-                          runtime=args.runtime, threads=args.threads, on_error=args.on_error,
-                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    moderator = Moderator(policy=policies[0] if policies else None, encoder=encoder_spec(args), on_error=args.on_error,
+                          batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
     app = create_app(moderator, policies=policies or None, token=token,
                      max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s)
 
