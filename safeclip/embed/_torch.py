@@ -18,6 +18,7 @@ import torch
 from ..artifacts import sha256_file
 from ..errors import ModelLoadError
 from ._hub import hub_offline_reason, local_weights_error, not_in_hub_cache, quiet_hub
+from . import _identity
 from ._identity import recognised_weights
 from ._pixels import PixelSpec
 
@@ -96,7 +97,8 @@ def _load_kwargs(open_clip: Any, model_name: str, pretrained: str | None) -> dic
 
     open_clip applies a tag's ``quick_gelu`` only as a warning; the weights were trained with QuickGELU, so it is
     forced. A recognised file gets its tag's preprocessing; OpenAI's files are TorchScript archives, which
-    ``torch.load`` reads only with ``weights_only=False``: allowed for those, whose sha256 is checked here.
+    ``torch.load`` reads only with ``weights_only=False``: allowed for those, whose sha256 is checked here against
+    the published ones (a file recognised by the hub cache's record is never loaded so).
     """
     if model_name.startswith(("local-dir:", "hf-hub:")) or not pretrained:
         return {}
@@ -106,6 +108,9 @@ def _load_kwargs(open_clip: Any, model_name: str, pretrained: str | None) -> dic
     if known is not None:
         kwargs["force_preprocess_cfg"] = cfg
         kwargs["weights_only"] = not _is_torchscript(pretrained)
+        if not kwargs["weights_only"] and known.sha256 not in _identity.known_weights():
+            raise ModelLoadError(f"{pretrained} is a TorchScript archive, which runs code when loaded: safeclip loads "
+                                 "one only when its sha256 is that of a published file (known_weights.json)")
         # weights_only=False trusts the bytes about to be read, so hash those, not a hash remembered by stat
         if not kwargs["weights_only"] and sha256_file(pretrained) != known.sha256:
             raise ModelLoadError(f"{pretrained} changed after it was recognised as {known.model} {known.pretrained} "
