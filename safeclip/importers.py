@@ -4,7 +4,9 @@ LAION's CLIP-based NSFW Detector (MIT licence, github.com/LAION-AI/CLIP-based-NS
 heads on OpenAI CLIP ViT-B/32 and ViT-L/14 image embeddings; their output is the ``punsafe`` LAION-5B was filtered
 on. The same repository publishes the two-vector violence detector clip-retrieval uses (row 0 benign, row 1
 violent; the larger cosine decides). An import reads the published file, checks its sha256 against the pin below,
-and writes an :class:`~safeclip.heads.MLPHead` JSON artifact that records its embedding space:
+and writes an :class:`~safeclip.heads.MLPHead` JSON artifact that records its embedding space, a snippet that pins
+it, and a complete policy around it (the default policy, the OpenAI weights as its ``encoder:``, LAION's thresholds
+as the shipped ``laion-nsfw-b32`` / ``-l14`` policies set them):
 
 - NSFW: ``(x - norm.mean) / (sqrt(norm.variance) + 1e-10)``, then ``linear_1``, ReLU, ..., ``linear_k`` to one
   logit; ``sigmoid(logit)`` is LAION's ``punsafe`` (the ``output`` name decisions report it under).
@@ -76,6 +78,9 @@ PUBLISHED: tuple[Published, ...] = (
 """The published files, pinned. A ``main``-branch URL can move; its pin cannot, so a changed file is refused."""
 
 _BY_SHA = {p.sha256: p for p in PUBLISHED}
+_CATEGORY = {"laion-nsfw": "sexual", "laion-violence": "violence"}
+_SHIPPED_POLICY = {"ViT-B-32": "laion-nsfw-b32", "ViT-L-14": "laion-nsfw-l14"}
+"""The shipped policy that uses each model's published files: the imported policy takes its thresholds and encoder."""
 
 
 def published(signal: str, model: str) -> Published:
@@ -155,9 +160,45 @@ def _verified_source(pub: Published, source: str | os.PathLike[str] | None, cach
     return path
 
 
+def _policy_text(pub: Published, artifact: Path, sha: str) -> bytes:
+    """A complete policy around the imported head: the default policy with the head deciding its category, at the
+    thresholds and with the encoder of the shipped policy that uses the same published file (one source for both)."""
+    import yaml
+
+    from .policy import load_policy
+
+    shipped = load_policy(_SHIPPED_POLICY[pub.model])
+    cat = shipped.category(_CATEGORY[pub.signal])
+    if cat.head is None or cat.head.sha256 != pub.sha256:
+        raise ConfigError(f"the shipped policy {shipped.name} does not use {pub.filename} for {cat.name} (a bug: "
+                          "please report it)")
+    body = {
+        "name": artifact.stem,
+        "version": "1.0",
+        "description": f"The default policy with the published {pub.signal} head ({pub.filename}) deciding "
+                       f"`{cat.name}` at the thresholds of the shipped {shipped.name} policy, on OpenAI CLIP "
+                       f"{pub.model}.",
+        "extends": "default",
+        "encoder": dict(shipped.encoder),
+        "categories": {cat.name: {
+            **({"description": cat.description} if cat.description else {}),
+            "head": {"path": artifact.name, "sha256": sha},
+            "thresholds": {"flag": cat.flag, "block": cat.block},
+        }},
+    }
+    return (
+        f"# {pub.signal} head for {pub.model}, imported from {pub.url} (sha256 {pub.sha256}; {_LICENCE}).\n"
+        f"# Thresholds and encoder as in the shipped policy {shipped.name} (see it for where they come from).\n"
+        f"# The head lives in the OpenAI weights' embedding space: run with `--pretrained openai` (the encoder\n"
+        f"# here) or a local copy of OpenAI's published checkpoint file, which safeclip recognises.\n"
+        + yaml.safe_dump(body, sort_keys=False, width=110, allow_unicode=True)
+    ).encode()
+
+
 @dataclass(frozen=True)
 class ImportedHead:
-    """What an import wrote: the head artifact, its sha256, and a policy snippet that pins it."""
+    """What an import wrote: the head artifact, its sha256, a policy snippet that pins it, and a complete policy
+    around it (None for a retargeted head, whose weights no ``encoder:`` can name)."""
 
     signal: str
     model: str
@@ -167,6 +208,7 @@ class ImportedHead:
     encoder_id: str
     source_sha256: str
     retargeted: bool
+    policy: Path | None = None
 
 
 def import_signal(
@@ -178,7 +220,8 @@ def import_signal(
     encoder_id: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> ImportedHead:
-    """Import a published signal into ``out_dir``: ``<signal>-<model>.json`` and ``<signal>-<model>.snippet.yaml``.
+    """Import a published signal into ``out_dir``: ``<signal>-<model>.json``, ``<signal>-<model>.snippet.yaml`` and
+    ``<signal>-<model>.policy.yaml`` (a complete policy: ``safeclip check IMAGE --policy`` it).
 
     ``source`` is the published file (checked against its pinned sha256); without it the file is fetched from its
     public location (or ``$SAFECLIP_ARTIFACTS_DIR``). ``encoder_id`` records the head in another embedding space
@@ -209,8 +252,12 @@ def import_signal(
         f"# {signal} head for {model}, imported from {pub.url} (sha256 {pub.sha256}; {_LICENCE}).\n"
         f"# Paste under `categories:` of a policy in {out}; the path is relative to that policy.\n"
         f"{category}:\n{note}  head: {{path: {artifact.name}, sha256: {sha}}}\n").encode())
-    return ImportedHead(signal, model, artifact, sha, snippet, head.encoder_id, pub.sha256,
-                        "retargeted" in head.metadata)
+    retargeted = "retargeted" in head.metadata
+    policy = None
+    if not retargeted:
+        policy = out / f"{stem}.policy.yaml"
+        write_bytes_atomic(policy, _policy_text(pub, artifact, sha))
+    return ImportedHead(signal, model, artifact, sha, snippet, head.encoder_id, pub.sha256, retargeted, policy)
 
 
 def import_laion_nsfw(model: str, out_dir: str | os.PathLike[str], **kwargs: object) -> ImportedHead:

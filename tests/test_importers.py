@@ -17,6 +17,7 @@ from safeclip.embed import tag_encoder_id
 from safeclip.errors import ArtifactIntegrityError, ArtifactUnavailableError, EncoderMismatchError
 from safeclip.heads import load_head
 from safeclip.importers import PUBLISHED, import_laion_nsfw, load_published_head, published
+from safeclip.policy import load_policy
 
 from conftest import OrthoTexts, unit
 
@@ -112,6 +113,32 @@ def test_import_writes_a_pinned_artifact_and_a_snippet_that_loads(mirror, tmp_pa
     assert main(["policy", "lint", str(policy), "--encoder-id", tag_encoder_id("ViT-B-32", "openai")]) == 0
 
 
+@pytest.mark.parametrize("signal, model", [("laion-nsfw", "ViT-B-32"), ("laion-violence", "ViT-L-14")])
+def test_import_writes_a_complete_policy_that_lints(mirror, tmp_path, capsys, signal, model) -> None:
+    """Regression: an import wrote only a snippet to paste. Its policy is the default one with the head deciding its
+    category at the thresholds of the shipped LAION policy for that model, and the OpenAI weights as its encoder."""
+    out = tmp_path / "heads"
+    assert main(["import", signal, "--model", model, "--out", str(out)]) == 0
+    path = out / f"{signal}-{model}.policy.yaml"
+    assert f"wrote {path}: a complete policy" in capsys.readouterr().out
+    space = tag_encoder_id(model, "openai")
+    assert main(["policy", "lint", str(path), "--encoder-id", space]) == 0
+    policy, default = load_policy(path), load_policy("default")
+    shipped = load_policy({"ViT-B-32": "laion-nsfw-b32", "ViT-L-14": "laion-nsfw-l14"}[model])
+    assert dict(policy.encoder) == {"model": model, "pretrained": "openai"}
+    name = {"laion-nsfw": "sexual", "laion-violence": "violence"}[signal]
+    cat = policy.category(name)
+    assert (cat.flag, cat.block) == ((0.1, 0.5) if signal == "laion-nsfw" else (0.5, None))
+    assert (cat.flag, cat.block) == (shipped.category(name).flag, shipped.category(name).block)
+    artifact = out / f"{signal}-{model}.json"
+    assert cat.head.local_path() == artifact and cat.head.sha256 == published(signal, model).converted_sha256
+    assert load_head(artifact, cat.head.sha256, space).encoder_id == space
+    assert cat.prompts == default.category(name).prompts  # the default policy's prompts stay beside the head
+    others = [c.name for c in policy.categories if c.name != name]
+    assert others == [c.name for c in default.categories if c.name != name]
+    assert all(policy.category(n) == default.category(n) for n in others)
+
+
 def test_import_refuses_files_that_are_not_the_published_one(laion_dir, tmp_path, capsys) -> None:
     l14 = laion_dir / published("laion-nsfw", "ViT-L-14").filename
     assert main(["import", "laion-nsfw", "--model", "ViT-B-32", "--from", str(l14), "--out", str(tmp_path)]) == 2
@@ -146,6 +173,7 @@ def test_retargeting_is_explicit_and_recorded(laion_dir, tmp_path, capsys) -> No
 
     head = load_head(path, sha256_file(path), "local-dir|sha256:0123|px:abc")
     assert "no moderation result" in head.metadata["retargeted"]
+    assert not list(tmp_path.glob("*.policy.yaml"))  # no encoder: names the weights of that space
     assert head.metadata["trained_in"] == tag_encoder_id("ViT-B-32", "openai")
     with pytest.raises(EncoderMismatchError):  # and it no longer passes as the openai space
         load_head(path, sha256_file(path), tag_encoder_id("ViT-B-32", "openai"))
