@@ -22,6 +22,7 @@ file, converts once, caches, and checks that pin on every load.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import json_bytes, write_bytes_atomic
-from .artifacts import read_pinned_json, sha256_bytes, sha256_file
+from .artifacts import read_pinned_json, sha256_bytes
 from .errors import ArtifactIntegrityError, ConfigError
 from .heads import MLPHead
 
@@ -100,10 +101,10 @@ def _openai_space(model: str) -> str:
     return tag_encoder_id(model, "openai")
 
 
-def _nsfw_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
+def _nsfw_head(path: Path, data: bytes, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
     from .embed import read_state_dict
 
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, data)
     n_linear = sum(1 for k in sd if k.startswith("linear_") and k.endswith(".weight"))
     need = {"norm.mean", "norm.variance"} | {f"linear_{i}.{p}" for i in range(1, n_linear + 1)
                                              for p in ("weight", "bias")}
@@ -117,9 +118,9 @@ def _nsfw_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> MLPHe
     return MLPHead(layers, encoder_id=encoder_id, standardize=std, output="punsafe", metadata=meta)
 
 
-def _violence_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
+def _violence_head(path: Path, data: bytes, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
     try:
-        v = np.load(path, allow_pickle=False)
+        v = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ArtifactIntegrityError(f"{path}: not a numpy array file: {e}") from e
     if v.ndim != 2 or v.shape[0] != 2 or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
@@ -131,7 +132,8 @@ def _violence_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> M
     return MLPHead([(w, np.zeros(1, np.float32))], encoder_id=encoder_id, output="p_violence", metadata=meta)
 
 
-def _convert(path: Path, pub: Published, encoder_id: str | None) -> MLPHead:
+def _convert(path: Path, data: bytes, pub: Published, encoder_id: str | None) -> MLPHead:
+    """The head the published file's ``data`` (checked against ``pub``; ``path`` only names it) converts to."""
     space = _openai_space(pub.model)
     meta: dict = {"signal": pub.signal, "model": pub.model, "source_url": pub.url, "source_sha256": pub.sha256,
                   "licence": _LICENCE, "trained_in": space}
@@ -139,25 +141,34 @@ def _convert(path: Path, pub: Published, encoder_id: str | None) -> MLPHead:
         meta["retargeted"] = (f"recorded in {encoder_id!r} by an explicit import option; trained in {space!r}, "
                               "so its output there is no moderation result")
     build = _nsfw_head if pub.signal == "laion-nsfw" else _violence_head
-    return build(path, pub, encoder_id or space, meta)
+    return build(path, data, pub, encoder_id or space, meta)
+
+
+def _read_once(path: Path) -> tuple[bytes, str]:
+    """``path``'s bytes, read once (what is hashed is what is converted), and their sha256."""
+    data = path.read_bytes()
+    return data, sha256_bytes(data)
 
 
 def _verified_source(pub: Published, source: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None,
-                     ) -> Path:
+                     ) -> tuple[Path, bytes]:
+    """The published file and its bytes, checked against its pin: the bytes are what is converted, so a file swapped
+    after the check is never what is imported."""
     if source is None:
         from .fetch import fetch_artifact
 
-        return fetch_artifact(pub.url, pub.sha256, cache_dir=cache_dir)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--from {source}: no such file (the published file is {pub.filename}, from {pub.url})")
-    actual = sha256_file(path)
+        path = fetch_artifact(pub.url, pub.sha256, cache_dir=cache_dir)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--from {source}: no such file (the published file is {pub.filename}, from {pub.url})")
+    data, actual = _read_once(path)
     if actual != pub.sha256:
         other = _BY_SHA.get(actual)
         hint = f": it is the published {other.signal} file for {other.model}" if other else ""
         raise ArtifactIntegrityError(f"{path} has sha256 {actual}, not that of the published {pub.filename} "
                                      f"({pub.sha256}); refusing to import it{hint}")
-    return path
+    return path, data
 
 
 def _policy_text(pub: Published, artifact: Path, sha: str) -> bytes:
@@ -231,8 +242,8 @@ def import_signal(
     >>> import_laion_nsfw("ViT-B-32", "heads/", source="clip_ViT-B-32_openai_binary_nsfw_head.pth")  # doctest: +SKIP
     """
     pub = published(signal, model)
-    path = _verified_source(pub, source, cache_dir)
-    head = _convert(path, pub, encoder_id)
+    path, raw = _verified_source(pub, source, cache_dir)
+    head = _convert(path, raw, pub, encoder_id)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +293,7 @@ def load_published_head(
     if pub is None:
         raise ArtifactIntegrityError(f"{os.fspath(path)!r} is not a safeclip JSON head, and sha256 {sha256} is not "
                                      "a published file safeclip imports (see safeclip.importers.PUBLISHED)")
-    actual = sha256_file(path)
+    raw, actual = _read_once(Path(path))
     if actual != pub.sha256:
         raise ArtifactIntegrityError(f"artifact {os.fspath(path)!r} has sha256 {actual}, but the policy pins "
                                      f"{pub.sha256}; refusing to load it")
@@ -294,7 +305,7 @@ def load_published_head(
             return MLPHead.from_dict(read_pinned_json(converted, pub.converted_sha256))
         except ArtifactIntegrityError:
             converted.unlink(missing_ok=True)  # our own cache entry: convert again
-    head = _convert(Path(path), pub, None)
+    head = _convert(Path(path), raw, pub, None)
     data = json_bytes(head.to_dict())
     if sha256_bytes(data) != pub.converted_sha256:
         raise ArtifactIntegrityError(f"importing {pub.filename} gave sha256 {sha256_bytes(data)}, not the pinned "

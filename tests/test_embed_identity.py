@@ -229,6 +229,52 @@ def test_an_unregistered_torchscript_archive_is_not_loaded(monkeypatch, arch, pu
         TorchModel(arch, str(other))
 
 
+class Payload:
+    """Unpickling this writes ``marker``: what a hostile pickle could do with ``weights_only=False``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def swap_after_hashing(monkeypatch: pytest.MonkeyPatch, module, target: Path, replacement: Path) -> None:
+    """Every hash ``module`` takes (of a file or of bytes) replaces ``target`` with ``replacement`` once computed."""
+    for name in ("sha256_file", "sha256_bytes"):
+        real = getattr(module, name, None)
+        if real is not None:
+            def hashed(*a, _real=real, **k):
+                digest = _real(*a, **k)
+                shutil.copy(replacement, target)
+                return digest
+
+            monkeypatch.setattr(module, name, hashed)
+
+
+def test_a_torchscript_file_swapped_after_its_hash_is_not_what_loads(monkeypatch, arch, tag, published, tmp_path):
+    """Regression: a recognised TorchScript archive was hashed, then opened again by path with weights_only=False,
+    so a file swapped in between ran its pickle. The bytes hashed are the bytes loaded."""
+    import torch
+
+    from safeclip.embed import _torch
+    from safeclip.embed._torch import TorchModel
+
+    target = tmp_path / "ViT.pt"
+    shutil.copy(published["jit"], target)
+    register(monkeypatch, (target, arch))
+    marker, hostile = tmp_path / "payload-ran", tmp_path / "hostile.pt"
+    torch.save({"visual.proj": Payload(marker)}, hostile)
+    swap_after_hashing(monkeypatch, _torch, target, hostile)
+    try:
+        tm = TorchModel(arch, str(target))
+    finally:
+        assert not marker.exists(), "the swapped file's pickle ran"
+    assert target.read_bytes() == hostile.read_bytes()  # the swap did happen
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(tm.reference(pixels), TorchModel(arch, tag).reference(pixels), rtol=0, atol=1e-6)
+
+
 def test_an_encoder_on_a_registered_file_is_in_its_tags_space(monkeypatch, arch, tag, published, cache_dir):
     """End to end (torch runtime: the tiny architecture exists only in this process, not in an export child)."""
     register(monkeypatch, (published["jit"], arch))

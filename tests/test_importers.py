@@ -153,6 +153,57 @@ def test_import_refuses_files_that_are_not_the_published_one(laion_dir, tmp_path
     assert not list(tmp_path.glob("*.json"))
 
 
+class Payload:
+    """Unpickling this writes ``marker``: what a hostile pickle would do if it were ever unpickled with code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("signal, swapped_in", [("laion-nsfw", "other weights"), ("laion-nsfw", "a hostile pickle"),
+                                                ("laion-violence", "other weights")])
+def test_import_converts_the_bytes_it_checked(laion_dir, tmp_path, monkeypatch, signal, swapped_in) -> None:
+    """Regression: `import --from FILE` hashed the file, then read it again by path, so a file swapped in between
+    was converted and recorded as the published one. The bytes checked are the bytes converted."""
+    import torch
+
+    import safeclip.importers as importers
+
+    pub = published(signal, "ViT-B-32")
+    source = tmp_path / "src" / pub.filename
+    source.parent.mkdir()
+    source.write_bytes((laion_dir / pub.filename).read_bytes())
+    other = tmp_path / "other" / pub.filename
+    other.parent.mkdir()
+    marker = tmp_path / "payload-ran"
+    if swapped_in == "a hostile pickle":
+        torch.save({"norm.mean": Payload(marker)}, other)
+    elif signal == "laion-nsfw":  # a well-formed file of the same layout, other weights
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+        sd["linear_1.bias"] = sd["linear_1.bias"] + 1.0
+        torch.save(sd, other)
+    else:
+        np.save(other, np.load(source) * 2.0)
+    for name in ("sha256_file", "sha256_bytes"):  # every hash the importer takes swaps the file once computed
+        if hasattr(importers, name):
+            monkeypatch.setattr(importers, name, _swapping(getattr(importers, name), source, other))
+    done = importers.import_signal(signal, "ViT-B-32", tmp_path / "out", source=source)
+    assert source.read_bytes() == other.read_bytes()  # the swap did happen
+    assert done.sha256 == pub.converted_sha256  # the published file's conversion, not the swapped file's
+    assert not marker.exists()
+
+
+def _swapping(real, target: Path, replacement: Path):
+    def hashed(*a, **k):
+        digest = real(*a, **k)
+        target.write_bytes(replacement.read_bytes())
+        return digest
+    return hashed
+
+
 def test_offline_import_fails_at_once_with_one_line(offline, tmp_path, capsys) -> None:
     rc = main(["import", "laion-nsfw", "--model", "ViT-L-14", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
