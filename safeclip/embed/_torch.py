@@ -221,9 +221,9 @@ class TorchModel:
         except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HTTP errors alike
             if offline is not None and not_in_hub_cache(e):
                 raise local_weights_error(f"cannot download the CLIP weights {tried}: {offline} and they are not in "
-                                          "the local hub cache", model_name) from e
+                                          "the local hub cache", model_name, pretrained) from e
             raise local_weights_error(f"could not load the CLIP weights {tried}: {type(e).__name__}: "
-                                      f"{str(e)[:300]}", model_name) from e
+                                      f"{str(e)[:300]}", model_name, pretrained) from e
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
