@@ -169,8 +169,8 @@ def _hub_cache_copy(path: Path, digest: str) -> KnownWeights | None:
     for known in known_weights().values():
         if known.hf_hub and repo_dir.name == "models--" + known.hf_hub.replace("/", "--") and (
                 snap.name in known.hf_hub_files):
-            return replace(known, sha256=digest, source=f"https://huggingface.co/{known.hf_hub}/blob/"
-                                       f"{snap.parent.name}/{snap.name}")
+            url = f"https://huggingface.co/{known.hf_hub}/blob/{snap.parent.name}/{snap.name}"
+            return replace(known, sha256=digest, source=url)
     return None
 
 
