@@ -256,7 +256,7 @@ def import_signal(
     data = json_bytes(head.to_dict())
     write_bytes_atomic(artifact, data)
     sha = sha256_bytes(data)
-    category = "sexual" if signal == "laion-nsfw" else "violence"
+    category = _CATEGORY[signal]
     snippet = out / f"{stem}.snippet.yaml"
     note = "  # RETARGETED: mechanics only, not a moderation signal\n" if "retargeted" in head.metadata else ""
     write_bytes_atomic(snippet, (
