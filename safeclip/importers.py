@@ -4,7 +4,9 @@ LAION's CLIP-based NSFW Detector (MIT licence, github.com/LAION-AI/CLIP-based-NS
 heads on OpenAI CLIP ViT-B/32 and ViT-L/14 image embeddings; their output is the ``punsafe`` LAION-5B was filtered
 on. The same repository publishes the two-vector violence detector clip-retrieval uses (row 0 benign, row 1
 violent; the larger cosine decides). An import reads the published file, checks its sha256 against the pin below,
-and writes an :class:`~safeclip.heads.MLPHead` JSON artifact that records its embedding space:
+and writes an :class:`~safeclip.heads.MLPHead` JSON artifact that records its embedding space, a snippet that pins
+it, and a complete policy around it (the default policy, the OpenAI weights as its ``encoder:``, LAION's thresholds
+as the shipped ``laion-nsfw-b32`` / ``-l14`` policies set them):
 
 - NSFW: ``(x - norm.mean) / (sqrt(norm.variance) + 1e-10)``, then ``linear_1``, ReLU, ..., ``linear_k`` to one
   logit; ``sigmoid(logit)`` is LAION's ``punsafe`` (the ``output`` name decisions report it under).
@@ -20,6 +22,7 @@ file, converts once, caches, and checks that pin on every load.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import json_bytes, write_bytes_atomic
-from .artifacts import read_pinned_json, sha256_bytes, sha256_file
+from .artifacts import read_pinned_json, sha256_bytes
 from .errors import ArtifactIntegrityError, ConfigError
 from .heads import MLPHead
 
@@ -76,6 +79,9 @@ PUBLISHED: tuple[Published, ...] = (
 """The published files, pinned. A ``main``-branch URL can move; its pin cannot, so a changed file is refused."""
 
 _BY_SHA = {p.sha256: p for p in PUBLISHED}
+_CATEGORY = {"laion-nsfw": "sexual", "laion-violence": "violence"}
+_SHIPPED_POLICY = {"ViT-B-32": "laion-nsfw-b32", "ViT-L-14": "laion-nsfw-l14"}
+"""The shipped policy that uses each model's published files: the imported policy takes its thresholds and encoder."""
 
 
 def published(signal: str, model: str) -> Published:
@@ -95,10 +101,10 @@ def _openai_space(model: str) -> str:
     return tag_encoder_id(model, "openai")
 
 
-def _nsfw_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
+def _nsfw_head(path: Path, data: bytes, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
     from .embed import read_state_dict
 
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, data)
     n_linear = sum(1 for k in sd if k.startswith("linear_") and k.endswith(".weight"))
     need = {"norm.mean", "norm.variance"} | {f"linear_{i}.{p}" for i in range(1, n_linear + 1)
                                              for p in ("weight", "bias")}
@@ -112,9 +118,9 @@ def _nsfw_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> MLPHe
     return MLPHead(layers, encoder_id=encoder_id, standardize=std, output="punsafe", metadata=meta)
 
 
-def _violence_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
+def _violence_head(path: Path, data: bytes, pub: Published, encoder_id: str, meta: dict) -> MLPHead:
     try:
-        v = np.load(path, allow_pickle=False)
+        v = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ArtifactIntegrityError(f"{path}: not a numpy array file: {e}") from e
     if v.ndim != 2 or v.shape[0] != 2 or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
@@ -126,7 +132,8 @@ def _violence_head(path: Path, pub: Published, encoder_id: str, meta: dict) -> M
     return MLPHead([(w, np.zeros(1, np.float32))], encoder_id=encoder_id, output="p_violence", metadata=meta)
 
 
-def _convert(path: Path, pub: Published, encoder_id: str | None) -> MLPHead:
+def _convert(path: Path, data: bytes, pub: Published, encoder_id: str | None) -> MLPHead:
+    """The head the published file's ``data`` (checked against ``pub``; ``path`` only names it) converts to."""
     space = _openai_space(pub.model)
     meta: dict = {"signal": pub.signal, "model": pub.model, "source_url": pub.url, "source_sha256": pub.sha256,
                   "licence": _LICENCE, "trained_in": space}
@@ -134,30 +141,75 @@ def _convert(path: Path, pub: Published, encoder_id: str | None) -> MLPHead:
         meta["retargeted"] = (f"recorded in {encoder_id!r} by an explicit import option; trained in {space!r}, "
                               "so its output there is no moderation result")
     build = _nsfw_head if pub.signal == "laion-nsfw" else _violence_head
-    return build(path, pub, encoder_id or space, meta)
+    return build(path, data, pub, encoder_id or space, meta)
+
+
+def _read_once(path: Path) -> tuple[bytes, str]:
+    """``path``'s bytes, read once (what is hashed is what is converted), and their sha256."""
+    data = path.read_bytes()
+    return data, sha256_bytes(data)
 
 
 def _verified_source(pub: Published, source: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None,
-                     ) -> Path:
+                     ) -> tuple[Path, bytes]:
+    """The published file and its bytes, checked against its pin: the bytes are what is converted, so a file swapped
+    after the check is never what is imported."""
     if source is None:
         from .fetch import fetch_artifact
 
-        return fetch_artifact(pub.url, pub.sha256, cache_dir=cache_dir)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--from {source}: no such file (the published file is {pub.filename}, from {pub.url})")
-    actual = sha256_file(path)
+        path = fetch_artifact(pub.url, pub.sha256, cache_dir=cache_dir)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--from {source}: no such file (the published file is {pub.filename}, from {pub.url})")
+    data, actual = _read_once(path)
     if actual != pub.sha256:
         other = _BY_SHA.get(actual)
         hint = f": it is the published {other.signal} file for {other.model}" if other else ""
         raise ArtifactIntegrityError(f"{path} has sha256 {actual}, not that of the published {pub.filename} "
                                      f"({pub.sha256}); refusing to import it{hint}")
-    return path
+    return path, data
+
+
+def _policy_text(pub: Published, artifact: Path, sha: str) -> bytes:
+    """A complete policy around the imported head: the default policy with the head deciding its category, at the
+    thresholds and with the encoder of the shipped policy that uses the same published file (one source for both)."""
+    import yaml
+
+    from .policy import load_policy
+
+    shipped = load_policy(_SHIPPED_POLICY[pub.model])
+    cat = shipped.category(_CATEGORY[pub.signal])
+    if cat.head is None or cat.head.sha256 != pub.sha256:
+        raise ConfigError(f"the shipped policy {shipped.name} does not use {pub.filename} for {cat.name} (a bug: "
+                          "please report it)")
+    body = {
+        "name": artifact.stem,
+        "version": "1.0",
+        "description": f"The default policy with the published {pub.signal} head ({pub.filename}) deciding "
+                       f"`{cat.name}` at the thresholds of the shipped {shipped.name} policy, on OpenAI CLIP "
+                       f"{pub.model}.",
+        "extends": "default",
+        "encoder": dict(shipped.encoder),
+        "categories": {cat.name: {
+            **({"description": cat.description} if cat.description else {}),
+            "head": {"path": artifact.name, "sha256": sha},
+            "thresholds": {"flag": cat.flag, "block": cat.block},
+        }},
+    }
+    return (
+        f"# {pub.signal} head for {pub.model}, imported from {pub.url} (sha256 {pub.sha256}; {_LICENCE}).\n"
+        f"# Thresholds and encoder as in the shipped policy {shipped.name} (see it for where they come from).\n"
+        f"# The head lives in the OpenAI weights' embedding space: run with `--pretrained openai` (the encoder\n"
+        f"# here) or a local copy of OpenAI's published checkpoint file, which safeclip recognises.\n"
+        + yaml.safe_dump(body, sort_keys=False, width=110, allow_unicode=True)
+    ).encode()
 
 
 @dataclass(frozen=True)
 class ImportedHead:
-    """What an import wrote: the head artifact, its sha256, and a policy snippet that pins it."""
+    """What an import wrote: the head artifact, its sha256, a policy snippet that pins it, and a complete policy
+    around it (None for a retargeted head, whose weights no ``encoder:`` can name)."""
 
     signal: str
     model: str
@@ -167,6 +219,7 @@ class ImportedHead:
     encoder_id: str
     source_sha256: str
     retargeted: bool
+    policy: Path | None = None
 
 
 def import_signal(
@@ -178,7 +231,8 @@ def import_signal(
     encoder_id: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> ImportedHead:
-    """Import a published signal into ``out_dir``: ``<signal>-<model>.json`` and ``<signal>-<model>.snippet.yaml``.
+    """Import a published signal into ``out_dir``: ``<signal>-<model>.json``, ``<signal>-<model>.snippet.yaml`` and
+    ``<signal>-<model>.policy.yaml`` (a complete policy: ``safeclip check IMAGE --policy`` it).
 
     ``source`` is the published file (checked against its pinned sha256); without it the file is fetched from its
     public location (or ``$SAFECLIP_ARTIFACTS_DIR``). ``encoder_id`` records the head in another embedding space
@@ -188,8 +242,8 @@ def import_signal(
     >>> import_laion_nsfw("ViT-B-32", "heads/", source="clip_ViT-B-32_openai_binary_nsfw_head.pth")  # doctest: +SKIP
     """
     pub = published(signal, model)
-    path = _verified_source(pub, source, cache_dir)
-    head = _convert(path, pub, encoder_id)
+    path, raw = _verified_source(pub, source, cache_dir)
+    head = _convert(path, raw, pub, encoder_id)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -202,15 +256,19 @@ def import_signal(
     data = json_bytes(head.to_dict())
     write_bytes_atomic(artifact, data)
     sha = sha256_bytes(data)
-    category = "sexual" if signal == "laion-nsfw" else "violence"
+    category = _CATEGORY[signal]
     snippet = out / f"{stem}.snippet.yaml"
     note = "  # RETARGETED: mechanics only, not a moderation signal\n" if "retargeted" in head.metadata else ""
     write_bytes_atomic(snippet, (
         f"# {signal} head for {model}, imported from {pub.url} (sha256 {pub.sha256}; {_LICENCE}).\n"
         f"# Paste under `categories:` of a policy in {out}; the path is relative to that policy.\n"
         f"{category}:\n{note}  head: {{path: {artifact.name}, sha256: {sha}}}\n").encode())
-    return ImportedHead(signal, model, artifact, sha, snippet, head.encoder_id, pub.sha256,
-                        "retargeted" in head.metadata)
+    retargeted = "retargeted" in head.metadata
+    policy = None
+    if not retargeted:
+        policy = out / f"{stem}.policy.yaml"
+        write_bytes_atomic(policy, _policy_text(pub, artifact, sha))
+    return ImportedHead(signal, model, artifact, sha, snippet, head.encoder_id, pub.sha256, retargeted, policy)
 
 
 def import_laion_nsfw(model: str, out_dir: str | os.PathLike[str], **kwargs: object) -> ImportedHead:
@@ -235,7 +293,7 @@ def load_published_head(
     if pub is None:
         raise ArtifactIntegrityError(f"{os.fspath(path)!r} is not a safeclip JSON head, and sha256 {sha256} is not "
                                      "a published file safeclip imports (see safeclip.importers.PUBLISHED)")
-    actual = sha256_file(path)
+    raw, actual = _read_once(Path(path))
     if actual != pub.sha256:
         raise ArtifactIntegrityError(f"artifact {os.fspath(path)!r} has sha256 {actual}, but the policy pins "
                                      f"{pub.sha256}; refusing to load it")
@@ -247,7 +305,7 @@ def load_published_head(
             return MLPHead.from_dict(read_pinned_json(converted, pub.converted_sha256))
         except ArtifactIntegrityError:
             converted.unlink(missing_ok=True)  # our own cache entry: convert again
-    head = _convert(Path(path), pub, None)
+    head = _convert(Path(path), raw, pub, None)
     data = json_bytes(head.to_dict())
     if sha256_bytes(data) != pub.converted_sha256:
         raise ArtifactIntegrityError(f"importing {pub.filename} gave sha256 {sha256_bytes(data)}, not the pinned "

@@ -19,6 +19,7 @@ from safeclip.embed import Encoder
 from safeclip.embed._hub import hub_offline_reason, local_weights_error
 from safeclip.errors import ModelLoadError
 
+VITB32_SHA = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
 
@@ -67,6 +68,19 @@ def test_the_python_api_gets_python_syntax(offline_env, tmp_path):
     assert "--pretrained /path/to/open_clip_pytorch_model.bin" in e.cli_message
 
 
+def test_an_openai_tag_offline_names_openais_file(offline_env, tmp_path):
+    """Regression: the hint named the hub's open_clip_pytorch_model.bin, whose copy is its own `sha256:` space, so
+    artifacts made for the `openai` space (LAION's heads) refused it. It names OpenAI's published file, which safeclip
+    recognises as the tag."""
+    with pytest.raises(ModelLoadError) as ei:
+        Encoder("ViT-B-32", "openai", cache_dir=tmp_path / "sc", runtime="torch", device="cpu")
+    e = ei.value
+    url = "https://openaipublic.azureedge.net/clip/models/" + VITB32_SHA + "/ViT-B-32.pt"
+    assert "pretrained='/path/to/ViT-B-32.pt'" in str(e) and url in str(e)
+    assert "--pretrained /path/to/ViT-B-32.pt" in e.cli_message and url in e.cli_message
+    assert "open_clip_pytorch_model.bin" not in str(e) + e.cli_message
+
+
 def test_a_model_in_the_hub_cache_loads_offline(tiny_model_dir, offline_env, tmp_path):
     """Unreachable hub, weights in the local hub cache: they load, as huggingface_hub's offline mode would."""
     commit = "0" * 40
@@ -94,6 +108,11 @@ def test_probe(monkeypatch):
 
 
 def test_local_weights_error_forms():
+    e = local_weights_error("cannot download", "ViT-L-14-quickgelu", "openai")
+    assert "model='ViT-L-14-quickgelu', pretrained='/path/to/ViT-L-14.pt'" in str(e)
+    assert "--model ViT-L-14-quickgelu --pretrained /path/to/ViT-L-14.pt" in e.cli_message
+    e = local_weights_error("cannot download", "ViT-L-14", "laion2b_s32b_b82k")  # no published file: the generic one
+    assert "pretrained='/path/to/open_clip_pytorch_model.bin'" in str(e)
     e = local_weights_error("cannot download", "hf-hub:org/repo")
     assert str(e).endswith("model='ViT-B-32', pretrained='/path/to/open_clip_pytorch_model.bin' "
                            "(or model='local-dir:/path/to/folder')")

@@ -229,6 +229,52 @@ def test_an_unregistered_torchscript_archive_is_not_loaded(monkeypatch, arch, pu
         TorchModel(arch, str(other))
 
 
+class Payload:
+    """Unpickling this writes ``marker``: what a hostile pickle could do with ``weights_only=False``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def swap_after_hashing(monkeypatch: pytest.MonkeyPatch, module, target: Path, replacement: Path) -> None:
+    """Every hash ``module`` takes (of a file or of bytes) replaces ``target`` with ``replacement`` once computed."""
+    for name in ("sha256_file", "sha256_bytes"):
+        real = getattr(module, name, None)
+        if real is not None:
+            def hashed(*a, _real=real, **k):
+                digest = _real(*a, **k)
+                shutil.copy(replacement, target)
+                return digest
+
+            monkeypatch.setattr(module, name, hashed)
+
+
+def test_a_torchscript_file_swapped_after_its_hash_is_not_what_loads(monkeypatch, arch, tag, published, tmp_path):
+    """Regression: a recognised TorchScript archive was hashed, then opened again by path with weights_only=False,
+    so a file swapped in between ran its pickle. The bytes hashed are the bytes loaded."""
+    import torch
+
+    from safeclip.embed import _torch
+    from safeclip.embed._torch import TorchModel
+
+    target = tmp_path / "ViT.pt"
+    shutil.copy(published["jit"], target)
+    register(monkeypatch, (target, arch))
+    marker, hostile = tmp_path / "payload-ran", tmp_path / "hostile.pt"
+    torch.save({"visual.proj": Payload(marker)}, hostile)
+    swap_after_hashing(monkeypatch, _torch, target, hostile)
+    try:
+        tm = TorchModel(arch, str(target))
+    finally:
+        assert not marker.exists(), "the swapped file's pickle ran"
+    assert target.read_bytes() == hostile.read_bytes()  # the swap did happen
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(tm.reference(pixels), TorchModel(arch, tag).reference(pixels), rtol=0, atol=1e-6)
+
+
 def test_an_encoder_on_a_registered_file_is_in_its_tags_space(monkeypatch, arch, tag, published, cache_dir):
     """End to end (torch runtime: the tiny architecture exists only in this process, not in an export child)."""
     register(monkeypatch, (published["jit"], arch))
@@ -237,3 +283,126 @@ def test_an_encoder_on_a_registered_file_is_in_its_tags_space(monkeypatch, arch,
     assert enc.encoder_id == ref.encoder_id and enc.encoder_id.startswith(f"{arch}|openai|px:")
     img = Image.new("RGB", (80, 60), (200, 30, 30))
     np.testing.assert_allclose(enc.embed_images([img]), ref.embed_images([img]), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the hub's copies
+# open_clip downloads the `openai` tag from the hub (timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors
+# ...) when huggingface_hub is installed: a path into that cache is the tag's file, by the cache's own record.
+HUB_REPO = "safeclip-test/tiny.openai"
+HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def register_hub(monkeypatch: pytest.MonkeyPatch, model: str, repo: str = HUB_REPO) -> None:
+    """Make ``repo`` the hub's copy of a published ``model`` file with tag ``openai`` (the test seam; the published
+    file's own sha256 is never seen here)."""
+    table = dict(known_weights())
+    sha = "f" * 64
+    table[sha] = KnownWeights(sha, model, "openai", f"https://example.invalid/{sha}/TINY.pt", (), hf_hub=repo,
+                              hf_hub_files=HUB_FILES)
+    monkeypatch.setattr(_identity, "known_weights", lambda: table)
+
+
+def hub_file(cache: Path, repo: str, name: str, data: bytes, *, blob: str | None = None,
+             commit: str = "a" * 40) -> Path:
+    """``data`` as huggingface_hub caches a download: ``blobs/<sha256>`` and a snapshot link to it."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    blob_path = folder / "blobs" / (blob or hashlib.sha256(data).hexdigest())
+    blob_path.parent.mkdir(parents=True, exist_ok=True)
+    blob_path.write_bytes(data)
+    snap = folder / "snapshots" / commit / name
+    snap.parent.mkdir(parents=True, exist_ok=True)
+    snap.symlink_to(Path("..", "..", "blobs", blob_path.name))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    return snap
+
+
+@pytest.fixture(scope="module")
+def hub_weights(published: dict[str, Path]) -> dict[str, bytes]:
+    """The tiny QuickGELU model's weights as the hub serves the tag: a state_dict file and its safetensors form."""
+    import torch
+    from safetensors.torch import save
+
+    sd = torch.load(published["state_dict"], map_location="cpu", weights_only=True)
+    return {"open_clip_pytorch_model.bin": published["state_dict"].read_bytes(),
+            "open_clip_model.safetensors": save({k: v.contiguous() for k, v in sd.items()})}
+
+
+@pytest.mark.parametrize("name", HUB_FILES)
+def test_a_file_in_the_hub_cache_of_a_tags_repo_is_named_by_the_tag(monkeypatch, hub_weights, tmp_path, name):
+    """Regression: a path into huggingface_hub's cache of timm/..openai was its own `sha256:` space, although it is
+    the very file `--pretrained openai` loads."""
+    path = hub_file(tmp_path / "hub", HUB_REPO, name, hub_weights[name])
+    register_hub(monkeypatch, "ViT-B-32")
+    assert weights_identity("ViT-B-32", str(path), tmp_path) == "openai"
+    known = _identity.recognised_weights("ViT-B-32", str(path), tmp_path)
+    assert known is not None and known.sha256 == sha256(path) and HUB_REPO in known.source
+    with pytest.raises(ModelLoadError, match="but the model is ViT-L-14"):
+        weights_identity("ViT-L-14", str(path), tmp_path)
+
+
+def test_only_the_hub_caches_own_record_makes_a_hub_copy(monkeypatch, hub_weights, tmp_path):
+    """The snapshot must link to the blob named by the sha256 the hub declared, the bytes must have that sha256, and
+    the repository and file name must be the tag's: anything else keeps its own `sha256:` space."""
+    register_hub(monkeypatch, "ViT-B-32")
+    data = hub_weights["open_clip_model.safetensors"]
+    own = "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+    cases = {
+        "another repository": hub_file(tmp_path / "a", "safeclip-test/tiny.laion", HUB_FILES[0], data),
+        "another file name": hub_file(tmp_path / "b", HUB_REPO, "pytorch_model.bin", data),
+        "bytes not the blob's": hub_file(tmp_path / "c", HUB_REPO, HUB_FILES[0], data, blob="0" * 64),
+    }
+    copied = tmp_path / "d" / ("models--" + HUB_REPO.replace("/", "--")) / "snapshots" / ("a" * 40) / HUB_FILES[0]
+    copied.parent.mkdir(parents=True)
+    copied.write_bytes(data)  # a plain file: no record of what the hub declared
+    cases["a plain copy"] = copied
+    outside = tmp_path / "e" / HUB_FILES[0]
+    outside.parent.mkdir()
+    outside.symlink_to(hub_file(tmp_path / "f", HUB_REPO, HUB_FILES[0], data).resolve())
+    cases["a link to the blob from elsewhere"] = outside
+    for what, path in cases.items():
+        assert weights_identity("ViT-B-32", str(path), tmp_path) == own, what
+
+
+def test_a_torchscript_archive_in_a_hub_cache_is_not_loaded(monkeypatch, arch, published, tmp_path):
+    """The hub cache's record names a file; it is no published sha256, so it never grants `weights_only=False`."""
+    from safeclip.embed._torch import TorchModel
+
+    path = hub_file(tmp_path / "hub", HUB_REPO, "open_clip_pytorch_model.bin", published["jit"].read_bytes())
+    register_hub(monkeypatch, arch)
+    assert weights_identity(arch, str(path), tmp_path) == "openai"
+    monkeypatch.setattr("torch.jit.load", lambda *a, **k: pytest.fail("a TorchScript archive was loaded"))
+    with pytest.raises(ModelLoadError, match="TorchScript"):
+        TorchModel(arch, str(path))
+
+
+def test_the_tag_from_the_hub_and_a_path_into_its_cache_are_one_space(monkeypatch, arch, hub_weights, tmp_path,
+                                                                     cache_dir):
+    """`--pretrained openai` as open_clip downloads it (from the hub cache, offline here) and `--pretrained <that
+    cached file>`: one encoder_id, the same embeddings."""
+    import open_clip
+
+    hub = tmp_path / "hub"
+    paths = {name: hub_file(hub, HUB_REPO, name, data) for name, data in hub_weights.items()}
+    cfg = {"url": "", "hf_hub": f"{HUB_REPO}/", "quick_gelu": True, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3),
+           "interpolation": "bicubic", "resize_mode": "shortest"}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, arch, {"openai": cfg})
+    monkeypatch.setenv("SAFECLIP_WEIGHTS_DIR", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    register_hub(monkeypatch, arch)
+    ref = Encoder(arch, "openai", device="cpu", cache_dir=cache_dir, runtime="torch")
+    img = Image.new("RGB", (80, 60), (200, 30, 30))
+    for path in paths.values():
+        enc = Encoder(arch, str(path), device="cpu", cache_dir=cache_dir, runtime="torch")
+        assert enc.encoder_id == ref.encoder_id and enc.encoder_id.startswith(f"{arch}|openai|px:")
+        np.testing.assert_allclose(enc.embed_images([img]), ref.embed_images([img]), rtol=0, atol=1e-6)
+
+
+def test_the_shipped_table_names_the_hub_repositories_open_clip_downloads_the_tags_from():
+    import open_clip
+
+    table = known_weights()
+    entry = table[VITB32_SHA]
+    assert (entry.hf_hub, entry.hf_hub_files) == ("timm/vit_base_patch32_clip_224.openai", HUB_FILES)
+    for e in table.values():
+        assert open_clip.get_pretrained_cfg(e.model, e.pretrained)["hf_hub"].rstrip("/") == e.hf_hub

@@ -17,6 +17,7 @@ from safeclip.embed import tag_encoder_id
 from safeclip.errors import ArtifactIntegrityError, ArtifactUnavailableError, EncoderMismatchError
 from safeclip.heads import load_head
 from safeclip.importers import PUBLISHED, import_laion_nsfw, load_published_head, published
+from safeclip.policy import load_policy
 
 from conftest import OrthoTexts, unit
 
@@ -112,6 +113,32 @@ def test_import_writes_a_pinned_artifact_and_a_snippet_that_loads(mirror, tmp_pa
     assert main(["policy", "lint", str(policy), "--encoder-id", tag_encoder_id("ViT-B-32", "openai")]) == 0
 
 
+@pytest.mark.parametrize("signal, model", [("laion-nsfw", "ViT-B-32"), ("laion-violence", "ViT-L-14")])
+def test_import_writes_a_complete_policy_that_lints(mirror, tmp_path, capsys, signal, model) -> None:
+    """Regression: an import wrote only a snippet to paste. Its policy is the default one with the head deciding its
+    category at the thresholds of the shipped LAION policy for that model, and the OpenAI weights as its encoder."""
+    out = tmp_path / "heads"
+    assert main(["import", signal, "--model", model, "--out", str(out)]) == 0
+    path = out / f"{signal}-{model}.policy.yaml"
+    assert f"wrote {path}: a complete policy" in capsys.readouterr().out
+    space = tag_encoder_id(model, "openai")
+    assert main(["policy", "lint", str(path), "--encoder-id", space]) == 0
+    policy, default = load_policy(path), load_policy("default")
+    shipped = load_policy({"ViT-B-32": "laion-nsfw-b32", "ViT-L-14": "laion-nsfw-l14"}[model])
+    assert dict(policy.encoder) == {"model": model, "pretrained": "openai"}
+    name = {"laion-nsfw": "sexual", "laion-violence": "violence"}[signal]
+    cat = policy.category(name)
+    assert (cat.flag, cat.block) == ((0.1, 0.5) if signal == "laion-nsfw" else (0.5, None))
+    assert (cat.flag, cat.block) == (shipped.category(name).flag, shipped.category(name).block)
+    artifact = out / f"{signal}-{model}.json"
+    assert cat.head.local_path() == artifact and cat.head.sha256 == published(signal, model).converted_sha256
+    assert load_head(artifact, cat.head.sha256, space).encoder_id == space
+    assert cat.prompts == default.category(name).prompts  # the default policy's prompts stay beside the head
+    others = [c.name for c in policy.categories if c.name != name]
+    assert others == [c.name for c in default.categories if c.name != name]
+    assert all(policy.category(n) == default.category(n) for n in others)
+
+
 def test_import_refuses_files_that_are_not_the_published_one(laion_dir, tmp_path, capsys) -> None:
     l14 = laion_dir / published("laion-nsfw", "ViT-L-14").filename
     assert main(["import", "laion-nsfw", "--model", "ViT-B-32", "--from", str(l14), "--out", str(tmp_path)]) == 2
@@ -124,6 +151,57 @@ def test_import_refuses_files_that_are_not_the_published_one(laion_dir, tmp_path
     with pytest.raises(ArtifactIntegrityError, match="not that of the published"):
         import_laion_nsfw("ViT-B-32", tmp_path, source=other)
     assert not list(tmp_path.glob("*.json"))
+
+
+class Payload:
+    """Unpickling this writes ``marker``: what a hostile pickle would do if it were ever unpickled with code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("signal, swapped_in", [("laion-nsfw", "other weights"), ("laion-nsfw", "a hostile pickle"),
+                                                ("laion-violence", "other weights")])
+def test_import_converts_the_bytes_it_checked(laion_dir, tmp_path, monkeypatch, signal, swapped_in) -> None:
+    """Regression: `import --from FILE` hashed the file, then read it again by path, so a file swapped in between
+    was converted and recorded as the published one. The bytes checked are the bytes converted."""
+    import torch
+
+    import safeclip.importers as importers
+
+    pub = published(signal, "ViT-B-32")
+    source = tmp_path / "src" / pub.filename
+    source.parent.mkdir()
+    source.write_bytes((laion_dir / pub.filename).read_bytes())
+    other = tmp_path / "other" / pub.filename
+    other.parent.mkdir()
+    marker = tmp_path / "payload-ran"
+    if swapped_in == "a hostile pickle":
+        torch.save({"norm.mean": Payload(marker)}, other)
+    elif signal == "laion-nsfw":  # a well-formed file of the same layout, other weights
+        sd = torch.load(source, map_location="cpu", weights_only=True)
+        sd["linear_1.bias"] = sd["linear_1.bias"] + 1.0
+        torch.save(sd, other)
+    else:
+        np.save(other, np.load(source) * 2.0)
+    for name in ("sha256_file", "sha256_bytes"):  # every hash the importer takes swaps the file once computed
+        if hasattr(importers, name):
+            monkeypatch.setattr(importers, name, _swapping(getattr(importers, name), source, other))
+    done = importers.import_signal(signal, "ViT-B-32", tmp_path / "out", source=source)
+    assert source.read_bytes() == other.read_bytes()  # the swap did happen
+    assert done.sha256 == pub.converted_sha256  # the published file's conversion, not the swapped file's
+    assert not marker.exists()
+
+
+def _swapping(real, target: Path, replacement: Path):
+    def hashed(*a, **k):
+        digest = real(*a, **k)
+        target.write_bytes(replacement.read_bytes())
+        return digest
+    return hashed
 
 
 def test_offline_import_fails_at_once_with_one_line(offline, tmp_path, capsys) -> None:
@@ -146,6 +224,7 @@ def test_retargeting_is_explicit_and_recorded(laion_dir, tmp_path, capsys) -> No
 
     head = load_head(path, sha256_file(path), "local-dir|sha256:0123|px:abc")
     assert "no moderation result" in head.metadata["retargeted"]
+    assert not list(tmp_path.glob("*.policy.yaml"))  # no encoder: names the weights of that space
     assert head.metadata["trained_in"] == tag_encoder_id("ViT-B-32", "openai")
     with pytest.raises(EncoderMismatchError):  # and it no longer passes as the openai space
         load_head(path, sha256_file(path), tag_encoder_id("ViT-B-32", "openai"))

@@ -201,3 +201,28 @@ def test_the_shipped_b32_policy_behind_a_local_copy_recognised_as_openai(mirror,
     assert decision["encoder_id"] == tag_encoder_id("ViT-B-32", "openai")
     sexual = decision["categories"]["sexual"]
     assert sexual["basis"] == "head" and "punsafe" in sexual["signals"]
+
+
+@pytest.mark.slow
+def test_the_policy_an_import_writes_runs_with_check(mirror, random_b32, monkeypatch, tmp_path, photos, capsys):
+    """`safeclip import laion-nsfw` writes a policy that `safeclip check --policy` runs as it is: its encoder is the
+    OpenAI weights (here a random file registered as them through the identity table's test seam: this tests the
+    mechanics, not the head)."""
+    import hashlib
+
+    from safeclip.embed import _identity
+
+    out = tmp_path / "heads"
+    assert main(["import", "laion-nsfw", "--model", "ViT-B-32", "--out", str(out)]) == 0
+    policy = out / "laion-nsfw-ViT-B-32.policy.yaml"
+    digest = hashlib.sha256(open(random_b32, "rb").read()).hexdigest()
+    table = dict(_identity.known_weights())
+    table[digest] = _identity.KnownWeights(digest, "ViT-B-32", "openai", "https://example.invalid/test", ())
+    monkeypatch.setattr(_identity, "known_weights", lambda: table)
+    capsys.readouterr()
+    decision = _check_json(capsys, str(photos[0]), "--policy", str(policy), "--pretrained", random_b32)
+    assert decision["policy"] == "laion-nsfw-ViT-B-32@1.0"
+    assert decision["encoder_id"] == tag_encoder_id("ViT-B-32", "openai")  # the policy's model, the file's weights
+    sexual = decision["categories"]["sexual"]
+    assert sexual["basis"] == "head" and "punsafe" in sexual["signals"]
+    assert (sexual["flag_threshold"], sexual["block_threshold"]) == (0.1, 0.5)  # LAION's, not the default's

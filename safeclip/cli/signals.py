@@ -18,13 +18,14 @@ def register(subparsers: Any) -> None:
     for signal, what in (("laion-nsfw", "LAION's NSFW head (its probability is punsafe)"),
                          ("laion-violence", "the violence vectors clip-retrieval uses")):
         p = kinds.add_parser(signal, help=what, description=f"Import {what} as a safeclip head artifact and write "
-                             "a policy snippet that pins it.")
+                             "a policy snippet that pins it and a complete policy around it (the default policy "
+                             "with the head, LAION's thresholds, the OpenAI weights as its encoder).")
         p.add_argument("--model", required=True, choices=("ViT-B-32", "ViT-L-14"),
                        help="the OpenAI CLIP architecture the head was trained on")
         p.add_argument("--from", dest="source", metavar="FILE",
                        help="the published file (checked against its sha256); default: fetch it from its pinned "
                             "public location, or $SAFECLIP_ARTIFACTS_DIR offline")
-        p.add_argument("--out", required=True, metavar="DIR", help="folder for the artifact and the snippet")
+        p.add_argument("--out", required=True, metavar="DIR", help="folder for the artifact, the snippet and the policy")
         p.add_argument("--retarget-encoder-id", metavar="ENCODER_ID",
                        help="record the head in this embedding space instead of OpenAI's: for testing mechanics "
                             "behind other weights only (the artifact says it is retargeted; its output there is "
@@ -39,8 +40,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
                          encoder_id=args.retarget_encoder_id)
     print(f"wrote {done.path} (sha256 {done.sha256}), embedding space {done.encoder_id}")
     print(f"wrote {done.snippet}: paste it under `categories:` of a policy in {done.path.parent}")
+    if done.policy is not None:
+        print(f"wrote {done.policy}: a complete policy; run it with `safeclip check IMAGE --policy {done.policy}`")
     if done.retargeted:
-        print("warning: retargeted head: its output in this space is no moderation result", file=sys.stderr)
+        print("warning: retargeted head: its output in this space is no moderation result (no policy written: no "
+              "encoder: names the weights of that space; paste the snippet)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -6,6 +6,7 @@ Both need torch/open_clip, which is why they live in the embed stage; both are i
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -18,16 +19,18 @@ from ._pixels import PixelSpec
 __all__ = ["read_state_dict", "tag_encoder_id"]
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike[str], data: bytes | None = None) -> dict[str, np.ndarray]:
     """A torch ``state_dict`` file as ``{name: float32 array}``, read with ``torch.load(weights_only=True)`` only.
 
     ``weights_only`` unpickles tensors and plain containers and refuses anything that would run code; a file
     it refuses, or one holding something other than a mapping of tensors, is an :class:`ArtifactIntegrityError`.
+    ``data``: the file's bytes, already read (and checked): read instead of ``path``, which then only names them.
     """
     import torch
 
     try:
-        obj: Any = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        obj: Any = torch.load(io.BytesIO(data) if data is not None else os.fspath(path), map_location="cpu",
+                              weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for refused or corrupt files
         raise ArtifactIntegrityError(f"{os.fspath(path)!r} is not a torch state_dict that loads with "
                                      f"weights_only=True: {type(e).__name__}: {str(e)[:200]}") from e

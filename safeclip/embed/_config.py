@@ -26,10 +26,11 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEVICES", "IDENTITY_VERSION",
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
-IDENTITY_VERSION = 2
+IDENTITY_VERSION = 3
 """Bump when the way an ``encoder_id`` is derived from (model, weights, preprocessing) changes: audits remember the
 identity of a loaded encoder by its arguments and this version, so a bump makes them load the model to learn it.
-2: a published checkpoint file (``known_weights.json``) is named by its pretrained tag, not by its hash."""
+2: a published checkpoint file (``known_weights.json``) is named by its pretrained tag, not by its hash.
+3: so is a file in the hub cache of the repository open_clip downloads that tag from (``timm/..openai``)."""
 
 RUNTIMES = ("auto", "torch", "onnx")
 """``auto``: ONNX Runtime on a CPU, torch on CUDA/MPS. ``onnx``: ONNX Runtime (CPU). ``torch``: open_clip eager."""

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .._net import can_connect, env_true
 from ..errors import ModelLoadError
+from . import _identity
 
 __all__ = ["PROBE_TIMEOUT_S", "hub_offline_reason", "local_weights_error", "not_in_hub_cache", "quiet_hub"]
 
@@ -90,10 +91,22 @@ def not_in_hub_cache(e: BaseException) -> bool:
     return False
 
 
-def local_weights_error(problem: str, model: str) -> ModelLoadError:
+def local_weights_error(problem: str, model: str, pretrained: str | None = None) -> ModelLoadError:
     """A :class:`ModelLoadError` for ``problem`` that ends with how to load the weights from local files, in Python
-    syntax in its message and in command-line syntax in its ``cli_message``."""
+    syntax in its message and in command-line syntax in its ``cli_message``.
+
+    For a tag whose published file safeclip recognises (``openai``: OpenAI's ``.pt``, see ``known_weights.json``)
+    that file is the one named, with its URL: a copy of it is the tag's space, where artifacts made for the tag (LAION's
+    heads) apply; any other local file or folder is a space of its own.
+    """
     arch = model if not model.startswith(("local-dir:", "hf-hub:")) else "ViT-B-32"
+    published = next((k for k in _identity.known_weights().values() if k.pretrained == pretrained and arch in k.models), None)
+    if published is not None:
+        local = f"/path/to/{published.source.rsplit('/', 1)[-1]}"
+        where = f"(the published file, from {published.source}, recognised as {pretrained} by its sha256)"
+        return ModelLoadError(f"{problem}. Offline, load a local copy: model={arch!r}, pretrained={local!r} {where}",
+                              cli_message=f"{problem}. Offline, load a local copy: --model {arch} --pretrained "
+                                          f"{local} {where}")
     api = (f"{problem}. Offline, load a local checkpoint: model={arch!r}, pretrained={_LOCAL_FILE!r} "
            f"(or model='local-dir:{_LOCAL_DIR}')")
     cli = (f"{problem}. Offline, load a local checkpoint: --model {arch} --pretrained {_LOCAL_FILE} "

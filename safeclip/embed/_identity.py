@@ -12,6 +12,13 @@ into the same space as ``--pretrained openai``, and the torch loader (``TorchMod
 The same file under another architecture is a :class:`~safeclip.errors.ModelLoadError`; any other file keeps
 ``sha256:<16 hex>`` and never passes as a tag. The table is read from the installed package only (no environment
 variable or user file can add to it); tests replace :func:`known_weights` itself.
+
+open_clip downloads the same tags from the Hugging Face hub (``timm/vit_base_patch32_clip_224.openai`` for
+``ViT-B-32`` + ``openai``; the table names each repository), and no config safeclip can read gives those files'
+sha256. A file in huggingface_hub's cache of such a repository is recognised by the cache's own record instead: a
+``snapshots/<commit>/<file>`` link to the blob named by the sha256 the hub declared, which the bytes must have. That
+trusts the local cache as far as the tag load itself does (it reads that same file, unchecked) and no further: the
+bytes are checked, and such a file is never loaded as a TorchScript archive (only a published sha256 allows that).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import os
 import threading
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..files import write_json_atomic
@@ -82,6 +89,10 @@ class KnownWeights:
     source: str
     other_models: tuple[str, ...] = ()
     """Further architectures whose ``pretrained`` tag is this same file (``ViT-B-32-quickgelu`` for ``ViT-B-32``)."""
+    hf_hub: str = ""
+    """The Hugging Face hub repository open_clip downloads the same tag's weights from (``""``: none)."""
+    hf_hub_files: tuple[str, ...] = ()
+    """The file names open_clip reads in :attr:`hf_hub` (the safetensors one first)."""
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -93,7 +104,8 @@ def _shipped_known_weights() -> Mapping[str, KnownWeights]:
     try:
         raw = json.loads((importlib.resources.files(__package__) / "known_weights.json").read_text())
         table = {sha: KnownWeights(sha256=sha, model=e["model"], pretrained=e["pretrained"], source=e["source"],
-                                   other_models=tuple(e.get("other_models", ())))
+                                   other_models=tuple(e.get("other_models", ())), hf_hub=e.get("hf_hub", ""),
+                                   hf_hub_files=tuple(e.get("hf_hub_files", ())))
                  for sha, e in raw.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ModelLoadError(f"safeclip's table of known weights (safeclip/embed/known_weights.json) cannot be "
@@ -139,8 +151,31 @@ def _checkpoint_file(model: str, pretrained: str | None) -> Path | None:
     return path
 
 
+def _hub_cache_copy(path: Path, digest: str) -> KnownWeights | None:
+    """The :func:`known_weights` entry whose hub repository served ``path``, by the hub cache's own record, or None.
+
+    huggingface_hub caches a download as ``<cache>/models--ORG--NAME/blobs/<etag>``, the etag of a large file being
+    the sha256 the hub declares for it, and links ``snapshots/<commit>/<file name>`` to that blob. ``path`` counts as
+    the tag's file when it is such a snapshot link of the tag's repository and file name (the file open_clip's tag
+    load reads) and its bytes (``digest``) have the sha256 its blob is named by: no other file, copy or link does.
+    """
+    snap = Path(os.path.abspath(path))  # the name given, not the blob it links to
+    repo_dir = snap.parent.parent.parent
+    if snap.parent.parent.name != "snapshots" or not repo_dir.name.startswith("models--"):
+        return None
+    blob = path.resolve()
+    if blob.name != digest or blob.parent != (repo_dir / "blobs").resolve():
+        return None
+    for known in known_weights().values():
+        if known.hf_hub and repo_dir.name == "models--" + known.hf_hub.replace("/", "--") and (
+                snap.name in known.hf_hub_files):
+            url = f"https://huggingface.co/{known.hf_hub}/blob/{snap.parent.name}/{snap.name}"
+            return replace(known, sha256=digest, source=url)
+    return None
+
+
 def _recognise(model: str, path: Path, digest: str) -> KnownWeights | None:
-    known = known_weights().get(digest)
+    known = known_weights().get(digest) or _hub_cache_copy(path, digest)
     if known is None or model in known.models:
         return known
     problem = (f"{path} is the published {known.model} checkpoint ({known.pretrained}, sha256 {digest[:16]}...) but "
@@ -152,7 +187,9 @@ def _recognise(model: str, path: Path, digest: str) -> KnownWeights | None:
 def recognised_weights(model: str, pretrained: str | None, cache_dir: Path | None = None) -> KnownWeights | None:
     """The :func:`known_weights` entry of the local checkpoint file ``pretrained``, or None (a tag, another file).
 
-    A published file under an architecture it is not for raises :class:`~safeclip.errors.ModelLoadError`.
+    A file in the hub cache of a tag's repository (see :func:`_hub_cache_copy`) gets its tag's entry with its own
+    sha256 and hub URL. A published file under an architecture it is not for raises
+    :class:`~safeclip.errors.ModelLoadError`.
     """
     path = _checkpoint_file(model, pretrained)
     return None if path is None else _recognise(model, path, _file_sha256(path, cache_dir))

@@ -6,6 +6,7 @@ Imported only when torch is needed: the torch runtime, an export (in its own pro
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 import zipfile
@@ -15,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import sha256_file
+from ..artifacts import sha256_bytes
 from ..errors import ModelLoadError
 from ._hub import hub_offline_reason, local_weights_error, not_in_hub_cache, quiet_hub
-from ._identity import recognised_weights
+from . import _identity
+from ._identity import KnownWeights, recognised_weights
 from ._pixels import PixelSpec
 
 __all__ = ["PixelsToEmbedding", "TorchModel"]
@@ -81,35 +83,98 @@ def _from_hub(open_clip: Any, model_name: str, pretrained: str | None) -> bool:
     return bool(cfg.get("hf_hub")) and "file" not in cfg
 
 
-def _is_torchscript(path: str) -> bool:
-    """Whether ``path`` is a TorchScript archive (OpenAI's CLIP ``.pt`` files), as ``torch.load`` tells them apart."""
+def _is_torchscript(data: bytes) -> bool:
+    """Whether ``data`` is a TorchScript archive (OpenAI's CLIP ``.pt`` files), as ``torch.load`` tells them apart."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except zipfile.BadZipFile:
         return False
 
 
-def _load_kwargs(open_clip: Any, model_name: str, pretrained: str | None) -> dict[str, Any]:
+def _recognised_bytes(model_name: str, pretrained: str | None) -> tuple[KnownWeights, bytes] | None:
+    """A recognised checkpoint file (``recognised_weights``) and its bytes, read once and checked against its sha256.
+
+    The weights load from these bytes, never from the path again, so a file swapped after it was recognised (or
+    hashed here) is never what loads, nor what runs: OpenAI's files are TorchScript archives, which only
+    ``weights_only=False`` reads, allowed for bytes whose sha256 is a published one (never for a file recognised
+    by the hub cache's record).
+    """
+    if model_name.startswith(("local-dir:", "hf-hub:")) or not pretrained:
+        return None
+    known = recognised_weights(model_name, pretrained)
+    if known is None:
+        return None
+    with open(pretrained, "rb") as f:
+        data = f.read()
+    if sha256_bytes(data) != known.sha256:
+        raise ModelLoadError(f"{pretrained} changed after it was recognised as {known.model} {known.pretrained} "
+                             "weights: load it again")
+    if _is_torchscript(data) and known.sha256 not in _identity.known_weights():
+        raise ModelLoadError(f"{pretrained} is a TorchScript archive, which runs code when loaded: safeclip loads "
+                             "one only when its sha256 is that of a published file (known_weights.json)")
+    return known, data
+
+
+def _state_dict(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The state_dict in a checkpoint's bytes, read as open_clip's ``load_state_dict`` reads the file ``name``.
+
+    Only for bytes :func:`_recognised_bytes` checked: a TorchScript archive among them is a published one.
+    """
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        sd: Any = load(data)
+    elif _is_torchscript(data):
+        sd = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            sd.pop(key, None)
+    else:
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise ModelLoadError(f"{name} holds no state_dict")
+    if next(iter(sd)).startswith("module"):
+        sd = {k[7:]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _load_state_dict(model: Any, sd: dict[str, torch.Tensor]) -> None:
+    """``open_clip.load_checkpoint`` on a state_dict in memory rather than a path: its conversions, then a strict
+    load."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        ref = getattr(model, key, None)
+        if key in sd and ref is not None and ref.ndim != sd[key].ndim:
+            sd[key] = sd[key].reshape(ref.shape)
+    if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None:
+        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
+    sd.pop("text.transformer.embeddings.position_ids", None)  # newer transformers no longer expect it
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    model.load_state_dict(sd, strict=True)
+
+
+def _load_kwargs(open_clip: Any, model_name: str, pretrained: str | None,
+                 known: KnownWeights | None) -> dict[str, Any]:
     """``create_model`` arguments beyond the weights: a tag's QuickGELU and, for a published checkpoint file
-    (``recognised_weights``), what its tag's load has that a file's lacks.
+    (``known``), the preprocessing its tag's load has and a file's lacks.
 
     open_clip applies a tag's ``quick_gelu`` only as a warning; the weights were trained with QuickGELU, so it is
-    forced. A recognised file gets its tag's preprocessing; OpenAI's files are TorchScript archives, which
-    ``torch.load`` reads only with ``weights_only=False``: allowed for those, whose sha256 is checked here.
+    forced.
     """
     if model_name.startswith(("local-dir:", "hf-hub:")) or not pretrained:
         return {}
-    known = recognised_weights(model_name, pretrained)
     cfg = open_clip.get_pretrained_cfg(model_name, known.pretrained if known else pretrained) or {}
     kwargs: dict[str, Any] = {"force_quick_gelu": bool(cfg.get("quick_gelu"))}
     if known is not None:
         kwargs["force_preprocess_cfg"] = cfg
-        kwargs["weights_only"] = not _is_torchscript(pretrained)
-        # weights_only=False trusts the bytes about to be read, so hash those, not a hash remembered by stat
-        if not kwargs["weights_only"] and sha256_file(pretrained) != known.sha256:
-            raise ModelLoadError(f"{pretrained} changed after it was recognised as {known.model} {known.pretrained} "
-                                 "weights: load it again")
     return kwargs
 
 
@@ -129,27 +194,36 @@ class TorchModel:
         tried = f"{model_name} {pretrained}" if pretrained and not model_name.startswith("local-dir:") else model_name
         offline = hub_offline_reason() if _from_hub(open_clip, model_name, pretrained) else None
         cache_dir = os.environ.get("SAFECLIP_WEIGHTS_DIR")
-        kwargs = _load_kwargs(open_clip, model_name, pretrained)
+        recognised = _recognised_bytes(model_name, pretrained)
+        kwargs = _load_kwargs(open_clip, model_name, pretrained, recognised[0] if recognised else None)
         try:
             with quiet_hub(offline=offline is not None), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
                 warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
-                model = open_clip.create_model(
-                    model_name,
-                    pretrained=None if model_name.startswith(("local-dir:", "hf-hub:")) else pretrained,
-                    device=device,
-                    precision="fp32",
-                    require_pretrained=True,
-                    cache_dir=cache_dir,
-                    **kwargs,
-                )
+                if recognised is None:
+                    model = open_clip.create_model(
+                        model_name,
+                        pretrained=None if model_name.startswith(("local-dir:", "hf-hub:")) else pretrained,
+                        device=device,
+                        precision="fp32",
+                        require_pretrained=True,
+                        cache_dir=cache_dir,
+                        **kwargs,
+                    )
+                else:  # the bytes that were checked, not the path again
+                    model = open_clip.create_model(model_name, pretrained=None, device=device, precision="fp32",
+                                                   **kwargs)
+                    sd = _state_dict(recognised[1], str(pretrained))
+                    recognised = None  # the bytes are no longer needed: free them before the weights are copied
+                    _load_state_dict(model, sd)
+                    del sd
                 tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
         except Exception as e:  # open_clip raises RuntimeError/ValueError/OSError/HTTP errors alike
             if offline is not None and not_in_hub_cache(e):
                 raise local_weights_error(f"cannot download the CLIP weights {tried}: {offline} and they are not in "
-                                          "the local hub cache", model_name) from e
+                                          "the local hub cache", model_name, pretrained) from e
             raise local_weights_error(f"could not load the CLIP weights {tried}: {type(e).__name__}: "
-                                      f"{str(e)[:300]}", model_name) from e
+                                      f"{str(e)[:300]}", model_name, pretrained) from e
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
