@@ -93,6 +93,27 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def thin_png(width: int, height: int, *, period: int = 9973) -> bytes:
+    """A few-hundred-byte RGB PNG of ``width`` x ``height`` (a 1x100000 one: about 500 bytes), in bands of ``period``
+    pixels along its longer side whose colours change from band to band (so where a crop falls shows)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def colour(i: int) -> bytes:
+        band = i // period
+        return bytes(((band * 71) % 256, (band * 29 + 100) % 256, (255 - band * 13) % 256))
+
+    if width > height:
+        row = b"\0" + b"".join(colour(x) for x in range(width))
+        rows = row * height
+    else:
+        rows = b"".join(b"\0" + colour(y) * width for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(rows, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 def _riff_chunk(tag: bytes, payload: bytes) -> bytes:
     return tag + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) % 2 else b"")
 
@@ -994,6 +1015,108 @@ def test_draft_decodes_large_jpeg_at_reduced_scale():
     got = decode(TRICKY / "hopper_orientation_6.jpg", target_size=32)
     assert got.frames[0].size == (32, 32)
     assert np.abs(rgb_array(got) - np.asarray(ref).astype(np.int16)).mean() < 12
+
+
+# ------------------------------------------------------------------------------------------------ thin images
+
+
+def _resize_then_crop(frame: Image.Image, s: int, fast: bool) -> np.ndarray:
+    """open_clip's "shortest" transform done literally: resize the whole frame (short side to s), then center-crop."""
+    w, h = frame.size
+    nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    big = frame.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=2.0 if fast else None)
+    top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+    return np.asarray(big.crop((left, top, left + s, top + s)))
+
+
+@pytest.fixture
+def resize_ceiling(monkeypatch):
+    """Make any PIL resize to more than ``ceiling["pixels"]`` output pixels fail before it allocates them."""
+    ceiling = {"pixels": None, "largest": 0}
+    real = Image.Image.resize
+
+    def resize(self, size, *args, **kwargs):
+        n = int(size[0]) * int(size[1])
+        ceiling["largest"] = max(ceiling["largest"], n)
+        if ceiling["pixels"] is not None and n > ceiling["pixels"]:
+            raise AssertionError(f"resize of {self.size} to {tuple(size)}: {n} pixels, over {ceiling['pixels']}")
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    return ceiling
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("shape", [(1, 100_000), (100_000, 1), (3, 40_000)])
+def test_thin_image_is_cropped_before_it_is_resized(resize_ceiling, shape: tuple[int, int], fast: bool):
+    """Issue 21 item 1: the short side was resized first, so a 500-byte 1x100000 PNG built a 224 x 22,400,000 image
+    (20 GB) before the center crop threw nearly all of it away. Now no resize output exceeds the exact path's
+    ceiling, whatever the aspect ratio."""
+    from safeclip.embed import PixelSpec, prepare_pixels
+    from safeclip.embed._pixels import EXACT_MAX_ASPECT
+
+    data = thin_png(*shape)
+    assert len(data) < 1000
+    d = decode(data, target_size=224 if fast else None)
+    assert d.size == shape
+    resize_ceiling["pixels"] = EXACT_MAX_ASPECT * 224 * 224
+    out = prepare_pixels(d.frames[0], PixelSpec(size=224), fast=fast)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert resize_ceiling["largest"] <= 224 * 224  # cropped first: only the kept window is resampled
+    # the kept window is the centre of the strip: its band colour (bands of 9973 rows/columns)
+    band = (max(shape) // 2) // 9973
+    want = ((band * 71) % 256, (band * 29 + 100) % 256, (255 - band * 13) % 256)
+    assert (np.abs(out[112, 112].astype(int) - want) <= 1).all(), (out[112, 112], want)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("shape", [(5, 3000), (3000, 5), (7, 20_000), (40, 9000)])
+def test_thin_image_pixels_match_the_whole_frame_resize(shape: tuple[int, int], fast: bool):
+    """Cropping first is the same transform: the pixels of the literal resize-then-crop within float rounding."""
+    from safeclip.embed import PixelSpec, prepare_pixels
+    from safeclip.embed._pixels import EXACT_MAX_ASPECT
+
+    rng = np.random.default_rng(sum(shape))
+    w, h = shape
+    small = rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3), dtype=np.uint8)
+    frame = Image.fromarray(small).resize(shape, Image.Resampling.BICUBIC)  # smooth, with detail at every scale
+    s = 32
+    assert max(shape) / min(shape) * s > EXACT_MAX_ASPECT * s  # the crop-first path
+    got = prepare_pixels(frame, PixelSpec(size=s), fast=fast).astype(np.int16)
+    ref = _resize_then_crop(frame, s, fast).astype(np.int16)
+    assert got.shape == ref.shape == (s, s, 3)
+    diff = np.abs(got - ref)
+    assert diff.max() <= 2 and diff.mean() < 0.2, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_images_up_to_the_exact_aspect_are_open_clips_pixels_bit_for_bit(fast: bool):
+    """Photos, panoramas and long screenshots up to 1:EXACT_MAX_ASPECT keep the literal transform: identical bytes."""
+    from safeclip.embed import PixelSpec, prepare_pixels
+    from safeclip.embed._pixels import EXACT_MAX_ASPECT
+
+    rng = np.random.default_rng(1)
+    s = 32
+    for shape in [(640, 480), (480, 640), (1000, 333), (97, 4000), (s * 2, s * 2 * EXACT_MAX_ASPECT),
+                  (s * EXACT_MAX_ASPECT + 31, s), (33, 31)]:
+        frame = Image.fromarray(rng.integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8))
+        got = prepare_pixels(frame, PixelSpec(size=s), fast=fast)
+        assert np.array_equal(got, _resize_then_crop(frame, s, fast)), shape
+
+
+@pytest.mark.slow
+def test_thin_png_through_moderator_check(tiny_model, cache_dir, resize_ceiling):
+    """The reported path: ``Moderator.check`` of a 1x100000 PNG (1.2 GB and 11 s with the tiny model's 64-pixel
+    input; 20 GB at 224) now resamples only the centre window."""
+    from safeclip import ACTIONS, Moderator
+
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir)
+    s = m.encoder.pixel_spec.size
+    resize_ceiling["pixels"] = 4 * s * s  # the 1x100000 strip would need an s x (100000 * s) image
+    for shape in [(1, 100_000), (100_000, 1)]:
+        d = m.check(thin_png(*shape))
+        assert d.error is None and d.action in ACTIONS
+    assert resize_ceiling["largest"] <= s * s
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
