@@ -108,8 +108,11 @@ class DecodeLimits:
 
     ``max_bytes``: input size; ``max_pixels``: width*height of any frame, checked from the header before pixels are
     decoded; ``max_frames``: frames in the file; ``sample_frames``: how many frames of an animation to return (evenly
-    spaced, first and last included); ``timeout_s``: time budget, checked between steps and frames, and between the
-    frames decoded on the way to a sampled one; ``max_total_pixels``: width*height summed over the frames
+    spaced, first and last included); ``timeout_s``: the time budget in CPU seconds of the decoding thread
+    (``time.thread_time``), so that a busy machine, which only slows a decode down, does not fail it; checked between
+    steps and frames, and between the frames decoded on the way to a sampled one; ``wall_timeout_s``: a wall-clock
+    backstop against a decoder that makes no progress, checked at the same points (``None``: 5 x ``timeout_s``,
+    under the audit runner's default task timeout of 6 x); ``max_total_pixels``: width*height summed over the frames
     :func:`decode` returns (one per background for a frame with transparency), after the reduction ``target_size``
     allows, checked from the header before any frame is decoded and again as frames are added.
 
@@ -125,6 +128,7 @@ class DecodeLimits:
     timeout_s: float = 10.0
     max_total_pixels: int = 128_000_000
     backgrounds: tuple[_RGB, ...] = ((255, 255, 255), (0, 0, 0))
+    wall_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
@@ -134,6 +138,11 @@ class DecodeLimits:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ConfigError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
+        wall = self.wall_timeout_s
+        if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float)) or not wall >= t):
+            raise ConfigError(
+                f"DecodeLimits.wall_timeout_s must be None or a number of seconds >= timeout_s ({t!r}), got {wall!r}"
+            )
         bgs = self.backgrounds
         if isinstance(bgs, (str, bytes)) or not isinstance(bgs, (tuple, list)) or not bgs:
             raise ConfigError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
@@ -163,19 +172,37 @@ class Decoded:
     backgrounds: tuple[_RGB | None, ...]
 
 
-class _Deadline:
-    __slots__ = ("start", "budget", "name")
+_WALL_BACKSTOP = 5
+"""``DecodeLimits.wall_timeout_s`` when it is None, in multiples of ``timeout_s``."""
 
-    def __init__(self, budget: float, name: str | None):
-        self.start = time.monotonic()
-        self.budget = float(budget)
+
+class _Deadline:
+    """The CPU-time budget of the decoding thread, and the wall-clock backstop. A decode runs in one thread, and
+    Pillow's codecs run in the calling thread, so ``time.thread_time`` counts the decode's own work and nothing that
+    other threads or processes do while it waits for a CPU."""
+
+    __slots__ = ("cpu_start", "wall_start", "budget", "wall_budget", "name")
+
+    def __init__(self, limits: DecodeLimits, name: str | None):
+        self.cpu_start = time.thread_time()
+        self.wall_start = time.monotonic()
+        self.budget = float(limits.timeout_s)
+        wall = limits.wall_timeout_s
+        self.wall_budget = float(_WALL_BACKSTOP * limits.timeout_s if wall is None else wall)
         self.name = name
 
     def check(self, step: str) -> None:
-        elapsed = time.monotonic() - self.start
-        if elapsed > self.budget:
+        cpu = time.thread_time() - self.cpu_start
+        if cpu > self.budget:
             raise DecodeTimeoutError(
-                f"decoding took {elapsed:.2f}s, over the {self.budget:g}s budget ({step})", self.name
+                f"decoding used {cpu:.2f}s of CPU time, over the {self.budget:g}s CPU budget "
+                f"(DecodeLimits.timeout_s) ({step})", self.name
+            )
+        wall = time.monotonic() - self.wall_start
+        if wall > self.wall_budget:
+            raise DecodeTimeoutError(
+                f"decoding took {wall:.2f}s of wall-clock time ({cpu:.2f}s of CPU), over the {self.wall_budget:g}s "
+                f"wall-clock backstop (DecodeLimits.wall_timeout_s): the decoder is stalled ({step})", self.name
             )
 
 
@@ -854,7 +881,8 @@ def decode(
     :class:`UnsupportedFormatError` (not an allowed format, not an image input, or a path that is not a regular
     file), :class:`ImageTooLargeError` (byte / pixel / frame / held-pixel limits, decompression bombs),
     :class:`TruncatedImageError` (truncated or corrupt data), :class:`DecodeTimeoutError` (over
-    ``limits.timeout_s``). Bad arguments (``limits``, ``target_size``, ``background``) raise
+    ``limits.timeout_s`` of CPU time, or the ``limits.wall_timeout_s`` backstop; the message says which). Bad
+    arguments (``limits``, ``target_size``, ``background``) raise
     ``ValueError``/``TypeError``.
 
     The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
@@ -885,18 +913,17 @@ def decode(
     bgs = limits.backgrounds if background is None else (_check_background(background),)
 
     if isinstance(source, Image.Image):
-        deadline = _Deadline(limits.timeout_s, "<PIL>")
+        deadline = _Deadline(limits, "<PIL>")
         return _decode_image(source, "PIL", "<PIL>", limits, target_size, bgs, deadline)
     if isinstance(source, np.ndarray):
         name = "<ndarray>"
-        deadline = _Deadline(limits.timeout_s, name)
+        deadline = _Deadline(limits, name)
         image = _array_to_image(source, name, limits)
         return _decode_image(image, "ndarray", name, limits, target_size, bgs, deadline)
-    start = time.monotonic()
+    deadline = _Deadline(limits, None)
     data, name = read_source(source, max_bytes=limits.max_bytes)
     if data is None:  # read_source returns None only for PIL / ndarray inputs, handled above
         raise UnsupportedFormatError("no bytes to decode", name)
-    deadline = _Deadline(limits.timeout_s, name)
-    deadline.start = start
+    deadline.name = name
     deadline.check("after reading the input")
     return _decode_file(data, name, limits, target_size, bgs, deadline)

@@ -227,10 +227,10 @@ def test_bad_corpus_is_listed():
 
 @pytest.mark.parametrize("path", BAD_FILES, ids=[p.name for p in BAD_FILES])
 def test_bad_file_raises_decode_error(path: Path):
-    t0 = time.monotonic()
+    t0 = time.thread_time()  # the budget is the decoding thread's CPU time: a busy machine may take longer
     with pytest.raises(DecodeError) as info:
         decode(path, limits=DecodeLimits(timeout_s=5.0))
-    elapsed = time.monotonic() - t0
+    elapsed = time.thread_time() - t0
     err = info.value
     assert isinstance(err, expected_kind(path)), f"{type(err).__name__}: {err}"
     msg = str(err)
@@ -872,8 +872,9 @@ def test_time_budget_is_checked_inside_frame_seeking(monkeypatch, fmt: str):
     20 s against a 10 s budget). A clock that advances one second per frame decoded shows where the budget is
     checked: every frame, not every sampled frame."""
     data = gif_animation((40, 30), 60) if fmt == "GIF" else webp_animation((40, 30), 60)
-    clock = types.SimpleNamespace(t=0.0)
-    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: clock.t))
+    clock = types.SimpleNamespace(t=0.0)  # one second of CPU (and of wall-clock) time per frame decoded
+    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: clock.t,
+                                                                     thread_time=lambda: clock.t))
     plugin = GifImagePlugin.GifImageFile if fmt == "GIF" else WebPImagePlugin.WebPImageFile
     real_load = plugin.load
 
@@ -888,6 +889,72 @@ def test_time_budget_is_checked_inside_frame_seeking(monkeypatch, fmt: str):
     assert clock.t <= 7, f"{clock.t:.0f} frames decoded against a 5-frame budget"
     clock.t = 0.0
     assert decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=100.0)).frame_indices == (0, 59)
+
+
+def _clocks_per_frame(monkeypatch, cpu_s: float, wall_s: float) -> types.SimpleNamespace:
+    """Clocks for decode_module in which every GIF frame decoded costs ``cpu_s`` of the decoding thread's CPU time
+    and ``wall_s`` of wall-clock time (wall > cpu: the thread waited for a CPU, as on a busy machine)."""
+    clocks = types.SimpleNamespace(cpu=0.0, wall=0.0)
+    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: clocks.wall,
+                                                                     thread_time=lambda: clocks.cpu))
+    real_load = GifImagePlugin.GifImageFile.load
+
+    def load(self):
+        if self.tile:
+            clocks.cpu += cpu_s
+            clocks.wall += wall_s
+        return real_load(self)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "load", load)
+    return clocks
+
+
+def test_a_busy_machine_does_not_time_decodes_out(monkeypatch):
+    """Issue 21 item 2: the budget was wall-clock time, so under load benign 4096x4096 WebPs (0.5 s alone) became
+    DecodeTimeoutError rows. 60 frames of 0.05 s CPU each, each taking 0.3 s of wall-clock time: 3 s of the thread's
+    CPU within a 5 s budget, 18 s of wall-clock time within the backstop (5 x 5 s)."""
+    data = gif_animation((40, 30), 60)
+    clocks = _clocks_per_frame(monkeypatch, cpu_s=0.05, wall_s=0.3)
+    d = decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=5.0))
+    assert d.frame_indices == (0, 59)
+    assert clocks.wall > 5.0 and clocks.cpu < 5.0  # over the budget by the wall clock, within it by CPU time
+
+
+def test_cpu_budget_and_wall_backstop_name_themselves(monkeypatch):
+    data = gif_animation((40, 30), 60)
+    _clocks_per_frame(monkeypatch, cpu_s=1.0, wall_s=1.0)  # a costly decode: its own CPU time is the budget
+    with pytest.raises(DecodeTimeoutError, match=r"of CPU time, over the 5s CPU budget \(DecodeLimits.timeout_s\)"):
+        decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=5.0))
+    clocks = _clocks_per_frame(monkeypatch, cpu_s=0.0, wall_s=1.0)  # a stalled decoder: no CPU, the clock runs
+    with pytest.raises(DecodeTimeoutError, match=r"over the 25s wall-clock backstop \(DecodeLimits.wall_timeout_s\)"):
+        decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=5.0))
+    assert 25 <= clocks.wall <= 27
+    clocks = _clocks_per_frame(monkeypatch, cpu_s=0.0, wall_s=1.0)
+    with pytest.raises(DecodeTimeoutError, match="over the 8s wall-clock backstop"):
+        decode(data, limits=DecodeLimits(sample_frames=2, timeout_s=5.0, wall_timeout_s=8.0))
+    assert 8 <= clocks.wall <= 10
+    for bad in (4.0, 0, -1.0, True, "60"):  # never under the CPU budget it backs up
+        with pytest.raises(ValueError, match="wall_timeout_s"):
+            DecodeLimits(timeout_s=5.0, wall_timeout_s=bad)
+
+
+def test_time_waiting_for_a_cpu_is_not_decode_time(monkeypatch):
+    """The real clocks: a decoding thread that is off the CPU for 1.5 s (sleeping here, as it would wait for a core
+    on a loaded machine) is not timed out by a 1 s budget: that budget is its own CPU time."""
+    real_load = GifImagePlugin.GifImageFile.load
+    slept = []
+
+    def load(self):
+        if self.tile and not slept:
+            time.sleep(1.5)
+            slept.append(True)
+        return real_load(self)
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "load", load)
+    t0, cpu0 = time.monotonic(), time.thread_time()
+    d = decode(gif_animation((40, 30), 10), limits=DecodeLimits(sample_frames=2, timeout_s=1.0))
+    assert d.frame_indices == (0, 9) and slept
+    assert time.monotonic() - t0 >= 1.5 and time.thread_time() - cpu0 < 1.0
 
 
 @needs_corpus
