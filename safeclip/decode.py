@@ -111,8 +111,9 @@ class DecodeLimits:
     spaced, first and last included); ``timeout_s``: the time budget in CPU seconds of the decoding thread
     (``time.thread_time``), so that a busy machine, which only slows a decode down, does not fail it; checked between
     steps and frames, and between the frames decoded on the way to a sampled one; ``wall_timeout_s``: a wall-clock
-    backstop against a decoder that makes no progress, checked at the same points (``None``: 5 x ``timeout_s``,
-    under the audit runner's default task timeout of 6 x); ``max_total_pixels``: width*height summed over the frames
+    backstop, checked at the same points, against a decode whose time is not on its thread's CPU clock (a codec that
+    waits, or works in threads of its own); ``None``: 10 x ``timeout_s``, far beyond what load alone does to a decode
+    within its CPU budget; ``max_total_pixels``: width*height summed over the frames
     :func:`decode` returns (one per background for a frame with transparency), after the reduction ``target_size``
     allows, checked from the header before any frame is decoded and again as frames are added.
 
@@ -172,7 +173,7 @@ class Decoded:
     backgrounds: tuple[_RGB | None, ...]
 
 
-_WALL_BACKSTOP = 5
+_WALL_BACKSTOP = 10
 """``DecodeLimits.wall_timeout_s`` when it is None, in multiples of ``timeout_s``."""
 
 
