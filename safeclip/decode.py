@@ -9,18 +9,26 @@ one-line reason naming the input; nothing else escapes for any byte input.
 
 The module keeps no shared mutable state and never changes Pillow's process-wide settings
 (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many
-threads and from multiprocessing workers.
+threads and from multiprocessing workers. The one process-wide change is libtiff's message handlers (see
+:class:`_LibtiffMessages`): a message libtiff reports while :func:`decode` runs in a thread becomes part of that
+file's error instead of a line on stderr; messages from anywhere else go to the handler that was there before.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import hashlib
 import io
 import os
 import re
 import stat
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -41,7 +49,7 @@ Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, 
 """What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
 
 
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 """Bump when decoding can give other pixels or other errors for the same bytes (limits, mode handling, sampling).
 Cached decode failures record it with Pillow's version and the limits, so a bump re-decodes them."""
 
@@ -475,20 +483,129 @@ def _sample_indices(n_frames: int, k: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# libtiff's messages
+
+_TIFF_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+"""libtiff's ``TIFFErrorHandler`` / ``TIFFWarningHandler``: ``void (const char *module, const char *fmt, va_list)``;
+a ``va_list`` argument is passed as a pointer on the ABIs Pillow's wheels are built for."""
+
+
+def _loaded_libtiffs() -> list[str]:
+    """The libtiff shared libraries Pillow uses: those mapped into this process (Linux), or bundled with the wheel
+    (macOS). Empty where libtiff is linked into Pillow itself (Windows wheels): its messages then stay as they are."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split(None, 5)[5].strip() if line.count(" ") >= 5 else ""
+                base = os.path.basename(path)
+                if base.startswith("libtiff.") or base.startswith("libtiff-"):
+                    paths.append(path)
+    except (OSError, IndexError):
+        pass
+    bundled = Path(Image.__file__).resolve().parent
+    for folder in (bundled / ".dylibs", bundled.parent / "pillow.libs"):
+        paths += sorted(str(p) for p in folder.glob("libtiff*"))
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.isfile(p)))
+
+
+class _LibtiffMessages:
+    """Keep libtiff's messages off stderr. libtiff reports a file's problems by printing them from C (``tempfile.tif:
+    WEBP compression support is not configured.``, naming the in-memory file Pillow hands it), where no Python
+    setting reaches. Its error and warning handlers are replaced once, process-wide, by one that, in a thread inside
+    :func:`decode` (:meth:`capture`), keeps the error messages for that file's DecodeError and drops the warnings,
+    and elsewhere passes every message unchanged to the handler that was there before."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self._restore: list[tuple[Any, int | None]] = []
+        self._keep: list[Any] = []  # the C callbacks must outlive every call libtiff makes to them
+        try:
+            self._install()
+        except Exception:  # no libtiff or no C library found: libtiff keeps its own handlers
+            pass
+
+    def _install(self) -> None:
+        libs = _loaded_libtiffs()
+        if not libs:
+            return
+        vsnprintf = ctypes.CDLL(None).vsnprintf
+        vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+        vsnprintf.restype = ctypes.c_int
+        for path in libs:
+            lib = ctypes.CDLL(path)
+            for setter_name, keep in (("TIFFSetErrorHandler", True), ("TIFFSetWarningHandler", False)):
+                setter = getattr(lib, setter_name)
+                setter.argtypes, setter.restype = (ctypes.c_void_p,), ctypes.c_void_p
+                forward: list[Any] = [None]
+                callback = _TIFF_HANDLER(self._handler(keep, vsnprintf, forward))
+                self._keep.append(callback)
+                previous = setter(ctypes.cast(callback, ctypes.c_void_p))
+                forward[0] = _TIFF_HANDLER(previous) if previous else None
+                self._restore.append((setter, previous))
+        atexit.register(self._uninstall)  # before module teardown frees the callbacks
+
+    def _handler(self, keep: bool, vsnprintf: Any, forward: list[Any]) -> Any:
+        def handler(module: bytes | None, fmt: bytes | None, ap: int | None) -> None:
+            try:
+                messages = getattr(self.local, "messages", None)
+                if messages is None:  # not inside decode() in this thread: as if we were not here
+                    if forward[0] is not None:
+                        forward[0](module, fmt, ap)
+                elif keep and fmt is not None and len(messages) < 4:
+                    buf = ctypes.create_string_buffer(300)
+                    vsnprintf(buf, len(buf), fmt, ap)
+                    messages.append(buf.value.decode("utf-8", "replace").strip().rstrip("."))
+            except BaseException:  # noqa: BLE001 - nothing may propagate into C
+                pass
+
+        return handler
+
+    def _uninstall(self) -> None:
+        for setter, previous in reversed(self._restore):
+            try:
+                setter(previous)
+            except Exception:
+                pass
+        self._restore.clear()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._restore)
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collect the error messages libtiff reports in this thread until the block ends."""
+        outer = getattr(self.local, "messages", None)
+        messages: list[str] = []
+        self.local.messages = messages
+        try:
+            yield messages
+        finally:
+            self.local.messages = outer
+
+
+_LIBTIFF = _LibtiffMessages()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Errors
 
 
-def _classify(e: BaseException, what: str, name: str | None) -> DecodeError:
-    """Map an exception raised by Pillow / zlib / a codec to the right DecodeError."""
+def _classify(e: BaseException, what: str, name: str | None, libtiff: list[str] | None = None) -> DecodeError:
+    """Map an exception raised by Pillow / zlib / a codec to the right DecodeError; ``libtiff``: the messages libtiff
+    reported meanwhile (Pillow's own exception then only says "decoder error -2")."""
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return ImageTooLargeError(f"{what} is a decompression bomb: {_one_line(e)}", name)
     if isinstance(e, MemoryError):
         return ImageTooLargeError(f"ran out of memory decoding {what}", name)
     reason = _one_line(e)
+    if libtiff:
+        reason = _one_line(ValueError(f"{reason} (libtiff: {'; '.join(dict.fromkeys(libtiff))})"), 300)
     low = reason.lower()
     if "too large" in low or "exceeds limit" in low or "too many" in low:
         return ImageTooLargeError(f"{what} is too large: {reason}", name)
-    if "unsupported" in low or "not supported" in low or "not available" in low:
+    if "unsupported" in low or "not supported" in low or "not available" in low or "not configured" in low:
         return UnsupportedFormatError(f"{what} uses a feature Pillow cannot decode: {reason}", name)
     if isinstance(e, EOFError) or "truncated" in low or "end of file" in low or "premature" in low:
         return TruncatedImageError(f"{what} is truncated: {reason}", name)
@@ -724,28 +841,29 @@ def _decode_file(
     if not data:
         raise TruncatedImageError("input is empty", name)
     what = "image"
-    try:
-        _precheck(data, limits, name)
-        deadline.check("after checking the header")
-        with Image.open(io.BytesIO(data), formats=_OPENERS) as im:
-            fmt = im.format or "unknown"
-            what = f"{fmt} image"
-            if fmt not in ALLOWED_FORMATS:  # cannot happen with formats=..., kept as a guard
-                raise UnsupportedFormatError(f"{fmt} files are not allowed", name)
-            _check_pixels(im.size, limits, what, name)
-            deadline.check("after reading the header")
-            n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
-            draft = target_size is not None and fmt == "JPEG" and n == 1
-            views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, draft=draft)
-            deadline.check("after the last frame")
-    except DecodeError:
-        raise
-    except UnidentifiedImageError as e:
-        raise _unidentified(data, name) from e
-    except Exception as e:
-        if what == "image":  # failed inside Image.open: name the format from its signature
-            what = f"{_guess_allowed(data) or 'unknown'} image"
-        raise _classify(e, what, name) from e
+    with _LIBTIFF.capture() as libtiff:
+        try:
+            _precheck(data, limits, name)
+            deadline.check("after checking the header")
+            with Image.open(io.BytesIO(data), formats=_OPENERS) as im:
+                fmt = im.format or "unknown"
+                what = f"{fmt} image"
+                if fmt not in ALLOWED_FORMATS:  # cannot happen with formats=..., kept as a guard
+                    raise UnsupportedFormatError(f"{fmt} files are not allowed", name)
+                _check_pixels(im.size, limits, what, name)
+                deadline.check("after reading the header")
+                n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+                draft = target_size is not None and fmt == "JPEG" and n == 1
+                views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, draft=draft)
+                deadline.check("after the last frame")
+        except DecodeError:
+            raise
+        except UnidentifiedImageError as e:
+            raise _unidentified(data, name) from e
+        except Exception as e:
+            if what == "image":  # failed inside Image.open: name the format from its signature
+                what = f"{_guess_allowed(data) or 'unknown'} image"
+            raise _classify(e, what, name, libtiff) from e
     return Decoded(
         frames=tuple(views.frames),
         frame_indices=tuple(views.indices),
@@ -776,31 +894,32 @@ def _decode_image(
     deadline: _Deadline,
 ) -> Decoded:
     what = "image" if fmt == "ndarray" else "PIL image"
-    try:
-        pending = bool(getattr(im, "tile", None))
-        if pending and im.format and im.format not in ALLOWED_FORMATS:
-            raise UnsupportedFormatError(
-                f"{what} of format {im.format} is not loaded; refusing to decode a non-allowed format", name
-            )
-        _check_pixels(im.size, limits, what, name)
-        n = 1
-        if im.format in ALLOWED_FORMATS:
-            n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
-        start = im.tell() if n > 1 else 0
-        h = hashlib.sha256()
+    with _LIBTIFF.capture() as libtiff:
         try:
-            views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, digest=h)
-        finally:
-            if n > 1 and im.tell() != start:
-                try:
-                    im.seek(start)
-                except Exception:
-                    pass
-        deadline.check("after the last frame")
-    except DecodeError:
-        raise
-    except Exception as e:
-        raise _classify(e, what, name) from e
+            pending = bool(getattr(im, "tile", None))
+            if pending and im.format and im.format not in ALLOWED_FORMATS:
+                raise UnsupportedFormatError(
+                    f"{what} of format {im.format} is not loaded; refusing to decode a non-allowed format", name
+                )
+            _check_pixels(im.size, limits, what, name)
+            n = 1
+            if im.format in ALLOWED_FORMATS:
+                n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+            start = im.tell() if n > 1 else 0
+            h = hashlib.sha256()
+            try:
+                views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, digest=h)
+            finally:
+                if n > 1 and im.tell() != start:
+                    try:
+                        im.seek(start)
+                    except Exception:
+                        pass
+            deadline.check("after the last frame")
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise _classify(e, what, name, libtiff) from e
     return Decoded(
         frames=tuple(views.frames),
         frame_indices=tuple(views.indices),

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -240,6 +241,56 @@ def test_bad_file_raises_decode_error(path: Path):
     # the same bytes, in memory, fail the same way
     with pytest.raises(type(err)):
         decode(path.read_bytes())
+
+
+@needs_corpus
+def test_bad_corpus_writes_nothing_to_stderr(capfd):
+    """Issue 21 item 3: libtiff printed "tempfile.tif: WEBP compression support is not configured." to stderr (from
+    C, naming Pillow's in-memory file) for hostile TIFFs. A file's problem is its error, never a line on stderr."""
+    capfd.readouterr()
+    with warnings.catch_warnings():  # Pillow's Python warnings are the application's to filter (the audit does)
+        warnings.simplefilter("ignore")
+        for path in BAD_FILES:
+            sources: list = [path, path.read_bytes()]
+            if path.suffix.lower() in (".tif", ".tiff"):  # a PIL image not loaded yet: decode() loads it
+                try:
+                    sources.append(Image.open(path))
+                except Exception:  # noqa: BLE001 - Pillow cannot even open it: nothing for decode() to load
+                    pass
+            for source in sources:
+                with pytest.raises(DecodeError):
+                    decode(source)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+
+
+@needs_corpus
+def test_libtiff_message_is_the_files_error_and_others_keep_theirs(capfd):
+    path = BAD / "hopper_webp.tif"  # WebP-compressed: a compression this libtiff was built without
+    if not path.is_file():
+        pytest.skip("hopper_webp.tif not in the corpus")
+    capfd.readouterr()
+    with pytest.raises(DecodeError, match="WEBP compression support is not configured") as info:
+        decode(path)
+    assert isinstance(info.value, UnsupportedFormatError)
+    assert info.value.reason.count("not configured") == 1  # once, however often libtiff said it
+    assert capfd.readouterr().err == ""
+    # Pillow used outside decode(): libtiff's messages go where they went before, also while other threads decode
+    with Image.open(path) as im, pytest.raises(OSError):
+        im.load()
+    per_load = capfd.readouterr().err.count("WEBP compression support is not configured")
+    assert per_load >= 1
+
+    def direct_loads() -> None:
+        for _ in range(10):
+            with Image.open(path) as im, pytest.raises(OSError):
+                im.load()
+
+    with ThreadPoolExecutor(3) as pool:
+        decodes = [pool.submit(decode, path) for _ in range(20)]
+        direct_loads()
+        assert all(isinstance(f.exception(), UnsupportedFormatError) for f in decodes)
+    assert capfd.readouterr().err.count("WEBP compression support is not configured") == 10 * per_load
 
 
 # ------------------------------------------------------------------------------------------------ the tricky corpus
