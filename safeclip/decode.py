@@ -497,11 +497,11 @@ def _loaded_libtiffs() -> list[str]:
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                path = line.split(None, 5)[5].strip() if line.count(" ") >= 5 else ""
-                base = os.path.basename(path)
-                if base.startswith("libtiff.") or base.startswith("libtiff-"):
-                    paths.append(path)
-    except (OSError, IndexError):
+                fields = line.split(None, 5)  # address, perms, offset, device, inode[, path]
+                base = os.path.basename(fields[5].strip()) if len(fields) == 6 else ""
+                if base.startswith(("libtiff.", "libtiff-")):
+                    paths.append(fields[5].strip())
+    except OSError:
         pass
     bundled = Path(Image.__file__).resolve().parent
     for folder in (bundled / ".dylibs", bundled.parent / "pillow.libs"):
@@ -532,6 +532,7 @@ class _LibtiffMessages:
         vsnprintf = ctypes.CDLL(None).vsnprintf
         vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
         vsnprintf.restype = ctypes.c_int
+        atexit.register(self._uninstall)  # before module teardown frees the callbacks
         for path in libs:
             lib = ctypes.CDLL(path)
             for setter_name, keep in (("TIFFSetErrorHandler", True), ("TIFFSetWarningHandler", False)):
@@ -543,7 +544,6 @@ class _LibtiffMessages:
                 previous = setter(ctypes.cast(callback, ctypes.c_void_p))
                 forward[0] = _TIFF_HANDLER(previous) if previous else None
                 self._restore.append((setter, previous))
-        atexit.register(self._uninstall)  # before module teardown frees the callbacks
 
     def _handler(self, keep: bool, vsnprintf: Any, forward: list[Any]) -> Any:
         def handler(module: bytes | None, fmt: bytes | None, ap: int | None) -> None:
@@ -568,10 +568,6 @@ class _LibtiffMessages:
             except Exception:
                 pass
         self._restore.clear()
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._restore)
 
     @contextmanager
     def capture(self) -> Iterator[list[str]]:
