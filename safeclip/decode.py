@@ -9,18 +9,26 @@ one-line reason naming the input; nothing else escapes for any byte input.
 
 The module keeps no shared mutable state and never changes Pillow's process-wide settings
 (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many
-threads and from multiprocessing workers.
+threads and from multiprocessing workers. The one process-wide change is libtiff's message handlers (see
+:class:`_LibtiffMessages`): a message libtiff reports while :func:`decode` runs in a thread becomes part of that
+file's error instead of a line on stderr; messages from anywhere else go to the handler that was there before.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import hashlib
 import io
 import os
 import re
 import stat
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -41,7 +49,7 @@ Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, 
 """What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
 
 
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 """Bump when decoding can give other pixels or other errors for the same bytes (limits, mode handling, sampling).
 Cached decode failures record it with Pillow's version and the limits, so a bump re-decodes them."""
 
@@ -108,8 +116,12 @@ class DecodeLimits:
 
     ``max_bytes``: input size; ``max_pixels``: width*height of any frame, checked from the header before pixels are
     decoded; ``max_frames``: frames in the file; ``sample_frames``: how many frames of an animation to return (evenly
-    spaced, first and last included); ``timeout_s``: time budget, checked between steps and frames, and between the
-    frames decoded on the way to a sampled one; ``max_total_pixels``: width*height summed over the frames
+    spaced, first and last included); ``timeout_s``: the time budget in CPU seconds of the decoding thread
+    (``time.thread_time``), so that a busy machine, which only slows a decode down, does not fail it; checked between
+    steps and frames, and between the frames decoded on the way to a sampled one; ``wall_timeout_s``: a wall-clock
+    backstop, checked at the same points, against a decode whose time is not on its thread's CPU clock (a codec that
+    waits, or works in threads of its own); ``None``: 10 x ``timeout_s``, far beyond what load alone does to a decode
+    within its CPU budget; ``max_total_pixels``: width*height summed over the frames
     :func:`decode` returns (one per background for a frame with transparency), after the reduction ``target_size``
     allows, checked from the header before any frame is decoded and again as frames are added.
 
@@ -125,6 +137,7 @@ class DecodeLimits:
     timeout_s: float = 10.0
     max_total_pixels: int = 128_000_000
     backgrounds: tuple[_RGB, ...] = ((255, 255, 255), (0, 0, 0))
+    wall_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
@@ -134,6 +147,11 @@ class DecodeLimits:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ConfigError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
+        wall = self.wall_timeout_s
+        if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float)) or not wall >= t):
+            raise ConfigError(
+                f"DecodeLimits.wall_timeout_s must be None or a number of seconds >= timeout_s ({t!r}), got {wall!r}"
+            )
         bgs = self.backgrounds
         if isinstance(bgs, (str, bytes)) or not isinstance(bgs, (tuple, list)) or not bgs:
             raise ConfigError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
@@ -163,19 +181,37 @@ class Decoded:
     backgrounds: tuple[_RGB | None, ...]
 
 
-class _Deadline:
-    __slots__ = ("start", "budget", "name")
+_WALL_BACKSTOP = 10
+"""``DecodeLimits.wall_timeout_s`` when it is None, in multiples of ``timeout_s``."""
 
-    def __init__(self, budget: float, name: str | None):
-        self.start = time.monotonic()
-        self.budget = float(budget)
+
+class _Deadline:
+    """The CPU-time budget of the decoding thread, and the wall-clock backstop. A decode runs in one thread, and
+    Pillow's codecs run in the calling thread, so ``time.thread_time`` counts the decode's own work and nothing that
+    other threads or processes do while it waits for a CPU."""
+
+    __slots__ = ("cpu_start", "wall_start", "budget", "wall_budget", "name")
+
+    def __init__(self, limits: DecodeLimits, name: str | None):
+        self.cpu_start = time.thread_time()
+        self.wall_start = time.monotonic()
+        self.budget = float(limits.timeout_s)
+        wall = limits.wall_timeout_s
+        self.wall_budget = float(_WALL_BACKSTOP * limits.timeout_s if wall is None else wall)
         self.name = name
 
     def check(self, step: str) -> None:
-        elapsed = time.monotonic() - self.start
-        if elapsed > self.budget:
+        cpu = time.thread_time() - self.cpu_start
+        if cpu > self.budget:
             raise DecodeTimeoutError(
-                f"decoding took {elapsed:.2f}s, over the {self.budget:g}s budget ({step})", self.name
+                f"decoding used {cpu:.2f}s of CPU time, over the {self.budget:g}s CPU budget "
+                f"(DecodeLimits.timeout_s) ({step})", self.name
+            )
+        wall = time.monotonic() - self.wall_start
+        if wall > self.wall_budget:
+            raise DecodeTimeoutError(
+                f"decoding took {wall:.2f}s of wall-clock time ({cpu:.2f}s of CPU), over the {self.wall_budget:g}s "
+                f"wall-clock backstop (DecodeLimits.wall_timeout_s): the decoder is stalled ({step})", self.name
             )
 
 
@@ -447,20 +483,125 @@ def _sample_indices(n_frames: int, k: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# libtiff's messages
+
+_TIFF_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+"""libtiff's ``TIFFErrorHandler`` / ``TIFFWarningHandler``: ``void (const char *module, const char *fmt, va_list)``;
+a ``va_list`` argument is passed as a pointer on the ABIs Pillow's wheels are built for."""
+
+
+def _loaded_libtiffs() -> list[str]:
+    """The libtiff shared libraries Pillow uses: those mapped into this process (Linux), or bundled with the wheel
+    (macOS). Empty where libtiff is linked into Pillow itself (Windows wheels): its messages then stay as they are."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)  # address, perms, offset, device, inode[, path]
+                base = os.path.basename(fields[5].strip()) if len(fields) == 6 else ""
+                if base.startswith(("libtiff.", "libtiff-")):
+                    paths.append(fields[5].strip())
+    except OSError:
+        pass
+    bundled = Path(Image.__file__).resolve().parent
+    for folder in (bundled / ".dylibs", bundled.parent / "pillow.libs"):
+        paths += sorted(str(p) for p in folder.glob("libtiff*"))
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths if os.path.isfile(p)))
+
+
+class _LibtiffMessages:
+    """Keep libtiff's messages off stderr. libtiff reports a file's problems by printing them from C (``tempfile.tif:
+    WEBP compression support is not configured.``, naming the in-memory file Pillow hands it), where no Python
+    setting reaches. Its error and warning handlers are replaced once, process-wide, by one that, in a thread inside
+    :func:`decode` (:meth:`capture`), keeps the error messages for that file's DecodeError and drops the warnings,
+    and elsewhere passes every message unchanged to the handler that was there before."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self._restore: list[tuple[Any, int | None]] = []
+        self._keep: list[Any] = []  # the C callbacks must outlive every call libtiff makes to them
+        try:
+            self._install()
+        except Exception:  # no libtiff or no C library found: libtiff keeps its own handlers
+            pass
+
+    def _install(self) -> None:
+        libs = _loaded_libtiffs()
+        if not libs:
+            return
+        vsnprintf = ctypes.CDLL(None).vsnprintf
+        vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+        vsnprintf.restype = ctypes.c_int
+        atexit.register(self._uninstall)  # before module teardown frees the callbacks
+        for path in libs:
+            lib = ctypes.CDLL(path)
+            for setter_name, keep in (("TIFFSetErrorHandler", True), ("TIFFSetWarningHandler", False)):
+                setter = getattr(lib, setter_name)
+                setter.argtypes, setter.restype = (ctypes.c_void_p,), ctypes.c_void_p
+                forward: list[Any] = [None]
+                callback = _TIFF_HANDLER(self._handler(keep, vsnprintf, forward))
+                self._keep.append(callback)
+                previous = setter(ctypes.cast(callback, ctypes.c_void_p))
+                forward[0] = _TIFF_HANDLER(previous) if previous else None
+                self._restore.append((setter, previous))
+
+    def _handler(self, keep: bool, vsnprintf: Any, forward: list[Any]) -> Any:
+        def handler(module: bytes | None, fmt: bytes | None, ap: int | None) -> None:
+            try:
+                messages = getattr(self.local, "messages", None)
+                if messages is None:  # not inside decode() in this thread: as if we were not here
+                    if forward[0] is not None:
+                        forward[0](module, fmt, ap)
+                elif keep and fmt is not None and len(messages) < 4:
+                    buf = ctypes.create_string_buffer(300)
+                    vsnprintf(buf, len(buf), fmt, ap)
+                    messages.append(buf.value.decode("utf-8", "replace").strip().rstrip("."))
+            except BaseException:  # noqa: BLE001 - nothing may propagate into C
+                pass
+
+        return handler
+
+    def _uninstall(self) -> None:
+        for setter, previous in reversed(self._restore):
+            try:
+                setter(previous)
+            except Exception:
+                pass
+        self._restore.clear()
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collect the error messages libtiff reports in this thread until the block ends."""
+        outer = getattr(self.local, "messages", None)
+        messages: list[str] = []
+        self.local.messages = messages
+        try:
+            yield messages
+        finally:
+            self.local.messages = outer
+
+
+_LIBTIFF = _LibtiffMessages()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Errors
 
 
-def _classify(e: BaseException, what: str, name: str | None) -> DecodeError:
-    """Map an exception raised by Pillow / zlib / a codec to the right DecodeError."""
+def _classify(e: BaseException, what: str, name: str | None, libtiff: list[str] | None = None) -> DecodeError:
+    """Map an exception raised by Pillow / zlib / a codec to the right DecodeError; ``libtiff``: the messages libtiff
+    reported meanwhile (Pillow's own exception then only says "decoder error -2")."""
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return ImageTooLargeError(f"{what} is a decompression bomb: {_one_line(e)}", name)
     if isinstance(e, MemoryError):
         return ImageTooLargeError(f"ran out of memory decoding {what}", name)
     reason = _one_line(e)
+    if libtiff:
+        reason = _one_line(ValueError(f"{reason} (libtiff: {'; '.join(dict.fromkeys(libtiff))})"), 300)
     low = reason.lower()
     if "too large" in low or "exceeds limit" in low or "too many" in low:
         return ImageTooLargeError(f"{what} is too large: {reason}", name)
-    if "unsupported" in low or "not supported" in low or "not available" in low:
+    if "unsupported" in low or "not supported" in low or "not available" in low or "not configured" in low:
         return UnsupportedFormatError(f"{what} uses a feature Pillow cannot decode: {reason}", name)
     if isinstance(e, EOFError) or "truncated" in low or "end of file" in low or "premature" in low:
         return TruncatedImageError(f"{what} is truncated: {reason}", name)
@@ -696,28 +837,29 @@ def _decode_file(
     if not data:
         raise TruncatedImageError("input is empty", name)
     what = "image"
-    try:
-        _precheck(data, limits, name)
-        deadline.check("after checking the header")
-        with Image.open(io.BytesIO(data), formats=_OPENERS) as im:
-            fmt = im.format or "unknown"
-            what = f"{fmt} image"
-            if fmt not in ALLOWED_FORMATS:  # cannot happen with formats=..., kept as a guard
-                raise UnsupportedFormatError(f"{fmt} files are not allowed", name)
-            _check_pixels(im.size, limits, what, name)
-            deadline.check("after reading the header")
-            n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
-            draft = target_size is not None and fmt == "JPEG" and n == 1
-            views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, draft=draft)
-            deadline.check("after the last frame")
-    except DecodeError:
-        raise
-    except UnidentifiedImageError as e:
-        raise _unidentified(data, name) from e
-    except Exception as e:
-        if what == "image":  # failed inside Image.open: name the format from its signature
-            what = f"{_guess_allowed(data) or 'unknown'} image"
-        raise _classify(e, what, name) from e
+    with _LIBTIFF.capture() as libtiff:
+        try:
+            _precheck(data, limits, name)
+            deadline.check("after checking the header")
+            with Image.open(io.BytesIO(data), formats=_OPENERS) as im:
+                fmt = im.format or "unknown"
+                what = f"{fmt} image"
+                if fmt not in ALLOWED_FORMATS:  # cannot happen with formats=..., kept as a guard
+                    raise UnsupportedFormatError(f"{fmt} files are not allowed", name)
+                _check_pixels(im.size, limits, what, name)
+                deadline.check("after reading the header")
+                n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+                draft = target_size is not None and fmt == "JPEG" and n == 1
+                views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, draft=draft)
+                deadline.check("after the last frame")
+        except DecodeError:
+            raise
+        except UnidentifiedImageError as e:
+            raise _unidentified(data, name) from e
+        except Exception as e:
+            if what == "image":  # failed inside Image.open: name the format from its signature
+                what = f"{_guess_allowed(data) or 'unknown'} image"
+            raise _classify(e, what, name, libtiff) from e
     return Decoded(
         frames=tuple(views.frames),
         frame_indices=tuple(views.indices),
@@ -748,31 +890,32 @@ def _decode_image(
     deadline: _Deadline,
 ) -> Decoded:
     what = "image" if fmt == "ndarray" else "PIL image"
-    try:
-        pending = bool(getattr(im, "tile", None))
-        if pending and im.format and im.format not in ALLOWED_FORMATS:
-            raise UnsupportedFormatError(
-                f"{what} of format {im.format} is not loaded; refusing to decode a non-allowed format", name
-            )
-        _check_pixels(im.size, limits, what, name)
-        n = 1
-        if im.format in ALLOWED_FORMATS:
-            n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
-        start = im.tell() if n > 1 else 0
-        h = hashlib.sha256()
+    with _LIBTIFF.capture() as libtiff:
         try:
-            views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, digest=h)
-        finally:
-            if n > 1 and im.tell() != start:
-                try:
-                    im.seek(start)
-                except Exception:
-                    pass
-        deadline.check("after the last frame")
-    except DecodeError:
-        raise
-    except Exception as e:
-        raise _classify(e, what, name) from e
+            pending = bool(getattr(im, "tile", None))
+            if pending and im.format and im.format not in ALLOWED_FORMATS:
+                raise UnsupportedFormatError(
+                    f"{what} of format {im.format} is not loaded; refusing to decode a non-allowed format", name
+                )
+            _check_pixels(im.size, limits, what, name)
+            n = 1
+            if im.format in ALLOWED_FORMATS:
+                n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+            start = im.tell() if n > 1 else 0
+            h = hashlib.sha256()
+            try:
+                views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, digest=h)
+            finally:
+                if n > 1 and im.tell() != start:
+                    try:
+                        im.seek(start)
+                    except Exception:
+                        pass
+            deadline.check("after the last frame")
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise _classify(e, what, name, libtiff) from e
     return Decoded(
         frames=tuple(views.frames),
         frame_indices=tuple(views.indices),
@@ -854,7 +997,8 @@ def decode(
     :class:`UnsupportedFormatError` (not an allowed format, not an image input, or a path that is not a regular
     file), :class:`ImageTooLargeError` (byte / pixel / frame / held-pixel limits, decompression bombs),
     :class:`TruncatedImageError` (truncated or corrupt data), :class:`DecodeTimeoutError` (over
-    ``limits.timeout_s``). Bad arguments (``limits``, ``target_size``, ``background``) raise
+    ``limits.timeout_s`` of CPU time, or the ``limits.wall_timeout_s`` backstop; the message says which). Bad
+    arguments (``limits``, ``target_size``, ``background``) raise
     ``ValueError``/``TypeError``.
 
     The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
@@ -885,18 +1029,17 @@ def decode(
     bgs = limits.backgrounds if background is None else (_check_background(background),)
 
     if isinstance(source, Image.Image):
-        deadline = _Deadline(limits.timeout_s, "<PIL>")
+        deadline = _Deadline(limits, "<PIL>")
         return _decode_image(source, "PIL", "<PIL>", limits, target_size, bgs, deadline)
     if isinstance(source, np.ndarray):
         name = "<ndarray>"
-        deadline = _Deadline(limits.timeout_s, name)
+        deadline = _Deadline(limits, name)
         image = _array_to_image(source, name, limits)
         return _decode_image(image, "ndarray", name, limits, target_size, bgs, deadline)
-    start = time.monotonic()
+    deadline = _Deadline(limits, None)
     data, name = read_source(source, max_bytes=limits.max_bytes)
     if data is None:  # read_source returns None only for PIL / ndarray inputs, handled above
         raise UnsupportedFormatError("no bytes to decode", name)
-    deadline = _Deadline(limits.timeout_s, name)
-    deadline.start = start
+    deadline.name = name
     deadline.check("after reading the input")
     return _decode_file(data, name, limits, target_size, bgs, deadline)
