@@ -139,6 +139,12 @@ class DecodeLimits:
     backgrounds: tuple[_RGB, ...] = ((255, 255, 255), (0, 0, 0))
     wall_timeout_s: float | None = None
 
+    @property
+    def wall_budget_s(self) -> float:
+        """The wall-clock backstop in seconds: ``wall_timeout_s``, else ``10 x timeout_s``."""
+        wall = self.wall_timeout_s
+        return float(_WALL_BACKSTOP * self.timeout_s if wall is None else wall)
+
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
             value = getattr(self, name)
@@ -196,8 +202,7 @@ class _Deadline:
         self.cpu_start = time.thread_time()
         self.wall_start = time.monotonic()
         self.budget = float(limits.timeout_s)
-        wall = limits.wall_timeout_s
-        self.wall_budget = float(_WALL_BACKSTOP * limits.timeout_s if wall is None else wall)
+        self.wall_budget = limits.wall_budget_s
         self.name = name
 
     def check(self, step: str) -> None:

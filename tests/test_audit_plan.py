@@ -62,7 +62,7 @@ def test_defaults_are_applied_once(tmp_path):
     plan = AuditPlan.create(["b.jpg", "a.jpg", "b.jpg"], out=tmp_path / "a.parquet", progress=None, verbose=False,
                             decode_limits=DecodeLimits(timeout_s=20))
     assert plan.inputs == ("b.jpg", "a.jpg")  # in order, each once
-    assert plan.task_timeout == 120.0 and plan.progress is False and plan.policy.id == "default@1.0"
+    assert plan.task_timeout == 300.0 and plan.progress is False and plan.policy.id == "default@1.0"
     assert plan.engine.name == "local" and plan.output.part_rows == 2048
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.output.part_rows = 1  # type: ignore[misc]

@@ -101,7 +101,8 @@ def audit(
     :class:`~safeclip.embed.Encoder` (then ``model``/``pretrained``/``device`` are unused). ``save_embeddings`` adds
     an ``embedding`` column (frames x D, flattened) that :func:`rescore` can use instead of the cache.
     ``part_rows``/``part_seconds``: how often rows are committed. ``task_timeout``: seconds before a stuck decode
-    worker is killed (default ``6 x decode_limits.timeout_s``). ``torch_threads``: the model's intra-op threads
+    worker is killed (default 1.5 x the decoder's wall-clock backstop, ``decode_limits.wall_budget_s``).
+    ``torch_threads``: the model's intra-op threads
     (default: every core on CPU), restored afterwards. ``verbose``: print the summary to stderr; ``progress``: a
     progress bar on stderr (default: when it is a TTY). ``engine="ray"`` runs the same worker and batch unit on
     Ray Data (``pip install 'safeclip[ray]'``; ``address``: the cluster, else the running or a new local Ray

@@ -103,8 +103,8 @@ class RayOptions:
 @dataclass(frozen=True)
 class EngineOptions:
     """Which engine runs the audit and how: ``name`` (``"local"`` or ``"ray"``), ``address`` (the Ray cluster),
-    ``ray`` (:class:`RayOptions`), ``task_timeout`` (seconds before a stuck decode worker is killed; ``None``: six
-    times the decode budget) and ``worker_nice`` (the decode processes' niceness)."""
+    ``ray`` (:class:`RayOptions`), ``task_timeout`` (seconds before a stuck decode worker is killed; ``None``: 1.5
+    times the decoder's wall-clock backstop, ``DecodeLimits.wall_budget_s``) and ``worker_nice`` (the decode processes' niceness)."""
 
     name: str = "local"
     address: str | None = None
@@ -196,7 +196,9 @@ class AuditPlan:
     def task_timeout(self) -> float:
         """Seconds before a stuck decode worker is killed."""
         t = self.engine.task_timeout
-        return float(t) if t is not None else max(60.0, 6 * float(self.decoding.limits.timeout_s))
+        # Past the decoder's own wall-clock backstop, so a slow decode on a busy machine ends as the decoder's own
+        # typed error (or a result), and only a decoder hung inside C is killed.
+        return float(t) if t is not None else max(60.0, 1.5 * self.decoding.limits.wall_budget_s)
 
     @classmethod
     def create(

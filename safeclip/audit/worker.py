@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import time
@@ -196,6 +197,7 @@ def worker_main(conn: multiprocessing.connection.Connection) -> None:
     :class:`FileResult`, in order; ``None`` (or the parent going away, even by ``kill -9``) ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the workers
     warnings.simplefilter("ignore")  # Pillow's per-file UserWarnings: the outcome of each file is its row
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)  # and its per-file log lines ("More samples per pixel ...")
     try:
         cfg = conn.recv()
     except (EOFError, OSError):  # the parent went away before configuring us
