@@ -10,8 +10,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from .files import write_bytes_atomic, write_json_atomic
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
 __all__ = ["ARTIFACT_FORMAT", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
-           "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file", "write_bytes_atomic",
+           "load_pinned", "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file", "write_bytes_atomic",
            "write_json_atomic"]
 
 ARTIFACT_FORMAT = 1
@@ -75,6 +75,18 @@ def read_pinned_json(path: str | os.PathLike[str], sha256: str) -> dict[str, Any
     if not isinstance(obj, dict):
         raise ArtifactIntegrityError(f"artifact {str(path)!r} must hold a JSON object")
     return obj
+
+
+_T = TypeVar("_T")
+
+
+def load_pinned(path: str | os.PathLike[str], sha256: str, build: Callable[[dict[str, Any]], _T]) -> _T:
+    """``build(read_pinned_json(path, sha256))``; an :class:`ArtifactIntegrityError` from ``build`` names the file."""
+    d = read_pinned_json(path, sha256)
+    try:
+        return build(d)
+    except ArtifactIntegrityError as e:
+        raise ArtifactIntegrityError(f"artifact {str(path)!r}: {e}") from e
 
 
 def jsonable(obj: Any) -> Any:
