@@ -24,6 +24,7 @@ import numpy as np
 from .arrays import NORM_TOLERANCE, sigmoid
 from .artifacts import (
     ARTIFACT_FORMAT,
+    MAX_ARTIFACT_NUMBERS,
     check_artifact,
     check_encoder,
     finite_number,
@@ -39,8 +40,9 @@ __all__ = ["MAX_HEAD_PARAMETERS", "MAX_LOGIT_BOUND", "MLPHead", "MLP_KIND", "Lin
 PROBE_KIND = "safeclip.probe"
 MLP_KIND = "safeclip.mlp_head"
 _SIGNAL_NAMES = ("prompt", "probe", "head")  # what a head's output may not be called (Decisions report both)
-MAX_HEAD_PARAMETERS = 50_000_000
-"""An MLP head with more parameters than this is refused before its arrays are built (LAION's are under 300k)."""
+MAX_HEAD_PARAMETERS = MAX_ARTIFACT_NUMBERS
+"""An MLP head with more parameters than this (2M) is refused before its arrays are built (LAION's are under 300k);
+its JSON would not fit :data:`~safeclip.artifacts.MAX_ARTIFACT_JSON_BYTES` either."""
 MAX_LOGIT_BOUND = 1e30
 """The largest worst-case ``|logit|`` a probe or head may have over embeddings of norm ``1 + NORM_TOLERANCE``.
 
