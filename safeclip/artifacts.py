@@ -18,9 +18,10 @@ import numpy as np
 from .files import write_bytes_atomic, write_json_atomic
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
-__all__ = ["ARTIFACT_FORMAT", "JSON_BYTES_PER_NUMBER", "MAX_ARTIFACT_JSON_BYTES", "MAX_ARTIFACT_NUMBERS", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
-           "load_pinned", "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file", "write_bytes_atomic",
-           "write_json_atomic"]
+__all__ = ["ARTIFACT_FORMAT", "JSON_BYTES_PER_NUMBER", "MAX_ARTIFACT_JSON_BYTES", "MAX_ARTIFACT_NUMBERS",
+           "MAX_LOGIT_BOUND", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
+           "load_pinned", "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file",
+           "write_bytes_atomic", "write_json_atomic"]
 
 ARTIFACT_FORMAT = 1
 """The format version every JSON artifact records; a reader refuses any other."""
@@ -30,6 +31,15 @@ hold: ten times LAION's largest head (ViT-L/14, 214k parameters); a 1024-1024-51
 JSON_BYTES_PER_NUMBER = 32
 """The most bytes safeclip's canonical JSON takes per number: a float32 value's repr (up to 23 characters), its
 indentation and ``,\n``."""
+MAX_LOGIT_BOUND = 1e30
+"""The largest worst-case ``|logit|`` a probe or head may have over embeddings of norm ``1 + NORM_TOLERANCE``.
+
+The bound is computed at load from the weights as applied (a head's standardisation folded in): ``||W||_F * bound +
+||b||`` layer by layer (ReLU never increases a norm). Under it every logit is finite in the float32 signal columns
+with a factor of 1e8 to spare; LAION's heads bound at 3e3 (B/32) and 1e5 (L/14). Anything above it is not a
+trained head (a zero variance over a subnormal epsilon, weights near float32's limit) and would score inf or NaN.
+A calibrator's linear score must stay finite in float32 for signals up to this bound (its coefficients are refused
+above about 3e7)."""
 MAX_ARTIFACT_JSON_BYTES = MAX_ARTIFACT_NUMBERS * JSON_BYTES_PER_NUMBER + (1 << 20)
 """A JSON artifact larger than this (62 MiB: the largest artifact safeclip writes, plus 1 MiB of metadata) is
 refused before it is read, hashed or parsed: parsing takes several times the file's size in memory."""

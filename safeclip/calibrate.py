@@ -37,6 +37,7 @@ import numpy as np
 from .arrays import as_binary_labels, require_both_classes, sigmoid, sigmoid_inplace
 from .artifacts import (
     ARTIFACT_FORMAT,
+    MAX_LOGIT_BOUND,
     check_artifact,
     check_encoder,
     finite_number,
@@ -82,6 +83,7 @@ ISOTONIC_EPS = 1e-4
 _PLATT_C = 1e4
 
 _CALIBRATOR_KIND = "safeclip.calibrator"
+_FLOAT32_SAFE = float(np.finfo(np.float32).max) / 10  # a margin for the rounding of a few float32 adds
 
 
 def _as_signals(signals: Any, k: int, *, keep_float32: bool) -> np.ndarray:
@@ -379,6 +381,12 @@ class Calibrator:
             raise ArtifactIntegrityError(f"{kind} artifact: {coef.size} coefficients for {len(self.inputs)} inputs")
         self.coef_ = coef
         self.intercept_ = finite_number(d, "intercept", kind)
+        # Applied in float32 (sigmoid on float32 signals): the score must stay finite for any signal the score stage
+        # can produce (|signal| <= MAX_LOGIT_BOUND), or inf - inf would give a NaN probability.
+        bound = float(np.abs(coef).sum()) * MAX_LOGIT_BOUND + abs(self.intercept_)
+        if not bound <= _FLOAT32_SAFE:
+            raise ArtifactIntegrityError(f"{kind} artifact: coefficients {coef.tolist()} can overflow the float32 "
+                                         f"score for signals up to {MAX_LOGIT_BOUND:g}; no calibration is that steep")
         self.x_thresholds_ = self.y_thresholds_ = None
         if method_ == "isotonic":
             xt = float_list(d, "x_thresholds", kind)

@@ -25,6 +25,7 @@ from .arrays import NORM_TOLERANCE, sigmoid
 from .artifacts import (
     ARTIFACT_FORMAT,
     MAX_ARTIFACT_NUMBERS,
+    MAX_LOGIT_BOUND,
     check_artifact,
     check_encoder,
     finite_number,
@@ -43,13 +44,6 @@ _SIGNAL_NAMES = ("prompt", "probe", "head")  # what a head's output may not be c
 MAX_HEAD_PARAMETERS = MAX_ARTIFACT_NUMBERS
 """An MLP head with more parameters than this (2M) is refused before its arrays are built (LAION's are under 300k);
 its JSON would not fit :data:`~safeclip.artifacts.MAX_ARTIFACT_JSON_BYTES` either."""
-MAX_LOGIT_BOUND = 1e30
-"""The largest worst-case ``|logit|`` a probe or head may have over embeddings of norm ``1 + NORM_TOLERANCE``.
-
-The bound is computed at load from the weights as applied (the standardisation folded in): ``||W||_F * bound +
-||b||`` layer by layer (ReLU never increases a norm). Under it every logit is finite in the float32 signal columns
-with a factor of 1e8 to spare; LAION's heads bound at 3e3 (B/32) and 1e5 (L/14). Anything above it is not a
-trained head (a zero variance over a subnormal epsilon, weights near float32's limit) and would score inf or NaN."""
 _MAX_INPUT_NORM = 1.0 + NORM_TOLERANCE  # the largest embedding norm the score stage accepts
 
 

@@ -453,3 +453,16 @@ def test_a_compiled_policy_never_lets_the_prompt_stand_in_for_a_nan_head(tmp_pat
         assert (decide_codes(probs, policy)[:, j] == 2).all()
         with pytest.raises(DataError, match="sexual"):
             build_decision(policy, probs[0], calibrated, scores.row_signals(0), encoder_id="space", basis=comp.basis)
+
+
+@pytest.mark.parametrize("coef, intercept", [([3e38, -3e38], 0.0), ([1e9, 0.0], 0.0), ([1.0, 1.0], 3e38)])
+def test_a_calibrator_whose_float32_score_can_overflow_is_refused(coef, intercept) -> None:
+    """Regression (issue 21.1, "every derived array"): coefficients near float32's limit pass as finite numbers, but
+    the float32 score of finite signals became inf - inf = NaN, a NaN probability for a normal image."""
+    rng = np.random.default_rng(8)
+    y = np.r_[np.zeros(60), np.ones(60)]
+    d = Calibrator("sigmoid", inputs=("prompt", "probe")).fit(np.column_stack([rng.normal(y), rng.normal(y)]),
+                                                              y).to_dict()
+    d.update(coef=coef, intercept=intercept)
+    with pytest.raises(ArtifactIntegrityError, match="overflow"):
+        Calibrator.from_dict(d)

@@ -535,7 +535,7 @@ def test_stale_partial_files_are_removed_by_the_next_fetch(server, tmp_path):
         other / f".{_dead_pid()}.0a1b2c3d.{host}.part": True,  # another artifact's, as well
         mine / f".{os.getpid()}.0a1b2c3d.{host}.part": False,  # a live download (this process)
         mine / f".{_dead_pid()}.0a1b2c3d.another-machine.part": False,  # another machine's: its pid means nothing here
-        mine / f".{os.getpid()}.1a1b2c3d.another-machine.part": True,  # ... unless unwritten for longer than any deadline
+        mine / f".{os.getpid()}.1a1b2c3d.another-machine.part": True,  # ... unless unwritten longer than any deadline
         mine / ".head.json.12345.67890.tmp": True,  # an earlier version's, old
         mine / ".head.json.12345.67891.tmp": False,  # an earlier version's, recent
         mine / "notes.txt": False,  # not a partial file
