@@ -29,7 +29,7 @@ without a calibrator is marked uncalibrated and gets the documented fallback: it
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -426,8 +426,8 @@ class PolicyCalibrators(dict[str, Calibrator]):
     never from a batch's values (a head that outputs NaN for every row of a batch is still a head).
     """
 
-    def __init__(self, calibrators: Mapping[str, Calibrator] = (), *, heads: Sequence[str] = ()) -> None:
-        super().__init__(calibrators)
+    def __init__(self, calibrators: Mapping[str, Calibrator] | None = None, *, heads: Iterable[str] = ()) -> None:
+        super().__init__(calibrators or {})
         self.heads = frozenset(heads)
 
 
@@ -468,7 +468,7 @@ def probability_basis(policy: Any, calibrators: Mapping[str, Calibrator]) -> tup
 
 
 def calibrate(scores: Any, calibrators: Mapping[str, Calibrator], *,
-              heads: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+              heads: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(N, C)`` probabilities and the ``(C,)`` bool mask of calibrated categories for a :class:`Scores`.
 
     Categories without a calibrator get ``sigmoid(head)`` where they have a head, else ``sigmoid(prompt)``: the
@@ -480,14 +480,11 @@ def calibrate(scores: Any, calibrators: Mapping[str, Calibrator], *,
     prompt = np.asarray(scores.prompt)
     n, c = prompt.shape
     has_head_array = getattr(scores, "head", None) is not None
-    if heads is None:
-        heads = getattr(calibrators, "heads", None)
-    if heads is None:
-        if has_head_array:
-            raise ConfigError("calibrate() needs to know which categories name a head: pass heads=(names) from the "
-                              "policy, or calibrators from load_calibrators()")
-        heads = ()
-    heads = frozenset(heads)
+    named = heads if heads is not None else getattr(calibrators, "heads", None)
+    if named is None and has_head_array:
+        raise ConfigError("calibrate() needs to know which categories name a head: pass heads=(names) from the "
+                          "policy, or calibrators from load_calibrators()")
+    with_head = frozenset(named or ())
     probe = np.asarray(scores.probe)
     head = np.asarray(scores.head) if has_head_array else np.full(prompt.shape, np.nan, prompt.dtype)
     dtype = np.float32 if prompt.dtype == np.float32 else np.float64
@@ -497,7 +494,7 @@ def calibrate(scores: Any, calibrators: Mapping[str, Calibrator], *,
         cal = calibrators.get(name)
         if cal is None:
             # A category with a head keeps a NaN row NaN (never decided), and never falls back to the prompt.
-            probs[:, j] = sigmoid(head[:, j] if name in heads else prompt[:, j])
+            probs[:, j] = sigmoid(head[:, j] if name in with_head else prompt[:, j])
             continue
         cols = {"prompt": prompt[:, j], "probe": probe[:, j], "head": head[:, j]}
         sig = cols[cal.inputs[0]] if len(cal.inputs) == 1 else np.column_stack([cols[s] for s in cal.inputs])

@@ -420,7 +420,8 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self.transfer = transfer
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(self.transfer.connection(http.client.HTTPSConnection, req), req, context=self._context)
+        context = getattr(self, "_context", None)  # the handler's SSL context (None: the default one)
+        return self.do_open(self.transfer.connection(http.client.HTTPSConnection, req), req, context=context)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
