@@ -505,9 +505,12 @@ def calibrate(scores: Any, calibrators: Mapping[str, Calibrator], *,
 
 def _predict_finite_rows(cal: Calibrator, sig: np.ndarray) -> np.ndarray:
     """``cal.predict_proba(sig)``, with NaN for the rows whose signals are not all finite (not the batch's error)."""
-    ok = np.isfinite(sig) if sig.ndim == 1 else np.isfinite(sig).all(axis=1)
-    if ok.all():
+    try:  # the common case costs nothing more: predict_proba checks finiteness itself
         return cal.predict_proba(sig)
+    except ConfigError:
+        ok = np.isfinite(sig) if sig.ndim == 1 else np.isfinite(sig).all(axis=1)
+        if ok.all():  # refused for another reason
+            raise
     out = np.full(sig.shape[0], np.nan, np.float32 if sig.dtype == np.float32 else np.float64)
     if ok.any():
         out[ok] = cal.predict_proba(sig[ok])
