@@ -567,3 +567,44 @@ def test_a_download_killed_mid_way_leaves_nothing_after_the_next_fetch(server, t
     assert len(_cache_files(tmp_path)) == 1  # the partial file, left behind
     path = fetch_artifact(server.url(), SHA, cache_dir=tmp_path)
     assert _cache_files(tmp_path) == [path] and path.read_bytes() == DATA
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[str]:
+    """A TCP port on 127.0.0.1 that accepts connections and never sends a byte (a TLS handshake that never ends)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    t.join(5)
+    for s in accepted + [listener]:
+        s.close()
+
+
+def test_https_connections_are_checked_too(silent_listener, tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFECLIP_ALLOW_PRIVATE_URLS")
+    monkeypatch.setattr(fetch, "resolve", lambda host, port, timeout: ["93.184.215.14"])
+    with pytest.raises(ArtifactUnavailableError, match="reached a loopback address"):
+        fetch_artifact(f"https://{silent_listener}/heads/head.json", SHA, cache_dir=tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_a_tls_handshake_that_never_ends_is_cut_off_at_the_deadline(silent_listener, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ArtifactUnavailableError, match="deadline of 1 s"):
+        fetch_artifact(f"https://{silent_listener}/heads/head.json", SHA, cache_dir=tmp_path, timeout=10, deadline=1)
+    assert time.monotonic() - t0 < 5  # each read may wait 10 s
