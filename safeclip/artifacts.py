@@ -10,20 +10,39 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .files import write_bytes_atomic, write_json_atomic
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
-__all__ = ["ARTIFACT_FORMAT", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
-           "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file", "write_bytes_atomic",
-           "write_json_atomic"]
+__all__ = ["ARTIFACT_FORMAT", "JSON_BYTES_PER_NUMBER", "MAX_ARTIFACT_JSON_BYTES", "MAX_ARTIFACT_NUMBERS",
+           "MAX_LOGIT_BOUND", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
+           "load_pinned", "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file",
+           "write_bytes_atomic", "write_json_atomic"]
 
 ARTIFACT_FORMAT = 1
 """The format version every JSON artifact records; a reader refuses any other."""
+MAX_ARTIFACT_NUMBERS = 2_000_000
+"""The most numbers (an MLP head's parameters, a probe's coefficients, a calibrator's knots) a JSON artifact may
+hold: ten times LAION's largest head (ViT-L/14, 214k parameters); a 1024-1024-512-1 MLP has 1.6M."""
+JSON_BYTES_PER_NUMBER = 32
+"""The most bytes safeclip's canonical JSON takes per number: a float32 value's repr (up to 23 characters), its
+indentation and ``,\n``."""
+MAX_LOGIT_BOUND = 1e30
+"""The largest worst-case ``|logit|`` a probe or head may have over embeddings of norm ``1 + NORM_TOLERANCE``.
+
+The bound is computed at load from the weights as applied (a head's standardisation folded in): ``||W||_F * bound +
+||b||`` layer by layer (ReLU never increases a norm). Under it every logit is finite in the float32 signal columns
+with a factor of 1e8 to spare; LAION's heads bound at 3e3 (B/32) and 1e5 (L/14). Anything above it is not a
+trained head (a zero variance over a subnormal epsilon, weights near float32's limit) and would score inf or NaN.
+A calibrator's linear score must stay finite in float32 for signals up to this bound (its coefficients are refused
+above about 3e7)."""
+MAX_ARTIFACT_JSON_BYTES = MAX_ARTIFACT_NUMBERS * JSON_BYTES_PER_NUMBER + (1 << 20)
+"""A JSON artifact larger than this (62 MiB: the largest artifact safeclip writes, plus 1 MiB of metadata) is
+refused before it is read, hashed or parsed: parsing takes several times the file's size in memory."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -56,11 +75,22 @@ def resolve_artifact_path(
 
 
 def read_pinned_json(path: str | os.PathLike[str], sha256: str) -> dict[str, Any]:
-    """Read a JSON artifact only if its bytes hash to ``sha256``."""
+    """Read a JSON artifact only if it is at most :data:`MAX_ARTIFACT_JSON_BYTES` and its bytes hash to ``sha256``."""
+    limit = MAX_ARTIFACT_JSON_BYTES
+
+    def too_big() -> ArtifactIntegrityError:
+        return ArtifactIntegrityError(f"artifact {str(path)!r} is larger than {limit >> 20} MiB, more than a safeclip "
+                                      f"artifact holds ({MAX_ARTIFACT_NUMBERS} numbers at most); refusing to read it")
+
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise too_big()
+            data = f.read(limit + 1)  # bounded even if the file grows while it is read
     except OSError as e:
         raise ArtifactIntegrityError(f"cannot read artifact {str(path)!r}: {e}") from e
+    if len(data) > limit:
+        raise too_big()
     actual = sha256_bytes(data)
     if actual != sha256.lower():
         raise ArtifactIntegrityError(
@@ -75,6 +105,18 @@ def read_pinned_json(path: str | os.PathLike[str], sha256: str) -> dict[str, Any
     if not isinstance(obj, dict):
         raise ArtifactIntegrityError(f"artifact {str(path)!r} must hold a JSON object")
     return obj
+
+
+_T = TypeVar("_T")
+
+
+def load_pinned(path: str | os.PathLike[str], sha256: str, build: Callable[[dict[str, Any]], _T]) -> _T:
+    """``build(read_pinned_json(path, sha256))``; an :class:`ArtifactIntegrityError` from ``build`` names the file."""
+    d = read_pinned_json(path, sha256)
+    try:
+        return build(d)
+    except ArtifactIntegrityError as e:
+        raise ArtifactIntegrityError(f"artifact {str(path)!r}: {e}") from e
 
 
 def jsonable(obj: Any) -> Any:

@@ -17,7 +17,7 @@ The ``probe`` signal it may take comes from :class:`~safeclip.heads.LinearProbe`
 labels sharpen a published head on its own traffic.
 
 Artifacts are JSON written with :func:`~safeclip.artifacts.write_json_atomic` and read back only through
-:func:`~safeclip.artifacts.read_pinned_json` (sha256 pin). Each records the ``encoder_id`` of its embedding space
+:func:`~safeclip.artifacts.load_pinned` (sha256 pin). Each records the ``encoder_id`` of its embedding space
 and refuses to load into another one (:class:`~safeclip.errors.EncoderMismatchError`).
 
 The runtime entry points used by the moderator are :func:`load_calibrators` and :func:`calibrate`. A category
@@ -29,7 +29,7 @@ without a calibrator is marked uncalibrated and gets the documented fallback: it
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,12 +37,13 @@ import numpy as np
 from .arrays import as_binary_labels, require_both_classes, sigmoid, sigmoid_inplace
 from .artifacts import (
     ARTIFACT_FORMAT,
+    MAX_LOGIT_BOUND,
     check_artifact,
     check_encoder,
     finite_number,
     float_list,
     jsonable,
-    read_pinned_json,
+    load_pinned,
     write_json_atomic,
 )
 from .errors import (
@@ -60,7 +61,9 @@ __all__ = [
     "KNOWN_SIGNALS",
     "METHODS",
     "Calibrator",
+    "PolicyCalibrators",
     "calibrate",
+    "head_categories",
     "load_calibrators",
     "missing_inputs",
     "probability_basis",
@@ -80,6 +83,7 @@ ISOTONIC_EPS = 1e-4
 _PLATT_C = 1e4
 
 _CALIBRATOR_KIND = "safeclip.calibrator"
+_FLOAT32_SAFE = float(np.finfo(np.float32).max) / 10  # a margin for the rounding of a few float32 adds
 
 
 def _as_signals(signals: Any, k: int, *, keep_float32: bool) -> np.ndarray:
@@ -98,9 +102,7 @@ def _as_signals(signals: Any, k: int, *, keep_float32: bool) -> np.ndarray:
     elif s.ndim != 2 or s.shape[1] != k:
         raise ConfigError(f"signals must be (n,) or (n, {k}), got shape {s.shape}")
     if not np.isfinite(s).all():
-        raise ConfigError(
-            "signals contain NaN or infinity (a NaN probe column means the policy has no probe for this category)"
-        )
+        raise ConfigError("signals contain NaN or infinity: a calibrator is fitted and applied on finite signals only")
     return s
 
 
@@ -379,6 +381,12 @@ class Calibrator:
             raise ArtifactIntegrityError(f"{kind} artifact: {coef.size} coefficients for {len(self.inputs)} inputs")
         self.coef_ = coef
         self.intercept_ = finite_number(d, "intercept", kind)
+        # Applied in float32 (sigmoid on float32 signals): the score must stay finite for any signal the score stage
+        # can produce (|signal| <= MAX_LOGIT_BOUND), or inf - inf would give a NaN probability.
+        bound = float(np.abs(coef).sum()) * MAX_LOGIT_BOUND + abs(self.intercept_)
+        if not bound <= _FLOAT32_SAFE:
+            raise ArtifactIntegrityError(f"{kind} artifact: coefficients {coef.tolist()} can overflow the float32 "
+                                         f"score for signals up to {MAX_LOGIT_BOUND:g}; no calibration is that steep")
         self.x_thresholds_ = self.y_thresholds_ = None
         if method_ == "isotonic":
             xt = float_list(d, "x_thresholds", kind)
@@ -406,14 +414,32 @@ class Calibrator:
     @classmethod
     def load(cls, path: str | os.PathLike[str], sha256: str, encoder_id: str | None = None) -> Calibrator:
         """Load a pinned artifact; :class:`EncoderMismatchError` if it records another ``encoder_id``."""
-        cal = cls.from_dict(read_pinned_json(path, sha256))
+        cal = load_pinned(path, sha256, cls.from_dict)
         check_encoder(cal.encoder_id, encoder_id, f"calibrator {os.fspath(path)!r}")
         return cal
 
 
-def load_calibrators(policy: Any, encoder_id: str | None) -> dict[str, Calibrator]:
-    """Load every calibrator a policy names (pinned), checked against ``encoder_id``; keyed by category."""
-    out: dict[str, Calibrator] = {}
+class PolicyCalibrators(dict[str, Calibrator]):
+    """The calibrators of one policy, keyed by category, that also record which categories name a head.
+
+    :func:`load_calibrators` returns one, so that :func:`calibrate` takes "this category has a head" from the policy,
+    never from a batch's values (a head that outputs NaN for every row of a batch is still a head).
+    """
+
+    def __init__(self, calibrators: Mapping[str, Calibrator] | None = None, *, heads: Iterable[str] = ()) -> None:
+        super().__init__(calibrators or {})
+        self.heads = frozenset(heads)
+
+
+def head_categories(policy: Any) -> frozenset[str]:
+    """The names of the policy's categories that name a head."""
+    return frozenset(c.name for c in policy.categories if getattr(c, "head", None) is not None)
+
+
+def load_calibrators(policy: Any, encoder_id: str | None) -> PolicyCalibrators:
+    """Load every calibrator a policy names (pinned), checked against ``encoder_id``; keyed by category (with the
+    categories that name a head, for :func:`calibrate`)."""
+    out = PolicyCalibrators(heads=head_categories(policy))
     problems: list[str] = []
     for cat in policy.categories:
         ref = getattr(cat, "calibrator", None)
@@ -436,33 +462,56 @@ def missing_inputs(cal: Calibrator, category: Any) -> list[str]:
 def probability_basis(policy: Any, calibrators: Mapping[str, Calibrator]) -> tuple[str, ...]:
     """Per category, what its probability is: ``"calibrator"``, ``"head"`` (an uncalibrated category's head's own
     probability) or ``"prompt"`` (the prompt ensemble's softmax mass, the last fallback)."""
-    return tuple("calibrator" if c.name in calibrators else "head" if getattr(c, "head", None) is not None
-                 else "prompt" for c in policy.categories)
+    heads = head_categories(policy)
+    return tuple("calibrator" if c.name in calibrators else "head" if c.name in heads else "prompt"
+                 for c in policy.categories)
 
 
-def calibrate(scores: Any, calibrators: Mapping[str, Calibrator]) -> tuple[np.ndarray, np.ndarray]:
+def calibrate(scores: Any, calibrators: Mapping[str, Calibrator], *,
+              heads: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(N, C)`` probabilities and the ``(C,)`` bool mask of calibrated categories for a :class:`Scores`.
 
     Categories without a calibrator get ``sigmoid(head)`` where they have a head, else ``sigmoid(prompt)``: the
-    uncalibrated fallbacks (:func:`probability_basis`).
+    uncalibrated fallbacks (:func:`probability_basis`). Which categories have a head comes from the policy: ``heads``
+    (their names), else ``calibrators.heads`` (a :class:`PolicyCalibrators` from :func:`load_calibrators`); never
+    from the values. A row whose signals are not finite (a head that gave NaN) gets a NaN probability, which the
+    decide stage reports as an error and never allows.
     """
     prompt = np.asarray(scores.prompt)
-    probe = np.asarray(scores.probe)
-    head = np.asarray(scores.head) if getattr(scores, "head", None) is not None else np.full(prompt.shape, np.nan)
-    dtype = np.float32 if prompt.dtype == np.float32 else np.float64
     n, c = prompt.shape
+    has_head_array = getattr(scores, "head", None) is not None
+    named = heads if heads is not None else getattr(calibrators, "heads", None)
+    if named is None and has_head_array:
+        raise ConfigError("calibrate() needs to know which categories name a head: pass heads=(names) from the "
+                          "policy, or calibrators from load_calibrators()")
+    with_head = frozenset(named or ())
+    probe = np.asarray(scores.probe)
+    head = np.asarray(scores.head) if has_head_array else np.full(prompt.shape, np.nan, prompt.dtype)
+    dtype = np.float32 if prompt.dtype == np.float32 else np.float64
     probs = np.empty((n, c), dtype)
     mask = np.zeros(c, bool)
     for j, name in enumerate(scores.categories):
         cal = calibrators.get(name)
         if cal is None:
-            # A category without a head has an all-NaN head column; one with a head keeps a NaN row NaN (never
-            # decided) rather than falling back to the prompt for it.
-            has_head = not np.isnan(head[:, j]).all()
-            probs[:, j] = sigmoid(head[:, j] if has_head else prompt[:, j])
+            # A category with a head keeps a NaN row NaN (never decided), and never falls back to the prompt.
+            probs[:, j] = sigmoid(head[:, j] if name in with_head else prompt[:, j])
             continue
         cols = {"prompt": prompt[:, j], "probe": probe[:, j], "head": head[:, j]}
         sig = cols[cal.inputs[0]] if len(cal.inputs) == 1 else np.column_stack([cols[s] for s in cal.inputs])
-        probs[:, j] = cal.predict_proba(sig)
+        probs[:, j] = _predict_finite_rows(cal, sig)
         mask[j] = True
     return probs, mask
+
+
+def _predict_finite_rows(cal: Calibrator, sig: np.ndarray) -> np.ndarray:
+    """``cal.predict_proba(sig)``, with NaN for the rows whose signals are not all finite (not the batch's error)."""
+    try:  # the common case costs nothing more: predict_proba checks finiteness itself
+        return cal.predict_proba(sig)
+    except ConfigError:
+        ok = np.isfinite(sig) if sig.ndim == 1 else np.isfinite(sig).all(axis=1)
+        if ok.all():  # refused for another reason
+            raise
+    out = np.full(sig.shape[0], np.nan, np.float32 if sig.dtype == np.float32 else np.float64)
+    if ok.any():
+        out[ok] = cal.predict_proba(sig[ok])
+    return out

@@ -21,26 +21,44 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import sigmoid
+from .arrays import NORM_TOLERANCE, sigmoid
 from .artifacts import (
     ARTIFACT_FORMAT,
+    MAX_ARTIFACT_NUMBERS,
+    MAX_LOGIT_BOUND,
     check_artifact,
     check_encoder,
     finite_number,
     float_list,
     jsonable,
-    read_pinned_json,
+    load_pinned,
     write_json_atomic,
 )
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
-__all__ = ["MAX_HEAD_PARAMETERS", "MLPHead", "MLP_KIND", "LinearProbe", "PROBE_KIND", "load_head"]
+__all__ = ["MAX_HEAD_PARAMETERS", "MAX_LOGIT_BOUND", "MLPHead", "MLP_KIND", "LinearProbe", "PROBE_KIND", "load_head"]
 
 PROBE_KIND = "safeclip.probe"
 MLP_KIND = "safeclip.mlp_head"
 _SIGNAL_NAMES = ("prompt", "probe", "head")  # what a head's output may not be called (Decisions report both)
-MAX_HEAD_PARAMETERS = 50_000_000
-"""An MLP head with more parameters than this is refused before its arrays are built (LAION's are under 300k)."""
+MAX_HEAD_PARAMETERS = MAX_ARTIFACT_NUMBERS
+"""An MLP head with more parameters than this (2M) is refused before its arrays are built (LAION's are under 300k);
+its JSON would not fit :data:`~safeclip.artifacts.MAX_ARTIFACT_JSON_BYTES` either."""
+_MAX_INPUT_NORM = 1.0 + NORM_TOLERANCE  # the largest embedding norm the score stage accepts
+
+
+def _check_logit_bound(layers: tuple[tuple[np.ndarray, np.ndarray], ...]) -> None:
+    """ValueError unless every array is finite and the worst-case ``|logit|`` is at most :data:`MAX_LOGIT_BOUND`."""
+    bound = _MAX_INPUT_NORM
+    with np.errstate(over="ignore", invalid="ignore"):
+        for w, b in layers:
+            bound = float(np.linalg.norm(w)) * bound + float(np.linalg.norm(b))
+            if not (np.isfinite(w).all() and np.isfinite(b).all()):
+                bound = np.inf
+    if not bound <= MAX_LOGIT_BOUND:  # NaN-safe: NaN fails every comparison
+        raise ValueError(f"its logit can reach {bound:.3g} for a unit embedding, more than "
+                         f"{MAX_LOGIT_BOUND:g} (weights as applied are not finite or far too large for a trained "
+                         "head, e.g. a zero variance over a tiny epsilon): it would score inf or NaN")
 
 
 class _JSONArtifact:
@@ -104,6 +122,7 @@ class LinearProbe(_JSONArtifact):
         coef_ = np.ascontiguousarray(np.asarray(coef, np.float32).ravel())
         if coef_.size == 0 or not np.isfinite(coef_).all() or not np.isfinite(intercept):
             raise ValueError("probe coefficients and intercept must be finite and non-empty")
+        _check_logit_bound(((coef_[None, :].astype(np.float64), np.array([float(intercept)])),))
         self.coef_ = coef_
         self.intercept_ = float(intercept)
         self.encoder_id = encoder_id
@@ -153,7 +172,10 @@ class LinearProbe(_JSONArtifact):
         coef = float_list(d, "coef", "probe")
         if not isinstance(dim, int) or isinstance(dim, bool) or coef.shape != (dim,) or dim < 1:
             raise ArtifactIntegrityError(f"probe artifact: 'dim' {dim!r} does not match {coef.size} coefficients")
-        return cls(coef, finite_number(d, "intercept", "probe"), encoder_id=enc, metadata=meta)
+        try:
+            return cls(coef, finite_number(d, "intercept", "probe"), encoder_id=enc, metadata=meta)
+        except ValueError as e:
+            raise ArtifactIntegrityError(f"probe artifact: {e}") from e
 
     @classmethod
     def load(
@@ -165,7 +187,7 @@ class LinearProbe(_JSONArtifact):
         dim: int | None = None,
     ) -> LinearProbe:
         """Load a pinned artifact; :class:`EncoderMismatchError` on another ``encoder_id`` or ``dim``."""
-        return _in_space(cls.from_dict(read_pinned_json(path, sha256)), path, encoder_id, dim, "probe")
+        return _in_space(load_pinned(path, sha256, cls.from_dict), path, encoder_id, dim, "probe")
 
 
 class MLPHead(_JSONArtifact):
@@ -244,8 +266,16 @@ class MLPHead(_JSONArtifact):
             self.standardize = {"mean": mean, "variance": var, "epsilon": eps}
             # Folded into the first layer, in float64: W (x - m) / d + b = (W / d) x + (b - (W / d) m).
             w1, b1 = self._layers64[0]
-            w1 = w1 / denom
-            self._layers64 = ((w1, b1 - w1 @ mean.astype(np.float64)),) + self._layers64[1:]
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                w1 = w1 / denom
+                b1 = b1 - w1 @ mean.astype(np.float64)
+            if not (np.isfinite(w1).all() and np.isfinite(b1).all()):
+                raise ValueError("standardize: folding 1 / (sqrt(variance) + epsilon) into the first layer overflows "
+                                 "(a zero variance needs an epsilon far above the smallest float, e.g. 1e-10)")
+            self._layers64 = ((w1, b1),) + self._layers64[1:]
+        # Checked as applied (the fold can overflow what was finite in the file): inf or NaN weights, or weights so
+        # large that a logit overflows, would score every image NaN.
+        _check_logit_bound(self._layers64)
         self.metadata: dict[str, Any] = jsonable(dict(metadata or {}))
 
     def __repr__(self) -> str:
@@ -369,7 +399,7 @@ def load_head(
     except OSError as e:
         raise ArtifactIntegrityError(f"cannot read artifact {os.fspath(path)!r}: {e}") from e
     if first in (b"{", b" ", b"\n"):
-        head = MLPHead.from_dict(read_pinned_json(path, sha256))
+        head = load_pinned(path, sha256, MLPHead.from_dict)
     else:
         # Converting LAION's .pth needs torch.load(weights_only=True): imported here, once per published file.
         from .importers import load_published_head

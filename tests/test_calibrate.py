@@ -31,6 +31,7 @@ from safeclip.heads import LinearProbe
 from safeclip.policy import ArtifactRef
 from safeclip.errors import (
     ArtifactIntegrityError,
+    ConfigError,
     EncoderMismatchError,
     PolicyError,
     SafeclipError,
@@ -339,7 +340,7 @@ def test_an_uncalibrated_category_with_a_head_uses_the_heads_probability(tmp_pat
     head[:, 1] = rng.normal(size=40)
     head[3, 1] = np.nan  # a row the head could not score stays undecided, never falls back to the prompt
     scores = SimpleNamespace(categories=("a", "b"), prompt=prompt, probe=np.full_like(prompt, np.nan), head=head)
-    probs, mask = calibrate(scores, {})
+    probs, mask = calibrate(scores, {}, heads=("b",))
     assert mask.tolist() == [False, False]
     np.testing.assert_allclose(probs[:, 0], sigmoid(prompt[:, 0]), rtol=1e-6)
     keep = np.arange(40) != 3
@@ -365,3 +366,103 @@ def test_a_calibrator_over_the_head_signal_needs_a_head(tmp_path: Path) -> None:
     probs, mask = calibrate(scores, cals)
     assert mask.tolist() == [True]
     np.testing.assert_allclose(probs[:, 0], cal.predict_proba(sig.astype(np.float32)), rtol=1e-5)
+
+
+# ------------------------------------------------------------------- issue 21.1: a head comes from the policy
+
+
+def test_a_head_that_gives_nan_for_a_whole_batch_is_still_a_head() -> None:
+    """Regression (issue 21.1): an all-NaN head column was taken for "no head" and the prompt decided instead, while
+    the Decision said basis=head. The policy says which categories have a head; NaN rows stay NaN, never allowed."""
+    from safeclip.decide import decide_codes, nonfinite_rows
+
+    rng = np.random.default_rng(4)
+    prompt = rng.normal(-6.0, 0.1, size=(3, 2)).astype(np.float32)  # the prompt alone would allow every row
+    head = np.full_like(prompt, np.nan)  # the head (category "b") gave NaN for this whole batch
+    scores = SimpleNamespace(categories=("a", "b"), prompt=prompt, probe=np.full_like(prompt, np.nan), head=head)
+    policy = SimpleNamespace(categories=(SimpleNamespace(name="a", head=None, calibrator=None),
+                                         SimpleNamespace(name="b", head=object(), calibrator=None)))
+    cals = load_calibrators(policy, None)
+    assert cals == {} and cals.heads == {"b"} and probability_basis(policy, cals) == ("prompt", "head")
+    for probs, _ in (calibrate(scores, cals), calibrate(scores, {}, heads=("b",))):
+        assert np.isnan(probs[:, 1]).all()
+        np.testing.assert_allclose(probs[:, 0], sigmoid(prompt[:, 0]), rtol=1e-6)
+        thresholds = SimpleNamespace(categories=(SimpleNamespace(flag=0.5, block=0.9),) * 2)
+        assert nonfinite_rows(probs).all() and (decide_codes(probs, thresholds).max(axis=1) == 2).all()
+    # A batch where another image's head output is finite: the NaN row is still NaN, the other one decided.
+    head[1, 1] = -3.0
+    probs, _ = calibrate(scores, cals)
+    assert nonfinite_rows(probs).tolist() == [True, False, True]
+    assert probs[1, 1] == pytest.approx(1 / (1 + np.exp(3.0)))
+    # Without the policy's answer there is nothing safe to assume.
+    with pytest.raises(ConfigError, match="which categories name a head"):
+        calibrate(scores, {})
+
+
+def test_a_nan_signal_row_of_a_calibrated_category_is_nan_not_the_batchs_error() -> None:
+    """Regression (issue 21.1, probes and heads behind a calibrator): one NaN row made the whole batch a ConfigError;
+    now that row's probability is NaN (an error for that image alone) and the others are calibrated."""
+    from safeclip.calibrate import PolicyCalibrators
+
+    rng = np.random.default_rng(5)
+    y = np.r_[np.zeros(60), np.ones(60)]
+    sig = np.column_stack([rng.normal(y, 1), rng.normal(2 * y, 1)])
+    for signal in ("probe", "head"):
+        cal = Calibrator("sigmoid", inputs=("prompt", signal)).fit(sig, y)
+        prompt = sig[:, :1].astype(np.float32)
+        other = sig[:, 1:].astype(np.float32)
+        other[7, 0] = np.nan
+        nan = np.full_like(prompt, np.nan)
+        scores = SimpleNamespace(categories=("a",), prompt=prompt, probe=other if signal == "probe" else nan,
+                                 head=other if signal == "head" else nan)
+        probs, mask = calibrate(scores, PolicyCalibrators({"a": cal}, heads=("a",) if signal == "head" else ()))
+        assert mask.tolist() == [True] and np.isnan(probs[7, 0]) and np.isfinite(np.delete(probs[:, 0], 7)).all()
+        keep = np.arange(120) != 7
+        np.testing.assert_allclose(probs[keep, 0], cal.predict_proba(np.column_stack([prompt, other])[keep]),
+                                   rtol=1e-6)
+
+
+def test_a_compiled_policy_never_lets_the_prompt_stand_in_for_a_nan_head(tmp_path: Path, monkeypatch) -> None:
+    """Regression (issue 21.1), end to end: a head that scores NaN for an image alone made that image's category
+    fall back to the prompt (`allow`, reported as basis=head). Its probability is NaN now: no decision, fail closed."""
+    import yaml
+
+    from conftest import OrthoTexts, unit
+    from safeclip.compiled import CompiledPolicy
+    from safeclip.decide import build_decision, decide_codes, nonfinite_rows
+    from safeclip.errors import DataError
+    from safeclip.heads import MLPHead
+    from safeclip.policy import load_policy
+
+    rng = np.random.default_rng(6)
+    head = MLPHead([(rng.normal(size=(4, 512)), np.zeros(4)), (rng.normal(size=(1, 4)), np.zeros(1))],
+                   encoder_id="space")
+    sha = head.save(tmp_path / "h.json")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"name": "p", "version": "1", "extends": "default", "categories": {
+        "sexual": {"head": {"path": "h.json", "sha256": sha}}}}))
+    policy = load_policy(tmp_path / "p.yaml")
+    comp = CompiledPolicy.build(policy, OrthoTexts(512), "space")
+    j = policy.category_names.index("sexual")
+    assert comp.basis[j] == "head"
+    x = unit(rng.normal(size=(2, 512)))
+    monkeypatch.setattr(MLPHead, "decision_function", lambda self, X: np.full(len(X), np.nan))
+    for rows in ([0], [0, 1]):  # the image alone, and batched with another
+        scores = comp.scorer.score(x[rows])
+        probs, calibrated = comp.probabilities(scores)
+        assert np.isnan(probs[:, j]).all() and nonfinite_rows(probs).all()
+        assert (decide_codes(probs, policy)[:, j] == 2).all()
+        with pytest.raises(DataError, match="sexual"):
+            build_decision(policy, probs[0], calibrated, scores.row_signals(0), encoder_id="space", basis=comp.basis)
+
+
+@pytest.mark.parametrize("coef, intercept", [([3e38, -3e38], 0.0), ([1e9, 0.0], 0.0), ([1.0, 1.0], 3e38)])
+def test_a_calibrator_whose_float32_score_can_overflow_is_refused(coef, intercept) -> None:
+    """Regression (issue 21.1, "every derived array"): coefficients near float32's limit pass as finite numbers, but
+    the float32 score of finite signals became inf - inf = NaN, a NaN probability for a normal image."""
+    rng = np.random.default_rng(8)
+    y = np.r_[np.zeros(60), np.ones(60)]
+    d = Calibrator("sigmoid", inputs=("prompt", "probe")).fit(np.column_stack([rng.normal(y), rng.normal(y)]),
+                                                              y).to_dict()
+    d.update(coef=coef, intercept=intercept)
+    with pytest.raises(ArtifactIntegrityError, match="overflow"):
+        Calibrator.from_dict(d)

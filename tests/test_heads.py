@@ -100,3 +100,69 @@ def test_evaluation_never_needs_torch() -> None:
             "h = MLPHead([(np.ones((2, 4)), np.zeros(2)), (np.ones((1, 2)), np.zeros(1))], encoder_id='e'); "
             "h.predict_proba(np.full((3, 4), 0.5)); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _pinned_file(tmp_path, d: dict, name: str = "h.json"):
+    from safeclip.artifacts import sha256_bytes
+
+    data = json.dumps(d).encode()
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name, sha256_bytes(data)
+
+
+def test_a_standardisation_that_folds_to_inf_is_refused_at_load_and_by_lint(tmp_path) -> None:
+    """Regression (issue 21.1): finite float32 numbers in the file (variance 0, epsilon 1e-320) fold into an inf first
+    layer; the head then scored every image NaN. Refused at load, naming the file, so `policy lint` refuses it."""
+    import yaml
+
+    from safeclip.compiled import lint_policy
+    from safeclip.errors import PolicyError
+
+    d = _head(np.random.default_rng(4)).to_dict()
+    d["standardize"] = {"mean": [0.0] * 16, "variance": [0.0] * 16, "epsilon": 1e-320}
+    path, sha = _pinned_file(tmp_path, d)
+    with pytest.raises(ArtifactIntegrityError, match="overflows") as ei:
+        load_head(path, sha)
+    assert str(path) in str(ei.value)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(yaml.safe_dump({"name": "p", "version": "1", "extends": "default",
+                                      "categories": {"sexual": {"head": {"path": "h.json", "sha256": sha}}}}))
+    with pytest.raises(PolicyError, match=r"categories\.sexual\.head: .*h\.json.*overflows"):
+        lint_policy(policy)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["layers"][0].update(weight=[3e38] * 128),  # finite float32; the logit overflows float32
+    lambda d: d.update(standardize={"mean": [0.0] * 16, "variance": [0.0] * 16, "epsilon": 1e-300}),  # finite fold
+    lambda d: d["layers"][-1].update(bias=[1e31]),
+])
+def test_weights_whose_logit_can_overflow_are_refused(tmp_path, edit) -> None:
+    """Regression (issue 21.1): every array as applied is finite, but a logit can reach inf (then NaN downstream)."""
+    d = _head(np.random.default_rng(5)).to_dict()
+    edit(d)
+    path, sha = _pinned_file(tmp_path, d)
+    with pytest.raises(ArtifactIntegrityError, match="logit can reach"):
+        load_head(path, sha)
+
+
+def test_a_probe_whose_logit_can_overflow_is_refused(tmp_path) -> None:
+    """Regression (issue 21.1, probes): coefficients near float32's limit give an inf (or NaN) logit."""
+    from safeclip.heads import LinearProbe
+
+    d = LinearProbe(np.full(8, 0.1), 0.0, encoder_id="e").to_dict()
+    d["coef"] = [3e38, -3e38] * 4
+    path, sha = _pinned_file(tmp_path, d, "p.json")
+    with pytest.raises(ArtifactIntegrityError, match=r"p\.json.*logit can reach"):
+        LinearProbe.load(path, sha)
+
+
+def test_published_heads_are_far_inside_the_logit_bound(laion_dir, tmp_path) -> None:
+    from safeclip.heads import MAX_LOGIT_BOUND
+    from safeclip.importers import PUBLISHED, load_published_head
+
+    for pub in PUBLISHED:
+        head = load_published_head(laion_dir / pub.filename, pub.sha256, cache_dir=tmp_path)
+        bound = 1.01
+        for w, b in head._layers64:
+            bound = np.linalg.norm(w) * bound + np.linalg.norm(b)
+        assert bound < MAX_LOGIT_BOUND * 1e-20, pub.filename
