@@ -33,6 +33,7 @@ An artifact is a local ``path`` (relative to the policy file) or a public ``url`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.resources
 import os
 import re
@@ -145,10 +146,58 @@ class Policy:
                 return c
         raise UnknownCategoryError(f"policy {self.id} has no category {name!r}; it has {list(self.category_names)}")
 
+    def to_dict(self, relative_to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """The policy as a document :func:`load_policy` reads back to an equal policy: ``extends`` resolved, every
+        field written out (what ``safeclip policy show`` prints).
+
+        Artifact paths are written relative to the folder ``relative_to`` when they lie inside it (save the document
+        there), else absolute (loading it then needs ``allow_outside``). A category's templates are written only
+        where they differ from ``scoring.templates``.
+        """
+        base = Path(relative_to).resolve() if relative_to is not None else None
+
+        def artifact(ref: ArtifactRef | None) -> dict[str, str] | None:
+            if ref is None:
+                return None
+            if ref.path is None:
+                return {"url": str(ref.url), "sha256": ref.sha256}
+            path = ref.path
+            if base is not None and path.is_relative_to(base):
+                return {"path": path.relative_to(base).as_posix(), "sha256": ref.sha256}
+            return {"path": str(path), "sha256": ref.sha256}
+
+        # A loaded policy keeps only each category's templates: the most common set stands for scoring.templates.
+        counts: dict[tuple[str, ...], int] = {}
+        for c in self.categories:
+            counts[c.templates] = counts.get(c.templates, 0) + 1
+        templates = list(max(counts, key=counts.__getitem__)) if counts else []
+        doc: dict[str, Any] = {"name": self.name, "version": self.version}
+        if self.description:
+            doc["description"] = self.description
+        if self.encoder:
+            doc["encoder"] = dict(self.encoder)
+        doc["scoring"] = {"logit_scale": self.logit_scale, "templates": templates, "neutral": list(self.neutral),
+                          "top_prompts": self.top_prompts}
+        cats: dict[str, Any] = {}
+        for c in self.categories:
+            entry: dict[str, Any] = {}
+            if c.description:
+                entry["description"] = c.description
+            entry["prompts"] = list(c.prompts)
+            entry["contrast"] = list(c.contrast)
+            if list(c.templates) != templates:
+                entry["templates"] = list(c.templates)
+            entry["thresholds"] = {"flag": c.flag, "block": c.block}
+            for key in _ARTIFACT_KEYS:
+                ref = artifact(getattr(c, key))
+                if ref is not None:
+                    entry[key] = ref
+            cats[c.name] = entry
+        doc["categories"] = cats
+        return doc
+
     def with_thresholds(self, name: str, *, flag: float | None, block: float | None) -> Policy:
         """A copy with one category's thresholds changed (for notebooks): ``p.with_thresholds("drugs", flag=.4, block=.9)``."""
-        import dataclasses
-
         _check_thresholds(flag, block, name)
         cats = tuple(dataclasses.replace(c, flag=flag, block=block) if c.name == name else c for c in self.categories)
         self.category(name)
@@ -529,15 +578,18 @@ def load_policy(
         categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, **refs))
     if not categories and isinstance(cats_raw, dict) and cats_raw:
         problems.append(at("categories: every category is disabled"))
-    shipped = builtin_policy_dir() / f"{name}.yaml"
-    if not problems and shipped.is_file() and shipped.resolve() != path.resolve():
-        if _read_yaml(shipped).get("version") == data.get("version"):
-            problems.append(at(f"name/version: {name}@{version} is the id of a shipped policy; give this file its "
-                               "own name or version so that decisions say which policy decided"))
     if problems:
         raise PolicyError(problems)
-    return Policy(
+    policy = Policy(
         name=name, version=str(version), description=description.strip(), categories=tuple(categories),
         logit_scale=float(logit_scale), neutral=neutral, top_prompts=int(top), encoder=dict(encoder),
         source=str(path),
     )
+    shipped = builtin_policy_dir() / f"{name}.yaml"
+    if shipped.is_file() and shipped.resolve() != path.resolve():
+        # A copy that decides exactly as the shipped policy (``policy show``'s output) may keep its id.
+        if _read_yaml(shipped).get("version") == data.get("version") and dataclasses.replace(
+                load_policy(shipped), source=None) != dataclasses.replace(policy, source=None):
+            raise PolicyError(at(f"name/version: {name}@{version} is the id of a shipped policy; give this file its "
+                                 "own name or version so that decisions say which policy decided"))
+    return policy

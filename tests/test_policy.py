@@ -208,9 +208,13 @@ def test_a_local_file_named_like_a_shipped_policy_does_not_shadow_it(tmp_path, m
 
 
 def test_a_file_may_not_claim_a_shipped_policy_id(tmp_path):
-    f = write(tmp_path, "mine.yaml", {"name": "default", "version": "1.0", "extends": "default"})
+    f = write(tmp_path, "mine.yaml", {"name": "default", "version": "1.0", "extends": "default",
+                                      "categories": {"drugs": {"thresholds": {"flag": 0.2}}}})
     with pytest.raises(PolicyError, match="id of a shipped policy"):
         load_policy(f)
+    # A copy that decides exactly as the shipped policy (what `policy show` prints) keeps its id.
+    same = write(tmp_path, "same.yaml", {"name": "default", "version": "1.0", "extends": "default"})
+    assert load_policy(same).id == "default@1.0"
     assert load_policy(write(tmp_path, "ok.yaml", {"name": "default", "version": "1.0+mine",
                                                     "extends": "default"})).id == "default@1.0+mine"
 
