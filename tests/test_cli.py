@@ -137,6 +137,20 @@ def test_a_closed_pipe_ends_quietly_with_exit_0():
     assert proc.returncode == 0
 
 
+def test_check_on_a_folder_points_at_audit_in_one_line(tmp_path, capsys):
+    """Regression (issue 21): `safeclip check DIR` loaded the model, then failed on the folder as on a bad file.
+    It now says in one line, before any model loads, that check takes files and how to audit the folder."""
+    folder = tmp_path / "my uploads"
+    folder.mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"not decoded: the folder is refused first")
+    assert main(["check", str(tmp_path / "a.jpg"), str(folder), "--model", "local-dir:/nowhere"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == "", captured
+    assert "is a folder" in lines[0] and "takes image files" in lines[0]
+    assert f"safeclip audit '{folder}' --out results.parquet" in lines[0]
+
+
 def test_check_batch_size_zero_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["check", "x.jpg", "--batch-size", "0"])
