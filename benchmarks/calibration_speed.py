@@ -554,14 +554,14 @@ def section_fit(n: int, full_cv: bool) -> None:
         print(f"  {label:62s} {time.perf_counter() - t0:6.2f} s")
         return out
 
-    probe: LinearProbe = timed("train_probe (defaults: 6 Cs, 5-fold CV on a 20k subsample, refit)",
+    probe: LinearProbe = timed("train_probe (defaults: 19 Cs, 5-fold CV on a 20k subsample, refit)",
                                lambda: train_probe(X, y, encoder_id="bench"))
     with threadpool_limits(1):
         timed("  same, BLAS limited to 1 thread", lambda: train_probe(X, y, encoder_id="bench"))
     timed("train_probe, 3 Cs, 3-fold CV on a 10k subsample", lambda: train_probe(
         X, y, encoder_id="bench", Cs=(1e-2, 1e-1, 1.0), cv=3, cv_max_samples=10_000))
     if full_cv:
-        timed("train_probe, 6 Cs, 5-fold CV on all rows (no subsample)",
+        timed("train_probe, 19 Cs, 5-fold CV on all rows (no subsample)",
               lambda: train_probe(X, y, encoder_id="bench", cv_max_samples=None))
     print(f"    chose C={probe.metadata['C']}, CV AUC {probe.metadata['cv_auc']:.4f}, "
           f"log-loss {probe.metadata['cv_log_loss']:.4f}, {probe.metadata['n_iter']} lbfgs iterations in the refit")

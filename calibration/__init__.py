@@ -11,7 +11,7 @@ module         owns
 =============  ==============================================================================================
 data           labelled data: :func:`load_labeled` (file or table, embeddings or image paths) -> :class:`LabeledData`
 split          the grouped, stratified split (:func:`grouped_split`; identical embeddings stay together)
-probes         :func:`train_probe`: logistic-regression probes, C by cross-validated log-loss
+probes         :func:`train_probe`: logistic-regression probes, C by cross-validated ROC AUC
 calibrators    :func:`fit_calibrator`: a fitted Calibrator from raw signals
 thresholds     :func:`choose_thresholds`: flag / block thresholds whose targets hold with a confidence
 report         :func:`evaluate` -> :class:`Report` (AUCs, ECE, Brier, reliability, confusion) and its plots

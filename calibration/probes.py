@@ -1,7 +1,12 @@
-"""Linear probes on frozen embeddings: logistic regression with C chosen by cross-validated log-loss.
+"""Linear probes on frozen embeddings: logistic regression with C chosen by cross-validated ROC AUC.
 
 The probe's logit is a category's ``probe`` signal (:class:`safeclip.heads.LinearProbe`, score stage); calibrate it
 (:func:`~safeclip.calibration.fit_calibrator`) on rows the probe was not trained on before using it.
+
+C is chosen by the held-out ROC AUC, not the log-loss: a calibrator always maps the probe's logit to a probability
+afterwards (a monotone map), so only the ranking the logit gives survives. The log-loss also scores the logit's
+scale, which prefers a weak penalty; on frozen CLIP embeddings (many dimensions, few labels) a strong penalty often
+ranks best (it leans towards the class-mean difference), and a log-loss rule misses it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from safeclip.heads import LinearProbe
 
 __all__ = ["DEFAULT_CS", "data_sha256", "train_probe"]
 
-# C for probes applies to embeddings scaled by sqrt(D): unit-norm embeddings then have unit-variance coordinates.
-DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+# C for probes applies to embeddings scaled by sqrt(D): unit-norm embeddings then have unit-variance coordinates, and
+# C on raw unit-norm embeddings is D times this. Two per decade from 1e-7 to 1e2: for 512- to 1024-d embeddings this
+# spans scikit-learn LogisticRegressionCV's default grid on raw embeddings (1e-4 to 1e4), and a finer step.
+DEFAULT_CS: tuple[float, ...] = tuple(float(f"{10.0 ** (k / 2):.3g}") for k in range(-14, 5))
 
 
 def data_sha256(X: np.ndarray, y: np.ndarray) -> str:
@@ -48,19 +55,23 @@ def train_probe(
     random_state: int = 0,
     cv_max_samples: int | None = 20_000,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
 ) -> LinearProbe:
-    """Train a logistic-regression probe on ``(n, D)`` embeddings; C chosen by cross-validated log-loss.
+    """Train a logistic-regression probe on ``(n, D)`` embeddings; C chosen by cross-validated ROC AUC.
 
     Features are scaled by ``sqrt(D)`` for the fit (``Cs`` refer to that scale; the stored coefficients act on the
     raw embeddings). C is chosen on at most ``cv_max_samples`` rows (a stratified, seeded subsample: with
     hundreds of thousands of rows the penalty hardly matters, and the search would dominate the cost), by the
-    held-out log-loss weighted like the training loss (``class_weight``), with ``cv`` stratified folds and a
-    warm-started path over ``Cs``; ties go to the smaller C. The probe is then refit on all rows.
+    held-out ROC AUC averaged over ``cv`` stratified folds, along a warm-started path over ``Cs``; ties go to the
+    smaller C. The probe is then refit on all rows. Only the ranking is chosen for: the logit's scale is the
+    calibrator's job (its balanced-prior ``predict_proba`` is not a probability to threshold). ``tol`` is lbfgs's
+    gradient tolerance on the scaled features: 1e-3 there is ``1e-3 / sqrt(D)`` on the raw embeddings, tighter
+    than scikit-learn's default 1e-4 on them for any D >= 100.
 
     ``metadata`` records: ``data_sha256`` (sha256 of the float32 C-order bytes of X, then the uint8 bytes of y),
-    ``n``, ``n_pos``, ``positive_rate``, ``C``, ``cv_log_loss`` / ``cv_auc`` (mean over folds, per C and at the
-    chosen C), ``cv_samples``, and the training settings.
+    ``n``, ``n_pos``, ``positive_rate``, ``C``, ``cv_criterion`` (``"roc_auc"``), ``cv_auc`` / ``cv_log_loss``
+    (mean over folds, per C and at the chosen C; the log-loss weighted like the training loss), ``cv_samples``,
+    and the training settings.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -136,7 +147,7 @@ def train_probe(
                 coefs[f, i, dim] = clf.intercept_[0]
     mean_loss = losses.mean(axis=0)
     mean_auc = aucs.mean(axis=0)
-    best = int(np.argmin(mean_loss))
+    best = int(np.argmax(mean_auc))  # the first maximum: the smallest C among ties
     c_best = cs[best]
 
     final = model(c_best)
@@ -161,6 +172,7 @@ def train_probe(
             str(k): float(v) for k, v in class_weight.items()},
         "cv": cv,
         "cv_samples": int(cv_idx.size),
+        "cv_criterion": "roc_auc",
         "cv_log_loss": float(mean_loss[best]),
         "cv_auc": float(mean_auc[best]),
         "cv_log_loss_by_C": [float(v) for v in mean_loss],

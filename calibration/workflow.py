@@ -466,6 +466,32 @@ def _copied_categories(parent: Policy, out_dir: Path, calibrated: set[str]) -> d
     return cats
 
 
+def _encoder_entry(parent: Policy, encoder_id: str) -> dict[str, str] | None:
+    """The ``encoder:`` that selects the encoder of ``encoder_id``: the parent's when it embeds there, else the
+    pretrained tag or ``hf-hub:`` model the id names; each checked by the space it names without loading weights.
+    None when no such mapping is known: the id names its weights by a hash (a local checkpoint, whose path it does
+    not hold), or the parent's local checkpoint is not here."""
+    from safeclip.embed import encoder_id_matches, known_encoder_id
+
+    candidates = [dict(parent.encoder)] if parent.encoder.get("model") else []
+    arch, _, rest = encoder_id.partition("|")
+    weights = rest.partition("|")[0]
+    if weights.startswith("hf-hub:"):
+        candidates.append({"model": weights})
+    elif weights and not weights.startswith("sha256:") and arch != "local-dir":
+        # ViT-B-32 + openai runs as ViT-B-32-quickgelu (see safeclip.embed): a policy names it the first way.
+        candidates += [{"model": m, "pretrained": weights} for m in dict.fromkeys((arch.removesuffix("-quickgelu"),
+                                                                                  arch))]
+    for cand in candidates:
+        try:
+            known = known_encoder_id(cand["model"], cand.get("pretrained"))
+        except SafeclipError:  # weights no encoder could load: not a choice to write
+            continue
+        if known is not None and encoder_id_matches(encoder_id, known):
+            return cand
+    return None
+
+
 def _write_policy(out_dir: Path, parent: Policy, fits: Sequence[CategoryFit], data: LabeledData,
                   name: str | None, targets: Mapping[str, Any]) -> Path:
     """``out_dir/policy.yaml``: extends ``parent`` (see :func:`_extends_ref`), else holds a full copy of it; the
@@ -490,11 +516,12 @@ def _write_policy(out_dir: Path, parent: Policy, fits: Sequence[CategoryFit], da
         "description": f"{parent.name}@{parent.version} with {', '.join(f.category for f in fits)} calibrated by "
                        f"`safeclip calibrate` on {data.name}",
     }
+    encoder = _encoder_entry(parent, data.encoder_id)
     if ref:
         doc["extends"] = ref
-    else:
-        if parent.encoder:
-            doc["encoder"] = dict(parent.encoder)
+    if encoder is not None:  # the policy selects the encoder its probes and calibrators were fitted in
+        doc["encoder"] = encoder
+    if not ref:
         doc["scoring"] = {"logit_scale": parent.logit_scale, "templates": list(parent.categories[0].templates),
                           "neutral": list(parent.neutral), "top_prompts": parent.top_prompts}
     doc["categories"] = cats
@@ -504,8 +531,13 @@ def _write_policy(out_dir: Path, parent: Policy, fits: Sequence[CategoryFit], da
     copied = "" if ref else (
         f"# A full copy of {parent.id} ({parent.source or 'edited in memory'}): a policy extends only shipped\n"
         "# policies and files in its own folder, so the parent and its artifacts are copied here.\n")
+    unnamed = "" if encoder is not None else (
+        "# No encoder: is written: the model and weights of this encoder_id are not known here (a local\n"
+        "# checkpoint is named by its hash, not its path); add encoder: {model: ..., pretrained: ...}\n"
+        "# or pass --model/--pretrained.\n")
     header = (f"# Written by `safeclip calibrate` (safeclip.calibration.calibrate_policy) on {now}\n"
               f"# from {data.name} ({len(data)} rows), encoder {data.encoder_id}.\n"
+              f"{unnamed}"
               f"# Thresholds target {goal},\n"
               "# chosen on held-out rows; a null threshold never fires (the data could not support its target).\n"
               f"{copied}"

@@ -251,14 +251,26 @@ def lint_policy(
 
     Every problem (invalid fields, wrong sha256 pins, malformed or non-finite artifacts, artifacts of different
     embedding spaces or dimensions, a calibrator that needs a missing probe or head, a ``url`` artifact that cannot
-    be fetched) is collected into one :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every
-    artifact belongs to that space.
+    be fetched, an artifact that cannot run in the policy's own ``encoder:``) is collected into one
+    :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every artifact belongs to that space.
+
+    The space of the policy's ``encoder:`` is known without weights for a pretrained tag (from open_clip's
+    configs); a local checkpoint is hashed when it exists here and skipped otherwise.
 
     >>> lint_policy("default").id
     'default@1.0'
     """
     policy = load_policy(source, allow_outside=allow_outside)
     problems: list[str] = []
+    own: str | None = None
+    if policy.encoder.get("model"):
+        # Offline only: a tag's space is read from open_clip's configs (no weights are loaded or downloaded).
+        from .embed._checkpoint import encoder_id_matches, known_encoder_id
+
+        try:
+            own = known_encoder_id(policy.encoder["model"], policy.encoder.get("pretrained"))
+        except SafeclipError as e:
+            problems.append(f"{policy.source}: encoder: {e}")
     spaces: dict[str, str] = {}
     dims: dict[int, str] = {}
     for cat in policy.categories:
@@ -280,6 +292,11 @@ def lint_policy(
                 continue
             if art.encoder_id is not None:
                 spaces.setdefault(art.encoder_id, where)
+                if own is not None and not encoder_id_matches(art.encoder_id, own):
+                    enc = " / ".join(policy.encoder.get(k, "?") for k in ("model", "pretrained"))
+                    problems.append(f"{where}: was fitted in embedding space {art.encoder_id!r}, but the policy's "
+                                    f"encoder: ({enc}) embeds into {own!r}: it cannot run there; set encoder: to "
+                                    "the model and pretrained weights it was fitted with, or refit it")
             if key != "calibrator":
                 dims.setdefault(art.dim, where)
             else:

@@ -33,6 +33,7 @@ An artifact is a local ``path`` (relative to the policy file) or a public ``url`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.resources
 import os
 import re
@@ -145,10 +146,58 @@ class Policy:
                 return c
         raise UnknownCategoryError(f"policy {self.id} has no category {name!r}; it has {list(self.category_names)}")
 
+    def to_dict(self, relative_to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """The policy as a document :func:`load_policy` reads back to an equal policy: ``extends`` resolved, every
+        field written out (what ``safeclip policy show`` prints).
+
+        Artifact paths are written relative to the folder ``relative_to`` when they lie inside it (save the document
+        there), else absolute (loading it then needs ``allow_outside``). A category's templates are written only
+        where they differ from ``scoring.templates``.
+        """
+        base = Path(relative_to).resolve() if relative_to is not None else None
+
+        def artifact(ref: ArtifactRef | None) -> dict[str, str] | None:
+            if ref is None:
+                return None
+            if ref.path is None:
+                return {"url": str(ref.url), "sha256": ref.sha256}
+            path = ref.path
+            if base is not None and path.is_relative_to(base):
+                return {"path": path.relative_to(base).as_posix(), "sha256": ref.sha256}
+            return {"path": str(path), "sha256": ref.sha256}
+
+        # A loaded policy keeps only each category's templates: the most common set stands for scoring.templates.
+        counts: dict[tuple[str, ...], int] = {}
+        for c in self.categories:
+            counts[c.templates] = counts.get(c.templates, 0) + 1
+        templates = list(max(counts, key=counts.__getitem__)) if counts else []
+        doc: dict[str, Any] = {"name": self.name, "version": self.version}
+        if self.description:
+            doc["description"] = self.description
+        if self.encoder:
+            doc["encoder"] = dict(self.encoder)
+        doc["scoring"] = {"logit_scale": self.logit_scale, "templates": templates, "neutral": list(self.neutral),
+                          "top_prompts": self.top_prompts}
+        cats: dict[str, Any] = {}
+        for c in self.categories:
+            entry: dict[str, Any] = {}
+            if c.description:
+                entry["description"] = c.description
+            entry["prompts"] = list(c.prompts)
+            entry["contrast"] = list(c.contrast)
+            if list(c.templates) != templates:
+                entry["templates"] = list(c.templates)
+            entry["thresholds"] = {"flag": c.flag, "block": c.block}
+            for key in _ARTIFACT_KEYS:
+                ref = artifact(getattr(c, key))
+                if ref is not None:
+                    entry[key] = ref
+            cats[c.name] = entry
+        doc["categories"] = cats
+        return doc
+
     def with_thresholds(self, name: str, *, flag: float | None, block: float | None) -> Policy:
         """A copy with one category's thresholds changed (for notebooks): ``p.with_thresholds("drugs", flag=.4, block=.9)``."""
-        import dataclasses
-
         _check_thresholds(flag, block, name)
         cats = tuple(dataclasses.replace(c, flag=flag, block=block) if c.name == name else c for c in self.categories)
         self.category(name)
@@ -292,8 +341,12 @@ def _read_yaml(path: Path, *, extended: bool = False) -> dict[str, Any]:
     return data
 
 
-def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str]]:
-    """The raw mapping of ``path`` with its ``extends`` chain merged in; artifact paths made absolute."""
+def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str], bool]:
+    """The raw mapping of ``path`` with its ``extends`` chain merged in; artifact paths made absolute.
+
+    Returns ``(mapping, problems, complete)``: a parent that cannot be found is a problem, not an exception, and the
+    mapping is then what the chain holds without it (``complete`` False), so the file's other problems are
+    reported too."""
     path = path.resolve()
     if path in chain:
         raise PolicyError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in chain + (path,))}")
@@ -311,9 +364,12 @@ def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tu
                         cat[key] = dict(cat[key], _base=str(path.parent), _file=str(path))
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
-        return data, problems
-    parent, parent_problems = _merged(_resolve_extends(parent_ref, path, allow_outside), allow_outside,
-                                      chain + (path,))
+        return data, problems, True
+    try:
+        parent_path = _resolve_extends(parent_ref, path, allow_outside)
+    except PolicyError as e:
+        return data, problems + e.problems, False
+    parent, parent_problems, complete = _merged(parent_path, allow_outside, chain + (path,))
     problems += parent_problems
     merged = parent
     for key, value in data.items():
@@ -335,7 +391,7 @@ def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tu
             merged["categories"] = out
         else:
             merged[key] = value
-    return merged, problems
+    return merged, problems, complete
 
 
 def _str_list(value: Any, where: str, problems: list[str], *, allow_empty: bool = False) -> tuple[str, ...]:
@@ -436,16 +492,22 @@ def load_policy(
     else:
         origin = "policy"
     path = _resolve_top(os.fspath(source), origin)
-    data, problems = _merged(path, allow_outside)
+    data, problems, complete = _merged(path, allow_outside)
     where0 = str(path)
 
     def at(field_path: str) -> str:
         return f"{where0}: {field_path}"
 
+    def inherited(mapping: dict[str, Any], key: str) -> bool:
+        # A parent that was not found may hold what this file leaves out: no problem is claimed about it.
+        return not complete and mapping.get(key) is None
+
     for key in sorted(set(data) - _TOP_KEYS):
         problems.append(at(f"{key}: unknown key (expected one of {sorted(_TOP_KEYS)})"))
     name = data.get("name")
-    if not isinstance(name, str) or not name:
+    if inherited(data, "name"):
+        name = path.stem
+    elif not isinstance(name, str) or not name:
         problems.append(at("name: must be a non-empty string"))
         name = path.stem
     elif not _ID_RE.match(name):
@@ -470,15 +532,19 @@ def load_policy(
         encoder = {}
 
     scoring = data.get("scoring")
-    if not isinstance(scoring, dict):
+    if inherited(data, "scoring"):
+        scoring = {}
+    elif not isinstance(scoring, dict):
         problems.append(at("scoring: must be a mapping with logit_scale, templates, neutral"))
         scoring = {}
     for key in sorted(set(scoring) - _SCORING_KEYS):
         problems.append(at(f"scoring.{key}: unknown key (expected one of {sorted(_SCORING_KEYS)})"))
-    logit_scale = _number(scoring.get("logit_scale"), at("scoring.logit_scale"), problems, 1e-3, 1e4,
-                          nullable=False) or 100.0
-    templates = _templates(scoring.get("templates"), at("scoring.templates"), problems)
-    neutral = _str_list(scoring.get("neutral"), at("scoring.neutral"), problems)
+    logit_scale = 100.0 if inherited(scoring, "logit_scale") else _number(
+        scoring.get("logit_scale"), at("scoring.logit_scale"), problems, 1e-3, 1e4, nullable=False) or 100.0
+    templates = () if inherited(scoring, "templates") else _templates(
+        scoring.get("templates"), at("scoring.templates"), problems)
+    neutral = () if inherited(scoring, "neutral") else _str_list(scoring.get("neutral"), at("scoring.neutral"),
+                                                                 problems)
     top = scoring.get("top_prompts", 3)
     if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 50:
         problems.append(at(f"scoring.top_prompts: must be an integer in [0, 50], got {top!r}"))
@@ -486,13 +552,17 @@ def load_policy(
 
     cats_raw = data.get("categories")
     categories: list[Category] = []
-    if not isinstance(cats_raw, dict) or not cats_raw:
+    if inherited(data, "categories"):
+        cats_raw = {}
+    elif not isinstance(cats_raw, dict) or not cats_raw:
         problems.append(at("categories: must be a non-empty mapping of category name -> settings"))
         cats_raw = {}
     for cname, cat in cats_raw.items():
         w = f"categories.{cname}"
         if not isinstance(cname, str) or not _NAME_RE.match(cname):
             problems.append(at(f"{w}: category names are lower_snake_case identifiers"))
+            continue
+        if cat is None and not complete:  # removes a category the missing parent may have
             continue
         if not isinstance(cat, dict):
             problems.append(at(f"{w}: must be a mapping"))
@@ -508,7 +578,7 @@ def load_policy(
         if not isinstance(desc, str):
             problems.append(at(f"{w}.description: must be a string"))
             desc = ""
-        prompts = _str_list(cat.get("prompts"), at(f"{w}.prompts"), problems)
+        prompts = () if inherited(cat, "prompts") else _str_list(cat.get("prompts"), at(f"{w}.prompts"), problems)
         contrast = _str_list(cat.get("contrast"), at(f"{w}.contrast"), problems, allow_empty=True)
         overlap = sorted(set(prompts) & set(contrast))
         if overlap:
@@ -516,7 +586,9 @@ def load_policy(
         ctemplates = _templates(cat["templates"], at(f"{w}.templates"), problems) if "templates" in cat else templates
         th = cat.get("thresholds")
         flag = block = None
-        if not isinstance(th, dict) or not ({"flag", "block"} & set(th)):
+        if inherited(cat, "thresholds"):
+            pass
+        elif not isinstance(th, dict) or not ({"flag", "block"} & set(th)):
             problems.append(at(f"{w}.thresholds: must be a mapping with flag and/or block"))
         else:
             for key in sorted(set(th) - {"flag", "block"}):
@@ -527,17 +599,20 @@ def load_policy(
                 problems.append(at(f"{w}.thresholds: flag ({flag}) must not exceed block ({block})"))
         refs = {key: _artifact(cat.get(key), at(f"{w}.{key}"), problems, allow_outside) for key in _ARTIFACT_KEYS}
         categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, **refs))
-    if not categories and isinstance(cats_raw, dict) and cats_raw:
+    if not categories and isinstance(cats_raw, dict) and cats_raw and complete:
         problems.append(at("categories: every category is disabled"))
-    shipped = builtin_policy_dir() / f"{name}.yaml"
-    if not problems and shipped.is_file() and shipped.resolve() != path.resolve():
-        if _read_yaml(shipped).get("version") == data.get("version"):
-            problems.append(at(f"name/version: {name}@{version} is the id of a shipped policy; give this file its "
-                               "own name or version so that decisions say which policy decided"))
     if problems:
         raise PolicyError(problems)
-    return Policy(
+    policy = Policy(
         name=name, version=str(version), description=description.strip(), categories=tuple(categories),
         logit_scale=float(logit_scale), neutral=neutral, top_prompts=int(top), encoder=dict(encoder),
         source=str(path),
     )
+    shipped = builtin_policy_dir() / f"{name}.yaml"
+    if shipped.is_file() and shipped.resolve() != path.resolve():
+        # A copy that decides exactly as the shipped policy (``policy show``'s output) may keep its id.
+        if _read_yaml(shipped).get("version") == data.get("version") and dataclasses.replace(
+                load_policy(shipped), source=None) != dataclasses.replace(policy, source=None):
+            raise PolicyError(at(f"name/version: {name}@{version} is the id of a shipped policy; give this file its "
+                                 "own name or version so that decisions say which policy decided"))
+    return policy

@@ -191,3 +191,33 @@ def test_a_stacked_calibrator_sharpens_a_head_the_policy_already_has(policy_file
     alone = calibrate_policy(with_head, data, ["weapons"], out=tmp_path / "out2", probe=False, head=False,
                              block_precision=0.8, flag_recall=0.8, seed=2)
     assert alone.fits["weapons"].calibrator.inputs == ("prompt",)
+
+
+@pytest.mark.parametrize("model, pretrained", [("ViT-B-32", "laion2b_s34b_b79k"), ("ViT-B-32", "openai"), (None, None)])
+def test_the_written_policy_names_the_encoder_of_its_data(tmp_path: Path, model, pretrained) -> None:
+    """Regression (issue 21): calibrate wrote the data's encoder only in a comment, so the policy it wrote ran in its
+    parent's encoder: (or the default) and refused its own probes and calibrators. It now writes the encoder:
+    that embeds into the data's space (ViT-B-32 + openai is the -quickgelu space), and lint finds every artifact
+    runnable there; an encoder known only by a hash gets no encoder:, and the header says so."""
+    from conftest import OrthoTexts
+
+    from calibration_known import POLICY
+    from safeclip.compiled import lint_policy
+    from safeclip.embed import tag_encoder_id
+
+    space = tag_encoder_id(model, pretrained) if model else "local-dir|sha256:0123456789abcdef+cfg:01234567|px:0"
+    rng = np.random.default_rng(3)
+    y = (rng.random(900) < 0.3).astype(np.int8)
+    direction = rng.normal(size=512)
+    x = rng.normal(size=(900, 512)) + np.outer(2.0 * y - 1.0, direction / np.linalg.norm(direction) * 4.0)
+    data = LabeledData((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), {"weapons": y}, space,
+                       embed_texts=OrthoTexts(512))
+    (tmp_path / "base.yaml").write_text(POLICY)  # no encoder: of its own
+    res = calibrate_policy(tmp_path / "base.yaml", data, ["weapons"], out=tmp_path, block_precision=0.8,
+                           flag_recall=0.8, allow_disabled=True)
+    written = load_policy(res.policy_path)
+    if model:
+        assert dict(written.encoder) == {"model": model, "pretrained": pretrained}
+        assert lint_policy(res.policy_path).id == res.policy_id
+    else:
+        assert dict(written.encoder) == {} and "# No encoder: is written" in res.policy_path.read_text()

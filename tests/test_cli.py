@@ -72,6 +72,52 @@ def test_policy_lint_show_list(tmp_path, capsys):
     assert {ln.split("\t")[0] for ln in capsys.readouterr().out.splitlines()} >= {"default", "strict", "lenient"}
 
 
+def _without_source(policy):
+    import dataclasses
+
+    return dataclasses.replace(policy, source=None)
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_policy_show_prints_a_policy_that_loads_back_the_same(tmp_path, capsys, fmt):
+    """Regression (issue 21): `policy show` flattened `scoring:` (and dropped top_prompts), added a `source:` key
+    and wrote artifacts as bare paths: its output was not a policy. Shown, saved beside the policy and loaded, it is
+    the same policy: categories, thresholds, scoring, artifacts."""
+    import hashlib
+
+    import yaml
+
+    from safeclip.policy import load_policy
+
+    probe = tmp_path / "probes" / "drugs.json"
+    probe.parent.mkdir()
+    probe.write_text('{"kind": "x"}')
+    sha = hashlib.sha256(probe.read_bytes()).hexdigest()
+    src = tmp_path / "mine.yaml"
+    src.write_text(yaml.safe_dump({
+        "name": "mine", "version": "2", "extends": "strict",
+        "scoring": {"top_prompts": 5, "neutral": ["a landscape", "a car"]},
+        "categories": {
+            "drugs": {"probe": {"path": "probes/drugs.json", "sha256": sha}, "thresholds": {"block": None}},
+            "weapons": {"templates": ["a drawing of {}."]},
+            "self_harm": {"enabled": False},
+        },
+    }))
+    for name, folder in ((str(src), tmp_path), ("strict", tmp_path / "elsewhere")):
+        original = load_policy(name)
+        assert main(["policy", "show", name, *fmt]) == 0
+        folder.mkdir(exist_ok=True)
+        shown = folder / "shown.yaml"
+        shown.write_text(capsys.readouterr().out)
+        again = load_policy(shown)
+        assert _without_source(again) == _without_source(original), name
+        assert again.id == original.id
+    assert again.top_prompts == 3
+    mine = load_policy(tmp_path / "shown.yaml")
+    assert mine.top_prompts == 5 and mine.category("drugs").probe.path == probe.resolve()
+    assert mine.category("weapons").templates == ("a drawing of {}.",) and "self_harm" not in mine.category_names
+
+
 def test_a_closed_pipe_ends_quietly_with_exit_0():
     """Regression (issue 10.9): `safeclip diff A B | head` died with a BrokenPipeError traceback and exit 1.
 
@@ -89,6 +135,20 @@ def test_a_closed_pipe_ends_quietly_with_exit_0():
     assert proc.stdout.splitlines()[0].startswith("row 0")
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == 0
+
+
+def test_check_on_a_folder_points_at_audit_in_one_line(tmp_path, capsys):
+    """Regression (issue 21): `safeclip check DIR` loaded the model, then failed on the folder as on a bad file.
+    It now says in one line, before any model loads, that check takes files and how to audit the folder."""
+    folder = tmp_path / "my uploads"
+    folder.mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"not decoded: the folder is refused first")
+    assert main(["check", str(tmp_path / "a.jpg"), str(folder), "--model", "local-dir:/nowhere"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == "", captured
+    assert "is a folder" in lines[0] and "takes image files" in lines[0]
+    assert f"safeclip audit '{folder}' --out results.parquet" in lines[0]
 
 
 def test_check_batch_size_zero_is_a_usage_error(tmp_path, capsys):

@@ -12,13 +12,16 @@ import yaml
 from safeclip.compiled import lint_policy
 from safeclip.artifacts import sha256_bytes
 from safeclip.calibrate import Calibrator
+from safeclip.embed import tag_encoder_id
 from safeclip.errors import PolicyError
 from safeclip.heads import LinearProbe
 
+B32 = tag_encoder_id("ViT-B-32", "laion2b_s34b_b79k")  # the space of the default policy's encoder:
 
-def _policy(tmp: Path, cats: dict) -> Path:
+
+def _policy(tmp: Path, cats: dict, **top) -> Path:
     f = tmp / "p.yaml"
-    f.write_text(yaml.safe_dump({"name": "p", "version": "1", "extends": "default", "categories": cats}))
+    f.write_text(yaml.safe_dump({"name": "p", "version": "1", "extends": "default", **top, "categories": cats}))
     return f
 
 
@@ -35,7 +38,7 @@ def _cal(encoder_id: str = "space-a") -> dict:
 
 
 def test_good_artifacts_pass(tmp_path):
-    ref = _write(tmp_path, "c.json", _cal())
+    ref = _write(tmp_path, "c.json", _cal(B32))
     assert lint_policy(_policy(tmp_path, {"drugs": {"calibrator": ref}})).id == "p@1"
 
 
@@ -126,3 +129,37 @@ def test_decide_never_allows_an_input_with_an_unusable_view():
     assert v.action(1) == "allow"  # a bad neighbour never changes another input's decision
     with pytest.raises(DataError, match="embedding row 1 holds NaN"):
         v.decision(0, source="x.png")
+
+
+def _probe_and_calibrator(tmp: Path, space: str) -> dict:
+    return {"drugs": {"probe": _write(tmp, "p.json", LinearProbe(np.full(8, 0.1), 0.0, encoder_id=space).to_dict()),
+                      "calibrator": _write(tmp, "c.json", _cal(space))}}
+
+
+def test_artifacts_that_cannot_run_in_the_policys_own_encoder_are_reported(tmp_path):
+    """Regression (issue 21): lint said ok to ViT-L-14 artifacts in a policy whose encoder: is ViT-B-32; the
+    Moderator that policy selects refuses them. Each is checked against the space its encoder: names."""
+    l14 = tag_encoder_id("ViT-L-14", "openai")
+    cats = _probe_and_calibrator(tmp_path, l14)
+    with pytest.raises(PolicyError) as e:
+        lint_policy(_policy(tmp_path, cats))  # default's encoder: ViT-B-32 / laion2b_s34b_b79k
+    problems = e.value.problems
+    assert len(problems) == 2 and all("cannot run there" in p and repr(B32) in p for p in problems), problems
+    assert "categories.drugs.probe" in problems[0] and "categories.drugs.calibrator" in problems[1]
+    assert lint_policy(_policy(tmp_path, cats, encoder={"model": "ViT-L-14", "pretrained": "openai"})).id == "p@1"
+    # The int8 runtime of the same weights is the same encoder: its artifacts run under this encoder: too.
+    assert lint_policy(_policy(tmp_path, _probe_and_calibrator(tmp_path, B32 + "|int8"))).id == "p@1"
+    with pytest.raises(PolicyError, match="encoder: .*no pretrained tag 'nope'"):
+        lint_policy(_policy(tmp_path, {}, encoder={"model": "ViT-B-32", "pretrained": "nope"}))
+
+
+def test_a_local_encoder_is_hashed_when_it_is_here_and_skipped_when_not(tmp_path, tiny_model):
+    from safeclip.embed import Encoder
+
+    space = Encoder(tiny_model, runtime="torch", device="cpu", cache_dir=tmp_path / "cache").encoder_id
+    here = {"model": tiny_model}
+    assert lint_policy(_policy(tmp_path, _probe_and_calibrator(tmp_path, space), encoder=here)).id == "p@1"
+    with pytest.raises(PolicyError, match="cannot run there"):
+        lint_policy(_policy(tmp_path, _probe_and_calibrator(tmp_path, B32), encoder=here))
+    elsewhere = {"model": "ViT-B-32", "pretrained": str(tmp_path / "not-here" / "vit-b-32.pt")}
+    assert lint_policy(_policy(tmp_path, _probe_and_calibrator(tmp_path, space), encoder=elsewhere)).id == "p@1"

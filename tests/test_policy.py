@@ -208,9 +208,13 @@ def test_a_local_file_named_like_a_shipped_policy_does_not_shadow_it(tmp_path, m
 
 
 def test_a_file_may_not_claim_a_shipped_policy_id(tmp_path):
-    f = write(tmp_path, "mine.yaml", {"name": "default", "version": "1.0", "extends": "default"})
+    f = write(tmp_path, "mine.yaml", {"name": "default", "version": "1.0", "extends": "default",
+                                      "categories": {"drugs": {"thresholds": {"flag": 0.2}}}})
     with pytest.raises(PolicyError, match="id of a shipped policy"):
         load_policy(f)
+    # A copy that decides exactly as the shipped policy (what `policy show` prints) keeps its id.
+    same = write(tmp_path, "same.yaml", {"name": "default", "version": "1.0", "extends": "default"})
+    assert load_policy(same).id == "default@1.0"
     assert load_policy(write(tmp_path, "ok.yaml", {"name": "default", "version": "1.0+mine",
                                                     "extends": "default"})).id == "default@1.0+mine"
 
@@ -277,6 +281,39 @@ def test_unknown_names_get_did_you_mean_and_say_where_they_came_from(tmp_path, m
     monkeypatch.setenv("SAFECLIP_POLICY", "lenint")
     with pytest.raises(PolicyError, match=r"\$SAFECLIP_POLICY.*did you mean 'lenient'"):
         load_policy()
+
+
+@pytest.mark.parametrize("ref, missing", [("defualt", "did you mean 'default'"), ("base.yaml", "no such policy file")])
+def test_a_missing_parent_does_not_hide_the_files_other_problems(tmp_path, ref, missing):
+    """Regression (issue 21): a misspelled `extends` raised alone; fixed, the file then failed again on problems
+    of its own. Both come in one PolicyError, and nothing the missing parent may hold (scoring, prompts, a
+    category's thresholds) is claimed missing."""
+    f = write(tmp_path, "x.yaml", {
+        "name": "x", "extends": ref, "colour": "red",
+        "scoring": {"templates": ["no placeholder"]},
+        "categories": {"drugs": {"thresholds": {"flag": 2}}, "weapons": None,
+                       "violence": {"prompts": ["a fight"], "contrast": ["a fight"]},
+                       "gambling": {"probe": {"path": "nope.json", "sha256": "0" * 64}}},
+    })
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    problems = e.value.problems
+    assert missing in problems[0] and "x.yaml: extends" in problems[0]
+    text = "\n".join(problems)
+    for expected in ["colour: unknown key", "scoring.templates[0]", "categories.drugs.thresholds.flag",
+                     "categories.violence: prompts and contrast share", "categories.gambling.probe.path: no such file"]:
+        assert expected in text, expected
+    assert len(problems) == 6, problems
+    # A parent that exists but names a missing parent of its own: both files' problems, each under its file.
+    g = write(tmp_path, "y.yaml", {"name": "y", "extends": "parent.yaml",
+                                   "categories": {"drugs": {"thresholds": {"flag": 2}}}})
+    write(tmp_path, "parent.yaml", {"name": "parent", "extends": "stirct", "scoring": {"top_prompts": -1}})
+    with pytest.raises(PolicyError) as e:
+        load_policy(g)
+    text = "\n".join(e.value.problems)
+    assert "parent.yaml: extends" in text and "did you mean 'strict'" in text
+    assert "scoring.top_prompts" in text and "categories.drugs.thresholds.flag" in text
+    assert len(e.value.problems) == 3, e.value.problems
 
 
 def test_unknown_category_is_a_policy_error_and_a_key_error():

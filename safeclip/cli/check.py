@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._options import EXIT_FAILED, EXIT_OK, add_model_args, add_policy_arg, encoder_spec, run_standalone
+from ._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, run_standalone
 
 __all__ = ["register", "main"]
 
@@ -23,6 +25,12 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    folder = next((f for f in args.files if os.path.isdir(f)), None)
+    if folder is not None:  # before the model loads: a folder is an audit's input
+        shown = shlex.quote(folder) if folder.isprintable() else repr(folder)
+        print(f"safeclip: error: {shown} is a folder: `safeclip check` takes image files; to moderate a folder run "
+              f"`safeclip audit {shown} --out results.parquet`", file=sys.stderr)
+        return EXIT_USAGE
     from ..moderator import Moderator
 
     moderator = Moderator(policy=args.policy, encoder=encoder_spec(args), on_error="flag")

@@ -41,29 +41,22 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..policy import load_policy
 
     p = load_policy(args.name)
-    out: dict[str, Any] = {
-        "name": p.name, "version": p.version, "description": p.description, "source": p.source,
-        "encoder": dict(p.encoder), "logit_scale": p.logit_scale, "neutral": list(p.neutral),
-        "categories": {
-            c.name: {
-                "description": c.description, "prompts": list(c.prompts), "contrast": list(c.contrast),
-                "templates": list(c.templates), "thresholds": {"flag": c.flag, "block": c.block},
-                "probe": str(c.probe) if c.probe else None,
-                "head": str(c.head) if c.head else None,
-                "calibrator": str(c.calibrator) if c.calibrator else None,
-            }
-            for c in p.categories
-        },
-    }
+    # A policy document load_policy reads back to the same policy; artifact paths relative to the policy's folder.
+    folder = Path(p.source).parent if p.source else None
+    doc = p.to_dict(relative_to=folder)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(doc, indent=2))
     else:
         import yaml
 
-        print(yaml.safe_dump(out, sort_keys=False, width=110), end="")
+        # json.dumps quotes the path with every control character escaped: nothing raw reaches the terminal.
+        print(f"# {json.dumps(p.source)} with extends resolved; artifact paths are relative to its folder")
+        print(yaml.safe_dump(doc, sort_keys=False, width=110), end="")
     return EXIT_OK
 
 

@@ -21,14 +21,15 @@ _export        the ONNX export and int8 quantisation, run in a child process
 _onnx          the ONNX Runtime image tower
 _torch         open_clip: the torch runtime, the export's source, the text tower
 _encoder       :class:`Encoder`
-_checkpoint    :func:`read_state_dict` (torch files as numpy), :func:`tag_encoder_id` (a tag's space, no weights)
+_checkpoint    :func:`read_state_dict` (torch files as numpy), :func:`tag_encoder_id` (a tag's space, no weights),
+               :func:`known_encoder_id` / :func:`encoder_id_matches` (what a policy's ``encoder:`` embeds into)
 _verify        :func:`verify_int8`: what int8 changes on the user's images
 =============  ===========================================================================
 """
 
 from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, IDENTITY_VERSION, PRECISIONS, RUNTIMES, default_cache_dir,
                       resolve_device, resolve_encoder_args)
-from ._checkpoint import read_state_dict, tag_encoder_id
+from ._checkpoint import encoder_id_matches, known_encoder_id, read_state_dict, tag_encoder_id
 from ._encoder import Encoder, RuntimeFallbackWarning
 from ._pixels import PixelSpec, prepare_pixels
 from ._prepare import DecodeOptions, EncoderSpec, Prepared, prepare
@@ -50,6 +51,8 @@ __all__ = [
     "PromptCache",
     "RuntimeFallbackWarning",
     "default_cache_dir",
+    "encoder_id_matches",
+    "known_encoder_id",
     "prepare",
     "prepare_pixels",
     "read_state_dict",

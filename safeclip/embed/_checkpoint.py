@@ -1,22 +1,24 @@
 """Reading published torch files as numpy, and the ``encoder_id`` a pretrained tag's weights embed into.
 
 Both need torch/open_clip, which is why they live in the embed stage; both are imported only by offline tools
-(:mod:`safeclip.importers`), never on a request path.
+(:mod:`safeclip.importers`, ``policy lint``, ``safeclip calibrate``), never on a request path.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ArtifactIntegrityError, ModelLoadError
-from ._identity import encoder_id_for
+from ._config import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ._identity import _checkpoint_file, encoder_id_for, space_arch, weights_identity
 from ._pixels import PixelSpec
 
-__all__ = ["read_state_dict", "tag_encoder_id"]
+__all__ = ["encoder_id_matches", "known_encoder_id", "read_state_dict", "tag_encoder_id"]
 
 
 def read_state_dict(path: str | os.PathLike[str], data: bytes | None = None) -> dict[str, np.ndarray]:
@@ -56,3 +58,37 @@ def tag_encoder_id(model: str, pretrained: str, precision: str = "fp32") -> str:
     # The same fields and defaults the torch runtime reads from a loaded model's preprocess_cfg.
     spec = PixelSpec.from_preprocess_cfg(cfg, model_cfg.get("vision_cfg", {}).get("image_size", 224))
     return encoder_id_for(model, pretrained, spec, precision)
+
+
+def known_encoder_id(model: str, pretrained: str | None, cache_dir: Path | None = None) -> str | None:
+    """What is known, without loading the model, of the ``encoder_id`` an Encoder loading ``(model, pretrained)``
+    has (as a policy's ``encoder:`` names it): the whole fp32 id for a pretrained tag (:func:`tag_encoder_id`);
+    its ``architecture|weights`` part for a local checkpoint file or ``local-dir:`` folder (hashed, as the Encoder
+    names it) and a ``hf-hub:`` model; ``None`` when the weights are not known here (a file or folder that does not
+    exist, no ``pretrained`` for a model without a default). Test an id with :func:`encoder_id_matches`.
+
+    Raises :class:`~safeclip.errors.ModelLoadError` for weights no Encoder could load: a tag open_clip does not
+    know for ``model``, a published checkpoint file under another architecture.
+    """
+    if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
+        if model != DEFAULT_MODEL:
+            return None
+        pretrained = DEFAULT_PRETRAINED
+    if model.startswith("local-dir:"):
+        if not Path(model[len("local-dir:"):]).expanduser().is_dir():
+            return None
+    elif not model.startswith("hf-hub:"):
+        try:
+            local = _checkpoint_file(model, pretrained)
+        except ModelLoadError:  # the file does not exist here: nothing is known of its weights
+            return None
+        if local is None:
+            return tag_encoder_id(model, str(pretrained))
+    weights = weights_identity(model, pretrained, cache_dir)
+    return f"{space_arch(model, weights)}|{weights}"
+
+
+def encoder_id_matches(encoder_id: str, known: str) -> bool:
+    """Whether ``encoder_id`` is the space :func:`known_encoder_id` described: that id (or its ``|int8`` variant,
+    the same weights on the int8 runtime), or an id with that ``architecture|weights`` part."""
+    return encoder_id in (known, f"{known}|int8") or ("|px:" not in known and encoder_id.startswith(known + "|"))
