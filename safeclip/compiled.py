@@ -265,7 +265,7 @@ def lint_policy(
     own: str | None = None
     if policy.encoder.get("model"):
         # Offline only: a tag's space is read from open_clip's configs (no weights are loaded or downloaded).
-        from .embed._checkpoint import encoder_id_matches, known_encoder_id
+        from .embed import encoder_id_matches, known_encoder_id
 
         try:
             own = known_encoder_id(policy.encoder["model"], policy.encoder.get("pretrained"))
