@@ -195,7 +195,7 @@ def _only_cached_encoder(cache_dir: Path) -> str:
 def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
                    chunk_rows: int) -> tuple[pa.Table, int]:
     """One row per image in the cache (``path`` null), scanned in insertion order; an entry that cannot decide
-    (non-finite, not normalised) is an error row."""
+    (damaged, non-finite, not normalised) is an error row."""
     import pyarrow as pa
 
     pieces, hits = [], 0
@@ -203,6 +203,7 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
         with np.errstate(all="ignore"):
             codes, probs, pick = decide_views(comp, chunk.embeddings, chunk.offsets)
         bad = _bad_images(chunk.embeddings, chunk.offsets, probs)
+        bad.update({i: f"DamagedCacheEntry: {why}; audit the file again" for i, why in chunk.damaged.items()})
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
         background = [_view(bgs[i], int(pick[i] - chunk.offsets[i])) for i in range(len(chunk))]
