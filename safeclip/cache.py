@@ -34,6 +34,11 @@ it as a miss and, when writable, removes it (so the file is embedded again, neve
 :meth:`EmbeddingCache.put_many` replaces it. A ``dim`` that is not a positive integer damages the whole database (a
 :class:`~safeclip.errors.CacheError`; opening it for writing moves it aside).
 
+Trust: a cache folder does not vouch for itself. The database is refused (:class:`~safeclip.errors.CacheError`
+naming the fix) when the cache folder, ``embeddings/`` or the database files belong to another user or can be
+written by other users (see :mod:`safeclip._trust`): embeddings someone else wrote would decide as if safeclip had
+computed them.
+
 Deterministic decode failures can be remembered too (:meth:`EmbeddingCache.put_decode_errors`), keyed by
 ``(sha256, decoder fingerprint)``: the same bytes under the same Pillow version and decode limits fail the same way,
 so a re-run need not open a hostile file again.
@@ -63,6 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _trust
 from .arrays import NORM_TOLERANCE, embedding_row_problems
 from .decode import DECODER_VERSION
 from .errors import CacheError, DataError, EncoderMismatchError
@@ -255,6 +261,11 @@ class EmbeddingCache:
         self.damaged_entries: dict[str, str] = {}  # sha256 -> why, of the damaged entries lookups met (misses)
         self._moved: Path | None = None
         self._lock = threading.RLock()
+        found = _trust.first_untrusted(Path(cache_dir), *(Path("embeddings") / (self.path.name + suffix)
+                                                          for suffix in ("", "-wal", "-shm")))
+        if found is not None:  # its embeddings decide: nobody else may have been able to write them
+            raise CacheError(f"refusing the embedding cache {self.path}: {found[0]} {found[1]}, so its embeddings "
+                             f"may not be the ones safeclip computed; {_trust.fix_for(*found)}")
         if not self.path.exists() and (readonly or not create):
             raise CacheError(
                 f"no embedding cache for encoder {encoder_id!r} in {Path(cache_dir)} "
@@ -334,7 +345,7 @@ class EmbeddingCache:
                                   check_same_thread=False, isolation_level=None)
             con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             return con
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _trust.make_dirs(self.path.parent)
         con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
                               isolation_level=None)
         con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")

@@ -28,3 +28,20 @@ def test_a_wrong_encoder_memo_is_caught_before_anything_is_committed(sample, tin
     assert json.loads(memo_file.read_text())[key] == real
     assert cli_main(["audit", *args, "--out", str(tmp_path / "c.parquet")]) == 0  # the right guess
     assert_same_rows(read(tmp_path / "a.parquet"), read(tmp_path / "c.parquet"))
+
+
+def test_a_forged_encoder_memo_entry_is_no_guess(tmp_path):
+    """The memo is believed only with this user's MAC: an entry anyone else wrote (or edited) is ignored."""
+    from safeclip.audit.identity import MEMO_FILE, EncoderIdentity
+    from safeclip.embed import PixelSpec
+
+    real = EncoderIdentity("tiny|sha256:0123456789abcdef|px:1", PixelSpec(64), 64)
+    real.remember(tmp_path, "k")
+    assert EncoderIdentity.recall(tmp_path, "k") == real
+    memo = json.loads((tmp_path / MEMO_FILE).read_text())
+    forged = dict(memo["k"], encoder_id="ViT-B-32-quickgelu|openai|px:1")  # the MAC kept, the claim changed
+    for entry in (forged, {k: v for k, v in forged.items() if k != "mac"}, dict(memo["k"], mac="0" * 64)):
+        (tmp_path / MEMO_FILE).write_text(json.dumps({"k": entry}))
+        assert EncoderIdentity.recall(tmp_path, "k") is None
+    (tmp_path / MEMO_FILE).write_text(json.dumps({"other": memo["k"]}))  # a signed entry moved to another key
+    assert EncoderIdentity.recall(tmp_path, "other") is None

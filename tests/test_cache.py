@@ -361,3 +361,35 @@ def test_a_damaged_dimension_is_a_cache_error_naming_the_fix(tmp_path, dim):
     con.close()
     with pytest.raises(CacheError, match="is damaged .*dimension .* is not a positive integer.*move it aside"):
         EmbeddingCache(tmp_path, "enc-a", readonly=True)
+
+
+# ------------------------------------------------------------------------------------------ trust
+@pytest.mark.parametrize("where", ["", "embeddings", "file"])
+def test_a_cache_others_can_write_is_refused_naming_the_fix(tmp_path, where):
+    EmbeddingCache(tmp_path, "enc-a").put_many([entry(1)])
+    target = {"": tmp_path, "embeddings": tmp_path / "embeddings"}.get(where)
+    target = target or next((tmp_path / "embeddings").glob("*.sqlite"))
+    os.chmod(target, os.stat(target).st_mode | 0o002)
+    for readonly in (True, False):  # a reader too: the embeddings it returns would decide
+        with pytest.raises(CacheError, match=f"{target}.* can be written by every user.*chmod go-w {target}"):
+            EmbeddingCache(tmp_path, "enc-a", readonly=readonly)
+    os.chmod(target, os.stat(target).st_mode & ~0o022)
+    assert EmbeddingCache(tmp_path, "enc-a", readonly=True).get(sha(1)) is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root can give a folder away")
+def test_a_cache_folder_owned_by_another_user_is_refused(tmp_path):
+    EmbeddingCache(tmp_path, "enc-a").put_many([entry(1)])
+    os.chown(tmp_path / "embeddings", 65534, 65534)
+    with pytest.raises(CacheError, match="is owned by .*, not by you.*a cache folder of your own"):
+        EmbeddingCache(tmp_path, "enc-a", readonly=True)
+
+
+def test_new_cache_folders_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        EmbeddingCache(tmp_path / "a" / "b", "enc-a").put_many([entry(1)])
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "embeddings"):
+        assert os.stat(d).st_mode & 0o777 == 0o700, d

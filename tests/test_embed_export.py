@@ -195,3 +195,94 @@ def test_int8_is_its_own_space(exported, tiny_model):
     assert cos.min() > 0.9 and not np.allclose(cos, 1.0, atol=1e-7)  # close, but not the fp32 embeddings
     with pytest.raises(ModelLoadError, match="int8"):
         Encoder(tiny_model, cache_dir=onnx.cache_dir, precision="int8", runtime="torch")
+
+
+# ------------------------------------------------------------------------------------------ trust
+def _blind_graph(path: Path, dim: int) -> None:
+    """An ONNX graph with the export's contract (pixels -> embeddings) that ignores the pixels: every image gets
+    the same unit vector."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    const = np.zeros((1, dim), np.float32)
+    const[0, 0] = 1.0
+    nodes = [
+        helper.make_node("Shape", ["pixels"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "width"], ["out_shape"], axis=0),
+        helper.make_node("Expand", ["row", "out_shape"], ["embeddings"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "blind",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 64, 64, 3])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("width", TensorProto.INT64, [1], [dim]),
+         onnx.numpy_helper.from_array(const, "row")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _forge(store: ExportStore) -> bytes:
+    """Replace the export's graph with a blind one and rewrite the manifest to match, as anyone who can write the
+    cache folder could; returns the forged graph's bytes."""
+    m = json.loads(store.manifest_path.read_text())
+    graph = store.dir / m["file"]
+    _blind_graph(graph, m["dim"])
+    data = graph.read_bytes()
+    m["files"] = {m["file"]: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+    store.manifest_path.write_text(json.dumps(m))  # its MAC (if any) no longer matches; the forger has no key
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mac", ["kept", "dropped"])
+def test_a_replaced_graph_with_a_matching_manifest_is_never_loaded(tiny_model, tmp_path, mac):
+    cache = tmp_path / "cache"
+    torch_enc = Encoder(tiny_model, cache_dir=cache, runtime="torch")
+    store = store_of(Encoder(tiny_model, cache_dir=cache, device="cpu"))
+    forged = _forge(store)
+    if mac == "dropped":
+        m = json.loads(store.manifest_path.read_text())
+        m.pop("mac", None)
+        store.manifest_path.write_text(json.dumps(m))
+    px = np.random.default_rng(6).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    again = Encoder(tiny_model, cache_dir=cache, device="cpu")  # re-exported: the forged manifest is not signed
+    assert again.runtime == "onnx" and store_of(again).dir == store.dir
+    assert (again.embed_pixels(px) * torch_enc.embed_pixels(px)).sum(1).min() >= 0.99999
+    assert (store.dir / store.read_manifest()["file"]).read_bytes() != forged
+
+
+@pytest.mark.slow
+def test_an_export_folder_others_can_write_is_never_read(tiny_model, tmp_path, monkeypatch, caplog):
+    cache, own = tmp_path / "cache", tmp_path / "own"
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(own))  # the user's own cache folder: where the export moves
+    store = store_of(Encoder(tiny_model, cache_dir=cache, device="cpu"))
+    os.chmod(store.dir, 0o777)  # anyone could now swap the graph between its check and its load
+    with caplog.at_level(logging.WARNING, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
+    assert enc.runtime == "onnx" and store_of(enc).cache_dir == own
+    lines = [r.getMessage() for r in caplog.records if "cannot be kept in" in r.getMessage()]
+    assert len(lines) == 1 and str(store.dir) in lines[0] and "every user" in lines[0] and "chmod go-w" in lines[0]
+    with pytest.raises(ArtifactIntegrityError, match="every user"):  # and never run from there, even if asked
+        store.check_sizes(store.read_manifest())
+
+
+def test_prompt_embeddings_others_could_write_are_not_read(exported, tiny_model, tmp_path, monkeypatch, caplog):
+    from safeclip import _trust
+
+    onnx, _ = exported
+    onnx.embed_texts(["a photo of a cat"])
+    text = onnx.prompt_cache.path.parent
+    own = tmp_path / "own"
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(own))
+    monkeypatch.setattr(_trust, "_said", set())
+    os.chmod(text, 0o777)
+    try:
+        with caplog.at_level(logging.WARNING, logger="safeclip"):
+            enc = Encoder(tiny_model, cache_dir=onnx.cache_dir, device="cpu")
+    finally:
+        os.chmod(text, 0o700)
+    assert enc.prompt_cache.path.is_relative_to(own) and store_of(enc).dir == store_of(onnx).dir
+    lines = [r.getMessage() for r in caplog.records if "not using the cache folder" in r.getMessage()]
+    assert len(lines) == 1 and "prompt embeddings" in lines[0] and "every user" in lines[0]
+    assert enc.prompt_cache.missing(["a photo of a cat"]) == ["a photo of a cat"]  # not read from there
