@@ -267,6 +267,51 @@ def test_an_export_folder_others_can_write_is_never_read(tiny_model, tmp_path, m
         store.check_sizes(store.read_manifest())
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write into, the running user included (root: the immutable attribute)."""
+    d = tmp_path / "read-only-cache"
+    d.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+        try:
+            yield d
+        finally:
+            subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+    else:
+        os.chmod(d, 0o500)
+        try:
+            yield d
+        finally:
+            os.chmod(d, 0o700)
+
+
+@pytest.mark.slow
+def test_a_read_only_cache_exports_once_to_a_folder_of_the_users_own(tiny_model, read_only_dir, tmp_path,
+                                                                   monkeypatch, caplog):
+    from safeclip import _trust
+    from safeclip.embed import _export
+
+    own = tmp_path / "own"
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(own))
+    monkeypatch.setattr(_trust, "_said", set())  # a fresh process
+    with caplog.at_level(logging.INFO, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=read_only_dir, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
+    assert enc.runtime == "onnx" and store_of(enc).cache_dir == own
+    moved = [ln for ln in lines if "cannot be kept in" in ln]
+    assert len(moved) == 1 and str(read_only_dir) in moved[0] and str(own) in moved[0] and "--cache" in moved[0]
+    assert not list(read_only_dir.iterdir())
+    # The next start loads that export: no export child, no line about exporting.
+    caplog.clear()
+    monkeypatch.setattr(_trust, "_said", set())
+    monkeypatch.setattr(_export, "export_in_child", lambda *a, **k: pytest.fail("exported again"))
+    with caplog.at_level(logging.INFO, logger="safeclip"):
+        again = Encoder(tiny_model, cache_dir=read_only_dir, device="cpu")
+    assert again.runtime == "onnx" and store_of(again).dir == store_of(enc).dir
+
+
 def test_prompt_embeddings_others_could_write_are_not_read(exported, tiny_model, tmp_path, monkeypatch, caplog):
     from safeclip import _trust
 

@@ -192,9 +192,10 @@ class Encoder:
         first = ExportStore(self.cache_dir, self.model_name, self._weights_id, self.precision)
         store: ExportStore | None = first
         verdict: dict[str, Any] = {}
+        moved = False
         found = first.untrusted()
         if found is not None:  # never read: a file there could be swapped between its check and its load
-            store = self._fallback_store(first, f"{found[0]} {found[1]}", _trust.fix_for(*found))
+            store, moved = self._fallback_store(first, f"{found[0]} {found[1]}", _trust.fix_for(*found)), True
         tries = 0
         while store is not None:
             manifest = store.read_manifest()
@@ -216,6 +217,16 @@ class Encoder:
             if tries == 2:  # a refused (tampered) file is exported again once
                 verdict = {"ok": False, "kind": "verify", "reason": "the export kept failing its sha256 check"}
                 break
+            problem = store.write_problem()
+            if problem is not None:
+                if moved:
+                    verdict = {"ok": False, "kind": "export", "reason": f"cannot write {store.dir}: {problem}"}
+                    break
+                # Say so once and export where it can be kept, instead of exporting in vain at every start.
+                store, moved = self._fallback_store(
+                    store, f"it cannot be written: {problem}",
+                    "give a cache folder you can write to (cache_dir=, --cache, $SAFECLIP_CACHE_DIR)"), True
+                continue
             tries += 1
             from ._export import export_in_child  # not at import: the child runs that module as __main__
 
