@@ -140,7 +140,8 @@ def test_an_export_that_fails_falls_back_to_torch_with_one_log_line(tiny_model, 
         enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
     assert enc.runtime == "torch"
     lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
-    assert len(lines) == 1 and "runs on torch" in lines[0] and "onnx" in lines[0], lines
+    assert lines[0].startswith("exporting the image tower")  # what the wait is for, then why it failed
+    assert len(lines) == 2 and "runs on torch" in lines[1] and "onnx" in lines[1], lines
     # The failure is recorded: the next start falls back at once, without another export attempt ...
     from safeclip.embed import _export
 
@@ -302,6 +303,8 @@ def test_a_read_only_cache_exports_once_to_a_folder_of_the_users_own(tiny_model,
     assert enc.runtime == "onnx" and store_of(enc).cache_dir == own
     moved = [ln for ln in lines if "cannot be kept in" in ln]
     assert len(moved) == 1 and str(read_only_dir) in moved[0] and str(own) in moved[0] and "--cache" in moved[0]
+    exporting = [ln for ln in lines if ln.startswith("exporting the image tower")]
+    assert len(exporting) == 1 and f"later starts load it from {own}" in exporting[0]
     assert not list(read_only_dir.iterdir())
     # The next start loads that export: no export child, no line about exporting.
     caplog.clear()
@@ -310,6 +313,18 @@ def test_a_read_only_cache_exports_once_to_a_folder_of_the_users_own(tiny_model,
     with caplog.at_level(logging.INFO, logger="safeclip"):
         again = Encoder(tiny_model, cache_dir=read_only_dir, device="cpu")
     assert again.runtime == "onnx" and store_of(again).dir == store_of(enc).dir
+    assert not [r for r in caplog.records if r.getMessage().startswith("exporting")]
+
+
+@pytest.mark.slow
+def test_the_first_start_says_it_is_exporting_and_where_later_starts_load_it(tiny_model, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
+        Encoder(tiny_model, cache_dir=cache, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
+    assert enc.runtime == "onnx" and len(lines) == 1, lines  # the first start only
+    assert lines[0].startswith("exporting the image tower of ") and f"later starts load it from {cache}" in lines[0]
 
 
 def test_prompt_embeddings_others_could_write_are_not_read(exported, tiny_model, tmp_path, monkeypatch, caplog):

@@ -74,9 +74,12 @@ class Encoder:
     (downloaded from the hub on a connected machine) or the path of a local checkpoint file.
 
     ``runtime`` (default ``$SAFECLIP_RUNTIME``, else ``"auto"``) runs the image tower on ONNX Runtime on a CPU and
-    on torch on CUDA/MPS. The first ONNX use exports the tower into ``<cache_dir>/onnx/`` (once per weights, in a
-    child process, verified against torch); later starts load the export without importing torch, and the text
-    tower is loaded only for prompts missing from the prompt cache, then released. ``precision="int8"`` (ONNX
+    on torch on CUDA/MPS. The first ONNX use exports the tower into ``<cache_dir>/onnx/`` (once per weights and
+    cache folder, in a child process, verified against torch; one log line says so while it runs); later starts load
+    the export without importing torch, and the text tower is loaded only for prompts missing from the prompt cache,
+    then released. A cache folder that cannot be written, or that someone else could write (see
+    :mod:`safeclip._trust`), is not used for the export and prompts: they go to a folder of the user's own, with one
+    log line naming the folder and the fix. ``precision="int8"`` (ONNX
     Runtime dynamic int8) is an opt-in with its own ``encoder_id``. ``threads`` (default ``$SAFECLIP_THREADS``, else
     every available core) sets ONNX Runtime's intra-op threads, or torch's.
 
@@ -228,6 +231,8 @@ class Encoder:
                     "give a cache folder you can write to (cache_dir=, --cache, $SAFECLIP_CACHE_DIR)"), True
                 continue
             tries += 1
+            _log.warning("exporting the image tower of %s to ONNX, once for these weights (this can take a minute); "
+                         "later starts load it from %s", self.model_name, store.cache_dir)
             from ._export import export_in_child  # not at import: the child runs that module as __main__
 
             verdict = export_in_child(store, self.model_name, self.pretrained, self.threads)
