@@ -26,13 +26,26 @@ one (one line on stderr). Damage found later raises :class:`~safeclip.errors.Cac
 :attr:`EmbeddingCache.damaged` set); a writable instance moves the file aside first (:meth:`EmbeddingCache.quarantine`),
 so running the same audit again rebuilds the cache.
 
+A damaged *entry* (an embedding blob that is empty or not a whole number of ``D``-float32 rows, or whose rows are
+not finite L2-normalised embeddings; a frame or background list that is not JSON or not one item per row; metadata
+that is not an integer) never shifts another entry's rows and never raises: :meth:`EmbeddingCache.get_many` reads
+it as a miss and, when writable, removes it (so the file is embedded again, never blamed);
+:meth:`EmbeddingCache.scan` keeps its place with a placeholder row and says why in :attr:`CacheChunk.damaged`;
+:meth:`EmbeddingCache.put_many` replaces it. A ``dim`` that is not a positive integer damages the whole database (a
+:class:`~safeclip.errors.CacheError`; opening it for writing moves it aside).
+
+Trust: a cache folder does not vouch for itself. The database is refused (:class:`~safeclip.errors.CacheError`
+naming the fix) when the cache folder, ``embeddings/`` or the database files belong to another user or can be
+written by other users (see :mod:`safeclip._trust`): embeddings someone else wrote would decide as if safeclip had
+computed them.
+
 Deterministic decode failures can be remembered too (:meth:`EmbeddingCache.put_decode_errors`), keyed by
 ``(sha256, decoder fingerprint)``: the same bytes under the same Pillow version and decode limits fail the same way,
 so a re-run need not open a hostile file again.
 
 >>> import numpy as np, tempfile
 >>> cache = EmbeddingCache(tempfile.mkdtemp(), "demo-encoder")
->>> cache.put_many([CachedImage("ab" * 32, np.ones((1, 4), np.float32), (0,), 640, 480, 1, 1234, "JPEG")])
+>>> cache.put_many([CachedImage("ab" * 32, np.eye(1, 4, dtype=np.float32), (0,), 640, 480, 1, 1234, "JPEG")])
 1
 >>> cache.get_many(["ab" * 32])["ab" * 32].embeddings.shape
 (1, 4)
@@ -55,6 +68,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _trust
+from .arrays import NORM_TOLERANCE, embedding_row_problems
 from .decode import DECODER_VERSION
 from .errors import CacheError, DataError, EncoderMismatchError
 
@@ -89,6 +104,87 @@ def is_damage(e: BaseException) -> bool:
     return isinstance(e, sqlite3.DatabaseError) and any(m in str(e).lower() for m in _DAMAGE)
 
 
+_INT_MAX = {"width": 2**31 - 1, "height": 2**31 - 1, "n_frames": 2**31 - 1, "nbytes": 2**63 - 1}  # audit columns
+
+
+class _Damaged(Exception):
+    """An entry that disagrees with itself; the message says how (it becomes a miss or an error row, never a
+    traceback)."""
+
+
+def _dim(value: object) -> int:
+    """The database's embedding dimension; :class:`_Damaged` unless it is a positive integer."""
+    text = str(value)
+    if not text.isascii() or not text.isdigit() or int(text) <= 0:
+        raise _Damaged(f"its embedding dimension {str(value)[:40]!r} is not a positive integer")
+    return int(text)
+
+
+def _json_list(text: object, name: str, rows: int) -> list[object]:
+    try:
+        value = json.loads(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RecursionError):
+        raise _Damaged(f"its {name} {str(text)[:40]!r} is not JSON") from None
+    if not isinstance(value, list) or len(value) != rows:
+        raise _Damaged(f"its {name} {str(text)[:40]!r} is not a list of {rows} (one per embedding row)")
+    return value
+
+
+def _check_entry(vec: object, fi: object, bgs: object, numbers: Sequence[tuple[str, object]],
+                 dim: int) -> tuple[int, tuple[int, ...], tuple[str | None, ...]]:
+    """``(rows, frame_indices, backgrounds)`` of one stored entry, after every column agrees with the others;
+    :class:`_Damaged` otherwise."""
+    if not isinstance(vec, bytes):
+        raise _Damaged(f"its embedding is {type(vec).__name__}, not a float32 BLOB")
+    rows, extra = divmod(len(vec), 4 * dim)
+    if rows == 0 or extra:
+        raise _Damaged(f"its embedding blob is {len(vec)} bytes, not a whole number (>= 1) of {dim}-d float32 "
+                       f"rows ({4 * dim} bytes each)")
+    for name, v in numbers:
+        if type(v) is not int or not 0 <= v <= _INT_MAX[name]:
+            raise _Damaged(f"its {name} {str(v)[:40]!r} is not an integer in [0, {_INT_MAX[name]}]")
+    if fi is None:  # not recorded
+        frames: tuple[int, ...] = ()
+    elif rows == 1 and fi == "[0]":  # most entries: one still image
+        frames = (0,)
+    else:
+        found = _json_list(fi, "frame_indices", rows)
+        if not all(type(x) is int and x >= 0 for x in found):
+            raise _Damaged(f"its frame_indices {str(fi)[:40]!r} are not non-negative integers")
+        frames = tuple(found)  # type: ignore[arg-type]
+    if bgs is None or bgs == "":
+        backgrounds: tuple[str | None, ...] = ()
+    else:
+        found = _json_list(bgs, "backgrounds", rows)
+        if not all(b is None or isinstance(b, str) for b in found):
+            raise _Damaged(f"its backgrounds {str(bgs)[:40]!r} are not colours")
+        backgrounds = tuple(found)  # type: ignore[arg-type]
+    return rows, frames, backgrounds
+
+
+def _unusable_rows(emb: np.ndarray, offsets: np.ndarray) -> dict[int, str]:
+    """``{image: why}`` for the images (rows ``offsets[i]:offsets[i + 1]`` of ``emb``) with a row that is not a
+    finite L2-normalised embedding: stored like that, the entry is damaged (safeclip never stores one)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", emb, emb)
+        # Outside the band (NaN compares False: outside too) only may be unusable: those rows are checked exactly.
+        suspect = ~((sq >= (1 - NORM_TOLERANCE) ** 2) & (sq <= (1 + NORM_TOLERANCE) ** 2))
+    out: dict[int, str] = {}
+    if not suspect.any():
+        return out
+    rows = np.flatnonzero(suspect)
+    problems = embedding_row_problems(emb[rows])
+    for row, why in zip(rows, problems):
+        if why is not None:
+            i = int(np.searchsorted(offsets, row, side="right") - 1)
+            out.setdefault(i, f"its embedding row {int(row - offsets[i])} {why}")
+    return out
+
+
+def _sha_text(sha: object) -> str:
+    return sha.hex() if isinstance(sha, bytes) else str(sha)
+
+
 def _rollback(con: sqlite3.Connection) -> None:
     # SQLite has already rolled back after some errors (disk full): ROLLBACK would then hide the real cause.
     if con.in_transaction:
@@ -108,6 +204,10 @@ class CacheChunk:
     n_frames: np.ndarray
     nbytes: np.ndarray
     backgrounds: list[tuple[str | None, ...]] = dataclasses.field(default_factory=list)  # per image, per row
+    damaged: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Images of this chunk whose entry is damaged -> why. Each keeps its place with placeholder rows (the unit
+    vector ``e0``: any scorer takes it; its decision is never used, callers make the image an error row) and zeros
+    for its metadata."""
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -158,8 +258,14 @@ class EmbeddingCache:
         self.readonly = readonly
         self.hits = self.misses = self.written = 0
         self.damaged = False
+        self.damaged_entries: dict[str, str] = {}  # sha256 -> why, of the damaged entries lookups met (misses)
         self._moved: Path | None = None
         self._lock = threading.RLock()
+        found = _trust.first_untrusted(Path(cache_dir), *(Path("embeddings") / (self.path.name + suffix)
+                                                          for suffix in ("", "-wal", "-shm")))
+        if found is not None:  # its embeddings decide: nobody else may have been able to write them
+            raise CacheError(f"refusing the embedding cache {self.path}: {found[0]} {found[1]}, so its embeddings "
+                             f"may not be the ones safeclip computed; {_trust.fix_for(*found)}")
         if not self.path.exists() and (readonly or not create):
             raise CacheError(
                 f"no embedding cache for encoder {encoder_id!r} in {Path(cache_dir)} "
@@ -167,22 +273,25 @@ class EmbeddingCache:
         try:
             try:
                 meta = self._open()
-            except sqlite3.DatabaseError as e:
-                if readonly or not is_damage(e):
+                dim = _dim(meta["dim"]) if "dim" in meta else None
+            except (sqlite3.DatabaseError, _Damaged) as e:
+                if readonly or not (isinstance(e, _Damaged) or is_damage(e)):
                     raise
-                moved = self.quarantine()
+                moved = self.quarantine()  # a dimension that is not one leaves no entry readable: damage too
                 print(f"safeclip: the embedding cache {self.path} was damaged ({e}): moved aside to {moved.name}; "
                       "starting an empty one (files are embedded again as they are audited)", file=sys.stderr)
-                meta = self._open()
+                self._moved = None
+                meta, dim = self._open(), None
         except sqlite3.Error as e:
             self.damaged = is_damage(e)
             raise CacheError(self._problem("open", e)) from e
-        self.dim: int | None = None
+        except _Damaged as e:
+            self._con.close()
+            raise self._damaged_dim(e) from None
+        self.dim: int | None = dim
         stored = meta.get("encoder_id")
         if stored is not None and stored != encoder_id:
             raise EncoderMismatchError(f"{self.path} holds embeddings of {stored!r}, not {encoder_id!r}")
-        if "dim" in meta:
-            self.dim = int(meta["dim"])
 
     def _open(self) -> dict[str, str]:
         self._con = self._connect()
@@ -207,6 +316,12 @@ class EmbeddingCache:
                     "or --no-cache")
         return f"cannot {what} the embedding cache {self.path}: {e}"
 
+    def _damaged_dim(self, e: _Damaged) -> CacheError:
+        self.damaged = True
+        return CacheError(f"the embedding cache {self.path} is damaged ({e}); move it aside (or delete it) and run "
+                          "again: an audit rebuilds it as files are audited again, and opening it for writing moves "
+                          "it aside itself")
+
     def quarantine(self) -> Path:
         """Move the (damaged) database aside to ``<name>.corrupt-<timestamp>``, with its WAL; returns the new path.
         This instance is closed; a new :class:`EmbeddingCache` starts an empty database."""
@@ -230,7 +345,7 @@ class EmbeddingCache:
                                   check_same_thread=False, isolation_level=None)
             con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             return con
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _trust.make_dirs(self.path.parent)
         con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
                               isolation_level=None)
         con.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -285,15 +400,12 @@ class EmbeddingCache:
         with self._locked("read"):
             return int(self._con.execute("SELECT count(*) FROM images").fetchone()[0])
 
-    def _vectors(self, blob: bytes) -> np.ndarray:
-        v = np.frombuffer(blob, np.float32)
-        dim = self.dim or len(v)
-        return v.reshape(-1, dim)
-
     def get_many(self, shas: Iterable[str]) -> dict[str, CachedImage]:
-        """The cached entries among ``shas`` (hex sha256), in one indexed query per 900 keys."""
+        """The cached entries among ``shas`` (hex sha256), in one indexed query per 900 keys. A damaged entry is a
+        miss (recorded in :attr:`damaged_entries`), and a writable instance removes it."""
         keys = list(dict.fromkeys(shas))
-        out: dict[str, CachedImage] = {}
+        found: list[tuple[str, bytes, int, tuple[int, ...], tuple[str | None, ...], tuple[int, ...], str]] = []
+        damaged: list[tuple[bytes, object, str]] = []
         with self._locked("read"):
             if self.dim is None:
                 self._refresh_dim()
@@ -303,12 +415,50 @@ class EmbeddingCache:
                     f"SELECT sha, width, height, n_frames, nbytes, format, frame_indices, vec, {self._bg_col} "
                     f"FROM images WHERE sha IN ({','.join('?' * len(chunk))}) AND {self._valid}", chunk).fetchall()
                 for sha, w, h, nf, nb, fmt, fi, vec, bgs in rows:
-                    key = sha.hex()
-                    out[key] = CachedImage(key, self._vectors(vec), tuple(json.loads(fi)), int(w), int(h), int(nf),
-                                           int(nb), str(fmt), tuple(json.loads(bgs)) if bgs else ())
+                    try:
+                        if self.dim is None:  # entries but no dimension: nothing says how to split them
+                            raise _Damaged("the database records no embedding dimension")
+                        n, frames, backgrounds = _check_entry(
+                            vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf), ("nbytes", nb)), self.dim)
+                    except _Damaged as e:
+                        damaged.append((sha, vec, str(e)))
+                        continue
+                    found.append((sha.hex(), vec, n, frames, backgrounds, (w, h, nf, nb), str(fmt)))
+            out: dict[str, CachedImage] = {}
+            if found:
+                emb = np.frombuffer(b"".join(f[1] for f in found), np.float32).reshape(-1, self.dim)
+                offsets = np.zeros(len(found) + 1, np.int64)
+                np.cumsum([f[2] for f in found], out=offsets[1:])
+                unusable = _unusable_rows(emb, offsets)
+                for k, (key, vec, _, frames, backgrounds, (w, h, nf, nb), fmt) in enumerate(found):
+                    if k in unusable:
+                        damaged.append((bytes.fromhex(key), vec, unusable[k]))
+                    else:
+                        out[key] = CachedImage(key, emb[offsets[k]:offsets[k + 1]], frames, w, h, nf, nb, fmt,
+                                               backgrounds)
             self.hits += len(out)
             self.misses += len(keys) - len(out)
+            if damaged:
+                self._drop_damaged(damaged)
         return out
+
+    def _drop_damaged(self, damaged: Sequence[tuple[bytes, object, str]]) -> None:
+        """Record damaged entries; a writable instance removes them (each only while it is still the damaged one:
+        another process may have replaced it meanwhile), with one line on stderr."""
+        self.damaged_entries.update((sha.hex(), why) for sha, _, why in damaged)
+        if self.readonly:
+            return
+        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            self._con.executemany("DELETE FROM images WHERE sha = ? AND vec IS ?", [(s, v) for s, v, _ in damaged])
+            self._con.execute("COMMIT")
+        except BaseException:
+            _rollback(self._con)
+            raise
+        sha, _, why = damaged[0]
+        print(f"safeclip: removed {len(damaged)} damaged entr{'y' if len(damaged) == 1 else 'ies'} from the "
+              f"embedding cache {self.path} (first: {sha.hex()[:16]}..., {why}); those files are embedded again",
+              file=sys.stderr)
 
     @property
     def _valid(self) -> str:
@@ -325,10 +475,17 @@ class EmbeddingCache:
     def _refresh_dim(self) -> None:
         row = self._con.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
         if row is not None:
-            self.dim = int(row[0])
+            self.dim = self._checked_dim(row[0])
+
+    def _checked_dim(self, value: object) -> int:
+        try:
+            return _dim(value)
+        except _Damaged as e:
+            raise self._damaged_dim(e) from None
 
     def scan(self, chunk_rows: int = 65536) -> Iterator[CacheChunk]:
-        """Every entry, in insertion order, as :class:`CacheChunk` s of up to ``chunk_rows`` images."""
+        """Every entry, in insertion order, as :class:`CacheChunk` s of up to ``chunk_rows`` images; a damaged entry
+        keeps its place with a placeholder row and its reason in :attr:`CacheChunk.damaged`."""
         with self._locked("read"):
             self._refresh_dim()
             if self.dim is None:
@@ -336,25 +493,61 @@ class EmbeddingCache:
             dim = self.dim
             # A private read transaction: one consistent snapshot even while another process writes.
             con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
+        placeholder_row = np.zeros((1, dim), np.float32)
+        placeholder_row[0, 0] = 1.0  # a unit vector: a scorer accepts it, and its decision is never used
+        placeholder = placeholder_row.tobytes()
+        bg = self._bg_col
+        # SQLite tells the common entry (one well-formed row, opaque, integer metadata) apart in C; only the others
+        # are checked one by one in Python.
+        plain = (f"typeof(sha) = 'blob' AND length(sha) = 32 AND typeof(vec) = 'blob' AND length(vec) = {4 * dim} "
+                 f"AND frame_indices = '[0]' AND {bg} IS NULL AND "
+                 + " AND ".join(f"typeof({c}) = 'integer' AND {c} BETWEEN 0 AND {_INT_MAX[c]}" for c in _INT_MAX))
         try:
-            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {self._bg_col} FROM images "
-                              f"WHERE {self._valid} ORDER BY rowid")
+            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {bg}, frame_indices, {plain} "
+                              f"FROM images WHERE {self._valid} ORDER BY rowid")
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:
                     break
-                blob = b"".join(r[5] for r in rows)
-                emb = np.frombuffer(blob, np.float32).reshape(-1, dim)
-                counts = np.fromiter((len(r[5]) for r in rows), np.int64, len(rows)) // (4 * dim)
-                offsets = np.zeros(len(rows) + 1, np.int64)
+                n = len(rows)
+                damaged: dict[int, str] = {}
+                backgrounds: list[tuple[str | None, ...]] = [()] * n
+                if all(r[8] for r in rows):  # the common chunk: every entry plain (r[8])
+                    blobs = [r[5] for r in rows]
+                    counts = np.ones(n, np.int64)
+                    cols = np.array([np.fromiter((r[c] for r in rows), np.int64, n) for c in range(1, 5)])
+                else:
+                    blobs, meta = [], []
+                    counts = np.ones(n, np.int64)
+                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain) in enumerate(rows):
+                        try:
+                            if not is_plain:
+                                if not isinstance(sha, bytes) or len(sha) != 32:
+                                    raise _Damaged(f"its key {_sha_text(sha)[:70]!r} is not a sha256")
+                                counts[k], _, backgrounds[k] = _check_entry(
+                                    vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf), ("nbytes", nb)),
+                                    dim)
+                        except _Damaged as e:
+                            damaged[k] = str(e)
+                            vec, w, h, nf, nb = placeholder, 0, 0, 0, 0
+                        blobs.append(vec)
+                        meta.append((w, h, nf, nb))
+                    cols = np.array(meta, np.int64).T.copy()
+                offsets = np.zeros(n + 1, np.int64)
                 np.cumsum(counts, out=offsets[1:])
+                emb = np.frombuffer(b"".join(blobs), np.float32).reshape(-1, dim)
+                unusable = _unusable_rows(emb, offsets)
+                if unusable:
+                    emb = emb.copy()
+                    for k in unusable:
+                        emb[offsets[k]:offsets[k + 1]] = placeholder_row
+                        cols[:, k] = 0
+                        backgrounds[k] = ()
+                    damaged.update(unusable)
                 yield CacheChunk(
-                    sha256=[r[0].hex() for r in rows], embeddings=emb, offsets=offsets,
-                    width=np.fromiter((r[1] for r in rows), np.int64, len(rows)),
-                    height=np.fromiter((r[2] for r in rows), np.int64, len(rows)),
-                    n_frames=np.fromiter((r[3] for r in rows), np.int64, len(rows)),
-                    nbytes=np.fromiter((r[4] for r in rows), np.int64, len(rows)),
-                    backgrounds=[tuple(json.loads(r[6])) if r[6] else () for r in rows],
+                    sha256=[r[0].hex() if r[8] else _sha_text(r[0]) for r in rows], embeddings=emb, offsets=offsets,
+                    width=cols[0], height=cols[1], n_frames=cols[2], nbytes=cols[3], backgrounds=backgrounds,
+                    damaged=damaged,
                 )
         except sqlite3.Error as e:
             self.damaged = self.damaged or is_damage(e)
@@ -386,6 +579,10 @@ class EmbeddingCache:
         for it in items:
             if it.embeddings.ndim != 2 or it.embeddings.shape[1] != dim or len(it.embeddings) < 1:
                 raise DataError(f"embeddings of {it.sha256} must be (F >= 1, {dim}), got {it.embeddings.shape}")
+            for name in ("frame_indices", "backgrounds"):  # one per embedding row, or none recorded
+                if len(getattr(it, name)) not in (0, len(it.embeddings)):
+                    raise DataError(f"{name} of {it.sha256} must give one item per embedding row "
+                                    f"({len(it.embeddings)}), got {len(getattr(it, name))}")
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
                  np.ascontiguousarray(it.embeddings, np.float32).tobytes(), DECODER_VERSION,
@@ -397,9 +594,10 @@ class EmbeddingCache:
                 row = con.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
                 if row is None:
                     con.execute("INSERT INTO meta VALUES ('dim', ?)", (str(dim),))
-                elif int(row[0]) != dim:
+                elif self._checked_dim(row[0]) != dim:
                     raise EncoderMismatchError(
                         f"{self.path} holds {row[0]}-d embeddings of {self.encoder_id!r}; refusing {dim}-d ones")
+                self._drop_damaged_among([r[0] for r in rows], dim)
                 before = con.total_changes
                 # Present entries are kept, except those of a decoder before per-background views.
                 con.executemany(
@@ -417,6 +615,24 @@ class EmbeddingCache:
             self.dim = dim
             self.written += added
         return added
+
+    def _drop_damaged_among(self, keys: Sequence[bytes], dim: int) -> None:
+        """Delete the damaged entries among ``keys`` (inside the caller's write transaction), so that the entries
+        being written replace them instead of being refused as present."""
+        for i in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[i:i + _IN_CHUNK]
+            present = self._con.execute(
+                "SELECT sha, width, height, n_frames, nbytes, frame_indices, vec, "
+                f"{self._bg_col} FROM images WHERE sha IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            for sha, w, h, nf, nb, fi, vec, bgs in present:
+                try:
+                    n, _, _ = _check_entry(vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf),
+                                                          ("nbytes", nb)), dim)
+                    ok = not _unusable_rows(np.frombuffer(vec, np.float32).reshape(-1, dim), np.array([0, n]))
+                except _Damaged:
+                    ok = False
+                if not ok:
+                    self._con.execute("DELETE FROM images WHERE sha = ?", (sha,))
 
     def put_decode_errors(self, errors: Sequence[tuple[str, str, str]], fingerprint: str) -> None:
         """Remember deterministic decode failures ``(sha256, error class name, message)``."""

@@ -221,7 +221,8 @@ def test_kill_9_mid_write_leaves_every_committed_batch_intact(tmp_path):
         while True:
             batch = []
             for _ in range(50):
-                v = np.full((1, 64), i, np.float32)
+                v = np.zeros((1, 64), np.float32)
+                v[0, i % 64] = 1.0
                 batch.append(CachedImage(hashlib.sha256(str(i).encode()).hexdigest(), v, (0,), i, i, 1, i, "PNG"))
                 i += 1
             c.put_many(batch)
@@ -247,7 +248,7 @@ def test_kill_9_mid_write_leaves_every_committed_batch_intact(tmp_path):
         got = c.get_many([sha(i) for i in range(n)])
         assert len(got) == n
         for i in range(0, n, 97):
-            assert got[sha(i)].width == i and float(got[sha(i)].embeddings[0, 0]) == i
+            assert got[sha(i)].width == i and int(np.argmax(got[sha(i)].embeddings[0])) == i % 64
 
 
 def test_readers_in_other_processes_see_commits_while_writing(tmp_path):
@@ -272,3 +273,123 @@ def test_readers_in_other_processes_see_commits_while_writing(tmp_path):
     finally:
         proc.kill()
     assert out.strip() == "True"
+
+
+# ------------------------------------------------------------------------------------------ damaged entries
+def _damage(cache: EmbeddingCache, i: int, **columns: object) -> None:
+    """Overwrite columns of entry ``i`` the way a bad disk, a foreign writer or a bug could leave them."""
+    con = sqlite3.connect(cache.path)
+    sets = ", ".join(f"{k} = ?" for k in columns)
+    con.execute(f"UPDATE images SET {sets} WHERE sha = ?", (*columns.values(), bytes.fromhex(sha(i))))
+    con.commit()
+    con.close()
+
+
+DAMAGE = {  # entry -> columns: every way an entry can disagree with itself
+    2: {"vec": b""},  # empty blob
+    4: {"vec": b"\x00" * (4 * 8 + 4)},  # not a whole number of 8-d rows
+    6: {"frame_indices": "[0, 1"},  # garbage JSON
+    8: {"frame_indices": "[0, 1, 2, 3]"},  # more frames than rows
+    10: {"backgrounds": '["#ffffff"]'},  # a background for 1 of 3 rows
+    12: {"width": "wide"},
+    14: {"vec": "text, not a blob"},
+    15: {"vec": np.full((1, 8), np.nan, np.float32).tobytes()},  # the right size, not an embedding
+}
+
+
+def _damaged_cache(tmp_path: Path) -> tuple[EmbeddingCache, list[CachedImage]]:
+    cache = EmbeddingCache(tmp_path, "enc-a")
+    items = [entry(i, frames=3 if i % 2 == 0 else 1) for i in range(16)]
+    cache.put_many(items)
+    for i, cols in DAMAGE.items():
+        _damage(cache, i, **cols)
+    return cache, items
+
+
+def test_scan_reports_damaged_entries_and_never_shifts_their_neighbours(tmp_path):
+    cache, items = _damaged_cache(tmp_path)
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:
+        chunks = list(ro.scan(chunk_rows=16))
+    assert len(chunks) == 1
+    c = chunks[0]
+    assert c.sha256 == [it.sha256 for it in items] and c.offsets[-1] == len(c.embeddings)
+    assert set(c.damaged) == set(DAMAGE)
+    assert "bytes" in c.damaged[2] and "frame_indices" in c.damaged[8] and "width" in c.damaged[12]
+    for k, it in enumerate(items):
+        rows = c.embeddings[c.offsets[k]:c.offsets[k + 1]]
+        if k in DAMAGE:
+            assert rows.tolist() == [[1.0] + [0.0] * 7]  # one placeholder row (e0): callers make it an error row
+        else:
+            np.testing.assert_array_equal(rows, it.embeddings)
+            assert (c.width[k], c.n_frames[k]) == (it.width, it.n_frames)
+
+
+def test_lookups_treat_a_damaged_entry_as_a_miss_and_remove_it(tmp_path):
+    cache, items = _damaged_cache(tmp_path)
+    keys = [it.sha256 for it in items]
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:  # a reader: a miss, the entry left to a writer
+        got = ro.get_many(keys)
+        assert set(got) == {sha(i) for i in range(16) if i not in DAMAGE}
+        assert ro.get(sha(2)) is None and set(ro.damaged_entries) == {sha(i) for i in DAMAGE}
+        for s, hit in got.items():
+            np.testing.assert_array_equal(hit.embeddings, items[keys.index(s)].embeddings)
+    assert len(cache) == 16
+    got = cache.get_many(keys)  # a writer removes them: the next audit embeds those files again
+    assert set(got) == {sha(i) for i in range(16) if i not in DAMAGE} and cache.misses == len(DAMAGE)
+    assert len(cache) == 16 - len(DAMAGE)
+    assert cache.put_many([items[2]]) == 1 and cache.get(sha(2)) is not None
+
+
+def test_a_damaged_entry_is_replaced_by_the_next_write_of_its_file(tmp_path):
+    cache, items = _damaged_cache(tmp_path)
+    # A Ray driver writes without looking the file up first: the damaged entry must not be kept as "present".
+    assert cache.put_many([items[i] for i in DAMAGE]) == len(DAMAGE)
+    got = cache.get_many([it.sha256 for it in items])
+    assert len(got) == 16 and not cache.damaged_entries
+    for it in items:
+        np.testing.assert_array_equal(got[it.sha256].embeddings, it.embeddings)
+
+
+@pytest.mark.parametrize("dim", ["eight", "8.0", "-8", "0", ""])
+def test_a_damaged_dimension_is_a_cache_error_naming_the_fix(tmp_path, dim):
+    cache = EmbeddingCache(tmp_path, "enc-a")
+    cache.put_many([entry(1)])
+    cache.close()
+    con = sqlite3.connect(cache.path)
+    con.execute("UPDATE meta SET value = ? WHERE key = 'dim'", (dim,))
+    con.commit()
+    con.close()
+    with pytest.raises(CacheError, match="is damaged .*dimension .* is not a positive integer.*move it aside"):
+        EmbeddingCache(tmp_path, "enc-a", readonly=True)
+
+
+# ------------------------------------------------------------------------------------------ trust
+@pytest.mark.parametrize("where", ["", "embeddings", "file"])
+def test_a_cache_others_can_write_is_refused_naming_the_fix(tmp_path, where):
+    EmbeddingCache(tmp_path, "enc-a").put_many([entry(1)])
+    target = {"": tmp_path, "embeddings": tmp_path / "embeddings"}.get(where)
+    target = target or next((tmp_path / "embeddings").glob("*.sqlite"))
+    os.chmod(target, os.stat(target).st_mode | 0o002)
+    for readonly in (True, False):  # a reader too: the embeddings it returns would decide
+        with pytest.raises(CacheError, match=f"{target}.* can be written by every user.*chmod go-w {target}"):
+            EmbeddingCache(tmp_path, "enc-a", readonly=readonly)
+    os.chmod(target, os.stat(target).st_mode & ~0o022)
+    assert EmbeddingCache(tmp_path, "enc-a", readonly=True).get(sha(1)) is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root can give a folder away")
+def test_a_cache_folder_owned_by_another_user_is_refused(tmp_path):
+    EmbeddingCache(tmp_path, "enc-a").put_many([entry(1)])
+    os.chown(tmp_path / "embeddings", 65534, 65534)
+    with pytest.raises(CacheError, match="is owned by .*, not by you.*a cache folder of your own"):
+        EmbeddingCache(tmp_path, "enc-a", readonly=True)
+
+
+def test_new_cache_folders_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        EmbeddingCache(tmp_path / "a" / "b", "enc-a").put_many([entry(1)])
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "embeddings"):
+        assert os.stat(d).st_mode & 0o777 == 0o700, d

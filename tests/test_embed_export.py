@@ -140,7 +140,8 @@ def test_an_export_that_fails_falls_back_to_torch_with_one_log_line(tiny_model, 
         enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
     assert enc.runtime == "torch"
     lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
-    assert len(lines) == 1 and "runs on torch" in lines[0] and "onnx" in lines[0], lines
+    assert lines[0].startswith("exporting the image tower")  # what the wait is for, then why it failed
+    assert len(lines) == 2 and "runs on torch" in lines[1] and "onnx" in lines[1], lines
     # The failure is recorded: the next start falls back at once, without another export attempt ...
     from safeclip.embed import _export
 
@@ -195,3 +196,153 @@ def test_int8_is_its_own_space(exported, tiny_model):
     assert cos.min() > 0.9 and not np.allclose(cos, 1.0, atol=1e-7)  # close, but not the fp32 embeddings
     with pytest.raises(ModelLoadError, match="int8"):
         Encoder(tiny_model, cache_dir=onnx.cache_dir, precision="int8", runtime="torch")
+
+
+# ------------------------------------------------------------------------------------------ trust
+def _blind_graph(path: Path, dim: int) -> None:
+    """An ONNX graph with the export's contract (pixels -> embeddings) that ignores the pixels: every image gets
+    the same unit vector."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    const = np.zeros((1, dim), np.float32)
+    const[0, 0] = 1.0
+    nodes = [
+        helper.make_node("Shape", ["pixels"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "width"], ["out_shape"], axis=0),
+        helper.make_node("Expand", ["row", "out_shape"], ["embeddings"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "blind",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", 64, 64, 3])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("width", TensorProto.INT64, [1], [dim]),
+         onnx.numpy_helper.from_array(const, "row")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _forge(store: ExportStore) -> bytes:
+    """Replace the export's graph with a blind one and rewrite the manifest to match, as anyone who can write the
+    cache folder could; returns the forged graph's bytes."""
+    m = json.loads(store.manifest_path.read_text())
+    graph = store.dir / m["file"]
+    _blind_graph(graph, m["dim"])
+    data = graph.read_bytes()
+    m["files"] = {m["file"]: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+    store.manifest_path.write_text(json.dumps(m))  # its MAC (if any) no longer matches; the forger has no key
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mac", ["kept", "dropped"])
+def test_a_replaced_graph_with_a_matching_manifest_is_never_loaded(tiny_model, tmp_path, mac):
+    cache = tmp_path / "cache"
+    torch_enc = Encoder(tiny_model, cache_dir=cache, runtime="torch")
+    store = store_of(Encoder(tiny_model, cache_dir=cache, device="cpu"))
+    forged = _forge(store)
+    if mac == "dropped":
+        m = json.loads(store.manifest_path.read_text())
+        m.pop("mac", None)
+        store.manifest_path.write_text(json.dumps(m))
+    px = np.random.default_rng(6).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    again = Encoder(tiny_model, cache_dir=cache, device="cpu")  # re-exported: the forged manifest is not signed
+    assert again.runtime == "onnx" and store_of(again).dir == store.dir
+    assert (again.embed_pixels(px) * torch_enc.embed_pixels(px)).sum(1).min() >= 0.99999
+    assert (store.dir / store.read_manifest()["file"]).read_bytes() != forged
+
+
+@pytest.mark.slow
+def test_an_export_folder_others_can_write_is_never_read(tiny_model, tmp_path, monkeypatch, caplog):
+    cache, own = tmp_path / "cache", tmp_path / "own"
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(own))  # the user's own cache folder: where the export moves
+    store = store_of(Encoder(tiny_model, cache_dir=cache, device="cpu"))
+    os.chmod(store.dir, 0o777)  # anyone could now swap the graph between its check and its load
+    with caplog.at_level(logging.WARNING, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
+    assert enc.runtime == "onnx" and store_of(enc).cache_dir == own
+    lines = [r.getMessage() for r in caplog.records if "cannot be kept in" in r.getMessage()]
+    assert len(lines) == 1 and str(store.dir) in lines[0] and "every user" in lines[0] and "chmod go-w" in lines[0]
+    with pytest.raises(ArtifactIntegrityError, match="every user"):  # and never run from there, even if asked
+        store.check_sizes(store.read_manifest())
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write into, the running user included (root: the immutable attribute)."""
+    d = tmp_path / "read-only-cache"
+    d.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+        try:
+            yield d
+        finally:
+            subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+    else:
+        os.chmod(d, 0o500)
+        try:
+            yield d
+        finally:
+            os.chmod(d, 0o700)
+
+
+@pytest.mark.slow
+def test_a_read_only_cache_exports_once_to_a_folder_of_the_users_own(tiny_model, read_only_dir, tmp_path,
+                                                                   monkeypatch, caplog):
+    from safeclip import _trust
+    from safeclip.embed import _export
+
+    own = tmp_path / "own"
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(own))
+    monkeypatch.setattr(_trust, "_said", set())  # a fresh process
+    with caplog.at_level(logging.INFO, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=read_only_dir, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
+    assert enc.runtime == "onnx" and store_of(enc).cache_dir == own
+    moved = [ln for ln in lines if "cannot be kept in" in ln]
+    assert len(moved) == 1 and str(read_only_dir) in moved[0] and str(own) in moved[0] and "--cache" in moved[0]
+    exporting = [ln for ln in lines if ln.startswith("exporting the image tower")]
+    assert len(exporting) == 1 and f"later starts load it from {own}" in exporting[0]
+    assert not list(read_only_dir.iterdir())
+    # The next start loads that export: no export child, no line about exporting.
+    caplog.clear()
+    monkeypatch.setattr(_trust, "_said", set())
+    monkeypatch.setattr(_export, "export_in_child", lambda *a, **k: pytest.fail("exported again"))
+    with caplog.at_level(logging.INFO, logger="safeclip"):
+        again = Encoder(tiny_model, cache_dir=read_only_dir, device="cpu")
+    assert again.runtime == "onnx" and store_of(again).dir == store_of(enc).dir
+    assert not [r for r in caplog.records if r.getMessage().startswith("exporting")]
+
+
+@pytest.mark.slow
+def test_the_first_start_says_it_is_exporting_and_where_later_starts_load_it(tiny_model, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="safeclip"):
+        enc = Encoder(tiny_model, cache_dir=cache, device="cpu")
+        Encoder(tiny_model, cache_dir=cache, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "safeclip"]
+    assert enc.runtime == "onnx" and len(lines) == 1, lines  # the first start only
+    assert lines[0].startswith("exporting the image tower of ") and f"later starts load it from {cache}" in lines[0]
+
+
+def test_prompt_embeddings_others_could_write_are_not_read(exported, tiny_model, tmp_path, monkeypatch, caplog):
+    from safeclip import _trust
+
+    onnx, _ = exported
+    onnx.embed_texts(["a photo of a cat"])
+    text = onnx.prompt_cache.path.parent
+    own = tmp_path / "own"
+    monkeypatch.setenv("SAFECLIP_CACHE_DIR", str(own))
+    monkeypatch.setattr(_trust, "_said", set())
+    os.chmod(text, 0o777)
+    try:
+        with caplog.at_level(logging.WARNING, logger="safeclip"):
+            enc = Encoder(tiny_model, cache_dir=onnx.cache_dir, device="cpu")
+    finally:
+        os.chmod(text, 0o700)
+    assert enc.prompt_cache.path.is_relative_to(own) and store_of(enc).dir == store_of(onnx).dir
+    lines = [r.getMessage() for r in caplog.records if "not using the cache folder" in r.getMessage()]
+    assert len(lines) == 1 and "prompt embeddings" in lines[0] and "every user" in lines[0]
+    assert enc.prompt_cache.missing(["a photo of a cat"]) == ["a photo of a cat"]  # not read from there

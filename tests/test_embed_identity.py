@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import runpy
 import shutil
 import warnings
@@ -406,3 +407,52 @@ def test_the_shipped_table_names_the_hub_repositories_open_clip_downloads_the_ta
     assert (entry.hf_hub, entry.hf_hub_files) == ("timm/vit_base_patch32_clip_224.openai", HUB_FILES)
     for e in table.values():
         assert open_clip.get_pretrained_cfg(e.model, e.pretrained)["hf_hub"].rstrip("/") == e.hf_hub
+
+
+# ------------------------------------------------------------------------------------------ the on-disk memo
+@pytest.mark.parametrize("form", ["plain", "bad mac", "another entry's mac"])
+def test_a_forged_checkpoint_hash_memo_is_ignored_and_the_file_hashed_again(monkeypatch, ckpt, tmp_path, form):
+    """Anyone who can write the cache folder could claim that other weights are a published checkpoint: the memo
+    is believed only with this user's MAC, so the file is hashed again and keeps its own identity."""
+    published_file = tmp_path / "published.bin"
+    published_file.write_bytes(b"the published checkpoint")
+    register(monkeypatch, (published_file, "ViT-B-32"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    random_weights = tmp_path / "random.bin"
+    shutil.copy(ckpt, random_weights)
+    monkeypatch.setattr(_identity, "_memo", {})  # a fresh process: nothing remembered in memory
+    key, claim = _identity._stat_key(random_weights), sha256(published_file)
+    if form == "plain":  # the memo's earlier form: a bare digest
+        entry: object = claim
+    elif form == "bad mac":
+        entry = {"sha256": claim, "mac": "0" * 64}
+    else:  # a real MAC of this user's, for another file's entry
+        weights_identity("ViT-B-32", str(published_file), cache)
+        memo = json.loads((cache / _identity._MEMO_FILE).read_text())
+        entry = dict(memo[_identity._stat_key(published_file)])
+        monkeypatch.setattr(_identity, "_memo", {})
+    (cache / _identity._MEMO_FILE).write_text(json.dumps({key: entry}))
+    assert weights_identity("ViT-B-32", str(random_weights), cache) == "sha256:" + sha256(ckpt)[:16]
+    monkeypatch.setattr(_identity, "_memo", {})
+    stored = json.loads((cache / _identity._MEMO_FILE).read_text())[key]
+    assert stored["sha256"] == sha256(ckpt)  # replaced by the real hash, signed: the next start only stats
+    monkeypatch.setattr(_identity, "sha256_file", lambda p: pytest.fail("hashed again"))
+    assert weights_identity("ViT-B-32", str(random_weights), cache) == "sha256:" + sha256(ckpt)[:16]
+
+
+def test_rewriting_a_checkpoint_in_place_with_its_old_mtime_is_not_the_remembered_file(ckpt, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    f = tmp_path / "w.bin"
+    shutil.copy(ckpt, f)
+    before = weights_identity("ViT-B-32", str(f), cache)
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    with open(f, "r+b") as out:  # same inode, same size
+        out.write(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime set back: only the change time tells
+    monkeypatch.setattr(_identity, "_memo", {})
+    assert weights_identity("ViT-B-32", str(f), cache) == "sha256:" + hashlib.sha256(bytes(data)).hexdigest()[:16]
+    assert before != weights_identity("ViT-B-32", str(f), cache)

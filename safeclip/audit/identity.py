@@ -5,7 +5,9 @@ model gives only once it has loaded: seconds on a CPU, longer on a cluster. An a
 identity of every encoder it loaded, keyed by what determines it (the model arguments, the weight files' path, size
 and mtime, open_clip's version and :data:`safeclip.embed.IDENTITY_VERSION`), and the next audit of the same weights
 starts decoding on that guess while the model loads. The loaded model always has the last word: an engine compares
-it with the guess before anything is committed, and starts over with the real identity if they differ.
+it with the guess before anything is committed, and starts over with the real identity if they differ. Each entry
+carries a MAC under the user's cache key (:mod:`safeclip._trust`); one without it, written by anyone else, is no
+guess at all.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import _trust
 from ..files import write_json_atomic
 from ..embed import IDENTITY_VERSION, PixelSpec
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MEMO_FILE", "EncoderIdentity", "encoder_memo_key"]
 
 MEMO_FILE = "encoders.json"
+_MEMO_MAC = "encoder-identity"  # the purpose of the memo's MACs (see safeclip._trust)
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,17 @@ class EncoderIdentity:
 
     @classmethod
     def recall(cls, cache_dir: Path, key: str | None) -> EncoderIdentity | None:
-        """The identity remembered under ``key``, or None."""
+        """The identity remembered under ``key``, or None (also when this user's key did not sign it)."""
         if key is None:
             return None
         try:
-            entry = json.loads((cache_dir / MEMO_FILE).read_text())[key]
+            entry = dict(json.loads((cache_dir / MEMO_FILE).read_text())[key])
+            tag = entry.pop("mac", None)
+            if not _trust.verify(_MEMO_MAC, [key, entry], tag):
+                return None
             return cls(str(entry["encoder_id"]), PixelSpec(**{
                 k: tuple(v) if isinstance(v, list) else v for k, v in entry["spec"].items()}), int(entry["dim"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def remember(self, cache_dir: Path, key: str | None) -> None:
@@ -61,9 +68,11 @@ class EncoderIdentity:
         path = cache_dir / MEMO_FILE
         try:
             memo = json.loads(path.read_text())
+            memo = memo if isinstance(memo, dict) else {}
         except (OSError, ValueError):
             memo = {}
-        memo[key] = {"encoder_id": self.encoder_id, "spec": dataclasses.asdict(self.spec), "dim": self.dim}
+        entry = {"encoder_id": self.encoder_id, "spec": dataclasses.asdict(self.spec), "dim": self.dim}
+        memo[key] = {**entry, "mac": _trust.mac(_MEMO_MAC, [key, entry])}
         with contextlib.suppress(OSError):
             write_json_atomic(path, memo)
 

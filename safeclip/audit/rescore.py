@@ -194,12 +194,14 @@ def _only_cached_encoder(cache_dir: Path) -> str:
 def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
                    chunk_rows: int) -> tuple[pa.Table, int]:
     """One row per image in the cache (``path`` null), scanned in insertion order; an entry that cannot decide
-    (non-finite, not normalised) is an error row."""
+    (damaged, non-finite, not normalised) is an error row."""
     import pyarrow as pa
 
     pieces, hits = [], 0
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
-        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets))
+        damaged = tuple(("DamagedCacheEntry", chunk.damaged[i]) if i in chunk.damaged else None
+                        for i in range(len(chunk))) if chunk.damaged else ()
+        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged))
         bad = {i: _unusable_text(p) for i, p in enumerate(verdicts.problems) if p is not None}
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
@@ -213,7 +215,8 @@ def _view(backgrounds: Sequence[str | None], k: int) -> str | None:
     return backgrounds[k] if 0 <= k < len(backgrounds) else None
 
 
-_REMEDY = {"InvalidEmbedding": "; it never decides (audit the file again)"}
+_REMEDY = {"InvalidEmbedding": "; it never decides (audit the file again)",
+           "DamagedCacheEntry": "; audit the file again"}
 
 
 def _unusable_text(problem: tuple[str, str]) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import ArtifactIntegrityError, ConfigError, EncoderMismatchError, ModelLoadError
+from .. import _trust
+from ..errors import ArtifactIntegrityError, CacheError, ConfigError, EncoderMismatchError, ModelLoadError
 from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, check_device_name, check_model_name,
                       default_cache_dir, resolve_device, resolve_runtime, resolve_threads)
 from ._identity import encoder_id_for, weights_identity
@@ -73,9 +74,12 @@ class Encoder:
     (downloaded from the hub on a connected machine) or the path of a local checkpoint file.
 
     ``runtime`` (default ``$SAFECLIP_RUNTIME``, else ``"auto"``) runs the image tower on ONNX Runtime on a CPU and
-    on torch on CUDA/MPS. The first ONNX use exports the tower into ``<cache_dir>/onnx/`` (once per weights, in a
-    child process, verified against torch); later starts load the export without importing torch, and the text
-    tower is loaded only for prompts missing from the prompt cache, then released. ``precision="int8"`` (ONNX
+    on torch on CUDA/MPS. The first ONNX use exports the tower into ``<cache_dir>/onnx/`` (once per weights and
+    cache folder, in a child process, verified against torch; one log line says so while it runs); later starts load
+    the export without importing torch, and the text tower is loaded only for prompts missing from the prompt cache,
+    then released. A cache folder that cannot be written, or that someone else could write (see
+    :mod:`safeclip._trust`), is not used for the export and prompts: they go to a folder of the user's own, with one
+    log line naming the folder and the fix. ``precision="int8"`` (ONNX
     Runtime dynamic int8) is an opt-in with its own ``encoder_id``. ``threads`` (default ``$SAFECLIP_THREADS``, else
     every available core) sets ONNX Runtime's intra-op threads, or torch's.
 
@@ -111,7 +115,7 @@ class Encoder:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.model_name = model
         self.pretrained = pretrained
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = self._trusted(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         self.threads = resolve_threads(threads)
         self._lock = threading.Lock()
         self._torch: Any = None  # a TorchModel: the torch runtime's, or none
@@ -153,8 +157,28 @@ class Encoder:
             self.encoder_id = encoder_id_for(model, self._weights_id, self.pixel_spec, precision)
             self.logit_scale = self._torch.logit_scale
             self.dim = int(self._compute_texts(["a photo"]).shape[1])
-        self.prompt_cache = PromptCache(self.encoder_id, self.cache_dir)
+        prompts = PromptCache(self.encoder_id, self.cache_dir)
+        prompt_dir = self._trusted(self.cache_dir, prompts.path.relative_to(self.cache_dir))
+        self.prompt_cache = prompts if prompt_dir == self.cache_dir else PromptCache(self.encoder_id, prompt_dir)
         _live_encoders.add(self)
+
+    @staticmethod
+    def _trusted(folder: Path, *inside: str | os.PathLike[str]) -> Path:
+        """``folder``, unless someone else could write it or what this encoder reads in it (``inside``): then a
+        folder of the user's own (:func:`safeclip._trust.fallback_dir`), with one log line saying why and the fix.
+        A cache folder never vouches for itself."""
+        found = _trust.first_untrusted(folder, *inside)
+        if found is None:
+            return folder
+        path, why = found
+        other = _trust.fallback_dir(folder)
+        if other is None:
+            raise CacheError(f"{path} {why}, and no cache folder of your own could be made instead: "
+                             f"{_trust.fix_for(path, why)}")
+        what = "prompt embeddings" if inside else "ONNX export and prompt embeddings"
+        _trust.say_once(f"not using the cache folder {folder} for the {what}: {path} {why}; using {other} instead. "
+                        f"To use it, {_trust.fix_for(path, why)}")
+        return other
 
     # ----------------------------------------------------------------------------------------------- ONNX
     def _open_onnx(self, *, explicit: bool) -> OnnxImageTower | None:
@@ -168,9 +192,15 @@ class Encoder:
             _log.warning("onnxruntime is not installed: the image tower runs on torch (pip install onnxruntime "
                          "for the faster CPU runtime)")
             return None
-        store = ExportStore(self.cache_dir, self.model_name, self._weights_id, self.precision)
+        first = ExportStore(self.cache_dir, self.model_name, self._weights_id, self.precision)
+        store: ExportStore | None = first
         verdict: dict[str, Any] = {}
-        for _ in range(2):  # a refused (tampered) file is exported again once
+        moved = False
+        found = first.untrusted()
+        if found is not None:  # never read: a file there could be swapped between its check and its load
+            store, moved = self._fallback_store(first, f"{found[0]} {found[1]}", _trust.fix_for(*found)), True
+        tries = 0
+        while store is not None:
             manifest = store.read_manifest()
             if manifest is not None:
                 try:
@@ -187,6 +217,22 @@ class Encoder:
                 if recorded is not None:
                     verdict = {"ok": False, **recorded, "recorded": True}
                     break
+            if tries == 2:  # a refused (tampered) file is exported again once
+                verdict = {"ok": False, "kind": "verify", "reason": "the export kept failing its sha256 check"}
+                break
+            problem = store.write_problem()
+            if problem is not None:
+                if moved:
+                    verdict = {"ok": False, "kind": "export", "reason": f"cannot write {store.dir}: {problem}"}
+                    break
+                # Say so once and export where it can be kept, instead of exporting in vain at every start.
+                store, moved = self._fallback_store(
+                    store, f"it cannot be written: {problem}",
+                    "give a cache folder you can write to (cache_dir=, --cache, $SAFECLIP_CACHE_DIR)"), True
+                continue
+            tries += 1
+            _log.warning("exporting the image tower of %s to ONNX, once for these weights (this can take a minute); "
+                         "later starts load it from %s", self.model_name, store.cache_dir)
             from ._export import export_in_child  # not at import: the child runs that module as __main__
 
             verdict = export_in_child(store, self.model_name, self.pretrained, self.threads)
@@ -195,8 +241,8 @@ class Encoder:
                 raise ModelLoadError(**verdict["error"])
             if not verdict["ok"]:
                 break
-        else:
-            verdict = {"ok": False, "kind": "verify", "reason": "the export kept failing its sha256 check"}
+        if store is None:
+            verdict = {"ok": False, "kind": "export", "reason": "no cache folder of your own could hold it"}
         what = f"ONNX export of {self.model_name} ({self.precision})"
         reason = f"{what}: {verdict.get('kind', 'export')} failed: {verdict.get('reason')}"
         if verdict.get("recorded"):
@@ -209,6 +255,16 @@ class Encoder:
         else:
             _log.warning("%s; the image tower runs on torch instead", reason)
         return None
+
+    def _fallback_store(self, store: ExportStore, why: str, fix: str) -> ExportStore | None:
+        """The same export in a cache folder of the user's own, after one log line naming the folder it replaces,
+        why, and the fix; None when there is none."""
+        other = _trust.fallback_dir(store.cache_dir)
+        if other is None:
+            return None
+        _trust.say_once(f"the ONNX export of {self.model_name} cannot be kept in {store.cache_dir} ({why}): it is "
+                        f"exported to and loaded from {other} instead. To keep it there, {fix}")
+        return ExportStore(other, self.model_name, self._weights_id, self.precision)
 
     # ----------------------------------------------------------------------------------------------- images
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import _trust
 from ..files import write_atomic
 from ..artifacts import sha256_file
-from ..errors import ModelLoadError
+from ..errors import CacheError, ModelLoadError
 from ._identity import encoder_id_for, weights_identity
 from ._store import EXPORT_FORMAT, ExportStore, package_versions
 
@@ -190,7 +191,9 @@ def export_in_child(store: ExportStore, model: str, pretrained: str | None, thre
     if threads is not None:
         cmd += ["--threads", str(threads)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        # The child signs the manifest with this process's cache key, handed over on stdin (never in argv).
+        proc = subprocess.run(cmd + ["--key-on-stdin"], capture_output=True, text=True,
+                              input=_trust.current_key().hex() + "\n")
     except OSError as e:
         return {"ok": False, "kind": "export", "reason": f"could not start the export process: {_one_line(e)}"}
     lines = proc.stdout.strip().splitlines()
@@ -211,7 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--precision", choices=("fp32", "int8"), required=True)
     ap.add_argument("--opset", type=int, required=True)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--key-on-stdin", action="store_true", help="read the cache key (hex) from stdin")
     args = ap.parse_args(argv)
+    if args.key_on_stdin:
+        try:
+            _trust.use_key(bytes.fromhex(sys.stdin.readline().strip()))
+        except (ValueError, CacheError) as e:
+            print(json.dumps({"ok": False, "kind": "load", "reason": f"no cache key on stdin ({e})"}), flush=True)
+            return 3
     if args.threads:
         import torch
 

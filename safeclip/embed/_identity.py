@@ -2,8 +2,10 @@
 
 ``encoder_id`` = architecture | weights identity | ``px:`` pixel-spec digest [| ``int8``]. The weights identity is
 the pretrained tag, the ``hf-hub:`` name, or a hash of the local checkpoint file. Hashing a 600 MB checkpoint takes
-a good part of a second, so hashes are remembered on disk by (path, size, mtime, inode), as the in-process memo
-always did, and a warm start only ``stat``s the file.
+a good part of a second, so hashes are remembered on disk by (path, size, mtime, inode, device, change time), as the
+in-process memo always did, and a warm start only ``stat``s the file. Each remembered hash carries a MAC under the
+user's cache key (:mod:`safeclip._trust`): one the cache folder holds without it, written by anyone else, is
+ignored and the file hashed again, so a forged memo cannot make other weights pass for a published checkpoint.
 
 A local checkpoint file is named by its content, not by its path: when its full sha256 is that of a published file
 listed in ``known_weights.json`` (OpenAI's CLIP checkpoints, whose download URLs carry their sha256), its identity is
@@ -34,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .. import _trust
 from ..files import write_json_atomic
 from ..artifacts import sha256_file
 from ..errors import ModelLoadError
@@ -43,13 +46,26 @@ __all__ = ["KnownWeights", "encoder_id_for", "find_checkpoint_in_dir", "known_we
            "recognised_weights", "space_arch", "weights_identity"]
 
 _MEMO_FILE = "checkpoint-hashes.json"
+_MEMO_MAC = "checkpoint-hash"  # the purpose of the memo's MACs (see safeclip._trust)
 _memo: dict[str, str] = {}
 _memo_lock = threading.Lock()
 
 
 def _stat_key(path: Path) -> str:
+    # The change time too: content cannot be rewritten, nor the mtime set back, without moving it.
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}|{st.st_ctime_ns}"
+
+
+def _remembered(memo_path: Path, key: str) -> str | None:
+    """The digest the on-disk memo holds for ``key``, if this user's key signed it: an entry anyone else wrote
+    (a cache folder does not vouch for itself) is ignored, and the file is hashed again."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        entry = json.loads(memo_path.read_text()).get(key)
+        digest = entry.get("sha256")
+        if isinstance(digest, str) and len(digest) == 64 and _trust.verify(_MEMO_MAC, [key, digest], entry.get("mac")):
+            return digest
+    return None
 
 
 def _file_sha256(path: Path, cache_dir: Path | None) -> str:
@@ -58,12 +74,10 @@ def _file_sha256(path: Path, cache_dir: Path | None) -> str:
     with _memo_lock:
         if key in _memo:
             return _memo[key]
-        if memo_path is not None:
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                found = json.loads(memo_path.read_text()).get(key)
-                if isinstance(found, str) and len(found) == 64:
-                    _memo[key] = found
-                    return found
+        found = _remembered(memo_path, key) if memo_path is not None else None
+        if found is not None:
+            _memo[key] = found
+            return found
     digest = sha256_file(path)
     with _memo_lock:
         _memo[key] = digest
@@ -73,7 +87,7 @@ def _file_sha256(path: Path, cache_dir: Path | None) -> str:
                 stored = stored if isinstance(stored, dict) else {}
             except (OSError, ValueError):
                 stored = {}
-            stored[key] = digest
+            stored[key] = {"sha256": digest, "mac": _trust.mac(_MEMO_MAC, [key, digest])}
             with contextlib.suppress(OSError):  # a read-only cache: the in-process memo still holds
                 write_json_atomic(memo_path, stored)
     return digest

@@ -10,6 +10,14 @@ preprocessing, which it derives from the architecture and weights; the manifest 
 Writers hold the folder's lock (``fcntl.flock``; the kernel drops it if the process dies) and write the weights, the
 graph, then the manifest, each atomically; readers take no lock and check sizes and sha256s, so a reader never runs
 a file the manifest does not vouch for.
+
+The manifest does not vouch for itself: whoever could replace the graph could rewrite its pins too. So the manifest
+(and ``failed.json``) carries an HMAC-SHA256 under the user's cache key, kept outside the cache folder
+(:mod:`safeclip._trust`), over the folder's name and the manifest: one without a valid MAC is as good as none (the
+export is made again), and the key's public id is part of the folder's key, so exports pinned under different keys
+(the nodes of a cluster that share a cache but not a key) live side by side. :meth:`ExportStore.untrusted` names a
+folder or file of the export that someone else could write (owner, mode): such an export is never read, because a
+file could be swapped between its check and its load.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import _trust
 from ..files import write_json_atomic
 from ..artifacts import sha256_file
 from ..errors import ArtifactIntegrityError
@@ -38,6 +47,8 @@ EXPORT_FORMAT = 2
 OPSET = 17
 """ONNX opset of the exports: the first with LayerNormalization, which ONNX Runtime runs as one fused kernel."""
 
+_MANIFEST_MAC = "onnx-export"  # the purposes of the MACs (see safeclip._trust)
+_FAILURE_MAC = "onnx-export-failure"
 _MANIFEST_KEYS = {"format": int, "encoder_id": str, "pixel_spec": dict, "dim": int, "logit_scale": float,
                   "opset": int, "precision": str, "file": str, "files": dict}
 
@@ -67,7 +78,7 @@ class ExportStore:
         self.precision = precision
         self.opset = int(opset)
         blob = json.dumps([EXPORT_FORMAT, model_arch(model), weights_id, self.opset, precision,
-                           _version("open_clip_torch")])
+                           _version("open_clip_torch"), _trust.key_id()])
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_arch(model))[:40]
         self.dir = self.cache_dir / "onnx" / f"{slug}-{precision}-{key}"
@@ -79,14 +90,28 @@ class ExportStore:
         return ExportStore(self.cache_dir, self.model, self.weights_id, precision, self.opset)
 
     # ------------------------------------------------------------------------------------------- manifest
+    def untrusted(self, manifest: dict[str, Any] | None = None) -> tuple[Path, str] | None:
+        """What someone else could have written of this export (the cache folder, ``onnx/``, this folder, the
+        manifest, and the files ``manifest`` names), and why; None when nothing."""
+        inside = [Path("onnx") / self.dir.name / n
+                  for n in ("manifest.json", "failed.json", *((manifest or {}).get("files") or {}))]
+        return _trust.first_untrusted(self.cache_dir, *inside)
+
+    def write_problem(self) -> str | None:
+        """Why the export cannot be written into this folder, or None."""
+        return _trust.write_problem(self.dir)
+
     def read_manifest(self) -> dict[str, Any] | None:
-        """The manifest if it is present, well formed and of this format; None otherwise (a corrupt one is as good
-        as none: the export is made again)."""
+        """The manifest if it is present, signed with this user's key, well formed and of this format; None
+        otherwise (a corrupt or unsigned one is as good as none: the export is made again)."""
         try:
             m = json.loads(self.manifest_path.read_text())
         except (OSError, ValueError):
             return None
         if not isinstance(m, dict):
+            return None
+        tag = m.pop("mac", None)
+        if not _trust.verify(_MANIFEST_MAC, [self.dir.name, m], tag):
             return None
         for key, kind in _MANIFEST_KEYS.items():
             value = m.get(key)
@@ -105,8 +130,11 @@ class ExportStore:
         return m
 
     def check_sizes(self, manifest: dict[str, Any]) -> Path:
-        """The graph file the manifest names, after every file's size matches (a truncated file is caught at once);
-        :class:`ArtifactIntegrityError` otherwise."""
+        """The graph file the manifest names, after every file's size matches (a truncated file is caught at once)
+        and nobody else could write any of them; :class:`ArtifactIntegrityError` otherwise."""
+        found = self.untrusted(manifest)
+        if found is not None:
+            raise ArtifactIntegrityError(f"{found[0]} {found[1]}: the exported model is not run from there")
         for name, f in manifest["files"].items():
             path = self.dir / name
             try:
@@ -147,7 +175,8 @@ class ExportStore:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.failure_path.unlink()
-        write_json_atomic(self.manifest_path, manifest, durable=True)
+        signed = {**manifest, "mac": _trust.mac(_MANIFEST_MAC, [self.dir.name, manifest])}
+        write_json_atomic(self.manifest_path, signed, durable=True)
 
     # ------------------------------------------------------------------------------------------- failures
     def read_failure(self) -> dict[str, Any] | None:
@@ -156,21 +185,26 @@ class ExportStore:
             f = json.loads(self.failure_path.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(f, dict) or f.get("versions") != package_versions() or f.get("format") != EXPORT_FORMAT:
+        if not isinstance(f, dict):
+            return None
+        tag = f.pop("mac", None)
+        if not _trust.verify(_FAILURE_MAC, [self.dir.name, f], tag):
+            return None  # not recorded by this user: the export is tried (a forged record cannot force torch)
+        if f.get("versions") != package_versions() or f.get("format") != EXPORT_FORMAT:
             return None
         return f
 
     def write_failure(self, kind: str, reason: str, **extra: Any) -> None:
+        record = {"format": EXPORT_FORMAT, "kind": kind, "reason": reason, "versions": package_versions(), **extra}
         with contextlib.suppress(OSError):
-            write_json_atomic(self.failure_path, {"format": EXPORT_FORMAT, "kind": kind, "reason": reason,
-                                                  "versions": package_versions(), **extra})
+            write_json_atomic(self.failure_path, {**record, "mac": _trust.mac(_FAILURE_MAC, [self.dir.name, record])})
 
     # ------------------------------------------------------------------------------------------- lock
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive among the processes exporting into this folder (a no-op where ``fcntl`` is missing: the
         atomic writes and the sha256 check keep the folder consistent, only work may be done twice)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _trust.make_dirs(self.dir)
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
