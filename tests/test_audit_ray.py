@@ -256,12 +256,18 @@ def test_cli_with_a_stale_encoder_memo(parity, files, tiny_model, tmp_path, caps
     d, *_ = parity
     inputs = files["good"][:4]
     cache = seeded_cache(d / "ray-cache", tmp_path / "cache")
+    import dataclasses
+
+    from safeclip.audit.identity import EncoderIdentity
+
     memo_file = cache / "encoders.json"
-    memo = json.loads(memo_file.read_text())
-    (key, entry), = memo.items()
-    real = json.loads(json.dumps(entry))
-    entry["spec"]["size"] = 32
-    memo_file.write_text(json.dumps(memo))
+    (key, real), = json.loads(memo_file.read_text()).items()
+    remembered = EncoderIdentity.recall(cache, key)
+    assert remembered is not None
+    # A stale entry this user signed (weights changed since it was written): believed, then refused by the actors.
+    stale = dataclasses.replace(remembered, spec=dataclasses.replace(remembered.spec, size=32))
+    stale.remember(cache, key)
+    assert EncoderIdentity.recall(cache, key) == stale
     args = [*inputs, "--model", tiny_model, "--device", "cpu", "--cache", str(cache), "--no-progress"]
     assert cli_main(["audit", *args, "--engine", "ray", "--out", str(tmp_path / "a.parquet")]) == 0
     assert "safeclip audit (ray): 4 rows" in capsys.readouterr().err

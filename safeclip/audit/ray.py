@@ -321,7 +321,7 @@ class _EmbedScore:
         # cores (the decode tasks fill the gaps): encoder_kwargs says so for a CPU device.
         self.enc = Encoder(spec.model, spec.pretrained, device=dev, batch_size=spec.batch_size,
                            **encoder_kwargs(spec, dev),
-                           cache_dir=tempfile.gettempdir())  # never writes there: prompts come compiled
+                           cache_dir=spec.cache_path)  # the node's own export; prompts come compiled
         actual = EncoderIdentity.of(self.enc)
         if actual != expected:
             raise EncoderMismatchError(
@@ -342,7 +342,7 @@ class _Prober:
         from ..embed import Encoder, resolve_device
 
         self.enc = Encoder(spec.model, spec.pretrained, device=resolve_device(spec.device),
-                           cache_dir=tempfile.gettempdir(), **encoder_kwargs(spec))
+                           cache_dir=spec.cache_path, **encoder_kwargs(spec))
 
     def identity(self) -> EncoderIdentity:
         return EncoderIdentity.of(self.enc)
