@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -94,42 +95,146 @@ class _Metrics:
         self.forward.observe(seconds)
 
 
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
+class _Problem(Exception):
+    """A request the server refuses on its own (not a safeclip error); ``kind`` is the error type it answers."""
+
+    kind = "BadRequest"
+
+
+class _Unauthorized(_Problem):
+    kind = "Unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("a bearer token is required: Authorization: Bearer <token>")
+
+
+class _UnknownPolicy(_Problem):
+    kind = "UnknownPolicy"
+
+
+class _MissingImage(_Problem):
+    kind = "MissingImage"
+
+
+class _MalformedBody(_Problem):
+    kind = "MalformedBody"
+
+
+class _TooLarge(_Problem):
+    kind = "PayloadTooLarge"
+
+
+class _BodyTimeout(_Problem):
+    kind = "RequestTimeout"
+
+
+class _NoDecision(_Problem):
+    kind = "Timeout"
+
+
+class _EmptyBody(_Problem):
+    kind = "EmptyBody"
+
+
+class _ClientGone(_Problem):
+    kind = "ClientGone"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """How an exception is answered: status, ``safeclip_requests_total`` outcome, extra headers."""
+
+    status: int
+    outcome: str
+    headers: tuple[tuple[str, str], ...] = ()
+    retry_after: bool = False  # a Retry-After header (create_app's retry_after_s)
+    body: bool = True  # 499 (the client is gone) has nobody to read a body
+    internal: bool = False  # not ours: the message is withheld and the traceback logged
+
+
+#: Every refusal of the server, by exception class: the most specific class in an exception's MRO wins.
+_ANSWERS: dict[type[BaseException], _Answer] = {
+    _Unauthorized: _Answer(401, "unauthorized", (("WWW-Authenticate", 'Bearer realm="safeclip"'),)),
+    _Problem: _Answer(400, "bad_request"),  # unknown policy, no image part, malformed multipart
+    _TooLarge: _Answer(413, "too_large"),
+    _BodyTimeout: _Answer(408, "timeout"),
+    _EmptyBody: _Answer(422, "invalid_image"),
+    _ClientGone: _Answer(499, "client_gone", body=False),
+    ClientDisconnect: _Answer(499, "client_gone", body=False),
+    _NoDecision: _Answer(504, "timeout"),
+    DecodeError: _Answer(422, "invalid_image"),
+    OverloadedError: _Answer(503, "overloaded", retry_after=True),
+    SafeclipError: _Answer(500, "error"),
+    Exception: _Answer(500, "error", internal=True),  # the model failed: an error, never a guess
+}
+
+
+def _answer_of(error: BaseException) -> _Answer:
+    return next(_ANSWERS[cls] for cls in type(error).__mro__ if cls in _ANSWERS)
+
+
+def _error_response(error: BaseException, retry_after_s: int) -> tuple[_Answer, Response]:
+    """The answer to ``error`` from the one table (:data:`_ANSWERS`)."""
+    answer = _answer_of(error)
+    headers = dict(answer.headers)
+    if answer.retry_after:
+        headers["Retry-After"] = str(retry_after_s)
+    if not answer.body:
+        return answer, Response(status_code=answer.status, headers=headers)
+    if answer.internal:
+        kind, message = "InternalError", f"{type(error).__name__}: the request could not be decided"
+    else:
+        kind, message = (error.kind if isinstance(error, _Problem) else type(error).__name__), str(error)
     body = json.dumps({"error": {"type": kind, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return answer, Response(body, status_code=answer.status, media_type="application/json", headers=headers)
 
 
-def _authorized(request: Request, token: str | None) -> bool:
+@dataclass(frozen=True)
+class _Settings:
+    """What :func:`create_app` was given, checked: the handlers read it from ``app.state.safeclip``."""
+
+    moderator: Moderator
+    policies: dict[str, Policy]
+    token: bytes | None
+    max_body_bytes: int
+    timeout_s: float
+    retry_after_s: int
+    warm_up: bool
+    metrics: _Metrics
+    ready: threading.Event = field(default_factory=threading.Event)
+    warm_error: list[str] = field(default_factory=list)
+
+    @property
+    def default_policy(self) -> Policy:
+        return next(iter(self.policies.values()))
+
+
+def _settings(request: Request) -> _Settings:
+    return request.app.state.safeclip
+
+
+def _authorized(request: Request, token: bytes | None) -> bool:
     if token is None:
         return True
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-def _unauthorized() -> Response:
-    return _error(401, "Unauthorized", "a bearer token is required: Authorization: Bearer <token>",
-                  {"WWW-Authenticate": 'Bearer realm="safeclip"'})
-
-
-class _TooLarge(Exception):
-    pass
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
+        raise _TooLarge(f"the body exceeds {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise _TooLarge(f"the body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _multipart_image(request: Request, body: bytes) -> bytes | None:
-    """The ``image`` file part of a multipart body already read (and bounded); None when there is none."""
+async def _multipart_image(request: Request, body: bytes) -> bytes:
+    """The ``image`` file part of a multipart body already read (and bounded)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -139,11 +244,16 @@ async def _multipart_image(request: Request, body: bytes) -> bytes | None:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+    try:
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+    except Exception as e:  # noqa: BLE001 - whatever the multipart parser rejects
+        raise _MalformedBody(f"the multipart body cannot be parsed: {e}") from e
     try:
         field = form.get("image")
         # A plain (non-file) field holds text, not bytes: an image sent that way arrives mangled, so it is refused.
-        return await field.read() if isinstance(field, UploadFile) else None
+        if not isinstance(field, UploadFile):
+            raise _MissingImage("the multipart body has no file part named image (curl -F image=@photo.jpg)")
+        return await field.read()
     finally:
         await form.close()
 
@@ -151,6 +261,109 @@ async def _multipart_image(request: Request, body: bytes) -> bytes | None:
 async def _until_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _request_image(request: Request, settings: _Settings) -> bytes:
+    """The image bytes of a request: the raw body or its multipart ``image`` part, read within the limits."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.timeout_s)
+    except asyncio.TimeoutError as e:
+        raise _BodyTimeout(f"the body did not arrive within {settings.timeout_s} s") from e
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return await _multipart_image(request, body)
+    return body
+
+
+async def _decide(request: Request, settings: _Settings, t0: float, log: dict[str, Any]) -> Decision:
+    """The Decision of one POST /v1/check, or the exception :data:`_ANSWERS` turns into its answer."""
+    if not _authorized(request, settings.token):
+        raise _Unauthorized
+    name = request.query_params.get("policy")
+    pol = settings.default_policy if name is None else settings.policies.get(name)
+    if pol is None:
+        raise _UnknownPolicy(f"policy {name!r} is not loaded; loaded: {', '.join(settings.policies)}")
+    moderator = settings.moderator
+    if moderator.batcher.in_flight >= moderator.batcher.max_queue:  # cheap refusal before reading the body
+        raise OverloadedError("the queue is full; retry later")
+    image = await _request_image(request, settings)
+    if not image:
+        raise _EmptyBody("the body is empty: send the image bytes")
+    with moderator.admit() as ticket:
+        job = asyncio.ensure_future(moderator.check_async(image, policy=pol, ticket=ticket))
+        gone = asyncio.ensure_future(_until_disconnect(request.receive))
+        remaining = max(0.0, settings.timeout_s - (time.monotonic() - t0))
+        await asyncio.wait({job, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+            if gone.done() and not gone.cancelled():
+                raise _ClientGone("the client went away before the decision")
+            raise _NoDecision(f"no decision within {settings.timeout_s} s; retry later")
+        log["batch_size"] = ticket.batch_requests
+    return job.result()
+
+
+async def _check(request: Request) -> Response:
+    settings = _settings(request)
+    log = request.scope.setdefault("safeclip.log", {})
+    t0 = time.monotonic()
+    try:
+        decision = await _decide(request, settings, t0, log)
+    except Exception as e:  # noqa: BLE001 - every failure is answered from the one table
+        answer, response = _error_response(e, settings.retry_after_s)
+        if answer.internal:
+            _log.error("request %s failed", log.get("id"), exc_info=e)
+        outcome = answer.outcome
+    else:
+        log["action"] = decision.action
+        outcome = "failed_closed" if decision.error else decision.action
+        response = Response(decision.to_json(), media_type="application/json")
+    log["outcome"] = outcome
+    settings.metrics.requests.labels(outcome).inc()
+    settings.metrics.latency.observe(time.monotonic() - t0)
+    return response
+
+
+async def _healthz(request: Request) -> Response:
+    return Response('{"status": "ok"}', media_type="application/json")
+
+
+async def _readyz(request: Request) -> Response:
+    settings = _settings(request)
+    if settings.ready.is_set():
+        return Response('{"status": "ready"}', media_type="application/json")
+    body = {"status": "failed", "error": settings.warm_error[0]} if settings.warm_error else {"status": "warming up"}
+    return Response(json.dumps(body), status_code=503, media_type="application/json")
+
+
+async def _metrics(request: Request) -> Response:
+    settings = _settings(request)
+    if not _authorized(request, settings.token):
+        return _error_response(_Unauthorized(), settings.retry_after_s)[1]
+    return Response(generate_latest(settings.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _warm(settings: _Settings) -> None:
+    """One forward per policy, then ``/readyz`` answers 200; a failure is reported by /readyz and the log."""
+    try:
+        size = settings.moderator.encoder.pixel_spec.size
+        for pol in settings.policies.values():
+            settings.moderator.check(np.full((size, size, 3), 127, np.uint8), policy=pol)
+        settings.ready.set()
+    except Exception as e:  # noqa: BLE001 - the process stays up
+        settings.warm_error.append(f"{type(e).__name__}: {e}")
+        _log.error("warm-up failed: %s", settings.warm_error[0])
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: _Settings = app.state.safeclip
+    if settings.warm_up:
+        asyncio.get_running_loop().run_in_executor(None, _warm, settings)
+    else:
+        settings.ready.set()
+    yield
 
 
 def create_app(
@@ -189,122 +402,16 @@ def create_app(
             raise ConfigError(f"two loaded policies are named {pol.name!r}; ?policy=NAME would be ambiguous")
         moderator.compiled(pol)
         loaded[pol.name] = pol
-    default_policy = next(iter(loaded.values()))
-    metrics = _Metrics(moderator)
-    ready = threading.Event()
-    warm_error: list[str] = []
-
-    def warm() -> None:
-        try:
-            size = moderator.encoder.pixel_spec.size
-            for pol in loaded.values():
-                moderator.check(np.full((size, size, 3), 127, np.uint8), policy=pol)
-            ready.set()
-        except Exception as e:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
-            warm_error.append(f"{type(e).__name__}: {e}")
-            _log.error("warm-up failed: %s", warm_error[0])
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if warm_up:
-            asyncio.get_running_loop().run_in_executor(None, warm)
-        else:
-            ready.set()
-        yield
-
-    async def check(request: Request) -> Response:
-        log = request.scope.setdefault("safeclip.log", {})
-        t0 = time.monotonic()
-
-        def answer(outcome: str, response: Response) -> Response:
-            log["outcome"] = outcome
-            metrics.requests.labels(outcome).inc()
-            metrics.latency.observe(time.monotonic() - t0)
-            return response
-
-        if not _authorized(request, token):
-            return answer("unauthorized", _unauthorized())
-        name = request.query_params.get("policy")
-        pol = default_policy if name is None else loaded.get(name)
-        if pol is None:
-            return answer("bad_request", _error(400, "UnknownPolicy", f"policy {name!r} is not loaded; loaded: "
-                                                                       f"{', '.join(loaded)}"))
-        overloaded = {"Retry-After": str(retry_after_s)}
-        if moderator.batcher.in_flight >= moderator.batcher.max_queue:  # cheap refusal before reading the body
-            return answer("overloaded", _error(503, "OverloadedError", "the queue is full; retry later", overloaded))
-        try:
-            body = await asyncio.wait_for(_read_body(request, max_body_bytes), timeout_s)
-            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-                image = await _multipart_image(request, body)
-                if image is None:
-                    return answer("bad_request", _error(400, "MissingImage", "the multipart body has no file part "
-                                                                             "named image (curl -F image=@photo.jpg)"))
-            else:
-                image = body
-        except _TooLarge:
-            return answer("too_large", _error(413, "PayloadTooLarge", f"the body exceeds {max_body_bytes} bytes"))
-        except asyncio.TimeoutError:
-            return answer("timeout", _error(408, "RequestTimeout", f"the body did not arrive within {timeout_s} s"))
-        except ClientDisconnect:
-            return answer("client_gone", Response(status_code=499))
-        except Exception as e:  # noqa: BLE001 - a malformed multipart body
-            return answer("bad_request", _error(400, "MalformedBody", f"the multipart body cannot be parsed: {e}"))
-        if not image:
-            return answer("invalid_image", _error(422, "EmptyBody", "the body is empty: send the image bytes"))
-        try:
-            ticket = moderator.admit()
-        except OverloadedError as e:
-            return answer("overloaded", _error(503, "OverloadedError", str(e), overloaded))
-        with ticket:
-            job = asyncio.ensure_future(moderator.check_async(image, policy=pol, ticket=ticket))
-            gone = asyncio.ensure_future(_until_disconnect(request.receive))
-            remaining = max(0.0, timeout_s - (time.monotonic() - t0))
-            await asyncio.wait({job, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not job.done():
-                job.cancel()
-                await asyncio.gather(job, return_exceptions=True)
-                if gone.done() and not gone.cancelled():
-                    return answer("client_gone", Response(status_code=499))
-                return answer("timeout", _error(504, "Timeout", f"no decision within {timeout_s} s; retry later"))
-            log["batch_size"] = ticket.batch_requests
-        try:
-            decision: Decision = job.result()
-        except DecodeError as e:
-            return answer("invalid_image", _error(422, type(e).__name__, str(e)))
-        except OverloadedError as e:
-            return answer("overloaded", _error(503, "OverloadedError", str(e), overloaded))
-        except SafeclipError as e:
-            return answer("error", _error(500, type(e).__name__, str(e)))
-        except Exception as e:  # noqa: BLE001 - the model failed; the answer is an error, never a guess
-            _log.exception("request %s failed", log.get("id"))
-            return answer("error", _error(500, "InternalError", f"{type(e).__name__}: the request could not be "
-                                                                "decided"))
-        log["action"] = decision.action
-        return answer("failed_closed" if decision.error else decision.action,
-                      Response(decision.to_json(), media_type="application/json"))
-
-    async def healthz(request: Request) -> Response:
-        return Response('{"status": "ok"}', media_type="application/json")
-
-    async def readyz(request: Request) -> Response:
-        if ready.is_set():
-            return Response('{"status": "ready"}', media_type="application/json")
-        body = {"status": "failed", "error": warm_error[0]} if warm_error else {"status": "warming up"}
-        return Response(json.dumps(body), status_code=503, media_type="application/json")
-
-    async def metrics_text(request: Request) -> Response:
-        if not _authorized(request, token):
-            return _unauthorized()
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    settings = _Settings(moderator, loaded, None if token is None else token.encode(), max_body_bytes, timeout_s,
+                         retry_after_s, warm_up, _Metrics(moderator))
     app = Starlette(routes=[
-        Route("/v1/check", check, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_text, methods=["GET"]),
-    ], lifespan=lifespan)
-    app.state.metrics_registry = metrics.registry
+        Route("/v1/check", _check, methods=["POST"]),
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/readyz", _readyz, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+    ], lifespan=_lifespan)
+    app.state.safeclip = settings
+    app.state.metrics_registry = settings.metrics.registry
     app.add_middleware(_RequestLog)
     return app
 

@@ -181,6 +181,23 @@ def test_metrics_parse_and_count_outcomes(client, moderator):
     assert after["safeclip_queue_capacity"] == moderator.batcher.max_queue
 
 
+def test_errors_are_answered_from_one_table():
+    from safeclip.errors import ConfigError, OverloadedError, TruncatedImageError
+    from safeclip.server import _error_response
+
+    cases = {OverloadedError("full"): (503, "overloaded", "OverloadedError"),
+             TruncatedImageError("cut short"): (422, "invalid_image", "TruncatedImageError"),  # the most specific
+             ConfigError("bad"): (500, "error", "ConfigError"),
+             KeyError("secret detail"): (500, "error", "InternalError")}
+    for error, (status, outcome, kind) in cases.items():
+        answer, response = _error_response(error, 7)
+        assert (response.status_code, answer.outcome, json.loads(response.body)["error"]["type"]) == \
+            (status, outcome, kind)
+        assert ("retry-after" in response.headers) == (status == 503)
+        assert "secret" not in response.body.decode()  # an unexpected error's message is never sent
+    assert _error_response(OverloadedError("full"), 7)[1].headers["retry-after"] == "7"
+
+
 # ---------------------------------------------------------------------------------------------- concurrency
 def test_concurrent_requests_each_get_their_own_image_and_share_forwards(tiny_model, cache_dir, monkeypatch):
     m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_wait_ms=20)
