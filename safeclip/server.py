@@ -120,6 +120,10 @@ class _MalformedBody(_Problem):
     kind = "MalformedBody"
 
 
+class _DuplicateImage(_Problem):
+    kind = "DuplicateImage"
+
+
 class _TooLarge(_Problem):
     kind = "PayloadTooLarge"
 
@@ -249,7 +253,11 @@ async def _multipart_image(request: Request, body: bytes) -> bytes:
     except Exception as e:  # noqa: BLE001 - whatever the multipart parser rejects
         raise _MalformedBody(f"the multipart body cannot be parsed: {e}") from e
     try:
-        field = form.get("image")
+        fields = form.getlist("image")
+        if len(fields) > 1:  # which one would be moderated is the client's guess: none is
+            raise _DuplicateImage(f"the multipart body has {len(fields)} parts named image; send one image per "
+                                  "request")
+        field = fields[0] if fields else None
         # A plain (non-file) field holds text, not bytes: an image sent that way arrives mangled, so it is refused.
         if not isinstance(field, UploadFile):
             raise _MissingImage("the multipart body has no file part named image (curl -F image=@photo.jpg)")

@@ -114,6 +114,14 @@ def test_unknown_policy_and_missing_field_are_400(client):
     assert r.status_code == 400  # a plain multipart field holds text: an image sent so would arrive mangled
 
 
+def test_two_image_parts_are_refused_not_the_last_one_moderated(client):
+    first, last = png_bytes(31), png_bytes(32)
+    r = client.post("/v1/check", files=[("image", ("a.png", first, "image/png")),
+                                        ("image", ("b.png", last, "image/png"))], headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "DuplicateImage" and "2 parts named image" in r.json()["error"]["message"]
+
+
 def test_undecodable_is_422_with_the_typed_error(client):
     for bad in (b"this is not an image", png_bytes(4)[:60], b""):
         r = client.post("/v1/check", content=bad, headers=AUTH)
