@@ -217,11 +217,18 @@ def _settings(request: Request) -> _Settings:
     return request.app.state.safeclip
 
 
+def _token_bytes(token: str) -> bytes:
+    """A token as the UTF-8 bytes a client sends (an environment variable's undecodable bytes kept as they were)."""
+    return token.encode("utf-8", "surrogateescape")
+
+
 def _authorized(request: Request, token: bytes | None) -> bool:
+    """``Authorization: Bearer <token>``, compared as bytes in constant time (headers arrive as bytes: Starlette
+    gives them as latin-1 text, which encodes back to the bytes sent)."""
     if token is None:
         return True
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+    scheme, _, given = request.headers.get("authorization", "").encode("latin-1").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -388,7 +395,8 @@ def create_app(
 
     ``policies``: the policies ``?policy=NAME`` may pick (shipped names or YAML paths), by their ``name``; the first
     is the default (none given: the Moderator's own). They are compiled here, before the first request. ``token``:
-    required as ``Authorization: Bearer <token>`` on ``/v1/check`` and ``/metrics`` (compared in constant time).
+    required as ``Authorization: Bearer <token>`` on ``/v1/check`` and ``/metrics`` (compared in constant time, as
+    UTF-8 bytes: a non-ASCII token works with any client that sends it in UTF-8).
     ``max_body_bytes``: a larger body is answered 413 without being read past the limit. ``timeout_s``: a request
     not answered in time (body read, queue, decode, forward) is answered 504 (408 while its body is still arriving)
     and dropped if it has not reached a forward. ``warm_up``: run one forward per policy at start-up before
@@ -410,7 +418,7 @@ def create_app(
             raise ConfigError(f"two loaded policies are named {pol.name!r}; ?policy=NAME would be ambiguous")
         moderator.compiled(pol)
         loaded[pol.name] = pol
-    settings = _Settings(moderator, loaded, None if token is None else token.encode(), max_body_bytes, timeout_s,
+    settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes, timeout_s,
                          retry_after_s, warm_up, _Metrics(moderator))
     app = Starlette(routes=[
         Route("/v1/check", _check, methods=["POST"]),

@@ -122,6 +122,18 @@ def test_two_image_parts_are_refused_not_the_last_one_moderated(client):
     assert r.json()["error"]["type"] == "DuplicateImage" and "2 parts named image" in r.json()["error"]["message"]
 
 
+def test_a_non_ascii_token_matches_its_utf8_bytes(moderator):
+    token = "clé-sécrète-✓"
+    utf8 = b"Bearer " + token.encode("utf-8")
+    with TestClient(create_app(moderator, token=token, warm_up=False)) as c:
+        assert c.post("/v1/check", content=png_bytes(33), headers={"Authorization": utf8}).status_code == 200
+        assert c.get("/metrics", headers={"Authorization": utf8}).status_code == 200
+        mangled = b"Bearer " + token.encode("utf-8").decode("latin-1").encode("utf-8")  # UTF-8 read as latin-1
+        assert c.post("/v1/check", content=png_bytes(33), headers={"Authorization": mangled}).status_code == 401
+        latin1 = b"Bearer " + token.encode("latin-1", "replace")
+        assert c.post("/v1/check", content=png_bytes(33), headers={"Authorization": latin1}).status_code == 401
+
+
 def test_undecodable_is_422_with_the_typed_error(client):
     for bad in (b"this is not an image", png_bytes(4)[:60], b""):
         r = client.post("/v1/check", content=bad, headers=AUTH)
@@ -432,6 +444,8 @@ def test_the_token_comes_from_the_file_else_the_environment(tmp_path, monkeypatc
     f = tmp_path / "t"
     f.write_text("from-file\n")
     assert read_token(f) == "from-file"
+    f.write_text("clé-✓\n", encoding="utf-8")
+    assert read_token(f) == "clé-✓"
     monkeypatch.setenv("SAFECLIP_SERVE_TOKEN", "  ")
     with pytest.raises(ConfigError, match="empty"):
         read_token(None)
