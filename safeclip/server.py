@@ -8,7 +8,8 @@ built on Starlette rather than FastAPI: a smaller dependency with no pydantic, a
                     the loaded policies. 200: the Decision JSON (``Decision.to_dict()``). 400 unknown policy or
                     malformed request, 401 missing/wrong token, 413 body over the limit, 422 undecodable image (the
                     typed error; with a fail-closed Moderator, ``on_error="flag"|"block"``, a 200 Decision
-                    instead), 503 + ``Retry-After`` queue full, 504 no answer within the request timeout.
+                    instead), 503 + ``Retry-After`` queue full or body budget spent (refused before the body is
+                    read), 504 no answer within the request timeout.
 ``GET /healthz``    200 while the process is alive.
 ``GET /readyz``     200 once the model is loaded and has run a warm-up forward under every policy, else 503.
 ``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth (token-protected).
@@ -34,7 +35,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +82,7 @@ class _Metrics:
                                       buckets=_BATCH_BUCKETS, registry=self.registry)
         self.forward = Histogram("safeclip_batch_duration_seconds", "time of one batch: forward, score, decide",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
-        Gauge("safeclip_queue_depth", "requests admitted and not yet in a forward (decoding or queued)",
+        Gauge("safeclip_queue_depth", "requests admitted and not yet in a forward (receiving, decoding or queued)",
               registry=self.registry).set_function(lambda: moderator.batcher.waiting)
         Gauge("safeclip_requests_in_flight", "requests admitted and not yet answered",
               registry=self.registry).set_function(lambda: moderator.batcher.in_flight)
@@ -201,6 +202,7 @@ class _Settings:
     policies: dict[str, Policy]
     token: bytes | None
     max_body_bytes: int
+    bodies: _BodyBudget
     timeout_s: float
     retry_after_s: int
     warm_up: bool
@@ -231,10 +233,32 @@ def _authorized(request: Request, token: bytes | None) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class _BodyBudget:
+    """The bytes of request bodies held at once, all requests together: taken before a body is read (its
+    Content-Length; a body without one counts as the body limit), given back when the request is answered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # only touched from the event loop: no lock
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        if self.held + n > self.limit:
+            raise OverloadedError(f"request bodies of {self.held} bytes are being held; {n} more would pass the "
+                                  f"{self.limit}-byte budget for bodies; retry later")
+        self.held += n
+        try:
+            yield
+        finally:
+            self.held -= n
+
+
+def _declared_length(request: Request) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(f"the body exceeds {limit} bytes")
+    return int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -297,13 +321,16 @@ async def _decide(request: Request, settings: _Settings, t0: float, log: dict[st
     pol = settings.default_policy if name is None else settings.policies.get(name)
     if pol is None:
         raise _UnknownPolicy(f"policy {name!r} is not loaded; loaded: {', '.join(settings.policies)}")
+    declared = _declared_length(request)
+    if declared is not None and declared > settings.max_body_bytes:
+        raise _TooLarge(f"the body exceeds {settings.max_body_bytes} bytes")
     moderator = settings.moderator
-    if moderator.batcher.in_flight >= moderator.batcher.max_queue:  # cheap refusal before reading the body
-        raise OverloadedError("the queue is full; retry later")
-    image = await _request_image(request, settings)
-    if not image:
-        raise _EmptyBody("the body is empty: send the image bytes")
-    with moderator.admit() as ticket:
+    # The queue place and the body's bytes are taken before the body is read: a request refused for either has
+    # nothing of its body in memory, and at most max_queue bodies (within the budget) are ever held at once.
+    with moderator.admit() as ticket, settings.bodies.take(settings.max_body_bytes if declared is None else declared):
+        image = await _request_image(request, settings)
+        if not image:
+            raise _EmptyBody("the body is empty: send the image bytes")
         job = asyncio.ensure_future(moderator.check_async(image, policy=pol, ticket=ticket))
         gone = asyncio.ensure_future(_until_disconnect(request.receive))
         remaining = max(0.0, settings.timeout_s - (time.monotonic() - t0))
@@ -387,6 +414,7 @@ def create_app(
     policies: Iterable[str | Policy] | None = None,
     token: str | None = None,
     max_body_bytes: int = 20 * 2**20,
+    max_body_budget_bytes: int | None = None,
     timeout_s: float = 30.0,
     retry_after_s: int = 1,
     warm_up: bool = True,
@@ -397,18 +425,28 @@ def create_app(
     is the default (none given: the Moderator's own). They are compiled here, before the first request. ``token``:
     required as ``Authorization: Bearer <token>`` on ``/v1/check`` and ``/metrics`` (compared in constant time, as
     UTF-8 bytes: a non-ASCII token works with any client that sends it in UTF-8).
-    ``max_body_bytes``: a larger body is answered 413 without being read past the limit. ``timeout_s``: a request
+    ``max_body_bytes``: a larger body is answered 413 without being read past the limit.
+    ``max_body_budget_bytes``: the bytes of request bodies held at once, all requests together (default: 512 MiB,
+    or ``max_body_bytes`` if larger); a request whose Content-Length would pass it (without one: ``max_body_bytes``)
+    is answered 503 before its body is read. ``timeout_s``: a request
     not answered in time (body read, queue, decode, forward) is answered 504 (408 while its body is still arriving)
     and dropped if it has not reached a forward. ``warm_up``: run one forward per policy at start-up before
     ``/readyz`` answers 200.
 
     The Moderator's ``on_error`` decides undecodable images: ``"raise"`` answers 422, ``"flag"``/``"block"`` a
-    fail-closed Decision. Its ``max_queue`` bounds the requests in flight; one more is answered 503.
+    fail-closed Decision. Its ``max_queue`` bounds the requests in flight, bodies being received included (the
+    place is taken before the body is read); one more is answered 503.
     """
     if token is not None and not token:
         raise ConfigError("the bearer token is empty")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be a positive integer, not {max_body_bytes!r}")
+    if max_body_budget_bytes is None:
+        max_body_budget_bytes = max(512 * 2**20, max_body_bytes)
+    if isinstance(max_body_budget_bytes, bool) or not isinstance(max_body_budget_bytes, int) \
+            or max_body_budget_bytes < max_body_bytes:
+        raise ConfigError(f"max_body_budget_bytes must be an integer of at least max_body_bytes ({max_body_bytes}): "
+                          f"a body of the largest size allowed must fit, not {max_body_budget_bytes!r}")
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
     loaded: dict[str, Policy] = {}
@@ -418,8 +456,8 @@ def create_app(
             raise ConfigError(f"two loaded policies are named {pol.name!r}; ?policy=NAME would be ambiguous")
         moderator.compiled(pol)
         loaded[pol.name] = pol
-    settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes, timeout_s,
-                         retry_after_s, warm_up, _Metrics(moderator))
+    settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes,
+                         _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up, _Metrics(moderator))
     app = Starlette(routes=[
         Route("/v1/check", _check, methods=["POST"]),
         Route("/healthz", _healthz, methods=["GET"]),
@@ -428,6 +466,10 @@ def create_app(
     ], lifespan=_lifespan)
     app.state.safeclip = settings
     app.state.metrics_registry = settings.metrics.registry
+    Gauge("safeclip_body_bytes_held", "bytes of request bodies taken from the budget (being received or decided)",
+          registry=settings.metrics.registry).set_function(lambda: settings.bodies.held)
+    Gauge("safeclip_body_budget_bytes", "bytes of request bodies held at once at most (max_body_budget_bytes)",
+          registry=settings.metrics.registry).set_function(lambda: settings.bodies.limit)
     app.add_middleware(_RequestLog)
     return app
 

@@ -341,6 +341,120 @@ def test_a_client_that_goes_away_has_its_queued_request_dropped(tiny_model, cach
     assert 'safeclip_requests_total{outcome="client_gone"} 1.0' in text
 
 
+class SlowUpload:
+    """One POST /v1/check driven at the ASGI level whose body arrives in two halves, the second once ``rest`` is set;
+    ``reads`` counts the body messages the app asked for."""
+
+    def __init__(self, app, body: bytes, *, declared: bool = True) -> None:
+        self.app, self.body = app, body
+        headers = [(b"content-length", str(len(body)).encode())] if declared else []
+        self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                      "scheme": "http", "path": "/v1/check", "raw_path": b"/v1/check", "query_string": b"",
+                      "headers": headers, "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 80), "state": {}}
+        self.rest, self.answered = asyncio.Event(), asyncio.Event()
+        self.reads = 0
+        self.sent: list = []
+
+    async def receive(self):
+        half = len(self.body) // 2
+        if self.reads == 0:
+            self.reads = 1
+            return {"type": "http.request", "body": self.body[:half], "more_body": True}
+        if self.reads == 1:
+            await self.rest.wait()
+            self.reads = 2
+            return {"type": "http.request", "body": self.body[half:], "more_body": False}
+        await self.answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.answered.set()
+
+    def start(self) -> asyncio.Task:
+        return asyncio.create_task(self.app(self.scope, self.receive, self.send))
+
+    @property
+    def status(self) -> int | None:
+        return self.sent[0]["status"] if self.sent else None
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.sent[0]["headers"]) if self.sent else {}
+
+
+def test_a_body_is_read_only_after_its_request_got_a_place_in_the_queue(tiny_model, cache_dir):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_queue=2)
+    app = create_app(m, warm_up=False)
+    uploads = [SlowUpload(app, png_bytes(40 + i)) for i in range(4)]
+
+    async def main():
+        tasks = [u.start() for u in uploads]
+        await asyncio.sleep(0.3)
+        started = [(u.reads, u.status) for u in uploads]
+        for u in uploads:
+            u.rest.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+        return started
+
+    started = asyncio.run(main())
+    # Two hold the queue's places and are receiving their bodies; the other two were answered 503 unread.
+    assert sorted(started, key=str) == [(0, 503), (0, 503), (1, None), (1, None)]
+    assert sorted(u.status for u in uploads) == [200, 200, 503, 503]
+    assert all(u.headers[b"retry-after"].isdigit() for u in uploads if u.status == 503)
+    assert m.batcher.in_flight == 0
+
+
+def test_bodies_held_at_once_stay_within_the_body_budget(tiny_model, cache_dir):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_queue=8)
+    big, small = png_bytes(50, size=48), png_bytes(51, size=8)
+    app = create_app(m, warm_up=False, max_body_bytes=len(big), max_body_budget_bytes=len(big) + len(small) - 1)
+    gauge = 'safeclip_body_bytes_held'
+
+    def held() -> float:
+        text = generate_latest(app.state.metrics_registry).decode()
+        return float(re.search(rf"^{gauge} (\S+)$", text, re.MULTILINE).group(1))
+
+    async def main():
+        first = SlowUpload(app, big)
+        task = first.start()
+        await asyncio.sleep(0.2)
+        during = held()
+        refused = SlowUpload(app, small)  # its Content-Length does not fit beside the first body
+        await asyncio.wait_for(refused.start(), WAIT)
+        first.rest.set()
+        await asyncio.wait_for(task, WAIT)
+        after = held()
+        later = SlowUpload(app, small)  # the first body's bytes were given back
+        later.rest.set()
+        await asyncio.wait_for(later.start(), WAIT)
+        chunked = SlowUpload(app, small, declared=False)  # no Content-Length: counts as max_body_bytes
+        chunked_task = chunked.start()
+        await asyncio.sleep(0.2)
+        beside_chunked = SlowUpload(app, small)
+        await asyncio.wait_for(beside_chunked.start(), WAIT)
+        chunked.rest.set()
+        await asyncio.wait_for(chunked_task, WAIT)
+        return first, refused, later, chunked, beside_chunked, during, after
+
+    first, refused, later, chunked, beside_chunked, during, after = asyncio.run(main())
+    assert during == len(big) and after == 0 and held() == 0
+    assert (refused.status, refused.reads) == (503, 0) and refused.headers[b"retry-after"].isdigit()
+    assert b"budget" in refused.sent[1]["body"]
+    assert first.status == 200 and later.status == 200 and chunked.status == 200
+    assert (beside_chunked.status, beside_chunked.reads) == (503, 0)
+    text = generate_latest(app.state.metrics_registry).decode()
+    assert 'safeclip_requests_total{outcome="overloaded"} 2.0' in text
+
+
+def test_the_body_budget_must_hold_one_body_of_the_largest_size(moderator):
+    from safeclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least max_body_bytes"):
+        create_app(moderator, max_body_bytes=1000, max_body_budget_bytes=999, warm_up=False)
+
+
 # ---------------------------------------------------------------------------------------------- safeclip serve
 def _start_serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", *args],

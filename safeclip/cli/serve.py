@@ -68,7 +68,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-wait-ms", type=_wait_ms, default=5.0,
                    help="how long a forward waits for requests still being decoded (default 5)")
     p.add_argument("--max-queue", type=positive_int,
-                   help="requests in flight at once; one more is answered 503 (default: 4 x --max-batch)")
+                   help="requests in flight at once, bodies being received included; one more is answered 503 "
+                        "before its body is read (default: 4 x --max-batch)")
     p.add_argument("--on-error", choices=("raise", "block", "flag"), default="raise",
                    help="an undecodable image: raise (default) answers 422 with the error; block or flag answers a "
                         "fail-closed Decision")
@@ -79,6 +80,10 @@ def register(subparsers: Any) -> None:
                    help="a request not answered within this many seconds gets 504 (default 30)")
     p.add_argument("--max-body-mb", type=_positive_float, default=20.0,
                    help="larger request bodies get 413 (default 20)")
+    p.add_argument("--max-body-budget-mb", type=_positive_float,
+                   help="request bodies held in memory at once, all requests together; a request whose Content-Length "
+                        "would pass it (without one: --max-body-mb) gets 503 + Retry-After before its body is read "
+                        "(default 512, or --max-body-mb if larger)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -119,7 +124,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           runtime=args.runtime, threads=args.threads, on_error=args.on_error,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
     app = create_app(moderator, policies=policies or None, token=token,
-                     max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s)
+                     max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
+                     max_body_budget_bytes=None if args.max_body_budget_mb is None else
+                     int(args.max_body_budget_mb * 2**20))
 
     access = logging.getLogger("safeclip.server.access")
     handler = logging.StreamHandler(sys.stdout)
