@@ -1,7 +1,9 @@
 """safeclip over HTTP: an ASGI application around one :class:`~safeclip.Moderator`.
 
-``safeclip serve`` runs it under uvicorn; :func:`create_app` gives the same application to mount in your own. It is
-built on Starlette rather than FastAPI: a smaller dependency with no pydantic, and it has four routes.
+``safeclip serve`` runs it under uvicorn, with :func:`uvicorn_protocol` closing connections that send no request
+head in time and keeping the connection limit from ever refusing the probes; :func:`create_app` gives the same
+application to mount in your own. It is built on Starlette rather than FastAPI: a smaller dependency with no
+pydantic, and it has four routes.
 
 =================  =============================================================================================
 ``POST /v1/check``  the image as the raw body, or as the multipart field ``image``; ``?policy=NAME`` picks one of
@@ -52,7 +54,7 @@ from .errors import ConfigError, DecodeError, OverloadedError, SafeclipError
 from .moderator import Moderator
 from .policy import Policy, load_policy
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "uvicorn_protocol"]
 
 _access_log = logging.getLogger("safeclip.server.access")
 _log = logging.getLogger("safeclip.server")
@@ -62,6 +64,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: the outcomes ``safeclip_requests_total`` counts (POST /v1/check)
 OUTCOMES = ("allow", "flag", "block", "failed_closed", "invalid_image", "bad_request", "unauthorized", "too_large",
             "overloaded", "timeout", "client_gone", "error")
+
+#: scope key the connection guard (:func:`uvicorn_protocol`) sets on a request that came over its connection limit
+_OVER_CONNECTION_LIMIT = "safeclip.over_connection_limit"
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
@@ -88,6 +93,14 @@ class _Metrics:
               registry=self.registry).set_function(lambda: moderator.batcher.in_flight)
         Gauge("safeclip_queue_capacity", "requests the queue admits at once (max_queue)",
               registry=self.registry).set_function(lambda: moderator.batcher.max_queue)
+        self.connections_open = Gauge("safeclip_connections_open", "HTTP connections open (safeclip serve)",
+                                      registry=self.registry)
+        self.connections_closed = Counter(
+            "safeclip_connections_closed", "connections the server closed on its own (safeclip serve): "
+            "header_timeout (no complete request head in time), evicted (idle, to make room under max_connections)",
+            ["reason"], registry=self.registry)
+        for reason in ("header_timeout", "evicted"):
+            self.connections_closed.labels(reason)
         moderator.batcher.add_observer(self._batch)
 
     def _batch(self, n_requests: int, n_frames: int, seconds: float) -> None:
@@ -315,6 +328,9 @@ async def _request_image(request: Request, settings: _Settings) -> bytes:
 
 async def _decide(request: Request, settings: _Settings, t0: float, log: dict[str, Any]) -> Decision:
     """The Decision of one POST /v1/check, or the exception :data:`_ANSWERS` turns into its answer."""
+    if _OVER_CONNECTION_LIMIT in request.scope:
+        raise OverloadedError(f"all {request.scope[_OVER_CONNECTION_LIMIT]} connections the server keeps open have a "
+                              "request in progress (max_connections); retry later")
     if not _authorized(request, settings.token):
         raise _Unauthorized
     name = request.query_params.get("policy")
@@ -506,3 +522,136 @@ class _RequestLog:
                 "outcome": log.get("outcome"), "latency_ms": round((time.monotonic() - t0) * 1e3, 2),
                 "batch_size": log.get("batch_size"), "action": log.get("action"),
             }))
+
+
+class _ConnectionPool:
+    """The open connections of one server, and which of them are idle (no request in progress), idle longest first.
+
+    A connection is anything with ``close_idle()``; everything here runs on the event loop."""
+
+    def __init__(self, max_connections: int, metrics: _Metrics) -> None:
+        self.max_connections = max_connections
+        self._metrics = metrics
+        self._open: set[Any] = set()
+        self._idle: dict[Any, None] = {}  # insertion order: idle longest first
+
+    def opened(self, conn: Any) -> None:
+        self._open.add(conn)
+        self._idle[conn] = None
+        self._metrics.connections_open.set(len(self._open))
+        if len(self._open) > self.max_connections:
+            self._evict(but=conn)
+
+    def busy(self, conn: Any) -> bool:
+        """``conn`` has a request in progress; False when that is over the limit (no idle connection to close)."""
+        self._idle.pop(conn, None)
+        return len(self._open) <= self.max_connections or self._evict(but=conn)
+
+    def idle(self, conn: Any) -> None:
+        if conn in self._open:
+            self._idle.pop(conn, None)
+            self._idle[conn] = None
+
+    def closed(self, conn: Any, reason: str | None = None) -> None:
+        if conn in self._open and reason is not None:
+            self._metrics.connections_closed.labels(reason).inc()
+        self._open.discard(conn)
+        self._idle.pop(conn, None)
+        self._metrics.connections_open.set(len(self._open))
+
+    def _evict(self, but: Any) -> bool:
+        victim = next((c for c in self._idle if c is not but), None)
+        if victim is None:
+            return False
+        self.closed(victim, "evicted")
+        victim.close_idle()
+        return True
+
+
+def uvicorn_protocol(app: Starlette, *, header_timeout_s: float = 10.0,
+                     max_connections: int = 1024) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 (h11) protocol, guarding :func:`create_app`'s ``app`` against connections that hold a
+    place without asking anything: ``uvicorn.Config(app, http=uvicorn_protocol(app), limit_concurrency=None)``.
+
+    A connection must deliver a complete request head within ``header_timeout_s`` of opening (after a response:
+    of its next byte; silence in between is uvicorn's keep-alive timeout), else it is closed: bytes dribbled in do
+    not extend the deadline. At most ``max_connections`` are kept open: one more closes the connection idle longest
+    (no request in progress); when every connection has a request in progress, ``POST /v1/check`` is answered 503 +
+    ``Retry-After`` by the app (request id, counted as ``overloaded``) and that connection closed, while
+    ``/healthz``, ``/readyz`` and ``/metrics`` are still answered. (uvicorn's own ``limit_concurrency`` counts idle
+    connections too and answers a bare 503 to every path, the probes included.)
+    """
+    if not (isinstance(header_timeout_s, (int, float)) and 0 < header_timeout_s < float("inf")):
+        raise ConfigError(f"header_timeout_s must be a positive number of seconds, not {header_timeout_s!r}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise ConfigError(f"max_connections must be a positive integer, not {max_connections!r}")
+    settings = getattr(app.state, "safeclip", None)
+    if not isinstance(settings, _Settings):
+        raise ConfigError("uvicorn_protocol guards an application made by safeclip.server.create_app")
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    pool = _ConnectionPool(max_connections, settings.metrics)
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._deadline: asyncio.TimerHandle | None = None
+            self._awaiting_head = True
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            pool.opened(self)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            pool.closed(self)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_head:
+                self._arm()  # the deadline runs from the first byte after a response (a no-op while it runs)
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request head arrived; its task has not started yet
+                self._disarm()
+                self._awaiting_head = False
+                if not pool.busy(self):
+                    self.cycle.scope[_OVER_CONNECTION_LIMIT] = pool.max_connections  # type: ignore[literal-required]
+                    self.cycle.keep_alive = False  # its place is given back once it is answered
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start a pipelined request (handle_events)
+            if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
+                self._awaiting_head = True
+                pool.idle(self)
+
+        def close_idle(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                try:
+                    self.conn.send(h11.ConnectionClosed())
+                except h11.LocalProtocolError:
+                    pass
+                self.transport.close()
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self._awaiting_head:
+                pool.closed(self, "header_timeout")
+                self.close_idle()
+
+    return GuardedH11Protocol

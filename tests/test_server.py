@@ -539,6 +539,124 @@ def _content_length(data: bytes) -> int:
     return int(m.group(1)) if m else 1 << 30
 
 
+def _raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection, read until the server closes it (Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode("utf-8") + b"Connection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    top, _, payload = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def _serve_env(cache_dir, token: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache_dir), "SAFECLIP_DEVICE": "cpu"}
+    env.pop("SAFECLIP_SERVE_TOKEN", None)
+    if token is not None:
+        env["SAFECLIP_SERVE_TOKEN"] = token
+    return env
+
+
+def _wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.1)
+
+
+def test_idle_connections_never_make_safeclip_serve_refuse_requests(tiny_model, cache_dir):
+    token = "jeton-été-✓"  # a non-ASCII token from the environment, sent by the client as UTF-8
+    proc, port = _start_serve(["--model", tiny_model, "--max-wait-ms", "10"], _serve_env(cache_dir, token))
+    idle: list[socket.socket] = []
+    try:
+        _wait_ready(port)
+        # More idle connections than uvicorn's own limit (2 x --max-queue) would allow: none of them sends a byte.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+        time.sleep(0.3)
+        status, headers, body = _raw_request(port, "GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert status == 200 and json.loads(body) == {"status": "ok"} and headers["x-request-id"]
+        img = png_bytes(60)
+        status, _, body = _raw_request(port, f"POST /v1/check HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                                             f"Content-Length: {len(img)}\r\n", img)
+        assert status == 200 and json.loads(body)["sha256"] == sha(img)
+        assert _raw_request(port, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer jeton\r\n")[0] == 401
+    finally:
+        for s in idle:
+            s.close()
+        proc.kill()
+        proc.wait(10)
+
+
+def test_safeclip_serve_closes_silent_connections_and_answers_its_own_503_over_the_connection_limit(tiny_model,
+                                                                                                     cache_dir):
+    proc, port = _start_serve(["--model", tiny_model, "--max-connections", "8", "--header-timeout-s", "1.5"],
+                              _serve_env(cache_dir))
+    busy: list[socket.socket] = []
+    idle: list[socket.socket] = []
+    try:
+        _wait_ready(port)
+        images = [png_bytes(70 + i) for i in range(8)]
+        for im in images:  # 8 requests in progress: their heads and half of their bodies have arrived
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall((f"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Length: {len(im)}\r\nConnection: close\r\n"
+                       "\r\n").encode() + im[:len(im) // 2])
+            busy.append(s)
+        time.sleep(0.5)
+        img = png_bytes(80)
+        status, headers, body = _raw_request(port, f"POST /v1/check HTTP/1.1\r\nHost: x\r\nX-Request-ID: over-1\r\n"
+                                                   f"Content-Length: {len(img)}\r\n", img)
+        assert status == 503 and headers["retry-after"].isdigit() and headers["x-request-id"] == "over-1"
+        assert json.loads(body)["error"]["type"] == "OverloadedError" and "connections" in body.decode()
+        assert _raw_request(port, "GET /healthz HTTP/1.1\r\nHost: x\r\n")[0] == 200  # probes are always answered
+        for s, im in zip(busy, images):
+            s.sendall(im[len(im) // 2:])
+        for s, im in zip(busy, images):
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and sha(im).encode() in data
+
+        # Silent connections: more than the limit, one of them dribbling its request head a byte at a time.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(12)]
+        t0 = time.monotonic()
+        assert _raw_request(port, f"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Length: {len(img)}\r\n",
+                            img)[0] == 200  # the oldest silent connection made room
+        for s in idle:
+            s.setblocking(False)
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+        i = 0
+        while not all(_closed_by_server(s) for s in idle) and time.monotonic() - t0 < 10:
+            try:
+                idle[-1].send(head[i:i + 1])  # slowloris: every byte resets no deadline
+            except OSError:
+                pass
+            i += 1
+            time.sleep(0.1)
+        closed_after = time.monotonic() - t0
+        assert all(_closed_by_server(s) for s in idle) and closed_after < 5, closed_after
+        text = _raw_request(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n")[2].decode()
+        assert 'safeclip_requests_total{outcome="overloaded"} 1.0' in text
+        assert re.search(r'safeclip_connections_closed_total\{reason="header_timeout"\} [1-9]', text)
+        assert re.search(r'safeclip_connections_closed_total\{reason="evicted"\} [1-9]', text)
+    finally:
+        for s in busy + idle:
+            s.close()
+        proc.kill()
+        proc.wait(10)
+
+
 def test_safeclip_serve_refuses_an_empty_token_file(tiny_model, tmp_path):
     empty = tmp_path / "token"
     empty.write_text("\n")

@@ -53,6 +53,17 @@ def _wait_ms(text: str) -> float:
     return value
 
 
+def _default_max_connections() -> int:
+    """1024, or fewer where the open-file limit would run out first (leaving room for the model's files)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft - 64))
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve POST /v1/check over HTTP (needs safeclip[serve])",
                               description="Moderate uploads over HTTP: POST /v1/check, GET /healthz, /readyz, "
@@ -84,6 +95,13 @@ def register(subparsers: Any) -> None:
                    help="request bodies held in memory at once, all requests together; a request whose Content-Length "
                         "would pass it (without one: --max-body-mb) gets 503 + Retry-After before its body is read "
                         "(default 512, or --max-body-mb if larger)")
+    p.add_argument("--header-timeout-s", type=_positive_float, default=10.0,
+                   help="a connection that has not sent a complete request head this many seconds after opening (or "
+                        "after its next byte, following a response) is closed (default 10)")
+    p.add_argument("--max-connections", type=positive_int,
+                   help="connections kept open at once; one more closes the one idle longest, and while every one "
+                        "has a request in progress POST /v1/check gets 503 + Retry-After (the probes are still "
+                        "answered) (default 1024, or less under a lower open-file limit: ulimit -n)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -111,7 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..server import create_app, uvicorn_protocol
     except ImportError as e:
         raise ConfigError(f"safeclip serve needs the serve extra ({e.name} is not installed): "
                           "pip install 'safeclip[serve]'") from e
@@ -140,7 +158,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=args.timeout_s + 5, server_header=False,
-                            limit_concurrency=max(64, 2 * moderator.batcher.max_queue))
+                            http=uvicorn_protocol(app, header_timeout_s=args.header_timeout_s,
+                                                  max_connections=args.max_connections or _default_max_connections()),
+                            limit_concurrency=None)  # the guard's limit: uvicorn's counts idle connections too
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM (drain, then shut down) and re-raises it afterwards under the handler it found:
     # this one, so that a drained server exits 0 instead of dying of the signal.
