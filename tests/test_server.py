@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,12 +21,14 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
+from PIL import Image  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
@@ -139,6 +142,40 @@ def test_undecodable_is_422_with_the_typed_error(client):
         r = client.post("/v1/check", content=bad, headers=AUTH)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["type"] in {"UnsupportedFormatError", "TruncatedImageError", "EmptyBody"}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "block", "flag"])
+def test_what_each_unusable_upload_is_answered(on_error, tiny_encoder, monkeypatch):
+    """The answers README's table states, under each on_error: a fail-closed Moderator answers 200 with its Decision
+    for what it could not decode or score; what never reached the Moderator is answered 4xx whatever on_error."""
+    from safeclip.decode import DecodeLimits
+
+    m = Moderator(encoder=tiny_encoder, on_error=on_error, decode_limits=DecodeLimits(max_pixels=1000))
+    decided = None if on_error == "raise" else (200, on_error)
+
+    with TestClient(create_app(m, warm_up=False, max_body_bytes=4000)) as c:
+        def answer(**request) -> tuple[int, str | None]:
+            r = c.post("/v1/check", **request)
+            if r.status_code == 200:
+                d = r.json()
+                assert d["error"] and d["categories"] == {}  # fail-closed: never scored, never allow
+                return 200, d["action"]
+            return r.status_code, r.json()["error"]["type"]
+
+        assert answer(content=b"this is not an image") == (decided or (422, "UnsupportedFormatError"))
+        assert answer(content=png_bytes(4, size=16)[:60]) == (decided or (422, "TruncatedImageError"))
+        flat = io.BytesIO()
+        Image.new("RGB", (40, 40)).save(flat, "PNG")  # 1600 pixels: over the limit, in a small file
+        assert answer(content=flat.getvalue()) == (decided or (422, "ImageTooLargeError"))
+        assert answer(files={"image": ("x.txt", b"not an image")}) == (decided or (422, "UnsupportedFormatError"))
+        assert answer(content=b"") == (422, "EmptyBody")
+        assert answer(content=b"x" * 4001) == (413, "PayloadTooLarge")
+        assert answer(files={"other": ("x.png", png_bytes(6, size=8))}) == (400, "MissingImage")
+        two = [("image", ("a.png", png_bytes(6, size=8))), ("image", ("b.png", png_bytes(7, size=8)))]
+        assert answer(files=two) == (400, "DuplicateImage")
+        embed = tiny_encoder.embed_pixels
+        monkeypatch.setattr(tiny_encoder, "embed_pixels", lambda pixels: embed(pixels) * np.nan)
+        assert answer(content=png_bytes(8, size=16)) == (decided or (500, "DataError"))  # a NaN embedding
 
 
 def test_a_fail_closed_server_answers_the_fail_closed_decision(tiny_model, cache_dir):
