@@ -3,13 +3,15 @@
 Timing and memory only: the model is ViT-B-32 with random weights (benchmarks/_common.py); nothing printed is a
 moderation result. Each part starts its own `safeclip serve` subprocess on a free loopback port (`python -m safeclip`
 of whatever code this interpreter imports: run it with PYTHONPATH pointing at another checkout to measure that one;
-`--serve-args` adds flags only newer code knows).
+`--serve-args` adds flags only newer code knows; the server is started outside the current folder, so that the
+code measured is the one named on the first line).
 
 1. Idle sockets: /healthz latency (each probe a new connection, as a kubelet's is) and the statuses of /healthz and of
    small POST /v1/check, first with no idle socket, then while `--idle` TCP connections that never send a request are
    open; then how many of those the server has closed within `--idle-wait-s`.
-2. Large uploads: `--uploads` concurrent authorised uploads of one ~19 MiB noise PNG against `--max-queue 8`:
-   statuses, server RSS before, at its peak (sampled every 0.1 s) and after (`--settle-s` after the last answer).
+2. Large uploads: `--uploads` concurrent authorised uploads of one ~19 MiB noise PNG against `--max-queue 8`, each
+   sending its head and first MiB, then (once all have, and `--pause-s` later) the rest: statuses, server RSS before,
+   at its peak (VmHWM) and after (`--settle-s` after the last answer).
 
 Bounded: a fixed number of sockets, probes and uploads, client timeouts on every request, one global deadline; the
 servers are stopped (SIGTERM, then SIGKILL) before the script exits.
@@ -48,11 +50,17 @@ class Server:
 
     def __init__(self, label: str, ckpt: Path, cache: Path, extra: list[str]) -> None:
         self.label = label
-        env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache), "SAFECLIP_SERVE_TOKEN": TOKEN}
+        import safeclip
+
+        # The server runs the safeclip this script imports (its checkout first on the path, and a neutral working
+        # directory: `python -m` would put the current one first).
+        code = str(Path(safeclip.__file__).resolve().parents[1])
+        env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache), "SAFECLIP_SERVE_TOKEN": TOKEN,
+               "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", "--model", "ViT-B-32",
              "--pretrained", str(ckpt), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True, cwd=tempfile.gettempdir())
         self.port: int | None = None
         self.stderr: list[str] = []
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -84,14 +92,22 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def rss_mb(self) -> float:
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """The server's resident memory now (``VmHWM``: its peak since :meth:`reset_peak`), in MB."""
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         except OSError:
             pass
         return float("nan")
+
+    def reset_peak(self) -> bool:
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # Linux: VmHWM starts again from VmRSS
+            return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -193,7 +209,17 @@ def noise_png(mib: float) -> bytes:
     return out.getvalue()
 
 
-async def uploads(httpx, server: Server, body: bytes, n: int) -> tuple[dict[str, int], list[float]]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(head[0].split()[1]), headers, body
+
+
+async def uploads(server: Server, body: bytes, n: int, pause_s: float) -> tuple[dict[str, int], list[float]]:
+    """``n`` uploads at once: every one sends its head and its body's first MiB; once all have, and ``pause_s``
+    later (the server has seen every head), they send the rest: ``n`` bodies arriving together, whatever the timing
+    of the connections (sent whole, the first bodies can be read before the server has even seen the last heads)."""
     rss: list[float] = []
     statuses: list[str] = []
     stop = threading.Event()
@@ -205,19 +231,41 @@ async def uploads(httpx, server: Server, body: bytes, n: int) -> tuple[dict[str,
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=server.url, timeout=CLIENT_TIMEOUT_S, limits=limits, headers=AUTH) as c:
-        async def one() -> None:
-            try:
-                r = await c.post("/v1/check", content=body, headers={"Content-Type": "image/png"})
-                key = str(r.status_code)
-                if r.status_code == 503:
-                    key += " with Retry-After" if "retry-after" in r.headers else " without Retry-After"
-            except httpx.HTTPError as e:
-                key = type(e).__name__
-            statuses.append(key)
+    half = min(len(body) // 2, 2**20)
+    head = (f"POST /v1/check HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    halfway, all_halfway = 0, asyncio.Event()
 
-        await asyncio.gather(*(one() for _ in range(n)))
+    async def one() -> None:
+        nonlocal halfway
+        writer, counted = None, False
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(head + body[:half])
+            await writer.drain()  # the server has taken it (read it, or answered early and discards it)
+            halfway, counted = halfway + 1, True
+            if halfway == n:
+                all_halfway.set()
+            await asyncio.wait_for(all_halfway.wait(), CLIENT_TIMEOUT_S)
+            await asyncio.sleep(pause_s)
+            writer.write(body[half:])
+            await writer.drain()
+            status, headers, _ = await asyncio.wait_for(read_response(reader), CLIENT_TIMEOUT_S)
+            key = str(status)
+            if status == 503:
+                key += " with Retry-After" if "retry-after" in headers else " without Retry-After"
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            key = type(e).__name__
+            if not counted:  # never leave the others waiting
+                halfway += 1
+                if halfway >= n:
+                    all_halfway.set()
+        finally:
+            if writer is not None:
+                writer.close()
+        statuses.append(key)
+
+    await asyncio.gather(*(one() for _ in range(n)))
     stop.set()
     sampler.join()
     return _count(statuses), rss
@@ -232,6 +280,8 @@ def main() -> None:
     ap.add_argument("--uploads", type=int, default=60, help="concurrent uploads (part 2)")
     ap.add_argument("--upload-mib", type=float, default=19.0)
     ap.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue in part 2")
+    ap.add_argument("--pause-s", type=float, default=1.0,
+                    help="part 2: the pause between every upload's first MiB and the rest of the bodies")
     ap.add_argument("--settle-s", type=float, default=5.0, help="RSS 'after' is read this long after the last answer")
     ap.add_argument("--serve-args", default="", help="more `safeclip serve` flags, one shell-quoted string")
     ap.add_argument("--deadline-s", type=float, default=900.0, help="the whole run stops after this")
@@ -255,7 +305,7 @@ def main() -> None:
     servers: list[Server] = []
     try:
         if args.part in ("idle", "both"):
-            print(f"\n1. idle sockets ({args.idle}), server defaults", flush=True)
+            print(f"\n1. {args.idle} idle sockets", flush=True)
             s = Server("idle", ckpt, cache, extra)
             servers.append(s)
             s.wait_ready(httpx, time.monotonic() + 900)
@@ -269,15 +319,17 @@ def main() -> None:
             servers.append(s)
             s.wait_ready(httpx, time.monotonic() + 900)
             before = s.rss_mb()
+            exact_peak = s.reset_peak()
             t0 = time.perf_counter()
-            statuses, rss = asyncio.run(uploads(httpx, s, body, args.uploads))
+            statuses, rss = asyncio.run(uploads(s, body, args.uploads, args.pause_s))
             wall = time.perf_counter() - t0
+            peak = s.rss_mb("VmHWM") if exact_peak else max(rss, default=float("nan"))
             time.sleep(args.settle_s)
             after = s.rss_mb()
             print(f"  answered in {wall:.1f} s: {statuses}", flush=True)
-            print(f"  server RSS: {before:.0f} MB before, peak {max(rss, default=float('nan')):.0f} MB "
-                  f"(mean {statistics.fmean(rss):.0f}), {after:.0f} MB {args.settle_s:.0f} s after the last answer",
-                  flush=True)
+            print(f"  server RSS: {before:.0f} MB before, peak {peak:.0f} MB ({'VmHWM' if exact_peak else 'sampled'}; "
+                  f"sampled every 0.1 s: max {max(rss, default=float('nan')):.0f}, mean {statistics.fmean(rss):.0f}), "
+                  f"{after:.0f} MB {args.settle_s:.0f} s after the last answer", flush=True)
             s.stop()
     finally:
         for s in servers:
