@@ -363,6 +363,7 @@ async def _decide(request: Request, settings: _Settings, t0: float, log: dict[st
 
 
 async def _check(request: Request) -> Response:
+    """POST /v1/check: the Decision, or the answer to what stopped it; counted by outcome either way."""
     settings = _settings(request)
     log = request.scope.setdefault("safeclip.log", {})
     t0 = time.monotonic()
