@@ -1,14 +1,17 @@
 """safeclip over HTTP: an ASGI application around one :class:`~safeclip.Moderator`.
 
-``safeclip serve`` runs it under uvicorn; :func:`create_app` gives the same application to mount in your own. It is
-built on Starlette rather than FastAPI: a smaller dependency with no pydantic, and it has four routes.
+``safeclip serve`` runs it under uvicorn, with :func:`uvicorn_protocol` closing connections that send no request
+head in time and keeping the connection limit from ever refusing the probes; :func:`create_app` gives the same
+application to mount in your own. It is built on Starlette rather than FastAPI: a smaller dependency with no
+pydantic, and it has four routes.
 
 =================  =============================================================================================
 ``POST /v1/check``  the image as the raw body, or as the multipart field ``image``; ``?policy=NAME`` picks one of
                     the loaded policies. 200: the Decision JSON (``Decision.to_dict()``). 400 unknown policy or
                     malformed request, 401 missing/wrong token, 413 body over the limit, 422 undecodable image (the
                     typed error; with a fail-closed Moderator, ``on_error="flag"|"block"``, a 200 Decision
-                    instead), 503 + ``Retry-After`` queue full, 504 no answer within the request timeout.
+                    instead), 503 + ``Retry-After`` queue full or body budget spent (refused before the body is
+                    read), 504 no answer within the request timeout.
 ``GET /healthz``    200 while the process is alive.
 ``GET /readyz``     200 once the model is loaded and has run a warm-up forward under every policy, else 503.
 ``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth (token-protected).
@@ -34,7 +37,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,7 +54,7 @@ from .errors import ConfigError, DecodeError, OverloadedError, SafeclipError
 from .moderator import Moderator
 from .policy import Policy, load_policy
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "uvicorn_protocol"]
 
 _access_log = logging.getLogger("safeclip.server.access")
 _log = logging.getLogger("safeclip.server")
@@ -60,6 +64,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: the outcomes ``safeclip_requests_total`` counts (POST /v1/check)
 OUTCOMES = ("allow", "flag", "block", "failed_closed", "invalid_image", "bad_request", "unauthorized", "too_large",
             "overloaded", "timeout", "client_gone", "error")
+
+#: scope key the connection guard (:func:`uvicorn_protocol`) sets on a request that came over its connection limit
+_OVER_CONNECTION_LIMIT = "safeclip.over_connection_limit"
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
@@ -80,12 +87,20 @@ class _Metrics:
                                       buckets=_BATCH_BUCKETS, registry=self.registry)
         self.forward = Histogram("safeclip_batch_duration_seconds", "time of one batch: forward, score, decide",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
-        Gauge("safeclip_queue_depth", "requests admitted and not yet in a forward (decoding or queued)",
+        Gauge("safeclip_queue_depth", "requests admitted and not yet in a forward (receiving, decoding or queued)",
               registry=self.registry).set_function(lambda: moderator.batcher.waiting)
         Gauge("safeclip_requests_in_flight", "requests admitted and not yet answered",
               registry=self.registry).set_function(lambda: moderator.batcher.in_flight)
         Gauge("safeclip_queue_capacity", "requests the queue admits at once (max_queue)",
               registry=self.registry).set_function(lambda: moderator.batcher.max_queue)
+        self.connections_open = Gauge("safeclip_connections_open", "HTTP connections open (safeclip serve)",
+                                      registry=self.registry)
+        self.connections_closed = Counter(
+            "safeclip_connections_closed", "connections the server closed on its own (safeclip serve): "
+            "header_timeout (no complete request head in time), evicted (idle, to make room under max_connections)",
+            ["reason"], registry=self.registry)
+        for reason in ("header_timeout", "evicted"):
+            self.connections_closed.labels(reason)
         moderator.batcher.add_observer(self._batch)
 
     def _batch(self, n_requests: int, n_frames: int, seconds: float) -> None:
@@ -94,42 +109,180 @@ class _Metrics:
         self.forward.observe(seconds)
 
 
-def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
+class _Problem(Exception):
+    """A request the server refuses on its own (not a safeclip error); ``kind`` is the error type it answers."""
+
+    kind = "BadRequest"
+
+
+class _Unauthorized(_Problem):
+    kind = "Unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("a bearer token is required: Authorization: Bearer <token>")
+
+
+class _UnknownPolicy(_Problem):
+    kind = "UnknownPolicy"
+
+
+class _MissingImage(_Problem):
+    kind = "MissingImage"
+
+
+class _MalformedBody(_Problem):
+    kind = "MalformedBody"
+
+
+class _DuplicateImage(_Problem):
+    kind = "DuplicateImage"
+
+
+class _TooLarge(_Problem):
+    kind = "PayloadTooLarge"
+
+
+class _BodyTimeout(_Problem):
+    kind = "RequestTimeout"
+
+
+class _NoDecision(_Problem):
+    kind = "Timeout"
+
+
+class _EmptyBody(_Problem):
+    kind = "EmptyBody"
+
+
+class _ClientGone(_Problem):
+    kind = "ClientGone"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """How an exception is answered: status, ``safeclip_requests_total`` outcome, extra headers."""
+
+    status: int
+    outcome: str
+    headers: tuple[tuple[str, str], ...] = ()
+    retry_after: bool = False  # a Retry-After header (create_app's retry_after_s)
+    body: bool = True  # 499 (the client is gone) has nobody to read a body
+    internal: bool = False  # not ours: the message is withheld and the traceback logged
+
+
+#: Every refusal of the server, by exception class: the most specific class in an exception's MRO wins.
+_ANSWERS: dict[type[BaseException], _Answer] = {
+    _Unauthorized: _Answer(401, "unauthorized", (("WWW-Authenticate", 'Bearer realm="safeclip"'),)),
+    _Problem: _Answer(400, "bad_request"),  # unknown policy, no image part, malformed multipart
+    _TooLarge: _Answer(413, "too_large"),
+    _BodyTimeout: _Answer(408, "timeout"),
+    _EmptyBody: _Answer(422, "invalid_image"),
+    _ClientGone: _Answer(499, "client_gone", body=False),
+    ClientDisconnect: _Answer(499, "client_gone", body=False),
+    _NoDecision: _Answer(504, "timeout"),
+    DecodeError: _Answer(422, "invalid_image"),
+    OverloadedError: _Answer(503, "overloaded", retry_after=True),
+    SafeclipError: _Answer(500, "error"),
+    Exception: _Answer(500, "error", internal=True),  # the model failed: an error, never a guess
+}
+
+
+def _answer_of(error: BaseException) -> _Answer:
+    return next(_ANSWERS[cls] for cls in type(error).__mro__ if cls in _ANSWERS)
+
+
+def _error_response(error: BaseException, retry_after_s: int) -> tuple[_Answer, Response]:
+    """The answer to ``error`` from the one table (:data:`_ANSWERS`)."""
+    answer = _answer_of(error)
+    headers = dict(answer.headers)
+    if answer.retry_after:
+        headers["Retry-After"] = str(retry_after_s)
+    if not answer.body:
+        return answer, Response(status_code=answer.status, headers=headers)
+    if answer.internal:
+        kind, message = "InternalError", f"{type(error).__name__}: the request could not be decided"
+    else:
+        kind, message = (error.kind if isinstance(error, _Problem) else type(error).__name__), str(error)
     body = json.dumps({"error": {"type": kind, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return answer, Response(body, status_code=answer.status, media_type="application/json", headers=headers)
 
 
-def _authorized(request: Request, token: str | None) -> bool:
+@dataclass(frozen=True)
+class _Settings:
+    """What :func:`create_app` was given, checked: the handlers read it from ``app.state.safeclip``."""
+
+    moderator: Moderator
+    policies: dict[str, Policy]
+    token: bytes | None
+    max_body_bytes: int
+    bodies: _BodyBudget
+    timeout_s: float
+    retry_after_s: int
+    warm_up: bool
+    metrics: _Metrics
+    ready: threading.Event = field(default_factory=threading.Event)
+    warm_error: list[str] = field(default_factory=list)
+
+    @property
+    def default_policy(self) -> Policy:
+        return next(iter(self.policies.values()))
+
+
+def _settings(request: Request) -> _Settings:
+    return request.app.state.safeclip
+
+
+def _token_bytes(token: str) -> bytes:
+    """A token as the UTF-8 bytes a client sends (an environment variable's undecodable bytes kept as they were)."""
+    return token.encode("utf-8", "surrogateescape")
+
+
+def _authorized(request: Request, token: bytes | None) -> bool:
+    """``Authorization: Bearer <token>``, compared as bytes in constant time (headers arrive as bytes: Starlette
+    gives them as latin-1 text, which encodes back to the bytes sent)."""
     if token is None:
         return True
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    scheme, _, given = request.headers.get("authorization", "").encode("latin-1").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
 
 
-def _unauthorized() -> Response:
-    return _error(401, "Unauthorized", "a bearer token is required: Authorization: Bearer <token>",
-                  {"WWW-Authenticate": 'Bearer realm="safeclip"'})
+class _BodyBudget:
+    """The bytes of request bodies held at once, all requests together: taken before a body is read (its
+    Content-Length; a body without one counts as the body limit), given back when the request is answered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # only touched from the event loop: no lock
+
+    @contextlib.contextmanager
+    def take(self, n: int) -> Iterator[None]:
+        if self.held + n > self.limit:
+            raise OverloadedError(f"request bodies of {self.held} bytes are being held; {n} more would pass the "
+                                  f"{self.limit}-byte budget for bodies; retry later")
+        self.held += n
+        try:
+            yield
+        finally:
+            self.held -= n
 
 
-class _TooLarge(Exception):
-    pass
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _TooLarge
+            raise _TooLarge(f"the body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _multipart_image(request: Request, body: bytes) -> bytes | None:
-    """The ``image`` file part of a multipart body already read (and bounded); None when there is none."""
+async def _multipart_image(request: Request, body: bytes) -> bytes:
+    """The ``image`` file part of a multipart body already read (and bounded)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -139,11 +292,20 @@ async def _multipart_image(request: Request, body: bytes) -> bytes | None:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
     try:
-        field = form.get("image")
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+    except Exception as e:  # noqa: BLE001 - whatever the multipart parser rejects
+        raise _MalformedBody(f"the multipart body cannot be parsed: {e}") from e
+    try:
+        fields = form.getlist("image")
+        if len(fields) > 1:  # which one would be moderated is the client's guess: none is
+            raise _DuplicateImage(f"the multipart body has {len(fields)} parts named image; send one image per "
+                                  "request")
+        field = fields[0] if fields else None
         # A plain (non-file) field holds text, not bytes: an image sent that way arrives mangled, so it is refused.
-        return await field.read() if isinstance(field, UploadFile) else None
+        if not isinstance(field, UploadFile):
+            raise _MissingImage("the multipart body has no file part named image (curl -F image=@photo.jpg)")
+        return await field.read()
     finally:
         await form.close()
 
@@ -153,12 +315,123 @@ async def _until_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
         pass
 
 
+async def _request_image(request: Request, settings: _Settings) -> bytes:
+    """The image bytes of a request: the raw body or its multipart ``image`` part, read within the limits."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.timeout_s)
+    except asyncio.TimeoutError as e:
+        raise _BodyTimeout(f"the body did not arrive within {settings.timeout_s} s") from e
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return await _multipart_image(request, body)
+    return body
+
+
+async def _decide(request: Request, settings: _Settings, t0: float, log: dict[str, Any]) -> Decision:
+    """The Decision of one POST /v1/check, or the exception :data:`_ANSWERS` turns into its answer."""
+    if _OVER_CONNECTION_LIMIT in request.scope:
+        raise OverloadedError(f"all {request.scope[_OVER_CONNECTION_LIMIT]} connections the server keeps open have a "
+                              "request in progress (max_connections); retry later")
+    if not _authorized(request, settings.token):
+        raise _Unauthorized
+    name = request.query_params.get("policy")
+    pol = settings.default_policy if name is None else settings.policies.get(name)
+    if pol is None:
+        raise _UnknownPolicy(f"policy {name!r} is not loaded; loaded: {', '.join(settings.policies)}")
+    declared = _declared_length(request)
+    if declared is not None and declared > settings.max_body_bytes:
+        raise _TooLarge(f"the body exceeds {settings.max_body_bytes} bytes")
+    moderator = settings.moderator
+    # The queue place and the body's bytes are taken before the body is read: a request refused for either has
+    # nothing of its body in memory, and at most max_queue bodies (within the budget) are ever held at once.
+    with moderator.admit() as ticket, settings.bodies.take(settings.max_body_bytes if declared is None else declared):
+        image = await _request_image(request, settings)
+        if not image:
+            raise _EmptyBody("the body is empty: send the image bytes")
+        job = asyncio.ensure_future(moderator.check_async(image, policy=pol, ticket=ticket))
+        gone = asyncio.ensure_future(_until_disconnect(request.receive))
+        remaining = max(0.0, settings.timeout_s - (time.monotonic() - t0))
+        await asyncio.wait({job, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+            if gone.done() and not gone.cancelled():
+                raise _ClientGone("the client went away before the decision")
+            raise _NoDecision(f"no decision within {settings.timeout_s} s; retry later")
+        log["batch_size"] = ticket.batch_requests
+    return job.result()
+
+
+async def _check(request: Request) -> Response:
+    """POST /v1/check: the Decision, or the answer to what stopped it; counted by outcome either way."""
+    settings = _settings(request)
+    log = request.scope.setdefault("safeclip.log", {})
+    t0 = time.monotonic()
+    try:
+        decision = await _decide(request, settings, t0, log)
+    except Exception as e:  # noqa: BLE001 - every failure is answered from the one table
+        answer, response = _error_response(e, settings.retry_after_s)
+        if answer.internal:
+            _log.error("request %s failed", log.get("id"), exc_info=e)
+        outcome = answer.outcome
+    else:
+        log["action"] = decision.action
+        outcome = "failed_closed" if decision.error else decision.action
+        response = Response(decision.to_json(), media_type="application/json")
+    log["outcome"] = outcome
+    settings.metrics.requests.labels(outcome).inc()
+    settings.metrics.latency.observe(time.monotonic() - t0)
+    return response
+
+
+async def _healthz(request: Request) -> Response:
+    return Response('{"status": "ok"}', media_type="application/json")
+
+
+async def _readyz(request: Request) -> Response:
+    settings = _settings(request)
+    if settings.ready.is_set():
+        return Response('{"status": "ready"}', media_type="application/json")
+    body = {"status": "failed", "error": settings.warm_error[0]} if settings.warm_error else {"status": "warming up"}
+    return Response(json.dumps(body), status_code=503, media_type="application/json")
+
+
+async def _metrics(request: Request) -> Response:
+    settings = _settings(request)
+    if not _authorized(request, settings.token):
+        return _error_response(_Unauthorized(), settings.retry_after_s)[1]
+    return Response(generate_latest(settings.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _warm(settings: _Settings) -> None:
+    """One forward per policy, then ``/readyz`` answers 200; a failure is reported by /readyz and the log."""
+    try:
+        size = settings.moderator.encoder.pixel_spec.size
+        for pol in settings.policies.values():
+            settings.moderator.check(np.full((size, size, 3), 127, np.uint8), policy=pol)
+        settings.ready.set()
+    except Exception as e:  # noqa: BLE001 - the process stays up
+        settings.warm_error.append(f"{type(e).__name__}: {e}")
+        _log.error("warm-up failed: %s", settings.warm_error[0])
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: _Settings = app.state.safeclip
+    if settings.warm_up:
+        asyncio.get_running_loop().run_in_executor(None, _warm, settings)
+    else:
+        settings.ready.set()
+    yield
+
+
 def create_app(
     moderator: Moderator,
     *,
     policies: Iterable[str | Policy] | None = None,
     token: str | None = None,
     max_body_bytes: int = 20 * 2**20,
+    max_body_budget_bytes: int | None = None,
     timeout_s: float = 30.0,
     retry_after_s: int = 1,
     warm_up: bool = True,
@@ -167,19 +440,30 @@ def create_app(
 
     ``policies``: the policies ``?policy=NAME`` may pick (shipped names or YAML paths), by their ``name``; the first
     is the default (none given: the Moderator's own). They are compiled here, before the first request. ``token``:
-    required as ``Authorization: Bearer <token>`` on ``/v1/check`` and ``/metrics`` (compared in constant time).
-    ``max_body_bytes``: a larger body is answered 413 without being read past the limit. ``timeout_s``: a request
+    required as ``Authorization: Bearer <token>`` on ``/v1/check`` and ``/metrics`` (compared in constant time, as
+    UTF-8 bytes: a non-ASCII token works with any client that sends it in UTF-8).
+    ``max_body_bytes``: a larger body is answered 413 without being read past the limit.
+    ``max_body_budget_bytes``: the bytes of request bodies held at once, all requests together (default: 512 MiB,
+    or ``max_body_bytes`` if larger); a request whose Content-Length would pass it (without one: ``max_body_bytes``)
+    is answered 503 before its body is read. ``timeout_s``: a request
     not answered in time (body read, queue, decode, forward) is answered 504 (408 while its body is still arriving)
     and dropped if it has not reached a forward. ``warm_up``: run one forward per policy at start-up before
     ``/readyz`` answers 200.
 
     The Moderator's ``on_error`` decides undecodable images: ``"raise"`` answers 422, ``"flag"``/``"block"`` a
-    fail-closed Decision. Its ``max_queue`` bounds the requests in flight; one more is answered 503.
+    fail-closed Decision. Its ``max_queue`` bounds the requests in flight, bodies being received included (the
+    place is taken before the body is read); one more is answered 503.
     """
     if token is not None and not token:
         raise ConfigError("the bearer token is empty")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be a positive integer, not {max_body_bytes!r}")
+    if max_body_budget_bytes is None:
+        max_body_budget_bytes = max(512 * 2**20, max_body_bytes)
+    if isinstance(max_body_budget_bytes, bool) or not isinstance(max_body_budget_bytes, int) \
+            or max_body_budget_bytes < max_body_bytes:
+        raise ConfigError(f"max_body_budget_bytes must be an integer of at least max_body_bytes ({max_body_bytes}): "
+                          f"a body of the largest size allowed must fit, not {max_body_budget_bytes!r}")
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
     loaded: dict[str, Policy] = {}
@@ -189,122 +473,20 @@ def create_app(
             raise ConfigError(f"two loaded policies are named {pol.name!r}; ?policy=NAME would be ambiguous")
         moderator.compiled(pol)
         loaded[pol.name] = pol
-    default_policy = next(iter(loaded.values()))
-    metrics = _Metrics(moderator)
-    ready = threading.Event()
-    warm_error: list[str] = []
-
-    def warm() -> None:
-        try:
-            size = moderator.encoder.pixel_spec.size
-            for pol in loaded.values():
-                moderator.check(np.full((size, size, 3), 127, np.uint8), policy=pol)
-            ready.set()
-        except Exception as e:  # noqa: BLE001 - reported by /readyz and the log, the process stays up
-            warm_error.append(f"{type(e).__name__}: {e}")
-            _log.error("warm-up failed: %s", warm_error[0])
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if warm_up:
-            asyncio.get_running_loop().run_in_executor(None, warm)
-        else:
-            ready.set()
-        yield
-
-    async def check(request: Request) -> Response:
-        log = request.scope.setdefault("safeclip.log", {})
-        t0 = time.monotonic()
-
-        def answer(outcome: str, response: Response) -> Response:
-            log["outcome"] = outcome
-            metrics.requests.labels(outcome).inc()
-            metrics.latency.observe(time.monotonic() - t0)
-            return response
-
-        if not _authorized(request, token):
-            return answer("unauthorized", _unauthorized())
-        name = request.query_params.get("policy")
-        pol = default_policy if name is None else loaded.get(name)
-        if pol is None:
-            return answer("bad_request", _error(400, "UnknownPolicy", f"policy {name!r} is not loaded; loaded: "
-                                                                       f"{', '.join(loaded)}"))
-        overloaded = {"Retry-After": str(retry_after_s)}
-        if moderator.batcher.in_flight >= moderator.batcher.max_queue:  # cheap refusal before reading the body
-            return answer("overloaded", _error(503, "OverloadedError", "the queue is full; retry later", overloaded))
-        try:
-            body = await asyncio.wait_for(_read_body(request, max_body_bytes), timeout_s)
-            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-                image = await _multipart_image(request, body)
-                if image is None:
-                    return answer("bad_request", _error(400, "MissingImage", "the multipart body has no file part "
-                                                                             "named image (curl -F image=@photo.jpg)"))
-            else:
-                image = body
-        except _TooLarge:
-            return answer("too_large", _error(413, "PayloadTooLarge", f"the body exceeds {max_body_bytes} bytes"))
-        except asyncio.TimeoutError:
-            return answer("timeout", _error(408, "RequestTimeout", f"the body did not arrive within {timeout_s} s"))
-        except ClientDisconnect:
-            return answer("client_gone", Response(status_code=499))
-        except Exception as e:  # noqa: BLE001 - a malformed multipart body
-            return answer("bad_request", _error(400, "MalformedBody", f"the multipart body cannot be parsed: {e}"))
-        if not image:
-            return answer("invalid_image", _error(422, "EmptyBody", "the body is empty: send the image bytes"))
-        try:
-            ticket = moderator.admit()
-        except OverloadedError as e:
-            return answer("overloaded", _error(503, "OverloadedError", str(e), overloaded))
-        with ticket:
-            job = asyncio.ensure_future(moderator.check_async(image, policy=pol, ticket=ticket))
-            gone = asyncio.ensure_future(_until_disconnect(request.receive))
-            remaining = max(0.0, timeout_s - (time.monotonic() - t0))
-            await asyncio.wait({job, gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not job.done():
-                job.cancel()
-                await asyncio.gather(job, return_exceptions=True)
-                if gone.done() and not gone.cancelled():
-                    return answer("client_gone", Response(status_code=499))
-                return answer("timeout", _error(504, "Timeout", f"no decision within {timeout_s} s; retry later"))
-            log["batch_size"] = ticket.batch_requests
-        try:
-            decision: Decision = job.result()
-        except DecodeError as e:
-            return answer("invalid_image", _error(422, type(e).__name__, str(e)))
-        except OverloadedError as e:
-            return answer("overloaded", _error(503, "OverloadedError", str(e), overloaded))
-        except SafeclipError as e:
-            return answer("error", _error(500, type(e).__name__, str(e)))
-        except Exception as e:  # noqa: BLE001 - the model failed; the answer is an error, never a guess
-            _log.exception("request %s failed", log.get("id"))
-            return answer("error", _error(500, "InternalError", f"{type(e).__name__}: the request could not be "
-                                                                "decided"))
-        log["action"] = decision.action
-        return answer("failed_closed" if decision.error else decision.action,
-                      Response(decision.to_json(), media_type="application/json"))
-
-    async def healthz(request: Request) -> Response:
-        return Response('{"status": "ok"}', media_type="application/json")
-
-    async def readyz(request: Request) -> Response:
-        if ready.is_set():
-            return Response('{"status": "ready"}', media_type="application/json")
-        body = {"status": "failed", "error": warm_error[0]} if warm_error else {"status": "warming up"}
-        return Response(json.dumps(body), status_code=503, media_type="application/json")
-
-    async def metrics_text(request: Request) -> Response:
-        if not _authorized(request, token):
-            return _unauthorized()
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes,
+                         _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up, _Metrics(moderator))
     app = Starlette(routes=[
-        Route("/v1/check", check, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_text, methods=["GET"]),
-    ], lifespan=lifespan)
-    app.state.metrics_registry = metrics.registry
+        Route("/v1/check", _check, methods=["POST"]),
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/readyz", _readyz, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+    ], lifespan=_lifespan)
+    app.state.safeclip = settings
+    app.state.metrics_registry = settings.metrics.registry
+    Gauge("safeclip_body_bytes_held", "bytes of request bodies taken from the budget (being received or decided)",
+          registry=settings.metrics.registry).set_function(lambda: settings.bodies.held)
+    Gauge("safeclip_body_budget_bytes", "bytes of request bodies held at once at most (max_body_budget_bytes)",
+          registry=settings.metrics.registry).set_function(lambda: settings.bodies.limit)
     app.add_middleware(_RequestLog)
     return app
 
@@ -341,3 +523,136 @@ class _RequestLog:
                 "outcome": log.get("outcome"), "latency_ms": round((time.monotonic() - t0) * 1e3, 2),
                 "batch_size": log.get("batch_size"), "action": log.get("action"),
             }))
+
+
+class _ConnectionPool:
+    """The open connections of one server, and which of them are idle (no request in progress), idle longest first.
+
+    A connection is anything with ``close_idle()``; everything here runs on the event loop."""
+
+    def __init__(self, max_connections: int, metrics: _Metrics) -> None:
+        self.max_connections = max_connections
+        self._metrics = metrics
+        self._open: set[Any] = set()
+        self._idle: dict[Any, None] = {}  # insertion order: idle longest first
+
+    def opened(self, conn: Any) -> None:
+        self._open.add(conn)
+        self._idle[conn] = None
+        self._metrics.connections_open.set(len(self._open))
+        if len(self._open) > self.max_connections:
+            self._evict(but=conn)
+
+    def busy(self, conn: Any) -> bool:
+        """``conn`` has a request in progress; False when that is over the limit (no idle connection to close)."""
+        self._idle.pop(conn, None)
+        return len(self._open) <= self.max_connections or self._evict(but=conn)
+
+    def idle(self, conn: Any) -> None:
+        if conn in self._open:
+            self._idle.pop(conn, None)
+            self._idle[conn] = None
+
+    def closed(self, conn: Any, reason: str | None = None) -> None:
+        if conn in self._open and reason is not None:
+            self._metrics.connections_closed.labels(reason).inc()
+        self._open.discard(conn)
+        self._idle.pop(conn, None)
+        self._metrics.connections_open.set(len(self._open))
+
+    def _evict(self, but: Any) -> bool:
+        victim = next((c for c in self._idle if c is not but), None)
+        if victim is None:
+            return False
+        self.closed(victim, "evicted")
+        victim.close_idle()
+        return True
+
+
+def uvicorn_protocol(app: Starlette, *, header_timeout_s: float = 10.0,
+                     max_connections: int = 1024) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 (h11) protocol, guarding :func:`create_app`'s ``app`` against connections that hold a
+    place without asking anything: ``uvicorn.Config(app, http=uvicorn_protocol(app), limit_concurrency=None)``.
+
+    A connection must deliver a complete request head within ``header_timeout_s`` of opening (after a response:
+    of its next byte; silence in between is uvicorn's keep-alive timeout), else it is closed: bytes dribbled in do
+    not extend the deadline. At most ``max_connections`` are kept open: one more closes the connection idle longest
+    (no request in progress); when every connection has a request in progress, ``POST /v1/check`` is answered 503 +
+    ``Retry-After`` by the app (request id, counted as ``overloaded``) and that connection closed, while
+    ``/healthz``, ``/readyz`` and ``/metrics`` are still answered. (uvicorn's own ``limit_concurrency`` counts idle
+    connections too and answers a bare 503 to every path, the probes included.)
+    """
+    if not (isinstance(header_timeout_s, (int, float)) and 0 < header_timeout_s < float("inf")):
+        raise ConfigError(f"header_timeout_s must be a positive number of seconds, not {header_timeout_s!r}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise ConfigError(f"max_connections must be a positive integer, not {max_connections!r}")
+    settings = getattr(app.state, "safeclip", None)
+    if not isinstance(settings, _Settings):
+        raise ConfigError("uvicorn_protocol guards an application made by safeclip.server.create_app")
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    pool = _ConnectionPool(max_connections, settings.metrics)
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._deadline: asyncio.TimerHandle | None = None
+            self._awaiting_head = True
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            pool.opened(self)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            pool.closed(self)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._awaiting_head:
+                self._arm()  # the deadline runs from the first byte after a response (a no-op while it runs)
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request head arrived; its task has not started yet
+                self._disarm()
+                self._awaiting_head = False
+                if not pool.busy(self):
+                    self.cycle.scope[_OVER_CONNECTION_LIMIT] = pool.max_connections  # type: ignore[literal-required]
+                    self.cycle.keep_alive = False  # its place is given back once it is answered
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start a pipelined request (handle_events)
+            if not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete:
+                self._awaiting_head = True
+                pool.idle(self)
+
+        def close_idle(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                try:
+                    self.conn.send(h11.ConnectionClosed())
+                except h11.LocalProtocolError:
+                    pass
+                self.transport.close()
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if self._awaiting_head:
+                pool.closed(self, "header_timeout")
+                self.close_idle()
+
+    return GuardedH11Protocol

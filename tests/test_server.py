@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,12 +21,14 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
+from PIL import Image  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
@@ -114,11 +117,65 @@ def test_unknown_policy_and_missing_field_are_400(client):
     assert r.status_code == 400  # a plain multipart field holds text: an image sent so would arrive mangled
 
 
+def test_two_image_parts_are_refused_not_the_last_one_moderated(client):
+    first, last = png_bytes(31), png_bytes(32)
+    r = client.post("/v1/check", files=[("image", ("a.png", first, "image/png")),
+                                        ("image", ("b.png", last, "image/png"))], headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "DuplicateImage" and "2 parts named image" in r.json()["error"]["message"]
+
+
+def test_a_non_ascii_token_matches_its_utf8_bytes(moderator):
+    token = "clé-sécrète-✓"
+    utf8 = b"Bearer " + token.encode("utf-8")
+    with TestClient(create_app(moderator, token=token, warm_up=False)) as c:
+        assert c.post("/v1/check", content=png_bytes(33), headers={"Authorization": utf8}).status_code == 200
+        assert c.get("/metrics", headers={"Authorization": utf8}).status_code == 200
+        mangled = b"Bearer " + token.encode("utf-8").decode("latin-1").encode("utf-8")  # UTF-8 read as latin-1
+        assert c.post("/v1/check", content=png_bytes(33), headers={"Authorization": mangled}).status_code == 401
+        latin1 = b"Bearer " + token.encode("latin-1", "replace")
+        assert c.post("/v1/check", content=png_bytes(33), headers={"Authorization": latin1}).status_code == 401
+
+
 def test_undecodable_is_422_with_the_typed_error(client):
     for bad in (b"this is not an image", png_bytes(4)[:60], b""):
         r = client.post("/v1/check", content=bad, headers=AUTH)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["type"] in {"UnsupportedFormatError", "TruncatedImageError", "EmptyBody"}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "block", "flag"])
+def test_what_each_unusable_upload_is_answered(on_error, tiny_encoder, monkeypatch):
+    """The answers README's table states, under each on_error: a fail-closed Moderator answers 200 with its Decision
+    for what it could not decode or score; what never reached the Moderator is answered 4xx whatever on_error."""
+    from safeclip.decode import DecodeLimits
+
+    m = Moderator(encoder=tiny_encoder, on_error=on_error, decode_limits=DecodeLimits(max_pixels=1000))
+    decided = None if on_error == "raise" else (200, on_error)
+
+    with TestClient(create_app(m, warm_up=False, max_body_bytes=4000)) as c:
+        def answer(**request) -> tuple[int, str | None]:
+            r = c.post("/v1/check", **request)
+            if r.status_code == 200:
+                d = r.json()
+                assert d["error"] and d["categories"] == {}  # fail-closed: never scored, never allow
+                return 200, d["action"]
+            return r.status_code, r.json()["error"]["type"]
+
+        assert answer(content=b"this is not an image") == (decided or (422, "UnsupportedFormatError"))
+        assert answer(content=png_bytes(4, size=16)[:60]) == (decided or (422, "TruncatedImageError"))
+        flat = io.BytesIO()
+        Image.new("RGB", (40, 40)).save(flat, "PNG")  # 1600 pixels: over the limit, in a small file
+        assert answer(content=flat.getvalue()) == (decided or (422, "ImageTooLargeError"))
+        assert answer(files={"image": ("x.txt", b"not an image")}) == (decided or (422, "UnsupportedFormatError"))
+        assert answer(content=b"") == (422, "EmptyBody")
+        assert answer(content=b"x" * 4001) == (413, "PayloadTooLarge")
+        assert answer(files={"other": ("x.png", png_bytes(6, size=8))}) == (400, "MissingImage")
+        two = [("image", ("a.png", png_bytes(6, size=8))), ("image", ("b.png", png_bytes(7, size=8)))]
+        assert answer(files=two) == (400, "DuplicateImage")
+        embed = tiny_encoder.embed_pixels
+        monkeypatch.setattr(tiny_encoder, "embed_pixels", lambda pixels: embed(pixels) * np.nan)
+        assert answer(content=png_bytes(8, size=16)) == (decided or (500, "DataError"))  # a NaN embedding
 
 
 def test_a_fail_closed_server_answers_the_fail_closed_decision(tiny_model, cache_dir):
@@ -179,6 +236,23 @@ def test_metrics_parse_and_count_outcomes(client, moderator):
     assert after["safeclip_batch_size_count"] > before["safeclip_batch_size_count"]
     assert after["safeclip_queue_depth"] == 0 and after["safeclip_requests_in_flight"] == 0
     assert after["safeclip_queue_capacity"] == moderator.batcher.max_queue
+
+
+def test_errors_are_answered_from_one_table():
+    from safeclip.errors import ConfigError, OverloadedError, TruncatedImageError
+    from safeclip.server import _error_response
+
+    cases = {OverloadedError("full"): (503, "overloaded", "OverloadedError"),
+             TruncatedImageError("cut short"): (422, "invalid_image", "TruncatedImageError"),  # the most specific
+             ConfigError("bad"): (500, "error", "ConfigError"),
+             KeyError("secret detail"): (500, "error", "InternalError")}
+    for error, (status, outcome, kind) in cases.items():
+        answer, response = _error_response(error, 7)
+        assert (response.status_code, answer.outcome, json.loads(response.body)["error"]["type"]) == \
+            (status, outcome, kind)
+        assert ("retry-after" in response.headers) == (status == 503)
+        assert "secret" not in response.body.decode()  # an unexpected error's message is never sent
+    assert _error_response(OverloadedError("full"), 7)[1].headers["retry-after"] == "7"
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
@@ -304,6 +378,120 @@ def test_a_client_that_goes_away_has_its_queued_request_dropped(tiny_model, cach
     assert 'safeclip_requests_total{outcome="client_gone"} 1.0' in text
 
 
+class SlowUpload:
+    """One POST /v1/check driven at the ASGI level whose body arrives in two halves, the second once ``rest`` is set;
+    ``reads`` counts the body messages the app asked for."""
+
+    def __init__(self, app, body: bytes, *, declared: bool = True) -> None:
+        self.app, self.body = app, body
+        headers = [(b"content-length", str(len(body)).encode())] if declared else []
+        self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                      "scheme": "http", "path": "/v1/check", "raw_path": b"/v1/check", "query_string": b"",
+                      "headers": headers, "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 80), "state": {}}
+        self.rest, self.answered = asyncio.Event(), asyncio.Event()
+        self.reads = 0
+        self.sent: list = []
+
+    async def receive(self):
+        half = len(self.body) // 2
+        if self.reads == 0:
+            self.reads = 1
+            return {"type": "http.request", "body": self.body[:half], "more_body": True}
+        if self.reads == 1:
+            await self.rest.wait()
+            self.reads = 2
+            return {"type": "http.request", "body": self.body[half:], "more_body": False}
+        await self.answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.answered.set()
+
+    def start(self) -> asyncio.Task:
+        return asyncio.create_task(self.app(self.scope, self.receive, self.send))
+
+    @property
+    def status(self) -> int | None:
+        return self.sent[0]["status"] if self.sent else None
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.sent[0]["headers"]) if self.sent else {}
+
+
+def test_a_body_is_read_only_after_its_request_got_a_place_in_the_queue(tiny_model, cache_dir):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_queue=2)
+    app = create_app(m, warm_up=False)
+    uploads = [SlowUpload(app, png_bytes(40 + i)) for i in range(4)]
+
+    async def main():
+        tasks = [u.start() for u in uploads]
+        await asyncio.sleep(0.3)
+        started = [(u.reads, u.status) for u in uploads]
+        for u in uploads:
+            u.rest.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+        return started
+
+    started = asyncio.run(main())
+    # Two hold the queue's places and are receiving their bodies; the other two were answered 503 unread.
+    assert sorted(started, key=str) == [(0, 503), (0, 503), (1, None), (1, None)]
+    assert sorted(u.status for u in uploads) == [200, 200, 503, 503]
+    assert all(u.headers[b"retry-after"].isdigit() for u in uploads if u.status == 503)
+    assert m.batcher.in_flight == 0
+
+
+def test_bodies_held_at_once_stay_within_the_body_budget(tiny_model, cache_dir):
+    m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_queue=8)
+    big, small = png_bytes(50, size=48), png_bytes(51, size=8)
+    app = create_app(m, warm_up=False, max_body_bytes=len(big), max_body_budget_bytes=len(big) + len(small) - 1)
+    gauge = 'safeclip_body_bytes_held'
+
+    def held() -> float:
+        text = generate_latest(app.state.metrics_registry).decode()
+        return float(re.search(rf"^{gauge} (\S+)$", text, re.MULTILINE).group(1))
+
+    async def main():
+        first = SlowUpload(app, big)
+        task = first.start()
+        await asyncio.sleep(0.2)
+        during = held()
+        refused = SlowUpload(app, small)  # its Content-Length does not fit beside the first body
+        await asyncio.wait_for(refused.start(), WAIT)
+        first.rest.set()
+        await asyncio.wait_for(task, WAIT)
+        after = held()
+        later = SlowUpload(app, small)  # the first body's bytes were given back
+        later.rest.set()
+        await asyncio.wait_for(later.start(), WAIT)
+        chunked = SlowUpload(app, small, declared=False)  # no Content-Length: counts as max_body_bytes
+        chunked_task = chunked.start()
+        await asyncio.sleep(0.2)
+        beside_chunked = SlowUpload(app, small)
+        await asyncio.wait_for(beside_chunked.start(), WAIT)
+        chunked.rest.set()
+        await asyncio.wait_for(chunked_task, WAIT)
+        return first, refused, later, chunked, beside_chunked, during, after
+
+    first, refused, later, chunked, beside_chunked, during, after = asyncio.run(main())
+    assert during == len(big) and after == 0 and held() == 0
+    assert (refused.status, refused.reads) == (503, 0) and refused.headers[b"retry-after"].isdigit()
+    assert b"budget" in refused.sent[1]["body"]
+    assert first.status == 200 and later.status == 200 and chunked.status == 200
+    assert (beside_chunked.status, beside_chunked.reads) == (503, 0)
+    text = generate_latest(app.state.metrics_registry).decode()
+    assert 'safeclip_requests_total{outcome="overloaded"} 2.0' in text
+
+
+def test_the_body_budget_must_hold_one_body_of_the_largest_size(moderator):
+    from safeclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least max_body_bytes"):
+        create_app(moderator, max_body_bytes=1000, max_body_budget_bytes=999, warm_up=False)
+
+
 # ---------------------------------------------------------------------------------------------- safeclip serve
 def _start_serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", *args],
@@ -388,6 +576,124 @@ def _content_length(data: bytes) -> int:
     return int(m.group(1)) if m else 1 << 30
 
 
+def _raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection, read until the server closes it (Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode("utf-8") + b"Connection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    top, _, payload = data.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+def _serve_env(cache_dir, token: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache_dir), "SAFECLIP_DEVICE": "cpu"}
+    env.pop("SAFECLIP_SERVE_TOKEN", None)
+    if token is not None:
+        env["SAFECLIP_SERVE_TOKEN"] = token
+    return env
+
+
+def _wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.1)
+
+
+def test_idle_connections_never_make_safeclip_serve_refuse_requests(tiny_model, cache_dir):
+    token = "jeton-été-✓"  # a non-ASCII token from the environment, sent by the client as UTF-8
+    proc, port = _start_serve(["--model", tiny_model, "--max-wait-ms", "10"], _serve_env(cache_dir, token))
+    idle: list[socket.socket] = []
+    try:
+        _wait_ready(port)
+        # More idle connections than uvicorn's own limit (2 x --max-queue) would allow: none of them sends a byte.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+        time.sleep(0.3)
+        status, headers, body = _raw_request(port, "GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert status == 200 and json.loads(body) == {"status": "ok"} and headers["x-request-id"]
+        img = png_bytes(60)
+        status, _, body = _raw_request(port, f"POST /v1/check HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                                             f"Content-Length: {len(img)}\r\n", img)
+        assert status == 200 and json.loads(body)["sha256"] == sha(img)
+        assert _raw_request(port, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer jeton\r\n")[0] == 401
+    finally:
+        for s in idle:
+            s.close()
+        proc.kill()
+        proc.wait(10)
+
+
+def test_safeclip_serve_closes_silent_connections_and_answers_its_own_503_over_the_connection_limit(tiny_model,
+                                                                                                     cache_dir):
+    proc, port = _start_serve(["--model", tiny_model, "--max-connections", "8", "--header-timeout-s", "1.5"],
+                              _serve_env(cache_dir))
+    busy: list[socket.socket] = []
+    idle: list[socket.socket] = []
+    try:
+        _wait_ready(port)
+        images = [png_bytes(70 + i) for i in range(8)]
+        for im in images:  # 8 requests in progress: their heads and half of their bodies have arrived
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall((f"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Length: {len(im)}\r\nConnection: close\r\n"
+                       "\r\n").encode() + im[:len(im) // 2])
+            busy.append(s)
+        time.sleep(0.5)
+        img = png_bytes(80)
+        status, headers, body = _raw_request(port, f"POST /v1/check HTTP/1.1\r\nHost: x\r\nX-Request-ID: over-1\r\n"
+                                                   f"Content-Length: {len(img)}\r\n", img)
+        assert status == 503 and headers["retry-after"].isdigit() and headers["x-request-id"] == "over-1"
+        assert json.loads(body)["error"]["type"] == "OverloadedError" and "connections" in body.decode()
+        assert _raw_request(port, "GET /healthz HTTP/1.1\r\nHost: x\r\n")[0] == 200  # probes are always answered
+        for s, im in zip(busy, images):
+            s.sendall(im[len(im) // 2:])
+        for s, im in zip(busy, images):
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and sha(im).encode() in data
+
+        # Silent connections: more than the limit, one of them dribbling its request head a byte at a time.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(12)]
+        t0 = time.monotonic()
+        assert _raw_request(port, f"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Length: {len(img)}\r\n",
+                            img)[0] == 200  # the oldest silent connection made room
+        for s in idle:
+            s.setblocking(False)
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+        i = 0
+        while not all(_closed_by_server(s) for s in idle) and time.monotonic() - t0 < 10:
+            try:
+                idle[-1].send(head[i:i + 1])  # slowloris: every byte resets no deadline
+            except OSError:
+                pass
+            i += 1
+            time.sleep(0.1)
+        closed_after = time.monotonic() - t0
+        assert all(_closed_by_server(s) for s in idle) and closed_after < 5, closed_after
+        text = _raw_request(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n")[2].decode()
+        assert 'safeclip_requests_total{outcome="overloaded"} 1.0' in text
+        assert re.search(r'safeclip_connections_closed_total\{reason="header_timeout"\} [1-9]', text)
+        assert re.search(r'safeclip_connections_closed_total\{reason="evicted"\} [1-9]', text)
+    finally:
+        for s in busy + idle:
+            s.close()
+        proc.kill()
+        proc.wait(10)
+
+
 def test_safeclip_serve_refuses_an_empty_token_file(tiny_model, tmp_path):
     empty = tmp_path / "token"
     empty.write_text("\n")
@@ -407,6 +713,8 @@ def test_the_token_comes_from_the_file_else_the_environment(tmp_path, monkeypatc
     f = tmp_path / "t"
     f.write_text("from-file\n")
     assert read_token(f) == "from-file"
+    f.write_text("clé-✓\n", encoding="utf-8")
+    assert read_token(f) == "clé-✓"
     monkeypatch.setenv("SAFECLIP_SERVE_TOKEN", "  ")
     with pytest.raises(ConfigError, match="empty"):
         read_token(None)

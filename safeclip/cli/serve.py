@@ -53,6 +53,17 @@ def _wait_ms(text: str) -> float:
     return value
 
 
+def _default_max_connections() -> int:
+    """1024, or fewer where the open-file limit would run out first (leaving room for the model's files)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft - 64))
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve POST /v1/check over HTTP (needs safeclip[serve])",
                               description="Moderate uploads over HTTP: POST /v1/check, GET /healthz, /readyz, "
@@ -68,7 +79,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-wait-ms", type=_wait_ms, default=5.0,
                    help="how long a forward waits for requests still being decoded (default 5)")
     p.add_argument("--max-queue", type=positive_int,
-                   help="requests in flight at once; one more is answered 503 (default: 4 x --max-batch)")
+                   help="requests in flight at once, bodies being received included; one more is answered 503 "
+                        "before its body is read (default: 4 x --max-batch)")
     p.add_argument("--on-error", choices=("raise", "block", "flag"), default="raise",
                    help="an undecodable image: raise (default) answers 422 with the error; block or flag answers a "
                         "fail-closed Decision")
@@ -79,6 +91,17 @@ def register(subparsers: Any) -> None:
                    help="a request not answered within this many seconds gets 504 (default 30)")
     p.add_argument("--max-body-mb", type=_positive_float, default=20.0,
                    help="larger request bodies get 413 (default 20)")
+    p.add_argument("--max-body-budget-mb", type=_positive_float,
+                   help="request bodies held in memory at once, all requests together; a request whose Content-Length "
+                        "would pass it (without one: --max-body-mb) gets 503 + Retry-After before its body is read "
+                        "(default 512, or --max-body-mb if larger)")
+    p.add_argument("--header-timeout-s", type=_positive_float, default=10.0,
+                   help="a connection that has not sent a complete request head this many seconds after opening (or "
+                        "after its next byte, following a response) is closed (default 10)")
+    p.add_argument("--max-connections", type=positive_int,
+                   help="connections kept open at once; one more closes the one idle longest, and while every one "
+                        "has a request in progress POST /v1/check gets 503 + Retry-After (the probes are still "
+                        "answered) (default 1024, or less under a lower open-file limit: ulimit -n)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -106,7 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..server import create_app, uvicorn_protocol
     except ImportError as e:
         raise ConfigError(f"safeclip serve needs the serve extra ({e.name} is not installed): "
                           "pip install 'safeclip[serve]'") from e
@@ -117,7 +140,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     moderator = Moderator(policy=policies[0] if policies else None, encoder=encoder_spec(args), on_error=args.on_error,
                           batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
     app = create_app(moderator, policies=policies or None, token=token,
-                     max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s)
+                     max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
+                     max_body_budget_bytes=None if args.max_body_budget_mb is None else
+                     int(args.max_body_budget_mb * 2**20))
 
     access = logging.getLogger("safeclip.server.access")
     handler = logging.StreamHandler(sys.stdout)
@@ -131,7 +156,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=args.timeout_s + 5, server_header=False,
-                            limit_concurrency=max(64, 2 * moderator.batcher.max_queue))
+                            http=uvicorn_protocol(app, header_timeout_s=args.header_timeout_s,
+                                                  max_connections=args.max_connections or _default_max_connections()),
+                            limit_concurrency=None)  # the guard's limit: uvicorn's counts idle connections too
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM (drain, then shut down) and re-raises it afterwards under the handler it found:
     # this one, so that a drained server exits 0 instead of dying of the signal.
