@@ -1,6 +1,6 @@
 """Issue 21 item 1: very thin images through ``Moderator.check``, and the prepared pixels of the corpora.
 
-    python benchmarks/thin_images.py [--heights 20000 100000] [--baseline-tree DIR] [--compare-corpus]
+    python benchmarks/thin_images.py [--heights 20000 100000] [--baseline-tree DIR] [--compare-corpus] [--serve]
                                      [--corpus ../shared/corpus]
 
 1. For each height, a 1 x height RGB PNG (a few hundred bytes, built here) goes through ``Moderator.check`` in a
@@ -109,6 +109,63 @@ def thin_checks(heights: list[int], trees: list[tuple[str, Path]]) -> None:
                     print(f"1x{height} PNG ({len(data)} bytes), {label}: {out['outcome']}", flush=True)
 
 
+def _vm_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def thin_serve(heights: list[int], trees: list[tuple[str, Path]]) -> None:
+    """The same PNGs posted to ``safeclip serve`` (started from its CLI, 127.0.0.1 only): the server's peak RSS
+    (VmHWM) after a warm-up request and after each thin upload."""
+    import socket
+    import time
+    import urllib.request
+
+    from conftest import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="safeclip-thin-serve-") as tmp:
+        model = f"local-dir:{make_tiny_checkpoint(Path(tmp) / 'tiny')}"
+        for label, root in trees:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            env = {**os.environ, "PYTHONPATH": str(root), "SAFECLIP_CACHE_DIR": str(Path(tmp) / f"cache-{port}"),
+                   "OMP_NUM_THREADS": "1"}
+            server = subprocess.Popen([sys.executable, "-m", "safeclip", "serve", "--model", model, "--device", "cpu",
+                                       "--port", str(port), "--on-error", "block"], env=env, cwd=tmp,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    try:
+                        if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
+                            break
+                    except OSError:
+                        time.sleep(0.5)
+                warm = thin_png(64, 48)
+                urllib.request.urlopen(urllib.request.Request(f"{url}/v1/check", data=warm, method="POST"),
+                                       timeout=60).read()
+                base = _vm_hwm_mib(server.pid)
+                for height in heights:
+                    data = thin_png(1, height)
+                    t0 = time.perf_counter()
+                    req = urllib.request.Request(f"{url}/v1/check", data=data, method="POST")
+                    try:
+                        with urllib.request.urlopen(req, timeout=600) as r:
+                            outcome = f"{r.status} {json.loads(r.read()).get('action')}"
+                    except urllib.error.HTTPError as e:
+                        outcome = f"{e.code}"
+                    print(f"1x{height} PNG ({len(data)} bytes), safeclip serve, {label}: "
+                          f"{time.perf_counter() - t0:.2f} s, server peak RSS {_vm_hwm_mib(server.pid):.0f} MiB "
+                          f"(after warm-up {base:.0f} MiB), answer {outcome}", flush=True)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+
+
 def compare_corpus(corpus: Path, baseline: Path) -> int:
     folders = [str(corpus / "photos"), str(corpus / "tricky")]
     new = _run(ROOT, _PREPARED, *folders)
@@ -133,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heights", type=int, nargs="+", default=[20000, 100000])
     parser.add_argument("--baseline-tree", type=Path, help="another checkout whose safeclip to compare against")
     parser.add_argument("--compare-corpus", action="store_true")
+    parser.add_argument("--serve", action="store_true", help="also post each PNG to `safeclip serve` (peak RSS)")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     args = parser.parse_args(argv)
     trees = [("this checkout", ROOT)] + ([("baseline", args.baseline_tree.resolve())] if args.baseline_tree else [])
@@ -141,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--compare-corpus needs --baseline-tree")
         return compare_corpus(args.corpus, args.baseline_tree.resolve())
     thin_checks(args.heights, trees)
+    if args.serve:
+        thin_serve(args.heights, trees)
     return 0
 
 
