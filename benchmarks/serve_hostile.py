@@ -25,12 +25,10 @@ import argparse
 import asyncio
 import io
 import os
-import re
 import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,85 +36,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, photos, vit_b32_checkpoint  # noqa: E402
+from _common import ServeProcess, pct, photos, vit_b32_checkpoint  # noqa: E402
 
 TOKEN = "serve-hostile-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLIENT_TIMEOUT_S = 120.0
 
 
-class Server:
-    """One `safeclip serve` subprocess on a free loopback port, with a bearer token."""
-
-    def __init__(self, label: str, ckpt: Path, cache: Path, extra: list[str]) -> None:
-        self.label = label
-        import safeclip
-
-        # The server runs the safeclip this script imports (its checkout first on the path, and a neutral working
-        # directory: `python -m` would put the current one first).
-        code = str(Path(safeclip.__file__).resolve().parents[1])
-        env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache), "SAFECLIP_SERVE_TOKEN": TOKEN,
-               "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", "--model", "ViT-B-32",
-             "--pretrained", str(ckpt), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True, cwd=tempfile.gettempdir())
-        self.port: int | None = None
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            m = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-
-    def wait_ready(self, httpx, deadline: float) -> None:
-        while self.port is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{self.label}: the server did not start:\n" + "".join(self.stderr[-20:]))
-            time.sleep(0.2)
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{self.label}: the server never became ready:\n" + "".join(self.stderr[-20:]))
-            time.sleep(0.2)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def rss_mb(self, field: str = "VmRSS") -> float:
-        """The server's resident memory now (``VmHWM``: its peak since :meth:`reset_peak`), in MB."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def reset_peak(self) -> bool:
-        try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # Linux: VmHWM starts again from VmRSS
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+def Server(label: str, ckpt: Path, cache: Path, extra: list[str]) -> ServeProcess:
+    return ServeProcess(label, ckpt, cache, extra, token=TOKEN)
 
 
 def _count(statuses: list[str]) -> dict[str, int]:

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,72 +32,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import pct, photos, vit_b32_checkpoint  # noqa: E402
+from _common import ServeProcess, pct, photos, vit_b32_checkpoint  # noqa: E402
 
 LEVELS = (1, 4, 16, 64)
 CLIENT_TIMEOUT_S = 60.0
 
 
-class Server:
-    """One `safeclip serve` subprocess on a free loopback port."""
-
-    def __init__(self, label: str, ckpt: Path, cache: Path, extra: list[str]) -> None:
-        self.label = label
-        env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache)}
-        env.pop("SAFECLIP_SERVE_TOKEN", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", "--model", "ViT-B-32",
-             "--pretrained", str(ckpt), "--timeout-s", "30", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-        self.port: int | None = None
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            m = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-
-    def wait_ready(self, httpx, deadline: float) -> None:
-        while self.port is None:  # uvicorn's "running on" line names the port it was given
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{self.label}: the server did not start:\n" + "".join(self.stderr[-20:]))
-            time.sleep(0.2)
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{self.label}: the server never became ready:\n" + "".join(self.stderr[-20:]))
-            time.sleep(0.2)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+def Server(label: str, ckpt: Path, cache: Path, extra: list[str]) -> ServeProcess:
+    return ServeProcess(label, ckpt, cache, ["--timeout-s", "30", *extra])
 
 
 async def closed_loop(httpx, url: str, bodies: list[bytes], concurrency: int, n: int, max_s: float) -> dict:

@@ -46,13 +46,7 @@ from .artifacts import (
     load_pinned,
     write_json_atomic,
 )
-from .errors import (
-    ConfigError,
-    ArtifactIntegrityError,
-    EncoderMismatchError,
-    PolicyError,
-    SafeclipError,
-)
+from .errors import ArtifactIntegrityError, ConfigError, PolicyError, SafeclipError
 
 __all__ = [
     "AUTO_MIN_PER_CLASS",

@@ -231,16 +231,22 @@ class _KnownAnswerEncoder:
         return np.stack([self.visible if px.std() > 10 else self.blank for px in pixels]).astype(np.float32)
 
 
-def test_content_seen_only_on_a_dark_page_decides_and_names_it():
-    """Issue 9 item 2: a white drawing on a transparent canvas was judged on white only, i.e. as a blank page."""
-    import io
-
+def _known_answer_moderator():
+    """A Moderator on :class:`_KnownAnswerEncoder` whose ``visible`` frames embed as a blocking category's prompt."""
     enc = _KnownAnswerEncoder()
     m = Moderator(encoder=enc)
     comp = m.compiled()
     cat = next(c for c in m.policy.categories if c.block is not None)
     enc.visible = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.prompts[0])]
     enc.blank = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(m.policy.neutral[0])]
+    return m, enc, cat
+
+
+def test_content_seen_only_on_a_dark_page_decides_and_names_it():
+    """Issue 9 item 2: a white drawing on a transparent canvas was judged on white only, i.e. as a blank page."""
+    import io
+
+    m, enc, cat = _known_answer_moderator()
 
     def png(im: Image.Image) -> bytes:
         buf = io.BytesIO()
@@ -314,12 +320,7 @@ def _drawing_png() -> bytes:
 def test_embed_returns_the_view_that_decides_not_the_first():
     """Issue 20: ``Moderator.embed()`` returned the first (white) view of an alpha image, the one that shows nothing,
     so re-deciding that embedding allowed what ``check`` blocks."""
-    enc = _KnownAnswerEncoder()
-    m = Moderator(encoder=enc)
-    comp = m.compiled()
-    cat = next(c for c in m.policy.categories if c.block is not None)
-    enc.visible = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(cat.prompts[0])]
-    enc.blank = comp.scorer.prompt_matrix[:, comp.scorer.concept_texts.index(m.policy.neutral[0])]
+    m, enc, cat = _known_answer_moderator()
     emb = m.embed([_drawing_png()])
     assert emb.shape == (1, 512)
     np.testing.assert_array_equal(emb[0], enc.visible.astype(np.float32))

@@ -58,7 +58,7 @@ from ..policy import Policy
 from .identity import EncoderIdentity
 from .reader import path_bytes, path_text
 from .summary import ERROR_ACTION
-from .worker import FileResult, decoder_fingerprint
+from .worker import FileResult
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
