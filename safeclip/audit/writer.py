@@ -8,8 +8,9 @@ Exactly once, resumable
     the same command skips every input that has a committed row, and finds the embeddings of the rest in the cache,
     so after ``kill -9`` at any moment nothing committed is computed again; parts of another configuration are
     dropped. A part deleted, or damaged anywhere (each part is read whole on resume), holds no done rows: it is
-    removed and its inputs are computed again. At the end the parts are merged, in input order and one row per input, into ``OUT.parquet``, and the
-    parts folder is removed. Both engines write this same layout, so each can resume the other's runs.
+    removed and its inputs are computed again. At the end the parts are merged, in input order and one row per
+    input, into ``OUT.parquet``, and the parts folder is removed. Both engines write this same layout, so each can
+    resume the other's runs.
 
 Changed inputs are redone
     A committed row is kept on resume only while its file is unchanged: each part row records the file's size and
