@@ -28,17 +28,19 @@ __all__ = ["diff"]
 
 
 _COLUMNS = {"key": "string", "action_a": "string", "action_b": "string", "category": "string", "p_a": "float32",
-            "p_b": "float32", "delta": "float32"}
+            "p_b": "float32", "delta": "float32", "change": "string"}
 _TEXT_COLUMNS = ("path", "sha256", "action", "error")
 
 
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> pa.Table:
     """The inputs whose action differs between two audit/rescore outputs.
 
-    Rows are matched as the module docstring says. Columns: ``key, action_a, action_b, category, p_a, p_b, delta``:
-    ``category`` is the category whose own action changed (its probability crossed one of its thresholds; the one
-    that moved most when several did), else the category whose probability moved most; none when no probability
-    moved. An error row's action reads ``"error"``, an input missing on one side ``"missing"``. A file that is not
+    Rows are matched as the module docstring says. Columns: ``key, action_a, action_b, category, p_a, p_b, delta,
+    change``: ``category`` is the category whose own action changed (its probability crossed one of its thresholds,
+    or one of its thresholds moved past it; the one that moved most when several did), else the category whose
+    probability moved most; none when no probability moved. ``change`` says it in words: the probability's move
+    (only when it moved: ``sexual 0.256 -> 0.412 (+0.156)``, else ``sexual 0.256``) and each of the category's
+    thresholds that differ between the two outputs' policies (``flag 0.300 -> 0.200``; ``off``: never fires). An error row's action reads ``"error"``, an input missing on one side ``"missing"``. A file that is not
     an audit or rescore output, or whose columns have the wrong types, raises :class:`~safeclip.errors.DataError`.
     Each output is read a record batch at a time, keeping the first row of each input (a repeated row adds
     nothing); its row count is limited (:func:`~safeclip.audit.reader.max_rows`).
@@ -63,17 +65,43 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> pa.Table:
         act_b = sb.actions[j] if j is not None else "missing"
         if act_a == act_b:
             continue
-        cat = pa_v = pb_v = delta = None
+        cat = pa_v = pb_v = delta = change = None
         if i is not None and j is not None and cats:
             m = _largest_change(sa.probs[i], sb.probs[j], thr_a, thr_b)
             if m is not None:
                 x, y = float(sa.probs[i, m]), float(sb.probs[j, m])
                 cat, pa_v, pb_v, delta = cats[m][2:], x, y, y - x
+                change = _change_text(cat, x, y, None if thr_a is None else thr_a[m],
+                                      None if thr_b is None else thr_b[m])
         label = sa.labels[i] if i is not None else sb.labels[j]  # type: ignore[index]
-        for name, v in zip(out, (label if key == "path" else k, act_a, act_b, cat, pa_v, pb_v, delta)):
+        for name, v in zip(out, (label if key == "path" else k, act_a, act_b, cat, pa_v, pb_v, delta, change)):
             out[name].append(v)
     return pa.table({name: pa.array(out[name], getattr(pa, t)()) for name, t in _COLUMNS.items()},
                     metadata={b"safeclip.key": key.encode(), b"safeclip.shared": str(shared).encode()})
+
+
+_LEVELS = ("flag", "block")
+
+
+def _change_text(cat: str, x: float, y: float, thr_a: np.ndarray | None, thr_b: np.ndarray | None) -> str:
+    """``category p_a -> p_b (delta)`` (just ``category p`` when it did not move), then the category's thresholds
+    that differ (``flag 0.300 -> 0.200``)."""
+    if x == y or (np.isnan(x) and np.isnan(y)):
+        words = [f"{cat} {x:.3f}"]
+    else:
+        digits = 3  # enough digits to show the move: a crossing by 1e-5 must not read 0.300 -> 0.300
+        while digits < 9 and np.isfinite(x) and np.isfinite(y) and round(x, digits) == round(y, digits):
+            digits += 1
+        words = [f"{cat} {x:.{digits}f} -> {y:.{digits}f} ({y - x:+.{digits}f})"]
+    if thr_a is not None and thr_b is not None:
+        for level, old, new in zip(_LEVELS, thr_a, thr_b):
+            if old != new:
+                words.append(f"{level} {_threshold_text(old)} -> {_threshold_text(new)}")
+    return ", ".join(words)
+
+
+def _threshold_text(v: float) -> str:
+    return f"{v:.3f}" if np.isfinite(v) else "off"
 
 
 def _largest_change(pa_: np.ndarray, pb_: np.ndarray, thr_a: np.ndarray | None,
