@@ -40,8 +40,9 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> pa.Table:
     or one of its thresholds moved past it; the one that moved most when several did), else the category whose
     probability moved most; none when no probability moved. ``change`` says it in words: the probability's move
     (only when it moved: ``sexual 0.256 -> 0.412 (+0.156)``, else ``sexual 0.256``) and each of the category's
-    thresholds that differ between the two outputs' policies (``flag 0.300 -> 0.200``; ``off``: never fires). An error row's action reads ``"error"``, an input missing on one side ``"missing"``. A file that is not
-    an audit or rescore output, or whose columns have the wrong types, raises :class:`~safeclip.errors.DataError`.
+    thresholds that differ between the two outputs' policies (``flag 0.300 -> 0.200``; ``off``: never fires). An
+    error row's action reads ``"error"``, an input missing on one side ``"missing"``. A file that is not an audit or
+    rescore output, or whose columns have the wrong types, raises :class:`~safeclip.errors.DataError`.
     Each output is read a record batch at a time, keeping the first row of each input (a repeated row adds
     nothing); its row count is limited (:func:`~safeclip.audit.reader.max_rows`).
 
@@ -164,6 +165,9 @@ class _Output:
             typ = schema.field(name).type
             if name in _TEXT_COLUMNS and not text_column(schema, name):
                 raise DataError(f"{src}: column {name!r} is {typ}, not text: not a safeclip audit or rescore output")
+            if name == "path_bytes" and not text_column(schema, name, binary=True):
+                raise DataError(f"{src}: column 'path_bytes' is {typ}, not bytes: not a safeclip audit or rescore "
+                                "output")
             if name.startswith("p_") and not (pa.types.is_floating(typ) or pa.types.is_null(typ)):
                 raise DataError(f"{src}: column {name!r} is {typ}, not a probability: not a safeclip audit or "
                                 "rescore output")

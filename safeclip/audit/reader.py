@@ -248,10 +248,14 @@ def parquet_batches(pf: pq.ParquetFile, columns: list[str] | None, name: str,
 
 
 def text_column(schema: pa.Schema, name: str, *, binary: bool = False) -> bool:
-    """Whether ``schema``'s column ``name`` holds text (or, with ``binary``, bytes), or only nulls."""
+    """Whether ``schema``'s column ``name`` (one column of that name) holds text (or, with ``binary``, bytes), or
+    only nulls."""
     import pyarrow as pa
 
-    typ = schema.field(name).type
+    found = schema.get_all_field_indices(name)
+    if len(found) != 1:
+        return False
+    typ = schema.field(found[0]).type
     if pa.types.is_dictionary(typ):
         typ = typ.value_type
     ok = pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)

@@ -182,6 +182,7 @@ class _Source:
 
 
 _SOURCE_TEXT = ("path", "sha256", "error", "encoder_id")
+_NUMBERS = ("bytes", "width", "height", "frames")
 _SOURCE_ROWS = ("path", "path_bytes", "sha256", "error", "bytes", "width", "height", "frames")  # _decided_rows'
 
 
@@ -213,13 +214,25 @@ def _read_source(source: str | os.PathLike[str], encoder_id: str | None,
                             "the cache")
         _check_embedding_types(schema, source)
     meta = read_meta(schema)
+    numbers = [f for f in output_schema((), {}, False) if f.name in _NUMBERS and f.name in names]
+    for f in numbers:
+        typ = schema.field(f.name).type
+        if not (pa.types.is_integer(typ) or pa.types.is_null(typ)):
+            raise DataError(f"{source}: column {f.name!r} is {typ}, not a whole number: not a safeclip audit output")
     cols = ["path", "sha256", "encoder_id"] + (["path_bytes"] if "path_bytes" in names else [])
+    cols += [f.name for f in numbers]
     ids: set[str] = set()
     paths: list[str | None] = []
     seen_names: set[Any] = set()
     seen_shas: set[str] = set()
     for batch in parquet_batches(pf, cols, f"audit output {source}"):
         c = {name: batch.column(k) for k, name in enumerate(cols)}
+        for f in numbers:  # each value fits the output's column (a width of -2**62 does not)
+            try:
+                c[f.name].cast(f.type)
+            except (pa.ArrowException, ValueError) as e:
+                raise DataError(f"{source}: column {f.name!r} holds a value out of range for {f.type} "
+                                f"({' '.join(str(e).split())[:120]}): not a safeclip audit output") from e
         ids.update(v for v in c["encoder_id"].unique().to_pylist() if v)
         if len(ids) > 1:
             raise EncoderMismatchError(f"{source} mixes encoders {sorted(ids)[:5]}")

@@ -57,7 +57,7 @@ from ..decide import ACTIONS
 from ..errors import AuditError, AuditLockedError, CacheError, OutputError
 from ..policy import Policy
 from .identity import EncoderIdentity
-from .reader import path_bytes, path_text
+from .reader import open_parquet, parquet_batches, path_bytes, path_text, text_column
 from .summary import ERROR_ACTION
 from .worker import FileResult, decoder_fingerprint
 
@@ -90,7 +90,10 @@ def output_error(e: OSError, out: os.PathLike[str] | str, doing: str = "write") 
 
 
 def _real(p: str | os.PathLike[str]) -> str:
-    return os.path.realpath(os.path.abspath(p))
+    try:
+        return os.path.realpath(os.path.abspath(p))
+    except ValueError:  # a NUL in the name: no file has it, so it stays as written
+        return os.fspath(p)
 
 
 def check_writable(out: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> None:
@@ -142,7 +145,7 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, ove
         return
     try:
         schema = pq.read_schema(out)
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException, ValueError, TypeError):
         schema = None
     meta = read_meta(schema) if schema is not None else {}
     if meta.get("kind") not in ("audit", "rescore"):
@@ -150,13 +153,23 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, ove
                           "path, or move it away")
     if overwrite:
         return
-    try:
-        old = pq.read_table(out, columns=["path"]).column("path").to_pylist()
-    except (OSError, pa.ArrowException, KeyError):
-        old = None
-    if old is None or {_real(p) for p in old if p is not None} != {_real(p) for p in rows if p is not None}:
+    old = _output_paths(out)
+    if old is None or old != {_real(p) for p in rows if p is not None}:
         raise OutputError(f"--out {out} holds a safeclip {meta.get('kind')} of other inputs; refusing to replace it: "
                           f"give another --out, or pass --overwrite (overwrite=True) to replace it with this {what}")
+
+
+def _output_paths(out: Path) -> set[str] | None:
+    """The resolved paths of an existing output's rows, read a batch at a time; None when it has no text ``path``
+    column or cannot be read (then it is not replaced without ``overwrite``)."""
+    try:
+        pf = open_parquet(out, OutputError, "--out")
+        if "path" not in pf.schema_arrow.names or not text_column(pf.schema_arrow, "path"):
+            return None
+        return {_real(p) for batch in parquet_batches(pf, ["path"], f"--out {out}", OutputError)
+                for p in batch.column(0).to_pylist() if p is not None}
+    except OutputError:
+        return None
 
 
 def policy_fingerprint(policy: Policy) -> str:
@@ -237,12 +250,14 @@ def nested_embeddings(col: pa.ChunkedArray | pa.Array, dim: int) -> pa.Array:
 
 
 def read_meta(schema: pa.Schema) -> dict[str, Any]:
-    """The ``safeclip`` metadata of an output's schema ({} when absent)."""
+    """The ``safeclip`` metadata of an output's schema: a JSON object, else {} (absent, not JSON, not an object,
+    nested too deep). Its fields are the writer's word only: readers check each one's type before using it."""
     raw = (schema.metadata or {}).get(b"safeclip")
     try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class Rows:
@@ -395,7 +410,7 @@ class Parts:
             tmp.unlink(missing_ok=True)
         try:
             self.previous = json.loads((self.dir / "run.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             self.previous = None
         done: set[str] = set()
         if not _same_run(self.previous, self.run):
@@ -423,15 +438,19 @@ class Parts:
     def _readable(self, p: Path) -> tuple[pa.Table, int] | None:
         """A committed part's table and commit time, or None when it cannot be read whole: then it is removed
         (parts are renamed into place whole, so this is outside damage, and its rows are computed again)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             committed_ns = p.stat().st_mtime_ns
             t = pq.read_table(p)  # every page: damage anywhere in the part shows now, not at the merge
-            if self.schema is not None:
-                _conform(t, self.schema, int(self.run.get("dim") or 0))
             if "path" not in t.column_names:
                 raise ValueError("no path column")
+            if self.schema is not None:  # its values as the output's types (a path of 5 would stat fd 5)
+                typed = _conform(t, self.schema, int(self.run.get("dim") or 0))
+                if "mtime_ns" in t.column_names:
+                    typed = typed.append_column("mtime_ns", t.column("mtime_ns").cast(pa.int64()))
+                t = typed
             return t, committed_ns
         except Exception:  # pyarrow raises OSError, ArrowException, ValueError, TypeError... on a damaged file
             try:
