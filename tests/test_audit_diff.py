@@ -106,6 +106,24 @@ def test_the_change_named_is_the_category_whose_action_changed(tmp_path):
     assert rows["/x/2"]["category"] is None  # no category's action or probability changed: none is named
 
 
+def test_a_change_of_thresholds_is_printed_and_an_unmoved_probability_is_not(tmp_path, capsys):
+    _output(tmp_path / "a.parquet", [("/x/1", "allow", [0.4, 0.1]), ("/x/2", "allow", [0.2, 0.2]),
+                                     ("/x/3", "allow", [0.1, 0.3]), ("/x/4", "allow", [0.2999999, 0.1])],
+            {"a": [0.5, 0.9], "b": [0.5, None]})
+    # Under B: "a" flags at 0.3 (only its threshold moved for /x/1), /x/3's "b" rose past "b"'s new block, and
+    # /x/4's "a" crossed 0.3 by a hair.
+    _output(tmp_path / "b.parquet", [("/x/1", "flag", [0.4, 0.1]), ("/x/2", "allow", [0.2, 0.2]),
+                                     ("/x/3", "block", [0.1, 0.8]), ("/x/4", "flag", [0.3000001, 0.1])],
+            {"a": [0.3, 0.9], "b": [0.5, 0.7]})
+    assert cli_main(["diff", str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]) == 0
+    lines = dict(line.split("\t")[0::3] for line in capsys.readouterr().out.strip().splitlines()[1:])
+    assert lines == {"/x/1": "a 0.400, flag 0.500 -> 0.300",
+                     "/x/3": "b 0.300 -> 0.800 (+0.500), block off -> 0.700",
+                     "/x/4": "a 0.2999999 -> 0.3000001 (+0.0000002), flag 0.500 -> 0.300"}
+    rows = {r["key"]: r for r in diff(tmp_path / "a.parquet", tmp_path / "b.parquet").to_pylist()}
+    assert rows["/x/1"]["change"] == lines["/x/1"] and rows["/x/1"]["delta"] == 0
+
+
 def test_wrongly_typed_columns_are_one_line_exit_2(audited, tmp_path):
     import subprocess
     import sys

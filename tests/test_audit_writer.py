@@ -125,8 +125,58 @@ def test_one_writer_per_output_and_a_damaged_parts_folder_is_reported(sample, ti
     parts.commit(rows.table(schema, ["sexual"], ident.encoder_id, "default@1.0"))
     with pytest.raises(AuditError, match="run the same command again"):
         parts.merge(sample[:2], schema)
+    # A part damaged while the run went on: the same clear error, not pyarrow's.
+    rows = Rows(1, False)
+    rows.add(sample[1], "b" * 64, 1, 1, 1, 1, "allow", np.zeros(1, np.float32), None)
+    parts.commit(rows.table(schema, ["sexual"], ident.encoder_id, "default@1.0"))
+    damaged = sorted(parts.dir.glob("part-*.parquet"))[-1]
+    _damage_pages(damaged, "action")
+    with pytest.raises(AuditError, match=f"{damaged.name} was damaged.*run the same command again"):
+        parts.merge(sample[:2], schema)
     parts.release()
     assert list(parts.dir.glob("part-*.parquet")) and not out.exists()
+
+
+class _KilledBeforeMerge(BaseException):
+    """Stands for kill -9 after every part was committed, before the merge."""
+
+
+def _damage_pages(part, column):
+    """Overwrite ``column``'s data in a Parquet file; its footer and the other columns stay readable."""
+    meta = pq.ParquetFile(part).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(part.read_bytes())
+    data[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    part.write_bytes(bytes(data))
+
+
+def test_resume_recomputes_the_rows_of_deleted_or_damaged_parts(sample, tiny_encoder, tmp_path, monkeypatch):
+    files = sample[:9]
+    ref = tmp_path / "ref.parquet"
+    run_audit(files, ref, tmp_path / "ref-cache", tiny_encoder, save_embeddings=True)
+    out, cache = tmp_path / "o.parquet", tmp_path / "cache"
+    kw = dict(workers=1, batch_size=2, part_rows=2, save_embeddings=True)
+
+    def killed(*a, **k):
+        raise _KilledBeforeMerge
+
+    with monkeypatch.context() as m:
+        m.setattr(Parts, "merge", killed)
+        with pytest.raises(_KilledBeforeMerge):
+            run_audit(files, out, cache, tiny_encoder, **kw)
+    parts = sorted((tmp_path / "o.parquet.parts").glob("part-*.parquet"))
+    assert len(parts) >= 4
+    kept = sum(pq.read_metadata(p).num_rows for p in parts[3:])
+    parts[0].unlink()  # deleted
+    parts[1].write_bytes(parts[1].read_bytes()[:100])  # truncated to garbage
+    _damage_pages(parts[2], "action")  # footer intact: only reading the whole part shows the damage
+    with pytest.raises(OSError):
+        pq.read_table(parts[2])
+    s = run_audit(files, out, cache, tiny_encoder, **kw)
+    assert (s.resumed, s.processed) == (kept, len(files) - kept)
+    assert_same_rows(read(out), read(ref), metadata=True, atol=1e-5)  # every input once, as an uninterrupted run
+    assert not (tmp_path / "o.parquet.parts").exists()
 
 
 def _copies(sample, tmp_path, n=4):

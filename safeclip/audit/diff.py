@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import DataError
+from .reader import open_parquet, parquet_batches, text_column
 from .summary import ERROR_ACTION
 from .writer import read_meta
 
@@ -26,53 +28,81 @@ __all__ = ["diff"]
 
 
 _COLUMNS = {"key": "string", "action_a": "string", "action_b": "string", "category": "string", "p_a": "float32",
-            "p_b": "float32", "delta": "float32"}
+            "p_b": "float32", "delta": "float32", "change": "string"}
 _TEXT_COLUMNS = ("path", "sha256", "action", "error")
 
 
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> pa.Table:
     """The inputs whose action differs between two audit/rescore outputs.
 
-    Rows are matched as the module docstring says. Columns: ``key, action_a, action_b, category, p_a, p_b, delta``:
-    ``category`` is the category whose own action changed (its probability crossed one of its thresholds; the one
-    that moved most when several did), else the category whose probability moved most; none when no probability
-    moved. An error row's action reads ``"error"``, an input missing on one side ``"missing"``. A file that is not
-    an audit or rescore output, or whose columns have the wrong types, raises :class:`~safeclip.errors.DataError`.
+    Rows are matched as the module docstring says. Columns: ``key, action_a, action_b, category, p_a, p_b, delta,
+    change``: ``category`` is the category whose own action changed (its probability crossed one of its thresholds,
+    or one of its thresholds moved past it; the one that moved most when several did), else the category whose
+    probability moved most; none when no probability moved. ``change`` says it in words: the probability's move
+    (only when it moved: ``sexual 0.256 -> 0.412 (+0.156)``, else ``sexual 0.256``) and each of the category's
+    thresholds that differ between the two outputs' policies (``flag 0.300 -> 0.200``; ``off``: never fires). An
+    error row's action reads ``"error"``, an input missing on one side ``"missing"``. A file that is not an audit or
+    rescore output, or whose columns have the wrong types, raises :class:`~safeclip.errors.DataError`.
+    Each output is read a record batch at a time, keeping the first row of each input (a repeated row adds
+    nothing); its row count is limited (:func:`~safeclip.audit.reader.max_rows`).
 
     >>> diff("default.parquet", "strict.parquet").to_pandas()   # doctest: +SKIP
     """
     import pyarrow as pa
 
-    ta, tb = _read(a), _read(b)
-    cats = [c for c in ta.column_names if c.startswith("p_") and c in tb.column_names]
-    thr_a, thr_b = _thresholds(ta, cats), _thresholds(tb, cats)
-    use_path = ta.column("path").null_count < ta.num_rows and tb.column("path").null_count < tb.num_rows
-    key = "path" if use_path else "sha256"
-    ka, kb = _keys(ta, key), _keys(tb, key)
-    if key == "path" and not set(ka) & set(kb):
-        sa, sb = _keys(ta, "sha256"), _keys(tb, "sha256")
-        if set(sa) & set(sb):
-            key, ka, kb = "sha256", sa, sb
-    ia, acts_a, pa_ = _index(ta, ka, cats)
-    ib, acts_b, pb_ = _index(tb, kb, cats)
-    shared = len(set(ia) & set(ib))
+    fa, fb = _Output.open(a), _Output.open(b)
+    cats = [c for c in fa.schema.names if c.startswith("p_") and c in fb.schema.names]
+    thr_a, thr_b = _thresholds(fa.meta, cats), _thresholds(fb.meta, cats)
+    sa, sb = _scan(fa, cats), _scan(fb, cats)
+    key = "path" if sa.by_path and sb.by_path else "sha256"
+    ia, ib = (sa.by_path, sb.by_path) if key == "path" else (sa.by_sha, sb.by_sha)
+    if key == "path" and not ia.keys() & ib.keys() and sa.by_sha.keys() & sb.by_sha.keys():
+        key, ia, ib = "sha256", sa.by_sha, sb.by_sha
+    shared = len(ia.keys() & ib.keys())
     out: dict[str, list[Any]] = {k: [] for k in _COLUMNS}
     for k in list(ia) + [k for k in ib if k not in ia]:
         i, j = ia.get(k), ib.get(k)
-        act_a = acts_a[i] if i is not None else "missing"
-        act_b = acts_b[j] if j is not None else "missing"
+        act_a = sa.actions[i] if i is not None else "missing"
+        act_b = sb.actions[j] if j is not None else "missing"
         if act_a == act_b:
             continue
-        cat = pa_v = pb_v = delta = None
+        cat = pa_v = pb_v = delta = change = None
         if i is not None and j is not None and cats:
-            m = _largest_change(pa_[i], pb_[j], thr_a, thr_b)
+            m = _largest_change(sa.probs[i], sb.probs[j], thr_a, thr_b)
             if m is not None:
-                cat, pa_v, pb_v, delta = cats[m][2:], float(pa_[i, m]), float(pb_[j, m]), float(pb_[j, m] - pa_[i, m])
-        label = _label(ta, i) if i is not None else _label(tb, j)  # type: ignore[arg-type]
-        for name, v in zip(out, (label if key == "path" else k, act_a, act_b, cat, pa_v, pb_v, delta)):
+                x, y = float(sa.probs[i, m]), float(sb.probs[j, m])
+                cat, pa_v, pb_v, delta = cats[m][2:], x, y, y - x
+                change = _change_text(cat, x, y, None if thr_a is None else thr_a[m],
+                                      None if thr_b is None else thr_b[m])
+        label = sa.labels[i] if i is not None else sb.labels[j]  # type: ignore[index]
+        for name, v in zip(out, (label if key == "path" else k, act_a, act_b, cat, pa_v, pb_v, delta, change)):
             out[name].append(v)
     return pa.table({name: pa.array(out[name], getattr(pa, t)()) for name, t in _COLUMNS.items()},
                     metadata={b"safeclip.key": key.encode(), b"safeclip.shared": str(shared).encode()})
+
+
+_LEVELS = ("flag", "block")
+
+
+def _change_text(cat: str, x: float, y: float, thr_a: np.ndarray | None, thr_b: np.ndarray | None) -> str:
+    """``category p_a -> p_b (delta)`` (just ``category p`` when it did not move), then the category's thresholds
+    that differ (``flag 0.300 -> 0.200``)."""
+    if x == y or (np.isnan(x) and np.isnan(y)):
+        words = [f"{cat} {x:.3f}"]
+    else:
+        digits = 3  # enough digits to show the move: a crossing by 1e-5 must not read 0.300 -> 0.300
+        while digits < 9 and np.isfinite(x) and np.isfinite(y) and round(x, digits) == round(y, digits):
+            digits += 1
+        words = [f"{cat} {x:.{digits}f} -> {y:.{digits}f} ({y - x:+.{digits}f})"]
+    if thr_a is not None and thr_b is not None:
+        for level, old, new in zip(_LEVELS, thr_a, thr_b):
+            if old != new:
+                words.append(f"{level} {_threshold_text(old)} -> {_threshold_text(new)}")
+    return ", ".join(words)
+
+
+def _threshold_text(v: float) -> str:
+    return f"{v:.3f}" if np.isfinite(v) else "off"
 
 
 def _largest_change(pa_: np.ndarray, pb_: np.ndarray, thr_a: np.ndarray | None,
@@ -95,9 +125,9 @@ def _levels(p: np.ndarray, thr: np.ndarray) -> np.ndarray:
         return (p >= thr[:, 0]).astype(np.int8) + (p >= thr[:, 1]).astype(np.int8)
 
 
-def _thresholds(t: pa.Table, cats: list[str]) -> np.ndarray | None:
+def _thresholds(meta: Mapping[str, Any], cats: list[str]) -> np.ndarray | None:
     """``(len(cats), 2)`` flag/block thresholds from an output's metadata (+inf: never fires), or None."""
-    thr = read_meta(t.schema).get("thresholds")
+    thr = meta.get("thresholds")
     if not isinstance(thr, Mapping):
         return None
     out = np.full((len(cats), 2), np.inf)
@@ -106,61 +136,112 @@ def _thresholds(t: pa.Table, cats: list[str]) -> np.ndarray | None:
         if not isinstance(pair, list) or len(pair) != 2:
             return None
         for m, v in enumerate(pair):
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k, m] = float(v)
     return out
 
 
-def _read(src: str | os.PathLike[str]) -> pa.Table:
+@dataclass(frozen=True)
+class _Output:
+    """An audit/rescore output opened for reading: its file, schema and metadata (checked, nothing read yet)."""
+
+    src: str
+    file: Any  # pyarrow.parquet.ParquetFile
+    schema: pa.Schema
+    meta: Mapping[str, Any]
+
+    @classmethod
+    def open(cls, src: str | os.PathLike[str]) -> _Output:
+        import pyarrow as pa
+
+        pf = open_parquet(src)
+        schema = pf.schema_arrow
+        if not {"path", "sha256", "action", "error"} <= set(schema.names):
+            raise DataError(f"{src} is not a safeclip audit or rescore output (it lacks the path, sha256, action and "
+                            "error columns)")
+        if len(set(schema.names)) != len(schema.names):
+            raise DataError(f"{src} repeats a column name: not a safeclip audit or rescore output")
+        for name in schema.names:
+            typ = schema.field(name).type
+            if name in _TEXT_COLUMNS and not text_column(schema, name):
+                raise DataError(f"{src}: column {name!r} is {typ}, not text: not a safeclip audit or rescore output")
+            if name == "path_bytes" and not text_column(schema, name, binary=True):
+                raise DataError(f"{src}: column 'path_bytes' is {typ}, not bytes: not a safeclip audit or rescore "
+                                "output")
+            if name.startswith("p_") and not (pa.types.is_floating(typ) or pa.types.is_null(typ)):
+                raise DataError(f"{src}: column {name!r} is {typ}, not a probability: not a safeclip audit or "
+                                "rescore output")
+        return cls(os.fspath(src), pf, schema, read_meta(schema))
+
+
+@dataclass
+class _Rows:
+    """The rows of one output that can be matched: the first row of each path and of each sha256 (row ids into
+    ``labels``, ``actions`` and ``probs``)."""
+
+    by_path: dict[str, int]
+    by_sha: dict[str, int]
+    labels: list[str | None]
+    actions: list[str]
+    probs: np.ndarray
+
+
+def _scan(o: _Output, cats: list[str]) -> _Rows:
+    """Read ``o`` a batch at a time, keeping only the rows that are the first of their path or sha256."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    if not os.path.exists(src):
-        raise DataError(f"cannot read {src}: no such file")
-    try:
-        t = pq.read_table(src)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"cannot read {src}: {e}") from e
-    if not {"path", "sha256", "action", "error"} <= set(t.column_names):
-        raise DataError(f"{src} is not a safeclip audit or rescore output (it lacks the path, sha256, action and "
-                        "error columns)")
-    for name in t.column_names:
-        typ = t.schema.field(name).type
-        if name in _TEXT_COLUMNS and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)
-                                          or pa.types.is_null(typ)):
-            raise DataError(f"{src}: column {name!r} is {typ}, not text: not a safeclip audit or rescore output")
-        if name.startswith("p_") and not (pa.types.is_floating(typ) or pa.types.is_null(typ)):
-            raise DataError(f"{src}: column {name!r} is {typ}, not a probability: not a safeclip audit or rescore "
-                            "output")
-    return t
-
-
-def _keys(t: pa.Table, key: str) -> list[str | None]:
-    """Each row's key: its sha256, or its path made absolute against the folder its audit ran in."""
-    if key == "sha256":
-        return [None if s is None else s.lower() for s in t.column("sha256").to_pylist()]
-    cwd = read_meta(t.schema).get("cwd")
+    cwd = o.meta.get("cwd")
     base = cwd if isinstance(cwd, str) else os.getcwd()
-    raw = t.column("path_bytes").to_pylist() if "path_bytes" in t.column_names else [None] * t.num_rows
-    out: list[str | None] = []
-    for p, b in zip(t.column("path").to_pylist(), raw):
-        name = os.fsdecode(b) if isinstance(b, bytes) else p
-        out.append(None if name is None else os.path.normpath(os.path.join(base, name)))
-    return out
+    raw_col = "path_bytes" in o.schema.names
+    cols = ["path", "sha256", "action", "error", *cats] + (["path_bytes"] if raw_col else [])
+    by_path: dict[str, int] = {}
+    by_sha: dict[str, int] = {}
+    labels: list[str | None] = []
+    actions: list[str] = []
+    probs: list[np.ndarray] = []
+    for batch in parquet_batches(o.file, cols, o.src):
+        c = {name: batch.column(k) for k, name in enumerate(cols)}
+        first = pa.array(_first_rows([c[k] for k in ("path", "sha256", "path_bytes") if k in c]), pa.int64())
+        paths, shas = c["path"].take(first).to_pylist(), c["sha256"].take(first).to_pylist()
+        raw = c["path_bytes"].take(first).to_pylist() if raw_col else [None] * len(first)
+        keep = []
+        for r, p, b, s in zip(first.to_pylist(), paths, raw, shas):
+            name = os.fsdecode(b) if isinstance(b, bytes) else p
+            pk = None if name is None else os.path.normpath(os.path.join(base, name))
+            sk = None if s is None else s.lower()
+            new = (pk is not None and pk not in by_path) or (sk is not None and sk not in by_sha)
+            if not new:
+                continue  # a row of an input already seen (or of none): the first one counts
+            n = len(labels) + len(keep)
+            if pk is not None:
+                by_path.setdefault(pk, n)
+            if sk is not None:
+                by_sha.setdefault(sk, n)
+            keep.append(r)
+        if not keep:
+            continue
+        idx = pa.array(keep, pa.int64())
+        acts, errs = c["action"].take(idx).to_pylist(), c["error"].take(idx).to_pylist()
+        labels.extend(c["path"].take(idx).to_pylist())
+        actions.extend(ERROR_ACTION if e is not None else (x or ERROR_ACTION) for x, e in zip(acts, errs))
+        probs.append(np.column_stack([c[name].take(idx).cast(pa.float32(), safe=False)
+                                      .to_numpy(zero_copy_only=False).astype(np.float32) for name in cats])
+                     if cats else np.zeros((len(keep), 0), np.float32))
+    return _Rows(by_path, by_sha, labels, actions,
+                 np.concatenate(probs) if probs else np.zeros((0, len(cats)), np.float32))
 
 
-def _label(t: pa.Table, i: int) -> str | None:
-    return t.column("path").slice(i, 1).to_pylist()[0]
-
-
-def _index(t: pa.Table, keys: list[str | None], cats: list[str]) -> tuple[dict[str, int], list[str], np.ndarray]:
-    """Row of each key, each row's action (``"error"`` for error rows) and its ``(n, len(cats))`` probabilities."""
-    acts = [(ERROR_ACTION if e is not None else (x or ERROR_ACTION))
-            for x, e in zip(t.column("action").to_pylist(), t.column("error").to_pylist())]
-    probs = np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in cats]) \
-        if cats else np.zeros((t.num_rows, 0), np.float32)
-    index: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        if k is not None:
-            index.setdefault(k, i)
-    return index, acts, probs
+def _first_rows(columns: list[pa.Array]) -> np.ndarray:
+    """The rows of a batch whose values (in all ``columns``) no earlier row of the batch has, in order: a copy of
+    an earlier row cannot be the first of its input, so it is skipped without a look."""
+    n = len(columns[0])
+    codes = [col.dictionary_encode().indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+             for col in columns]  # each row's dictionary code in each column (null: 0)
+    if (n + 1) ** len(codes) < 2**63:  # mixed into one int64 per row: a 1-d unique is much faster
+        key = np.zeros(n, np.int64)
+        for c in codes:
+            key = key * (n + 1) + c
+        _, first = np.unique(key, return_index=True)
+    else:
+        _, first = np.unique(np.stack(codes, axis=1), axis=0, return_index=True)
+    return np.sort(first)

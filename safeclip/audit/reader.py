@@ -22,6 +22,12 @@ Manifests keep names exactly too: a text manifest is read as UTF-8 with surrogat
 name), one name per line, and only the line terminator (``\\n`` or ``\\r\\n``) is removed, so leading and trailing
 spaces are part of the name; empty lines and lines starting with ``#`` are skipped (write ``./#name`` for a name
 that starts with ``#``). A name containing a newline needs a CSV manifest (quote the field) or a Parquet one.
+A manifest lists each name once (a repeated name is the same input).
+
+Parquet files are read a record batch at a time (:func:`parquet_batches`), never whole: a few hundred KB of
+run-length encoded rows can stand for millions of them. Their declared row count is checked first against
+:func:`max_rows` (``$SAFECLIP_MAX_ROWS``, default :data:`DEFAULT_MAX_ROWS`); this holds for manifests and for the
+audit and rescore outputs that ``rescore`` and ``diff`` read.
 
 >>> collect_inputs(["a.jpg", "b.png", "a.jpg"])     # files are taken as given (a missing one becomes an error row)
 ['a.jpg', 'b.png']
@@ -41,10 +47,23 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ManifestError
+from typing import TYPE_CHECKING
 
-__all__ = ["IMAGE_EXTENSIONS", "Inputs", "collect_inputs", "describe_skipped", "gather_inputs", "path_bytes",
-           "path_text", "read_manifest", "sniff_image"]
+from ..errors import ConfigError, DataError, ManifestError, SafeclipError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+__all__ = ["BATCH_ROWS", "DEFAULT_MAX_ROWS", "IMAGE_EXTENSIONS", "Inputs", "MAX_ROWS_ENV", "collect_inputs",
+           "describe_skipped", "gather_inputs", "max_rows", "open_parquet", "parquet_batches", "path_bytes",
+           "path_text", "read_manifest", "sniff_image", "text_column"]
+
+MAX_ROWS_ENV = "SAFECLIP_MAX_ROWS"
+DEFAULT_MAX_ROWS = 20_000_000
+"""The most rows a Parquet manifest or output may declare (``$SAFECLIP_MAX_ROWS`` raises or lowers it)."""
+BATCH_ROWS = 65_536
+"""Rows per record batch read from a Parquet file."""
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo",
@@ -172,6 +191,79 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def max_rows() -> int:
+    """The row limit of the Parquet files read (:data:`MAX_ROWS_ENV`, else :data:`DEFAULT_MAX_ROWS`)."""
+    raw = os.environ.get(MAX_ROWS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ROWS
+    try:
+        n = int(raw.replace("_", ""))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"${MAX_ROWS_ENV}={raw!r} is not a positive number of rows; set it to the most rows a "
+                          f"Parquet file may have (default {DEFAULT_MAX_ROWS:_}), or unset it")
+    return n
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def open_parquet(path: str | os.PathLike[str], error: type[SafeclipError] = DataError,
+                 what: str = "") -> pq.ParquetFile:
+    """``path`` opened for :func:`parquet_batches`, its declared row count checked against :func:`max_rows`;
+    ``error`` (one line naming ``what`` and ``path``) when it cannot be read or is too long."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = f"{what} {path}" if what else str(path)
+    if not os.path.exists(path):
+        raise error(f"cannot read {name}: no such file")
+    if os.path.isdir(path):
+        raise error(f"cannot read {name}: it is a folder, not a file")
+    try:
+        pf = pq.ParquetFile(path)
+        n = pf.metadata.num_rows
+        pf.schema_arrow  # noqa: B018 - a footer whose schema cannot be converted fails here, not later
+    except (OSError, pa.ArrowException, ValueError, TypeError) as e:
+        raise error(f"cannot read {name}: {_one_line(e)}") from e
+    limit = max_rows()
+    if n > limit:
+        raise error(f"{name} has {n:_} rows, more than the limit of {limit:_}: set ${MAX_ROWS_ENV} to a larger "
+                    "number to read it")
+    return pf
+
+
+def parquet_batches(pf: pq.ParquetFile, columns: list[str] | None, name: str,
+                    error: type[SafeclipError] = DataError, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The record batches of ``columns`` (None: all) of a file from :func:`open_parquet`; a page that cannot be
+    read is ``error``, one line naming ``name``."""
+    import pyarrow as pa
+
+    try:
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+    except (OSError, pa.ArrowException, ValueError, TypeError) as e:
+        raise error(f"cannot read {name}: {_one_line(e)}") from e
+
+
+def text_column(schema: pa.Schema, name: str, *, binary: bool = False) -> bool:
+    """Whether ``schema``'s column ``name`` (one column of that name) holds text (or, with ``binary``, bytes), or
+    only nulls."""
+    import pyarrow as pa
+
+    found = schema.get_all_field_indices(name)
+    if len(found) != 1:
+        return False
+    typ = schema.field(found[0]).type
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    ok = pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+    if binary:
+        ok = ok or pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
+    return ok
+
+
 def read_manifest(path: str | os.PathLike[str]) -> list[str]:
     """The paths a manifest lists: a ``.csv`` or ``.parquet`` file with a ``path`` column, else a text file with one
     path per line (see the module doc: names are kept exactly, only the line terminator is removed; empty lines and
@@ -185,26 +277,35 @@ def read_manifest(path: str | os.PathLike[str]) -> list[str]:
         if p.is_dir():
             raise IsADirectoryError(str(p))
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            schema = pq.read_schema(p)
-            if "path" not in schema.names:
-                raise ManifestError(f"manifest {p}: no 'path' column (columns: {schema.names})")
-            col = pq.read_table(p, columns=["path"]).column("path")
-            return [os.fsdecode(v) if isinstance(v, bytes) else str(v)
-                    for v in col.to_pylist() if v is not None and len(v) != 0]
+            return _parquet_manifest(p)
         if suffix == ".csv":
             with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
                 if reader.fieldnames is None or "path" not in reader.fieldnames:
                     raise ManifestError(f"manifest {p}: no 'path' column (header: {reader.fieldnames})")
-                return [row["path"] for row in reader if row.get("path")]
+                return list(dict.fromkeys(row["path"] for row in reader if row.get("path")))
         with open(p, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            return list(_lines(f))
-    except ManifestError:
+            return list(dict.fromkeys(_lines(f)))
+    except SafeclipError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:  # pyarrow's errors are OSError/ValueError
         raise ManifestError(f"cannot read manifest {p}: {_why(e)}") from e
+
+
+def _parquet_manifest(p: Path) -> list[str]:
+    """The ``path`` column of a Parquet manifest, read a batch at a time, each name once."""
+    pf = open_parquet(p, ManifestError, "manifest")
+    schema = pf.schema_arrow
+    if "path" not in schema.names:
+        raise ManifestError(f"manifest {p}: no 'path' column (columns: {schema.names[:20]})")
+    if not text_column(schema, "path", binary=True):
+        raise ManifestError(f"manifest {p}: column 'path' is {schema.field('path').type}, not text")
+    names: dict[str, None] = {}
+    for batch in parquet_batches(pf, ["path"], f"manifest {p}", ManifestError):
+        for v in batch.column(0).unique().to_pylist():  # in order of first appearance
+            if v:  # null and empty names are not inputs
+                names.setdefault(os.fsdecode(v) if isinstance(v, bytes) else v)
+    return list(names)
 
 
 def gather_inputs(

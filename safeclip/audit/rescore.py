@@ -13,7 +13,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from ..errors import (
     ModelLoadError,
 )
 from ..policy import Policy, load_policy
+from .reader import open_parquet, parquet_batches, text_column
 from .summary import ERROR_ACTION, AuditSummary, Tally, summarize
 from .writer import (
     FORMAT_VERSION,
@@ -123,12 +125,12 @@ def rescore(
     cache_dir = Path(cache) if cache is not None else default_cache_dir()
     save_emb = embeddings is not None
     source = from_audit if from_audit is not None else embeddings
-    src_table = None
+    src = None
     if source is not None:
-        src_table, encoder_id = _read_source(source, encoder_id, save_emb)
+        src, encoder_id = _read_source(source, encoder_id, save_emb)
     out = Path(out)
     check_output(out, [source] if source is not None else [], overwrite=overwrite, what="rescore",
-                 rows=src_table.column("path").to_pylist() if src_table is not None else [])
+                 rows=src.paths if src is not None else [])
     if encoder_id is None:
         encoder_id = _only_cached_encoder(cache_dir)
 
@@ -136,17 +138,16 @@ def rescore(
     categories = pol.category_names
     meta = {"format": FORMAT_VERSION, "kind": "rescore", "encoder_id": encoder_id, "policy": pol.id,
             "policy_fingerprint": policy_fingerprint(pol), "categories": list(categories), "dim": comp.scorer.dim,
-            "cwd": str(read_meta(src_table.schema).get("cwd") or os.getcwd()) if src_table is not None
-            else os.getcwd(), "thresholds": policy_thresholds(pol)}
+            "cwd": src.cwd if src is not None else os.getcwd(), "thresholds": policy_thresholds(pol)}
     schema = output_schema(categories, meta, save_emb)
-    if src_table is None:
+    if src is None:
         with EmbeddingCache(cache_dir, encoder_id, readonly=True) as db:
             table, hits = _rescore_cache(comp, db, schema, chunk_rows)
     elif save_emb:
-        table, hits = _rescore_table(comp, src_table, schema, None, chunk_rows, source)
+        table, hits = _rescore_table(comp, src, schema, None, chunk_rows)
     else:
         with EmbeddingCache(cache_dir, encoder_id, readonly=True) as db:
-            table, hits = _rescore_table(comp, src_table, schema, db, chunk_rows, source)
+            table, hits = _rescore_table(comp, src, schema, db, chunk_rows)
     try:
         write_parquet_atomic(table.replace_schema_metadata(schema.metadata), out)
     except OSError as e:
@@ -158,29 +159,127 @@ def rescore(
     return summary
 
 
-def _read_source(source: str | os.PathLike[str], encoder_id: str | None,
-                 need_embeddings: bool) -> tuple[pa.Table, str | None]:
-    """A previous audit output and its encoder_id (checked against ``encoder_id`` when given)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class _Source:
+    """A previous audit output, checked and opened for reading a batch at a time (:func:`_read_source`)."""
 
-    try:
-        table = pq.read_table(source)
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"cannot read audit output {source}: {e}") from e
-    missing_cols = {"path", "sha256", "error", "encoder_id"} - set(table.column_names)
+    name: str
+    file: Any  # pyarrow.parquet.ParquetFile
+    schema: pa.Schema
+    meta: Mapping[str, Any]
+    paths: list[str | None]  # each row's path (for check_output)
+
+    @property
+    def cwd(self) -> str:
+        cwd = self.meta.get("cwd")
+        return cwd if isinstance(cwd, str) and cwd else os.getcwd()
+
+    @property
+    def dim(self) -> int | None:
+        dim = self.meta.get("dim")
+        return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
+
+
+_SOURCE_TEXT = ("path", "sha256", "error", "encoder_id")
+_NUMBERS = ("bytes", "width", "height", "frames")
+_SOURCE_ROWS = ("path", "path_bytes", "sha256", "error", "bytes", "width", "height", "frames")  # _decided_rows'
+
+
+def _read_source(source: str | os.PathLike[str], encoder_id: str | None,
+                 need_embeddings: bool) -> tuple[_Source, str | None]:
+    """A previous audit output and its encoder_id (checked against ``encoder_id`` when given). Read once, a batch
+    at a time, to check it: column types, one encoder, each input once (a repeated row is a
+    :class:`~safeclip.errors.DataError`, so a file of millions of copies of one row stops at the second)."""
+    import pyarrow as pa
+
+    pf = open_parquet(source, DataError, "audit output")
+    schema = pf.schema_arrow
+    names = schema.names
+    missing_cols = {"path", "sha256", "error", "encoder_id"} - set(names)
     if missing_cols:
         raise DataError(f"{source} is not a safeclip audit output (missing columns {sorted(missing_cols)})")
-    ids = {v for v in table.column("encoder_id").unique().to_pylist() if v}
-    src_id = read_meta(table.schema).get("encoder_id") or (next(iter(ids)) if len(ids) == 1 else None)
-    if len(ids) > 1:
-        raise EncoderMismatchError(f"{source} mixes encoders {sorted(ids)}")
+    if len(set(names)) != len(names):
+        raise DataError(f"{source} repeats a column name: not a safeclip audit output")
+    for name in _SOURCE_TEXT:
+        if not text_column(schema, name):
+            raise DataError(f"{source}: column {name!r} is {schema.field(name).type}, not text: not a safeclip "
+                            "audit output")
+    if "path_bytes" in names and not text_column(schema, "path_bytes", binary=True):
+        raise DataError(f"{source}: column 'path_bytes' is {schema.field('path_bytes').type}, not bytes: not a "
+                        "safeclip audit output")
+    if need_embeddings:
+        if "embedding" not in names:
+            raise DataError(f"{source} has no embedding column: audit with --save-embeddings, or use --from with "
+                            "the cache")
+        _check_embedding_types(schema, source)
+    meta = read_meta(schema)
+    numbers = [f for f in output_schema((), {}, False) if f.name in _NUMBERS and f.name in names]
+    for f in numbers:
+        typ = schema.field(f.name).type
+        if not (pa.types.is_integer(typ) or pa.types.is_null(typ)):
+            raise DataError(f"{source}: column {f.name!r} is {typ}, not a whole number: not a safeclip audit output")
+    cols = ["path", "sha256", "encoder_id"] + (["path_bytes"] if "path_bytes" in names else [])
+    cols += [f.name for f in numbers]
+    ids: set[str] = set()
+    paths: list[str | None] = []
+    seen_names: set[Any] = set()
+    seen_shas: set[str] = set()
+    for batch in parquet_batches(pf, cols, f"audit output {source}"):
+        c = {name: batch.column(k) for k, name in enumerate(cols)}
+        for f in numbers:  # each value fits the output's column (a width of -2**62 does not)
+            try:
+                c[f.name].cast(f.type)
+            except (pa.ArrowException, ValueError) as e:
+                raise DataError(f"{source}: column {f.name!r} holds a value out of range for {f.type} "
+                                f"({' '.join(str(e).split())[:120]}): not a safeclip audit output") from e
+        ids.update(v for v in c["encoder_id"].unique().to_pylist() if v)
+        if len(ids) > 1:
+            raise EncoderMismatchError(f"{source} mixes encoders {sorted(ids)[:5]}")
+        texts = c["path"].to_pylist()
+        raw = c["path_bytes"].to_pylist() if "path_bytes" in c else [None] * batch.num_rows
+        for r, (text, b, sha) in enumerate(zip(texts, raw, c["sha256"].to_pylist())):
+            key, seen = (b if isinstance(b, bytes) else text), seen_names
+            if key is None:  # a whole-cache re-score: its rows are its sha256s
+                key, seen = sha, seen_shas
+            if key is None:
+                continue
+            if key in seen:
+                what = "path" if seen is seen_names else "sha256"
+                raise DataError(f"{source}: row {len(paths) + r} repeats the {what} {str(key)[:200]!r} of an "
+                                "earlier row: an audit output holds one row per input (write each input once)")
+            seen.add(key)
+        paths.extend(texts)
+    src_id = meta.get("encoder_id") if isinstance(meta.get("encoder_id"), str) else None
+    src_id = src_id or (next(iter(ids)) if len(ids) == 1 else None)
     if encoder_id is not None and src_id is not None and encoder_id != src_id:
         raise EncoderMismatchError(f"{source} was audited with {src_id!r}, not {encoder_id!r}")
-    if need_embeddings and "embedding" not in table.column_names:
-        raise DataError(f"{source} has no embedding column: audit with --save-embeddings, or use --from with the "
-                        "cache")
-    return table, encoder_id or src_id
+    return _Source(os.fspath(source), pf, schema, meta, paths), encoder_id or src_id
+
+
+def _check_embedding_types(schema: pa.Schema, source: Any) -> None:
+    """The saved embedding columns' types: a list of per-frame lists of floats (or the previous flat list of
+    floats), and a list of texts; anything else is not an audit output's (one :class:`DataError`)."""
+    import pyarrow as pa
+
+    def listish(t: pa.DataType) -> bool:
+        return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+    typ = schema.field("embedding").type
+    inner = typ.value_type if listish(typ) else None
+    ok = pa.types.is_null(typ) or (inner is not None and (
+        pa.types.is_floating(inner) or pa.types.is_integer(inner) or pa.types.is_null(inner)
+        or (listish(inner) and (pa.types.is_floating(inner.value_type) or pa.types.is_integer(inner.value_type)
+                                or pa.types.is_null(inner.value_type)))))
+    if not ok:
+        raise DataError(f"{source}: column 'embedding' is {typ}, not a list of per-frame lists of floats: not an "
+                        "audit output written with --save-embeddings")
+    if "embedding_backgrounds" in schema.names:
+        typ = schema.field("embedding_backgrounds").type
+        if not (pa.types.is_null(typ) or (listish(typ) and (pa.types.is_string(typ.value_type)
+                                                            or pa.types.is_large_string(typ.value_type)
+                                                            or pa.types.is_null(typ.value_type)))):
+            raise DataError(f"{source}: column 'embedding_backgrounds' is {typ}, not a list of texts: not an audit "
+                            "output written with --save-embeddings")
 
 
 def _only_cached_encoder(cache_dir: Path) -> str:
@@ -225,15 +324,18 @@ def _unusable_text(problem: tuple[str, str]) -> str:
     return f"{kind}: {why}{_REMEDY.get(kind, '')}"
 
 
-def _rescore_table(comp: CompiledPolicy, src: pa.Table, schema: pa.Schema, db: EmbeddingCache | None,
-                   chunk_rows: int, source: Any) -> tuple[pa.Table, int]:
-    """The rows of a previous audit, re-decided: embeddings from ``db`` by sha256, else from its embedding column."""
+def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: EmbeddingCache | None,
+                   chunk_rows: int) -> tuple[pa.Table, int]:
+    """The rows of a previous audit, re-decided a batch at a time: embeddings from ``db`` by sha256, else from
+    its embedding column."""
     import pyarrow as pa
 
-    dim = int(read_meta(src.schema).get("dim") or comp.scorer.dim)
+    dim = src.dim or comp.scorer.dim
+    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds") if db is None else ())
+    cols = [c for c in wanted if c in src.schema.names]
     pieces, hits = [], 0
-    for start in range(0, src.num_rows, chunk_rows):
-        part = src.slice(start, chunk_rows)
+    for batch in parquet_batches(src.file, cols, f"audit output {src.name}", batch_rows=max(1, chunk_rows)):
+        part = pa.Table.from_batches([batch])
         embs = _embedding_column(part, dim) if db is None else _cached_embeddings(part, db, comp.scorer.encoder_id)
         piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None)
         hits += n_hits
@@ -251,8 +353,9 @@ def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
     import pyarrow as pa
 
     col = table.column("embedding").combine_chunks()
-    flat = not (pa.types.is_list(col.type.value_type) or pa.types.is_fixed_size_list(col.type.value_type)
-                or pa.types.is_large_list(col.type.value_type))
+    inner = getattr(col.type, "value_type", None)  # (a null column has none: no row has an embedding)
+    flat = not (inner is not None and (pa.types.is_list(inner) or pa.types.is_fixed_size_list(inner)
+                                       or pa.types.is_large_list(inner)))
     bgs = (table.column("embedding_backgrounds").to_pylist() if "embedding_backgrounds" in table.column_names
            else [None] * table.num_rows)
     out: list[Source] = []

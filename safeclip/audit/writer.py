@@ -7,8 +7,10 @@ Exactly once, resumable
     the cache. ``run.json`` beside them says which configuration (policy, encoder, columns) wrote them. A re-run of
     the same command skips every input that has a committed row, and finds the embeddings of the rest in the cache,
     so after ``kill -9`` at any moment nothing committed is computed again; parts of another configuration are
-    dropped. At the end the parts are merged, in input order and one row per input, into ``OUT.parquet``, and the
-    parts folder is removed. Both engines write this same layout, so each can resume the other's runs.
+    dropped. A part deleted, or damaged anywhere (each part is read whole on resume), holds no done rows: it is
+    removed and its inputs are computed again. At the end the parts are merged, in input order and one row per
+    input, into ``OUT.parquet``, and the parts folder is removed. Both engines write this same layout, so each can
+    resume the other's runs.
 
 Changed inputs are redone
     A committed row is kept on resume only while its file is unchanged: each part row records the file's size and
@@ -56,7 +58,7 @@ from ..decide import ACTIONS
 from ..errors import AuditError, AuditLockedError, CacheError, ConfigError, OutputError
 from ..policy import Policy
 from .identity import EncoderIdentity
-from .reader import path_bytes, path_text
+from .reader import open_parquet, parquet_batches, path_bytes, path_text, text_column
 from .summary import ERROR_ACTION
 from .worker import FileResult
 
@@ -88,7 +90,10 @@ def output_error(e: OSError, out: os.PathLike[str] | str, doing: str = "write") 
 
 
 def _real(p: str | os.PathLike[str]) -> str:
-    return os.path.realpath(os.path.abspath(p))
+    try:
+        return os.path.realpath(os.path.abspath(p))
+    except ValueError:  # a NUL in the name: no file has it, so it stays as written
+        return os.fspath(p)
 
 
 def check_writable(out: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> None:
@@ -140,7 +145,7 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, ove
         return
     try:
         schema = pq.read_schema(out)
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException, ValueError, TypeError):
         schema = None
     meta = read_meta(schema) if schema is not None else {}
     if meta.get("kind") not in ("audit", "rescore"):
@@ -148,13 +153,23 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[str] = (), *, ove
                           "path, or move it away")
     if overwrite:
         return
-    try:
-        old = pq.read_table(out, columns=["path"]).column("path").to_pylist()
-    except (OSError, pa.ArrowException, KeyError):
-        old = None
-    if old is None or {_real(p) for p in old if p is not None} != {_real(p) for p in rows if p is not None}:
+    old = _output_paths(out)
+    if old is None or old != {_real(p) for p in rows if p is not None}:
         raise OutputError(f"--out {out} holds a safeclip {meta.get('kind')} of other inputs; refusing to replace it: "
                           f"give another --out, or pass --overwrite (overwrite=True) to replace it with this {what}")
+
+
+def _output_paths(out: Path) -> set[str] | None:
+    """The resolved paths of an existing output's rows, read a batch at a time; None when it has no text ``path``
+    column or cannot be read (then it is not replaced without ``overwrite``)."""
+    try:
+        pf = open_parquet(out, OutputError, "--out")
+        if "path" not in pf.schema_arrow.names or not text_column(pf.schema_arrow, "path"):
+            return None
+        return {_real(p) for batch in parquet_batches(pf, ["path"], f"--out {out}", OutputError)
+                for p in batch.column(0).to_pylist() if p is not None}
+    except OutputError:
+        return None
 
 
 def policy_fingerprint(policy: Policy) -> str:
@@ -235,12 +250,14 @@ def nested_embeddings(col: pa.ChunkedArray | pa.Array, dim: int) -> pa.Array:
 
 
 def read_meta(schema: pa.Schema) -> dict[str, Any]:
-    """The ``safeclip`` metadata of an output's schema ({} when absent)."""
+    """The ``safeclip`` metadata of an output's schema: a JSON object, else {} (absent, not JSON, not an object,
+    nested too deep). Its fields are the writer's word only: readers check each one's type before using it."""
     raw = (schema.metadata or {}).get(b"safeclip")
     try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class Rows:
@@ -367,20 +384,20 @@ def _unchanged(path: str, nbytes: int | None, sha: str | None, mtime_ns: int | N
 class Parts:
     """``OUT.parquet.parts/``: the committed rows of a run in progress (see the module docstring)."""
 
-    def __init__(self, out: Path, run: Mapping[str, Any]) -> None:
+    def __init__(self, out: Path, run: Mapping[str, Any], schema: pa.Schema | None = None) -> None:
         self.out = out
         self.dir = out.with_name(out.name + ".parts")
         self.run = dict(run)
+        self.schema = schema  # the output's: a part that cannot be merged into it is not resumed from
         self._lock_fd: int | None = None
         self._next = 0
         self.previous: Any = None
 
     def open(self) -> set[str]:
         """Lock the folder; return the paths that already have a committed row of this same run whose file is
-        unchanged (see the module docstring). Nothing is deleted until :meth:`begin` (the run's identity may still
-        be a prediction)."""
-        import pyarrow.parquet as pq
-
+        unchanged (see the module docstring). A part that cannot be read whole (or merged into the output's schema)
+        is outside damage: it is removed and its rows are not done, so this run computes them again. Nothing else
+        is deleted until :meth:`begin` (the run's identity may still be a prediction)."""
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             for stale in self.out.parent.glob(f"{self.dir.name}.done-*"):
@@ -393,20 +410,17 @@ class Parts:
             tmp.unlink(missing_ok=True)
         try:
             self.previous = json.loads((self.dir / "run.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             self.previous = None
         done: set[str] = set()
         if not _same_run(self.previous, self.run):
             return done
         for p in sorted(self.dir.glob("part-*.parquet")):
-            try:
-                names = pq.read_schema(p).names
-                cols = [c for c in ("path", "path_bytes", "sha256", "bytes", "mtime_ns") if c in names]
-                t = pq.read_table(p, columns=cols)
-                committed_ns = p.stat().st_mtime_ns
-            except Exception:  # parts are renamed into place whole, so this is outside damage: recompute them
-                p.unlink(missing_ok=True)
+            got = self._readable(p)
+            if got is None:
                 continue
+            t, committed_ns = got
+            cols = [c for c in ("path", "path_bytes", "sha256", "bytes", "mtime_ns") if c in t.column_names]
             c = {k: t.column(k).to_pylist() if k in cols else [None] * t.num_rows
                  for k in ("path", "path_bytes", "sha256", "bytes", "mtime_ns")}
             for path, raw, sha, nbytes, mtime in zip(c["path"], c["path_bytes"], c["sha256"], c["bytes"],
@@ -416,8 +430,35 @@ class Parts:
                     done.add(path)
                 elif path:
                     done.discard(path)  # an earlier part's row of the same input is just as stale
-            self._next = max(self._next, int(p.stem.split("-")[1]) + 1)
+            number = p.stem.split("-", 1)[1]
+            if number.isdigit():  # (not one of ours otherwise: its name cannot collide with the next part's)
+                self._next = max(self._next, int(number) + 1)
         return done
+
+    def _readable(self, p: Path) -> tuple[pa.Table, int] | None:
+        """A committed part's table and commit time, or None when it cannot be read whole: then it is removed
+        (parts are renamed into place whole, so this is outside damage, and its rows are computed again)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            committed_ns = p.stat().st_mtime_ns
+            t = pq.read_table(p)  # every page: damage anywhere in the part shows now, not at the merge
+            if "path" not in t.column_names:
+                raise ValueError("no path column")
+            if self.schema is not None:  # its values as the output's types (a path of 5 would stat fd 5)
+                typed = _conform(t, self.schema, int(self.run.get("dim") or 0))
+                if "mtime_ns" in t.column_names:
+                    typed = typed.append_column("mtime_ns", t.column("mtime_ns").cast(pa.int64()))
+                t = typed
+            return t, committed_ns
+        except Exception:  # pyarrow raises OSError, ArrowException, ValueError, TypeError... on a damaged file
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                raise OutputError(f"{p} is damaged and cannot be removed: {e.strerror or e}; delete it, then run "
+                                  "the same command again") from e
+            return None
 
     def begin(self) -> None:
         """Make the folder this run's: parts of another configuration (policy, encoder) are dropped."""
@@ -429,8 +470,11 @@ class Parts:
             print(f"safeclip audit: {self.dir} holds rows of another configuration "
                   f"({prev.get('policy')}, {prev.get('encoder_id')}); starting over (the embedding cache still "
                   "saves the model work)", file=sys.stderr)
-        for p in parts:
-            p.unlink()
+        try:
+            for p in parts:
+                p.unlink()
+        except OSError as e:
+            raise output_error(e, self.dir, "remove the parts of another configuration from") from e
         self._next = 0
         write_json_atomic(self.dir / "run.json", self.run, durable=True)
         self.previous = self.run
@@ -464,7 +508,14 @@ class Parts:
         import pyarrow.parquet as pq
 
         dim = int(self.run.get("dim") or 0)
-        tables = [_conform(pq.read_table(p), schema, dim) for p in sorted(self.dir.glob("part-*.parquet"))]
+        tables = []
+        for p in sorted(self.dir.glob("part-*.parquet")):
+            try:
+                tables.append(_conform(pq.read_table(p), schema, dim))
+            except Exception as e:  # damaged while this run went on: the next run's open() drops it
+                raise AuditError(
+                    f"{p} was damaged while the audit ran ({' '.join(str(e).split())[:200]}). Nothing was lost "
+                    "from the embedding cache: run the same command again (it recomputes that part's rows)") from e
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         idx = pc.index_in(table.column("path"), value_set=pa.array([path_text(p) for p in inputs], pa.string()))
         table = table.filter(pc.is_valid(idx))
@@ -576,7 +627,7 @@ class RunOutput:
         self.schema = output_schema(policy.category_names, self.meta, options.save_embeddings)
         self.fingerprint = fingerprint
         check_output(options.out, inputs, overwrite=options.overwrite)
-        self.parts = Parts(options.out, self.meta)
+        self.parts = Parts(options.out, self.meta, self.schema)
         self.done = self.parts.open()
         try:
             self.db = EmbeddingCache(emb_dir, ident.encoder_id)  # exists before the decoders open it read-only

@@ -151,9 +151,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r))
             continue
-        change = "-" if r["category"] is None else (
-            f"{r['category']} {r['p_a']:.3f} -> {r['p_b']:.3f} ({r['delta']:+.3f})")
-        print(f"{r['key']}\t{r['action_a']}\t{r['action_b']}\t{change}")
+        print(f"{r['key']}\t{r['action_a']}\t{r['action_b']}\t{r['change'] or '-'}")
     meta = table.schema.metadata or {}
     shared = int(meta.get(b"safeclip.shared", b"-1"))
     if shared == 0:
