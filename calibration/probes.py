@@ -156,6 +156,13 @@ def train_probe(
     final.intercept_ = init[dim:].copy()
     final.fit(x * scale, yy)  # a ConvergenceWarning here is real: raise max_iter
     coef = final.coef_[0].astype(np.float64) * float(scale)
+    intercept = float(final.intercept_[0])
+    # Only the ranking was chosen for, so the logit's scale is free: a strong penalty leaves it tiny, and a calibrator
+    # stacked over it would need coefficients steep enough to overflow float32 (refused at load). Unit standard
+    # deviation on the training rows keeps the decision boundary (logit 0) and the ranking, and sane coefficients.
+    spread = float(np.std(x.astype(np.float64) @ coef + intercept))
+    if np.isfinite(spread) and spread > 0:
+        coef, intercept = coef / spread, intercept / spread
 
     import sklearn
 
@@ -168,6 +175,7 @@ def train_probe(
         "C": c_best,
         "Cs": cs,
         "feature_scale": float(scale),
+        "logit_divided_by": spread,
         "class_weight": class_weight if class_weight is None or isinstance(class_weight, str) else {
             str(k): float(v) for k, v in class_weight.items()},
         "cv": cv,
@@ -184,4 +192,4 @@ def train_probe(
         "converged": bool(np.max(final.n_iter_) < max_iter),
         "sklearn_version": sklearn.__version__,
     }
-    return LinearProbe(coef, float(final.intercept_[0]), encoder_id=encoder_id, metadata=meta)
+    return LinearProbe(coef, intercept, encoder_id=encoder_id, metadata=meta)

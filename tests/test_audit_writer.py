@@ -74,7 +74,9 @@ def test_kill_9_mid_run_then_rerun_gives_every_input_once_without_recomputing(sa
     # Re-running a finished audit starts a fresh one, served entirely by the cache.
     again = run_audit(inputs, out, cache, tiny_encoder)
     assert again.decoded == 0 and again.embedded == 0
-    assert_same_rows(read(out), t)
+    # Another batch layout (batch_size 2 above, the default here) moves float32 scores by ~1e-6 until scoring is
+    # bit-stable across layouts (issue 23); the embeddings themselves come from the cache, unchanged.
+    assert_same_rows(read(out), t, atol=1e-5)
 
 
 def test_parts_of_another_policy_are_not_reused(sample, tiny_encoder, tmp_path):

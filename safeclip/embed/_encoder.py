@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -27,6 +28,7 @@ from ._prompts import PromptCache
 from ._store import ExportStore
 
 __all__ = ["Encoder", "RuntimeFallbackWarning"]
+
 
 _log = logging.getLogger("safeclip")
 
@@ -231,11 +233,14 @@ class Encoder:
                     "give a cache folder you can write to (cache_dir=, --cache, $SAFECLIP_CACHE_DIR)"), True
                 continue
             tries += 1
-            _log.warning("exporting the image tower of %s to ONNX, once for these weights (this can take a minute); "
-                         "later starts load it from %s", self.model_name, store.cache_dir)
             from ._export import export_in_child  # not at import: the child runs that module as __main__
 
-            verdict = export_in_child(store, self.model_name, self.pretrained, self.threads)
+            # Said once the child has loaded the weights and the export is really under way: weights that cannot
+            # load end in their own one error line, with nothing before it.
+            notice = functools.partial(
+                _log.warning, "exporting the image tower of %s to ONNX, once for these weights (this can take a "
+                "minute); later starts load it from %s", self.model_name, store.cache_dir)
+            verdict = export_in_child(store, self.model_name, self.pretrained, self.threads, on_started=notice)
             if verdict.get("kind") == "load" and isinstance(verdict.get("error"), dict):
                 # the weights themselves cannot be loaded: torch here would fail the same way, only later
                 raise ModelLoadError(**verdict["error"])

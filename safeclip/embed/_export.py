@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,7 @@ def _export(store: ExportStore, model: str, pretrained: str | None, holder: dict
             shutil.rmtree(stale, ignore_errors=True)
         if "tm" not in holder:
             holder["tm"] = TorchModel(model, pretrained, device="cpu", precision="fp32")
+            print(STARTED, flush=True)  # the weights loaded: the parent may say that the export is under way
         tm = holder["tm"]
         pixels = verification_batch(tm.pixel_spec.size)
         if "ref" not in holder:
@@ -182,8 +183,14 @@ def _quantize(fp32_graph: Path, out: Path) -> None:
     _save_split(onnx.load_model(str(single)), out)
 
 
-def export_in_child(store: ExportStore, model: str, pretrained: str | None, threads: int | None) -> dict[str, Any]:
-    """Run the export in a child process; its verdict (``{"ok": False, ...}`` when it failed or crashed)."""
+STARTED = "safeclip-export-started"
+"""The line the export child prints on stdout once the weights have loaded and the export itself begins."""
+
+
+def export_in_child(store: ExportStore, model: str, pretrained: str | None, threads: int | None,
+                    on_started: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the export in a child process; its verdict (``{"ok": False, ...}`` when it failed or crashed).
+    ``on_started`` is called once the child has loaded the weights (weights that cannot load never call it)."""
     cmd = [sys.executable, "-m", "safeclip.embed._export", "--model", model, "--cache", str(store.cache_dir),
            "--precision", store.precision, "--opset", str(store.opset)]
     if pretrained is not None:
@@ -191,17 +198,32 @@ def export_in_child(store: ExportStore, model: str, pretrained: str | None, thre
     if threads is not None:
         cmd += ["--threads", str(threads)]
     try:
-        # The child signs the manifest with this process's cache key, handed over on stdin (never in argv).
-        proc = subprocess.run(cmd + ["--key-on-stdin"], capture_output=True, text=True,
-                              input=_trust.current_key().hex() + "\n")
+        with tempfile.TemporaryFile(mode="w+") as errors:
+            # The child signs the manifest with this process's cache key, handed over on stdin (never in argv).
+            proc = subprocess.Popen(cmd + ["--key-on-stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=errors, text=True)
+            assert proc.stdin is not None and proc.stdout is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(_trust.current_key().hex() + "\n")
+                proc.stdin.close()
+            lines = []
+            for line in proc.stdout:
+                if line.strip() == STARTED:
+                    if on_started is not None:
+                        on_started()
+                    continue
+                lines.append(line.strip())
+            proc.wait()
+            errors.seek(0)
+            stderr = errors.read()
     except OSError as e:
         return {"ok": False, "kind": "export", "reason": f"could not start the export process: {_one_line(e)}"}
-    lines = proc.stdout.strip().splitlines()
+    lines = [ln for ln in lines if ln]
     with contextlib.suppress(ValueError, IndexError):
         verdict = json.loads(lines[-1])
         if isinstance(verdict, dict) and "ok" in verdict:
             return verdict
-    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    err = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     why = err[-1].strip()[:300] if err else f"exit status {proc.returncode}"
     return {"ok": False, "kind": "export", "reason": f"the export process failed: {why}"}
 
