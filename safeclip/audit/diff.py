@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DataError
-from .reader import open_parquet, parquet_batches, text_column
+from .reader import check_output_columns, open_parquet, parquet_batches
 from .summary import ERROR_ACTION
 from .writer import read_meta
 
@@ -156,18 +156,9 @@ class _Output:
 
         pf = open_parquet(src)
         schema = pf.schema_arrow
-        if not {"path", "sha256", "action", "error"} <= set(schema.names):
-            raise DataError(f"{src} is not a safeclip audit or rescore output (it lacks the path, sha256, action and "
-                            "error columns)")
-        if len(set(schema.names)) != len(schema.names):
-            raise DataError(f"{src} repeats a column name: not a safeclip audit or rescore output")
+        check_output_columns(schema, src, _TEXT_COLUMNS, "audit or rescore output")
         for name in schema.names:
             typ = schema.field(name).type
-            if name in _TEXT_COLUMNS and not text_column(schema, name):
-                raise DataError(f"{src}: column {name!r} is {typ}, not text: not a safeclip audit or rescore output")
-            if name == "path_bytes" and not text_column(schema, name, binary=True):
-                raise DataError(f"{src}: column 'path_bytes' is {typ}, not bytes: not a safeclip audit or rescore "
-                                "output")
             if name.startswith("p_") and not (pa.types.is_floating(typ) or pa.types.is_null(typ)):
                 raise DataError(f"{src}: column {name!r} is {typ}, not a probability: not a safeclip audit or "
                                 "rescore output")

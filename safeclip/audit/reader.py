@@ -43,11 +43,11 @@ import csv
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError, ManifestError, SafeclipError
 
@@ -262,6 +262,23 @@ def text_column(schema: pa.Schema, name: str, *, binary: bool = False) -> bool:
     if binary:
         ok = ok or pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
     return ok
+
+
+def check_output_columns(schema: pa.Schema, source: Any, required: Sequence[str], what: str) -> None:
+    """:class:`~safeclip.errors.DataError` (one line naming ``source`` as not a safeclip ``what``) unless ``schema``
+    has each ``required`` column once and as text, no column name twice, and ``path_bytes``, if any, as bytes."""
+    names = schema.names
+    missing = sorted(set(required) - set(names))
+    if missing:
+        raise DataError(f"{source} is not a safeclip {what} (missing columns {missing})")
+    if len(set(names)) != len(names):
+        raise DataError(f"{source} repeats a column name: not a safeclip {what}")
+    for name in required:
+        if not text_column(schema, name):
+            raise DataError(f"{source}: column {name!r} is {schema.field(name).type}, not text: not a safeclip {what}")
+    if "path_bytes" in names and not text_column(schema, "path_bytes", binary=True):
+        raise DataError(f"{source}: column 'path_bytes' is {schema.field('path_bytes').type}, not bytes: not a "
+                        f"safeclip {what}")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[str]:

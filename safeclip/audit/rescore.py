@@ -33,7 +33,7 @@ from ..errors import (
     ModelLoadError,
 )
 from ..policy import Policy, load_policy
-from .reader import open_parquet, parquet_batches, text_column
+from .reader import check_output_columns, open_parquet, parquet_batches
 from .summary import ERROR_ACTION, AuditSummary, Tally, summarize
 from .writer import (
     FORMAT_VERSION,
@@ -195,18 +195,7 @@ def _read_source(source: str | os.PathLike[str], encoder_id: str | None,
     pf = open_parquet(source, DataError, "audit output")
     schema = pf.schema_arrow
     names = schema.names
-    missing_cols = {"path", "sha256", "error", "encoder_id"} - set(names)
-    if missing_cols:
-        raise DataError(f"{source} is not a safeclip audit output (missing columns {sorted(missing_cols)})")
-    if len(set(names)) != len(names):
-        raise DataError(f"{source} repeats a column name: not a safeclip audit output")
-    for name in _SOURCE_TEXT:
-        if not text_column(schema, name):
-            raise DataError(f"{source}: column {name!r} is {schema.field(name).type}, not text: not a safeclip "
-                            "audit output")
-    if "path_bytes" in names and not text_column(schema, "path_bytes", binary=True):
-        raise DataError(f"{source}: column 'path_bytes' is {schema.field('path_bytes').type}, not bytes: not a "
-                        "safeclip audit output")
+    check_output_columns(schema, source, _SOURCE_TEXT, "audit output")
     if need_embeddings:
         if "embedding" not in names:
             raise DataError(f"{source} has no embedding column: audit with --save-embeddings, or use --from with "
