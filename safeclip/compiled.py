@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from .arrays import embedding_row_problems
 from .calibrate import Calibrator, calibrate, load_calibrators, missing_inputs, probability_basis
 from .decide import ACTIONS, Decision, build_decision, decide_codes, unusable_inputs, worst_views
 from .errors import DataError, SafeclipError
@@ -213,7 +214,8 @@ class CompiledPolicy:
             raise DataError(f"embeddings must be (N, {self.scorer.dim}), got shape {emb.shape}")
         if not np.issubdtype(emb.dtype, np.floating):
             raise DataError(f"embeddings must be floating point (float32), got dtype {emb.dtype}")
-        problems = unusable_inputs(emb, offsets)
+        row_problems = embedding_row_problems(emb)  # once: the costly pass over every row
+        problems = unusable_inputs(offsets, row_problems)
         for i, p in enumerate(views.problems):
             if p is not None:
                 problems[i] = p
@@ -227,7 +229,7 @@ class CompiledPolicy:
             scores = self.scorer.score(emb, keep_sims=evidence)
             probs, calibrated = self.probabilities(scores)
         probs = np.asarray(probs, np.float32)
-        for i, p in enumerate(unusable_inputs(emb, offsets, probs)):
+        for i, p in enumerate(unusable_inputs(offsets, row_problems, probs)):
             if problems[i] is None and p is not None:
                 problems[i] = p
         codes = decide_codes(probs, self.policy)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import embedding_row_problems
 from .errors import DataError
 from .policy import Policy
 
@@ -82,19 +81,18 @@ def worst_views(codes: np.ndarray, probabilities: np.ndarray, offsets: np.ndarra
     return pick
 
 
-def unusable_inputs(embeddings: np.ndarray, offsets: np.ndarray,
+def unusable_inputs(offsets: np.ndarray, row_problems: np.ndarray,
                     probabilities: np.ndarray | None = None) -> list[tuple[str, str] | None]:
     """Per input, ``None`` when it may decide, else ``(kind, why)``: ``("InvalidEmbedding", "embedding row k is
-    not finite ...")`` when any of its views is not a finite L2-normalised embedding, ``("InvalidScore", ...)`` when
-    any of its probabilities is not finite. One bad view makes the whole input undecided: the worst view could be the
-    one that is missing."""
+    not finite ...")`` when any of its views is not a finite L2-normalised embedding (``row_problems``: per row,
+    :func:`~safeclip.arrays.embedding_row_problems`), ``("InvalidScore", ...)`` when any of its probabilities is not
+    finite. One bad view makes the whole input undecided: the worst view could be the one that is missing."""
     offsets = np.asarray(offsets, np.int64)
     out: list[tuple[str, str] | None] = [None] * (len(offsets) - 1)
-    problems = embedding_row_problems(embeddings)
-    for row in (k for k, why in enumerate(problems) if why is not None):
+    for row in (k for k, why in enumerate(row_problems) if why is not None):
         i = int(np.searchsorted(offsets, row, side="right") - 1)
         if out[i] is None:
-            out[i] = ("InvalidEmbedding", f"embedding row {int(row - offsets[i])} {problems[row]}")
+            out[i] = ("InvalidEmbedding", f"embedding row {int(row - offsets[i])} {row_problems[row]}")
     if probabilities is not None:
         bad_rows = np.flatnonzero(nonfinite_rows(probabilities))
         for row in bad_rows:

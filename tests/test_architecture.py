@@ -43,8 +43,9 @@ def test_each_decide_rule_is_applied_in_one_place():
     the decision object (CompiledPolicy.decide); nobody else re-derives them from raw embedding checks."""
     assert _functions_calling("worst_views") == {"compiled.decide"}
     assert _functions_calling("unusable_inputs") == {"compiled.decide"}
-    # Besides the rule itself: as_embeddings validates an API argument, and the cache checks its own entries (a damaged
-    # one is a miss, re-embedded: storage integrity, not a decision).
-    assert _functions_calling("embedding_row_problems") <= {"decide.unusable_inputs", "arrays.as_embeddings",
+    # The decision object computes the per-row problems that unusable_inputs maps to inputs; besides it,
+    # as_embeddings validates an API argument, and the cache checks its own entries (a damaged one is a miss,
+    # re-embedded: storage integrity, not a decision).
+    assert _functions_calling("embedding_row_problems") <= {"compiled.decide", "arrays.as_embeddings",
                                                             "cache._unusable_rows"}
     assert _functions_calling("decide_codes") <= {"compiled.decide", "decide.build_decision"}
