@@ -229,12 +229,7 @@ class AuditPlan:
         started_at = time.monotonic()
         loaded = None if encoder is None or isinstance(encoder, EncoderSpec) else encoder
         if isinstance(engine, str):
-            if engine not in ENGINES:
-                raise ConfigError(f"engine must be 'local' or 'ray', not {engine!r}")
-            engine = EngineOptions(name=engine, ray=RayOptions.create(ray_options) if engine == "ray" else RayOptions())
-            if ray_options and engine.name != "ray":
-                raise ConfigError("address and ray_options are for engine='ray' "
-                                  "(on the command line: --address needs --engine ray)")
+            engine = EngineOptions(name=engine, ray=RayOptions.create(ray_options))  # validated there
         elif ray_options:
             raise ConfigError("give ray_options inside EngineOptions(ray=...) when engine is an EngineOptions")
         if output is None:
