@@ -23,14 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dataclasses
 import functools
 import os
 
 import numpy as np
 
 from .arrays import embedding_row_problems
+from .banks import NO_HASH, BankMatch
 from .calibrate import Calibrator, calibrate, load_calibrators, missing_inputs, probability_basis
-from .decide import ACTIONS, Decision, build_decision, decide_codes, unusable_inputs, worst_views
+from .decide import ACTIONS, Decision, apply_banks, build_decision, decide_codes, unusable_inputs, worst_views
 from .errors import DataError, SafeclipError
 from .heads import LinearProbe, load_head
 from .policy import Policy, PolicyError, load_policy
@@ -58,9 +60,26 @@ class Views:
     embeddings: np.ndarray
     offsets: np.ndarray
     problems: tuple[tuple[str, str] | None, ...] = ()
+    pdq: np.ndarray | None = None  # (R, 32) uint8: each view's PDQ hash, where computed
+    pdq_quality: np.ndarray | None = None  # (R,) its quality; NO_HASH (-1) where none was computed
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def with_pdq(self, per_input: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> Views:
+        """These views with each input's PDQ hashes: ``(hashes (F_i, 32) uint8, qualities (F_i,))`` per input, one
+        per view, or ``None`` where none was computed (such an input cannot be matched against a PDQ bank)."""
+        n_rows = len(self.embeddings)
+        codes = np.zeros((n_rows, 32), np.uint8)
+        quality = np.full(n_rows, NO_HASH, np.int64)
+        for i, item in enumerate(per_input):
+            if item is None:
+                continue
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            h, q = np.asarray(item[0], np.uint8).reshape(-1, 32), np.asarray(item[1], np.int64).reshape(-1)
+            if len(h) == b - a and len(q) == b - a:
+                codes[a:b], quality[a:b] = h, q
+        return dataclasses.replace(self, pdq=codes, pdq_quality=quality)
 
     @classmethod
     def single(cls, embeddings: np.ndarray) -> Views:
@@ -128,6 +147,12 @@ class Verdicts:
     problems: tuple[tuple[str, str] | None, ...]
     scores: Scores
     rows: np.ndarray  # (N,) the absolute row of each input's deciding view in ``scores``
+    codes: np.ndarray | None = None  # (N, C) per-category action codes of the deciding views, banks applied
+
+    def matches(self, i: int) -> tuple[BankMatch, ...]:
+        """The bank entries input ``i``'s deciding view matched."""
+        banks = self.scores.banks
+        return () if banks is None else banks.matches[int(self.rows[i])]
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -170,6 +195,7 @@ class Verdicts:
             frame_index=frame_indices[v] if frame_indices else None,
             n_frames=len(set(frame_indices)) if n_views else 1,
             background=backgrounds[v] if backgrounds else None,
+            codes=None if self.codes is None else self.codes[i], matches=self.matches(i),
         )
 
 
@@ -226,13 +252,20 @@ class CompiledPolicy:
                     a, b = int(offsets[i]), int(offsets[i + 1])
                     emb[a:b] = _placeholder(b - a, emb.shape[1])
         with np.errstate(all="ignore"):
-            scores = self.scorer.score(emb, keep_sims=evidence)
+            scores = self.scorer.score(emb, keep_sims=evidence, pdq=views.pdq, pdq_quality=views.pdq_quality)
             probs, calibrated = self.probabilities(scores)
         probs = np.asarray(probs, np.float32)
         for i, p in enumerate(unusable_inputs(offsets, row_problems, probs)):
             if problems[i] is None and p is not None:
                 problems[i] = p
-        codes = decide_codes(probs, self.policy)
+        bank_codes = None
+        if scores.banks is not None:
+            bank_codes = scores.banks.codes
+            for row, why in enumerate(scores.banks.missing):
+                i = int(np.searchsorted(offsets, row, side="right") - 1)
+                if why is not None and problems[i] is None:
+                    problems[i] = ("NoHash", why)
+        codes = apply_banks(decide_codes(probs, self.policy), bank_codes)
         rows = worst_views(codes, probs, offsets)
         actions = codes[rows].max(axis=1) if codes.shape[1] else np.zeros(len(rows), np.int8)
         chosen = probs[rows]
@@ -243,7 +276,7 @@ class CompiledPolicy:
             chosen = chosen.copy()
             chosen[bad] = np.nan
         return Verdicts(self, actions.astype(np.int8), chosen, calibrated, rows - offsets[:-1], tuple(problems),
-                        scores, rows)
+                        scores, rows, codes[rows])
 
 
 def lint_policy(

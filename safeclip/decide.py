@@ -11,20 +11,24 @@ result into a :class:`Decision`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import DataError
 from .policy import Policy
 
-__all__ = ["ACTIONS", "CategoryResult", "Decision", "build_decision", "decide_codes", "error_decision", "nonfinite_rows",
+if TYPE_CHECKING:  # pragma: no cover
+    from .banks import BankMatch
+
+__all__ = ["ACTIONS", "CategoryResult", "Decision", "apply_banks", "build_decision", "decide_codes", "error_decision", "nonfinite_rows",
            "unusable_inputs", "worst_views"]
 
 ACTIONS: tuple[str, str, str] = ("allow", "flag", "block")
+_ACTION_CODE = {a: i for i, a in enumerate(ACTIONS)}
 
 
 def _thresholds(policy: Policy) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +56,18 @@ def decide_codes(probabilities: np.ndarray, policy: Policy) -> np.ndarray:
     codes = (p >= flag).astype(np.int8) + (p >= block).astype(np.int8)
     codes[~np.isfinite(p)] = 2  # fail closed: NaN compares false with every threshold, which would mean allow
     return codes
+
+
+def apply_banks(codes: np.ndarray, bank_codes: np.ndarray | None) -> np.ndarray:
+    """Per-category codes ``(R, C)`` after what bank matches force (``bank_codes``, -1 where nothing matched; see
+    :class:`~safeclip.banks.BankSignal`): ``0`` (an allow bank's exemplar) overrides the category's own code, ``1``
+    or ``2`` (a deny bank's action) raises it."""
+    if bank_codes is None:
+        return codes
+    out = codes.copy()
+    allow = bank_codes == 0
+    out[allow] = 0
+    return np.maximum(out, bank_codes).astype(np.int8)
 
 
 def nonfinite_rows(probabilities: np.ndarray) -> np.ndarray:
@@ -115,9 +131,11 @@ class CategoryResult:
     signals: Mapping[str, float]
     top_prompts: tuple[tuple[str, float], ...] = ()
     basis: str = "prompt"  # what ``probability`` is: "calibrator", "head" (its own probability) or "prompt"
+    banks: tuple[BankMatch, ...] = ()  # bank entries this category's banks matched
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "banks": [m.to_dict() for m in self.banks],
             "probability": self.probability,
             "action": self.action,
             "flag_threshold": self.flag_threshold,
@@ -138,6 +156,8 @@ class Decision:
     when the image could not be decided and the moderator fails closed (``on_error="flag"|"block"``).
     ``frame_index`` names the frame that decided and, for an image with transparency (judged on several
     backgrounds, the worst view deciding), ``background`` the ``(r, g, b)`` colour it was seen on (``None``: opaque).
+    ``matches`` lists the bank entries the deciding view matched (:class:`~safeclip.banks.BankMatch`: bank, entry,
+    distance or similarity, what the match did).
     """
 
     action: str
@@ -152,6 +172,7 @@ class Decision:
     error: str | None = None
     calibrated: bool = field(default=False)
     background: tuple[int, int, int] | None = None
+    matches: tuple[BankMatch, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,6 +187,7 @@ class Decision:
             "background": None if self.background is None else list(self.background),
             "calibrated": self.calibrated,
             "error": self.error,
+            "matches": [m.to_dict() for m in self.matches],
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
         }
 
@@ -191,6 +213,8 @@ def build_decision(
     n_frames: int = 1,
     background: tuple[int, int, int] | None = None,
     basis: tuple[str, ...] | None = None,
+    codes: np.ndarray | None = None,
+    matches: Sequence[BankMatch] = (),
 ) -> Decision:
     """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals.
 
@@ -205,19 +229,35 @@ def build_decision(
     if bad:
         raise DataError(f"the probability of {', '.join(bad)} is not a finite number (a corrupt embedding, probe or "
                         "calibrator); no decision is made from it")
-    codes = decide_codes(probabilities[None, :], policy)[0]
+    by_threshold = decide_codes(probabilities[None, :], policy)[0]
+    codes = by_threshold if codes is None else np.asarray(codes, np.int8)
     results: dict[str, CategoryResult] = {}
     fired: list[tuple[int, float, str]] = []
     for j, cat in enumerate(policy.categories):
         p = float(probabilities[j])
+        mine = tuple(m for m in matches if m.category == cat.name)
         sig = {k: float(v[j]) for k, v in signals.items() if not np.isnan(v[j])}
         res = CategoryResult(
             name=cat.name, probability=round(p, 6), action=ACTIONS[codes[j]], flag_threshold=cat.flag,
             block_threshold=cat.block, calibrated=bool(calibrated[j]), signals=MappingProxyType(sig),
             top_prompts=(top_prompts or {}).get(cat.name, ()),
-            basis=basis[j] if basis is not None else ("calibrator" if calibrated[j] else "prompt"),
+            basis=basis[j] if basis is not None else ("calibrator" if calibrated[j] else "prompt"), banks=mine,
         )
         results[cat.name] = res
+        for m in mine:
+            if m.effect == "deny" and m.quarantined:
+                fired.append((1, p, f"{cat.name}: {m.describe()} is in flood quarantine (it matched "
+                                    f"{m.flood_count} distinct inputs in its window): flag for review, not "
+                                    f"{m.effect}; a person confirms it with `safeclip bank confirm`"))
+            elif m.effect == "deny":
+                fired.append((_ACTION_CODE[m.action], 2.0, f"{cat.name}: known content: {m.describe()} "
+                                                           f"(deny bank: {m.action})"))
+            elif m.action == "allow" and by_threshold[j] > 0 and codes[j] == 0:
+                limit = cat.block if by_threshold[j] == 2 else cat.flag
+                fired.append((0, p, f"{cat.name}: allowed by {m.describe()}: overrides p={p:.3f} >= "
+                                    f"{ACTIONS[by_threshold[j]]} threshold {_fmt(limit)}"))
+        if mine and codes[j] != by_threshold[j]:
+            continue  # the bank's reason says why
         if codes[j] > 0:
             limit = cat.block if codes[j] == 2 else cat.flag
             why = f"{cat.name}: p={p:.3f} >= {res.action} threshold {_fmt(limit)}"
@@ -233,6 +273,7 @@ def build_decision(
         action=ACTIONS[int(codes.max()) if len(codes) else 0],
         categories=MappingProxyType(results),
         reasons=tuple(w for _, _, w in fired),
+        matches=tuple(matches),
         policy=policy.id,
         encoder_id=encoder_id,
         sha256=sha256,

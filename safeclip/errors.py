@@ -10,6 +10,7 @@
     ├── ArtifactUnavailableError a pinned artifact is not here and cannot be fetched (offline: where to put it)
     ├── CacheError              an embedding or prompt cache cannot be opened, read or written
     │   └── MissingPromptError      a prompt has no cached embedding (also a KeyError)
+    ├── BankError               a bank of known content cannot be created, opened, read or written
     ├── DataError               labelled data or an audit/rescore table is malformed (file, row, column named)
     ├── AuditError              an audit cannot start or finish
     │   ├── NoInputsError           nothing to audit
@@ -40,6 +41,7 @@ __all__ = [
     "ArtifactUnavailableError",
     "CacheError",
     "MissingPromptError",
+    "BankError",
     "DataError",
     "AuditError",
     "NoInputsError",
@@ -112,6 +114,11 @@ class MissingPromptError(CacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return Exception.__str__(self)
+
+
+class BankError(SafeclipError):
+    """A bank (a folder of known hashes or embeddings) cannot be created, opened, read or written: the message names
+    the bank, what is wrong and the fix."""
 
 
 class DataError(SafeclipError, ValueError):

@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 from .artifacts import resolve_artifact_path
-from .errors import ArtifactIntegrityError, PolicyError
+from .errors import ArtifactIntegrityError, PolicyError, SafeclipError
 
 __all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "Policy", "UnknownCategoryError",
            "builtin_policy_dir", "list_policies", "load_policy"]
@@ -53,8 +53,10 @@ __all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "
 _TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories"}
 _SCORING_KEYS = {"logit_scale", "templates", "neutral", "top_prompts"}
 _CATEGORY_KEYS = {"description", "prompts", "contrast", "templates", "thresholds", "probe", "head", "calibrator",
-                  "enabled"}
+                  "enabled", "banks"}
 _ARTIFACT_KEYS = ("probe", "head", "calibrator")
+_BANK_KEYS = {"path", "effect", "action", "max_distance", "min_similarity", "quarantine", "_base", "_file"}
+_QUARANTINE_KEYS = {"max_inputs", "window_hours"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -104,6 +106,43 @@ class ArtifactRef:
 
 
 @dataclass(frozen=True)
+class Quarantine:
+    """Flood quarantine of a bank's entries: an entry that matched more than ``max_inputs`` distinct inputs within
+    ``window_hours`` stops deciding on its own (its matches flag) until a person confirms it."""
+
+    max_inputs: int = 100
+    window_hours: float = 24.0
+
+
+@dataclass(frozen=True)
+class BankRef:
+    """A bank a category matches against: its folder, what a match does and the match threshold.
+
+    ``effect`` ``"deny"``: a match forces the category's ``action`` (``"block"`` or ``"flag"``); ``"allow"``: a
+    match to an allowed exemplar overrides the category's score (the fix for a known false positive). ``threshold``
+    is the largest Hamming distance (PDQ banks, ``max_distance``) or the smallest cosine similarity (embedding banks,
+    ``min_similarity``) that matches.
+    """
+
+    path: Path
+    kind: str
+    effect: str
+    action: str
+    threshold: float
+    quarantine: Quarantine = field(default_factory=Quarantine)
+
+    @property
+    def threshold_key(self) -> str:
+        return "max_distance" if self.kind == "pdq" else "min_similarity"
+
+
+DEFAULT_MAX_DISTANCE = 31
+"""PDQ's recommended match distance (of 256 bits)."""
+DEFAULT_MIN_SIMILARITY = 0.94
+"""CLIP cosine similarity from which two images are near-duplicates (clip-retrieval's dedup threshold)."""
+
+
+@dataclass(frozen=True)
 class Category:
     name: str
     description: str
@@ -115,6 +154,7 @@ class Category:
     probe: ArtifactRef | None = None
     calibrator: ArtifactRef | None = None
     head: ArtifactRef | None = None
+    banks: tuple[BankRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +206,17 @@ class Policy:
                 return {"path": path.relative_to(base).as_posix(), "sha256": ref.sha256}
             return {"path": str(path), "sha256": ref.sha256}
 
+        def bank(ref: BankRef) -> dict[str, Any]:
+            path = ref.path
+            shown = path.relative_to(base).as_posix() if base is not None and path.is_relative_to(base) else str(path)
+            out: dict[str, Any] = {"path": shown, "effect": ref.effect}
+            if ref.effect == "deny":
+                out["action"] = ref.action
+            out[ref.threshold_key] = int(ref.threshold) if ref.kind == "pdq" else ref.threshold
+            out["quarantine"] = {"max_inputs": ref.quarantine.max_inputs,
+                                 "window_hours": ref.quarantine.window_hours}
+            return out
+
         # A loaded policy keeps only each category's templates: the most common set stands for scoring.templates.
         counts: dict[tuple[str, ...], int] = {}
         for c in self.categories:
@@ -183,15 +234,19 @@ class Policy:
             entry: dict[str, Any] = {}
             if c.description:
                 entry["description"] = c.description
-            entry["prompts"] = list(c.prompts)
+            if c.prompts or not c.banks:
+                entry["prompts"] = list(c.prompts)
             entry["contrast"] = list(c.contrast)
             if list(c.templates) != templates:
                 entry["templates"] = list(c.templates)
-            entry["thresholds"] = {"flag": c.flag, "block": c.block}
+            if c.flag is not None or c.block is not None or not c.banks:
+                entry["thresholds"] = {"flag": c.flag, "block": c.block}
             for key in _ARTIFACT_KEYS:
                 ref = artifact(getattr(c, key))
                 if ref is not None:
                     entry[key] = ref
+            if c.banks:
+                entry["banks"] = [bank(b) for b in c.banks]
             cats[c.name] = entry
         doc["categories"] = cats
         return doc
@@ -362,6 +417,9 @@ def _merged(path: Path, allow_outside: bool, chain: tuple[Path, ...] = ()) -> tu
                 for key in _ARTIFACT_KEYS:
                     if isinstance(cat.get(key), dict):
                         cat[key] = dict(cat[key], _base=str(path.parent), _file=str(path))
+                if isinstance(cat.get("banks"), list):
+                    cat["banks"] = [dict(b, _base=str(path.parent)) if isinstance(b, dict) else b
+                                    for b in cat["banks"]]
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         return data, problems, True
@@ -462,6 +520,84 @@ def _artifact(value: Any, where: str, problems: list[str], allow_outside: bool) 
         problems.append(f"{where}.path: no such file {str(resolved)!r}")
         return None
     return ArtifactRef(path=resolved, sha256=sha.lower())
+
+
+def _banks(value: Any, where: str, problems: list[str], allow_outside: bool) -> tuple[BankRef, ...]:
+    """A category's ``banks:`` list; every problem reported with its location. Each folder is opened to read its
+    kind (the threshold key must fit it); what needs the encoder (another embedding space) is checked on compile."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(f"{where}: must be a list of banks (each a mapping with path, effect and a threshold)")
+        return ()
+    out: list[BankRef] = []
+    for i, b in enumerate(value):
+        w = f"{where}[{i}]"
+        if not isinstance(b, dict):
+            problems.append(f"{w}: must be a mapping with path, effect (deny or allow) and a threshold")
+            continue
+        for key in sorted(set(b) - _BANK_KEYS):
+            problems.append(f"{w}.{key}: unknown key (expected path, effect, action, max_distance or "
+                            "min_similarity, quarantine)")
+        path, effect, action = b.get("path"), b.get("effect"), b.get("action", "block")
+        ok = True
+        if not isinstance(path, str) or not path:
+            problems.append(f"{w}.path: must be the bank's folder (relative to this policy file)")
+            ok = False
+        if effect not in ("deny", "allow"):
+            problems.append(f"{w}.effect: must be deny (a match forces the action) or allow (a match overrides the "
+                            f"category's score), got {_printable(effect)}")
+            ok = False
+        if action not in ("block", "flag"):
+            problems.append(f"{w}.action: must be block or flag, got {_printable(action)}")
+            ok = False
+        elif effect == "allow" and "action" in b:
+            problems.append(f"{w}.action: only a deny bank has an action (an allow match allows)")
+        q = b.get("quarantine") or {}
+        quarantine = Quarantine()
+        if not isinstance(q, dict):
+            problems.append(f"{w}.quarantine: must be a mapping with max_inputs and window_hours")
+        else:
+            for key in sorted(set(q) - _QUARANTINE_KEYS):
+                problems.append(f"{w}.quarantine.{key}: unknown key (expected max_inputs, window_hours)")
+            mi, wh = q.get("max_inputs", quarantine.max_inputs), q.get("window_hours", quarantine.window_hours)
+            if isinstance(mi, bool) or not isinstance(mi, int) or mi < 1:
+                problems.append(f"{w}.quarantine.max_inputs: must be a positive integer, got {_printable(mi)}")
+            elif _number(wh, f"{w}.quarantine.window_hours", problems, 1 / 60, 24 * 365, nullable=False) is not None:
+                quarantine = Quarantine(int(mi), float(wh))
+        if not ok:
+            continue
+        try:
+            folder = resolve_artifact_path(path, b.get("_base"), allow_outside=allow_outside)
+        except ArtifactIntegrityError as e:
+            problems.append(f"{w}.path: {e}")
+            continue
+        from .banks import bank_kind
+
+        try:
+            kind = bank_kind(folder)
+        except SafeclipError as e:
+            problems.append(f"{w}.path: {e}")
+            continue
+        key, other = ("max_distance", "min_similarity") if kind == "pdq" else ("min_similarity", "max_distance")
+        if other in b:
+            problems.append(f"{w}.{other}: {folder} is a {kind} bank, matched by {key}, not {other}")
+            continue
+        if kind == "pdq":
+            t = b.get(key, DEFAULT_MAX_DISTANCE)
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 128:
+                problems.append(f"{w}.max_distance: must be an integer number of bits in [0, 128] (PDQ matches at "
+                                f"<= 31), got {_printable(t)}")
+                continue
+            threshold = float(t)
+        else:
+            n = _number(b.get(key, DEFAULT_MIN_SIMILARITY), f"{w}.min_similarity", problems, 0.5, 1.0,
+                        nullable=False)
+            if n is None:
+                continue
+            threshold = n
+        out.append(BankRef(folder, kind, effect, action if effect == "deny" else "allow", threshold, quarantine))
+    return tuple(out)
 
 
 def _number(value: Any, where: str, problems: list[str], lo: float, hi: float, *, nullable: bool) -> float | None:
@@ -578,7 +714,10 @@ def load_policy(
         if not isinstance(desc, str):
             problems.append(at(f"{w}.description: must be a string"))
             desc = ""
-        prompts = () if inherited(cat, "prompts") else _str_list(cat.get("prompts"), at(f"{w}.prompts"), problems)
+        banks = _banks(cat.get("banks"), at(f"{w}.banks"), problems, allow_outside)
+        bank_only = bool(banks) and cat.get("prompts") is None
+        prompts = () if (inherited(cat, "prompts") or bank_only) else _str_list(
+            cat.get("prompts"), at(f"{w}.prompts"), problems)
         contrast = _str_list(cat.get("contrast"), at(f"{w}.contrast"), problems, allow_empty=True)
         overlap = sorted(set(prompts) & set(contrast))
         if overlap:
@@ -586,7 +725,7 @@ def load_policy(
         ctemplates = _templates(cat["templates"], at(f"{w}.templates"), problems) if "templates" in cat else templates
         th = cat.get("thresholds")
         flag = block = None
-        if inherited(cat, "thresholds"):
+        if inherited(cat, "thresholds") or (bank_only and th is None):
             pass
         elif not isinstance(th, dict) or not ({"flag", "block"} & set(th)):
             problems.append(at(f"{w}.thresholds: must be a mapping with flag and/or block"))
@@ -598,7 +737,11 @@ def load_policy(
             if flag is not None and block is not None and flag > block:
                 problems.append(at(f"{w}.thresholds: flag ({flag}) must not exceed block ({block})"))
         refs = {key: _artifact(cat.get(key), at(f"{w}.{key}"), problems, allow_outside) for key in _ARTIFACT_KEYS}
-        categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, **refs))
+        if bank_only and any(refs.values()):
+            problems.append(at(f"{w}: a category without prompts decides by its banks only; a probe, head or "
+                               "calibrator needs prompts beside it"))
+        categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, **refs,
+                                   banks=banks))
     if not categories and isinstance(cats_raw, dict) and cats_raw and complete:
         problems.append(at("categories: every category is disabled"))
     if problems:

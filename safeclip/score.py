@@ -6,6 +6,8 @@ For each category up to three signals exist:
   prompts, at the policy's logit scale: ``log sum_pos exp(s*cos) - log sum_neg exp(s*cos)``. Its sigmoid is the
   softmax mass of the positive prompts, which is the documented fallback probability of an uncalibrated category.
 - ``probe``: a linear probe's logit on the embedding, where the policy names a probe artifact.
+- ``banks``: what matches in the banks a category names force (:class:`~safeclip.banks.BankSignal`): known content
+  found by PDQ hash or embedding similarity, deny or allow.
 - ``head``: a trained head's logit (:class:`~safeclip.heads.MLPHead`, e.g. LAION's NSFW head), where the policy names
   one. A head that names its ``output`` (``punsafe``) also reports ``sigmoid(head)`` under that name.
 
@@ -24,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .heads import LinearProbe, MLPHead, load_head
 from .arrays import as_embeddings, sigmoid
+from .banks import BankSignal, PolicyBanks
+from .heads import LinearProbe, MLPHead, load_head
 from .errors import EncoderMismatchError
 from .policy import Policy
 
@@ -33,6 +36,7 @@ __all__ = ["Scorer", "Scores"]
 
 # exp() of shifted logits can underflow to 0 for prompts far below the row's best one; keep log() finite.
 _TINY = np.float32(1e-30)
+_NO_PROMPTS = np.float32(-100.0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Scores:
     encoder_id: str
     sims: np.ndarray | None = None  # (N, P) cosine similarities to each concept, kept for evidence when asked
     head_outputs: tuple[str | None, ...] = ()  # per category: the name a head gives its probability, or None
+    banks: BankSignal | None = None  # bank matches per row, where the policy names banks
 
     def __len__(self) -> int:
         return int(self.prompt.shape[0])
@@ -156,9 +161,14 @@ class Scorer:
         self._probe_cols = np.asarray(probe_cols, np.intp)
         self._probe_intercept = np.asarray(intercepts, np.float32)[:, None]
         self._fused = np.ascontiguousarray(np.concatenate(fused, axis=0), dtype=np.float32)  # (R, D)
+        self.banks = PolicyBanks(policy, encoder_id) if any(c.banks for c in policy.categories) else None
 
-    def score(self, embeddings: np.ndarray, *, keep_sims: bool = False, encoder_id: str | None = None) -> Scores:
+    def score(self, embeddings: np.ndarray, *, keep_sims: bool = False, encoder_id: str | None = None,
+              pdq: np.ndarray | None = None, pdq_quality: np.ndarray | None = None) -> Scores:
         """Score ``(N, D)`` L2-normalised embeddings. Pass ``encoder_id`` to have the space checked.
+
+        ``pdq`` ``(N, 32)`` uint8 and ``pdq_quality`` ``(N,)``: the rows' PDQ hashes, matched against the policy's PDQ
+        banks (a row without one, quality :data:`~safeclip.banks.NO_HASH`, is reported in ``banks.missing``).
 
         Embeddings that are not finite float L2-normalised rows raise :class:`~safeclip.errors.DataError`: a score
         of something that is not a CLIP embedding would decide nothing true.
@@ -184,6 +194,8 @@ class Scorer:
             np.log(np.maximum(neg, _TINY), out=neg)
             np.log(np.maximum(logits[p0:n0].sum(axis=0), _TINY), out=prompt_t[j])
             prompt_t[j] -= neg
+            if p0 == n0:  # a category of banks only: no prompt evidence, probability 0
+                prompt_t[j] = _NO_PROMPTS
         prompt = np.ascontiguousarray(prompt_t.T)
         probe = np.full((n, n_c), np.nan, np.float32)  # NaN in the columns of categories without a probe
         if len(self._probe_cols):
@@ -197,7 +209,8 @@ class Scorer:
                 for j, h in self._head_cols:
                     head[start:start + len(block), j] = h.decision_function(block)
         sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
-        return Scores(self.categories, prompt, probe, head, self.encoder_id, sims, self.head_outputs)
+        banks = self.banks.match(x, pdq, pdq_quality) if self.banks else None
+        return Scores(self.categories, prompt, probe, head, self.encoder_id, sims, self.head_outputs, banks)
 
     def top_prompts(self, sims_row: np.ndarray, j: int, k: int) -> tuple[tuple[str, float], ...]:
         """The ``k`` positive prompts of category ``j`` closest to one image, with their cosine similarity."""

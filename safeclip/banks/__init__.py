@@ -1,0 +1,36 @@
+"""Banks of known content: lists of PDQ hashes and CLIP exemplars that a policy matches every input against.
+
+A bank is a folder (:class:`Bank`): a manifest of entries (id, label, source, added time, enabled) and their rows,
+``pdq`` (256-bit hashes, matched by Hamming distance; optionally the 8 dihedral variants of each added image, so
+rotations and flips match) or ``embedding`` (image embeddings of one ``encoder_id``, matched by cosine similarity;
+exact while small, an approximate index above). Policies name banks per category with a threshold and an effect
+(``deny`` forces an action, ``allow`` overrides a known false positive); the score stage matches them
+(:class:`PolicyBanks`) and the decide stage applies what they force.
+
+>>> import tempfile, numpy as np
+>>> bank = Bank.create(tempfile.mkdtemp() + "/incidents", "pdq")
+>>> bank.add(np.zeros((1, 32), np.uint8), [NewEntry("e1", label="demo")])
+['e1']
+>>> [e.id for e in bank.entries()]
+['e1']
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._hits import HitLog
+from ._signal import MIN_PDQ_QUALITY, NO_HASH, BankMatch, BankSignal, PolicyBanks
+from ._store import BANK_KINDS, Bank, BankEntry, NewEntry, is_bank, read_meta
+
+__all__ = ["BANK_KINDS", "MIN_PDQ_QUALITY", "NO_HASH", "Bank", "BankEntry", "BankMatch", "BankSignal", "HitLog",
+           "NewEntry", "PolicyBanks", "bank_kind", "is_bank", "read_meta"]
+
+
+def bank_kind(path: str | os.PathLike[str]) -> str:
+    """The kind (``pdq`` or ``embedding``) of the bank folder at ``path``; :class:`~safeclip.errors.BankError` when it
+    is not one."""
+    return read_meta(Path(path))["kind"]
+
+
