@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from .arrays import embedding_row_problems
-from .banks import NO_HASH, BankMatch
+from .banks import NO_HASH, BankMatch, read_meta
 from .calibrate import Calibrator, calibrate, load_calibrators, missing_inputs, probability_basis
 from .decide import ACTIONS, Decision, apply_banks, build_decision, decide_codes, unusable_inputs, worst_views
 from .errors import DataError, SafeclipError
@@ -286,8 +286,10 @@ def lint_policy(
 
     Every problem (invalid fields, wrong sha256 pins, malformed or non-finite artifacts, artifacts of different
     embedding spaces or dimensions, a calibrator that needs a missing probe or head, a ``url`` artifact that cannot
-    be fetched, an artifact that cannot run in the policy's own ``encoder:``) is collected into one
-    :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every artifact belongs to that space.
+    be fetched, an artifact that cannot run in the policy's own ``encoder:``; a bank folder that is missing, of
+    another kind than its threshold or of another embedding space) is collected into one
+    :class:`~safeclip.errors.PolicyError`. ``encoder_id`` also checks that every artifact and embedding bank belongs
+    to that space.
 
     The space of the policy's ``encoder:`` is known without weights for a pretrained tag (from open_clip's
     configs); a local checkpoint is hashed when it exists here and skipped otherwise.
@@ -336,6 +338,22 @@ def lint_policy(
                 dims.setdefault(art.dim, where)
             else:
                 problems += [f"{where}: {p}" for p in missing_inputs(art, cat)]
+        for i, bank in enumerate(cat.banks):
+            if bank.kind != "embedding":
+                continue
+            where = f"{policy.source}: categories.{cat.name}.banks[{i}].path"
+            try:
+                bank_space = read_meta(bank.path)["encoder_id"]
+            except SafeclipError as e:
+                problems.append(f"{where}: {e}")
+                continue
+            spaces.setdefault(bank_space, where)
+            for space, whose in ((own, "the policy's encoder:"), (encoder_id, "the encoder given")):
+                if space is not None and bank_space != space and not (
+                        space is own and encoder_id_matches(bank_space, space)):
+                    problems.append(f"{where}: {bank.path} holds embeddings of {bank_space!r}, but {whose} embeds "
+                                    f"into {space!r}: rebuild the bank with that encoder or run the one it was "
+                                    "built with")
     if len(spaces) > 1:
         problems.append(f"{policy.source}: artifacts come from {len(spaces)} embedding spaces: "
                         + "; ".join(f"{sid!r} ({where})" for sid, where in spaces.items()))

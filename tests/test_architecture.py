@@ -43,6 +43,7 @@ def test_each_decide_rule_is_applied_in_one_place():
     the decision object (CompiledPolicy.decide); nobody else re-derives them from raw embedding checks."""
     assert _functions_calling("worst_views") == {"compiled.decide"}
     assert _functions_calling("unusable_inputs") == {"compiled.decide"}
+    assert _functions_calling("apply_banks") == {"compiled.decide"}
     # The decision object computes the per-row problems that unusable_inputs maps to inputs; besides it,
     # as_embeddings validates an API argument, and the cache checks its own entries (a damaged one is a miss,
     # re-embedded: storage integrity, not a decision).
