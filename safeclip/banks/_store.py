@@ -145,7 +145,6 @@ class Bank:
         self._data: np.ndarray = self._empty()
         self._row_entry = np.zeros(0, np.int64)  # row -> entry number n
         self._active = np.zeros(0, bool)
-        self._quality: dict[int, int] = {}
         self._enabled = True
         self._segments: list[_Segment] = []
         self._index_stamp: tuple[float, int] | None = None
@@ -252,39 +251,27 @@ class Bank:
             return False
 
     def _read_changes(self, since: int) -> None:
-        rows = self._con.execute(
-            "SELECT n, row0, nrows, enabled, removed, quality FROM entries WHERE changed > ? ORDER BY row0",
+        cur = self._con.execute(
+            "SELECT n, row0, nrows, enabled = 1 AND removed = 0 FROM entries WHERE changed > ? ORDER BY row0",
             (since,))
-        n_rows = self._n_rows
-        news: list[tuple[int, int, int, bool]] = []
-        updates: list[tuple[int, int, bool]] = []
+        parts = []
         while True:
-            chunk = rows.fetchmany(65536)
+            chunk = cur.fetchmany(262144)
             if not chunk:
                 break
-            for n, row0, nrows, enabled, removed, quality in chunk:
-                active = bool(enabled) and not removed
-                if quality is not None:
-                    self._quality[n] = int(quality)
-                if row0 >= self._n_rows:
-                    news.append((n, row0, nrows, active))
-                else:
-                    updates.append((row0, nrows, active))
-                n_rows = max(n_rows, row0 + nrows)
+            parts.append(np.array(chunk, np.int64).reshape(-1, 4))
+        if not parts:
+            return
+        a = np.concatenate(parts)
+        n_rows = max(self._n_rows, int((a[:, 1] + a[:, 2]).max()))
         if n_rows > self._n_rows:
             self._map_rows(n_rows)
             grow = n_rows - len(self._row_entry)
             self._row_entry = np.concatenate([self._row_entry, np.full(grow, -1, np.int64)])
             self._active = np.concatenate([self._active, np.zeros(grow, bool)])
-            if news:
-                a = np.asarray(news, np.int64)
-                idx = np.repeat(a[:, 1], a[:, 2]) + _ranges(a[:, 2])
-                self._row_entry[idx] = np.repeat(a[:, 0], a[:, 2])
-                self._active[idx] = np.repeat(a[:, 3].astype(bool), a[:, 2])
-        elif news:
-            raise BankError(f"{self.path}: entries name rows the bank does not hold; restore the folder")
-        for row0, nrows, active in updates:
-            self._active[row0:row0 + nrows] = active
+        idx = np.repeat(a[:, 1], a[:, 2]) + _ranges(a[:, 2])
+        self._row_entry[idx] = np.repeat(a[:, 0], a[:, 2])
+        self._active[idx] = np.repeat(a[:, 3].astype(bool), a[:, 2])
         self._tail_cache = None
 
     def _map_rows(self, n_rows: int) -> None:
@@ -491,9 +478,13 @@ class Bank:
         con.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(seq),))
         return seq
 
-    def add(self, rows: np.ndarray, entries: Sequence[NewEntry], *, replace: bool = False) -> list[str]:
+    def add(self, rows: np.ndarray, entries: Sequence[NewEntry], *, replace: bool = False, index: bool = True
+            ) -> list[str]:
         """Append ``entries`` whose rows are ``rows`` (in order, ``entry.nrows`` each). An id that exists is refused
-        unless ``replace`` (then the old entry is removed in the same transaction). Returns the ids added."""
+        unless ``replace`` (then the old entry is removed in the same transaction). Returns the ids added.
+
+        The new rows match at once (searched exactly until indexed). ``index=False`` leaves them unindexed, for bulk
+        loads that call :meth:`rebuild_index` once at the end."""
         data = self._check_rows(rows)
         need = sum(e.nrows for e in entries)
         if need != len(data):
@@ -541,7 +532,7 @@ class Bank:
                     con.execute("ROLLBACK")
                 raise
             self.refresh(force=True)
-            if len(self._tail()) > TAIL_ROWS[self.kind]:
+            if index and len(self._tail()) > TAIL_ROWS[self.kind]:
                 self._index_tail()
         return ids
 
