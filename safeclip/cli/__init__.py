@@ -14,6 +14,8 @@ calibration    ``safeclip calibrate``, ``eval``
 runtime        ``safeclip runtime verify``
 signals        ``safeclip import laion-nsfw | laion-violence``
 serve          ``safeclip serve``
+bank           ``safeclip bank create | add | remove | disable | enable | confirm | list | match | hash |
+               import | export | index``
 =============  ==========================================
 """
 
@@ -29,7 +31,7 @@ __all__ = ["build_parser", "main"]
 
 # Imported when the parser is built, not with the package: `python -m safeclip.cli.audit` then runs a module that
 # is not already half-imported (runpy warns about that).
-_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve", "signals")
+_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve", "signals", "bank")
 
 
 def build_parser() -> argparse.ArgumentParser:
