@@ -125,13 +125,13 @@ def pdq_hash_dihedral(image: Image.Image | np.ndarray) -> tuple[PdqHash, ...]:
 
 
 def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
-    """The image as float32 luminance (H, W) (from PIL, whose RGB-to-F conversion is the reference's
-    0.299 R + 0.587 G + 0.114 B; a grey image's values are its luminance, as in the reference), or as the given
-    (H, W, 3) uint8 RGB array (its luminance is taken after the downsample: the two are linear, so they commute)."""
+    """The image's uint8 pixels: (H, W, 3) RGB, or (H, W) for a grey PIL image, whose values are its luminance as in
+    the reference. RGB becomes luminance (the reference's 0.299 R + 0.587 G + 0.114 B) after the downsample: both
+    are linear, so they commute, and only 64x64 pixels are converted."""
     if isinstance(image, Image.Image):
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
-        return np.asarray(image.convert("F"))
+        return np.asarray(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ConfigError(f"pdq_hash takes an (H, W, 3) uint8 RGB array, got shape {image.shape} dtype "
@@ -159,13 +159,15 @@ def _dct16(pixels: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _reduce(x: np.ndarray, band: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Along axis 0: output i = sum over l of ``weights[i, l] * x[start[i] + l]`` (float32)."""
+    """Along axis 0: output i = sum over l of ``weights[i, l] * x[start[i] + l]`` (float32), one small matrix
+    product per output over its contiguous run of input rows."""
     start, weights = band
-    tail = (slice(None),) + (None,) * (x.ndim - 1)
-    out = np.zeros((_OUT, *x.shape[1:]), dtype=np.float32)
-    for l in range(weights.shape[1]):
-        out += weights[:, l][tail] * x[start + l]
-    return out
+    run = weights.shape[1]
+    flat = np.ascontiguousarray(x).reshape(x.shape[0], -1)
+    out = np.empty((_OUT, flat.shape[1]), dtype=np.float32)
+    for i in range(_OUT):
+        out[i] = weights[i] @ flat[start[i]:start[i] + run]
+    return out.reshape(_OUT, *x.shape[1:])
 
 
 def _jarosz_window(side: int) -> int:
