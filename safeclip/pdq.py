@@ -105,14 +105,14 @@ def _describe(x: object) -> str:
 def pdq_hash(image: Image.Image | np.ndarray) -> PdqHash:
     """The PDQ hash of a PIL image (any mode; converted to RGB) or an ``(H, W, 3)`` uint8 RGB array. Images under
     5 pixels on a side hash, as in the reference, to all zeros with quality 0."""
-    coeffs, quality = _dct16(_luma(image))
+    coeffs, quality = _dct16(_pixels(image))
     return PdqHash(_bits(coeffs), quality)
 
 
 def pdq_hash_dihedral(image: Image.Image | np.ndarray) -> tuple[PdqHash, ...]:
     """The hashes of the image's 8 rotations and flips, in :data:`DIHEDRAL_NAMES` order, from one DCT (sign flips
     and transposes of its coefficients, as the reference does): match a query against all 8 to find turned copies."""
-    a, quality = _dct16(_luma(image))
+    a, quality = _dct16(_pixels(image))
     odd = (np.arange(16) & 1).astype(bool)
     s = np.where(odd, 1.0, -1.0)  # spatial reversal negates the even-indexed (odd-frequency) coefficients
     checker = np.where(np.add.outer(np.arange(16), np.arange(16)) & 1, -1.0, 1.0)
@@ -124,40 +124,50 @@ def pdq_hash_dihedral(image: Image.Image | np.ndarray) -> tuple[PdqHash, ...]:
 # ---------------------------------------------------------------- hashing
 
 
-def _luma(image: Image.Image | np.ndarray) -> np.ndarray:
-    """float32 luminance (H, W), computed as the reference's fillFloatLumaFromRGB (0.299 R + 0.587 G + 0.114 B)."""
+def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The image's uint8 pixels: (H, W, 3) RGB, or (H, W) for a grey PIL image, whose values are its luminance as in
+    the reference. RGB becomes luminance (the reference's 0.299 R + 0.587 G + 0.114 B) after the downsample: both
+    are linear, so they commute, and only 64x64 pixels are converted."""
     if isinstance(image, Image.Image):
-        if image.mode == "L":  # the reference's fillFloatLumaFromGrey: the grey value itself
-            return np.asarray(image, dtype=np.float32)
-        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    elif isinstance(image, np.ndarray):
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        return np.asarray(image)
+    if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ConfigError(f"pdq_hash takes an (H, W, 3) uint8 RGB array, got shape {image.shape} dtype "
                               f"{image.dtype}: pass a PIL image, or convert with np.asarray(img.convert('RGB'))")
-        rgb = image
-    else:
-        raise ConfigError(f"pdq_hash takes a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
-    r, g, b = (np.float32(c) for c in _LUMA)
-    y = rgb[..., 0] * r
-    y += rgb[..., 1] * g
-    y += rgb[..., 2] * b
-    return y
+        return image
+    raise ConfigError(f"pdq_hash takes a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
 
 
-def _dct16(luma: np.ndarray) -> tuple[np.ndarray, int]:
-    """The 16x16 DCT coefficients (float64) and the quality of the luminance image's 64x64 downsample."""
-    h, w = luma.shape
+def _dct16(pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 16x16 DCT coefficients (float64) and the quality of the image's 64x64 luminance downsample."""
+    h, w = pixels.shape[:2]
     if h < _MIN_SIDE or w < _MIN_SIDE:
         return np.zeros((16, 16)), 0
     if h == _OUT and w == _OUT:  # the reference takes a 64x64 image as already downsampled
-        small = luma
+        small = pixels.astype(np.float32)
     else:
-        # The filter and decimation are linear and act on each axis apart: one (64, side) matrix per axis holds
-        # the blur's weights at the 64 sampled positions, so only the rows and columns read are ever computed.
-        small = _downsample_matrix(h) @ luma @ _downsample_matrix(w).T
+        # The Jarosz filter then decimation is linear and acts on each axis apart: along each axis, each of the
+        # 64 samples is a weighted sum of a short run of inputs, and only those runs are ever read.
+        small = _reduce(_reduce(pixels, _band(h)).swapaxes(0, 1), _band(w)).swapaxes(0, 1)
+    if small.ndim == 3:
+        small = small @ np.array(_LUMA, dtype=np.float32)
     quality = _quality(small.astype(np.float32))
     d = _dct_matrix()
     return d @ small.astype(np.float64) @ d.T, quality
+
+
+def _reduce(x: np.ndarray, band: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Along axis 0: output i = sum over l of ``weights[i, l] * x[start[i] + l]`` (float32), one small matrix
+    product per output over its contiguous run of input rows."""
+    start, weights = band
+    run = weights.shape[1]
+    flat = np.ascontiguousarray(x).reshape(x.shape[0], -1)
+    out = np.empty((_OUT, flat.shape[1]), dtype=np.float32)
+    for i in range(_OUT):
+        out[i] = weights[i] @ flat[start[i]:start[i] + run]
+    return out.reshape(_OUT, *x.shape[1:])
 
 
 def _jarosz_window(side: int) -> int:
@@ -172,26 +182,28 @@ def _box_extents(side: int, window: int) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(k - (window - half), 0), np.minimum(k + half, side)
 
 
-@functools.lru_cache(maxsize=64)
-def _downsample_matrix(side: int) -> np.ndarray:
-    """(64, side) float32: two box passes then the reference's decimateFloat sampling (centres, not corners)."""
+@functools.lru_cache(maxsize=256)
+def _band(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two box passes then the reference's decimateFloat sampling (centres, not corners) along a side, as the run
+    each of the 64 samples reads: ``start`` (64,) and ``weights`` (64, run length) float32."""
     lo, hi = _box_extents(side, _jarosz_window(side))
     rows = ((np.arange(_OUT) + 0.5) * side / _OUT).astype(np.int64)
-    # Sampled output s of the second pass averages first-pass outputs r in [lo[s], hi[s]); each of those averages
-    # inputs [lo[r], hi[r]). Spread each r's weight as +w at lo[r] and -w at hi[r], then a cumulative sum.
-    out_idx, r = [], []
-    for i, s in enumerate(rows):
-        span = np.arange(lo[s], hi[s])
-        out_idx.append(np.full(len(span), i))
-        r.append(span)
-    o, rr = np.concatenate(out_idx), np.concatenate(r)
-    weight = 1.0 / ((hi[rows] - lo[rows])[o] * (hi[rr] - lo[rr]))
+    # Sample i of the second pass averages first-pass outputs r in [lo[s], hi[s]); each of those averages inputs
+    # [lo[r], hi[r]). Spread each r's weight as +w at lo[r] and -w at hi[r], then a cumulative sum.
+    o = np.concatenate([np.full(hi[s] - lo[s], i) for i, s in enumerate(rows)])
+    r = np.concatenate([np.arange(lo[s], hi[s]) for s in rows])
+    weight = 1.0 / ((hi[rows] - lo[rows])[o] * (hi[r] - lo[r]))
     steps = np.zeros((_OUT, side + 1))
-    np.add.at(steps, (o, lo[rr]), weight)
-    np.add.at(steps, (o, hi[rr]), -weight)
-    m = np.cumsum(steps, axis=1)[:, :side].astype(np.float32)
-    m.setflags(write=False)
-    return m
+    np.add.at(steps, (o, lo[r]), weight)
+    np.add.at(steps, (o, hi[r]), -weight)
+    dense = np.cumsum(steps, axis=1)[:, :side]
+    first, last = lo[lo[rows]], hi[hi[rows] - 1]  # each sample's run: [first, last)
+    run = int((last - first).max())
+    start = np.minimum(first, side - run)  # keep every run inside the side; the weights beyond it are zeros
+    weights = dense[np.arange(_OUT)[:, None], start[:, None] + np.arange(run)].astype(np.float32)
+    start.setflags(write=False)
+    weights.setflags(write=False)
+    return start, weights
 
 
 @functools.lru_cache(maxsize=1)
