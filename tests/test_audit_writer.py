@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,9 @@ def test_kill_9_mid_run_then_rerun_gives_every_input_once_without_recomputing(sa
     cmd = [sys.executable, "-m", "safeclip.cli.audit", "audit", *inputs, "--out", str(out), "--model", tiny_model,
            "--cache", str(cache), "--workers", "1", "--batch-size", "2", "--part-rows", "2", "--no-progress"]
     env = dict(os.environ, **{HOOK: json.dumps({"delay": 0.15})})  # slow decoding down: the kill lands mid-run
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A session of its own: the run's decode workers (and their fork server) share its process group, proc.pid.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -42,12 +45,22 @@ def test_kill_9_mid_run_then_rerun_gives_every_input_once_without_recomputing(sa
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only: its workers must notice and go by themselves
         proc.wait(timeout=30)
+        # Count what the killed run cached only once none of its processes holds the cache open. SIGKILL can land
+        # after a put_many's commit reached the WAL but before it was published in the -shm index: a connection
+        # opened while a worker still maps that index does not see the commit, one opened after every process
+        # let go recovers it from the WAL (as the rerun does), so counting earlier undercounts cached_before.
+        deadline = time.monotonic() + 30
+        while _group_running(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _group_running(proc.pid), "the killed run's decode workers outlived it by 30 s"
     finally:
         proc.kill()
         proc.wait(timeout=30)
         proc.stderr.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a failed assertion above leaves no stray worker
     assert len(list(parts_dir.glob("part-*.parquet"))) >= 2, "no part was committed within 120 s"
     assert not out.exists()
     committed = pa.concat_tables([read(p) for p in sorted(parts_dir.glob("part-*.parquet"))])
@@ -77,6 +90,26 @@ def test_kill_9_mid_run_then_rerun_gives_every_input_once_without_recomputing(sa
     # Another batch layout (batch_size 2 above, the default here) moves float32 scores by ~1e-6 until scoring is
     # bit-stable across layouts (issue 23); the embeddings themselves come from the cache, unchanged.
     assert_same_rows(read(out), t, atol=1e-5)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the group ``pgid`` is still running (an exited one awaiting its reaper has closed its
+    files and does not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def test_parts_of_another_policy_are_not_reused(sample, tiny_encoder, tmp_path):
