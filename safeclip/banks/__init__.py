@@ -1,0 +1,1 @@
+"""Banks of known media (placeholder: the store's package replaces this file)."""
