@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["HammingIndex", "VectorIndex", "PDQ_BYTES"]
+__all__ = ["HammingIndex", "VectorIndex", "PDQ_BYTES", "noisy_copies"]
 
 PDQ_BYTES = 32
 _WORDS = PDQ_BYTES // 8
@@ -362,3 +362,234 @@ def _group(hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], q: int, n: int
     qidx, ids, dist = qidx[order], ids[order], dist[order]
     bounds = np.searchsorted(qidx, np.arange(q + 1))
     return [(ids[bounds[i]:bounds[i + 1]], dist[bounds[i]:bounds[i + 1]]) for i in range(q)]
+
+
+_NORM_TOLERANCE = 1e-2
+_EXACT_BELOW = 50_000
+_TUNE_QUERIES = 500
+_TUNE_RECALL = 0.995
+_KMEANS_ITERS = 8
+_MATMUL_ROWS = 1 << 16
+
+
+def _as_vectors(x: Any, name: str, d: int | None = None) -> np.ndarray:
+    want = f"(N, {d if d is not None else 'D'}) float32 L2-normalised embeddings"
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or (d is not None and x.shape[1] != d) \
+            or x.shape[1] == 0:
+        raise _shape_error(name, x, want)
+    return np.ascontiguousarray(x)
+
+
+def _check_norms(x: np.ndarray, name: str) -> None:
+    for a in range(0, len(x), _MATMUL_ROWS):
+        norms = np.linalg.norm(x[a:a + _MATMUL_ROWS], axis=1)
+        bad = np.flatnonzero(~(np.abs(norms - 1) <= _NORM_TOLERANCE))
+        if len(bad):
+            raise DataError(f"{name} row {a + int(bad[0])} has L2 norm {norms[bad[0]]:.4g}, not 1: normalise the "
+                            "embeddings (x / ||x||) first")
+
+
+def _top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of one query's candidate ``sims`` (best first, ties by id), padded with -1 / -inf."""
+    out_i = np.full(k, -1, np.int64)
+    out_s = np.full(k, -np.inf, np.float32)
+    if len(sims):
+        kk = min(k, len(sims))
+        top = np.argpartition(-sims, kk - 1)[:kk] if kk < len(sims) else np.arange(len(sims))
+        top = top[np.lexsort((ids[top], -sims[top]))]
+        out_i[:kk], out_s[:kk] = ids[top], sims[top]
+    return out_i, out_s
+
+
+class VectorIndex:
+    """Cosine search over L2-normalised embeddings: exact below ``exact_below`` rows, an inverted file above
+    (see the module docstring)."""
+
+    def __init__(self, vectors: np.ndarray, centroids: np.ndarray | None, order: np.ndarray | None,
+                 list_offsets: np.ndarray | None, nprobe: int, seed: int):
+        self._vectors = vectors
+        self._centroids = centroids
+        self._order = order
+        self._list_offsets = list_offsets
+        self.nprobe = nprobe
+        self._seed = seed
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, *, seed: int = 0, exact_below: int = _EXACT_BELOW, nlist: int | None = None,
+              nprobe: int | None = None, tune_similarity: float = 0.9) -> VectorIndex:
+        """Index ``vectors`` ((N, D) float32, unit rows). Exact below ``exact_below`` rows. Above, ``nlist`` lists
+        (default about 2*sqrt(N)) and ``nprobe`` lists scanned per query; when not given, ``nprobe`` is the least
+        that finds the source row of 99.5% of seeded noisy copies at cosine ``tune_similarity`` (the near-duplicate
+        queries a bank answers)."""
+        vectors = _as_vectors(vectors, "vectors")
+        _check_norms(vectors, "vectors")
+        n = len(vectors)
+        if n < max(exact_below, 2):
+            return cls(vectors, None, None, None, 0, seed)
+        rng = np.random.default_rng(seed)
+        nlist = int(nlist) if nlist is not None else max(1, int(2 ** round(math.log2(2 * math.sqrt(n)))))
+        if not 1 <= nlist <= n:
+            raise DataError(f"nlist must be in 1..{n}, got {nlist}")
+        centroids = _spherical_kmeans(vectors, nlist, rng)
+        assign = np.concatenate([np.argmax(vectors[a:a + _MATMUL_ROWS] @ centroids.T, axis=1)
+                                 for a in range(0, n, _MATMUL_ROWS)])
+        order = np.argsort(assign, kind="stable").astype(np.int64)
+        list_offsets = np.zeros(nlist + 1, np.int64)
+        np.cumsum(np.bincount(assign, minlength=nlist), out=list_offsets[1:])
+        index = cls(vectors, centroids, order, list_offsets, 1, seed)
+        index.nprobe = int(nprobe) if nprobe is not None else index._tune(rng, tune_similarity)
+        if not 1 <= index.nprobe <= nlist:
+            raise DataError(f"nprobe must be in 1..{nlist}, got {index.nprobe}")
+        return index
+
+    def _tune(self, rng: np.random.Generator, similarity: float) -> int:
+        n = len(self._vectors)
+        src = rng.choice(n, size=min(_TUNE_QUERIES, n), replace=False)
+        queries = noisy_copies(self._vectors[src], similarity, rng)
+        nlist = len(self._list_offsets) - 1
+        # the rank of each source row's list among its query's lists: nprobe must cover the 99.5th percentile
+        inv = np.empty(n, np.int64)
+        inv[self._order] = np.arange(n)
+        src_list = np.searchsorted(self._list_offsets, inv[src], side="right") - 1
+        assert self._centroids is not None
+        cs = queries @ self._centroids.T
+        rank = (cs > cs[np.arange(len(src)), src_list][:, None]).sum(axis=1)
+        need = int(np.ceil(np.quantile(rank + 1, _TUNE_RECALL)))
+        return max(1, min(nlist, need))
+
+    @property
+    def exact(self) -> bool:
+        """True when every search is a full scan."""
+        return self._centroids is None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The build parameters: rows, dimension, exact or not, lists, lists probed, seed."""
+        nlist = 0 if self._list_offsets is None else len(self._list_offsets) - 1
+        return {"kind": "exact" if self.exact else "ivf", "rows": len(self), "dim": int(self._vectors.shape[1]),
+                "nlist": nlist, "nprobe": self.nprobe, "seed": self._seed}
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __repr__(self) -> str:
+        return f"VectorIndex({self.params})"
+
+    def save(self, folder: Path | str) -> None:
+        """Write ``ivf.params.npy`` (rows, dim, nprobe, seed) and, when not exact, ``ivf.centroids.npy``,
+        ``ivf.order.npy`` and ``ivf.lists.npy`` into ``folder`` (which must exist)."""
+        folder = Path(folder)
+        n, d = self._vectors.shape
+        np.save(folder / "ivf.params.npy", np.asarray([n, d, self.nprobe, self._seed, int(self.exact)], np.int64))
+        if not self.exact:
+            np.save(folder / "ivf.centroids.npy", self._centroids)
+            np.save(folder / "ivf.order.npy", self._order)
+            np.save(folder / "ivf.lists.npy", self._list_offsets)
+
+    @classmethod
+    def load(cls, folder: Path | str, vectors: np.ndarray) -> VectorIndex:
+        """The index saved in ``folder`` over ``vectors`` (the rows it was built from), memory-mapped."""
+        folder = Path(folder)
+        vectors = _as_vectors(vectors, "vectors")
+        where = f"{folder}: vector index"
+        try:
+            p = np.load(folder / "ivf.params.npy")
+            if p.dtype != np.int64 or p.shape != (5,):
+                raise DataError(f"{where}: ivf.params.npy is malformed; rebuild the index")
+            n, d, nprobe, seed, exact = (int(x) for x in p)
+            if (n, d) != vectors.shape:
+                raise DataError(f"{where} was built over ({n}, {d}) vectors but the bank has {vectors.shape}; "
+                                "rebuild the index")
+            if exact:
+                return cls(vectors, None, None, None, 0, seed)
+            centroids = np.load(folder / "ivf.centroids.npy", mmap_mode="r")
+            order = np.load(folder / "ivf.order.npy", mmap_mode="r")
+            lists = np.load(folder / "ivf.lists.npy", mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{where}: the index files cannot be read ({e}); rebuild the index") from e
+        if centroids.dtype != np.float32 or centroids.ndim != 2 or centroids.shape[1] != d or len(centroids) < 1:
+            raise DataError(f"{where}: ivf.centroids.npy holds {centroids.dtype} {centroids.shape}; rebuild the index")
+        nlist = len(centroids)
+        if order.dtype != np.int64 or order.shape != (n,):
+            raise DataError(f"{where}: ivf.order.npy holds {order.dtype} {order.shape}, expected int64 ({n},); "
+                            "rebuild the index")
+        if lists.dtype != np.int64 or lists.shape != (nlist + 1,) or lists[0] != 0 or lists[-1] != n \
+                or np.any(np.diff(lists) < 0):
+            raise DataError(f"{where}: ivf.lists.npy is not {nlist + 1} non-decreasing offsets from 0 to {n}; "
+                            "rebuild the index")
+        if not 1 <= nprobe <= nlist:
+            raise DataError(f"{where}: nprobe {nprobe} is outside 1..{nlist}; rebuild the index")
+        return cls(vectors, np.asarray(centroids), order, np.asarray(lists), nprobe, seed)
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar rows per query: ``(ids (Q, k) int64, sims (Q, k) float32)``, best first, padded
+        with -1 / -inf. ``nprobe`` overrides the built one for this call."""
+        queries = _as_vectors(queries, "queries", self._vectors.shape[1])
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise DataError(f"k must be a positive int, got {k!r}")
+        k = int(k)
+        q = len(queries)
+        ids = np.full((q, k), -1, np.int64)
+        sims = np.full((q, k), -np.inf, np.float32)
+        if q == 0 or len(self) == 0:
+            return ids, sims
+        if self.exact:
+            top_s, top_i = [], []
+            for a in range(0, len(self), _MATMUL_ROWS):
+                block = queries @ self._vectors[a:a + _MATMUL_ROWS].T
+                kk = min(k, block.shape[1])
+                part = np.argpartition(-block, kk - 1, axis=1)[:, :kk] if kk < block.shape[1] else \
+                    np.broadcast_to(np.arange(block.shape[1]), block.shape)
+                top_s.append(np.take_along_axis(block, part, axis=1))
+                top_i.append(part + a)
+            cand_s, cand_i = np.concatenate(top_s, axis=1), np.concatenate(top_i, axis=1).astype(np.int64)
+            for i in range(q):
+                ids[i], sims[i] = _top_k(cand_s[i], cand_i[i], k)
+            return ids, sims
+        assert self._centroids is not None and self._order is not None and self._list_offsets is not None
+        nprobe = self.nprobe if nprobe is None else int(nprobe)
+        nlist = len(self._centroids)
+        if not 1 <= nprobe <= nlist:
+            raise DataError(f"nprobe must be in 1..{nlist}, got {nprobe}")
+        cs = queries @ self._centroids.T
+        probe = np.argpartition(-cs, nprobe - 1, axis=1)[:, :nprobe] if nprobe < nlist else \
+            np.broadcast_to(np.arange(nlist), (q, nlist))
+        for i in range(q):
+            starts, ends = self._list_offsets[probe[i]], self._list_offsets[probe[i] + 1]
+            lens = ends - starts
+            pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+            cand = self._order[pos]
+            s = np.take(self._vectors, cand, axis=0) @ queries[i]
+            ids[i], sims[i] = _top_k(s, cand, k)
+        return ids, sims
+
+
+def _spherical_kmeans(vectors: np.ndarray, nlist: int, rng: np.random.Generator) -> np.ndarray:
+    """``nlist`` unit centroids from k-means (by cosine) on a seeded sample of ``vectors``."""
+    n = len(vectors)
+    sample = np.sort(rng.choice(n, size=min(n, 32 * nlist), replace=False))
+    x = np.take(vectors, sample, axis=0)
+    c = x[rng.choice(len(x), size=nlist, replace=False)].copy()
+    for _ in range(_KMEANS_ITERS):
+        assign = np.concatenate([np.argmax(x[a:a + _MATMUL_ROWS] @ c.T, axis=1) for a in range(0, len(x), _MATMUL_ROWS)])
+        sums = np.zeros_like(c)
+        np.add.at(sums, assign, x)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        empty = norms[:, 0] == 0
+        # an empty list takes a random sample row, so every list keeps a centroid
+        sums[empty] = x[rng.choice(len(x), size=int(empty.sum()), replace=False)]
+        norms[empty] = 1
+        c = (sums / norms).astype(np.float32)
+    return c
+
+
+def noisy_copies(vectors: np.ndarray, similarity: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors at cosine ``similarity`` to each row of ``vectors`` (random directions), float32."""
+    v = np.asarray(vectors, dtype=np.float64)
+    noise = rng.standard_normal(v.shape)
+    noise -= (noise * v).sum(axis=1, keepdims=True) * v
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    out = similarity * v + math.sqrt(max(0.0, 1 - similarity**2)) * noise
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
