@@ -5,9 +5,9 @@ them (usually memory-mapped) to ``build`` and ``load``. An index's own arrays ar
 ``mmap_mode="r"``, so every process on a host shares one copy of their pages.
 
 ``HammingIndex`` is multi-index hashing (Norouzi et al.): the 256 bits are cut into ``m`` chunks; two codes within
-``r`` bits agree to within ``r // m`` bits on at least one chunk (pigeonhole), so probing every chunk's table at the
-query's key and its neighbours within ``r // m`` bits, then checking every candidate's full distance, finds every
-row within ``r`` and nothing else. The chunk count is picked at build from the bank size and the radius the bank
+``r`` bits agree to within ``r // m`` bits on at least one chunk (pigeonhole; the remainder of ``r / m`` lets some
+chunks probe one bit less), so probing every chunk's table at the query's key and its neighbours within that
+radius, then checking every candidate's full distance, finds every row within ``r`` and nothing else. The chunk count is picked at build from the bank size and the radius the bank
 expects (31 for PDQ) so that probes and candidates cost least; a search whose radius makes the probe lists grow
 past the cost of a full scan scans instead, so every radius stays exact. Small banks are always scanned.
 
@@ -285,13 +285,14 @@ class HammingIndex:
                 hits.append(self._scan(qwords[a:a + step], r, a))
         return _group(hits, q, len(self))
 
-    def _probe(self, qwords: np.ndarray, r: int, radii: list[int], first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _probe(self, qwords: np.ndarray, r: int, radii: list[int],
+               first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(self)
         assert self._offsets is not None and self._ids is not None
         nq = len(qwords)
         chunks = list(zip(self._layout, radii))
-        cells = np.concatenate([(_extract(qwords, start, b)[:, None] ^ _probe_masks(b, s)[None, :]) + self._bases[c]
-                                for c, ((start, b), s) in enumerate(chunks)], axis=1)
+        cells = np.concatenate([(_extract(qwords, start, b)[:, None] ^ _probe_masks(b, s)[None, :])
+                                + self._bases[c] for c, ((start, b), s) in enumerate(chunks)], axis=1)
         table = np.repeat(np.concatenate([np.full(len(_probe_masks(b, s)), c * n, dtype=np.int64)
                                           for c, ((_, b), s) in enumerate(chunks)])[None, :], nq, axis=0)
         st = np.take(self._offsets, cells)
@@ -365,7 +366,7 @@ def _group(hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], q: int, n: int
 
 
 _NORM_TOLERANCE = 1e-2
-_EXACT_BELOW = 50_000
+_EXACT_BELOW = 10_000
 _TUNE_QUERIES = 500
 _TUNE_RECALL = 0.995
 _KMEANS_ITERS = 8
@@ -573,7 +574,8 @@ def _spherical_kmeans(vectors: np.ndarray, nlist: int, rng: np.random.Generator)
     x = np.take(vectors, sample, axis=0)
     c = x[rng.choice(len(x), size=nlist, replace=False)].copy()
     for _ in range(_KMEANS_ITERS):
-        assign = np.concatenate([np.argmax(x[a:a + _MATMUL_ROWS] @ c.T, axis=1) for a in range(0, len(x), _MATMUL_ROWS)])
+        assign = np.concatenate([np.argmax(x[a:a + _MATMUL_ROWS] @ c.T, axis=1)
+                                 for a in range(0, len(x), _MATMUL_ROWS)])
         sums = np.zeros_like(c)
         np.add.at(sums, assign, x)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
