@@ -7,8 +7,9 @@ them (usually memory-mapped) to ``build`` and ``load``. An index's own arrays ar
 ``HammingIndex`` is multi-index hashing (Norouzi et al.): the 256 bits are cut into ``m`` chunks; two codes within
 ``r`` bits agree to within ``r // m`` bits on at least one chunk (pigeonhole; the remainder of ``r / m`` lets some
 chunks probe one bit less), so probing every chunk's table at the query's key and its neighbours within that
-radius, then checking every candidate's full distance, finds every row within ``r`` and nothing else. The chunk count is picked at build from the bank size and the radius the bank
-expects (31 for PDQ) so that probes and candidates cost least; a search whose radius makes the probe lists grow
+radius, then checking every candidate's full distance, finds every row within ``r`` and nothing else. The chunk
+count is picked at build from the bank size and the radius the bank expects (31 for PDQ) so that probes and
+candidates cost least; a search whose radius makes the probe lists grow
 past the cost of a full scan scans instead, so every radius stays exact. Small banks are always scanned.
 
 ``VectorIndex`` is exact (one matrix product) below ``exact_below`` rows and an inverted file above: spherical
