@@ -76,6 +76,7 @@ _LAZY: dict[str, str] = {
     "default_moderator": "safeclip.moderator",
     "set_default_moderator": "safeclip.moderator",
     "BatchingOptions": "safeclip.moderator",
+    "Explanation": "safeclip.moderator",
     "CompiledPolicy": "safeclip.compiled",
     "Verdicts": "safeclip.compiled",
     "Views": "safeclip.compiled",
@@ -139,6 +140,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed. tests/test_init
     from .fetch import fetch_artifact
     from .heads import LinearProbe, MLPHead
     from .importers import import_laion_nsfw, import_laion_violence
-    from .moderator import BatchingOptions, Moderator, check, default_moderator, set_default_moderator
+    from .moderator import BatchingOptions, Explanation, Moderator, check, default_moderator, set_default_moderator
     from .policy import Category, Policy, list_policies, load_policy
     from .score import Scorer, Scores

@@ -13,27 +13,29 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from ._batcher import MicroBatcher, Ticket
 from ._keywords import apply_keywords
+from .banks import MIN_PDQ_QUALITY, NO_HASH, BankMatch
 from .compiled import CompiledPolicy, Verdicts, Views
 from .decide import Decision, error_decision
 from .decode import DecodeLimits
 from .embed import DecodeOptions, Encoder, EncoderSpec, Prepared, prepare
 from .errors import ConfigError, DataError, DecodeError, ModelLoadError
-from .policy import Policy, load_policy
+from .policy import Category, Policy, UnknownCategoryError, load_policy
 from .score import Scores
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack
 
-__all__ = ["BatchingOptions", "Moderator", "ModeratorKeywords", "check", "default_moderator",
+__all__ = ["BatchingOptions", "Explanation", "Moderator", "ModeratorKeywords", "check", "default_moderator",
            "set_default_moderator"]
 
 _ON_ERROR = ("raise", "flag", "block")
@@ -50,6 +52,71 @@ class BatchingOptions:
     max_batch: int | None = None
     max_wait_ms: float = 5.0
     max_queue: int | None = 256
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why an image got its Decision from the policy's banks (:meth:`Moderator.explain`).
+
+    ``decision`` is the image's :class:`~safeclip.decide.Decision` (what :meth:`Moderator.check` answers);
+    ``nearest`` maps each explained category to the ``k`` entries nearest to the deciding view in each bank the
+    category uses (:class:`~safeclip.banks.BankMatch`, ``matched`` false beyond the bank's threshold); ``lines`` maps
+    it to sentences (``blocked: it looks like entry 'e1' ('label') of bank 'incidents' at distance 2 (match <= 31)
+    ...``, ``no bank entry within the threshold; nearest: ...``). ``view``: the view that decided (frame or
+    background, counted from 0).
+    """
+
+    decision: Decision
+    nearest: Mapping[str, tuple[BankMatch, ...]]
+    lines: Mapping[str, tuple[str, ...]]
+    view: int = 0
+
+    def text(self) -> str:
+        """The decision and each category's lines, as ``safeclip explain`` prints them."""
+        d = self.decision
+        out = [f"{d.source or 'image'}\t{d.action}"]
+        out += [f"  reason: {r}" for r in d.reasons]
+        for name, lines in self.lines.items():
+            out += [f"  {name}: {line}" for line in lines]
+        return "\n".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decision": self.decision.to_dict(), "view": self.view,
+                "categories": {name: {"lines": list(self.lines[name]),
+                                      "nearest": [m.to_dict() for m in self.nearest.get(name, ())]}
+                               for name in self.lines}}
+
+
+_VERB = {"block": "blocked", "flag": "flagged", "allow": "allowed"}
+
+
+def _explain_lines(category: Category, matched: Sequence[BankMatch], near: Sequence[BankMatch],
+                   pdq_quality: int) -> list[str]:
+    """The sentences of one category: what each matched entry did, else how near the nearest entries are."""
+    if not category.banks:
+        return [f"category {category.name!r} names no banks; its decision is its score alone"]
+    out: list[str] = []
+    for m in matched:
+        if m.effect == "deny" and m.quarantined:
+            out.append(f"flagged: it looks like {m.describe()}, an entry in flood quarantine (it matched "
+                       f"{m.flood_count} distinct inputs in its window): flagged for review instead of its bank's "
+                       "action until a person runs `safeclip bank confirm`")
+        elif m.effect == "deny":
+            out.append(f"{_VERB.get(m.action, m.action)}: it looks like {m.describe()} (deny bank)")
+        elif m.action == "allow":
+            out.append(f"allowed: it looks like {m.describe()} (allow bank: overrides the category's score)")
+        else:
+            out.append(f"not allowed: it looks like {m.describe()}, but that entry is in flood quarantine")
+    if not matched:
+        if near:
+            out.append("no bank entry within the threshold; nearest: " + "; ".join(n.describe() for n in near))
+        else:
+            out.append("no bank entry within the threshold; the banks hold no enabled entry to compare with")
+    if any(b.kind == "pdq" for b in category.banks) and pdq_quality < MIN_PDQ_QUALITY:
+        why = ("no PDQ hash was computed for it" if pdq_quality == NO_HASH else
+               f"its PDQ hash is of quality {pdq_quality} (below {MIN_PDQ_QUALITY}: too flat to match)")
+        out.append(f"not matched against PDQ banks: {why}")
+    return out
 
 
 class ModeratorKeywords(TypedDict, total=False):
@@ -224,7 +291,12 @@ class Moderator:
 
     def decide(self, embeddings: np.ndarray, *, policy: Any = None) -> list[Decision]:
         """Score, calibrate and decide ``(N, D)`` embeddings under a policy, without the model. A row that is not a
-        finite L2-normalised embedding is handled as ``on_error`` says (raised, or a fail-closed Decision)."""
+        finite L2-normalised embedding is handled as ``on_error`` says (raised, or a fail-closed Decision).
+
+        Embeddings carry no PDQ hash: under a policy that matches PDQ banks every row fails closed the same way,
+        with the one-line error ``row i of the embeddings: no PDQ hash was computed for it, and the policy matches
+        PDQ banks (...); it was not scored`` (a :class:`DataError`, or the ``error`` of a fail-closed Decision).
+        Moderate the images themselves (:meth:`check`, :meth:`check_many`) to match them against PDQ banks."""
         comp = self.compiled(policy)
         verdicts = comp.decide(np.asarray(embeddings), evidence=True)
         out = [self._decision(comp, verdicts, i) for i in range(len(verdicts))]
@@ -232,6 +304,43 @@ class Moderator:
             if isinstance(d, DataError):
                 raise d
         return out  # type: ignore[return-value]
+
+    def explain(self, image: Any, category: str | None = None, k: int = 3, *, policy: Any = None) -> Explanation:
+        """Why ``image`` gets its Decision from the policy's banks: the Decision (the same as :meth:`check`'s, and
+        counted for flood quarantine as a check is) and, for ``category`` (default: every category that names
+        banks), the ``k`` entries of each of its banks nearest to the view that decided, matched or not.
+
+        >>> m.explain("upload.jpg").lines["known_csam"]                                # doctest: +SKIP
+        ("blocked: it looks like entry 'case-118' ('report 118') of bank 'incidents' at distance 4 (match <= 31) \
+(deny bank)",)
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer (entries per bank), not {k!r}")
+        comp = self.compiled(policy)
+        pol = comp.policy
+        if category is not None and category not in pol.category_names:
+            raise UnknownCategoryError(f"policy {pol.id} has no category {category!r}; it has "
+                                       f"{', '.join(pol.category_names)}")
+        cats = [c for c in pol.categories if (c.name == category if category is not None else c.banks)]
+        prep = self._prepare(image)
+        views = self._views(self.encoder.embed_pixels(prep.pixels), [prep])
+        verdicts = comp.decide(views, evidence=True)
+        decision = self._decision(comp, verdicts, 0, prep)
+        if isinstance(decision, DataError):
+            raise decision
+        row = int(verdicts.rows[0])
+        assert views.pdq is not None and views.pdq_quality is not None  # with_pdq set them
+        quality = int(views.pdq_quality[row])
+        banks = comp.scorer.banks
+        nearest: dict[str, tuple[BankMatch, ...]] = {}
+        lines: dict[str, tuple[str, ...]] = {}
+        for cat in cats:
+            near = tuple(banks.nearest(cat.name, views.embeddings[row], views.pdq[row], quality, k)) if (
+                banks and cat.banks) else ()
+            nearest[cat.name] = near
+            matched = [m for m in decision.matches if m.category == cat.name]
+            lines[cat.name] = tuple(_explain_lines(cat, matched, near, quality))
+        return Explanation(decision, MappingProxyType(nearest), MappingProxyType(lines), int(verdicts.view[0]))
 
     # ------------------------------------------------------------------------------------ requests
     def check(self, image: Any, *, policy: Any = None) -> Decision:
@@ -371,9 +480,11 @@ class Moderator:
 
     @staticmethod
     def _views(emb: np.ndarray, prepared: Sequence[Prepared]) -> Views:
+        """The views of decoded inputs, with each view's PDQ hash (what PDQ banks match)."""
         offsets = np.zeros(len(prepared) + 1, np.int64)
         np.cumsum([len(p.pixels) for p in prepared], out=offsets[1:])
-        return Views(emb, offsets)
+        return Views(emb, offsets).with_pdq(
+            [None if p.pdq is None or p.pdq_quality is None else (p.pdq, p.pdq_quality) for p in prepared])
 
     def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray,
                          prepared: list[Prepared]) -> list[Decision | DataError]:
@@ -388,7 +499,9 @@ class Moderator:
         fail-closed Decision."""
         try:
             if prep is None:
-                return verdicts.decision(i, encoder_id=self.encoder_id)
+                # Only an input that did not decide is named (its error says which row); a Decision has no source.
+                where = None if verdicts.problems[i] is None else f"row {i} of the embeddings"
+                return verdicts.decision(i, source=where, encoder_id=self.encoder_id)
             return verdicts.decision(i, sha256=prep.sha256, source=prep.source, frame_indices=prep.frame_indices,
                                      backgrounds=prep.backgrounds, encoder_id=self.encoder_id)
         except DataError as err:

@@ -17,6 +17,10 @@ pydantic, and it has four routes.
 ``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth (token-protected).
 =================  =============================================================================================
 
+The Decision's ``matches`` lists the bank entries the image matched (policies with ``banks:``); the banks are
+re-read when they change (at most every second), so entries added, disabled or removed with ``safeclip bank`` are
+answered without a restart.
+
 The server reads images from request bodies only: it never fetches a URL. Every response carries ``X-Request-ID``
 (a sane incoming one is kept); each request is one JSON line on the ``safeclip.server.access`` logger (id, method,
 path, status, outcome, latency, batch size, action), never the image.

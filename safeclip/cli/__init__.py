@@ -7,7 +7,7 @@ runner). Nothing in the library imports this package.
 =============  ==========================================
 module         commands
 =============  ==========================================
-check          ``safeclip check``
+check          ``safeclip check``, ``explain``
 policy         ``safeclip policy lint | show | list``
 audit          ``safeclip audit``, ``rescore``, ``diff``
 calibration    ``safeclip calibrate``, ``eval``

@@ -1,4 +1,5 @@
-"""``safeclip check FILES...``: moderate image files, one result per input, in input order."""
+"""``safeclip check FILES...``: moderate image files, one result per input, in input order; ``safeclip explain
+IMAGE``: why one image got its decision from the policy's banks (the nearest entries of each bank)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, run_standalone
+from ._options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_model_args,
+    add_policy_arg,
+    encoder_spec,
+    positive_int,
+    run_standalone,
+)
 
 __all__ = ["register", "main"]
 
@@ -22,6 +32,16 @@ def register(subparsers: Any) -> None:
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line: {path, decision|error}")
     p.set_defaults(func=_cmd_check)
+
+    e = subparsers.add_parser("explain", help="why one image got its decision from the policy's banks: the matched "
+                                              "entries, else the nearest ones")
+    e.add_argument("image", help="an image file")
+    add_policy_arg(e)
+    e.add_argument("--category", help="explain this category only (default: every category that names banks)")
+    e.add_argument("-k", type=positive_int, default=3, help="nearest entries shown per bank (default 3)")
+    add_model_args(e)
+    e.add_argument("--json", action="store_true", help="one JSON object: {decision, view, categories}")
+    e.set_defaults(func=_cmd_explain)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -49,6 +69,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
             why = "; ".join(decision.reasons)
             print(f"{path}\t{decision.action}" + (f"\t{why}" if why else ""), flush=True)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.image):
+        print(f"safeclip: error: {args.image!r} is a folder: `safeclip explain` takes one image file",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from ..errors import DecodeError
+    from ..moderator import Moderator
+    from ..policy import load_policy
+
+    policy = load_policy(args.policy)
+    if args.category is not None:
+        policy.category(args.category)  # before the model loads: an unknown name is one line
+    moderator = Moderator(policy=policy, encoder=encoder_spec(args))
+    try:
+        explanation = moderator.explain(args.image, category=args.category, k=args.k)
+    except DecodeError as err:
+        print(f"safeclip: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(explanation.to_dict()) if args.json else explanation.text(), flush=True)
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
