@@ -310,8 +310,8 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
             quality = chunk.pdq_quality[chosen].astype(np.int64)
             for i in np.flatnonzero(quality >= 0):
                 hashes[i] = chunk.pdq[chosen[i]].tobytes().hex()
-        matches = ([json.dumps([m.to_dict() for m in verdicts.matches(i)]) for i in range(n)]
-                   if verdicts.scores.banks is not None else ["[]"] * n)
+        matches: list[str | None] = ([json.dumps([m.to_dict() for m in verdicts.matches(i)]) for i in range(n)]
+                                     if verdicts.scores.banks is not None else ["[]"] * n)
         pieces.append(_columns_table(schema, comp, chunk.sha256, chunk.nbytes, chunk.width, chunk.height,
                                      chunk.n_frames, verdicts.actions, verdicts.probabilities, background, bad,
                                      (hashes, quality, matches)))
@@ -472,15 +472,17 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
                 decided[i] = (int(verdicts.actions[k]), verdicts.probabilities[k], _view(embs[i][1], view), view,
                               json.dumps([m.to_dict() for m in verdicts.matches(k)]))
     for i in range(part.num_rows):
-        action = probs_i = background = view = matches = None
+        action = probs_i = background = None
+        chosen: int | None = None
+        matches: str | None = None
         if i in decided:
-            code, probs_i, background, view, matches = decided[i]
+            code, probs_i, background, chosen, matches = decided[i]
             action = ACTIONS[code]
         hashes = embs[i][3]
         rows.add(c["path"][i], c["sha256"][i], _int(c["bytes"][i]), _int(c["width"][i]), _int(c["height"][i]),
                  _int(c["frames"][i]), action, probs_i, errors.get(i), embs[i][0] if i in decided else None,
                  background=background, emb_backgrounds=embs[i][1], pdq=None if hashes is None else hashes[0],
-                 pdq_quality=None if hashes is None else hashes[1], view=view, matches=matches)
+                 pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches)
     return rows.table(schema, categories, comp.scorer.encoder_id, comp.policy.id), len(decided)
 
 
@@ -545,7 +547,7 @@ def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str], nbytes: np.ndarray,
                    width: np.ndarray, height: np.ndarray, frames: np.ndarray, codes: np.ndarray,
                    probs: np.ndarray, background: Sequence[str | None], bad: dict[int, str],
-                   hashes: tuple[list[str | None], np.ndarray, list[str]]) -> pa.Table:
+                   hashes: tuple[list[str | None], np.ndarray, list[str | None]]) -> pa.Table:
     """A table of rows without paths, built straight from column arrays (the whole-cache fast path); the images
     in ``bad`` are error rows (action ``error``, no probabilities, ``error`` from ``bad``). ``hashes``: per image,
     the deciding view's PDQ hash (hex, or None), its quality (NO_HASH: none) and the bank matches (JSON)."""

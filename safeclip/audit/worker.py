@@ -275,7 +275,8 @@ def results_to_arrow(results: Sequence[FileResult]) -> pa.Table:
         "probs": [None if r.probs is None else np.asarray(r.probs, np.float32) for r in results],
         "new": [bool(r.new) for r in results], "duplicate": [bool(r.duplicate) for r in results],
         "embed_s": [float(r.embed_s) for r in results], "score_s": [float(r.score_s) for r in results],
-        "pdq": [_blob(r.pdq, np.uint8) for r in results], "pdq_quality": [_blob(r.pdq_quality, np.int16) for r in results],
+        "pdq": [_blob(r.pdq, np.uint8) for r in results],
+        "pdq_quality": [_blob(r.pdq_quality, np.int16) for r in results],
         "view": [r.view for r in results], "matches": [r.matches for r in results],
     }
     return pa.Table.from_pydict(cols, schema=_arrow_schema())
