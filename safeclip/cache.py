@@ -20,6 +20,11 @@ frame). The database records the decoder version of each entry (schema 2). Entri
 databases are upgraded in place when opened for writing, with one line on stderr) are kept only for formats that
 cannot carry transparency (JPEG, MPO); the others read as misses and are replaced when the file is embedded again.
 
+PDQ: since schema 3 an entry also keeps each view's PDQ hash (``pdq``, ``(F, 32)`` uint8) and its quality
+(``pdq_quality``, ``(F,)`` int16), so that PDQ banks can be matched (and re-matched by ``rescore``) without the image.
+Older databases are upgraded in place when opened for writing; their entries read with ``pdq`` None, and an entry
+without hashes is completed (not replaced otherwise) when the file is decoded again.
+
 Damage: a database SQLite reports as malformed ("database disk image is malformed", "file is not a database") is
 never read as "no entry". Opening it for writing moves it aside to ``<name>.corrupt-<timestamp>`` and starts an empty
 one (one line on stderr). Damage found later raises :class:`~safeclip.errors.CacheError` (with
@@ -28,7 +33,8 @@ so running the same audit again rebuilds the cache.
 
 A damaged *entry* (an embedding blob that is empty or not a whole number of ``D``-float32 rows, or whose rows are
 not finite L2-normalised embeddings; a frame or background list that is not JSON or not one item per row; metadata
-that is not an integer) never shifts another entry's rows and never raises: :meth:`EmbeddingCache.get_many` reads
+that is not an integer; PDQ blobs that are not one 32-byte hash and one int16 quality per row, or only one of the
+two) never shifts another entry's rows and never raises: :meth:`EmbeddingCache.get_many` reads
 it as a miss and, when writable, removes it (so the file is embedded again, never blamed);
 :meth:`EmbeddingCache.scan` keeps its place with a placeholder row and says why in :attr:`CacheChunk.damaged`;
 :meth:`EmbeddingCache.put_many` replaces it. A ``dim`` that is not a positive integer damages the whole database (a
@@ -72,10 +78,11 @@ from . import _trust
 from .arrays import NORM_TOLERANCE, embedding_row_problems
 from .decode import DECODER_VERSION
 from .errors import CacheError, DataError, EncoderMismatchError
+from .banks import NO_HASH
 
 __all__ = ["CacheChunk", "CachedImage", "EmbeddingCache", "is_damage", "list_cached_encoders"]
 
-_SCHEMA_VERSION = "2"
+_SCHEMA_VERSION = "3"
 _OPAQUE_FORMATS = ("JPEG", "MPO")  # entries of a decoder before version 2 stay valid only for these (no alpha)
 _VALID = f"(decoder >= 2 OR format IN {_OPAQUE_FORMATS!r})"
 _DAMAGE = ("malformed", "not a database", "file is encrypted", "database corrupt")
@@ -97,6 +104,8 @@ class CachedImage:
     nbytes: int
     format: str
     backgrounds: tuple[str | None, ...] = ()  # per embedding row: "#rrggbb" it was composited on, None opaque
+    pdq: np.ndarray | None = None  # (F, 32) uint8: each row's PDQ hash; None when not recorded (older entries)
+    pdq_quality: np.ndarray | None = None  # (F,) int16: each hash's quality (NO_HASH where none was computed)
 
 
 def is_damage(e: BaseException) -> bool:
@@ -104,6 +113,7 @@ def is_damage(e: BaseException) -> bool:
     return isinstance(e, sqlite3.DatabaseError) and any(m in str(e).lower() for m in _DAMAGE)
 
 
+_PDQ_MIN_Q, _PDQ_MAX_Q = NO_HASH, 100
 _INT_MAX = {"width": 2**31 - 1, "height": 2**31 - 1, "n_frames": 2**31 - 1, "nbytes": 2**63 - 1}  # audit columns
 
 
@@ -162,6 +172,43 @@ def _check_entry(vec: object, fi: object, bgs: object, numbers: Sequence[tuple[s
     return rows, frames, backgrounds
 
 
+def _check_pdq(codes: object, quality: object, rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(pdq (rows, 32) uint8, pdq_quality (rows,) int16)`` of a stored entry, both None when it has none;
+    :class:`_Damaged` unless both blobs are there and hold one hash and one quality per embedding row."""
+    if codes is None and quality is None:
+        return None, None
+    if not isinstance(codes, bytes) or not isinstance(quality, bytes):
+        have = "pdq" if quality is None else "pdq_quality"
+        if codes is not None and quality is not None:
+            raise _Damaged(f"its PDQ hashes are {type(codes).__name__}/{type(quality).__name__}, not BLOBs")
+        raise _Damaged(f"it has {have} without {'pdq_quality' if have == 'pdq' else 'pdq'}")
+    if len(codes) != 32 * rows or len(quality) != 2 * rows:
+        raise _Damaged(f"its PDQ blobs are {len(codes)} and {len(quality)} bytes, not {32 * rows} and {2 * rows} "
+                       f"(one 32-byte hash and one int16 quality per embedding row)")
+    q = np.frombuffer(quality, np.int16)
+    if ((q < _PDQ_MIN_Q) | (q > _PDQ_MAX_Q)).any():
+        raise _Damaged(f"its PDQ qualities {q[:4].tolist()} are not in [{_PDQ_MIN_Q}, {_PDQ_MAX_Q}]")
+    return np.frombuffer(codes, np.uint8).reshape(rows, 32), q
+
+
+def _pdq_blobs(it: CachedImage) -> tuple[bytes | None, bytes | None]:
+    """An entry's PDQ hashes as the two BLOBs stored (None, None: not recorded); :class:`DataError` when they are
+    not one hash and one quality per embedding row."""
+    if it.pdq is None and it.pdq_quality is None:
+        return None, None
+    rows = len(it.embeddings)
+    codes = None if it.pdq is None else np.asarray(it.pdq)
+    quality = None if it.pdq_quality is None else np.asarray(it.pdq_quality)
+    if (codes is None or quality is None or codes.shape != (rows, 32) or quality.shape != (rows,)
+            or codes.dtype != np.uint8 or not np.issubdtype(quality.dtype, np.integer)
+            or ((quality < _PDQ_MIN_Q) | (quality > _PDQ_MAX_Q)).any()):
+        raise DataError(f"PDQ hashes of {it.sha256} must be (F, 32) uint8 with (F,) integer qualities in "
+                        f"[{_PDQ_MIN_Q}, {_PDQ_MAX_Q}] (F = {rows} embedding rows), or both None; got "
+                        f"{None if codes is None else (codes.shape, str(codes.dtype))} and "
+                        f"{None if quality is None else quality.shape}")
+    return np.ascontiguousarray(codes).tobytes(), np.ascontiguousarray(quality, np.int16).tobytes()
+
+
 def _unusable_rows(emb: np.ndarray, offsets: np.ndarray) -> dict[int, str]:
     """``{image: why}`` for the images (rows ``offsets[i]:offsets[i + 1]`` of ``emb``) with a row that is not a
     finite L2-normalised embedding: stored like that, the entry is damaged (safeclip never stores one)."""
@@ -208,6 +255,8 @@ class CacheChunk:
     """Images of this chunk whose entry is damaged -> why. Each keeps its place with placeholder rows (the unit
     vector ``e0``: any scorer takes it; its decision is never used, callers make the image an error row) and zeros
     for its metadata."""
+    pdq: np.ndarray | None = None  # (total frames, 32) uint8: each row's PDQ hash (zeros where none)
+    pdq_quality: np.ndarray | None = None  # (total frames,) int16: its quality, NO_HASH where none was recorded
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -298,6 +347,7 @@ class EmbeddingCache:
         try:
             cols = {r[1] for r in self._con.execute("PRAGMA table_info(images)").fetchall()}
             self._views = "decoder" in cols  # False: a schema 1 database opened read-only
+            self._hashes = "pdq" in cols  # False: a schema 1 or 2 database opened read-only
             return dict(self._con.execute("SELECT key, value FROM meta").fetchall())
         except BaseException:
             self._con.close()
@@ -358,7 +408,7 @@ class EmbeddingCache:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS images (sha BLOB PRIMARY KEY, width INTEGER, height INTEGER, "
                 "n_frames INTEGER, nbytes INTEGER, format TEXT, frame_indices TEXT, vec BLOB NOT NULL, "
-                "decoder INTEGER, backgrounds TEXT)")
+                "decoder INTEGER, backgrounds TEXT, pdq BLOB, pdq_quality BLOB)")
             cols = {r[1] for r in con.execute("PRAGMA table_info(images)").fetchall()}
             if "decoder" not in cols:  # schema 1: every entry predates per-background views
                 con.execute("ALTER TABLE images ADD COLUMN decoder INTEGER")
@@ -367,6 +417,14 @@ class EmbeddingCache:
                 print(f"safeclip: upgraded the embedding cache {self.path} to schema {_SCHEMA_VERSION}: entries of "
                       f"formats other than {', '.join(_OPAQUE_FORMATS)} made before the decoder judged transparency "
                       "on several backgrounds are embedded again when next seen", file=sys.stderr)
+            if "pdq" not in cols:  # schema 1 or 2: no entry has PDQ hashes yet (both columns NULL)
+                con.execute("ALTER TABLE images ADD COLUMN pdq BLOB")
+                con.execute("ALTER TABLE images ADD COLUMN pdq_quality BLOB")
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (_SCHEMA_VERSION,))
+                if "decoder" in cols:  # (a schema 1 file said so above already)
+                    print(f"safeclip: upgraded the embedding cache {self.path} to schema {_SCHEMA_VERSION}: its "
+                          "entries keep their embeddings; their PDQ hashes are computed when the files are next "
+                          "decoded (an audit whose policy matches PDQ banks decodes them again)", file=sys.stderr)
             con.execute(
                 "CREATE TABLE IF NOT EXISTS decode_errors (sha BLOB NOT NULL, fingerprint TEXT NOT NULL, "
                 "kind TEXT NOT NULL, message TEXT NOT NULL, PRIMARY KEY (sha, fingerprint)) WITHOUT ROWID")
@@ -404,7 +462,8 @@ class EmbeddingCache:
         """The cached entries among ``shas`` (hex sha256), in one indexed query per 900 keys. A damaged entry is a
         miss (recorded in :attr:`damaged_entries`), and a writable instance removes it."""
         keys = list(dict.fromkeys(shas))
-        found: list[tuple[str, bytes, int, tuple[int, ...], tuple[str | None, ...], tuple[int, ...], str]] = []
+        found: list[tuple[str, bytes, int, tuple[int, ...], tuple[str | None, ...], tuple[int, ...], str,
+                          tuple[np.ndarray | None, np.ndarray | None]]] = []
         damaged: list[tuple[bytes, object, str]] = []
         with self._locked("read"):
             if self.dim is None:
@@ -412,30 +471,32 @@ class EmbeddingCache:
             for i in range(0, len(keys), _IN_CHUNK):
                 chunk = [bytes.fromhex(k) for k in keys[i:i + _IN_CHUNK]]
                 rows = self._con.execute(
-                    f"SELECT sha, width, height, n_frames, nbytes, format, frame_indices, vec, {self._bg_col} "
-                    f"FROM images WHERE sha IN ({','.join('?' * len(chunk))}) AND {self._valid}", chunk).fetchall()
-                for sha, w, h, nf, nb, fmt, fi, vec, bgs in rows:
+                    f"SELECT sha, width, height, n_frames, nbytes, format, frame_indices, vec, {self._bg_col}, "
+                    f"{self._pdq_cols} FROM images WHERE sha IN ({','.join('?' * len(chunk))}) AND {self._valid}",
+                    chunk).fetchall()
+                for sha, w, h, nf, nb, fmt, fi, vec, bgs, pdq, pdq_q in rows:
                     try:
                         if self.dim is None:  # entries but no dimension: nothing says how to split them
                             raise _Damaged("the database records no embedding dimension")
                         n, frames, backgrounds = _check_entry(
                             vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf), ("nbytes", nb)), self.dim)
+                        hashes = _check_pdq(pdq, pdq_q, n)
                     except _Damaged as e:
                         damaged.append((sha, vec, str(e)))
                         continue
-                    found.append((sha.hex(), vec, n, frames, backgrounds, (w, h, nf, nb), str(fmt)))
+                    found.append((sha.hex(), vec, n, frames, backgrounds, (w, h, nf, nb), str(fmt), hashes))
             out: dict[str, CachedImage] = {}
             if found:
                 emb = np.frombuffer(b"".join(f[1] for f in found), np.float32).reshape(-1, self.dim)
                 offsets = np.zeros(len(found) + 1, np.int64)
                 np.cumsum([f[2] for f in found], out=offsets[1:])
                 unusable = _unusable_rows(emb, offsets)
-                for k, (key, vec, _, frames, backgrounds, (w, h, nf, nb), fmt) in enumerate(found):
+                for k, (key, vec, _, frames, backgrounds, (w, h, nf, nb), fmt, hashes) in enumerate(found):
                     if k in unusable:
                         damaged.append((bytes.fromhex(key), vec, unusable[k]))
                     else:
                         out[key] = CachedImage(key, emb[offsets[k]:offsets[k + 1]], frames, w, h, nf, nb, fmt,
-                                               backgrounds)
+                                               backgrounds, *hashes)
             self.hits += len(out)
             self.misses += len(keys) - len(out)
             if damaged:
@@ -468,6 +529,10 @@ class EmbeddingCache:
     def _bg_col(self) -> str:
         return "backgrounds" if self._views else "NULL"
 
+    @property
+    def _pdq_cols(self) -> str:
+        return "pdq, pdq_quality" if self._hashes else "NULL, NULL"
+
     def get(self, sha256: str) -> CachedImage | None:
         """One entry, or None."""
         return self.get_many([sha256]).get(sha256)
@@ -496,15 +561,18 @@ class EmbeddingCache:
         placeholder_row = np.zeros((1, dim), np.float32)
         placeholder_row[0, 0] = 1.0  # a unit vector: a scorer accepts it, and its decision is never used
         placeholder = placeholder_row.tobytes()
+        no_code, no_quality = bytes(32), np.array([NO_HASH], np.int16).tobytes()
         bg = self._bg_col
-        # SQLite tells the common entry (one well-formed row, opaque, integer metadata) apart in C; only the others
-        # are checked one by one in Python.
+        # SQLite tells the common entry (one well-formed row, opaque, integer metadata, one hash or none) apart in
+        # C; only the others are checked one by one in Python.
+        hashes = ("((pdq IS NULL AND pdq_quality IS NULL) OR (typeof(pdq) = 'blob' AND length(pdq) = 32 AND "
+                  "typeof(pdq_quality) = 'blob' AND length(pdq_quality) = 2))" if self._hashes else "1")
         plain = (f"typeof(sha) = 'blob' AND length(sha) = 32 AND typeof(vec) = 'blob' AND length(vec) = {4 * dim} "
-                 f"AND frame_indices = '[0]' AND {bg} IS NULL AND "
+                 f"AND frame_indices = '[0]' AND {bg} IS NULL AND {hashes} AND "
                  + " AND ".join(f"typeof({c}) = 'integer' AND {c} BETWEEN 0 AND {_INT_MAX[c]}" for c in _INT_MAX))
         try:
-            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {bg}, frame_indices, {plain} "
-                              f"FROM images WHERE {self._valid} ORDER BY rowid")
+            cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {bg}, frame_indices, {plain}, "
+                              f"{self._pdq_cols} FROM images WHERE {self._valid} ORDER BY rowid")
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:
@@ -516,10 +584,12 @@ class EmbeddingCache:
                     blobs = [r[5] for r in rows]
                     counts = np.ones(n, np.int64)
                     cols = np.array([np.fromiter((r[c] for r in rows), np.int64, n) for c in range(1, 5)])
+                    codes = [no_code if r[9] is None else r[9] for r in rows]
+                    quality = [no_quality if r[10] is None else r[10] for r in rows]
                 else:
-                    blobs, meta = [], []
+                    blobs, meta, codes, quality = [], [], [], []
                     counts = np.ones(n, np.int64)
-                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain) in enumerate(rows):
+                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain, pdq, pdq_q) in enumerate(rows):
                         try:
                             if not is_plain:
                                 if not isinstance(sha, bytes) or len(sha) != 32:
@@ -527,27 +597,42 @@ class EmbeddingCache:
                                 counts[k], _, backgrounds[k] = _check_entry(
                                     vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf), ("nbytes", nb)),
                                     dim)
+                                pdq, pdq_q = _check_pdq(pdq, pdq_q, int(counts[k]))
+                                pdq = None if pdq is None else pdq.tobytes()
+                                pdq_q = None if pdq_q is None else pdq_q.tobytes()
                         except _Damaged as e:
                             damaged[k] = str(e)
-                            vec, w, h, nf, nb = placeholder, 0, 0, 0, 0
+                            counts[k] = 1
+                            vec, w, h, nf, nb, pdq, pdq_q = placeholder, 0, 0, 0, 0, None, None
+                            backgrounds[k] = ()
                         blobs.append(vec)
                         meta.append((w, h, nf, nb))
+                        codes.append(no_code * int(counts[k]) if pdq is None else pdq)
+                        quality.append(no_quality * int(counts[k]) if pdq_q is None else pdq_q)
                     cols = np.array(meta, np.int64).T.copy()
                 offsets = np.zeros(n + 1, np.int64)
                 np.cumsum(counts, out=offsets[1:])
                 emb = np.frombuffer(b"".join(blobs), np.float32).reshape(-1, dim)
+                pdq_rows = np.frombuffer(b"".join(codes), np.uint8).reshape(-1, 32)
+                pdq_quality = np.frombuffer(b"".join(quality), np.int16)
                 unusable = _unusable_rows(emb, offsets)
+                for row in np.flatnonzero((pdq_quality < _PDQ_MIN_Q) | (pdq_quality > _PDQ_MAX_Q)):
+                    k = int(np.searchsorted(offsets, row, side="right") - 1)
+                    unusable.setdefault(k, f"its PDQ quality {int(pdq_quality[row])} is not in "
+                                           f"[{_PDQ_MIN_Q}, {_PDQ_MAX_Q}]")
                 if unusable:
-                    emb = emb.copy()
+                    emb, pdq_rows, pdq_quality = emb.copy(), pdq_rows.copy(), pdq_quality.copy()
                     for k in unusable:
                         emb[offsets[k]:offsets[k + 1]] = placeholder_row
+                        pdq_rows[offsets[k]:offsets[k + 1]] = 0
+                        pdq_quality[offsets[k]:offsets[k + 1]] = NO_HASH
                         cols[:, k] = 0
                         backgrounds[k] = ()
                     damaged.update(unusable)
                 yield CacheChunk(
                     sha256=[r[0].hex() if r[8] else _sha_text(r[0]) for r in rows], embeddings=emb, offsets=offsets,
                     width=cols[0], height=cols[1], n_frames=cols[2], nbytes=cols[3], backgrounds=backgrounds,
-                    damaged=damaged,
+                    damaged=damaged, pdq=pdq_rows, pdq_quality=pdq_quality,
                 )
         except sqlite3.Error as e:
             self.damaged = self.damaged or is_damage(e)
@@ -586,7 +671,7 @@ class EmbeddingCache:
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
                  np.ascontiguousarray(it.embeddings, np.float32).tobytes(), DECODER_VERSION,
-                 json.dumps(list(it.backgrounds)) if any(it.backgrounds) else None) for it in items]
+                 json.dumps(list(it.backgrounds)) if any(it.backgrounds) else None, *_pdq_blobs(it)) for it in items]
         with self._locked("write to"):
             con = self._con
             con.execute("BEGIN IMMEDIATE")
@@ -599,14 +684,17 @@ class EmbeddingCache:
                         f"{self.path} holds {row[0]}-d embeddings of {self.encoder_id!r}; refusing {dim}-d ones")
                 self._drop_damaged_among([r[0] for r in rows], dim)
                 before = con.total_changes
-                # Present entries are kept, except those of a decoder before per-background views.
+                # Present entries are kept, except those of a decoder before per-background views, and those
+                # without PDQ hashes, which the same decoder's entry completes (its views are the same).
                 con.executemany(
                     "INSERT INTO images (sha, width, height, n_frames, nbytes, format, frame_indices, vec, decoder, "
-                    "backgrounds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha) DO UPDATE SET "
-                    "width = excluded.width, height = excluded.height, n_frames = excluded.n_frames, "
+                    "backgrounds, pdq, pdq_quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha) DO "
+                    "UPDATE SET width = excluded.width, height = excluded.height, n_frames = excluded.n_frames, "
                     "nbytes = excluded.nbytes, format = excluded.format, frame_indices = excluded.frame_indices, "
-                    "vec = excluded.vec, decoder = excluded.decoder, backgrounds = excluded.backgrounds "
-                    "WHERE images.decoder IS NULL OR images.decoder < excluded.decoder", rows)
+                    "vec = excluded.vec, decoder = excluded.decoder, backgrounds = excluded.backgrounds, "
+                    "pdq = excluded.pdq, pdq_quality = excluded.pdq_quality "
+                    "WHERE images.decoder IS NULL OR images.decoder < excluded.decoder OR "
+                    "(images.pdq IS NULL AND excluded.pdq IS NOT NULL AND images.decoder = excluded.decoder)", rows)
                 added = con.total_changes - before
                 con.execute("COMMIT")
             except BaseException:
@@ -623,11 +711,13 @@ class EmbeddingCache:
             chunk = keys[i:i + _IN_CHUNK]
             present = self._con.execute(
                 "SELECT sha, width, height, n_frames, nbytes, frame_indices, vec, "
-                f"{self._bg_col} FROM images WHERE sha IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-            for sha, w, h, nf, nb, fi, vec, bgs in present:
+                f"{self._bg_col}, {self._pdq_cols} FROM images WHERE sha IN ({','.join('?' * len(chunk))})",
+                chunk).fetchall()
+            for sha, w, h, nf, nb, fi, vec, bgs, pdq, pdq_q in present:
                 try:
                     n, _, _ = _check_entry(vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf),
                                                           ("nbytes", nb)), dim)
+                    _check_pdq(pdq, pdq_q, n)
                     ok = not _unusable_rows(np.frombuffer(vec, np.float32).reshape(-1, dim), np.array([0, n]))
                 except _Damaged:
                     ok = False

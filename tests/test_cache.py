@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -207,6 +208,83 @@ def test_entries_made_before_per_background_views_are_misses_unless_opaque(tmp_p
         assert cache.put_many([again]) == 0  # a current entry is kept
     with EmbeddingCache(tmp_path, "enc-a") as cache:
         assert capsys.readouterr().err == ""  # upgraded once
+
+
+def _with_pdq(e: CachedImage, seed: int) -> CachedImage:
+    rng = np.random.default_rng(seed)
+    n = len(e.embeddings)
+    return dataclasses.replace(e, pdq=rng.integers(0, 256, (n, 32), dtype=np.uint8),
+                               pdq_quality=rng.integers(0, 101, n).astype(np.int16))
+
+
+def test_pdq_hashes_round_trip_through_lookups_and_scans(tmp_path):
+    items = [_with_pdq(entry(i, frames=1 + (i % 2) * 2), i) for i in range(6)] + [entry(6)]  # the last: no hash
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        assert cache.put_many(items) == 7
+        got = cache.get_many([it.sha256 for it in items])
+        for it in items[:6]:
+            np.testing.assert_array_equal(got[it.sha256].pdq, it.pdq)
+            np.testing.assert_array_equal(got[it.sha256].pdq_quality, it.pdq_quality)
+        assert got[sha(6)].pdq is None and got[sha(6)].pdq_quality is None
+        (chunk,) = list(cache.scan())
+        for k, it in enumerate(items):
+            a, b = chunk.offsets[k], chunk.offsets[k + 1]
+            if it.pdq is None:
+                assert (chunk.pdq[a:b] == 0).all() and (chunk.pdq_quality[a:b] == -1).all()
+            else:
+                np.testing.assert_array_equal(chunk.pdq[a:b], it.pdq)
+                np.testing.assert_array_equal(chunk.pdq_quality[a:b], it.pdq_quality)
+        # An entry without hashes is completed by the same decoder's entry; one with hashes is kept.
+        assert cache.put_many([_with_pdq(entry(6), 60)]) == 1
+        np.testing.assert_array_equal(cache.get(sha(6)).pdq, _with_pdq(entry(6), 60).pdq)
+        assert cache.put_many([_with_pdq(entry(0), 99)]) == 0
+        np.testing.assert_array_equal(cache.get(sha(0)).pdq, items[0].pdq)
+        with pytest.raises(SafeclipError, match="PDQ hashes"):  # not one hash per embedding row
+            cache.put_many([dataclasses.replace(items[1], pdq=items[1].pdq[:1])])
+
+
+def test_a_damaged_pdq_blob_damages_its_entry_only(tmp_path):
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        cache.put_many([_with_pdq(entry(i), i) for i in range(4)])
+        path = cache.path
+    con = sqlite3.connect(path)
+    con.execute("UPDATE images SET pdq = x'0102' WHERE sha = ?", (bytes.fromhex(sha(1)),))
+    con.execute("UPDATE images SET pdq_quality = NULL WHERE sha = ?", (bytes.fromhex(sha(2)),))
+    con.execute("UPDATE images SET pdq_quality = ? WHERE sha = ?", (np.int16(300).tobytes(), bytes.fromhex(sha(3))))
+    con.commit()
+    con.close()
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:
+        (chunk,) = list(ro.scan())
+        assert set(chunk.damaged) == {1, 2, 3}
+        assert "PDQ" in chunk.damaged[1] and "without" in chunk.damaged[2] and "quality" in chunk.damaged[3]
+        assert (chunk.pdq_quality[1:] == -1).all()
+        assert set(ro.get_many([sha(i) for i in range(4)])) == {sha(0)}
+
+
+def test_schema_2_caches_are_upgraded_in_place_and_keep_their_entries_without_hashes(tmp_path, capsys):
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        cache.put_many([entry(i) for i in range(3)])
+        path = cache.path
+    con = sqlite3.connect(path)  # as the previous version wrote it: no PDQ columns
+    con.execute("ALTER TABLE images DROP COLUMN pdq")
+    con.execute("ALTER TABLE images DROP COLUMN pdq_quality")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    con.commit()
+    con.close()
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:  # read-only: read as is, without hashes
+        assert all(e.pdq is None for e in ro.get_many([sha(i) for i in range(3)]).values())
+        assert (next(ro.scan()).pdq_quality == -1).all()
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        assert "upgraded the embedding cache" in capsys.readouterr().err
+        got = cache.get_many([sha(i) for i in range(3)])
+        assert len(got) == 3 and all(e.pdq is None for e in got.values())
+        assert cache.put_many([_with_pdq(entry(1), 1)]) == 1  # completed with its hashes
+        assert cache.get(sha(1)).pdq is not None
+    with EmbeddingCache(tmp_path, "enc-a"):
+        assert capsys.readouterr().err == ""  # upgraded once
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "3"
+    con.close()
 
 
 @pytest.mark.slow

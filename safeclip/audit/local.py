@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .distributor import DONE, DecodePool, mp_context
 from .identity import EncoderIdentity, encoder_memo_key
-from .mapper import BatchUnit, compile_policy, store
+from .mapper import BatchUnit, compile_policy, needs_pdq, store
 from .plan import cpu_count, encoder_kwargs
 from .summary import Tally
 from .worker import TEST_HOOK_ENV, FileResult, WorkerConfig
@@ -168,7 +168,7 @@ class _LocalRun:
         plan = self.plan
         output = plan.open_output(ident, self.emb_dir)
         cfg = WorkerConfig(str(self.emb_dir), ident.encoder_id, ident.spec, plan.decoding.limits, output.fingerprint,
-                           plan.engine.worker_nice, self.hook, plan.decoding.fast)
+                           plan.engine.worker_nice, self.hook, plan.decoding.fast, needs_pdq(plan.policy))
         pool.run(cfg, ((i, p) for i, p in enumerate(plan.inputs) if p not in output.done))  # lazily
         return output
 

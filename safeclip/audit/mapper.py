@@ -15,6 +15,12 @@ its model actors and ``store`` on the driver, per shard; the results travel betw
 (:meth:`safeclip.compiled.CompiledPolicy.decide`), as for ``Moderator``: for an animation the worst frame decides, and
 for a transparent image the worst background (the row's ``background`` is the deciding view's).
 
+PDQ banks: each view's PDQ hash (computed where the file is decoded, or read from the cache) goes to the decision
+object with its embedding (:meth:`~safeclip.compiled.Views.with_pdq`), and the cache keeps it beside the embedding.
+Under a policy that matches PDQ banks a cache entry without hashes (made before they were kept) is a miss for the
+decode workers (:attr:`~safeclip.audit.worker.WorkerConfig.needs_pdq`): the file is decoded again and its entry
+completed, never decided without its hash. A row reports the deciding view's hash and its bank matches.
+
 Nothing unusable decides: an input the decision object reports as unusable (an embedding row that is not finite and
 L2-normalised: a damaged cache entry, a model that overflowed) is an error row (``InvalidEmbedding``; a cached entry
 is discarded so that the next run embeds the file again), and so is one with a non-finite probability
@@ -25,6 +31,7 @@ moved aside first (:meth:`~safeclip.cache.EmbeddingCache.quarantine`), so the sa
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..policy import Policy
     from .writer import RunOutput
 
-__all__ = ["BatchUnit", "UNUSABLE_REMEDY", "compile_policy", "store"]
+__all__ = ["BatchUnit", "UNUSABLE_REMEDY", "compile_policy", "needs_pdq", "store"]
 
 Lookup = Callable[[list[str]], Mapping[str, CachedImage]]
 
@@ -54,6 +61,11 @@ UNUSABLE_REMEDY: dict[str, str] = {
     "InvalidScore": " (check the policy's calibrators); it never decides",
 }
 """What an audit row adds to the decision object's reason, per kind of unusable input."""
+
+
+def needs_pdq(policy: Policy) -> bool:
+    """Whether ``policy`` matches PDQ banks (then every input needs its views' PDQ hashes to decide)."""
+    return any(ref.kind == "pdq" for cat in policy.categories for ref in cat.banks)
 
 
 def compile_policy(policy: Policy, enc: Encoder, cache_dir: Path) -> CompiledPolicy:
@@ -93,15 +105,20 @@ class BatchUnit:
         t = time.perf_counter()
         ok = [r for r in results if r.embeddings is not None and r.kind != "error"]
         if ok:
-            verdicts = self.comp.decide(Views.of([r.embeddings for r in ok], self.comp.scorer.dim))
+            views = Views.of([r.embeddings for r in ok], self.comp.scorer.dim)
+            if any(r.pdq is not None for r in ok):
+                views = views.with_pdq([None if r.pdq is None or r.pdq_quality is None else (r.pdq, r.pdq_quality)
+                                        for r in ok])
+            verdicts = self.comp.decide(views)
             for k, r in enumerate(ok):
                 problem = verdicts.problems[k]
                 if problem is not None:
                     _unusable(r, problem[0], problem[1] + UNUSABLE_REMEDY.get(problem[0], ""))
                     continue
                 r.code, r.probs = int(verdicts.actions[k]), verdicts.probabilities[k]
-                view = int(verdicts.view[k])
+                r.view = view = int(verdicts.view[k])
                 r.background = r.backgrounds[view] if view < len(r.backgrounds) else None
+                r.matches = json.dumps([m.to_dict() for m in verdicts.matches(k)])
         score_s = (time.perf_counter() - t) / n
         for r in results:
             r.embed_s, r.score_s = embed_s, score_s
@@ -140,7 +157,14 @@ class BatchUnit:
 
 def _unusable(r: FileResult, kind: str, why: str) -> None:
     r.kind, r.error_kind, r.error, r.cacheable_error = "error", kind, why, False
-    r.code = r.probs = r.background = None
+    r.code = r.probs = r.background = r.view = r.matches = None
+
+
+def _hashes(r: FileResult) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``r``'s PDQ hashes as the cache keeps them: one per embedding row, or none."""
+    if r.pdq is None or r.pdq_quality is None or r.embeddings is None or len(r.pdq) != len(r.embeddings):
+        return None, None
+    return r.pdq, r.pdq_quality
 
 
 def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> None:
@@ -156,10 +180,13 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
                 output.db.damaged = True
             why = (failed.error or "").removeprefix("unexpected error while decoding: ")
             raise CacheError(f"the audit stopped: {why}")
-        new = [CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0, r.n_frames or 1,
-                           r.nbytes or 0, r.format or "", r.backgrounds)
-               for r in results if r.new and r.sha256 is not None and r.embeddings is not None and r.kind != "error"]
-        output.db.put_many(new)  # before any row that uses these embeddings can be committed
+        # New embeddings, and decoded files whose cache entry may lack the PDQ hashes (put_many completes those).
+        entries = {r.sha256: CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0,
+                                         r.n_frames or 1, r.nbytes or 0, r.format or "", r.backgrounds,
+                                         *_hashes(r))
+                   for r in results if (r.new or (r.decoded and r.pdq is not None)) and r.sha256 is not None
+                   and r.embeddings is not None and r.kind != "error"}
+        output.db.put_many(list(entries.values()))  # before any row that uses these embeddings can be committed
         errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
                   for r in results if r.kind == "error" and r.cacheable_error and r.sha256]
         output.db.put_decode_errors(errors, output.fingerprint)

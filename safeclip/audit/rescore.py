@@ -4,10 +4,17 @@ The embeddings come from the embedding cache (by sha256: the rows of an earlier 
 encoder) or from an audit written with ``save_embeddings=True``; the prompt embeddings from the prompt cache. The
 deciding is the decision object's (:meth:`safeclip.compiled.CompiledPolicy.decide`), as in the audit's batch unit,
 so a re-score equals a fresh audit under the new policy.
+
+Banks are matched again too, against their entries of today: the PDQ hashes come from the cache beside the
+embeddings (or from the ``embedding_pdq`` column of an output written with ``save_embeddings=True``), so files
+audited before an entry was added are found without decoding them ("which past files match what we added today").
+An image whose hashes were never recorded cannot be matched against a PDQ bank: under a policy that names one it is
+an error row (``NoHash``: audit the file again).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
@@ -22,6 +29,7 @@ import numpy as np
 
 from ..files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
+from ..banks import NO_HASH
 from ..compiled import Views
 from ..decide import ACTIONS
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
@@ -289,13 +297,24 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
         damaged = tuple(("DamagedCacheEntry", chunk.damaged[i]) if i in chunk.damaged else None
                         for i in range(len(chunk))) if chunk.damaged else ()
-        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged))
+        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality))
         bad = {i: _unusable_text(p) for i, p in enumerate(verdicts.problems) if p is not None}
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
         background = [_view(bgs[i], int(verdicts.view[i])) for i in range(len(chunk))]
+        n = len(chunk)
+        hashes: list[str | None] = [None] * n
+        quality = np.full(n, NO_HASH, np.int64)
+        if chunk.pdq is not None and chunk.pdq_quality is not None:
+            chosen = np.asarray(verdicts.rows, np.int64)
+            quality = chunk.pdq_quality[chosen].astype(np.int64)
+            for i in np.flatnonzero(quality >= 0):
+                hashes[i] = chunk.pdq[chosen[i]].tobytes().hex()
+        matches: list[str | None] = ([json.dumps([m.to_dict() for m in verdicts.matches(i)]) for i in range(n)]
+                                     if verdicts.scores.banks is not None else ["[]"] * n)
         pieces.append(_columns_table(schema, comp, chunk.sha256, chunk.nbytes, chunk.width, chunk.height,
-                                     chunk.n_frames, verdicts.actions, verdicts.probabilities, background, bad))
+                                     chunk.n_frames, verdicts.actions, verdicts.probabilities, background, bad,
+                                     (hashes, quality, matches)))
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
 
 
@@ -320,7 +339,8 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
     import pyarrow as pa
 
     dim = src.dim or comp.scorer.dim
-    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds") if db is None else ())
+    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality", "pdq",
+                              "pdq_quality") if db is None else ())
     cols = [c for c in wanted if c in src.schema.names]
     pieces, hits = [], 0
     for batch in parquet_batches(src.file, cols, f"audit output {src.name}", batch_rows=max(1, chunk_rows)):
@@ -332,8 +352,10 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
 
 
-Source = tuple[np.ndarray | None, Sequence[str | None], str | None]
-"""One row's embeddings ``(F, D)``, the background of each, or why there are none (an error text)."""
+Hashes = tuple[np.ndarray, np.ndarray] | None
+Source = tuple[np.ndarray | None, Sequence[str | None], str | None, Hashes]
+"""One row's embeddings ``(F, D)``, the background of each, or why there are none (an error text), and the PDQ
+hash ``(F, 32)`` and quality ``(F,)`` of each (None where they were not recorded)."""
 
 
 def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
@@ -347,10 +369,12 @@ def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
                                        or pa.types.is_large_list(inner)))
     bgs = (table.column("embedding_backgrounds").to_pylist() if "embedding_backgrounds" in table.column_names
            else [None] * table.num_rows)
+    per_view = [_column(table, k) for k in ("embedding_pdq", "embedding_pdq_quality", "pdq", "pdq_quality")]
     out: list[Source] = []
     for i, value in enumerate(col.to_pylist()):
         if value is None:
-            out.append((None, (), "NoEmbedding: this row has no saved embedding (audit with --save-embeddings)"))
+            out.append((None, (), "NoEmbedding: this row has no saved embedding (audit with --save-embeddings)",
+                        None))
             continue
         try:
             frames = [value] if flat else value
@@ -366,11 +390,35 @@ def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
                     raise ValueError(f"frames of {sorted(set(map(str, bad)))} floats, not {dim}")
                 arr = np.asarray(frames, np.float32)
         except (ValueError, TypeError) as e:
-            out.append((None, (), f"InvalidEmbedding: malformed saved embedding ({e})"))
+            out.append((None, (), f"InvalidEmbedding: malformed saved embedding ({e})", None))
             continue
         row_bgs = bgs[i] or ()
-        out.append((arr, tuple(row_bgs) if len(row_bgs) == len(arr) else (), None))
+        codes, qualities, one, one_q = (c[i] for c in per_view)
+        if codes is None and len(arr) == 1 and one is not None:  # an output without per-view hashes: one view
+            codes, qualities = [one], [one_q]
+        out.append((arr, tuple(row_bgs) if len(row_bgs) == len(arr) else (), None,
+                    _saved_hashes(codes, qualities, len(arr))))
     return out
+
+
+def _saved_hashes(codes: Any, qualities: Any, rows: int) -> Hashes:
+    """The saved PDQ hashes of one row's ``rows`` views (hex texts, null where none was computed, and their
+    qualities), or None where they are missing or malformed (then it cannot be matched against a PDQ bank)."""
+    if not isinstance(codes, list) or not isinstance(qualities, list) or len(codes) != rows or len(qualities) != rows:
+        return None
+    out = np.zeros((rows, 32), np.uint8)
+    quality = np.full(rows, NO_HASH, np.int64)
+    for k, (h, q) in enumerate(zip(codes, qualities)):
+        if h is None:
+            continue
+        try:
+            raw = bytes.fromhex(h) if isinstance(h, str) else b""
+        except ValueError:
+            return None
+        if len(raw) != 32 or not isinstance(q, int) or not 0 <= q <= 100:
+            return None
+        out[k], quality[k] = np.frombuffer(raw, np.uint8), q
+    return out, quality
 
 
 def _cached_embeddings(part: pa.Table, db: EmbeddingCache, encoder_id: str) -> list[Source]:
@@ -380,16 +428,17 @@ def _cached_embeddings(part: pa.Table, db: EmbeddingCache, encoder_id: str) -> l
     out: list[Source] = []
     for s, ok, err in zip(shas, valid, errors):
         if err is not None:
-            out.append((None, (), err))
+            out.append((None, (), err, None))
         elif not ok:
             why = f"InvalidSha256: {str(s)[:80]!r} is not a sha256 (64 hex digits); audit the file again"
-            out.append((None, (), why))
+            out.append((None, (), why, None))
         elif s.lower() in found:
             hit = found[s.lower()]
-            out.append((hit.embeddings, hit.backgrounds, None))
+            hashes = None if hit.pdq is None or hit.pdq_quality is None else (hit.pdq, hit.pdq_quality)
+            out.append((hit.embeddings, hit.backgrounds, None, hashes))
         else:
             why = f"EmbeddingNotCached: no embedding for sha256 {s} under encoder {encoder_id!r}; audit this file again"
-            out.append((None, (), why))
+            out.append((None, (), why, None))
     return out
 
 
@@ -405,29 +454,35 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
     rows = Rows(len(categories), save_emb)
     errors: dict[int, str] = {}
     ok: list[int] = []
-    for i, (e, _, why) in enumerate(embs):
+    for i, (e, _, why, _) in enumerate(embs):
         if c["error"][i] is not None or e is None:  # an error row of the source stays one, with its own error
             errors[i] = c["error"][i] or why or "no embedding"
         else:
             ok.append(i)
-    decided: dict[int, tuple[int, np.ndarray, str | None]] = {}
+    decided: dict[int, tuple[int, np.ndarray, str | None, int, str]] = {}
     if ok:
-        verdicts = comp.decide(Views.of([embs[i][0] for i in ok], comp.scorer.dim))
+        views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
+        verdicts = comp.decide(views)
         for k, i in enumerate(ok):
             problem = verdicts.problems[k]
             if problem is not None:
                 errors[i] = _unusable_text(problem)
             else:
-                decided[i] = (int(verdicts.actions[k]), verdicts.probabilities[k],
-                              _view(embs[i][1], int(verdicts.view[k])))
+                view = int(verdicts.view[k])
+                decided[i] = (int(verdicts.actions[k]), verdicts.probabilities[k], _view(embs[i][1], view), view,
+                              json.dumps([m.to_dict() for m in verdicts.matches(k)]))
     for i in range(part.num_rows):
         action = probs_i = background = None
+        chosen: int | None = None
+        matches: str | None = None
         if i in decided:
-            code, probs_i, background = decided[i]
+            code, probs_i, background, chosen, matches = decided[i]
             action = ACTIONS[code]
+        hashes = embs[i][3]
         rows.add(c["path"][i], c["sha256"][i], _int(c["bytes"][i]), _int(c["width"][i]), _int(c["height"][i]),
                  _int(c["frames"][i]), action, probs_i, errors.get(i), embs[i][0] if i in decided else None,
-                 background=background, emb_backgrounds=embs[i][1])
+                 background=background, emb_backgrounds=embs[i][1], pdq=None if hashes is None else hashes[0],
+                 pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches)
     return rows.table(schema, categories, comp.scorer.encoder_id, comp.policy.id), len(decided)
 
 
@@ -491,9 +546,11 @@ def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str], nbytes: np.ndarray,
                    width: np.ndarray, height: np.ndarray, frames: np.ndarray, codes: np.ndarray,
-                   probs: np.ndarray, background: Sequence[str | None], bad: dict[int, str]) -> pa.Table:
+                   probs: np.ndarray, background: Sequence[str | None], bad: dict[int, str],
+                   hashes: tuple[list[str | None], np.ndarray, list[str | None]]) -> pa.Table:
     """A table of rows without paths, built straight from column arrays (the whole-cache fast path); the images
-    in ``bad`` are error rows (action ``error``, no probabilities, ``error`` from ``bad``)."""
+    in ``bad`` are error rows (action ``error``, no probabilities, ``error`` from ``bad``). ``hashes``: per image,
+    the deciding view's PDQ hash (hex, or None), its quality (NO_HASH: none) and the bank matches (JSON)."""
     import pyarrow as pa
 
     n = len(shas)
@@ -504,6 +561,12 @@ def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str],
         codes[idx] = len(ACTIONS)
         valid[idx] = False
         background = [None if i in bad else b for i, b in enumerate(background)]
+    pdq, quality, matches = hashes
+    has = np.asarray(quality) >= 0
+    if bad:
+        has[idx] = False
+        pdq = [None if i in bad else h for i, h in enumerate(pdq)]
+        matches = [None if i in bad else m for i, m in enumerate(matches)]
     actions = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array([*ACTIONS, ERROR_ACTION]))
     cols: dict[str, Any] = {
         "path": pa.nulls(n, pa.string()),
@@ -518,6 +581,9 @@ def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str],
         "error": pa.array([bad.get(i) for i in range(n)], pa.string()) if bad else pa.nulls(n, pa.string()),
         "encoder_id": pa.array([comp.scorer.encoder_id] * n, pa.string()),
         "policy": pa.array([comp.policy.id] * n, pa.string()),
+        "pdq": pa.array(pdq, pa.string()),
+        "pdq_quality": pa.array(np.asarray(quality, np.int16), pa.int16(), mask=~has),
+        "matches": pa.array(matches, pa.string()),
     }
     for j, name in enumerate(comp.policy.category_names):
         cols[f"p_{name}"] = pa.array(np.ascontiguousarray(probs[:, j]), pa.float32(), mask=~valid)

@@ -62,7 +62,9 @@ class FileResult:
     uint8, for the model) or ``"error"`` (``error_kind``, ``error``; ``cacheable_error`` when the same bytes fail the
     same way with the same decoder). The batch unit then sets ``embeddings`` (``(F, D)`` float32), ``code`` and
     ``probs`` (the decision), ``new`` (embedded by the model in this run) and ``duplicate`` (decoded, but the same
-    bytes were embedded for another input).
+    bytes were embedded for another input). ``pdq`` ``(F, 32)`` uint8 and ``pdq_quality`` ``(F,)`` are each view's
+    PDQ hash (decoded now, or from the cache; None for a cache entry made before hashes were kept); ``view`` (the
+    deciding view) and ``matches`` (JSON: its bank matches) are set with ``code``.
     """
 
     tid: int
@@ -91,6 +93,10 @@ class FileResult:
     background: str | None = None  # the deciding view's background (set with ``code``)
     embed_s: float = 0.0
     score_s: float = 0.0
+    pdq: np.ndarray | None = None
+    pdq_quality: np.ndarray | None = None
+    view: int | None = None
+    matches: str | None = None
 
     @property
     def error_text(self) -> str:
@@ -100,7 +106,8 @@ class FileResult:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a decode worker needs: the cache to look files up in, the encoder's pixel spec, the decode limits."""
+    """What a decode worker needs: the cache to look files up in, the encoder's pixel spec, the decode limits.
+    ``needs_pdq``: the policy matches PDQ banks, so a cache entry without PDQ hashes is a miss (decoded again)."""
 
     cache_dir: str | None
     encoder_id: str
@@ -110,6 +117,7 @@ class WorkerConfig:
     nice: int
     hook: str | None
     fast: bool = True
+    needs_pdq: bool = False
 
 
 def decoder_fingerprint(limits: DecodeLimits, target_size: int | None) -> str:
@@ -146,11 +154,13 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.read_s = time.perf_counter() - t0
         if cache is not None:
             hit = cache.get(sha)
-            if hit is not None:
+            # An entry without PDQ hashes cannot be matched against a PDQ bank: decode the file again for them.
+            if hit is not None and not (cfg.needs_pdq and hit.pdq is None):
                 res.kind, res.embeddings = "hit", hit.embeddings
                 res.width, res.height, res.n_frames = hit.width, hit.height, hit.n_frames
                 res.frame_indices, res.format = hit.frame_indices, hit.format
                 res.backgrounds = hit.backgrounds
+                res.pdq, res.pdq_quality = hit.pdq, hit.pdq_quality
                 return res
             known = cache.get_decode_errors([sha], cfg.fingerprint).get(sha)
             if known is not None:
@@ -163,6 +173,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         # The same prepare as Moderator's, so rows and Moderator.check agree.
         prep = prepare(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast))
         res.pixels = prep.pixels
+        res.pdq, res.pdq_quality = prep.pdq, prep.pdq_quality
         res.decode_s = time.perf_counter() - t1
         res.kind = "pixels"
         res.width, res.height = prep.size
@@ -235,7 +246,8 @@ def _arrow_schema() -> pa.Schema:
         ("cacheable", pa.bool_()), ("decoded", pa.bool_()), ("restarts", pa.int32()), ("read_s", pa.float64()),
         ("decode_s", pa.float64()), ("pixels", pa.large_binary()), ("emb", pa.large_binary()),
         ("code", pa.int8()), ("probs", pa.list_(pa.float32())), ("new", pa.bool_()), ("duplicate", pa.bool_()),
-        ("embed_s", pa.float64()), ("score_s", pa.float64()),
+        ("embed_s", pa.float64()), ("score_s", pa.float64()), ("pdq", pa.binary()), ("pdq_quality", pa.binary()),
+        ("view", pa.int32()), ("matches", pa.string()),
     ])
 
 
@@ -263,6 +275,9 @@ def results_to_arrow(results: Sequence[FileResult]) -> pa.Table:
         "probs": [None if r.probs is None else np.asarray(r.probs, np.float32) for r in results],
         "new": [bool(r.new) for r in results], "duplicate": [bool(r.duplicate) for r in results],
         "embed_s": [float(r.embed_s) for r in results], "score_s": [float(r.score_s) for r in results],
+        "pdq": [_blob(r.pdq, np.uint8) for r in results],
+        "pdq_quality": [_blob(r.pdq_quality, np.int16) for r in results],
+        "view": [r.view for r in results], "matches": [r.matches for r in results],
     }
     return pa.Table.from_pydict(cols, schema=_arrow_schema())
 
@@ -272,7 +287,7 @@ def results_from_arrow(table: pa.Table, size: int, dim: int) -> list[FileResult]
     c = {name: table.column(name).to_pylist() for name in table.column_names}
     out = []
     for i in range(table.num_rows):
-        pix, emb, probs = c["pixels"][i], c["emb"][i], c["probs"][i]
+        pix, emb, probs, pdq, pdq_q = c["pixels"][i], c["emb"][i], c["probs"][i], c["pdq"][i], c["pdq_quality"][i]
         out.append(FileResult(
             tid=c["idx"][i], kind=c["kind"][i], sha256=c["sha256"][i], nbytes=c["nbytes"][i], width=c["width"][i],
             height=c["height"][i], n_frames=c["n_frames"][i], frame_indices=tuple(c["frame_indices"][i] or ()),
@@ -283,5 +298,8 @@ def results_from_arrow(table: pa.Table, size: int, dim: int) -> list[FileResult]
             duplicate=bool(c["duplicate"][i]), embed_s=c["embed_s"][i], score_s=c["score_s"][i],
             pixels=None if pix is None else np.frombuffer(pix, np.uint8).reshape(-1, size, size, 3),
             embeddings=None if emb is None else np.frombuffer(emb, np.float32).reshape(-1, dim),
-            probs=None if probs is None else np.asarray(probs, np.float32)))
+            probs=None if probs is None else np.asarray(probs, np.float32),
+            pdq=None if pdq is None else np.frombuffer(pdq, np.uint8).reshape(-1, 32),
+            pdq_quality=None if pdq_q is None else np.frombuffer(pdq_q, np.int16), view=c["view"][i],
+            matches=c["matches"][i]))
     return out

@@ -23,8 +23,13 @@ Changed inputs are redone
     merge keeps the latest row of each input.
 
 Columns: ``path, sha256, bytes, width, height, frames, background, action, p_<category>..., error, encoder_id,
-policy`` (with ``save_embeddings`` also ``embedding``, a list of per-frame lists of D floats: ``np.stack`` of one
-row gives ``(frames, D)``, and ``embedding_backgrounds``, the background of each of those rows). ``action`` is
+policy, pdq, pdq_quality, matches`` (with ``save_embeddings`` also ``embedding``, a list of per-frame lists of D
+floats: ``np.stack`` of one row gives ``(frames, D)``, ``embedding_backgrounds``, the background of each of those
+rows, and ``embedding_pdq`` / ``embedding_pdq_quality``, the PDQ hash (64 hex digits, null where none) and quality
+of each). ``pdq`` (64 hex digits) and ``pdq_quality`` are the deciding view's PDQ hash, null where none was
+computed; ``matches`` is JSON, the bank entries the deciding view matched (a list of
+:meth:`~safeclip.banks.BankMatch.to_dict`; ``[]`` for none, null for an error row). Outputs written before these
+columns existed stay readable: readers treat them as optional. ``action`` is
 ``allow``/``flag``/``block``, or ``error`` for an input that could not be decided (``error`` says why; no
 probabilities). ``background`` is the colour (``#rrggbb``) of the view that decided a transparent image, null for
 an opaque one. The run's metadata is the schema's ``safeclip`` key (JSON).
@@ -218,10 +223,15 @@ def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embed
         pa.field("error", pa.string()),
         pa.field("encoder_id", pa.string()),
         pa.field("policy", pa.string()),
+        pa.field("pdq", pa.string()),
+        pa.field("pdq_quality", pa.int16()),
+        pa.field("matches", pa.string()),
     ]
     if save_embeddings:
         fields.append(pa.field("embedding", pa.list_(pa.list_(pa.float32()))))
         fields.append(pa.field("embedding_backgrounds", pa.list_(pa.string())))
+        fields.append(pa.field("embedding_pdq", pa.list_(pa.string())))
+        fields.append(pa.field("embedding_pdq_quality", pa.list_(pa.int16())))
     return pa.schema(fields, metadata={b"safeclip": json.dumps(dict(meta), sort_keys=True).encode()})
 
 
@@ -267,10 +277,13 @@ class Rows:
         self.c = n_categories
         self.save_embeddings = save_embeddings
         self.cols: dict[str, list[Any]] = {k: [] for k in (
-            "path", "sha256", "bytes", "width", "height", "frames", "background", "action", "error")}
+            "path", "sha256", "bytes", "width", "height", "frames", "background", "action", "error", "pdq",
+            "pdq_quality", "matches")}
         self.probs: list[np.ndarray | None] = []
         self.emb: list[np.ndarray | None] = []
         self.emb_bg: list[Sequence[str | None] | None] = []
+        self.emb_pdq: list[list[str | None] | None] = []
+        self.emb_pdq_q: list[list[int] | None] = []
         self.mtime_ns: list[int | None] = []
 
     def __len__(self) -> int:
@@ -279,11 +292,20 @@ class Rows:
     def add(self, path: str | None, sha: str | None, nbytes: int | None, width: int | None, height: int | None,
             frames: int | None, action: str | None, probs: np.ndarray | None, error: str | None,
             emb: np.ndarray | None = None, *, background: str | None = None,
-            emb_backgrounds: Sequence[str | None] | None = None, mtime_ns: int | None = None) -> None:
-        """One row; an error row (``error`` set) always gets the action ``error`` and no probabilities."""
+            emb_backgrounds: Sequence[str | None] | None = None, mtime_ns: int | None = None,
+            pdq: np.ndarray | None = None, pdq_quality: np.ndarray | None = None, view: int | None = None,
+            matches: str | None = None) -> None:
+        """One row; an error row (``error`` set) always gets the action ``error``, no probabilities and no matches.
+        ``pdq`` ``(F, 32)`` uint8 and ``pdq_quality`` ``(F,)``: each view's PDQ hash (or None); ``view``: the
+        deciding one; ``matches``: its bank matches as JSON."""
         if error is not None or action is None:
-            action, probs, background = ERROR_ACTION, None, None
+            action, probs, background, matches = ERROR_ACTION, None, None, None
             error = error or "no decision"
+        elif matches is None:
+            matches = "[]"
+        hexes = _pdq_hex(pdq, pdq_quality, len(emb) if emb is not None else None)
+        chosen = hexes[view] if (hexes is not None and view is not None and 0 <= view < len(hexes)
+                                 and error is None) else None
         c = self.cols
         c["path"].append(path)
         c["sha256"].append(sha)
@@ -294,11 +316,17 @@ class Rows:
         c["background"].append(background)
         c["action"].append(action)
         c["error"].append(error)
+        c["pdq"].append(chosen)
+        c["pdq_quality"].append(None if chosen is None else int(pdq_quality[view]))  # type: ignore[index]
+        c["matches"].append(matches)
         self.probs.append(probs)
         self.mtime_ns.append(mtime_ns)
         if self.save_embeddings:
             self.emb.append(emb)
             self.emb_bg.append(None if emb is None else (list(emb_backgrounds or ()) or [None] * len(emb)))
+            self.emb_pdq.append(None if emb is None or hexes is None else hexes)
+            self.emb_pdq_q.append(None if emb is None or hexes is None
+                                  else [int(q) for q in pdq_quality])  # type: ignore[union-attr]
 
     def extend(self, inputs: Sequence[str], results: Sequence[FileResult]) -> None:
         """One row per result: decided (``code`` set) or an error row; each records its file's mtime (see the
@@ -311,7 +339,7 @@ class Rows:
             else:
                 self.add(path, r.sha256, r.nbytes, r.width, r.height, r.n_frames, ACTIONS[r.code],
                          r.probs, None, r.embeddings, background=r.background, emb_backgrounds=r.backgrounds,
-                         mtime_ns=mtime)
+                         mtime_ns=mtime, pdq=r.pdq, pdq_quality=r.pdq_quality, view=r.view, matches=r.matches)
 
     def table(self, schema: pa.Schema, categories: Sequence[str], encoder_id: str, policy_id: str, *,
               parts: bool = False) -> pa.Table:
@@ -338,10 +366,20 @@ class Rows:
             arrays["embedding"] = [None if e is None else np.asarray(e, np.float32).reshape(len(e), -1).tolist()
                                    for e in self.emb]
             arrays["embedding_backgrounds"] = self.emb_bg
+            arrays["embedding_pdq"] = self.emb_pdq
+            arrays["embedding_pdq_quality"] = self.emb_pdq_q
         if parts:
             schema = _parts_schema(schema)
             arrays["mtime_ns"] = self.mtime_ns
         return pa.Table.from_arrays([pa.array(arrays[f.name], f.type) for f in schema], schema=schema)
+
+
+def _pdq_hex(pdq: np.ndarray | None, quality: np.ndarray | None, rows: int | None) -> list[str | None] | None:
+    """Each view's PDQ hash as 64 hex digits (None where none was computed), or None without hashes (or when they
+    are not one per view)."""
+    if pdq is None or quality is None or len(pdq) != len(quality) or (rows is not None and len(pdq) != rows):
+        return None
+    return [None if int(q) < 0 else bytes(h).hex() for h, q in zip(np.asarray(pdq, np.uint8), quality)]
 
 
 def _stat_mark(path: str, nbytes: int | None) -> int | None:
