@@ -221,14 +221,15 @@ class CompiledPolicy:
         """Per category: ``"calibrator"``, ``"head"`` or ``"prompt"``, what its probability is."""
         return probability_basis(self.policy, self.calibrators)
 
-    def decide(self, views: Views | np.ndarray, *, evidence: bool = False) -> Verdicts:
+    def decide(self, views: Views | np.ndarray, *, evidence: bool = False, record: bool = True) -> Verdicts:
         """Score, calibrate and decide N inputs: the one place every decide rule is applied.
 
         ``views``: a :class:`Views`, or an ``(N, D)`` array (one view per input). An input with any unusable view
         (not a finite L2-normalised embedding of this space's dimension) or a non-finite probability decides
         nothing (:func:`~safeclip.decide.unusable_inputs`); the others are decided by their worst view
         (:func:`~safeclip.decide.worst_views`). ``evidence`` keeps the prompt similarities that
-        :meth:`Verdicts.decision` reports as top prompts.
+        :meth:`Verdicts.decision` reports as top prompts. ``record``: count bank matches towards flood quarantine
+        (what live decisions do; ``explain`` and ``rescore``, which look again at inputs already seen, pass False).
 
         >>> verdicts = compiled.decide(embeddings)                 # doctest: +SKIP
         >>> verdicts.action(0), verdicts.decision(0).reasons       # doctest: +SKIP
@@ -252,7 +253,8 @@ class CompiledPolicy:
                     a, b = int(offsets[i]), int(offsets[i + 1])
                     emb[a:b] = _placeholder(b - a, emb.shape[1])
         with np.errstate(all="ignore"):
-            scores = self.scorer.score(emb, keep_sims=evidence, pdq=views.pdq, pdq_quality=views.pdq_quality)
+            scores = self.scorer.score(emb, keep_sims=evidence, pdq=views.pdq, pdq_quality=views.pdq_quality,
+                                       record=record)
             probs, calibrated = self.probabilities(scores)
         probs = np.asarray(probs, np.float32)
         for i, p in enumerate(unusable_inputs(offsets, row_problems, probs)):

@@ -274,7 +274,7 @@ class Moderator:
         emb = self.encoder.embed_pixels(np.concatenate([p.pixels for p in prepared]))
         if all(len(p.pixels) == 1 for p in prepared):
             return emb
-        verdicts = self.compiled().decide(self._views(emb, prepared))
+        verdicts = self.compiled().decide(self._views(emb, prepared), record=False)
         return emb[verdicts.rows]
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -306,9 +306,10 @@ class Moderator:
         return out  # type: ignore[return-value]
 
     def explain(self, image: Any, category: str | None = None, k: int = 3, *, policy: Any = None) -> Explanation:
-        """Why ``image`` gets its Decision from the policy's banks: the Decision (the same as :meth:`check`'s, and
-        counted for flood quarantine as a check is) and, for ``category`` (default: every category that names
-        banks), the ``k`` entries of each of its banks nearest to the view that decided, matched or not.
+        """Why ``image`` gets its Decision from the policy's banks: the Decision (the same as :meth:`check`'s) and,
+        for ``category`` (default: every category that names banks), the ``k`` entries of each of its banks nearest
+        to the view that decided, matched or not. Explaining is not a new sighting: it does not count towards flood
+        quarantine.
 
         >>> m.explain("upload.jpg").lines["known_csam"]                                # doctest: +SKIP
         ("blocked: it looks like entry 'case-118' ('report 118') of bank 'incidents' at distance 4 (match <= 31) \
@@ -324,7 +325,7 @@ class Moderator:
         cats = [c for c in pol.categories if (c.name == category if category is not None else c.banks)]
         prep = self._prepare(image)
         views = self._views(self.encoder.embed_pixels(prep.pixels), [prep])
-        verdicts = comp.decide(views, evidence=True)
+        verdicts = comp.decide(views, evidence=True, record=False)
         decision = self._decision(comp, verdicts, 0, prep)
         if isinstance(decision, DataError):
             raise decision

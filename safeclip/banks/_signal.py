@@ -133,6 +133,13 @@ class PolicyBanks:
     def __bool__(self) -> bool:
         return bool(self.refs)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Open banks hold SQLite connections: another process (a Ray actor) opens the same folders again.
+        return (PolicyBanks, (self.policy, self.encoder_id), {"refresh_s": self.refresh_s})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.refresh_s = state["refresh_s"]
+
     def stores(self) -> list[Bank]:
         return [b.store for b in self._banks.values()]
 

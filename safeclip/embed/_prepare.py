@@ -17,7 +17,7 @@ import numpy as np
 
 from ..decode import DecodeLimits, decode
 from ..errors import ConfigError
-from ..pdq import pdq_hash
+from ..pdq import DECODE_SIDE, frame_hashes
 from ._config import PRECISIONS, RUNTIMES, default_cache_dir, resolve_encoder_args
 from ._pixels import PixelSpec, prepare_pixels
 
@@ -53,7 +53,7 @@ class Prepared:
     """One input ready for the model: ``pixels`` ``(V, S, S, 3)`` uint8, one per view, and what decode said of it
     (``frame_indices`` and ``backgrounds`` per view, as in :class:`~safeclip.decode.Decoded`). ``pdq`` ``(V, 32)``
     uint8 and ``pdq_quality`` ``(V,)``: each view's PDQ hash, taken from the decoded frame before the model's resize
-    (what PDQ banks match)."""
+    (:func:`~safeclip.pdq.frame_hashes`: what PDQ banks match)."""
 
     pixels: np.ndarray
     frame_indices: tuple[int, ...]
@@ -77,11 +77,10 @@ def prepare(source: Any, spec: PixelSpec, options: DecodeOptions | None = None) 
     (1, 224, 224, 3)
     """
     opts = options or DecodeOptions()
-    dec = decode(source, limits=opts.limits, target_size=spec.size if opts.fast else None)
+    # Decoded large enough for PDQ too (DECODE_SIDE), so that one decode serves the hash and the model's pixels.
+    dec = decode(source, limits=opts.limits, target_size=max(spec.size, DECODE_SIDE) if opts.fast else None)
     pixels = np.stack([prepare_pixels(f, spec, fast=opts.fast) for f in dec.frames])
-    hashes = [pdq_hash(f) for f in dec.frames]
-    pdq = np.frombuffer(b"".join(h.bits for h in hashes), np.uint8).reshape(len(hashes), 32)
-    quality = np.array([h.quality for h in hashes], np.int16)
+    pdq, quality = frame_hashes(dec.frames)
     name = dec.source or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else None)
     return Prepared(pixels, tuple(dec.frame_indices), tuple(dec.backgrounds), dec.sha256, name, dec.format,
                     dec.size, dec.n_frames, dec.nbytes, pdq, quality)
