@@ -23,6 +23,7 @@ from .errors import (
     ArtifactUnavailableError,
     AuditError,
     AuditLockedError,
+    BankError,
     CacheError,
     ConfigError,
     DataError,
@@ -89,10 +90,16 @@ _LAZY: dict[str, str] = {
     "load_policy": "safeclip.policy",
     "Scorer": "safeclip.score",
     "Scores": "safeclip.score",
+    "Bank": "safeclip.banks",
+    "BankEntry": "safeclip.banks",
+    "BankMatch": "safeclip.banks",
+    "NewEntry": "safeclip.banks",
+    "PdqHash": "safeclip.pdq",
+    "pdq_hash": "safeclip.pdq",
 }
 
 __all__ = sorted([
-    "ArtifactIntegrityError", "ArtifactUnavailableError", "AuditError", "AuditLockedError", "CacheError", "ConfigError", "DataError", "DecodeError",
+    "ArtifactIntegrityError", "ArtifactUnavailableError", "AuditError", "AuditLockedError", "BankError", "CacheError", "ConfigError", "DataError", "DecodeError",
     "DecodeTimeoutError", "DeviceError", "EncoderMismatchError", "EngineError", "EngineStalledError",
     "EngineUnavailableError",
     "ImageTooLargeError", "ManifestError", "MissingPromptError", "ModelLoadError", "NoInputsError", "OutputError",
@@ -134,6 +141,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed. tests/test_init
         fit_calibrator,
         train_probe,
     )
+    from .banks import Bank, BankEntry, BankMatch, NewEntry
     from .compiled import CompiledPolicy, Verdicts, Views, lint_policy
     from .decide import ACTIONS, CategoryResult, Decision
     from .embed import DecodeOptions, Encoder, EncoderSpec, PromptCache
@@ -141,5 +149,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed. tests/test_init
     from .heads import LinearProbe, MLPHead
     from .importers import import_laion_nsfw, import_laion_violence
     from .moderator import BatchingOptions, Explanation, Moderator, check, default_moderator, set_default_moderator
+    from .pdq import PdqHash, pdq_hash
     from .policy import Category, Policy, list_policies, load_policy
     from .score import Scorer, Scores

@@ -404,3 +404,24 @@ def test_policy_banks_explain_the_nearest_entries(decided):
     far[:6] ^= 0xFF  # 48 bits off: no match, still the nearest
     [m] = banks.nearest("known", _unit(9)[0], far, 90, k=1)
     assert m.entry == "inc-1" and m.distance == 48 and not m.matched
+
+
+def test_a_compiled_policy_with_banks_travels_to_another_process_and_reopens_them(decided):
+    """What the Ray engine does with the compiled policy: the copy opens the same bank folders again."""
+    import pickle
+
+    compiled, _, _ = decided
+    copy = pickle.loads(pickle.dumps(compiled))
+    assert copy.scorer.banks is not compiled.scorer.banks
+    v = copy.decide(_views(_unit(9), [_codes([1])[0]]))
+    assert v.action(0) == "block" and v.matches(0)[0].entry == "inc-1"
+
+
+def test_rescoring_and_explaining_do_not_count_towards_quarantine(decided):
+    compiled, _, _ = decided
+    base = _codes([2])[0]
+    for k in range(5):
+        q = base.copy()
+        q[k] ^= 1
+        v = compiled.decide(_views(_unit(9), [q]), record=False)
+        assert v.action(0) == "block" and not v.matches(0)[0].quarantined

@@ -36,7 +36,8 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     for f in args.files:
         p = lint_policy(f, allow_outside=args.allow_outside, encoder_id=args.encoder_id)
         n_art = sum((c.probe is not None) + (c.head is not None) + (c.calibrator is not None) for c in p.categories)
-        print(f"{f}: ok ({p.id}, {len(p.categories)} categories, {n_art} artifacts checked)")
+        n_banks = sum(len(c.banks) for c in p.categories)
+        print(f"{f}: ok ({p.id}, {len(p.categories)} categories, {n_art} artifacts and {n_banks} banks checked)")
     return EXIT_OK
 
 
