@@ -112,6 +112,58 @@ def store_scale(n: int = 10_000_000, queries: int = 20_000, cycles: int = 1_000_
     return out
 
 
+def product_robustness(n: int = 50, min_similarity: float = 0.94) -> dict:
+    """Recall of each edit of ``banks_pdq.EDITS`` through the product's own paths: PDQ as checks and audits hash
+    (:func:`safeclip.embed.prepare`, and ``frame_hashes(dihedral=True)`` for a dihedral bank's rows) and the
+    embedding bank at ``min_similarity``, with a random-weight ViT-B-32: its embedding figures time and exercise the
+    machinery only; they say nothing of how real CLIP weights match. False matches over all pairs of distinct
+    photos for both."""
+    import banks_pdq
+    from PIL import Image
+
+    from _common import photos, vit_b32_checkpoint
+    from safeclip import Moderator
+    from safeclip.decode import decode
+    from safeclip.pdq import DECODE_SIDE, frame_hashes
+
+    files = photos({".jpg", ".jpeg", ".png", ".webp"})
+    m = Moderator(model="ViT-B-32", pretrained=str(vit_b32_checkpoint()), device="cpu")
+    originals = [banks_pdq._load(p) for p in files]
+
+    def hashes(im: Image.Image, dihedral: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return frame_hashes(decode(im, target_size=DECODE_SIDE).frames[:1], dihedral=dihedral)
+
+    orig_codes = [hashes(im) for im in originals]
+    usable = [i for i, (_, q) in enumerate(orig_codes) if q[0] >= 50]
+    emb = m.embed(originals)
+    out: dict = {"photos": len(files), "usable_pdq": len(usable), "weights": "random (ViT-B-32)"}
+    codes = np.concatenate([c for c, _ in orig_codes])[usable]
+    d = np.bitwise_count(codes[:, None, :] ^ codes[None, :, :]).sum(axis=2)
+    iu = np.triu_indices(len(usable), 1)
+    out["pdq_false_matches_pairs"] = f"{int((d[iu] <= 31).sum())}/{len(iu[0])}"
+    sims = emb @ emb.T
+    ju = np.triu_indices(len(files), 1)
+    out["embedding_pairs_over_threshold_random_weights"] = f"{int((sims[ju] >= min_similarity).sum())}/{len(ju[0])}"
+    edits: dict = {}
+    sample = usable[:n]
+    for name, edit in banks_pdq.EDITS.items():
+        edited = [edit(originals[i]) for i in sample]
+        pdq_hit = dih_hit = 0
+        for i, im in zip(sample, edited):
+            q, _ = hashes(im)
+            dist = int(np.bitwise_count(q[0] ^ orig_codes[i][0][0]).sum())
+            pdq_hit += dist <= 31
+            rows, _ = hashes(originals[i], dihedral=True)
+            dih_hit += int(np.bitwise_count(rows ^ q[0]).sum(axis=1).min()) <= 31
+        e = m.embed(edited)
+        cos = (e * emb[sample]).sum(axis=1)
+        edits[name] = {"pdq_recall": round(pdq_hit / len(sample), 3), "pdq_recall_dihedral":
+                       round(dih_hit / len(sample), 3),
+                       "embedding_recall_random_weights": round(float((cos >= min_similarity).mean()), 3)}
+    out["edits"] = edits
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="a hundredth of the sizes")
@@ -125,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
         results["pdq_parity"] = banks_pdq.parity(PHOTOS)
         results["pdq_robustness"] = banks_pdq.robustness(PHOTOS, n=50)
+        results["product_robustness"] = product_robustness(n=50)
     if "scale" in only:
         import banks_scale
 
