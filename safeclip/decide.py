@@ -24,8 +24,8 @@ from .policy import Policy
 if TYPE_CHECKING:  # pragma: no cover
     from .banks import BankMatch
 
-__all__ = ["ACTIONS", "CategoryResult", "Decision", "apply_banks", "build_decision", "decide_codes", "error_decision", "nonfinite_rows",
-           "unusable_inputs", "worst_views"]
+__all__ = ["ACTIONS", "CategoryResult", "Decision", "apply_banks", "build_decision", "decide_codes", "error_decision",
+           "nonfinite_rows", "unusable_inputs", "worst_views"]
 
 ACTIONS: tuple[str, str, str] = ("allow", "flag", "block")
 _ACTION_CODE = {a: i for i, a in enumerate(ACTIONS)}

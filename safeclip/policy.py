@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from .artifacts import resolve_artifact_path
+from .bankmeta import bank_kind
 from .errors import ArtifactIntegrityError, PolicyError, SafeclipError
 
 __all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "Policy", "UnknownCategoryError",
@@ -572,8 +573,6 @@ def _banks(value: Any, where: str, problems: list[str], allow_outside: bool) -> 
         except ArtifactIntegrityError as e:
             problems.append(f"{w}.path: {e}")
             continue
-        from .banks import bank_kind
-
         try:
             kind = bank_kind(folder)
         except SafeclipError as e:

@@ -17,23 +17,13 @@ exact while small, an approximate index above). Policies name banks per category
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
+from ..bankmeta import BANK_KINDS, bank_kind, is_bank, read_meta
 from ._add import FileHashes, add_files, add_from_parquet, expand_paths, hash_file
 from ._csv import import_pdq_csv, read_pdq_csv, write_pdq_csv
 from ._hits import HitLog
 from ._signal import MIN_PDQ_QUALITY, NO_HASH, BankMatch, BankSignal, PolicyBanks
-from ._store import BANK_KINDS, Bank, BankEntry, NewEntry, is_bank, read_meta
+from ._store import Bank, BankEntry, NewEntry
 
 __all__ = ["BANK_KINDS", "MIN_PDQ_QUALITY", "NO_HASH", "Bank", "BankEntry", "BankMatch", "BankSignal", "FileHashes",
            "HitLog", "NewEntry", "PolicyBanks", "add_files", "add_from_parquet", "bank_kind", "expand_paths",
            "hash_file", "import_pdq_csv", "is_bank", "read_meta", "read_pdq_csv", "write_pdq_csv"]
-
-
-def bank_kind(path: str | os.PathLike[str]) -> str:
-    """The kind (``pdq`` or ``embedding``) of the bank folder at ``path``; :class:`~safeclip.errors.BankError` when it
-    is not one."""
-    return read_meta(Path(path))["kind"]
-
-

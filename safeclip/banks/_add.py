@@ -4,16 +4,18 @@ and embeddings the audit already computed (:func:`add_from_parquet`), and the PD
 
 PDQ hashes are taken on the decoded frames as :func:`safeclip.embed.prepare` takes them for checks and audits
 (:func:`safeclip.pdq.frame_hashes`), one per view (an animation's sampled frames, a transparent image on each
-background); views too flat to hash reliably (quality below :data:`~safeclip.pdq.MIN_QUALITY`) are left out, and a file with no other view is
-refused. A dihedral bank holds the 8 turns and flips of each view (:func:`~safeclip.pdq.pdq_hash_dihedral`).
-Embedding banks hold the embeddings of every view of a file, made by a :class:`~safeclip.Moderator`'s encoder, whose
-``encoder_id`` must be the bank's.
+background); views too flat to hash reliably (quality below :data:`~safeclip.pdq.MIN_QUALITY`) are left out, and a
+file with no other view is refused. A dihedral bank holds the 8 turns and flips of each view
+(:func:`~safeclip.pdq.pdq_hash_dihedral`). Embedding banks hold one embedding per image file, made by a
+:class:`~safeclip.Moderator` (:meth:`~safeclip.Moderator.embed`: the deciding view of an animation or a transparent
+image) whose ``encoder_id`` must be the bank's; from an audit's rows, every cached view of the file.
 
 An entry's id is the first 16 hex digits of the file's sha256 unless given; its source is the file's path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -153,24 +155,23 @@ def add_files(bank: Bank, paths: Sequence[str | os.PathLike[str]], *, label: str
 
 
 def _embed_files(moderator: Moderator, files: list[str], take: Any, problems: list[str], chunk: int = 64) -> None:
-    from ..embed import prepare
-
-    encoder = moderator.encoder
+    """One embedding per file through the Moderator's public :meth:`~safeclip.Moderator.embed` (for an animation or
+    a transparent image, its deciding view), a chunk at a time; a chunk with a bad file is embedded file by file."""
     for i in range(0, len(files), chunk):
-        ready = []
-        for path in files[i:i + chunk]:
-            try:
-                ready.append((path, prepare(path, encoder.pixel_spec, moderator.decoding)))
-            except DecodeError as e:
-                problems.append(_one_line(e, path))
-        if not ready:
-            continue
-        emb = encoder.embed_pixels(np.concatenate([p.pixels for _, p in ready]))
-        start = 0
-        for path, p in ready:
-            n = len(p.pixels)
-            take(path, p.sha256, emb[start:start + n], None)
-            start += n
+        part = files[i:i + chunk]
+        try:
+            done = list(zip(part, moderator.embed(part)))
+        except DecodeError:
+            done = []
+            for path in part:
+                try:
+                    done.append((path, moderator.embed([path])[0]))
+                except DecodeError as e:
+                    problems.append(_one_line(e, path))
+        for path, emb in done:
+            with open(path, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+            take(path, sha, np.asarray(emb, np.float32)[None, :], None)
 
 
 def add_from_parquet(bank: Bank, parquet: str | os.PathLike[str], *, where_action: str | Sequence[str] | None = None,
@@ -229,8 +230,8 @@ def add_from_parquet(bank: Bank, parquet: str | os.PathLike[str], *, where_actio
                 entries.append(NewEntry(shas[i][:ID_HEX], label=label, source=paths[i],
                                         quality=None if q is None else int(q), sha256=shas[i]))
     else:
+        from .._dirs import default_cache_dir
         from ..cache import EmbeddingCache
-        from ..embed import default_cache_dir
 
         assert bank.encoder_id is not None
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()

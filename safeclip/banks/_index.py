@@ -20,7 +20,6 @@ themselves are not copied), and a query scores the rows of its ``nprobe`` neares
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any

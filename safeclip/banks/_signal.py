@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import PolicyError, SafeclipError
 from ..policy import BankRef, Policy
 from ._hits import HitLog
-from ._store import BankEntry, Bank
+from ._store import Bank, BankEntry
 
 __all__ = ["BankMatch", "BankSignal", "PolicyBanks", "MIN_PDQ_QUALITY", "NO_HASH"]
 

@@ -32,21 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from ..bankmeta import BANK_KINDS, DB, FORMAT, FORMAT_VERSION, PDQ_BYTES, ROWS, connect
 from ..errors import BankError
 from ..files import fsync_dir, write_json_atomic
 from ._index import HammingIndex, VectorIndex
 
-__all__ = ["BANK_KINDS", "Bank", "BankEntry", "NewEntry", "is_bank", "read_meta"]
+__all__ = ["Bank", "BankEntry", "NewEntry"]
 
-BANK_KINDS = ("pdq", "embedding")
-FORMAT = "safeclip.bank"
-FORMAT_VERSION = 1
-PDQ_BYTES = 32
 
-_DB = "bank.sqlite"
-_ROWS = "rows.bin"
 _INDEX = "index"
-_HITS = "hits.sqlite"
 _LOCK = ".lock"
 
 # Rows not yet in an index are searched exactly; past this many a new index segment is built over them. More than
@@ -74,11 +68,6 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_changed ON entries (changed);
 CREATE INDEX IF NOT EXISTS entries_sha ON entries (sha256);
 """
-
-
-def is_bank(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a bank folder (holds a bank manifest)."""
-    return (Path(path) / _DB).is_file()
 
 
 @dataclass(frozen=True)
@@ -170,7 +159,7 @@ class Bank:
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise BankError(f"{p}: already exists and is not an empty folder; choose a new folder for the bank")
         p.mkdir(parents=True, exist_ok=True)
-        tmp = p / (_DB + ".new")
+        tmp = p / (DB + ".new")
         con = sqlite3.connect(tmp)
         try:
             con.executescript(_SCHEMA)
@@ -183,8 +172,8 @@ class Bank:
             con.commit()
         finally:
             con.close()
-        (p / _ROWS).touch()
-        os.replace(tmp, p / _DB)
+        (p / ROWS).touch()
+        os.replace(tmp, p / DB)
         fsync_dir(p)
         return cls.open(p, writable=True)
 
@@ -192,7 +181,7 @@ class Bank:
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> Bank:
         """Open the bank folder at ``path``; :class:`~safeclip.errors.BankError` names what is wrong."""
         p = Path(path)
-        con, meta = _connect(p, writable)
+        con, meta = connect(p, writable)
         return cls(p, con, meta, writable)
 
     def close(self) -> None:
@@ -275,12 +264,12 @@ class Bank:
         self._tail_cache = None
 
     def _map_rows(self, n_rows: int) -> None:
-        path = self.path / _ROWS
+        path = self.path / ROWS
         size = path.stat().st_size
         need = n_rows * self.row_bytes
         if size < need:
             raise BankError(
-                f"{self.path}: {_ROWS} holds {size // self.row_bytes} rows but the bank lists {n_rows}: the file was "
+                f"{self.path}: {ROWS} holds {size // self.row_bytes} rows but the bank lists {n_rows}: the file was "
                 "truncated or damaged; restore the bank folder from a copy (or export what is left and re-import)")
         shape = (n_rows, PDQ_BYTES) if self.kind == "pdq" else (n_rows, self.dim)
         dtype = np.uint8 if self.kind == "pdq" else np.float32
@@ -497,11 +486,11 @@ class Bank:
             raise BankError(f"{self.path}: entry id {dup!r} is given twice")
         with self._writing() as con:
             base = self._committed_rows(con)
-            path = self.path / _ROWS
+            path = self.path / ROWS
             with open(path, "r+b") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < base * self.row_bytes:
-                    raise BankError(f"{self.path}: {_ROWS} holds fewer rows than the bank lists: it was truncated; "
+                    raise BankError(f"{self.path}: {ROWS} holds fewer rows than the bank lists: it was truncated; "
                                     "restore the bank folder from a copy")
                 if size > base * self.row_bytes:  # rows of an add that died before its commit
                     f.truncate(base * self.row_bytes)
@@ -672,56 +661,6 @@ def _check_id(entry_id: object, path: Path) -> None:
     if not isinstance(entry_id, str) or not entry_id or len(entry_id) > 256 or "#removed-" in entry_id or any(
             not ch.isprintable() for ch in entry_id):
         raise BankError(f"{path}: entry id {str(entry_id)[:80]!r} must be 1-256 printable characters")
-
-
-def _connect(p: Path, writable: bool) -> tuple[sqlite3.Connection, dict[str, str]]:
-    if not p.is_dir():
-        raise BankError(f"{p}: no such bank folder (create one with `safeclip bank create {p} --kind pdq`)")
-    if not (p / _DB).is_file():
-        raise BankError(f"{p}: not a bank folder (no {_DB}); create one with `safeclip bank create`")
-    uri = f"file:{(p / _DB).resolve()}" + ("" if writable else "?mode=ro")
-    try:
-        con = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30.0, isolation_level=None)
-        if writable:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.Error as e:
-        raise BankError(f"{p}: the bank manifest cannot be read ({e}); restore the folder from a copy") from e
-    problem = _meta_problem(meta)
-    if problem is None and not (p / _ROWS).is_file():
-        problem = f"{_ROWS} is missing; the bank's hashes/embeddings are gone (restore the folder)"
-    if problem:
-        con.close()
-        raise BankError(f"{p}: {problem}")
-    return con, meta
-
-
-def read_meta(path: str | os.PathLike[str]) -> dict[str, str]:
-    """What a bank folder says of itself (kind, name, encoder_id, dim, ...), without reading its entries."""
-    con, meta = _connect(Path(path), False)
-    con.close()
-    return meta
-
-
-def _meta_problem(meta: dict[str, str]) -> str | None:
-    if meta.get("format") != FORMAT:
-        return f"not a safeclip bank (format {meta.get('format')!r})"
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        return "the bank's format version is not a number; restore the folder"
-    if version > FORMAT_VERSION:
-        return f"bank format {version} is newer than this safeclip reads ({FORMAT_VERSION}); upgrade safeclip"
-    if meta.get("kind") not in BANK_KINDS:
-        return f"unknown bank kind {meta.get('kind')!r}"
-    try:
-        dim = int(meta.get("dim", ""))
-    except ValueError:
-        return "the bank's dimension is not a number"
-    if dim < 1 or (meta["kind"] == "embedding" and not meta.get("encoder_id")):
-        return "the bank's dimension or encoder_id is missing"
-    return None
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
