@@ -369,7 +369,7 @@ def _group(hits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], q: int, n: int
 _NORM_TOLERANCE = 1e-2
 _EXACT_BELOW = 10_000
 _TUNE_QUERIES = 500
-_TUNE_RECALL = 0.995
+_TUNE_RECALL = 0.997
 _KMEANS_ITERS = 8
 _MATMUL_ROWS = 1 << 16
 
@@ -403,33 +403,61 @@ def _top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return out_i, out_s
 
 
+_SKETCH_WORDS = 4  # 256 sign bits per row
+_RERANK = 128
+
+
+def _sketch(x: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """Sign bits of ``x @ proj[:-1] - proj[-1]`` (hyperplanes through the rows' mean) as (N, 4) uint64: their
+    Hamming distance estimates the angle."""
+    out = np.empty((len(x), _SKETCH_WORDS), np.uint64)
+    for a in range(0, len(x), _MATMUL_ROWS):
+        y = np.asarray(x[a:a + _MATMUL_ROWS]) @ proj[:-1] - proj[-1]
+        out[a:a + len(y)] = np.packbits(y > 0, axis=1).view(np.uint64)
+    return out
+
+
+def _sketch_distances(block: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Hamming distances (uint32, modulo 256: an exact complement reads 0) of (R, 4) uint64 sketches to one."""
+    c = np.bitwise_count(block ^ q)  # (R, 4) uint8
+    # the four byte counts of a row summed by one multiply (the top byte of the product)
+    return (c.view(np.uint32)[:, 0] * np.uint32(0x01010101)) >> np.uint32(24)
+
+
 class VectorIndex:
-    """Cosine search over L2-normalised embeddings: exact below ``exact_below`` rows, an inverted file above
-    (see the module docstring)."""
+    """Cosine search over L2-normalised embeddings: exact below ``exact_below`` rows, an inverted file of sign
+    sketches with exact reranking above (see the module docstring)."""
 
     def __init__(self, vectors: np.ndarray, centroids: np.ndarray | None, order: np.ndarray | None,
-                 list_offsets: np.ndarray | None, nprobe: int, seed: int):
+                 list_offsets: np.ndarray | None, nprobe: int, seed: int, proj: np.ndarray | None = None,
+                 sketches: np.ndarray | None = None, rerank: int = _RERANK):
         self._vectors = vectors
         self._centroids = centroids
         self._order = order
         self._list_offsets = list_offsets
+        self._proj = proj
+        self._sketches = sketches
         self.nprobe = nprobe
+        self.rerank = rerank
         self._seed = seed
 
     @classmethod
     def build(cls, vectors: np.ndarray, *, seed: int = 0, exact_below: int = _EXACT_BELOW, nlist: int | None = None,
-              nprobe: int | None = None, tune_similarity: float = 0.9) -> VectorIndex:
+              nprobe: int | None = None, tune_similarity: float = 0.9, rerank: int = _RERANK) -> VectorIndex:
         """Index ``vectors`` ((N, D) float32, unit rows). Exact below ``exact_below`` rows. Above, ``nlist`` lists
-        (default about 2*sqrt(N)) and ``nprobe`` lists scanned per query; when not given, ``nprobe`` is the least
-        that finds the source row of 99.5% of seeded noisy copies at cosine ``tune_similarity`` (the near-duplicate
-        queries a bank answers)."""
+        (default about sqrt(N)) stored as 256-bit sign sketches of random hyperplanes, ``nprobe`` lists scanned
+        per query and its ``rerank`` nearest sketches scored exactly; when not given, ``nprobe`` is the least that
+        reaches the source row's list for 99.7% of seeded noisy copies at cosine ``tune_similarity`` (the
+        near-duplicate queries a bank answers)."""
         vectors = _as_vectors(vectors, "vectors")
         _check_norms(vectors, "vectors")
-        n = len(vectors)
+        n, d = vectors.shape
         if n < max(exact_below, 2):
             return cls(vectors, None, None, None, 0, seed)
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+            raise DataError(f"rerank must be a positive int, got {rerank!r}")
         rng = np.random.default_rng(seed)
-        nlist = int(nlist) if nlist is not None else max(1, int(2 ** round(math.log2(2 * math.sqrt(n)))))
+        nlist = int(nlist) if nlist is not None else max(1, int(2 ** round(math.log2(math.sqrt(n)))))
         if not 1 <= nlist <= n:
             raise DataError(f"nlist must be in 1..{n}, got {nlist}")
         centroids = _spherical_kmeans(vectors, nlist, rng)
@@ -438,7 +466,15 @@ class VectorIndex:
         order = np.argsort(assign, kind="stable").astype(np.int64)
         list_offsets = np.zeros(nlist + 1, np.int64)
         np.cumsum(np.bincount(assign, minlength=nlist), out=list_offsets[1:])
-        index = cls(vectors, centroids, order, list_offsets, 1, seed)
+        del assign
+        # centred on the sample mean, so a common direction shared by every row does not waste the sign bits
+        sample = np.take(vectors, np.sort(rng.choice(n, size=min(n, 1 << 15), replace=False)), axis=0)
+        planes = rng.standard_normal((d, 64 * _SKETCH_WORDS)).astype(np.float32)
+        proj = np.concatenate([planes, sample.mean(axis=0, keepdims=True) @ planes]).astype(np.float32)
+        sketches = np.empty((n, _SKETCH_WORDS), np.uint64)
+        for a in range(0, n, _MATMUL_ROWS):
+            sketches[a:a + _MATMUL_ROWS] = _sketch(np.take(vectors, order[a:a + _MATMUL_ROWS], axis=0), proj)
+        index = cls(vectors, centroids, order, list_offsets, 1, seed, proj, sketches, int(rerank))
         index.nprobe = int(nprobe) if nprobe is not None else index._tune(rng, tune_similarity)
         if not 1 <= index.nprobe <= nlist:
             raise DataError(f"nprobe must be in 1..{nlist}, got {index.nprobe}")
@@ -449,7 +485,7 @@ class VectorIndex:
         src = rng.choice(n, size=min(_TUNE_QUERIES, n), replace=False)
         queries = noisy_copies(self._vectors[src], similarity, rng)
         nlist = len(self._list_offsets) - 1
-        # the rank of each source row's list among its query's lists: nprobe must cover the 99.5th percentile
+        # the rank of each source row's list among its query's lists: nprobe must cover the 99.7th percentile
         inv = np.empty(n, np.int64)
         inv[self._order] = np.arange(n)
         src_list = np.searchsorted(self._list_offsets, inv[src], side="right") - 1
@@ -466,10 +502,11 @@ class VectorIndex:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The build parameters: rows, dimension, exact or not, lists, lists probed, seed."""
+        """The build parameters: rows, dimension, exact or not, lists, lists probed, rows reranked, seed."""
         nlist = 0 if self._list_offsets is None else len(self._list_offsets) - 1
         return {"kind": "exact" if self.exact else "ivf", "rows": len(self), "dim": int(self._vectors.shape[1]),
-                "nlist": nlist, "nprobe": self.nprobe, "seed": self._seed}
+                "nlist": nlist, "nprobe": self.nprobe, "rerank": 0 if self.exact else self.rerank,
+                "seed": self._seed}
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -478,15 +515,19 @@ class VectorIndex:
         return f"VectorIndex({self.params})"
 
     def save(self, folder: Path | str) -> None:
-        """Write ``ivf.params.npy`` (rows, dim, nprobe, seed) and, when not exact, ``ivf.centroids.npy``,
-        ``ivf.order.npy`` and ``ivf.lists.npy`` into ``folder`` (which must exist)."""
+        """Write ``ivf.params.npy`` (rows, dim, nprobe, seed, exact, rerank) and, when not exact,
+        ``ivf.centroids.npy``, ``ivf.order.npy``, ``ivf.lists.npy``, ``ivf.proj.npy`` (hyperplanes and offsets) and
+        ``ivf.sketches.npy`` (in list order) into ``folder`` (which must exist)."""
         folder = Path(folder)
         n, d = self._vectors.shape
-        np.save(folder / "ivf.params.npy", np.asarray([n, d, self.nprobe, self._seed, int(self.exact)], np.int64))
+        np.save(folder / "ivf.params.npy",
+                np.asarray([n, d, self.nprobe, self._seed, int(self.exact), self.rerank], np.int64))
         if not self.exact:
             np.save(folder / "ivf.centroids.npy", self._centroids)
             np.save(folder / "ivf.order.npy", self._order)
             np.save(folder / "ivf.lists.npy", self._list_offsets)
+            np.save(folder / "ivf.proj.npy", self._proj)
+            np.save(folder / "ivf.sketches.npy", self._sketches)
 
     @classmethod
     def load(cls, folder: Path | str, vectors: np.ndarray) -> VectorIndex:
@@ -496,9 +537,9 @@ class VectorIndex:
         where = f"{folder}: vector index"
         try:
             p = np.load(folder / "ivf.params.npy")
-            if p.dtype != np.int64 or p.shape != (5,):
+            if p.dtype != np.int64 or p.shape != (6,):
                 raise DataError(f"{where}: ivf.params.npy is malformed; rebuild the index")
-            n, d, nprobe, seed, exact = (int(x) for x in p)
+            n, d, nprobe, seed, exact, rerank = (int(x) for x in p)
             if (n, d) != vectors.shape:
                 raise DataError(f"{where} was built over ({n}, {d}) vectors but the bank has {vectors.shape}; "
                                 "rebuild the index")
@@ -507,6 +548,8 @@ class VectorIndex:
             centroids = np.load(folder / "ivf.centroids.npy", mmap_mode="r")
             order = np.load(folder / "ivf.order.npy", mmap_mode="r")
             lists = np.load(folder / "ivf.lists.npy", mmap_mode="r")
+            proj = np.load(folder / "ivf.proj.npy")
+            sketches = np.load(folder / "ivf.sketches.npy", mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
             if isinstance(e, DataError):
                 raise
@@ -521,9 +564,15 @@ class VectorIndex:
                 or np.any(np.diff(lists) < 0):
             raise DataError(f"{where}: ivf.lists.npy is not {nlist + 1} non-decreasing offsets from 0 to {n}; "
                             "rebuild the index")
-        if not 1 <= nprobe <= nlist:
-            raise DataError(f"{where}: nprobe {nprobe} is outside 1..{nlist}; rebuild the index")
-        return cls(vectors, np.asarray(centroids), order, np.asarray(lists), nprobe, seed)
+        if proj.dtype != np.float32 or proj.shape != (d + 1, 64 * _SKETCH_WORDS):
+            raise DataError(f"{where}: ivf.proj.npy holds {proj.dtype} {proj.shape}, expected float32 "
+                            f"({d + 1}, {64 * _SKETCH_WORDS}); rebuild the index")
+        if sketches.dtype != np.uint64 or sketches.shape != (n, _SKETCH_WORDS):
+            raise DataError(f"{where}: ivf.sketches.npy holds {sketches.dtype} {sketches.shape}, expected uint64 "
+                            f"({n}, {_SKETCH_WORDS}); rebuild the index")
+        if not 1 <= nprobe <= nlist or rerank < 1:
+            raise DataError(f"{where}: nprobe {nprobe} or rerank {rerank} is out of range; rebuild the index")
+        return cls(vectors, np.asarray(centroids), order, np.asarray(lists), nprobe, seed, proj, sketches, rerank)
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar rows per query: ``(ids (Q, k) int64, sims (Q, k) float32)``, best first, padded
@@ -551,6 +600,7 @@ class VectorIndex:
                 ids[i], sims[i] = _top_k(cand_s[i], cand_i[i], k)
             return ids, sims
         assert self._centroids is not None and self._order is not None and self._list_offsets is not None
+        assert self._proj is not None and self._sketches is not None
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         nlist = len(self._centroids)
         if not 1 <= nprobe <= nlist:
@@ -558,11 +608,24 @@ class VectorIndex:
         cs = queries @ self._centroids.T
         probe = np.argpartition(-cs, nprobe - 1, axis=1)[:, :nprobe] if nprobe < nlist else \
             np.broadcast_to(np.arange(nlist), (q, nlist))
+        qsk = _sketch(queries, self._proj)
+        keep = max(self.rerank, k)
         for i in range(q):
-            starts, ends = self._list_offsets[probe[i]], self._list_offsets[probe[i] + 1]
-            lens = ends - starts
-            pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-            cand = self._order[pos]
+            lists = np.sort(probe[i])
+            starts, ends = self._list_offsets[lists], self._list_offsets[lists + 1]
+            # neighbouring probed lists read as one slice
+            brk = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+            starts, ends = starts[np.r_[0, brk]], ends[np.r_[brk - 1, len(ends) - 1]]
+            if len(starts) == 1:
+                pos = np.arange(starts[0], ends[0])
+                dist = _sketch_distances(self._sketches[starts[0]:ends[0]], qsk[i])
+            else:
+                lens = ends - starts
+                pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+                dist = _sketch_distances(np.take(self._sketches, pos, axis=0), qsk[i])
+            if len(dist) > keep:
+                pos = pos[np.argpartition(dist, keep - 1)[:keep]]
+            cand = np.take(self._order, pos)
             s = np.take(self._vectors, cand, axis=0) @ queries[i]
             ids[i], sims[i] = _top_k(s, cand, k)
         return ids, sims
