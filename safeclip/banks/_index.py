@@ -7,14 +7,19 @@ them (usually memory-mapped) to ``build`` and ``load``. An index's own arrays ar
 ``HammingIndex`` is multi-index hashing (Norouzi et al.): the 256 bits are cut into ``m`` chunks; two codes within
 ``r`` bits agree to within ``r // m`` bits on at least one chunk (pigeonhole; the remainder of ``r / m`` lets some
 chunks probe one bit less), so probing every chunk's table at the query's key and its neighbours within that
-radius, then checking every candidate's full distance, finds every row within ``r`` and nothing else. The chunk
+radius, then checking every candidate's full distance, finds every row within ``r`` and nothing else. Each chunk
+keeps a copy of the codes sorted by its key, so a probe's candidates are one contiguous run (no gather by id); a
+long batch is split over threads (numpy releases the GIL). The chunk
 count is picked at build from the bank size and the radius the bank expects (31 for PDQ) so that probes and
 candidates cost least; a search whose radius makes the probe lists grow
 past the cost of a full scan scans instead, so every radius stays exact. Small banks are always scanned.
 
 ``VectorIndex`` is exact (one matrix product) below ``exact_below`` rows and an inverted file above: spherical
-k-means centroids from a seeded sample, rows grouped by nearest centroid (a permutation and list offsets, the rows
-themselves are not copied), and a query scores the rows of its ``nprobe`` nearest lists exactly.
+k-means centroids from a seeded sample (lists far above the mean size split by k-means of their own rows), rows
+grouped by nearest centroid (a permutation and list offsets; the rows themselves are not copied). Each row is also
+reduced to a 128-bit sign sketch (random hyperplanes through the rows' mean; Hamming distance estimates the angle),
+stored in list order: a query scans the sketches of its ``nprobe`` nearest lists as contiguous slices, and scores
+only its ``rerank`` nearest sketches exactly against the full rows.
 """
 
 from __future__ import annotations
