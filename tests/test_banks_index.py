@@ -53,6 +53,20 @@ def test_hamming_search_is_exact(bank, chunks, r):
         assert list(zip(dist.tolist(), ids.tolist())) == sorted(zip(dist.tolist(), ids.tolist()))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_hamming_threads_are_exact(bank, threads):
+    codes, queries = bank
+    index = HammingIndex.build(codes, chunks=16)
+    many = np.concatenate([queries] * 8)  # past the batch length that is split over threads
+    got = index.search(many, 31, threads=threads)
+    want = brute(codes, queries, 31)
+    for i, (ids, dist) in enumerate(got):
+        assert set(zip(ids.tolist(), dist.tolist())) == want[i % len(queries)]
+    assert [a.tolist() for a, _ in got] == [a.tolist() for a, _ in index.search(many, 31)]
+    with pytest.raises(DataError, match="threads"):
+        index.search(queries, 31, threads=0)
+
+
 def test_hamming_planted_found_at_31_not_32(bank):
     codes, queries = bank
     index = HammingIndex.build(codes)
@@ -128,6 +142,15 @@ def test_hamming_load_refuses_damage(bank, tmp_path):
     np.save(tmp_path / "hamming.offsets.npy", offsets)
     with pytest.raises(DataError, match="do not span"):
         HammingIndex.load(tmp_path, codes)
+    HammingIndex.build(codes).save(tmp_path)
+    srt = np.load(tmp_path / "hamming.sorted.npy")
+    srt[0, 12345, 2] ^= np.uint64(1)
+    np.save(tmp_path / "hamming.sorted.npy", srt)
+    with pytest.raises(DataError, match="sorted codes do not match"):
+        HammingIndex.load(tmp_path, codes, verify=True)
+    np.save(tmp_path / "hamming.sorted.npy", srt[:, :-1])
+    with pytest.raises(DataError, match="hamming.sorted.npy"):
+        HammingIndex.load(tmp_path, codes)
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -166,10 +189,33 @@ def test_vector_ivf_finds_near_duplicates(tmp_path):
     assert loaded.params == index.params and (loaded.search(q, 1)[0] == ids).all()
     with pytest.raises(DataError, match="rebuild the index"):
         VectorIndex.load(tmp_path, v[:-1])
+    sk = np.load(tmp_path / "ivf.sketches.npy")
+    np.save(tmp_path / "ivf.sketches.npy", sk[:-1])
+    with pytest.raises(DataError, match="ivf.sketches.npy"):
+        VectorIndex.load(tmp_path, v)
+    np.save(tmp_path / "ivf.sketches.npy", sk)
     lists = tmp_path / "ivf.lists.npy"
     lists.write_bytes(lists.read_bytes()[:-8])
     with pytest.raises(DataError, match="rebuild the index"):
         VectorIndex.load(tmp_path, v)
+
+
+def test_vector_ivf_clustered_rows_split_lists():
+    """CLIP-like rows (a common direction, tight clusters): big lists are split and near-duplicates still found."""
+    rng = np.random.default_rng(4)
+    d = 64
+    m, centres = unit(rng, 1, d)[0], unit(rng, 200, d)
+    x = 0.6 * m + 0.6 * centres[rng.integers(0, 200, 6000)] + 0.5 * rng.standard_normal((6000, d)) / np.sqrt(d)
+    v = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    index = VectorIndex.build(v, exact_below=1000, seed=5)
+    sizes = np.diff(index._list_offsets)
+    assert sizes.max() <= 1.5 * len(v) / 64 + 1 or index.params["nlist"] > 64
+    src = rng.choice(len(v), 300, replace=False)
+    q = noisy_copies(v[src], 0.9, rng)
+    exact = VectorIndex.build(v, exact_below=len(v) + 1)
+    got, want = index.search(q, 3)[0], exact.search(q, 3)[0]
+    assert (got[:, 0] == want[:, 0]).mean() >= 0.98
+    assert (index.search(q[:5], 3)[0] == got[:5]).all()  # a few queries (no BLAS) agree with a batch
 
 
 @pytest.mark.parametrize("bad", [np.zeros((3, 8), np.float64), np.zeros(8, np.float32), np.full((2, 8), 2, np.float32)])
