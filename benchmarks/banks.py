@@ -190,11 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         import banks_serve
 
         results["serve_add_to_match"] = banks_serve.add_to_match()
-        results["serve_check_overhead"] = banks_serve.check_overhead(bank_size=1_000_000 // f)
+        results["serve_check_overhead"] = banks_serve.check_overhead(entries=1_000_000 // f)
     if "audit" in only:
         import banks_audit
 
-        results["audit_overhead"] = banks_audit.audit_overhead(bank_size=1_000_000 // f)
+        from _common import photos
+
+        files = [str(p) for p in photos({".jpg", ".jpeg"})[:100]]
+        results["audit_overhead"] = banks_audit.audit_overhead(files, entries=1_000_000 // f)
+        results["pdq_decode_cost"] = banks_audit.pdq_decode_cost(files)
     print(json.dumps(results, indent=1, default=str))
 
 

@@ -425,3 +425,18 @@ def test_rescoring_and_explaining_do_not_count_towards_quarantine(decided):
         q[k] ^= 1
         v = compiled.decide(_views(_unit(9), [q]), record=False)
         assert v.action(0) == "block" and not v.matches(0)[0].quarantined
+
+
+def test_a_reader_starts_from_the_saved_row_map_and_reads_what_changed_since(tmp_path):
+    bank = Bank.create(tmp_path / "b", "pdq")
+    bank.add(_codes(list(range(20))), [NewEntry(f"e{i}") for i in range(20)])
+    bank.rebuild_index()  # saves the row -> entry map beside the index
+    assert (tmp_path / "b" / "index" / "state.npz").is_file()
+    bank.disable(["e3"])
+    bank.add(_codes([100]), [NewEntry("late")])
+    reader = Bank.open(tmp_path / "b")
+    found = reader.search_hamming(_codes([3, 4, 100]), 0)
+    assert [len(r) for r, _ in found] == [0, 1, 1]
+    (tmp_path / "b" / "index" / "state.npz").write_bytes(b"damaged")  # derived data: read everything instead
+    reader = Bank.open(tmp_path / "b")
+    assert [len(r) for r, _ in reader.search_hamming(_codes([3, 4, 100]), 0)] == [0, 1, 1]

@@ -233,7 +233,8 @@ class Bank:
             changed = seq != self._seq
             if changed:
                 self._enabled = meta.get("enabled", "1") == "1"
-                self._read_changes(self._seq)
+                since = self._load_state(seq) if self._seq < 0 else self._seq
+                self._read_changes(since)
                 self._seq = seq
             if self._load_index() or changed:
                 return True
@@ -241,7 +242,7 @@ class Bank:
 
     def _read_changes(self, since: int) -> None:
         cur = self._con.execute(
-            "SELECT n, row0, nrows, enabled = 1 AND removed = 0 FROM entries WHERE changed > ? ORDER BY row0",
+            "SELECT n, row0, nrows, enabled = 1 AND removed = 0 FROM entries WHERE changed > ?",
             (since,))
         parts = []
         while True:
@@ -262,6 +263,25 @@ class Bank:
         self._row_entry[idx] = np.repeat(a[:, 0], a[:, 2])
         self._active[idx] = np.repeat(a[:, 3].astype(bool), a[:, 2])
         self._tail_cache = None
+
+    def _load_state(self, seq: int) -> int:
+        """A first look starts from the row -> entry map the last index build saved (``index/state.npz``, derived
+        data, checked against the manifest); only entries changed since are read. Returns the sequence number it
+        holds (-1: none usable, read everything)."""
+        path = self.path / _INDEX / "state.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                at, entries, active = int(z["seq"]), z["entries"], z["active"]
+            if not (0 <= at <= seq and entries.ndim == 1 and entries.dtype == np.int64 and active.dtype == bool
+                    and active.shape == entries.shape):
+                return -1
+            self._map_rows(len(entries))
+            self._row_entry, self._active = entries, active
+            return at
+        except (OSError, ValueError, KeyError, BankError):
+            self._row_entry, self._active = np.zeros(0, np.int64), np.zeros(0, bool)
+            self._n_rows, self._data = 0, self._empty()
+            return -1
 
     def _map_rows(self, n_rows: int) -> None:
         path = self.path / ROWS
@@ -632,6 +652,10 @@ class Bank:
         fsync_dir(folder)
         names = [s.name for s in keep] + [name]
         write_json_atomic(folder / "current.json", {"segments": names, "rows": self._n_rows}, durable=True)
+        state = folder / ".state.npz.tmp"
+        with open(state, "wb") as f:
+            np.savez(f, seq=np.int64(self._seq), entries=self._row_entry, active=self._active)
+        os.replace(state, folder / "state.npz")
         for old in folder.iterdir():  # segments no pointer names any more (readers holding them keep their maps)
             if old.is_dir() and old.name not in names:
                 shutil.rmtree(old, ignore_errors=True)
