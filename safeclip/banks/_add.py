@@ -145,6 +145,13 @@ def add_files(bank: Bank, paths: Sequence[str | os.PathLike[str]], *, label: str
     else:
         assert moderator is not None
         _embed_files(moderator, files, take, problems)
+    return _commit(bank, rows, entries, problems, errors, replace)
+
+
+def _commit(bank: Bank, rows: list[np.ndarray], entries: list[NewEntry], problems: list[str],
+            errors: list[str] | None, replace: bool) -> list[str]:
+    """Add what was gathered: all of it, reporting problems into ``errors``; or, without ``errors``, nothing when
+    anything went wrong (the first problem raised)."""
     if problems and errors is None:
         raise DataError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     if errors is not None:
@@ -249,13 +256,7 @@ def add_from_parquet(bank: Bank, parquet: str | os.PathLike[str], *, where_actio
             rows.append(np.asarray(hit.embeddings, np.float32))
             entries.append(NewEntry(shas[i][:ID_HEX], label=label, source=paths[i], sha256=shas[i],
                                     nrows=len(hit.embeddings)))
-    if problems and errors is None:
-        raise DataError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
-    if errors is not None:
-        errors.extend(problems)
-    if not entries:
-        return []
-    return bank.add(np.concatenate(rows), entries, replace=replace)
+    return _commit(bank, rows, entries, problems, errors, replace)
 
 
 def _read_parquet(p: Path, kind: str, need_action: bool) -> Any:

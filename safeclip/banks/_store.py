@@ -519,8 +519,7 @@ class Bank:
                 f.flush()
                 os.fsync(f.fileno())
             now = time.time()
-            try:
-                con.execute("BEGIN IMMEDIATE")
+            with _transaction(con):
                 existing = _existing(con, ids)
                 if existing and not replace:
                     raise BankError(f"{self.path}: entry id {existing[0]!r} already exists (remove it first, or "
@@ -535,11 +534,6 @@ class Bank:
                     r += e.nrows
                 con.executemany("INSERT INTO entries (id, label, source, added, row0, nrows, quality, sha256, "
                                 "changed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
-                con.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    con.execute("ROLLBACK")
-                raise
             self.refresh(force=True)
             if index and len(self._tail()) > TAIL_ROWS[self.kind]:
                 self._index_tail()
@@ -568,8 +562,7 @@ class Bank:
     def _update(self, ids: Sequence[str], sql: str, args: tuple[Any, ...] = ()) -> list[str]:
         """Run ``UPDATE entries SET <sql>, changed = seq WHERE id = ?`` for each id; unknown ids are refused."""
         with self._writing() as con:
-            try:
-                con.execute("BEGIN IMMEDIATE")
+            with _transaction(con):
                 found = set(_existing(con, ids))
                 missing = [i for i in ids if i not in found]
                 if missing:
@@ -581,11 +574,6 @@ class Bank:
                 else:
                     con.executemany(f"UPDATE entries SET {sql}, changed = ? WHERE id = ? AND removed = 0",
                                     [(*args, seq, i) for i in ids])
-                con.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    con.execute("ROLLBACK")
-                raise
             self.refresh(force=True)
         return list(ids)
 
@@ -607,10 +595,9 @@ class Bank:
     def set_enabled(self, enabled: bool) -> None:
         """Enable or disable the whole bank (a disabled bank matches nothing)."""
         with self._writing() as con:
-            con.execute("BEGIN IMMEDIATE")
-            self._bump(con)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'enabled'", ("1" if enabled else "0",))
-            con.execute("COMMIT")
+            with _transaction(con):
+                self._bump(con)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'enabled'", ("1" if enabled else "0",))
             self.refresh(force=True)
 
     def rebuild_index(self) -> None:
@@ -660,6 +647,19 @@ class Bank:
             if old.is_dir() and old.name not in names:
                 shutil.rmtree(old, ignore_errors=True)
         self._load_index()
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (taken at once: writers are serial anyway), committed, or rolled back on any error."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 _ENTRY_COLS = "id, label, source, added, enabled, quality, sha256, confirmed, nrows"

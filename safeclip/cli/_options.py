@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -88,6 +89,24 @@ def encoder_spec(args: argparse.Namespace) -> EncoderSpec:
                        runtime=getattr(args, "runtime", None), precision=getattr(args, "precision", "auto"),
                        threads=getattr(args, "threads", None), batch_size=getattr(args, "batch_size", None),
                        cache_dir=getattr(args, "cache", None))
+
+
+def number_arg(cast: Callable[[str], float], lo: float, hi: float, what: str, *, open_low: bool = False
+               ) -> Callable[[str], Any]:
+    """An argparse ``type`` for a number in ``[lo, hi]`` (``(lo, hi]`` with ``open_low``): ``what`` names it in the
+    one-line error (``expected a port number in 0..65535, got 70000``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (lo < value if open_low else lo <= value) or not value <= hi or not math.isfinite(value):
+            where = "" if hi == math.inf else f" {'above' if open_low else 'from'} {lo:g} to {hi:g}"
+            raise argparse.ArgumentTypeError(f"expected {what}{where}, got {text}")
+        return value
+
+    return parse
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_model_args, encoder_spec, positive_int, run_standalone
+from ._options import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_model_args, encoder_spec, number_arg, positive_int,
+                       run_standalone)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..banks import Bank
@@ -24,34 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["register", "main"]
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of bits, got {text!r}") from None
-    if not 0 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"expected 0 to 256 bits, got {value}")
-    return value
-
-
-def _similarity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a cosine similarity, got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a cosine similarity from -1 to 1, got {value}")
-    return value
-
-
-def _hours(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of hours, got {text!r}")
-    return value
+_bits = number_arg(int, 0, 256, "a whole number of bits")
+_similarity = number_arg(float, -1.0, 1.0, "a cosine similarity")
+_hours = number_arg(float, 0.0, float("inf"), "a positive number of hours", open_low=True)
 
 
 def register(subparsers: Any) -> None:
@@ -108,7 +84,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("bank")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", action="store_true", help="one JSON object per file: {path, matches|error}")
-    p.add_argument("--max-distance", type=_nonneg_int, default=31,
+    p.add_argument("--max-distance", type=_bits, default=31,
                    help="pdq: the largest Hamming distance that matches (default 31)")
     p.add_argument("--min-similarity", type=_similarity, default=0.94,
                    help="embedding: the smallest cosine similarity that matches (default 0.94)")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ._options import EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, positive_int, run_standalone
+from ._options import (EXIT_OK, EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, number_arg, positive_int,
+                       run_standalone)
 
 __all__ = ["register", "main"]
 
@@ -26,24 +27,8 @@ TOKEN_ENV = "SAFECLIP_SERVE_TOKEN"
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+_port = number_arg(int, 0, 65535, "a port number (0: any free port)")
+_positive_float = number_arg(float, 0.0, float("inf"), "a positive number", open_low=True)
 
 
 def _wait_ms(text: str) -> float:
