@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         from _common import photos
 
         files = [str(p) for p in photos({".jpg", ".jpeg"})[:100]]
-        results["audit_overhead"] = banks_audit.audit_overhead(files, entries=1_000_000 // f)
+        results["audit_overhead"] = banks_audit.audit_overhead(files, entries=1_000_000 // f, model="vit-b-32")
+        results["audit_overhead_tiny_model"] = banks_audit.audit_overhead(files, entries=1_000_000 // f)
         results["pdq_decode_cost"] = banks_audit.pdq_decode_cost(files)
     print(json.dumps(results, indent=1, default=str))
 

@@ -17,6 +17,7 @@ relative overhead) or ViT-B-32 with random weights (``--model vit-b-32``). Targe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -73,7 +74,7 @@ def build_banks(folder: Path, encoder_id: str, dim: int, entries: int, chunk: in
     between runs; returns the seconds spent building them (0 when they were there)."""
     from safeclip.banks import Bank, NewEntry
 
-    tag = folder / f"built-{entries}-{dim}-{abs(hash(encoder_id)) % 10**8}"
+    tag = folder / f"built-{entries}-{dim}-{hashlib.sha256(encoder_id.encode()).hexdigest()[:12]}"
     if tag.exists():
         return 0.0
     shutil.rmtree(folder / "emb_bank", ignore_errors=True)
@@ -86,8 +87,11 @@ def build_banks(folder: Path, encoder_id: str, dim: int, entries: int, chunk: in
         n = min(chunk, entries - start)
         v = rng.normal(size=(n, dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        emb.add(v, [NewEntry(f"e{start + i}") for i in range(n)])
-        pdq.add(rng.integers(0, 256, (n, 32), dtype=np.uint8), [NewEntry(f"h{start + i}") for i in range(n)])
+        emb.add(v, [NewEntry(f"e{start + i}") for i in range(n)], index=False)
+        pdq.add(rng.integers(0, 256, (n, 32), dtype=np.uint8), [NewEntry(f"h{start + i}") for i in range(n)],
+                index=False)
+    emb.rebuild_index()  # a bulk load indexes once, at the end
+    pdq.rebuild_index()
     emb.close()
     pdq.close()
     tag.touch()

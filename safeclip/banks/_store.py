@@ -370,7 +370,7 @@ class Bank:
                     rows = np.load(folder / "rows.npy", mmap_mode="r", allow_pickle=False)
                     if rows.ndim != 1 or (len(rows) and (int(rows.max()) >= self._n_rows or int(rows.min()) < 0)):
                         raise ValueError(f"segment {seg} names rows the bank does not hold")
-                    sub = self._data[np.asarray(rows)] if len(rows) else self._empty()
+                    sub = self._rows_of(np.asarray(rows))
                     cls = HammingIndex if self.kind == "pdq" else VectorIndex
                     segments.append(_Segment(seg, np.asarray(rows, np.int64), cls.load(folder, sub)))
             except Exception as e:  # derived data: searched exactly instead, and rebuilt by a writer
@@ -380,6 +380,16 @@ class Bank:
         self._segments = segments
         self._tail_cache = None
         return True
+
+    def _rows_of(self, rows: np.ndarray) -> np.ndarray:
+        """The data of ``rows``: a view of the memory map when they are one run (a segment over consecutive rows,
+        the usual case: nothing is copied or read ahead), else a copy."""
+        if not len(rows):
+            return self._empty()
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        if b - a == len(rows) and (len(rows) < 2 or bool((np.diff(rows) == 1).all())):
+            return self._data[a:b]
+        return np.asarray(self._data[rows])
 
     def _tail(self) -> np.ndarray:
         """Active rows no index segment covers (searched exactly); computed once per change."""
@@ -628,7 +638,7 @@ class Bank:
         tmp = folder / (name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        sub = np.asarray(self._data[rows]) if len(rows) else self._empty()
+        sub = self._rows_of(rows)
         index = (HammingIndex if self.kind == "pdq" else VectorIndex).build(sub)
         index.save(tmp)
         np.save(tmp / "rows.npy", rows.astype(np.int64), allow_pickle=False)
