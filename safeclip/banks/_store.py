@@ -108,6 +108,7 @@ class _Segment:
 
     def __init__(self, name: str, rows: np.ndarray, index: Any):
         self.name, self.rows, self.index = name, rows, index
+        self.inactive: tuple[np.ndarray | None, int] | None = None  # (the tail it was counted with, the count)
 
 
 class Bank:
@@ -381,6 +382,14 @@ class Bank:
         self._tail_cache = None
         return True
 
+    def _inactive(self, seg: _Segment) -> int:
+        """How many of a segment's rows are disabled or removed (a search asks for that many more neighbours);
+        counted once per change, like the tail."""
+        if self._tail_cache is None or seg.inactive is None or seg.inactive[0] is not self._tail_cache:
+            self._tail()
+            seg.inactive = (self._tail_cache, int(len(seg.rows) - self._active[seg.rows].sum()))
+        return seg.inactive[1]
+
     def _rows_of(self, rows: np.ndarray) -> np.ndarray:
         """The data of ``rows``: a view of the memory map when they are one run (a segment over consecutive rows,
         the usual case: nothing is copied or read ahead), else a copy."""
@@ -426,7 +435,7 @@ class Bank:
             q = np.ascontiguousarray(queries, np.float32).reshape(-1, self.dim)
             parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(q))]
             for seg in self._segments:
-                inactive = int(len(seg.rows) - self._active[seg.rows].sum())
+                inactive = self._inactive(seg)
                 kk = min(len(seg.rows), k + inactive)
                 if kk == 0:
                     continue
