@@ -14,7 +14,8 @@ Sections (each in its own module beside this one):
   and RSS over 1M add / match / disable cycles (below).
 - ``serve``: seconds from ``safeclip bank add`` to the first match in a running ``safeclip serve``; the overhead of
   bank matching on a warm ``check`` (``banks_serve.py``).
-- ``audit``: the overhead of banks on an audit's wall time, and of PDQ hashing in decode (``banks_audit.py``).
+- ``audit``: the overhead of banks on an audit's wall time, and of PDQ hashing in decode (``banks_audit.py``); what
+  matching adds per image against the model's time, batched and per check (``banks_share.py``).
 
 Embedding figures come from random-weight models or random vectors: they time the machinery; the PDQ figures are
 real. Nothing printed is a moderation result.
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         results["audit_overhead"] = banks_audit.audit_overhead(files, entries=1_000_000 // f, model="vit-b-32")
         results["audit_overhead_tiny_model"] = banks_audit.audit_overhead(files, entries=1_000_000 // f)
         results["pdq_decode_cost"] = banks_audit.pdq_decode_cost(files)
+        import banks_share
+
+        results["matching_share"] = banks_share.matching_share(entries=1_000_000 // f)
     print(json.dumps(results, indent=1, default=str))
 
 
