@@ -217,16 +217,17 @@ class PolicyBanks:
         """One :class:`BankMatch` per found (row, category, ref, data row), with entry metadata and flood state."""
         entries: dict[tuple[Path, int], BankEntry] = {}
         numbers: dict[Path, set[int]] = {}
-        for _, _, ref, store, row, _ in found:
-            numbers.setdefault(ref.path, set()).add(int(store.entry_numbers(np.array([row]))[0]))
+        entry_of = [int(store.entry_numbers(np.array([row]))[0]) for _, _, _, store, row, _ in found]
+        for (_, _, ref, _, _, _), n in zip(found, entry_of):
+            numbers.setdefault(ref.path, set()).add(n)
         for path, nums in numbers.items():
             for n, e in self._banks[path].store.entries_by_number(sorted(nums)).items():
                 entries[(path, n)] = e
         # Flood counting: each distinct (entry, input) once; inputs known by their PDQ hash or embedding digest.
         hits: dict[Path, set[tuple[str, str]]] = {}
         keyed: list[tuple[BankEntry | None, str]] = []
-        for r, _, ref, store, row, _ in found:
-            e = entries.get((ref.path, int(store.entry_numbers(np.array([row]))[0])))
+        for (r, _, ref, _, _, _), n in zip(found, entry_of):
+            e = entries.get((ref.path, n))
             key = (np.asarray(pdq)[r].tobytes().hex() if (ref.kind == "pdq" and pdq is not None)
                    else hashlib.sha256(np.asarray(embeddings[r], np.float32).tobytes()).hexdigest()[:32])
             keyed.append((e, key))
