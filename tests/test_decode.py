@@ -37,6 +37,7 @@ from safeclip.errors import (
 
 # safeclip/__init__ re-exports the function ``decode``, which shadows the submodule attribute ``safeclip.decode``
 decode_module = importlib.import_module("safeclip.decode")
+decode_common = importlib.import_module("safeclip.decode._common")  # the time budget's clocks
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.is_dir():  # CI clones main into another folder with shared/ beside it
@@ -179,8 +180,8 @@ def assert_valid(d: Decoded) -> None:
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(decode_module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 5 and result.failed == 0
+    results = [doctest.testmod(m, optionflags=doctest.ELLIPSIS) for m in (decode_module, decode_common)]
+    assert sum(r.attempted for r in results) >= 5 and sum(r.failed for r in results) == 0
 
 
 def test_allowed_formats():
@@ -924,7 +925,7 @@ def test_time_budget_is_checked_inside_frame_seeking(monkeypatch, fmt: str):
     checked: every frame, not every sampled frame."""
     data = gif_animation((40, 30), 60) if fmt == "GIF" else webp_animation((40, 30), 60)
     clock = types.SimpleNamespace(t=0.0)  # one second of CPU (and of wall-clock) time per frame decoded
-    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: clock.t,
+    monkeypatch.setattr(decode_common, "time", types.SimpleNamespace(monotonic=lambda: clock.t,
                                                                      thread_time=lambda: clock.t))
     plugin = GifImagePlugin.GifImageFile if fmt == "GIF" else WebPImagePlugin.WebPImageFile
     real_load = plugin.load
@@ -943,10 +944,10 @@ def test_time_budget_is_checked_inside_frame_seeking(monkeypatch, fmt: str):
 
 
 def _clocks_per_frame(monkeypatch, cpu_s: float, wall_s: float) -> types.SimpleNamespace:
-    """Clocks for decode_module in which every GIF frame decoded costs ``cpu_s`` of the decoding thread's CPU time
+    """Clocks for the decode budget in which every GIF frame decoded costs ``cpu_s`` of the decoding thread's CPU time
     and ``wall_s`` of wall-clock time (wall > cpu: the thread waited for a CPU, as on a busy machine)."""
     clocks = types.SimpleNamespace(cpu=0.0, wall=0.0)
-    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: clocks.wall,
+    monkeypatch.setattr(decode_common, "time", types.SimpleNamespace(monotonic=lambda: clocks.wall,
                                                                      thread_time=lambda: clocks.cpu))
     real_load = GifImagePlugin.GifImageFile.load
 

@@ -1,18 +1,5 @@
-"""Decode untrusted image inputs into RGB frames, safely.
-
-:func:`decode` accepts a path, bytes, a binary file object, a ``PIL.Image.Image`` or a numpy array and returns a
-:class:`Decoded`: RGB, fully loaded PIL frames with EXIF orientation applied and transparency composited on a fixed
-background. Only the formats in :data:`ALLOWED_FORMATS` are ever handed to Pillow (never EPS/PS/PDF or anything
-that runs an external program). Byte, pixel (checked from the header, before any pixel is decoded), frame and time
-limits come from :class:`DecodeLimits`. Every failure is a :class:`~safeclip.errors.DecodeError` subclass with a
-one-line reason naming the input; nothing else escapes for any byte input.
-
-The module keeps no shared mutable state and never changes Pillow's process-wide settings
-(``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many
-threads and from multiprocessing workers. The one process-wide change is libtiff's message handlers (see
-:class:`_LibtiffMessages`): a message libtiff reports while :func:`decode` runs in a thread becomes part of that
-file's error instead of a line on stderr; messages from anywhere else go to the handler that was there before.
-"""
+"""The Pillow backend: allowed formats only, sizes checked from the header, frames sampled and reduced as they are
+decoded, transparency composited per background, libtiff's messages kept off stderr."""
 
 from __future__ import annotations
 
@@ -21,54 +8,32 @@ import ctypes
 import hashlib
 import io
 import os
-import re
-import stat
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError, features
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-from .errors import (
-    ConfigError,
+from ..errors import (
     DecodeError,
-    DecodeTimeoutError,
     ImageTooLargeError,
     TruncatedImageError,
     UnsupportedFormatError,
 )
+from ._common import (
+    ALLOWED_FORMATS,
+    OPENERS,
+    RGB,
+    Deadline,
+    Decoded,
+    DecodeLimits,
+    one_line,
+)
 
-__all__ = ["ALLOWED_FORMATS", "DECODER_VERSION", "DecodeLimits", "Decoded", "decode", "read_source"]
-
-Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, memoryview, Any]
-"""What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
-
-
-DECODER_VERSION = 3
-"""Bump when decoding can give other pixels or other errors for the same bytes (limits, mode handling, sampling).
-Cached decode failures record it with Pillow's version and the limits, so a bump re-decodes them."""
-
-
-def _allowed_formats() -> tuple[str, ...]:
-    Image.init()  # register every bundled plugin once, at import, so OPEN below is complete
-    wanted = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
-    if features.check("avif"):
-        wanted.append("AVIF")
-    wanted.append("HEIF")  # only present when a plugin (pillow-heif) registered it before safeclip was imported
-    # MPO has no opener of its own: the JPEG opener returns an MpoImageFile. Keep it for im.format checks.
-    return tuple(f for f in wanted if f in Image.OPEN or f == "MPO")
-
-
-ALLOWED_FORMATS: tuple[str, ...] = _allowed_formats()
-"""Pillow format names :func:`decode` accepts (``im.format`` values)."""
-
-_OPENERS: tuple[str, ...] = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
-"""The only openers Pillow may try (MPO files come from the JPEG opener)."""
+__all__ = ["array_to_image", "decode_file", "decode_image"]
 
 _ORIENTATION_TAG = int(ExifTags.Base.Orientation)
 _TRANSPOSE = {
@@ -106,241 +71,6 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 )
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
-
-_RGB = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Resource limits for one :func:`decode` call, and the backgrounds transparency is judged on.
-
-    ``max_bytes``: input size; ``max_pixels``: width*height of any frame, checked from the header before pixels are
-    decoded; ``max_frames``: frames in the file; ``sample_frames``: how many frames of an animation to return (evenly
-    spaced, first and last included); ``timeout_s``: the time budget in CPU seconds of the decoding thread
-    (``time.thread_time``), so that a busy machine, which only slows a decode down, does not fail it; checked between
-    steps and frames, and between the frames decoded on the way to a sampled one; ``wall_timeout_s``: a wall-clock
-    backstop, checked at the same points, against a decode whose time is not on its thread's CPU clock (a codec that
-    waits, or works in threads of its own); ``None``: 10 x ``timeout_s``, far beyond what load alone does to a decode
-    within its CPU budget; ``max_total_pixels``: width*height summed over the frames
-    :func:`decode` returns (one per background for a frame with transparency), after the reduction ``target_size``
-    allows, checked from the header before any frame is decoded and again as frames are added.
-
-    ``backgrounds``: the colours a frame with real (not fully opaque) alpha is composited on, one returned frame
-    each, so that content that vanishes on one background (white on a transparent canvas, shown on white) is seen on
-    another. The default is a light and a dark page.
-    """
-
-    max_bytes: int = 64 * 2**20
-    max_pixels: int = 64_000_000
-    max_frames: int = 1000
-    sample_frames: int = 8
-    timeout_s: float = 10.0
-    max_total_pixels: int = 128_000_000
-    backgrounds: tuple[_RGB, ...] = ((255, 255, 255), (0, 0, 0))
-    wall_timeout_s: float | None = None
-
-    @property
-    def wall_budget_s(self) -> float:
-        """The wall-clock backstop in seconds: ``wall_timeout_s``, else ``10 x timeout_s``."""
-        wall = self.wall_timeout_s
-        return float(_WALL_BACKSTOP * self.timeout_s if wall is None else wall)
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
-        t = self.timeout_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ConfigError(f"DecodeLimits.timeout_s must be a positive number, got {t!r}")
-        wall = self.wall_timeout_s
-        if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float)) or not wall >= t):
-            raise ConfigError(
-                f"DecodeLimits.wall_timeout_s must be None or a number of seconds >= timeout_s ({t!r}), got {wall!r}"
-            )
-        bgs = self.backgrounds
-        if isinstance(bgs, (str, bytes)) or not isinstance(bgs, (tuple, list)) or not bgs:
-            raise ConfigError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
-        object.__setattr__(self, "backgrounds", tuple(dict.fromkeys(_check_background(b) for b in bgs)))
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """The result of :func:`decode`.
-
-    ``frames`` are RGB, loaded, EXIF-oriented views of the sampled frames; ``frame_indices`` gives each one's frame
-    index in the file and ``backgrounds`` the colour it was composited on: ``None`` for an opaque frame (one view),
-    else one view per colour of :attr:`DecodeLimits.backgrounds` (so an index repeats). With a ``target_size`` the
-    views may be smaller than the image. ``size`` is the (width, height) of the first frame, oriented, before any
-    reduction (the frames of an animation share it; the pages of an MPO/TIFF may not). ``sha256`` is of the input
-    bytes, or for PIL/ndarray inputs of mode + size + raw pixels. ``nbytes`` is 0 for in-memory inputs.
-    """
-
-    frames: tuple[Image.Image, ...]
-    frame_indices: tuple[int, ...]
-    sha256: str
-    format: str
-    size: tuple[int, int]
-    n_frames: int
-    nbytes: int
-    source: str | None
-    backgrounds: tuple[_RGB | None, ...]
-
-
-_WALL_BACKSTOP = 10
-"""``DecodeLimits.wall_timeout_s`` when it is None, in multiples of ``timeout_s``."""
-
-
-class _Deadline:
-    """The CPU-time budget of the decoding thread, and the wall-clock backstop. A decode runs in one thread, and
-    Pillow's codecs run in the calling thread, so ``time.thread_time`` counts the decode's own work and nothing that
-    other threads or processes do while it waits for a CPU."""
-
-    __slots__ = ("cpu_start", "wall_start", "budget", "wall_budget", "name")
-
-    def __init__(self, limits: DecodeLimits, name: str | None):
-        self.cpu_start = time.thread_time()
-        self.wall_start = time.monotonic()
-        self.budget = float(limits.timeout_s)
-        self.wall_budget = limits.wall_budget_s
-        self.name = name
-
-    def check(self, step: str) -> None:
-        cpu = time.thread_time() - self.cpu_start
-        if cpu > self.budget:
-            raise DecodeTimeoutError(
-                f"decoding used {cpu:.2f}s of CPU time, over the {self.budget:g}s CPU budget "
-                f"(DecodeLimits.timeout_s) ({step})", self.name
-            )
-        wall = time.monotonic() - self.wall_start
-        if wall > self.wall_budget:
-            raise DecodeTimeoutError(
-                f"decoding took {wall:.2f}s of wall-clock time ({cpu:.2f}s of CPU), over the {self.wall_budget:g}s "
-                f"wall-clock backstop (DecodeLimits.wall_timeout_s): the decoder is stalled ({step})", self.name
-            )
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = re.sub(r"\s+", " ", str(e)).strip()
-    text = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "<data>", text)
-    if not text:
-        text = type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading the input
-
-
-def _read_limited(f: Any, max_bytes: int, name: str, size_hint: int | None = None) -> bytes:
-    """Read ``f`` to EOF, but never more than ``max_bytes + 1`` bytes."""
-    buf = bytearray()
-    first = True
-    while len(buf) <= max_bytes:
-        want = max_bytes + 1 - len(buf)
-        if first and size_hint is not None:
-            want = min(want, size_hint + 1)
-        else:
-            want = min(want, 1 << 20)
-        first = False
-        chunk = f.read(want)
-        if chunk is None:
-            raise DecodeError("file object is non-blocking and returned no data", name)
-        if isinstance(chunk, str):
-            raise DecodeError("file object is in text mode; open it in binary mode ('rb')", name)
-        if not chunk:
-            break
-        buf += chunk
-    if len(buf) > max_bytes:
-        raise ImageTooLargeError(f"input is larger than the {max_bytes}-byte limit", name)
-    return bytes(buf)
-
-
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_OPEN_FLAGS = _O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def _require_regular(mode: int, name: str) -> None:
-    if not stat.S_ISREG(mode):
-        kind = next((k for test, k in _FILE_KINDS if test(mode)), "an unknown kind of file")
-        raise UnsupportedFormatError(f"is {kind}, not a regular file; only regular files are decoded", name)
-
-
-def read_source(source: Source, *, max_bytes: int | None = None) -> tuple[bytes | None, str]:
-    """Return ``(data, name)`` for an input: the bytes of a path, bytes-like or binary file object (read from its
-    current position), or ``(None, "<PIL>")`` / ``(None, "<ndarray>")`` for in-memory images.
-
-    At most ``max_bytes + 1`` bytes are read (a larger file is refused from its size alone); more ->
-    :class:`ImageTooLargeError`. A missing or unreadable file -> :class:`DecodeError`; a path to anything but a
-    regular file (a directory, FIFO, socket or device) -> :class:`UnsupportedFormatError`, before it is opened.
-
-    >>> read_source(b"abc")
-    (b'abc', '<bytes>')
-    """
-    if max_bytes is None:
-        max_bytes = DecodeLimits.max_bytes
-    if isinstance(source, Image.Image):
-        return None, "<PIL>"
-    if isinstance(source, np.ndarray):
-        return None, "<ndarray>"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        name = "<bytes>"
-        n = source.nbytes if isinstance(source, memoryview) else len(source)
-        if n > max_bytes:
-            raise ImageTooLargeError(f"input is {n} bytes, over the {max_bytes}-byte limit", name)
-        if isinstance(source, bytes):
-            return source, name
-        return (source.tobytes() if isinstance(source, memoryview) else bytes(source)), name
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            name = os.fsdecode(os.fspath(source))
-        except (TypeError, ValueError) as e:
-            raise DecodeError(f"invalid path: {_one_line(e)}", repr(source)) from e
-        try:
-            # Only regular files: opening a FIFO blocks until a writer comes (no time budget can interrupt it), and
-            # opening a device can act on it. Check before opening, and again on the open descriptor (which O_NONBLOCK
-            # keeps from blocking) in case the path was swapped in between.
-            _require_regular(os.stat(source).st_mode, name)
-            fd = os.open(source, os.O_RDONLY | _OPEN_FLAGS)
-            with open(fd, "rb") as f:
-                st = os.fstat(fd)
-                _require_regular(st.st_mode, name)
-                if _OPEN_FLAGS & _O_NONBLOCK:
-                    os.set_blocking(fd, True)
-                if st.st_size > max_bytes:
-                    raise ImageTooLargeError(f"file is {st.st_size} bytes, over the {max_bytes}-byte limit", name)
-                return _read_limited(f, max_bytes, name, st.st_size), name
-        except DecodeError:
-            raise
-        except FileNotFoundError as e:
-            raise DecodeError("file not found", name) from e
-        except IsADirectoryError as e:
-            raise UnsupportedFormatError("is a directory, not a regular file", name) from e
-        except PermissionError as e:
-            raise DecodeError("permission denied", name) from e
-        except (OSError, ValueError) as e:
-            raise DecodeError(f"cannot read file: {_one_line(e)}", name) from e
-    if callable(getattr(source, "read", None)):
-        fname = getattr(source, "name", None)
-        name = fname if isinstance(fname, str) and fname else "<file>"
-        try:
-            return _read_limited(source, max_bytes, name), name
-        except DecodeError:
-            raise
-        except Exception as e:  # a user's file-like object can raise anything
-            raise DecodeError(f"cannot read file object: {type(e).__name__}: {_one_line(e)}", name) from e
-    raise UnsupportedFormatError(
-        f"cannot decode a {type(source).__name__}: expected a path, bytes, a binary file object, "
-        "a PIL image or a numpy array",
-        f"<{type(source).__name__}>",
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -597,12 +327,12 @@ def _classify(e: BaseException, what: str, name: str | None, libtiff: list[str] 
     """Map an exception raised by Pillow / zlib / a codec to the right DecodeError; ``libtiff``: the messages libtiff
     reported meanwhile (Pillow's own exception then only says "decoder error -2")."""
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return ImageTooLargeError(f"{what} is a decompression bomb: {_one_line(e)}", name)
+        return ImageTooLargeError(f"{what} is a decompression bomb: {one_line(e)}", name)
     if isinstance(e, MemoryError):
         return ImageTooLargeError(f"ran out of memory decoding {what}", name)
-    reason = _one_line(e)
+    reason = one_line(e)
     if libtiff:
-        reason = _one_line(ValueError(f"{reason} (libtiff: {'; '.join(dict.fromkeys(libtiff))})"), 300)
+        reason = one_line(ValueError(f"{reason} (libtiff: {'; '.join(dict.fromkeys(libtiff))})"), 300)
     low = reason.lower()
     if "too large" in low or "exceeds limit" in low or "too many" in low:
         return ImageTooLargeError(f"{what} is too large: {reason}", name)
@@ -625,7 +355,7 @@ def _accepts(accept: Any, prefix: bytes) -> bool | str:
 
 def _guess_allowed(data: bytes) -> str | None:
     """The allowed format whose signature ``data`` carries, if any (for error messages)."""
-    for fmt in _OPENERS:
+    for fmt in OPENERS:
         if _accepts(Image.OPEN[fmt][1], data[:16]):
             return fmt
     return None
@@ -636,7 +366,7 @@ def _unidentified(data: bytes, name: str) -> DecodeError:
     allowed = ", ".join(ALLOWED_FORMATS)
     prefix = data[:16]
     # 1. Looks like an allowed format: the opener rejected its header. Re-run it once to learn why.
-    for fmt in _OPENERS:
+    for fmt in OPENERS:
         factory, accept = Image.OPEN[fmt]
         ok = _accepts(accept, prefix)
         if isinstance(ok, str):
@@ -739,7 +469,7 @@ _SEQUENTIAL_SEEK = frozenset({"GIF", "PNG", "WEBP"})
 """Formats whose frames Pillow decodes one after another to reach a later one (it composes each on the last)."""
 
 
-def _seek(im: Image.Image, i: int, deadline: _Deadline) -> None:
+def _seek(im: Image.Image, i: int, deadline: Deadline) -> None:
     """Seek to frame ``i``. Where Pillow would decode every frame on the way inside one ``seek`` (a 999-frame GIF on a
     large canvas: many seconds), step one frame at a time with the time budget checked between frames."""
     pos = im.tell()
@@ -759,11 +489,11 @@ def _seek(im: Image.Image, i: int, deadline: _Deadline) -> None:
 class _Views:
     """The RGB views of the sampled frames, and the pixels they hold, bounded by ``limits.max_total_pixels``."""
 
-    def __init__(self, limits: DecodeLimits, backgrounds: tuple[_RGB, ...], what: str, name: str | None):
+    def __init__(self, limits: DecodeLimits, backgrounds: tuple[RGB, ...], what: str, name: str | None):
         self.limit, self.backgrounds, self.what, self.name = limits.max_total_pixels, backgrounds, what, name
         self.frames: list[Image.Image] = []
         self.indices: list[int] = []
-        self.colours: list[_RGB | None] = []
+        self.colours: list[RGB | None] = []
         self.held = 0
 
     def precheck(self, size: tuple[int, int], k: int, target_size: int | None) -> None:
@@ -772,7 +502,7 @@ class _Views:
         self._check(k * w * h, f"{k} sampled frame{'s' if k > 1 else ''} of {w}x{h}")
 
     def add(self, base: Image.Image, index: int, alpha: bool) -> None:
-        colours: tuple[_RGB | None, ...] = self.backgrounds if alpha else (None,)
+        colours: tuple[RGB | None, ...] = self.backgrounds if alpha else (None,)
         w, h = base.size
         views = f"{len(colours)} view{'s' if len(colours) > 1 else ''}"
         self._check(self.held + len(colours) * w * h, f"frame {index} ({views} of {w}x{h})")
@@ -798,8 +528,8 @@ def _sample(
     name: str | None,
     limits: DecodeLimits,
     target_size: int | None,
-    backgrounds: tuple[_RGB, ...],
-    deadline: _Deadline,
+    backgrounds: tuple[RGB, ...],
+    deadline: Deadline,
     *,
     draft: bool = False,
     digest: Any = None,
@@ -830,13 +560,13 @@ def _sample(
     return views, size
 
 
-def _decode_file(
+def decode_file(
     data: bytes,
     name: str,
     limits: DecodeLimits,
     target_size: int | None,
-    backgrounds: tuple[_RGB, ...],
-    deadline: _Deadline,
+    backgrounds: tuple[RGB, ...],
+    deadline: Deadline,
 ) -> Decoded:
     sha = hashlib.sha256(data).hexdigest()
     if not data:
@@ -846,7 +576,7 @@ def _decode_file(
         try:
             _precheck(data, limits, name)
             deadline.check("after checking the header")
-            with Image.open(io.BytesIO(data), formats=_OPENERS) as im:
+            with Image.open(io.BytesIO(data), formats=OPENERS) as im:
                 fmt = im.format or "unknown"
                 what = f"{fmt} image"
                 if fmt not in ALLOWED_FORMATS:  # cannot happen with formats=..., kept as a guard
@@ -885,14 +615,14 @@ def _pixel_digest(h: Any, im: Image.Image) -> None:
         h.update(bytes(im.getpalette() or ()))
 
 
-def _decode_image(
+def decode_image(
     im: Image.Image,
     fmt: str,
     name: str,
     limits: DecodeLimits,
     target_size: int | None,
-    backgrounds: tuple[_RGB, ...],
-    deadline: _Deadline,
+    backgrounds: tuple[RGB, ...],
+    deadline: Deadline,
 ) -> Decoded:
     what = "image" if fmt == "ndarray" else "PIL image"
     with _LIBTIFF.capture() as libtiff:
@@ -934,7 +664,7 @@ def _decode_image(
     )
 
 
-def _array_to_image(a: np.ndarray, name: str, limits: DecodeLimits) -> Image.Image:
+def array_to_image(a: np.ndarray, name: str, limits: DecodeLimits) -> Image.Image:
     if a.ndim == 2:
         pass
     elif a.ndim == 3 and a.shape[2] in (3, 4):
@@ -962,89 +692,3 @@ def _array_to_image(a: np.ndarray, name: str, limits: DecodeLimits) -> Image.Ima
             f"array dtype {a.dtype} is not supported: expected uint8, or float in [0, 1]", name
         )
     return Image.fromarray(np.ascontiguousarray(u8))
-
-
-def _check_background(background: Any) -> tuple[int, int, int]:
-    try:
-        bg = tuple(int(c) for c in background)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"background must be an (r, g, b) tuple of ints, got {background!r}") from e
-    if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
-        raise ConfigError(f"background must be an (r, g, b) tuple of ints in 0..255, got {background!r}")
-    return bg  # type: ignore[return-value]
-
-
-def decode(
-    source: Source,
-    *,
-    limits: DecodeLimits | None = None,
-    target_size: int | None = None,
-    background: tuple[int, int, int] | None = None,
-) -> Decoded:
-    """Decode ``source`` into RGB frames, enforcing ``limits``.
-
-    ``source``: a path (str / PathLike) to a regular file, bytes / bytearray / memoryview, a binary file object (read
-    from its current position), a ``PIL.Image.Image``, or a numpy array (HxW gray, HxWx3 RGB, HxWx4 RGBA; uint8, or
-    float in [0, 1]).
-
-    ``target_size``: the model's input side. Large JPEGs are then decoded straight at a reduced DCT scale (1/2, 1/4,
-    1/8) whose shorter side is still >= ``target_size``, and every frame is box-filtered down by the integer factor
-    that keeps its shorter side >= 2 * ``target_size`` as soon as it is decoded. ``None``: full resolution.
-
-    Transparency: a frame with real alpha is returned once per colour of ``limits.backgrounds`` (by default on white
-    and on black), so a decision can take the worse; ``backgrounds`` says which view is which (``None``: opaque, one
-    view). ``background``: one colour to composite on instead.
-
-    Animated images (GIF, APNG, WebP, MPO, multi-page TIFF) return ``min(limits.sample_frames, n_frames)`` frames
-    sampled evenly, first and last included; ``frame_indices`` says which.
-
-    Raises a :class:`~safeclip.errors.DecodeError` subclass, whose message is one line naming the input:
-    :class:`UnsupportedFormatError` (not an allowed format, not an image input, or a path that is not a regular
-    file), :class:`ImageTooLargeError` (byte / pixel / frame / held-pixel limits, decompression bombs),
-    :class:`TruncatedImageError` (truncated or corrupt data), :class:`DecodeTimeoutError` (over
-    ``limits.timeout_s`` of CPU time, or the ``limits.wall_timeout_s`` backstop; the message says which). Bad
-    arguments (``limits``, ``target_size``, ``background``) raise
-    ``ValueError``/``TypeError``.
-
-    The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
-    interrupted from Python. A hard kill needs process isolation, which the audit runner's worker processes provide.
-
-    >>> import io
-    >>> from PIL import Image
-    >>> buf = io.BytesIO()
-    >>> Image.new("RGBA", (40, 30), (255, 255, 255, 0)).save(buf, "PNG")
-    >>> d = decode(buf.getvalue())
-    >>> d.format, d.size, d.n_frames, d.frame_indices, d.backgrounds
-    ('PNG', (40, 30), 1, (0, 0), ((255, 255, 255), (0, 0, 0)))
-    >>> [f.getpixel((0, 0)) for f in d.frames]
-    [(255, 255, 255), (0, 0, 0)]
-    >>> decode(b"%!PS-Adobe-3.0 EPSF-3.0\\n")
-    Traceback (most recent call last):
-    ...
-    safeclip.errors.UnsupportedFormatError: <bytes>: EPS files are not allowed (allowed: ...)
-    """
-    if limits is None:
-        limits = DecodeLimits()
-    elif not isinstance(limits, DecodeLimits):
-        raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
-    if target_size is not None and (
-        isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1
-    ):
-        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
-    bgs = limits.backgrounds if background is None else (_check_background(background),)
-
-    if isinstance(source, Image.Image):
-        deadline = _Deadline(limits, "<PIL>")
-        return _decode_image(source, "PIL", "<PIL>", limits, target_size, bgs, deadline)
-    if isinstance(source, np.ndarray):
-        name = "<ndarray>"
-        deadline = _Deadline(limits, name)
-        image = _array_to_image(source, name, limits)
-        return _decode_image(image, "ndarray", name, limits, target_size, bgs, deadline)
-    deadline = _Deadline(limits, None)
-    data, name = read_source(source, max_bytes=limits.max_bytes)
-    if data is None:  # read_source returns None only for PIL / ndarray inputs, handled above
-        raise UnsupportedFormatError("no bytes to decode", name)
-    deadline.name = name
-    deadline.check("after reading the input")
-    return _decode_file(data, name, limits, target_size, bgs, deadline)

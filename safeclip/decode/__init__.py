@@ -1,0 +1,111 @@
+"""Decode untrusted image inputs into RGB frames, safely.
+
+:func:`decode` accepts a path, bytes, a binary file object, a ``PIL.Image.Image`` or a numpy array and returns a
+:class:`Decoded`: RGB, fully loaded PIL frames with EXIF orientation applied and transparency composited on a fixed
+background. Only the formats in :data:`ALLOWED_FORMATS` are ever handed to Pillow (never EPS/PS/PDF or anything
+that runs an external program). Byte, pixel (checked from the header, before any pixel is decoded), frame and time
+limits come from :class:`DecodeLimits`. Every failure is a :class:`~safeclip.errors.DecodeError` subclass with a
+one-line reason naming the input; nothing else escapes for any byte input.
+
+The module keeps no shared mutable state and never changes Pillow's process-wide settings
+(``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many
+threads and from multiprocessing workers. The one process-wide change is libtiff's message handlers (see
+:class:`_LibtiffMessages`): a message libtiff reports while :func:`decode` runs in a thread becomes part of that
+file's error instead of a line on stderr; messages from anywhere else go to the handler that was there before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UnsupportedFormatError
+from ._common import (
+    ALLOWED_FORMATS,
+    DECODER_VERSION,
+    Deadline,
+    Decoded,
+    DecodeLimits,
+    Source,
+    check_background,
+    read_source,
+)
+from ._pil import array_to_image, decode_file, decode_image
+
+__all__ = ["ALLOWED_FORMATS", "DECODER_VERSION", "DecodeLimits", "Decoded", "Source", "decode", "read_source"]
+
+def decode(
+    source: Source,
+    *,
+    limits: DecodeLimits | None = None,
+    target_size: int | None = None,
+    background: tuple[int, int, int] | None = None,
+) -> Decoded:
+    """Decode ``source`` into RGB frames, enforcing ``limits``.
+
+    ``source``: a path (str / PathLike) to a regular file, bytes / bytearray / memoryview, a binary file object (read
+    from its current position), a ``PIL.Image.Image``, or a numpy array (HxW gray, HxWx3 RGB, HxWx4 RGBA; uint8, or
+    float in [0, 1]).
+
+    ``target_size``: the model's input side. Large JPEGs are then decoded straight at a reduced DCT scale (1/2, 1/4,
+    1/8) whose shorter side is still >= ``target_size``, and every frame is box-filtered down by the integer factor
+    that keeps its shorter side >= 2 * ``target_size`` as soon as it is decoded. ``None``: full resolution.
+
+    Transparency: a frame with real alpha is returned once per colour of ``limits.backgrounds`` (by default on white
+    and on black), so a decision can take the worse; ``backgrounds`` says which view is which (``None``: opaque, one
+    view). ``background``: one colour to composite on instead.
+
+    Animated images (GIF, APNG, WebP, MPO, multi-page TIFF) return ``min(limits.sample_frames, n_frames)`` frames
+    sampled evenly, first and last included; ``frame_indices`` says which.
+
+    Raises a :class:`~safeclip.errors.DecodeError` subclass, whose message is one line naming the input:
+    :class:`UnsupportedFormatError` (not an allowed format, not an image input, or a path that is not a regular
+    file), :class:`ImageTooLargeError` (byte / pixel / frame / held-pixel limits, decompression bombs),
+    :class:`TruncatedImageError` (truncated or corrupt data), :class:`DecodeTimeoutError` (over
+    ``limits.timeout_s`` of CPU time, or the ``limits.wall_timeout_s`` backstop; the message says which). Bad
+    arguments (``limits``, ``target_size``, ``background``) raise
+    ``ValueError``/``TypeError``.
+
+    The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
+    interrupted from Python. A hard kill needs process isolation, which the audit runner's worker processes provide.
+
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGBA", (40, 30), (255, 255, 255, 0)).save(buf, "PNG")
+    >>> d = decode(buf.getvalue())
+    >>> d.format, d.size, d.n_frames, d.frame_indices, d.backgrounds
+    ('PNG', (40, 30), 1, (0, 0), ((255, 255, 255), (0, 0, 0)))
+    >>> [f.getpixel((0, 0)) for f in d.frames]
+    [(255, 255, 255), (0, 0, 0)]
+    >>> decode(b"%!PS-Adobe-3.0 EPSF-3.0\\n")
+    Traceback (most recent call last):
+    ...
+    safeclip.errors.UnsupportedFormatError: <bytes>: EPS files are not allowed (allowed: ...)
+    """
+    if limits is None:
+        limits = DecodeLimits()
+    elif not isinstance(limits, DecodeLimits):
+        raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+    if target_size is not None and (
+        isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1
+    ):
+        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
+    bgs = limits.backgrounds if background is None else (check_background(background),)
+
+    if isinstance(source, Image.Image):
+        deadline = Deadline(limits, "<PIL>")
+        return decode_image(source, "PIL", "<PIL>", limits, target_size, bgs, deadline)
+    if isinstance(source, np.ndarray):
+        name = "<ndarray>"
+        deadline = Deadline(limits, name)
+        image = array_to_image(source, name, limits)
+        return decode_image(image, "ndarray", name, limits, target_size, bgs, deadline)
+    deadline = Deadline(limits, None)
+    data, name = read_source(source, max_bytes=limits.max_bytes)
+    if data is None:  # read_source returns None only for PIL / ndarray inputs, handled above
+        raise UnsupportedFormatError("no bytes to decode", name)
+    deadline.name = name
+    deadline.check("after reading the input")
+    return decode_file(data, name, limits, target_size, bgs, deadline)
+
