@@ -1,5 +1,5 @@
-"""Shared numpy helpers of the numeric stages: a stable sigmoid and label validation (scikit-learn keeps its own
-in ``sklearn.utils.validation``; these are ours)."""
+"""Shared numpy helpers of the numeric stages: a stable sigmoid, label validation (scikit-learn keeps its own in
+``sklearn.utils.validation``; these are ours) and the batch-layout-independent matrix product every score uses."""
 
 from __future__ import annotations
 
@@ -9,11 +9,45 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["NORM_TOLERANCE", "as_binary_labels", "as_embeddings", "embedding_row_problems", "require_both_classes",
-           "sigmoid", "sigmoid_inplace"]
+__all__ = ["NORM_TOLERANCE", "PRODUCT_BLOCK", "as_binary_labels", "as_embeddings", "embedding_row_problems",
+           "require_both_classes", "row_product", "sigmoid", "sigmoid_inplace"]
 
 NORM_TOLERANCE = 1e-2
 """An embedding whose L2 norm is off 1 by more than this is not one of ours (CLIP embeddings are normalised)."""
+
+
+PRODUCT_BLOCK = 64
+"""Rows per matrix product in :func:`row_product`: every block of the inputs has exactly this shape."""
+
+
+def row_product(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``w @ x.T`` (``(R, N)``), where column ``i`` depends only on ``x[i]``: bit for bit the same whatever the
+    batch ``x`` is part of (1 row or a million, any position).
+
+    A BLAS product is not: small shapes take other kernels (a single row a gemv, a few rows a "small matrix" path)
+    whose float accumulation differs in the last bits, so an image scored alone and in a batch would differ and a
+    re-run audit could not be compared exactly. Here every product has one shape, ``(R, D) @ (D, PRODUCT_BLOCK)``,
+    the last block padded with zero rows.
+
+    >>> w = np.ones((2, 3), np.float32)
+    >>> x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    >>> row_product(w, x).tolist()
+    [[3.0, 12.0, 21.0, 30.0], [3.0, 12.0, 21.0, 30.0]]
+    >>> bool((row_product(w, x[2:3]) == row_product(w, x)[:, 2:3]).all())
+    True
+    """
+    n, b = x.shape[0], PRODUCT_BLOCK
+    dtype = np.result_type(w.dtype, x.dtype)
+    if out is None:
+        out = np.empty((w.shape[0], n), dtype)
+    full = n - n % b
+    for start in range(0, full, b):
+        np.matmul(w, x[start:start + b].T, out=out[:, start:start + b])
+    if full < n:
+        pad = np.zeros((b, x.shape[1]), x.dtype)
+        pad[:n - full] = x[full:]
+        out[:, full:] = np.matmul(w, pad.T)[:, :n - full]
+    return out
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:

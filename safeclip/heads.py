@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import NORM_TOLERANCE, sigmoid
+from .arrays import NORM_TOLERANCE, row_product, sigmoid
 from .artifacts import (
     ARTIFACT_FORMAT,
     MAX_ARTIFACT_NUMBERS,
@@ -36,7 +36,7 @@ from .artifacts import (
 )
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
-__all__ = ["MAX_HEAD_PARAMETERS", "MAX_LOGIT_BOUND", "MLPHead", "MLP_KIND", "LinearProbe", "PROBE_KIND", "load_head"]
+__all__ = ["MAX_HEAD_PARAMETERS", "MAX_LOGIT_BOUND", "MLP_KIND", "PROBE_KIND", "LinearProbe", "MLPHead", "load_head"]
 
 PROBE_KIND = "safeclip.probe"
 MLP_KIND = "safeclip.mlp_head"
@@ -142,7 +142,7 @@ class LinearProbe(_JSONArtifact):
                 f"embeddings of shape {np.shape(X)} do not match this probe's dimension {self.dim} "
                 f"(encoder {self.encoder_id!r})"
             )
-        z = x @ self.coef_
+        z = row_product(self.coef_[None, :], x)[0]  # the same bits for a row alone or in any batch
         z += np.float32(self.intercept_)
         return z
 
@@ -301,7 +301,7 @@ class MLPHead(_JSONArtifact):
         for start in range(0, x.shape[0], self.BLOCK_ROWS):
             z = x[start:start + self.BLOCK_ROWS].astype(np.float64, copy=False)
             for i, (w, b) in enumerate(self._layers64):
-                z = z @ w.T
+                z = row_product(w, z).T  # the same bits for a row alone or in any batch
                 z += b
                 if i < last:
                     np.maximum(z, 0, out=z)

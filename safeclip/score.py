@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrays import as_embeddings, sigmoid
+from .arrays import as_embeddings, row_product, sigmoid
 from .banks import BankSignal, PolicyBanks
-from .heads import LinearProbe, MLPHead, load_head
 from .errors import EncoderMismatchError
+from .heads import LinearProbe, MLPHead, load_head
 from .policy import Policy
 
 __all__ = ["Scorer", "Scores"]
@@ -182,7 +182,7 @@ class Scorer:
             raise EncoderMismatchError(f"embeddings must be (N, {self.dim}), got {x.shape}")
         x = as_embeddings(x, dim=self.dim)
         n, n_c, r = x.shape[0], len(self.categories), self._n_prompt_rows
-        out = self._fused @ x.T  # (R, N): scaled prompt logits, then probe logits
+        out = row_product(self._fused, x)  # (R, N): scaled prompt logits, then probe logits; layout-independent
         logits = out[:r]
         logits -= logits.max(axis=0)
         np.exp(logits, out=logits)
@@ -209,7 +209,7 @@ class Scorer:
                 block = x[start:start + MLPHead.BLOCK_ROWS].astype(np.float64)
                 for j, h in self._head_cols:
                     head[start:start + len(block), j] = h.decision_function(block)
-        sims = x @ self.prompt_matrix if keep_sims else None  # (N, P) cosines to each concept, for evidence
+        sims = row_product(self.prompt_matrix.T, x).T if keep_sims else None  # (N, P) cosines to each concept, for evidence
         banks = self.banks.match(x, pdq, pdq_quality, record=record) if self.banks else None
         return Scores(self.categories, prompt, probe, head, self.encoder_id, sims, self.head_outputs, banks)
 

@@ -132,9 +132,10 @@ class OrthoTexts:
         return out
 
 
-def assert_same_rows(a, b, *, ignore: tuple[str, ...] = (), atol: float = 1e-6, metadata: bool = False) -> None:
-    """Two audit outputs hold the same rows: equal columns (and schema metadata, if asked), probabilities equal up
-    to ``atol`` (float32 rounding differs with the batch layout, BLAS and engine)."""
+def assert_same_rows(a, b, *, ignore: tuple[str, ...] = (), atol: float = 0.0, metadata: bool = False) -> None:
+    """Two audit outputs hold the same rows: equal columns (and schema metadata, if asked), probabilities equal
+    (bit for bit by default: scores do not depend on the batch layout; ``atol`` only where another runtime or
+    engine computed the embeddings)."""
     cols = [c for c in a.column_names if c not in ignore]
     assert cols == [c for c in b.column_names if c not in ignore]
     if metadata:

@@ -162,3 +162,30 @@ def test_a_head_gives_its_own_signal_and_named_probability(tmp_path):
     assert np.isnan(np.delete(row["punsafe"], j)).all()
     with pytest.raises(EncoderMismatchError):
         Scorer(load_policy(tmp_path / "p.yaml"), OrthoTexts(512), encoder_id="another-space")
+
+
+def test_an_images_signals_are_the_same_bits_in_any_batch(tmp_path):
+    """Issue 23 item 3: prompts, probe and head signals of one embedding are bit-identical whether it is scored alone
+    or in any batch at any position, so re-run and resumed audits compare exactly (they differed by ~5e-7)."""
+    from safeclip.heads import LinearProbe, MLPHead
+
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(size=(32, 512)).astype(np.float32)
+    head = MLPHead([(w1, rng.normal(size=32).astype(np.float32)), (rng.normal(size=(1, 32)).astype(np.float32),
+                                                                   np.array([0.5], np.float32))],
+                   encoder_id="test-space")
+    head_sha = head.save(tmp_path / "h.json")
+    probe = LinearProbe(rng.normal(size=512).astype(np.float32), -0.25, encoder_id="test-space")
+    probe_sha = probe.save(tmp_path / "p.json")
+    (tmp_path / "p.yaml").write_text(
+        "name: h\nversion: '1'\nextends: default\ncategories:\n"
+        f"  sexual:\n    head: {{path: h.json, sha256: {head_sha}}}\n"
+        f"  violence:\n    probe: {{path: p.json, sha256: {probe_sha}}}\n")
+    sc = Scorer(load_policy(tmp_path / "p.yaml"), OrthoTexts(512), encoder_id="test-space")
+    x = unit(rng.normal(size=(150, 512))).astype(np.float32)
+    whole = sc.score(x, keep_sims=True)
+    for n, at in [(1, 0), (1, 77), (3, 10), (64, 5), (65, 80), (150, 0)]:
+        part = sc.score(x[at:at + n], keep_sims=True)
+        for name in ("prompt", "probe", "head", "sims"):
+            got, want = getattr(part, name), getattr(whole, name)[at:at + n]
+            assert np.array_equal(got, want, equal_nan=True), (name, n, at)
