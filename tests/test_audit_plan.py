@@ -106,7 +106,10 @@ def test_runtime_precision_and_threads_are_checked_and_reach_the_encoder(tmp_pat
 
     plan = AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/models/b32.bin",
                             runtime="onnx", precision="int8", threads=2)
-    assert encoder_kwargs(plan.encoder) == {"runtime": "onnx", "precision": "int8", "threads": 2}
+    assert encoder_kwargs(plan.encoder) == {"runtime": "onnx", "precision": "int8", "threads": 2, "spin_wait": True}
+    # On a CPU the decode workers share the cores: ONNX Runtime's idle threads must not spin (issue 23).
+    assert encoder_kwargs(plan.encoder, "cpu")["spin_wait"] is False
+    assert encoder_kwargs(plan.encoder, "cuda:0")["spin_wait"] is True
     for bad in ({"runtime": "tensorrt"}, {"precision": "fp8"}, {"threads": 0}):
         with pytest.raises(ConfigError):
             AuditPlan.create(["a.jpg"], out=tmp_path / "o.parquet", model="ViT-B-32", pretrained="/b.bin", **bad)

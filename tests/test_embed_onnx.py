@@ -159,3 +159,23 @@ def test_forked_children_of_an_onnx_moderator_neither_hang_nor_hang_at_exit(tiny
         pytest.fail("a forked worker hung (in its first forward or at exit)")
     assert proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1]) == [[True, 1, 7], [True, 1, 7]]
+
+
+def test_spinning_is_a_session_option_the_audit_turns_off(tiny_model, warm_cache):
+    """Issue 23 item 2: beside decode workers, ONNX Runtime's idle threads must not spin."""
+    enc = Encoder(tiny_model, cache_dir=warm_cache, spin_wait=False)
+    opts = enc._onnx._session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    enc = Encoder(tiny_model, cache_dir=warm_cache)
+    assert enc._onnx._session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "1"
+
+
+def test_an_images_embedding_is_the_same_bits_in_any_batch(tiny_model, warm_cache):
+    """Issue 23 item 3: on ONNX Runtime an image's embedding does not depend on the batch it rides in (scores do not
+    either: tests/test_score.py), so a re-run or resumed audit compares exactly."""
+    enc = Encoder(tiny_model, cache_dir=warm_cache, batch_size=16)
+    px = np.random.default_rng(0).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
+    whole = enc.embed_pixels(px)
+    for n, at in [(1, 5), (3, 4), (16, 0), (7, 20), (17, 23)]:
+        assert np.array_equal(enc.embed_pixels(px[at:at + n]), whole[at:at + n]), (n, at)

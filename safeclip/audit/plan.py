@@ -61,12 +61,14 @@ def encoder_kwargs(spec: EncoderSpec, device: str | None = None) -> dict[str, An
 
     On a CPU ``device`` the model's forward takes every core unless told otherwise (the decode workers run niced and
     fill the gaps); the Encoder's ``threads`` knob sets ONNX Runtime's threads or torch's, so the ONNX path never
-    imports torch to set them.
+    imports torch to set them. ONNX Runtime's idle threads do not spin there (``spin_wait=False``): the decode
+    workers need those cycles, and an audit of photos is decode-bound.
     """
     threads = spec.threads
-    if threads is None and device is not None and not device.startswith(("cuda", "mps")):
+    on_cpu = device is not None and not device.startswith(("cuda", "mps"))
+    if threads is None and on_cpu:
         threads = cpu_count()
-    return {"runtime": spec.runtime, "precision": spec.precision, "threads": threads}
+    return {"runtime": spec.runtime, "precision": spec.precision, "threads": threads, "spin_wait": not on_cpu}
 
 
 @dataclass(frozen=True)

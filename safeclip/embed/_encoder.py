@@ -83,7 +83,8 @@ class Encoder:
     :mod:`safeclip._trust`), is not used for the export and prompts: they go to a folder of the user's own, with one
     log line naming the folder and the fix. ``precision="int8"`` (ONNX
     Runtime dynamic int8) is an opt-in with its own ``encoder_id``. ``threads`` (default ``$SAFECLIP_THREADS``, else
-    every available core) sets ONNX Runtime's intra-op threads, or torch's.
+    every available core) sets ONNX Runtime's intra-op threads, or torch's. ``spin_wait=False`` keeps ONNX Runtime's
+    idle threads from spinning for work: what an audit wants, whose decode processes share the cores.
 
     >>> enc = Encoder("ViT-B-32", "/models/vit-b-32.pt")          # doctest: +SKIP
     >>> enc.embed_images([Image.open("photo.jpg")]).shape        # doctest: +SKIP
@@ -101,6 +102,7 @@ class Encoder:
         cache_dir: str | os.PathLike[str] | None = None,
         runtime: str | None = None,
         threads: int | None = None,
+        spin_wait: bool = True,
     ) -> None:
         model = model or os.environ.get("SAFECLIP_MODEL") or DEFAULT_MODEL
         if pretrained is None and not model.startswith(("local-dir:", "hf-hub:")):
@@ -119,6 +121,7 @@ class Encoder:
         self.pretrained = pretrained
         self.cache_dir = self._trusted(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         self.threads = resolve_threads(threads)
+        self.spin_wait = bool(spin_wait)
         self._lock = threading.Lock()
         self._torch: Any = None  # a TorchModel: the torch runtime's, or none
         self._onnx: OnnxImageTower | None = None
@@ -211,7 +214,7 @@ class Encoder:
                     if manifest["encoder_id"] != expected:
                         raise ArtifactIntegrityError(f"{store.manifest_path}: encoder_id {manifest['encoder_id']!r}"
                                                      f", expected {expected!r}")
-                    return OnnxImageTower(store, manifest, self.threads)
+                    return OnnxImageTower(store, manifest, self.threads, spin_wait=self.spin_wait)
                 except (ArtifactIntegrityError, TypeError, ValueError) as e:
                     _log.warning("refusing the ONNX export: %s; exporting it again", e)
             else:
