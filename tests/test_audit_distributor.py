@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from audit_helpers import HOOK, read, run_audit, sample  # noqa: F401
+from audit_helpers import HOOK, bad_files, read, run_audit, sample  # noqa: F401
 
 
 @pytest.mark.slow
@@ -48,3 +48,30 @@ def test_a_plain_script_without_a_main_guard_runs_once(method, sample, tiny_mode
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("TOP-LEVEL") == 1, proc.stdout[-2000:]
     assert "ROWS 4 0" in proc.stdout
+
+
+def test_a_small_audit_decodes_in_threads_and_gives_the_same_rows(sample, bad_files, tiny_encoder, tmp_path,
+                                                                  monkeypatch):
+    """Issue 23 item 2: an audit of a few files starts no decode process (their start-up would be most of its
+    time); its rows, hostile files included, are the ones the process pool gives, bit for bit."""
+    from conftest import assert_same_rows
+
+    from safeclip.audit import distributor, local
+    from safeclip.audit.plan import SMALL_AUDIT_FILES
+
+    few = sample[:3] + bad_files[:SMALL_AUDIT_FILES - 3]
+    started: list[str] = []
+    real_init = distributor.DecodePool.__init__
+
+    def counting_init(self, *a, **k):
+        started.append("processes")
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(distributor.DecodePool, "__init__", counting_init)
+    run_audit(few, tmp_path / "threads.parquet", tmp_path / "c1", tiny_encoder)
+    assert started == []
+    monkeypatch.setattr(local, "SMALL_AUDIT_FILES", 0)  # the same files through worker processes
+    run_audit(few, tmp_path / "processes.parquet", tmp_path / "c2", tiny_encoder)
+    assert started == ["processes"]
+    assert_same_rows(read(tmp_path / "threads.parquet"), read(tmp_path / "processes.parquet"))
+    assert sum(r["error"] is not None for r in read(tmp_path / "threads.parquet").to_pylist()) >= len(few) - 3

@@ -32,9 +32,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import EngineError
-from .worker import FileResult, WorkerConfig, worker_main
+from .worker import FileResult, WorkerConfig, open_cache, process_file, worker_main
 
-__all__ = ["DONE", "WORKER_NAME", "DecodePool", "mp_context", "worker_env"]
+__all__ = ["DONE", "WORKER_NAME", "DecodePool", "ThreadDecodePool", "mp_context", "worker_env"]
 
 WORKER_NAME = "safeclip-decode"
 """The name of every decode process (what :func:`mp_context` recognises to leave ``__main__`` out)."""
@@ -287,6 +287,83 @@ class DecodePool:
             with contextlib.suppress(Exception):
                 h.conn.close()
         self._handles = []
+
+
+class ThreadDecodePool:
+    """:class:`DecodePool`'s interface over threads of this process: what a small audit decodes with, so that no
+    worker process has to start (a fork server and its imports) before its first file is decoded.
+
+    The same per-file unit runs (:func:`~safeclip.audit.worker.process_file`, each thread with its own read-only
+    cache handle), as ``Moderator`` decodes requests: Pillow's and libvips' codecs release the GIL. What a thread
+    cannot have is a hard kill: a file is bounded by the decoder's own CPU budget and wall-clock backstop
+    (:class:`~safeclip.decode.DecodeLimits`) instead of ``task_timeout``, and a crash in a codec would take the
+    audit with it; the engine uses processes for any larger run.
+    """
+
+    def __init__(self, n_workers: int, *, max_pending: int) -> None:
+        self.n_workers = max(1, int(n_workers))
+        self.max_pending = max(max_pending, self.n_workers)
+        self.restarts = 0
+        self._ready: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+
+    def boot(self) -> None:
+        """Nothing to start: the threads come with :meth:`run`."""
+
+    def run(self, config: WorkerConfig, tasks: Iterable[tuple[int, str]]) -> None:
+        """Start decoding ``(task id, path)`` tasks on ``n_workers`` threads."""
+        self._thread = threading.Thread(target=self._pump_safely, args=(config, iter(tasks)),
+                                        name="safeclip-audit-pump", daemon=True)
+        self._thread.start()
+
+    def get(self, timeout: float | None) -> Any:
+        """As :meth:`DecodePool.get`."""
+        try:
+            item = self._ready.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise EngineError(f"the local engine's decode threads failed ({type(item).__name__}: {item}); what "
+                              "was committed is kept: run the same command again to resume") from item
+        return item
+
+    def _decode(self, config: WorkerConfig, tid: int, path: str) -> FileResult:
+        if not hasattr(self._local, "cache"):
+            self._local.cache = open_cache(config)
+        return process_file(tid, path, config, self._local.cache, {})
+
+    def _pump_safely(self, config: WorkerConfig, tasks: Iterator[tuple[int, str]]) -> None:
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+        try:
+            with ThreadPoolExecutor(self.n_workers, thread_name_prefix="safeclip-decode") as ex:
+                running: set[Future[FileResult]] = set()
+                exhausted = False
+                while not self._stop.is_set():
+                    while not exhausted and len(running) + self._ready.qsize() < self.max_pending:
+                        task = next(tasks, None)
+                        if task is None:
+                            exhausted = True
+                            break
+                        running.add(ex.submit(self._decode, config, *task))
+                    if exhausted and not running:
+                        self._ready.put(DONE)
+                        return
+                    if not running:  # the consumer is behind: wait for it to take results
+                        self._stop.wait(0.05)
+                        continue
+                    done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        self._ready.put(f.result())
+        except BaseException as e:  # surface bugs in the main thread instead of hanging it
+            self._ready.put(e)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 def _describe_exit(code: int | None) -> str:

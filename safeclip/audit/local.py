@@ -27,10 +27,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .distributor import DONE, DecodePool, mp_context
+from .distributor import DONE, DecodePool, ThreadDecodePool, mp_context
 from .identity import EncoderIdentity, encoder_memo_key
 from .mapper import BatchUnit, compile_policy, needs_pdq, store
-from .plan import cpu_count, encoder_kwargs
+from .plan import SMALL_AUDIT_FILES, cpu_count, encoder_kwargs
 from .summary import Tally
 from .worker import TEST_HOOK_ENV, FileResult, WorkerConfig
 from .writer import RunOutput, embedding_dir
@@ -119,7 +119,9 @@ class _LocalRun:
         self.hook = os.environ.get(TEST_HOOK_ENV) or None
         self.n_workers = plan.decoding.workers or min(cpu_count(), 32)
         self.tally = Tally(timings=dict.fromkeys(_TIMINGS, 0.0))
-        self.pool: DecodePool | None = None
+        self.pool: DecodePool | ThreadDecodePool | None = None
+        # A small run decodes in threads of this process: no worker process starts before its first file.
+        self.in_process = len(plan.inputs) <= SMALL_AUDIT_FILES and not self.hook
         self.output: RunOutput | None = None
         self.emb_dir: Path = plan.cache_dir
         self.pbar: Any = None
@@ -127,6 +129,7 @@ class _LocalRun:
         self.enc: Encoder | None = None
         self.ident: EncoderIdentity | None = None  # the identity the pool and the output were opened for
         self.memo_key: str | None = None
+        self.loading: tuple[threading.Thread, dict[str, Any]] | None = None  # the model, loading beside decoding
 
     def run(self) -> AuditSummary:
         plan = self.plan
@@ -157,13 +160,15 @@ class _LocalRun:
                               label="safeclip audit")
 
     # ------------------------------------------------------------------------------------------------ start-up
-    def _new_pool(self) -> DecodePool:
-        pool = DecodePool(self.n_workers, max_pending=max(256, 4 * (self.plan.encoder.batch_size or 16), 4 * self.n_workers),
-                          task_timeout=self.plan.task_timeout)
+    def _new_pool(self) -> DecodePool | ThreadDecodePool:
+        max_pending = max(256, 4 * (self.plan.encoder.batch_size or 16), 4 * self.n_workers)
+        if self.in_process:
+            return ThreadDecodePool(self.n_workers, max_pending=max_pending)
+        pool = DecodePool(self.n_workers, max_pending=max_pending, task_timeout=self.plan.task_timeout)
         pool.boot()  # the workers import the decode stack (no torch) while the model loads
         return pool
 
-    def _open(self, pool: DecodePool, ident: EncoderIdentity) -> RunOutput:
+    def _open(self, pool: DecodePool | ThreadDecodePool, ident: EncoderIdentity) -> RunOutput:
         """Open the output and the cache of this embedding space; start decoding what is left to do."""
         plan = self.plan
         output = plan.open_output(ident, self.emb_dir)
@@ -194,7 +199,8 @@ class _LocalRun:
             self.pool = self._new_pool()
             self.output = self._open(self.pool, guess)
             return comp
-        mp_context()  # start the fork server here, before torch is imported (it reads the environment)
+        if not self.in_process:
+            mp_context()  # start the fork server here, before torch is imported (it reads the environment)
         booted: dict[str, BaseException] = {}
         booter = threading.Thread(target=self._boot, args=(guess, booted), name="safeclip-audit-boot", daemon=True)
         booter.start()
@@ -215,10 +221,36 @@ class _LocalRun:
         self.enc, self.ident = enc, actual
         return compile_policy(plan.policy, enc, plan.cache_dir)
 
+    def _start_loading(self) -> None:
+        """Load the model on a thread of its own from the first file that needs it, while the rest of its batch
+        decodes (instead of after: a small audit's whole time would be decode, then load, then embed)."""
+        if self.enc is not None or self.loading is not None:
+            return
+        box: dict[str, Any] = {}
+
+        def load() -> None:
+            t0 = time.monotonic()
+            try:
+                box["encoder"] = self._load_encoder()
+            except BaseException as e:  # re-raised by the thread that needs the model
+                box["error"] = e
+            box["seconds"] = time.monotonic() - t0
+
+        th = threading.Thread(target=load, name="safeclip-audit-load", daemon=True)
+        self.loading = (th, box)
+        th.start()
+
     def _embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if self.enc is None:  # the first file that needs the model
-            with self.tally.timed("model_load_s"):
-                self.enc = self._load_encoder()
+            self._start_loading()
+            assert self.loading is not None
+            th, box = self.loading
+            with self.tally.timed("wait_s"):
+                th.join()
+            self.tally.timings["model_load_s"] += box.get("seconds", 0.0)
+            if "error" in box:
+                raise box["error"]
+            self.enc = box["encoder"]
             if EncoderIdentity.of(self.enc) != self.ident:
                 raise _WrongGuess
         return self.enc.embed_pixels(pixels)
@@ -289,6 +321,8 @@ class _LocalRun:
                 break
             if res is not None:
                 pending.add(res)
+                if res.kind == "pixels":
+                    self._start_loading()
             if pending and (pending.frames >= self._target() or len(pending) >= _MAX_READY or (
                     res is None and time.monotonic() - pending.since > _IDLE_FLUSH_S)):
                 self._map(unit, pending.take())  # a partial batch when the decoders are slow right now

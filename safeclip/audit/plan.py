@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .summary import AuditSummary, Tally
     from .writer import RunOutput
 
-__all__ = ["ENGINES", "AuditKeywords", "AuditPlan", "EngineOptions", "RayOptions", "cpu_count", "encoder_kwargs"]
+__all__ = ["ENGINES", "SMALL_AUDIT_FILES", "AuditKeywords", "AuditPlan", "EngineOptions", "RayOptions", "cpu_count",
+           "encoder_kwargs"]
 
 ENGINES: tuple[str, ...] = ("local", "ray")
 
@@ -54,6 +55,11 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+SMALL_AUDIT_FILES = 8
+"""An audit of at most this many inputs decodes in threads of its own process (as ``Moderator`` does) instead of
+starting decode processes: their start-up would be most of its time."""
 
 
 def encoder_kwargs(spec: EncoderSpec, device: str | None = None) -> dict[str, Any]:
