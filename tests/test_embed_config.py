@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from safeclip.embed._config import _torch_build, resolve_runtime, resolve_threads
+from safeclip.embed._config import _torch_build, onnx_providers, resolve_runtime, resolve_threads
 from safeclip.errors import ModelLoadError
 
 GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/dxg", "/dev/kfd")
@@ -41,10 +41,33 @@ def test_runtime_resolution(monkeypatch):
     assert resolve_runtime("torch", "cpu", "fp32") == "torch"
     monkeypatch.setenv("SAFECLIP_RUNTIME", "torch")
     assert resolve_runtime(None, "cpu", "fp32") == "torch"
-    for args in (("onnx", "cuda", "fp32"), ("torch", "cpu", "int8"), ("auto", "cuda", "int8"),
-                 ("onnx", "cpu", "fp16"), ("jax", "cpu", "fp32")):
+    assert resolve_runtime("onnx", "cuda:1", "fp32") == "onnx"  # ONNX Runtime's CUDA provider (issue 23)
+    for args in (("onnx", "mps", "fp32"), ("torch", "cpu", "int8"), ("auto", "cuda", "int8"),
+                 ("onnx", "cpu", "fp16"), ("onnx", "cuda", "fp16"), ("jax", "cpu", "fp32")):
         with pytest.raises(ModelLoadError):
             resolve_runtime(*args)
+
+
+def test_onnx_providers_for_cpu_and_cuda():
+    """The CUDA path of the ONNX runtime (issue 23 item 4), checked without a GPU: which providers a session gets,
+    and the one-line error naming onnxruntime-gpu where the CUDA provider is missing (as on this CPU build)."""
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("cpu", both) == ["CPUExecutionProvider"]
+    assert onnx_providers("cuda", both) == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert onnx_providers("cuda:3", both)[0] == ("CUDAExecutionProvider", {"device_id": 3})
+    with pytest.raises(ModelLoadError, match="pip install onnxruntime-gpu"):
+        onnx_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(ModelLoadError):
+        onnx_providers("mps", both)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        from safeclip.embed._onnx import OnnxImageTower
+
+        tower = OnnxImageTower.__new__(OnnxImageTower)  # only the provider choice runs: it comes before any file
+        tower.device, tower.store, tower.manifest = "cuda", None, None
+        with pytest.raises(ModelLoadError, match="onnxruntime-gpu"):
+            tower._open()
 
 
 def test_threads(monkeypatch):

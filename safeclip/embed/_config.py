@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import sys
+from typing import Any
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..errors import DeviceError, ModelLoadError
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_PRETRAINED", "DEVICES", "IDENTITY_VERSION", "PRECISIONS", "RUNTIMES",
            "accelerator_possible", "available_cpus", "check_device_name", "check_model_name", "default_cache_dir",
-           "resolve_device", "resolve_encoder_args", "resolve_runtime", "resolve_threads"]
+           "onnx_providers", "resolve_device", "resolve_encoder_args", "resolve_runtime", "resolve_threads"]
 
 # ViT-B-32 at 224 px is ~4.4 GFLOPs per image: the best accuracy per CPU-second among the LAION-trained CLIPs,
 # and laion2b_s34b_b79k is its strongest public checkpoint (66.6% ImageNet zero-shot).
@@ -213,15 +214,16 @@ def resolve_runtime(runtime: str | None, device: str, precision: str) -> str:
     """The runtime that will run the image tower: ``"onnx"`` or ``"torch"`` (``runtime`` None: ``$SAFECLIP_RUNTIME``).
 
     ``auto`` is ONNX Runtime on a CPU and torch on CUDA/MPS (and for fp16/bf16 autocast, which only torch runs).
+    ``onnx`` also runs on CUDA, through ONNX Runtime's CUDA provider (``onnxruntime-gpu``), in fp32.
     """
     runtime = runtime or os.environ.get("SAFECLIP_RUNTIME") or "auto"
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r} "
                              "(check runtime= / --runtime / $SAFECLIP_RUNTIME)")
     on_cpu = device == "cpu"
-    if runtime == "onnx" and not on_cpu:
-        raise ModelLoadError(f"runtime 'onnx' runs on the CPU, not on {device!r}: use runtime='torch' there, "
-                             "or device='cpu'")
+    if runtime == "onnx" and not (on_cpu or device.startswith("cuda")):
+        raise ModelLoadError(f"runtime 'onnx' runs on the CPU or CUDA, not on {device!r}: use runtime='torch' "
+                             "there, or device='cpu'")
     if precision == "int8" and (runtime == "torch" or not on_cpu):
         raise ModelLoadError("precision 'int8' runs on ONNX Runtime on the CPU: use runtime='onnx' (or 'auto') "
                              "with device='cpu'")
@@ -233,6 +235,25 @@ def resolve_runtime(runtime: str | None, device: str, precision: str) -> str:
     if runtime == "auto":
         return "onnx" if on_cpu else "torch"
     return runtime
+
+
+def onnx_providers(device: str, available: list[str]) -> list[Any]:
+    """ONNX Runtime's execution providers for ``device`` (``available``: ``onnxruntime.get_available_providers()``):
+    the CPU provider, or CUDA's on the device's ordinal with the CPU's behind it for what CUDA does not run.
+
+    >>> onnx_providers("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    [('CUDAExecutionProvider', {'device_id': 1}), 'CPUExecutionProvider']
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if not device.startswith("cuda"):
+        raise ModelLoadError(f"runtime 'onnx' runs on the CPU or CUDA, not on {device!r}")
+    if "CUDAExecutionProvider" not in available:
+        raise ModelLoadError(f"runtime 'onnx' on {device!r} needs ONNX Runtime's CUDA provider, which this "
+                             f"onnxruntime lacks (it has {', '.join(available) or 'none'}): pip install "
+                             "onnxruntime-gpu, or use runtime='torch' on the GPU")
+    ordinal = int(device.split(":", 1)[1]) if ":" in device else 0
+    return [("CUDAExecutionProvider", {"device_id": ordinal}), "CPUExecutionProvider"]
 
 
 def available_cpus() -> int:

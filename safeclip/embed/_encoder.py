@@ -214,7 +214,8 @@ class Encoder:
                     if manifest["encoder_id"] != expected:
                         raise ArtifactIntegrityError(f"{store.manifest_path}: encoder_id {manifest['encoder_id']!r}"
                                                      f", expected {expected!r}")
-                    return OnnxImageTower(store, manifest, self.threads, spin_wait=self.spin_wait)
+                    return OnnxImageTower(store, manifest, self.threads, spin_wait=self.spin_wait,
+                                          device=self.device)
                 except (ArtifactIntegrityError, TypeError, ValueError) as e:
                     _log.warning("refusing the ONNX export: %s; exporting it again", e)
             else:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactIntegrityError, ModelLoadError
-from ._config import available_cpus
+from ._config import available_cpus, onnx_providers
 from ._store import ExportStore
 
 __all__ = ["OnnxImageTower", "exit_without_native_teardown", "import_onnxruntime"]
@@ -56,10 +56,11 @@ class OnnxImageTower:
     made, including the one a forked child makes for itself."""
 
     def __init__(self, store: ExportStore, manifest: dict[str, Any], threads: int | None, *,
-                 spin_wait: bool = True) -> None:
+                 spin_wait: bool = True, device: str = "cpu") -> None:
         self.store = store
         self.manifest = manifest
         self.spin_wait = spin_wait
+        self.device = device
         self.dim = int(manifest["dim"])
         self.threads = threads
         self._session: Any = None
@@ -67,6 +68,7 @@ class OnnxImageTower:
 
     def _open(self) -> None:
         ort = import_onnxruntime()
+        providers = onnx_providers(self.device, ort.get_available_providers())  # before any file is read
         path = self.store.check_sizes(self.manifest)  # a truncated file is refused before anything reads it
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads or available_cpus()
@@ -84,7 +86,7 @@ class OnnxImageTower:
                                   name="safeclip-export-check")
         hasher.start()
         try:
-            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for a graph it cannot run
             hasher.join()
             if problem:
