@@ -179,3 +179,16 @@ def test_an_images_embedding_is_the_same_bits_in_any_batch(tiny_model, warm_cach
     whole = enc.embed_pixels(px)
     for n, at in [(1, 5), (3, 4), (16, 0), (7, 20), (17, 23)]:
         assert np.array_equal(enc.embed_pixels(px[at:at + n]), whole[at:at + n]), (n, at)
+
+
+def test_torch_with_fixed_shapes_gives_the_same_bits_in_any_batch(tiny_model, warm_cache):
+    """What CUDA runs by default (fixed batch shapes, issue 23 item 3), checked on the CPU: padded to one shape, an
+    image's torch embedding does not depend on the batch it rides in."""
+    enc = Encoder(tiny_model, cache_dir=warm_cache, runtime="torch", batch_size=8)
+    px = np.random.default_rng(1).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
+    whole = np.empty((20, enc.dim), np.float32)
+    enc._torch.embed_pixels(px, 8, whole, fixed_shape=True)
+    for n, at in [(1, 3), (2, 9), (8, 0), (5, 15)]:
+        part = np.empty((n, enc.dim), np.float32)
+        enc._torch.embed_pixels(px[at:at + n], 8, part, fixed_shape=True)
+        assert np.array_equal(part, whole[at:at + n]), (n, at)
