@@ -1,0 +1,258 @@
+"""The libvips backend (pyvips): still JPEG, PNG and WebP files decoded with shrink-on-load, straight at about the
+size the model needs; everything else is handed to the Pillow backend.
+
+Which bytes reach libvips is decided here, from the file's signature, before any libvips loader runs: only a JPEG,
+PNG or WebP signature, and then only that format's own loader is unblocked (``operation_block_set``), with
+libvips' untrusted-loader block on. Handed to Pillow (:func:`safeclip.decode._pil.decode_file`), with Pillow's
+limits, frame sampling and errors:
+
+- every other format (GIF, BMP, TIFF, AVIF, HEIF, and anything not allowed, which Pillow refuses by name);
+- animations and multi-image files (APNG, animated WebP, JPEG with an MPF index, i.e. MPO), so that their frames
+  are sampled by the one sampler;
+- PNGs with chunks that Pillow checks and libvips skips (compressed text, which Pillow bounds as a decompression
+  bomb; an ICC profile with an unknown compression method), so that such a file fails as it does with Pillow.
+
+libvips decodes in its own worker threads, which the CPU budget of the calling thread (:class:`Deadline`) does not
+see: the wall-clock backstop (``DecodeLimits.wall_timeout_s``) is what bounds a libvips decode. libvips' operation
+cache is turned off (inputs are never decoded twice) and its thread pool set to one thread per decode unless
+``VIPS_CONCURRENCY`` says otherwise: decodes run in parallel across files (``DecodeOptions.workers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import (
+    DecodeError,
+    ImageTooLargeError,
+    TruncatedImageError,
+    UnsupportedFormatError,
+)
+from ._common import RGB, Deadline, Decoded, DecodeLimits, one_line
+from ._pil import decode_file as pil_decode_file
+
+__all__ = ["VIPS_FORMATS", "decode_file", "load_pyvips", "vips_format", "vips_version"]
+
+VIPS_FORMATS = ("JPEG", "PNG", "WEBP")
+"""The formats libvips decodes here (Pillow's names, as ``Decoded.format`` reports them)."""
+
+_LOADERS = {"JPEG": "jpegload_buffer", "PNG": "pngload_buffer", "WEBP": "webpload_buffer"}
+_FAIL_ON = "fail_on=truncated"  # a truncated file is an error, not grey pixels (as Pillow reports it)
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image by 90 degrees
+_HUGE = 10_000_000  # a thumbnail side that never binds: only the short side is constrained
+
+_lock = threading.Lock()
+_pyvips: Any = None
+
+
+def load_pyvips() -> Any:
+    """Import pyvips and configure libvips once (untrusted loaders blocked, every loader but JPEG/PNG/WebP blocked,
+    no operation cache). Raises ImportError/OSError where pyvips or libvips is missing or broken."""
+    global _pyvips
+    if _pyvips is not None:
+        return _pyvips
+    with _lock:
+        if _pyvips is None:
+            import pyvips
+
+            pyvips.block_untrusted_set(True)
+            pyvips.operation_block_set("VipsForeignLoad", True)
+            for op in _LOADERS.values():
+                pyvips.operation_block_set(pyvips.type_name(pyvips.type_find("VipsOperation", op)), False)
+            pyvips.cache_set_max(0)
+            if not os.environ.get("VIPS_CONCURRENCY"):
+                pyvips.concurrency_set(1)
+            _pyvips = pyvips
+    return _pyvips
+
+
+def vips_version() -> str:
+    """The libvips version in use, e.g. ``"8.18.0"`` (pyvips must be loadable)."""
+    v = load_pyvips()
+    return f"{v.version(0)}.{v.version(1)}.{v.version(2)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which bytes go to libvips
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The PNG chunks before the first IDAT, as (type, body); no CRC check (the loader does it)."""
+    out: list[tuple[bytes, bytes]] = []
+    p, n = 8, len(data)
+    while p + 8 <= n and len(out) < 10_000:
+        length, kind = struct.unpack(">I4s", data[p : p + 8])
+        if kind == b"IDAT":
+            break
+        out.append((kind, data[p + 8 : p + 8 + length]))
+        p += 12 + length
+    return out
+
+
+def _png_for_pil(data: bytes) -> bool:
+    for kind, body in _png_chunks(data):
+        if kind in (b"acTL", b"zTXt"):  # animated; compressed text (Pillow bounds its decompressed size)
+            return True
+        if kind == b"iTXt":
+            keyword_end = body.find(b"\0")
+            if keyword_end < 0 or body[keyword_end + 1 : keyword_end + 2] != b"\0":  # compressed (or malformed)
+                return True
+        if kind == b"iCCP":
+            name_end = body.find(b"\0")
+            if name_end < 0 or body[name_end + 1 : name_end + 2] != b"\0":  # not zlib: Pillow refuses it
+                return True
+    return False
+
+
+def _jpeg_has_mpf(data: bytes) -> bool:
+    """Whether a JPEG carries an MPF index (an APP2 ``MPF`` segment before the scan): Pillow reads it as MPO."""
+    p, n = 2, len(data)
+    while p + 4 <= n:
+        if data[p] != 0xFF:
+            return False
+        marker = data[p + 1]
+        if marker == 0xFF:  # fill byte
+            p += 1
+            continue
+        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image: no more headers
+            return False
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            p += 2
+            continue
+        length = int.from_bytes(data[p + 2 : p + 4], "big")
+        if marker == 0xE2 and data[p + 4 : p + 8] == b"MPF\0":
+            return True
+        p += 2 + length
+    return False
+
+
+def vips_format(data: bytes) -> str | None:
+    """The format libvips decodes ``data`` as, from its signature and headers, or ``None``: Pillow decodes it
+    (another format, an animation, an MPO, or a PNG with chunks only Pillow checks)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return None if _jpeg_has_mpf(data) else "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if _png_for_pil(data) else "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        if data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02:  # the VP8X animation flag
+            return None
+        return "WEBP"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _classify(e: BaseException, what: str, name: str) -> DecodeError:
+    reason = one_line(e)
+    reason = reason.replace("unable to call thumbnail_buffer", "").replace("unable to write to memory", "").strip()
+    reason = reason or type(e).__name__
+    low = reason.lower()
+    if isinstance(e, MemoryError) or "out of memory" in low:
+        return ImageTooLargeError(f"ran out of memory decoding {what}", name)
+    if "too large" in low or "exceeds" in low or "too many" in low:
+        return ImageTooLargeError(f"{what} is too large: {reason}", name)
+    if "not in a known format" in low or "unsupported" in low or "not supported" in low or "is blocked" in low:
+        return UnsupportedFormatError(f"{what} uses a feature libvips cannot decode: {reason}", name)
+    if "premature" in low or "truncated" in low or "end of" in low or "out of order" in low:
+        return TruncatedImageError(f"{what} is truncated: {reason}", name)
+    return TruncatedImageError(f"{what} is corrupt (libvips: {reason})", name)
+
+
+def _orientation(image: Any) -> int:
+    try:
+        if image.get_typeof("orientation"):
+            value = int(image.get("orientation"))
+            return value if 1 <= value <= 8 else 1
+    except Exception:  # a broken EXIF never fails
+        pass
+    return 1
+
+
+def _srgb8(image: Any) -> Any:
+    """Any band layout and format -> 8-bit sRGB, or sRGB + alpha."""
+    if image.interpretation not in ("srgb",) or image.format != "uchar" or image.bands not in (3, 4):
+        image = image.colourspace("srgb")
+        if image.format != "uchar":
+            image = image.cast("uchar")
+    if image.bands > 4:  # extra bands: keep colour and alpha
+        image = image.extract_band(0, n=4)
+    return image
+
+
+def _composite(rgba: np.ndarray, background: RGB) -> Image.Image:
+    a = rgba[..., 3:4].astype(np.uint16)
+    bg = np.asarray(background, np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * a + bg * (255 - a) + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def decode_file(
+    data: bytes,
+    name: str,
+    limits: DecodeLimits,
+    target_size: int | None,
+    backgrounds: tuple[RGB, ...],
+    deadline: Deadline,
+) -> Decoded:
+    """Decode ``data`` with libvips where :func:`vips_format` names a format, else with the Pillow backend."""
+    fmt = vips_format(data)
+    if fmt is None:
+        return pil_decode_file(data, name, limits, target_size, backgrounds, deadline)
+    pyvips = load_pyvips()
+    sha = hashlib.sha256(data).hexdigest()
+    what = f"{fmt} image"
+    try:
+        # The format's own loader reads the header only (libvips is lazy): sizes are checked before any pixel.
+        header = getattr(pyvips.Image, _LOADERS[fmt])(data, fail_on="truncated")
+        w, h = header.width, header.height
+        if w <= 0 or h <= 0:
+            raise TruncatedImageError(f"{what} has an invalid size {w}x{h}", name)
+        if w * h > limits.max_pixels:
+            raise ImageTooLargeError(f"{what} is {w}x{h} = {w * h} pixels, over the {limits.max_pixels}-pixel limit",
+                                     name)
+        size = (h, w) if _orientation(header) in _SWAPS_AXES else (w, h)
+        deadline.check("after reading the header")
+        # thumbnail_buffer shrinks on load (JPEG DCT scaling, WebP scaled decode) to a short side of target_size,
+        # applies the EXIF orientation and converts CMYK to sRGB; size="down" never enlarges.
+        short = target_size if target_size is not None else max(size)
+        box = (short, _HUGE) if size[0] <= size[1] else (_HUGE, short)
+        image = pyvips.Image.thumbnail_buffer(data, box[0], height=box[1], size="down", option_string=_FAIL_ON)
+        image = _srgb8(image)
+        held = image.width * image.height
+        if held > limits.max_total_pixels:
+            raise ImageTooLargeError(
+                f"{what}: holding 1 frame of {image.width}x{image.height} takes {held} pixels, over the "
+                f"{limits.max_total_pixels}-pixel limit on decoded frames (DecodeLimits.max_total_pixels); decode "
+                "with a target_size", name)
+        deadline.check("after reading the header")
+        pixels = np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8,
+                            shape=(image.height, image.width, image.bands))
+        deadline.check("after decoding")
+    except DecodeError:
+        raise
+    except Exception as e:  # pyvips.Error, and anything else from the binding
+        raise _classify(e, what, name) from e
+    if pixels.shape[2] == 4 and int(pixels[..., 3].min()) < 255:
+        total = len(backgrounds) * held
+        if total > limits.max_total_pixels:
+            raise ImageTooLargeError(
+                f"{what}: holding frame 0 ({len(backgrounds)} views of {image.width}x{image.height}) takes {total} "
+                f"pixels, over the {limits.max_total_pixels}-pixel limit on decoded frames "
+                "(DecodeLimits.max_total_pixels); decode with a target_size", name)
+        frames = tuple(_composite(pixels, bg) for bg in backgrounds)
+        colours: tuple[RGB | None, ...] = tuple(backgrounds)
+    else:
+        frames = (Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB"),)
+        colours = (None,)
+    deadline.check("after the last frame")
+    return Decoded(frames=frames, frame_indices=(0,) * len(frames), sha256=sha, format=fmt, size=size, n_frames=1,
+                   nbytes=len(data), source=name, backgrounds=colours)
