@@ -169,12 +169,10 @@ def _classify(e: BaseException, what: str, name: str) -> DecodeError:
 
 def _orientation(image: Any) -> int:
     try:
-        if image.get_typeof("orientation"):
-            value = int(image.get("orientation"))
-            return value if 1 <= value <= 8 else 1
-    except Exception:  # a broken EXIF never fails
-        pass
-    return 1
+        value = int(image.get("orientation")) if image.get_typeof("orientation") else 1
+    except Exception:  # noqa: BLE001 - a broken EXIF never fails
+        value = 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _srgb8(image: Any) -> Any:
