@@ -1,26 +1,33 @@
-"""The libvips backend (pyvips): still JPEG, PNG and WebP files decoded with shrink-on-load, straight at about the
-size the model needs; everything else is handed to the Pillow backend.
+"""The libvips backend (pyvips): still PNG and WebP files decoded by libvips, reduced as they are decoded;
+everything else is handed to the Pillow backend.
 
-Which bytes reach libvips is decided here, from the file's signature, before any libvips loader runs: only a JPEG,
-PNG or WebP signature, and then only that format's own loader is unblocked (``operation_block_set``), with
+Which bytes reach libvips is decided here, from the file's signature, before any libvips loader runs: only a PNG or
+WebP signature reaches that format's own loader, the only loaders left unblocked (``operation_block_set``), with
 libvips' untrusted-loader block on. Handed to Pillow (:func:`safeclip.decode._pil.decode_file`), with Pillow's
 limits, frame sampling and errors:
 
+- JPEG: Pillow's draft mode already decodes it at a reduced DCT scale, the same libjpeg-turbo scaling libvips'
+  shrink-on-load uses (the same pixels), and Pillow does it with less overhead;
 - every other format (GIF, BMP, TIFF, AVIF, HEIF, and anything not allowed, which Pillow refuses by name);
-- animations and multi-image files (APNG, animated WebP, JPEG with an MPF index, i.e. MPO), so that their frames
-  are sampled by the one sampler;
+- animations (APNG, animated WebP), so that their frames are sampled by the one sampler;
 - PNGs with chunks that Pillow checks and libvips skips (compressed text, which Pillow bounds as a decompression
   bomb; an ICC profile with an unknown compression method), so that such a file fails as it does with Pillow.
+
+The reduction is the one Pillow's path makes (the integer factor that keeps the short side >= 2 x target_size), so
+the model's resize and PDQ see nearly the same pixels from either backend; what libvips saves is decoding time
+(libwebp's scaled decode; PNG rows reduced as they stream in).
 
 libvips decodes in its own worker threads, which the CPU budget of the calling thread (:class:`Deadline`) does not
 see: the wall-clock backstop (``DecodeLimits.wall_timeout_s``) is what bounds a libvips decode. libvips' operation
 cache is turned off (inputs are never decoded twice) and its thread pool set to one thread per decode unless
-``VIPS_CONCURRENCY`` says otherwise: decodes run in parallel across files (``DecodeOptions.workers``).
+``VIPS_CONCURRENCY`` says otherwise: decodes run in parallel across files (``DecodeOptions.workers``). libvips'
+warnings go to the ``pyvips`` logger, which gets a NullHandler so that they never reach stderr by default.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import threading
@@ -40,21 +47,19 @@ from ._pil import decode_file as pil_decode_file
 
 __all__ = ["VIPS_FORMATS", "decode_file", "load_pyvips", "vips_format", "vips_version"]
 
-VIPS_FORMATS = ("JPEG", "PNG", "WEBP")
+VIPS_FORMATS = ("PNG", "WEBP")
 """The formats libvips decodes here (Pillow's names, as ``Decoded.format`` reports them)."""
 
-_LOADERS = {"JPEG": "jpegload_buffer", "PNG": "pngload_buffer", "WEBP": "webpload_buffer"}
-_FAIL_ON = "fail_on=truncated"  # a truncated file is an error, not grey pixels (as Pillow reports it)
+_LOADERS = {"PNG": "pngload_buffer", "WEBP": "webpload_buffer"}
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image by 90 degrees
-_HUGE = 10_000_000  # a thumbnail side that never binds: only the short side is constrained
 
 _lock = threading.Lock()
 _pyvips: Any = None
 
 
 def load_pyvips() -> Any:
-    """Import pyvips and configure libvips once (untrusted loaders blocked, every loader but JPEG/PNG/WebP blocked,
-    no operation cache). Raises ImportError/OSError where pyvips or libvips is missing or broken."""
+    """Import pyvips and configure libvips once (untrusted loaders blocked, every loader but PNG/WebP blocked, no
+    operation cache). Raises ImportError/OSError where pyvips or libvips is missing or broken."""
     global _pyvips
     if _pyvips is not None:
         return _pyvips
@@ -62,6 +67,7 @@ def load_pyvips() -> Any:
         if _pyvips is None:
             import pyvips
 
+            logging.getLogger("pyvips").addHandler(logging.NullHandler())
             pyvips.block_untrusted_set(True)
             pyvips.operation_block_set("VipsForeignLoad", True)
             for op in _LOADERS.values():
@@ -111,33 +117,9 @@ def _png_for_pil(data: bytes) -> bool:
     return False
 
 
-def _jpeg_has_mpf(data: bytes) -> bool:
-    """Whether a JPEG carries an MPF index (an APP2 ``MPF`` segment before the scan): Pillow reads it as MPO."""
-    p, n = 2, len(data)
-    while p + 4 <= n:
-        if data[p] != 0xFF:
-            return False
-        marker = data[p + 1]
-        if marker == 0xFF:  # fill byte
-            p += 1
-            continue
-        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image: no more headers
-            return False
-        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
-            p += 2
-            continue
-        length = int.from_bytes(data[p + 2 : p + 4], "big")
-        if marker == 0xE2 and data[p + 4 : p + 8] == b"MPF\0":
-            return True
-        p += 2 + length
-    return False
-
-
 def vips_format(data: bytes) -> str | None:
     """The format libvips decodes ``data`` as, from its signature and headers, or ``None``: Pillow decodes it
-    (another format, an animation, an MPO, or a PNG with chunks only Pillow checks)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return None if _jpeg_has_mpf(data) else "JPEG"
+    (another format, an animation, or a PNG with chunks only Pillow checks)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return None if _png_for_pil(data) else "PNG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -193,6 +175,24 @@ def _composite(rgba: np.ndarray, background: RGB) -> Image.Image:
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
+def _reduced(pyvips: Any, header: Any, data: bytes, fmt: str, size: tuple[int, int], target_size: int | None) -> Any:
+    """The lazily decoded, EXIF-oriented image, reduced as it is decoded by the integer factor Pillow's path takes
+    (the short side stays >= 2 x ``target_size``): WebP by libwebp's scaled decode, PNG by a streaming box filter
+    as rows arrive. The same geometry as Pillow's path, so the model's resize and PDQ see nearly the same pixels."""
+    factor = 1 if target_size is None else min(size) // (2 * target_size)
+    if factor <= 1:
+        return header.autorot()
+    if fmt == "WEBP":
+        image = pyvips.Image.webpload_buffer(data, scale=1.0 / factor, fail_on="truncated")
+    else:
+        image = pyvips.Image.pngload_buffer(data, access="sequential", fail_on="truncated")
+        if image.hasalpha():  # as Pillow resamples RGBA: premultiplied, so clear pixels do not bleed their colour
+            image = image.premultiply().shrink(factor, factor).unpremultiply().cast(image.format)
+        else:
+            image = image.shrink(factor, factor)
+    return image.autorot()
+
+
 def decode_file(
     data: bytes,
     name: str,
@@ -219,11 +219,7 @@ def decode_file(
                                      name)
         size = (h, w) if _orientation(header) in _SWAPS_AXES else (w, h)
         deadline.check("after reading the header")
-        # thumbnail_buffer shrinks on load (JPEG DCT scaling, WebP scaled decode) to a short side of target_size,
-        # applies the EXIF orientation and converts CMYK to sRGB; size="down" never enlarges.
-        short = target_size if target_size is not None else max(size)
-        box = (short, _HUGE) if size[0] <= size[1] else (_HUGE, short)
-        image = pyvips.Image.thumbnail_buffer(data, box[0], height=box[1], size="down", option_string=_FAIL_ON)
+        image = _reduced(pyvips, header, data, fmt, size, target_size)
         image = _srgb8(image)
         held = image.width * image.height
         if held > limits.max_total_pixels:
