@@ -1,13 +1,15 @@
-"""The libvips backend (pyvips): still PNG and WebP files decoded by libvips, reduced as they are decoded;
-everything else is handed to the Pillow backend.
+"""The libvips backend (pyvips): PNG files, and WebP files reduced by at least 2 on the way to the model, decoded
+by libvips and reduced as they are decoded; everything else is handed to the Pillow backend.
 
-Which bytes reach libvips is decided here, from the file's signature, before any libvips loader runs: only a PNG or
-WebP signature reaches that format's own loader, the only loaders left unblocked (``operation_block_set``), with
-libvips' untrusted-loader block on. Handed to Pillow (:func:`safeclip.decode._pil.decode_file`), with Pillow's
-limits, frame sampling and errors:
+Which bytes reach libvips is decided here, from the file's signature and header, before any libvips loader runs:
+only a PNG or WebP signature reaches that format's own loader, the only loaders left unblocked
+(``operation_block_set``), with libvips' untrusted-loader block on. Handed to Pillow
+(:func:`safeclip.decode._pil.decode_file`), with Pillow's limits, frame sampling and errors:
 
 - JPEG: Pillow's draft mode already decodes it at a reduced DCT scale, the same libjpeg-turbo scaling libvips'
-  shrink-on-load uses (the same pixels), and Pillow does it with less overhead;
+  shrink-on-load uses (the same pixels), with less overhead;
+- a WebP that is not reduced by 2 or more (or decoded at full size): libvips' only gain on WebP is libwebp's scaled
+  decode; at full size Pillow's libwebp path is the cheaper one;
 - every other format (GIF, BMP, TIFF, AVIF, HEIF, and anything not allowed, which Pillow refuses by name);
 - animations (APNG, animated WebP), so that their frames are sampled by the one sampler;
 - PNGs with chunks that Pillow checks and libvips skips (compressed text, which Pillow bounds as a decompression
@@ -15,7 +17,7 @@ limits, frame sampling and errors:
 
 The reduction is the one Pillow's path makes (the integer factor that keeps the short side >= 2 x target_size), so
 the model's resize and PDQ see nearly the same pixels from either backend; what libvips saves is decoding time
-(libwebp's scaled decode; PNG rows reduced as they stream in).
+(libwebp's scaled decode; PNG rows reduced as they stream in, by a faster PNG decoder).
 
 libvips decodes in its own worker threads, which the CPU budget of the calling thread (:class:`Deadline`) does not
 see: the wall-clock backstop (``DecodeLimits.wall_timeout_s``) is what bounds a libvips decode. libvips' operation
@@ -117,16 +119,38 @@ def _png_for_pil(data: bytes) -> bool:
     return False
 
 
-def vips_format(data: bytes) -> str | None:
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """A still WebP's (width, height) from its first chunk's header, or None."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":  # after the key frame's start code
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def vips_format(data: bytes, target_size: int | None) -> str | None:
     """The format libvips decodes ``data`` as, from its signature and headers, or ``None``: Pillow decodes it
-    (another format, an animation, or a PNG with chunks only Pillow checks)."""
+    (another format, an animation, a PNG with chunks only Pillow checks, or a WebP that is not reduced by at least
+    2 for ``target_size``: libwebp's scaled decode is what makes libvips faster than Pillow on WebP)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return None if _png_for_pil(data) else "PNG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         if data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02:  # the VP8X animation flag
             return None
+        size = _webp_size(data)
+        if size is None or target_size is None or _factor(size, target_size) < 2:
+            return None
         return "WEBP"
     return None
+
+
+def _factor(size: tuple[int, int], target_size: int | None) -> int:
+    """The reduction factor of Pillow's path: the integer that keeps the short side >= 2 x ``target_size``."""
+    return 1 if target_size is None else max(1, min(size) // (2 * target_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,19 +192,18 @@ def _srgb8(image: Any) -> Any:
     return image
 
 
-def _composite(rgba: np.ndarray, background: RGB) -> Image.Image:
-    a = rgba[..., 3:4].astype(np.uint16)
-    bg = np.asarray(background, np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * a + bg * (255 - a) + 127) // 255
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+def _composite(rgba: Image.Image, background: RGB) -> Image.Image:
+    out = Image.new("RGB", rgba.size, background)
+    out.paste(rgba, (0, 0), rgba)  # as the Pillow backend composites: the alpha band as the mask
+    return out
 
 
 def _reduced(pyvips: Any, header: Any, data: bytes, fmt: str, size: tuple[int, int], target_size: int | None) -> Any:
     """The lazily decoded, EXIF-oriented image, reduced as it is decoded by the integer factor Pillow's path takes
     (the short side stays >= 2 x ``target_size``): WebP by libwebp's scaled decode, PNG by a streaming box filter
     as rows arrive. The same geometry as Pillow's path, so the model's resize and PDQ see nearly the same pixels."""
-    factor = 1 if target_size is None else min(size) // (2 * target_size)
-    if factor <= 1:
+    factor = _factor(size, target_size)
+    if factor == 1:
         return header.autorot()
     if fmt == "WEBP":
         image = pyvips.Image.webpload_buffer(data, scale=1.0 / factor, fail_on="truncated")
@@ -202,7 +225,7 @@ def decode_file(
     deadline: Deadline,
 ) -> Decoded:
     """Decode ``data`` with libvips where :func:`vips_format` names a format, else with the Pillow backend."""
-    fmt = vips_format(data)
+    fmt = vips_format(data, target_size)
     if fmt is None:
         return pil_decode_file(data, name, limits, target_size, backgrounds, deadline)
     pyvips = load_pyvips()
@@ -242,7 +265,8 @@ def decode_file(
                 f"{what}: holding frame 0 ({len(backgrounds)} views of {image.width}x{image.height}) takes {total} "
                 f"pixels, over the {limits.max_total_pixels}-pixel limit on decoded frames "
                 "(DecodeLimits.max_total_pixels); decode with a target_size", name)
-        frames = tuple(_composite(pixels, bg) for bg in backgrounds)
+        rgba = Image.fromarray(pixels, "RGBA")
+        frames = tuple(_composite(rgba, bg) for bg in backgrounds)
         colours: tuple[RGB | None, ...] = tuple(backgrounds)
     else:
         frames = (Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB"),)
