@@ -1,6 +1,6 @@
 """Decode backends on corpus/photos: CPU ms per image per format, and embedding parity of the libvips path with PIL's.
 
-Usage: ``nice python benchmarks/decode_backends.py [--per-format N] [--skip-parity]``
+Usage: ``nice python benchmarks/decode_backends.py [--per-format N] [--large N] [--skip-parity]``
 
 1. Decode cost, one process, files decoded one after another (a warm-up pass first), each timed with
    ``time.process_time`` (all threads of the process: libvips decodes in threads of its own). Each backend decodes
@@ -112,7 +112,27 @@ def interleaved_cpu_ms(fns: dict[str, object], items: list[bytes]) -> dict[str, 
     return {k: v * 1e3 / len(items) for k, v in total.items()}
 
 
-def timing_section(groups: dict[str, list[Path]]) -> None:
+def large_blobs(n: int) -> dict[str, list[bytes]]:
+    """``n`` photos per format upscaled to 3840x2160 (8.3 MP, the size of the issue's slow WebPs and PNGs) with a
+    little noise (upscaled photos compress too well), encoded as JPEG (q 90), WebP (q 85) and PNG."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out: dict[str, list[bytes]] = {"JPEG": [], "WEBP": [], "PNG": []}
+    for p in photos({".jpg"})[:: max(1, len(photos({".jpg"})) // n)][:n]:
+        im = Image.open(p).convert("RGB").resize((3840, 2160), Image.Resampling.BICUBIC)
+        px = np.asarray(im).astype(np.int16) + rng.integers(-4, 5, (2160, 3840, 3), dtype=np.int16)
+        im = Image.fromarray(np.clip(px, 0, 255).astype(np.uint8))
+        for fmt, kw in (("JPEG", {"quality": 90}), ("WEBP", {"quality": 85}), ("PNG", {"compress_level": 6})):
+            buf = io.BytesIO()
+            im.save(buf, fmt, **kw)
+            out[fmt].append(buf.getvalue())
+    return out
+
+
+def timing_section(groups: dict[str, list[Path]], large: int) -> None:
     target = max(MODEL_SIDE, DECODE_SIDE)
     spec = PixelSpec(size=MODEL_SIDE)
     cv2_run = cv2_decoder()
@@ -122,24 +142,27 @@ def timing_section(groups: dict[str, list[Path]]) -> None:
         fns["cv2"] = lambda d: cv2_run(d, target)
     fns["prep vips"] = lambda d: prepare(d, spec, DecodeOptions(backend="vips"))
     fns["prep pil"] = lambda d: prepare(d, spec, DecodeOptions(backend="pil"))
+    sets = {fmt: [p.read_bytes() for p in paths] for fmt, paths in groups.items()}
+    if large:
+        sets.update({f"{fmt} 8MP": blobs for fmt, blobs in large_blobs(large).items()})
     rows: dict[str, dict[str, float]] = {}
-    for fmt, paths in groups.items():
-        blobs = [p.read_bytes() for p in paths]
-        extra = {"vips jpeg": vips_jpeg} if fmt == "JPEG" else {}
+    for fmt, blobs in sets.items():
+        extra = {"vips jpeg": vips_jpeg} if fmt.startswith("JPEG") else {}
         rows[fmt] = interleaved_cpu_ms({**fns, **extra}, blobs)
         sizes = [decode(d, backend="pil", target_size=target).size for d in blobs]
         rows[fmt]["mp"] = statistics.fmean(w * h for w, h in sizes) / 1e6
+        rows[fmt]["n"] = len(blobs)
     print(f"1. CPU ms per image (process_time, one process, target_size={target}, model side {MODEL_SIDE}; "
           f"{decoder_id('vips')}); 'prep' = decode + model pixels + PDQ")
     cols = list(fns)
-    print(f"   {'format':6} {'N':>4} {'MP':>5} " + " ".join(f"{c:>10}" for c in cols) + "  pil/vips  prep pil/vips")
+    print(f"   {'format':9} {'N':>4} {'MP':>5} " + " ".join(f"{c:>10}" for c in cols) + "  pil/vips  prep pil/vips")
     for fmt, r in rows.items():
-        print(f"   {fmt:6} {len(groups[fmt]):4d} {r['mp']:5.1f} " + " ".join(f"{r[c]:10.1f}" for c in cols)
+        print(f"   {fmt:9} {int(r['n']):4d} {r['mp']:5.1f} " + " ".join(f"{r[c]:10.1f}" for c in cols)
               + f"  {r['pil'] / r['vips']:7.2f}x  {r['prep pil'] / r['prep vips']:11.2f}x")
-    if "vips jpeg" in rows.get("JPEG", {}):
-        j = rows["JPEG"]
-        print(f"   JPEG through libvips (jpegload_buffer at Pillow's draft scale + autorot, not used): "
-              f"{j['vips jpeg']:.1f} ms vs Pillow's draft {j['pil']:.1f} ms; the backend leaves JPEG to Pillow")
+    for fmt, r in rows.items():
+        if "vips jpeg" in r:
+            print(f"   {fmt} through libvips' own loader (jpegload_buffer at Pillow's draft scale + autorot; not used): "
+                  f"{r['vips jpeg']:.1f} ms vs Pillow's draft {r['pil']:.1f} ms, so the backend leaves JPEG to Pillow")
     if cv2_run is None:
         print("   (OpenCV skipped: pip install opencv-python-headless to compare it)")
     else:
@@ -153,31 +176,38 @@ def parity_section(groups: dict[str, list[Path]]) -> None:
     spec = enc.pixel_spec
     print("\n2. parity: ViT-B-32 (random weights) embeddings, prepare(backend='vips') vs 'pil', every view "
           "(target >= 0.999)")
-    print(f"   {'format':6} {'N':>4} {'min cos':>10} {'median cos':>11} {'PDQ max':>8} {'PDQ median':>11}  worst")
+    print(f"   {'format':6} {'N':>4} {'identical':>9} {'min cos':>10} {'median cos':>11} {'PDQ max':>8} {'PDQ median':>11}  worst")
     for fmt, paths in groups.items():
-        cos, ham, names = [], [], []
+        cos, ham, names, same = [], [], [], 0
         for p in paths:
             a = prepare(p, spec, DecodeOptions(backend="vips"))
             b = prepare(p, spec, DecodeOptions(backend="pil"))
-            ea, eb = enc.embed_pixels(a.pixels), enc.embed_pixels(b.pixels)
-            c = float(np.min(np.sum(ea * eb, axis=1)))
+            if np.array_equal(a.pixels, b.pixels):  # the same pixels (a file the vips backend hands to Pillow)
+                same += 1
+                c = 1.0
+            else:
+                ea, eb = enc.embed_pixels(a.pixels), enc.embed_pixels(b.pixels)
+                c = float(np.min(np.sum(ea * eb, axis=1)))
             cos.append(c)
             names.append(p.name)
             ham.append(int(np.unpackbits(a.pdq ^ b.pdq, axis=1).sum(axis=1).max()))
         worst = int(np.argmin(cos))
-        print(f"   {fmt:6} {len(paths):4d} {min(cos):10.5f} {statistics.median(cos):11.5f} {max(ham):8d} "
+        print(f"   {fmt:6} {len(paths):4d} {same:9d} {min(cos):10.5f} {statistics.median(cos):11.5f} {max(ham):8d} "
               f"{statistics.median(ham):11.1f}  {names[worst]}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-format", type=int, default=30, help="photos per format timed (default 30; 0: all)")
+    ap.add_argument("--large", type=int, default=4, help="8 MP images per format made from photos (default 4)")
+    ap.add_argument("--parity-per-format", type=int, default=0, help="photos per format in the parity check "
+                    "(default 0: all)")
     ap.add_argument("--skip-parity", action="store_true")
     args = ap.parse_args()
     logging.getLogger("pyvips").setLevel(logging.ERROR)
-    timing_section(by_format(args.per_format or None))
+    timing_section(by_format(args.per_format or None), args.large)
     if not args.skip_parity:
-        parity_section(by_format(None))  # every photo
+        parity_section(by_format(args.parity_per_format or None))
 
 
 if __name__ == "__main__":
