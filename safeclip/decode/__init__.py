@@ -5,7 +5,9 @@
 background. Only the formats in :data:`ALLOWED_FORMATS` are ever handed to Pillow (never EPS/PS/PDF or anything
 that runs an external program). Byte, pixel (checked from the header, before any pixel is decoded), frame and time
 limits come from :class:`DecodeLimits`. Every failure is a :class:`~safeclip.errors.DecodeError` subclass with a
-one-line reason naming the input; nothing else escapes for any byte input.
+one-line reason naming the input; nothing else escapes for any byte input. ``backend="vips"`` (or ``"auto"`` with
+pyvips installed) decodes PNGs, and WebPs it reduces, with libvips instead, under the same limits and errors
+(``_vips``).
 
 The module keeps no shared mutable state and never changes Pillow's process-wide settings
 (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import struct
 import threading
 from typing import Any
@@ -158,9 +159,8 @@ def _factor(size: tuple[int, int], target_size: int | None) -> int:
 
 
 def _classify(e: BaseException, what: str, name: str) -> DecodeError:
-    reason = one_line(e)
-    reason = reason.replace("unable to call thumbnail_buffer", "").replace("unable to write to memory", "").strip()
-    reason = reason or type(e).__name__
+    # pyvips' messages start with what failed ("unable to call pngload_buffer"), then libvips' reasons
+    reason = re.sub(r"^unable to (call \w+|write to memory)\s*", "", one_line(e)) or "no reason given"
     low = reason.lower()
     if isinstance(e, MemoryError) or "out of memory" in low:
         return ImageTooLargeError(f"ran out of memory decoding {what}", name)
@@ -250,7 +250,7 @@ def decode_file(
                 f"{what}: holding 1 frame of {image.width}x{image.height} takes {held} pixels, over the "
                 f"{limits.max_total_pixels}-pixel limit on decoded frames (DecodeLimits.max_total_pixels); decode "
                 "with a target_size", name)
-        deadline.check("after reading the header")
+        deadline.check("before decoding")
         pixels = np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8,
                             shape=(image.height, image.width, image.bands))
         deadline.check("after decoding")
