@@ -97,12 +97,14 @@ def test_audit_fingerprint_and_run_meta_name_the_backend():
 
 def test_vips_backend_without_pyvips_names_the_extra(monkeypatch):
     monkeypatch.setattr(vips_module, "_pyvips", None)
+    monkeypatch.setattr(vips_module, "_failure", None)
     monkeypatch.setitem(sys.modules, "pyvips", None)  # import pyvips -> ImportError
     with pytest.raises(ConfigError, match=r'pip install "safeclip\[vips\]"'):
         decode(encode(noise((32, 32)), "PNG"), backend="vips")
     with pytest.raises(ConfigError, match=r"safeclip\[vips\]"):
         prepare(encode(noise((32, 32)), "PNG"), PixelSpec(size=32), DecodeOptions(backend="vips"))
     assert resolve_backend("auto") == "pil"  # auto falls back to Pillow
+    assert vips_module._failure is not None and "pyvips" in vips_module._failure  # and does not look again
     d = decode(encode(noise((32, 32)), "PNG"), backend="auto")
     assert d.format == "PNG" and d.frames[0].size == (32, 32)
 

@@ -58,17 +58,25 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image b
 
 _lock = threading.Lock()
 _pyvips: Any = None
+_failure: str | None = None  # why pyvips could not be loaded
 
 
 def load_pyvips() -> Any:
     """Import pyvips and configure libvips once (untrusted loaders blocked, every loader but PNG/WebP blocked, no
-    operation cache). Raises ImportError/OSError where pyvips or libvips is missing or broken."""
-    global _pyvips
+    operation cache). Raises ImportError where pyvips or libvips is missing or broken (remembered: "auto" does not
+    search for it again at every decode)."""
+    global _pyvips, _failure
     if _pyvips is not None:
         return _pyvips
     with _lock:
+        if _failure is not None:
+            raise ImportError(_failure)
         if _pyvips is None:
-            import pyvips
+            try:
+                import pyvips
+            except Exception as e:  # ImportError, or OSError/cffi errors from a broken libvips
+                _failure = f"{type(e).__name__}: {one_line(e)}"
+                raise ImportError(_failure) from e
 
             logging.getLogger("pyvips").addHandler(logging.NullHandler())
             pyvips.block_untrusted_set(True)
