@@ -86,7 +86,7 @@ def test_backend_names_and_fingerprint():
     assert DECODERS == BACKENDS
 
 
-def test_audit_fingerprint_and_run_meta_name_the_backend():
+def test_audit_decoder_fingerprint_names_the_backend():
     from safeclip.audit.worker import decoder_fingerprint
 
     limits = DecodeLimits()
