@@ -281,12 +281,14 @@ class AuditPlan:
 
     def open_output(self, ident: EncoderIdentity, emb_dir: Path) -> RunOutput:
         """The run's :class:`~safeclip.audit.writer.RunOutput`, handed only the groups it needs."""
+        from ..decode import decoder_id
         from .worker import decoder_fingerprint
         from .writer import RunOutput
 
-        fingerprint = decoder_fingerprint(self.decoding.limits, ident.spec.size if self.decoding.fast else None)
+        fingerprint = decoder_fingerprint(self.decoding.limits, ident.spec.size if self.decoding.fast else None,
+                                          self.decoding.backend)
         return RunOutput(self.output, self.inputs, self.policy, ident, emb_dir, fingerprint=fingerprint,
-                         encoder_chosen_by=self.encoder_chosen_by)
+                         encoder_chosen_by=self.encoder_chosen_by, decoder=decoder_id(self.decoding.backend))
 
     def summarize(self, table: pa.Table, tally: Tally, *, processed: int, startup_seconds: float, encoder_id: str,
                   label: str) -> AuditSummary:

@@ -672,7 +672,7 @@ class _RayRun:
         ray, plan, res = self.ray, self.plan, self.resources
         assert self.output is not None
         cfg = WorkerConfig(str(emb_dir), ident.encoder_id, ident.spec, plan.decoding.limits, self.output.fingerprint,
-                           0, self.hook, plan.decoding.fast, needs_pdq(plan.policy))
+                           0, self.hook, plan.decoding.fast, needs_pdq(plan.policy), plan.decoding.backend)
         gpu = bool(res.get("num_gpus"))
         ds = ray.data.from_arrow(_shard_blocks(todo, plan.engine.ray.decode_batch))
         decode_kw: dict[str, Any] = {}

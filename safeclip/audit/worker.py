@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..cache import EmbeddingCache
-from ..decode import DECODER_VERSION, DecodeLimits, read_source
+from ..decode import DECODER_VERSION, DecodeLimits, decoder_id, read_source
 from ..embed import DecodeOptions, PixelSpec, prepare
 from ..errors import (
     CacheError,
@@ -118,14 +118,19 @@ class WorkerConfig:
     hook: str | None
     fast: bool = True
     needs_pdq: bool = False
+    backend: str = "auto"
 
 
-def decoder_fingerprint(limits: DecodeLimits, target_size: int | None) -> str:
+def decoder_fingerprint(limits: DecodeLimits, target_size: int | None, backend: str = "auto") -> str:
     """What a decode failure depends on besides the bytes: Pillow, the decoder's version, its limits, the target
-    size."""
+    size, and the backend that decodes (with libvips' version)."""
     import PIL
 
-    blob = json.dumps([PIL.__version__, repr(limits), target_size, DECODER_VERSION])
+    parts: list[object] = [PIL.__version__, repr(limits), target_size, DECODER_VERSION]
+    decoder = decoder_id(backend)
+    if decoder != "pil":  # Pillow-only fingerprints stay as they were, so their remembered failures still count
+        parts.append(decoder)
+    blob = json.dumps(parts)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -171,7 +176,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         t1 = time.perf_counter()
         res.decoded = True
         # The same prepare as Moderator's, so rows and Moderator.check agree.
-        prep = prepare(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast))
+        prep = prepare(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast, backend=cfg.backend))
         res.pixels = prep.pixels
         res.pdq, res.pdq_quality = prep.pdq, prep.pdq_quality
         res.decode_s = time.perf_counter() - t1

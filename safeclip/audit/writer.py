@@ -181,9 +181,11 @@ def policy_fingerprint(policy: Policy) -> str:
     return hashlib.sha256(repr(policy).encode()).hexdigest()[:16]
 
 
-def run_meta(ident: EncoderIdentity, policy: Policy, save_embeddings: bool, encoder_chosen_by: str) -> dict[str, Any]:
-    """An audit's metadata: what its rows depend on (``run.json`` and the output schema's ``safeclip`` key)."""
-    return {"format": FORMAT_VERSION, "kind": "audit", "encoder_id": ident.encoder_id,
+def run_meta(ident: EncoderIdentity, policy: Policy, save_embeddings: bool, encoder_chosen_by: str,
+             decoder: str = "pil") -> dict[str, Any]:
+    """An audit's metadata: what its rows depend on (``run.json`` and the output schema's ``safeclip`` key);
+    ``decoder``: :func:`~safeclip.decode.decoder_id` of the decode backend (another one can give other pixels)."""
+    return {"format": FORMAT_VERSION, "kind": "audit", "encoder_id": ident.encoder_id, "decoder": decoder,
             "encoder_chosen_by": encoder_chosen_by, "policy": policy.id,
             "policy_fingerprint": policy_fingerprint(policy), "categories": list(policy.category_names),
             "dim": ident.dim, "save_embeddings": bool(save_embeddings), "cwd": os.getcwd(),
@@ -656,12 +658,12 @@ class RunOutput:
     """
 
     def __init__(self, options: OutputOptions, inputs: Sequence[str], policy: Policy, ident: EncoderIdentity,
-                 emb_dir: Path, *, fingerprint: str, encoder_chosen_by: str) -> None:
+                 emb_dir: Path, *, fingerprint: str, encoder_chosen_by: str, decoder: str = "pil") -> None:
         self.options = options
         self.inputs = inputs
         self.policy = policy
         self.ident = ident
-        self.meta = run_meta(ident, policy, options.save_embeddings, encoder_chosen_by)
+        self.meta = run_meta(ident, policy, options.save_embeddings, encoder_chosen_by, decoder)
         self.schema = output_schema(policy.category_names, self.meta, options.save_embeddings)
         self.fingerprint = fingerprint
         check_output(options.out, inputs, overwrite=options.overwrite)

@@ -21,8 +21,8 @@ from ..errors import SafeclipError
 if TYPE_CHECKING:  # pragma: no cover
     from ..embed import EncoderSpec
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "add_model_args", "add_policy_arg",
-           "positive_int", "run", "run_standalone"]
+__all__ = ["DECODERS", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "add_decoder_arg",
+           "add_model_args", "add_policy_arg", "positive_int", "run", "run_standalone"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,6 +47,17 @@ def add_policy_arg(p: argparse.ArgumentParser, *, required: bool = False, multip
                    help="shipped policy name or YAML path" + ("; repeat it to load several, the first is the default"
                                                               if multiple else "")
                         + ("" if required else " (default: $SAFECLIP_POLICY or default)"))
+
+
+DECODERS = ("auto", "pil", "vips")
+"""``--decoder`` choices: :data:`safeclip.decode.BACKENDS`, spelled out so that building the parser imports no PIL."""
+
+
+def add_decoder_arg(p: argparse.ArgumentParser) -> None:
+    """``--decoder``: the decode backend (``DecodeOptions.backend``)."""
+    p.add_argument("--decoder", choices=DECODERS, default="auto",
+                   help="image decoder: auto (libvips where pyvips is installed, else Pillow; default), pil, or "
+                        'vips (needs `pip install "safeclip[vips]"`)')
 
 
 def add_model_args(p: argparse.ArgumentParser, *, fallback: bool = False, batch_size: bool = True) -> None:

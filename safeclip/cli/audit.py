@@ -16,7 +16,15 @@ from typing import Any
 
 from ..audit import FAIL_LEVELS
 from ..audit.plan import ENGINES
-from ._options import EXIT_USAGE, add_model_args, add_policy_arg, encoder_spec, positive_int, run_standalone
+from ._options import (
+    EXIT_USAGE,
+    add_decoder_arg,
+    add_model_args,
+    add_policy_arg,
+    encoder_spec,
+    positive_int,
+    run_standalone,
+)
 
 __all__ = ["register", "main"]
 
@@ -47,6 +55,7 @@ def register(subparsers: Any) -> None:
                                                   "~/.cache/safeclip)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--workers", type=positive_int, help="decode processes (default: one per core)")
+    add_decoder_arg(p)
     add_model_args(p)
     p.add_argument("--fail-on", choices=FAIL_LEVELS,
                    help="exit 1 if any row reaches this level (flag < block < error: a file that could not be "
@@ -118,7 +127,7 @@ def _run_audit(args: argparse.Namespace) -> Any:
 
     return audit(
         args.paths, manifests=args.manifest, policy=args.policy, encoder=encoder_spec(args),
-        decoding=DecodeOptions(workers=args.workers),
+        decoding=DecodeOptions(workers=args.workers, backend=args.decoder),
         output=OutputOptions(args.out, overwrite=args.overwrite, save_embeddings=args.save_embeddings,
                              part_rows=args.part_rows),
         engine=EngineOptions(name=args.engine, address=args.address), include_all=args.all_files,

@@ -15,6 +15,7 @@ from ._options import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    add_decoder_arg,
     add_model_args,
     add_policy_arg,
     encoder_spec,
@@ -30,6 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("files", nargs="+", help="image files")
     add_policy_arg(p)
     add_model_args(p)
+    add_decoder_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line: {path, decision|error}")
     p.set_defaults(func=_cmd_check)
 
@@ -51,9 +53,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"safeclip: error: {shown} is a folder: `safeclip check` takes image files; to moderate a folder run "
               f"`safeclip audit {shown} --out results.parquet`", file=sys.stderr)
         return EXIT_USAGE
+    from ..embed import DecodeOptions
     from ..moderator import Moderator
 
-    moderator = Moderator(policy=args.policy, encoder=encoder_spec(args), on_error="flag")
+    moderator = Moderator(policy=args.policy, encoder=encoder_spec(args), on_error="flag",
+                          decoding=DecodeOptions(backend=args.decoder))
     failed = 0
     for path, decision in zip(args.files, moderator.check_many(args.files)):
         if decision.error is not None:

@@ -5,7 +5,9 @@
 background. Only the formats in :data:`ALLOWED_FORMATS` are ever handed to Pillow (never EPS/PS/PDF or anything
 that runs an external program). Byte, pixel (checked from the header, before any pixel is decoded), frame and time
 limits come from :class:`DecodeLimits`. Every failure is a :class:`~safeclip.errors.DecodeError` subclass with a
-one-line reason naming the input; nothing else escapes for any byte input.
+one-line reason naming the input; nothing else escapes for any byte input. ``backend="vips"`` (or ``"auto"`` with
+pyvips installed) decodes PNGs, and WebPs it reduces, with libvips instead, under the same limits and errors
+(``_vips``).
 
 The module keeps no shared mutable state and never changes Pillow's process-wide settings
 (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``, warning filters), so it is safe to call from many
@@ -19,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ..errors import UnsupportedFormatError
+from ..errors import ConfigError, UnsupportedFormatError
 from ._common import (
     ALLOWED_FORMATS,
     DECODER_VERSION,
@@ -28,11 +30,54 @@ from ._common import (
     DecodeLimits,
     Source,
     check_background,
+    one_line,
     read_source,
 )
 from ._pil import array_to_image, decode_file, decode_image
+from ._vips import decode_file as vips_decode_file
+from ._vips import load_pyvips, vips_version
 
-__all__ = ["ALLOWED_FORMATS", "DECODER_VERSION", "DecodeLimits", "Decoded", "Source", "decode", "read_source"]
+__all__ = ["ALLOWED_FORMATS", "BACKENDS", "DECODER_VERSION", "DecodeLimits", "Decoded", "Source", "decode",
+           "decoder_id", "read_source", "resolve_backend"]
+
+BACKENDS = ("auto", "pil", "vips")
+"""Decode backends: ``"vips"`` (libvips through pyvips: still JPEG/PNG/WebP shrunk on load, the rest by Pillow),
+``"pil"`` (Pillow only), ``"auto"`` (``"vips"`` where pyvips and libvips load, else ``"pil"``)."""
+
+_VIPS_EXTRA = 'pip install "safeclip[vips]"'
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend ``backend`` names here: ``"pil"`` or ``"vips"``. ``"auto"`` is ``"vips"`` where pyvips and its
+    libvips load, else ``"pil"``; ``"vips"`` where they do not -> :class:`~safeclip.errors.ConfigError` naming the
+    extra to install.
+
+    >>> resolve_backend("pil")
+    'pil'
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"decode backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "pil":
+        return "pil"
+    try:
+        load_pyvips()
+    except Exception as e:  # ImportError, or OSError from a missing/broken libvips
+        if backend == "vips":
+            raise ConfigError(f"decode backend 'vips' needs pyvips and libvips ({one_line(e)}); install them with "
+                              f"`{_VIPS_EXTRA}`, or use backend 'pil'") from e
+        return "pil"
+    return "vips"
+
+
+def decoder_id(backend: str = "auto") -> str:
+    """What decodes with ``backend`` here, for fingerprints: ``"pil"``, or ``"vips-<libvips version>"`` (a different
+    backend or libvips can give other pixels and other errors for the same bytes).
+
+    >>> decoder_id("pil")
+    'pil'
+    """
+    resolved = resolve_backend(backend)
+    return "pil" if resolved == "pil" else f"vips-{vips_version()}"
 
 def decode(
     source: Source,
@@ -40,6 +85,7 @@ def decode(
     limits: DecodeLimits | None = None,
     target_size: int | None = None,
     background: tuple[int, int, int] | None = None,
+    backend: str = "pil",
 ) -> Decoded:
     """Decode ``source`` into RGB frames, enforcing ``limits``.
 
@@ -65,6 +111,9 @@ def decode(
     ``limits.timeout_s`` of CPU time, or the ``limits.wall_timeout_s`` backstop; the message says which). Bad
     arguments (``limits``, ``target_size``, ``background``) raise
     ``ValueError``/``TypeError``.
+
+    ``backend``: see :data:`BACKENDS`. Only path, bytes and file inputs go to libvips (PIL images and arrays are
+    already decoded); an unknown backend, or ``"vips"`` without pyvips -> :class:`~safeclip.errors.ConfigError`.
 
     The time budget is checked between steps and frames: a single pathological C-level decode step cannot be
     interrupted from Python. A hard kill needs process isolation, which the audit runner's worker processes provide.
@@ -92,6 +141,7 @@ def decode(
     ):
         raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
     bgs = limits.backgrounds if background is None else (check_background(background),)
+    use_vips = resolve_backend(backend) == "vips"
 
     if isinstance(source, Image.Image):
         deadline = Deadline(limits, "<PIL>")
@@ -107,5 +157,7 @@ def decode(
         raise UnsupportedFormatError("no bytes to decode", name)
     deadline.name = name
     deadline.check("after reading the input")
+    if use_vips:
+        return vips_decode_file(data, name, limits, target_size, bgs, deadline)
     return decode_file(data, name, limits, target_size, bgs, deadline)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..decode import DecodeLimits, decode
+from ..decode import BACKENDS, DecodeLimits, decode
 from ..errors import ConfigError
 from ..pdq import DECODE_SIDE, frame_hashes
 from ._config import PRECISIONS, RUNTIMES, default_cache_dir, resolve_encoder_args
@@ -33,12 +33,15 @@ RGB = tuple[int, int, int]
 class DecodeOptions:
     """How inputs are decoded: the resource ``limits``; ``fast`` (decode large images straight at near the model's
     size: JPEG draft mode, box reduction; within 0.1% cosine of the full-resolution path); ``workers``: how many
-    decode in parallel (a Moderator's decode threads, an audit's decode processes; ``None``: chosen from the cores).
+    decode in parallel (a Moderator's decode threads, an audit's decode processes; ``None``: chosen from the cores);
+    ``backend``: which decoder reads files and bytes (:data:`~safeclip.decode.BACKENDS`): ``"auto"`` libvips where
+    pyvips is installed (``pip install "safeclip[vips]"``), else Pillow; ``"pil"``; ``"vips"`` (an error without it).
     """
 
     limits: DecodeLimits = dataclasses.field(default_factory=DecodeLimits)
     fast: bool = True
     workers: int | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, DecodeLimits):
@@ -46,6 +49,8 @@ class DecodeOptions:
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             raise ConfigError(f"workers must be a positive integer, not {w!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"DecodeOptions.backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ def prepare(source: Any, spec: PixelSpec, options: DecodeOptions | None = None) 
     """
     opts = options or DecodeOptions()
     # Decoded large enough for PDQ too (DECODE_SIDE), so that one decode serves the hash and the model's pixels.
-    dec = decode(source, limits=opts.limits, target_size=max(spec.size, DECODE_SIDE) if opts.fast else None)
+    dec = decode(source, limits=opts.limits, target_size=max(spec.size, DECODE_SIDE) if opts.fast else None,
+                 backend=opts.backend)
     pixels = np.stack([prepare_pixels(f, spec, fast=opts.fast) for f in dec.frames])
     pdq, quality = frame_hashes(dec.frames)
     name = dec.source or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else None)
