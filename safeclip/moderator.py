@@ -9,6 +9,7 @@ and runs full batches itself. Compiled policies are cached per policy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -220,7 +221,7 @@ class Moderator:
         self.encoder = loaded
         self.decoding: DecodeOptions = groups["decoding"]
         if self.decoding.workers is None:
-            self.decoding = DecodeOptions(self.decoding.limits, self.decoding.fast, min(4, os.cpu_count() or 1))
+            self.decoding = dataclasses.replace(self.decoding, workers=min(4, os.cpu_count() or 1))
         b: BatchingOptions = groups["batching"]
         max_batch = self.encoder.batch_size if b.max_batch is None else b.max_batch
         self.batching = BatchingOptions(max_batch, b.max_wait_ms, 4 * max_batch if b.max_queue is None else b.max_queue)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audit_helpers import sample  # noqa: F401  (a fixture)
 from PIL import Image
 
 from safeclip.decode import BACKENDS, DecodeLimits, decode, decoder_id, resolve_backend
@@ -338,3 +339,30 @@ def test_prepare_pixels_and_pdq_close_to_pillow(photos: list[Path]):
 
 def test_auto_is_the_default_of_decode_options():
     assert DecodeOptions().backend == "auto"
+
+
+def test_the_chosen_backend_reaches_the_audits_decoders_and_the_moderator(sample, tiny_encoder, tmp_path,
+                                                                          monkeypatch):
+    """``decoding=DecodeOptions(backend=...)`` is what every decode of a run uses: the audit's workers (not only its
+    fingerprint) and a Moderator that picks its own decode workers."""
+    from audit_helpers import run_audit
+
+    from safeclip.audit import worker
+    from safeclip.moderator import Moderator
+
+    seen: list[str] = []
+    real = worker.process_file
+
+    def spy(tid, path, cfg, cache, hook):
+        seen.append(cfg.backend)
+        return real(tid, path, cfg, cache, hook)
+
+    monkeypatch.setattr(worker, "process_file", spy)
+    from safeclip.audit import distributor
+
+    monkeypatch.setattr(distributor, "process_file", spy)  # the in-process decode threads of a small audit
+    run_audit(sample[:2], tmp_path / "o.parquet", tmp_path / "cache", tiny_encoder,
+              decoding=DecodeOptions(backend="pil"))
+    assert seen and set(seen) == {"pil"}
+    m = Moderator(encoder=tiny_encoder, decoding=DecodeOptions(backend="pil"))
+    assert m.decoding.backend == "pil" and m.decoding.workers

@@ -173,7 +173,8 @@ class _LocalRun:
         plan = self.plan
         output = plan.open_output(ident, self.emb_dir)
         cfg = WorkerConfig(str(self.emb_dir), ident.encoder_id, ident.spec, plan.decoding.limits, output.fingerprint,
-                           plan.engine.worker_nice, self.hook, plan.decoding.fast, needs_pdq(plan.policy))
+                           plan.engine.worker_nice, self.hook, plan.decoding.fast, needs_pdq(plan.policy),
+                           plan.decoding.backend)
         pool.run(cfg, ((i, p) for i, p in enumerate(plan.inputs) if p not in output.done))  # lazily
         return output
 
