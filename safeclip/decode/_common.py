@@ -163,7 +163,7 @@ class Deadline:
     Pillow's codecs run in the calling thread, so ``time.thread_time`` counts the decode's own work and nothing that
     other threads or processes do while it waits for a CPU."""
 
-    __slots__ = ("cpu_start", "wall_start", "budget", "wall_budget", "name")
+    __slots__ = ("budget", "cpu_start", "name", "wall_budget", "wall_start")
 
     def __init__(self, limits: DecodeLimits, name: str | None):
         self.cpu_start = time.thread_time()
@@ -342,11 +342,11 @@ def sample_positions(starts: Sequence[float], limits: DecodeLimits) -> tuple[lis
     if n == 1 or cap == 1:
         return [0], n > 1
     step = 1.0 / limits.frames_per_second
-    k = int(math.floor(last / step + _EPS)) + 1  # instants 0, step, 2 step, ... up to the last frame's start
+    k = math.floor(last / step + _EPS) + 1  # instants 0, step, 2 step, ... up to the last frame's start
     spread = k + (1 if last > (k - 1) * step + _EPS else 0) > cap
     instants = np.linspace(0.0, last, cap) if spread else np.arange(k) * step
     pos = np.searchsorted(np.asarray(starts, dtype=np.float64), instants + _EPS, side="right") - 1
-    picked = set(int(p) for p in np.clip(pos, 0, n - 1)) | {0, n - 1}
+    picked = {int(p) for p in np.clip(pos, 0, n - 1)} | {0, n - 1}
     return sorted(picked), spread
 
 

@@ -229,7 +229,7 @@ _DEFAULT_MS = 100
 class _Plan:
     """Which frames of an image to decode, and each one's start time (``None``: pages, sampled by index)."""
 
-    __slots__ = ("indices", "starts", "duration_s", "sampling")
+    __slots__ = ("duration_s", "indices", "sampling", "starts")
 
     def __init__(self, n: int, durations_ms: list[int] | None, limits: DecodeLimits, what: str, name: str | None):
         self.starts: list[float] | None = None
