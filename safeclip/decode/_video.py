@@ -190,6 +190,7 @@ class _Clip:
         keys: list[int] = []
         first: int | None = None
         max_ticks: float | None = None
+        last, last_ticks = None, 0  # the latest timestamp so far, and how long its packet says it shows
         try:
             for i, packet in enumerate(self.container.demux(self.stream)):
                 t = packet.pts if packet.pts is not None else packet.dts
@@ -205,6 +206,8 @@ class _Clip:
                         f"{what} has frames {float((t - first) * tb):g} s apart, over the {limits.max_duration_s:g}"
                         "-second limit (DecodeLimits.max_duration_s)", name)
                 pts.append(t)
+                if last is None or t > last:
+                    last, last_ticks = t, packet.duration or 0
                 if packet.is_keyframe:
                     keys.append(t)
                 if len(pts) > limits.max_video_frames:
@@ -222,8 +225,12 @@ class _Clip:
         keys.sort()
         self.pts, self.keys, self.start = pts, keys, pts[0]
         self.starts = [float((p - self.start) * tb) for p in pts]
-        frame_s = self.starts[-1] / (len(pts) - 1) if len(pts) > 1 else 0.0
-        self.duration_s = self.starts[-1] + frame_s  # the last frame shows for as long as the average one
+        frame_s = float(last_ticks * tb)
+        if frame_s <= 0:  # the packet does not say: one frame at the stream's rate, else the clip's median step
+            rate = self.stream.average_rate or self.stream.guessed_rate
+            steps = [b - a for a, b in zip(self.starts, self.starts[1:])]
+            frame_s = 1 / float(rate) if rate else (float(sorted(steps)[len(steps) // 2]) if steps else 0.0)
+        self.duration_s = self.starts[-1] + frame_s
         self._agree_with_header(frame_s)
         self.positions, spread = sample_positions(self.starts, limits)
         self.sampling = sampling_text(limits, spread, self.duration_s)
