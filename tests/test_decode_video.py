@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safeclip.decode import DecodeLimits, Decoded, decode, decode_chunks
+from safeclip.decode import Decoded, DecodeLimits, decode, decode_chunks
 from safeclip.errors import (
     DecodeTimeoutError,
     ImageTooLargeError,
