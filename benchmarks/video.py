@@ -9,7 +9,7 @@ Clips are made with PyAV from ../shared/corpus/photos: a 10 s segment per codec 
 timestamps (no re-encoding: a 10 min clip costs what its 10 s segment did). They are kept in the temp folder
 (``$SAFECLIP_BENCH_VIDEO`` to choose another) for the next run.
 
-For each clip, each measurement in a fresh interpreter (so that its peak RSS is its own):
+For each clip, each measurement in a fresh interpreter (so that its peak RSS is its own; Linux: /proc/self/status):
 
 * ``sampled``: ``decode(clip, target_size=512)`` with the default limits (1 fps, at most 32 frames: spread evenly
   over a clip longer than 31 s), as ``prepare`` calls it: seconds, frames returned, the rise of peak RSS.
@@ -49,14 +49,22 @@ CODECS = {"h264": ("libx264", "mp4", {"preset": "veryfast"}),
 MAX_BYTES = 512 * 2**20  # long clips are larger than the default 64 MiB limit (DecodeLimits.max_bytes)
 
 _MEASURE = r"""
-import io, json, resource, sys, time
+import io, json, sys, time
 mode, path, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+
+def peak_mib():
+    # VmHWM: this process image's own peak (ru_maxrss would carry over the parent's peak across exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 import av
 import importlib
 decode_module = importlib.import_module("safeclip.decode")
 DecodeLimits = decode_module.DecodeLimits
 data = open(path, "rb").read()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = peak_mib()
 t0 = time.perf_counter()
 out = {}
 if mode == "sampled":
@@ -75,7 +83,7 @@ else:
         s.codec_context.thread_count = 1
         out["frames"] = sum(1 for _ in c.decode(s))
 out["seconds"] = time.perf_counter() - t0
-out["rise_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+out["rise_mib"] = peak_mib() - base
 print(json.dumps(out))
 """ % {"max_bytes": MAX_BYTES}
 
@@ -166,6 +174,8 @@ def main() -> None:
     ap.add_argument("--lengths", nargs="+", type=int, help="clip lengths in seconds, multiples of 10")
     args = ap.parse_args()
     lengths = args.lengths or ([10, 60, 600] if args.full else [10, 60])
+    if not PHOTOS.is_dir():
+        sys.exit(f"no photos at {PHOTOS}: set SAFECLIP_CORPUS to the corpus folder (with photos/ in it)")
     folder = Path(os.environ.get("SAFECLIP_BENCH_VIDEO", Path(tempfile.gettempdir()) / "safeclip-bench" / "video"))
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -193,7 +203,7 @@ def main() -> None:
                       f"{fps1['frames'] / fps1['seconds']:6.1f} {fps1['rise_mib']:6.0f} | {every['seconds']:8.2f} "
                       f"{every['frames']:6d} {every['frames'] / every['seconds']:6.0f} | "
                       f"{every['seconds'] / fps1['seconds']:13.1f}x")
-    print("RSS+: rise of peak RSS in MiB over the interpreter's before decoding (the clip's bytes already read).")
+    print("RSS+: rise of peak RSS (VmHWM) in MiB over the interpreter's before decoding (the clip's bytes already read).")
 
 
 if __name__ == "__main__":

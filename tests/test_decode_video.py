@@ -131,7 +131,9 @@ def test_rotation_metadata_is_applied():
 
 def test_frames_are_reduced_as_they_are_decoded():
     d = decode(make_clip(seconds=1, size=(640, 480)), target_size=100)
-    assert d.size == (640, 480) and d.frames[0].size == (320, 240)  # 480 // (2 * 100) = 2, as for stills
+    assert d.size == (640, 480) and d.frames[0].size == (133, 100)  # the shorter side to target_size
+    assert second_of(d.frames[0]) == 0
+    assert decode(make_clip(seconds=1), target_size=100).frames[0].size == (64, 48)  # never enlarged
 
 
 def test_decode_chunks_yields_the_same_frames_in_order():

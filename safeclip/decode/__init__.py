@@ -66,7 +66,7 @@ def decode(
 
     Videos (MP4/MOV, WebM/MKV; the codecs of :data:`VIDEO_CODECS`) need PyAV (``pip install "safeclip[video]"``;
     without it: :class:`UnsupportedFormatError` saying so) and are sampled the same way, each sampled frame reached by
-    seeking to the keyframe before it, reduced for ``target_size`` and rotated upright as it is decoded
+    seeking to the keyframe before it, reduced (its shorter side to ``target_size``) and rotated upright as it is decoded
     (``frame_indices``: frame numbers; ``n_frames``: frames in the stream). A sampled frame that cannot be decoded
     fails the whole clip. See :func:`decode_chunks` to judge a long clip chunk by chunk.
 

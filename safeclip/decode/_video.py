@@ -8,7 +8,7 @@ about the length changes nothing, and the packets' own timestamps are held to ``
 ``max_video_frames`` as they are read. The sampled frames are chosen from those timestamps
 (:func:`~safeclip.decode._common.sample_positions`: ``frames_per_second``, at most ``sample_frames``, first and last
 included) and decoded by seeking to the keyframe before each one (or decoding on from the current frame, where no
-keyframe lies in between), each reduced for ``target_size`` and rotated upright as soon as it is decoded, so that
+keyframe lies in between), each reduced (shorter side to ``target_size``) and rotated upright as it is decoded, so that
 memory is bounded by the frames sampled, never by the clip. Frames that are never sampled are not decoded.
 
 Every failure is a :class:`~safeclip.errors.DecodeError`; a sampled frame that cannot be decoded fails the whole clip
@@ -193,11 +193,17 @@ class _Clip:
         last, last_ticks = None, 0  # the latest timestamp so far, and how long its packet says it shows
         try:
             for i, packet in enumerate(self.container.demux(self.stream)):
+                if i % _CHECK_EVERY == 0:
+                    self.deadline.check(f"reading packet {i}")
                 t = packet.pts if packet.pts is not None else packet.dts
                 if t is None:
                     if packet.size == 0:  # the demuxer's end-of-stream marker
                         continue
                     raise TruncatedImageError(f"{what} has a frame without a timestamp (packet {i})", name)
+                if packet.is_discard:  # before an edit list's start: decoded for reference, never shown
+                    if packet.is_keyframe:
+                        keys.append(t)
+                    continue
                 if first is None:
                     first = t
                     max_ticks = limits.max_duration_s / float(tb)
@@ -213,12 +219,10 @@ class _Clip:
                 if len(pts) > limits.max_video_frames:
                     raise ImageTooLargeError(f"{what} has more than {limits.max_video_frames} frames "
                                              "(DecodeLimits.max_video_frames)", name)
-                if i % _CHECK_EVERY == 0:
-                    self.deadline.check(f"reading packet {i}")
         except DecodeError:
             raise
         except self.av.error.FFmpegError as e:
-            raise self._error(e, "header") from e
+            raise self._error(e, "data") from e
         if not pts:
             raise TruncatedImageError(f"{what} has no frames", name)
         pts.sort()
@@ -294,10 +298,9 @@ class _Clip:
         if w * h > self.limits.max_pixels:  # a stream may change its frame size midway
             raise ImageTooLargeError(f"{self.what} frame {pos} is {w}x{h} = {w * h} pixels, over the "
                                      f"{self.limits.max_pixels}-pixel limit (DecodeLimits.max_pixels)", self.name)
-        factor = _reduction((w, h), target_size)
-        rw, rh = max(1, round(w / factor)), max(1, round(h / factor))
+        rw, rh = _reduced((w, h), target_size)
         try:
-            im = frame.to_image(width=rw, height=rh, interpolation="AREA") if factor > 1 else frame.to_image()
+            im = frame.to_image(width=rw, height=rh, interpolation="AREA") if (rw, rh) != (w, h) else frame.to_image()
         except self.av.error.FFmpegError as e:
             raise self._error(e, f"frame {pos}") from e
         turns = _quarter_turns(frame)
@@ -323,9 +326,15 @@ def _header_seconds(stream: Any, container: Any) -> tuple[float | None, bool]:
     return None, False
 
 
-def _reduction(size: tuple[int, int], target_size: int | None) -> int:
-    """The integer factor that keeps the shorter side at least twice ``target_size``, as for still images."""
-    return 1 if target_size is None else max(1, min(size) // (2 * target_size))
+def _reduced(size: tuple[int, int], target_size: int | None) -> tuple[int, int]:
+    """A frame's size once reduced for ``target_size``: the shorter side down to ``target_size`` (area-averaged, as
+    the frame is converted to RGB). Stills keep twice that, so that their pixels match a full-resolution decode;
+    a clip holds many frames, and the model and PDQ see no more than ``target_size`` of them anyway."""
+    w, h = size
+    if target_size is None or min(w, h) <= target_size:
+        return w, h
+    scale = target_size / min(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def video_chunks(
@@ -341,8 +350,10 @@ def video_chunks(
     :func:`~safeclip.decode.decode_chunks`). The pixels held at once, at most ``limits.max_total_pixels``, are a
     chunk's."""
     sha = hashlib.sha256(data).hexdigest()
-    clip = _Clip(data, kind, name, limits, deadline)
+    what = f"{kind} video"
+    clip: _Clip | None = None
     try:
+        clip = _Clip(data, kind, name, limits, deadline)
         cc = clip.stream.codec_context
         per_frame = _reduced_area((cc.width, cc.height), target_size)
         k = min(chunk_frames, len(clip.positions))
@@ -372,17 +383,17 @@ def video_chunks(
     except (DecodeError, GeneratorExit):
         raise
     except MemoryError as e:
-        raise ImageTooLargeError(f"ran out of memory decoding the {clip.what}", name) from e
+        raise ImageTooLargeError(f"ran out of memory decoding the {what}", name) from e
     except Exception as e:  # PyAV/FFmpeg can raise more than FFmpegError on hostile input
-        raise TruncatedImageError(f"{clip.what} could not be decoded ({type(e).__name__}: {one_line(e)})",
-                                  name) from e
+        raise TruncatedImageError(f"{what} could not be decoded ({type(e).__name__}: {one_line(e)})", name) from e
     finally:
-        clip.close()
+        if clip is not None:
+            clip.close()
 
 
 def _reduced_area(size: tuple[int, int], target_size: int | None) -> int:
-    f = _reduction(size, target_size)
-    return max(1, round(size[0] / f)) * max(1, round(size[1] / f))
+    w, h = _reduced(size, target_size)
+    return w * h
 
 
 def _result(chunk: list[tuple[int, float, Image.Image]], sha: str, clip: _Clip, size: tuple[int, int],
