@@ -14,7 +14,8 @@ For each clip, each measurement in a fresh interpreter (so that its peak RSS is 
 * ``sampled``: ``decode(clip, target_size=512)`` with the default limits (1 fps, at most 32 frames: spread evenly
   over a clip longer than 31 s), as ``prepare`` calls it: seconds, frames returned, the rise of peak RSS.
 * ``1 fps``: ``decode_chunks`` at 1 fps with no cap that binds (``sample_frames`` = the clip's seconds + 1), 8 frames a
-  chunk, each chunk dropped once seen (what a caller stopping early holds): seconds, frames, RSS rise.
+  chunk, each chunk dropped once seen (what a caller stopping early holds), with a CPU budget raised to 600 s (a
+  10 min clip at 1 fps takes more than the default 10 s): seconds, frames, RSS rise.
 * ``every``: every frame decoded with PyAV in one thread (as the backend decodes), none converted to RGB: the cost
   of reading the whole clip, the floor for any approach that does not seek.
 
@@ -72,7 +73,8 @@ if mode == "sampled":
     out["frames"] = len(d.frames)
     out["sampling"] = d.sampling
 elif mode == "fps1":
-    limits = DecodeLimits(max_bytes=MAX_BYTES, sample_frames=int(seconds) + 2)
+    # every second of a long clip is more decoding than the default 10 s CPU budget allows
+    limits = DecodeLimits(max_bytes=MAX_BYTES, sample_frames=int(seconds) + 2, timeout_s=600.0)
     n = 0
     for chunk in decode_module.decode_chunks(data, limits=limits, target_size=512, chunk_frames=8):
         n += len(chunk.frames)

@@ -379,3 +379,15 @@ def test_limits_validated():
                 {"max_video_frames": 0}, {"frames_per_second": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DecodeLimits(**bad)
+
+
+def test_time_the_caller_spends_between_chunks_is_not_decoding_time():
+    data = make_clip(seconds=4)
+    limits = DecodeLimits(timeout_s=0.5, wall_timeout_s=0.5)
+    chunks = 0
+    for _ in decode_chunks(data, limits=limits, chunk_frames=1):
+        chunks += 1
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:  # the caller's own CPU work on the chunk (embedding it)
+            pass
+    assert chunks == 5  # 1.5 s of the caller's CPU time, on a 0.5 s budget

@@ -142,7 +142,9 @@ def decode_chunks(
     time. Each chunk is a :class:`Decoded` with the clip's ``sha256``, ``format``, ``size``, ``n_frames``,
     ``duration_s`` and ``sampling``, and only that chunk's ``frames``, ``frame_indices``, ``timestamps`` and
     ``backgrounds``. Anything that is not a video (a still, an animated GIF) yields one :class:`Decoded`, the one
-    :func:`decode` returns. ``limits.max_total_pixels`` bounds the pixels of one chunk.
+    :func:`decode` returns. ``limits.max_total_pixels`` bounds the pixels of one chunk; the time budget
+    (``limits.timeout_s``, ``wall_timeout_s``) counts the decoding of the whole clip, not the caller's work between
+    chunks. Sampling more frames (``sample_frames``) of long clips may need a larger ``timeout_s``.
 
     Errors are raised where they happen: an error after some chunks were yielded means the clip failed as a whole;
     never act on the chunks seen before it as if they were the clip (fail closed).

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -374,11 +375,13 @@ def video_chunks(
                     "limit on decoded frames (DecodeLimits.max_total_pixels)", name)
             chunk.append((pos, t, im))
             if len(chunk) == chunk_frames:
-                yield _result(chunk, sha, clip, size, len(data))
+                with _paused(deadline):
+                    yield _result(chunk, sha, clip, size, len(data))
                 chunk, held = [], 0
         if chunk:
             assert size is not None
-            yield _result(chunk, sha, clip, size, len(data))
+            with _paused(deadline):
+                yield _result(chunk, sha, clip, size, len(data))
         deadline.check("after the last frame")
     except (DecodeError, GeneratorExit):
         raise
@@ -389,6 +392,18 @@ def video_chunks(
     finally:
         if clip is not None:
             clip.close()
+
+
+@contextlib.contextmanager
+def _paused(deadline: Deadline) -> Iterator[None]:
+    """Stop the clocks while the caller holds a chunk: its work between chunks (embedding them, in this thread) is not
+    decoding time."""
+    cpu, wall = time.thread_time(), time.monotonic()
+    try:
+        yield
+    finally:
+        deadline.cpu_start += time.thread_time() - cpu
+        deadline.wall_start += time.monotonic() - wall
 
 
 def _reduced_area(size: tuple[int, int], target_size: int | None) -> int:
