@@ -125,6 +125,7 @@ class _Clip:
                                      stream_options=[probe] * _PROBED_STREAMS)
         except av.error.FFmpegError as e:
             raise self._error(e, "header") from e
+        self.reformatter = av.video.reformatter.VideoReformatter()  # one scaler for the clip, not one per frame
         try:
             self._check_header()
             self._scan()
@@ -301,7 +302,8 @@ class _Clip:
                                      f"{self.limits.max_pixels}-pixel limit (DecodeLimits.max_pixels)", self.name)
         rw, rh = _reduced((w, h), target_size)
         try:
-            im = frame.to_image(width=rw, height=rh, interpolation="AREA") if (rw, rh) != (w, h) else frame.to_image()
+            rgb = self.reformatter.reformat(frame, rw, rh, "rgb24", interpolation="AREA")
+            im = rgb.to_image()
         except self.av.error.FFmpegError as e:
             raise self._error(e, f"frame {pos}") from e
         turns = _quarter_turns(frame)
