@@ -44,6 +44,10 @@ def test_manifests_and_folders(sample, tiny_encoder, tmp_path):
     shutil.copyfile(sample[0], tmp_path / "tree" / "a.jpg")
     (tmp_path / "tree" / "notes.txt").write_text("not an image")
     assert collect_inputs([tmp_path / "tree"]) == [str(tmp_path / "tree" / "a.jpg"), str(nested / "z.JPG")]
+    for name in ("c.mp4", "d.MOV", "e.webm", "f.mkv", "g.m4v"):  # videos are taken by extension too (issue 24)
+        (nested / name).write_bytes(b"")
+    assert collect_inputs([nested]) == [str(nested / n) for n in ("c.mp4", "d.MOV", "e.webm", "f.mkv", "g.m4v",
+                                                                  "z.JPG")]
 
 
 def test_a_folder_is_walked_by_content_and_what_is_left_out_is_counted(sample, tmp_path):

@@ -192,7 +192,7 @@ def test_allowed_formats():
 
 
 def test_limits_validated():
-    assert DecodeLimits() == DecodeLimits(64 * 2**20, 64_000_000, 1000, 8, 10.0)
+    assert DecodeLimits() == DecodeLimits(64 * 2**20, 64_000_000, 1000, 32, 10.0)
     for bad in ({"max_bytes": 0}, {"max_pixels": -1}, {"sample_frames": 0}, {"timeout_s": 0}, {"max_frames": 2.5}):
         with pytest.raises(ValueError):
             DecodeLimits(**bad)
@@ -366,17 +366,26 @@ def test_broken_exif_does_not_fail():
 @needs_corpus
 @pytest.mark.parametrize("name,n", [("iss634.gif", 42), ("iss634.webp", 42), ("iss634.apng", 41)])
 def test_animation_sampled(name: str, n: int):
+    """Sampled by time since DECODER_VERSION 4 (issue 24; was: ``sample_frames`` evenly by index): the frame showing
+    at every second, and the last; the cap spreads that many instants evenly over the animation."""
     d = decode(TRICKY / name)
     assert d.n_frames == n
-    assert len(d.frames) == 8
     assert d.frame_indices[0] == 0 and d.frame_indices[-1] == n - 1
-    assert d.frame_indices == tuple(int(i) for i in np.unique(np.round(np.linspace(0, n - 1, 8))))
-    arrays = [rgb_array(d, i) for i in range(8)]
-    assert sum(np.abs(a - arrays[0]).mean() > 1 for a in arrays[1:]) >= 5  # the frames really differ
+    assert d.timestamps[0] == 0.0 and d.duration_s is not None and 2.5 < d.duration_s < 3.0  # ~70 ms a frame
+    assert len(d.frames) == 4  # the frames showing at 0, 1 and 2 s, and the last
+    assert all(t <= k < t + 0.2 for k, t in zip((0, 1, 2), d.timestamps))
+    assert d.sampling == "1 fps, at most 32 frames, first and last included"
+    arrays = [rgb_array(d, i) for i in range(4)]
+    assert sum(np.abs(a - arrays[0]).mean() > 1 for a in arrays[1:]) >= 2  # the frames really differ
 
-    for k, want in ((1, (0,)), (3, (0, round((n - 1) / 2), n - 1)), (100, tuple(range(n)))):
-        d = decode(TRICKY / name, limits=DecodeLimits(sample_frames=k))
-        assert d.frame_indices == want and len(d.frames) == len(want)
+    fast = DecodeLimits(frames_per_second=100)  # every frame is shown at one of the instants, 10 ms apart
+    for k, want_len in ((1, 1), (3, 3), (100, n)):
+        d = decode(TRICKY / name, limits=DecodeLimits(sample_frames=k, frames_per_second=100))
+        assert len(d.frame_indices) == want_len and d.frame_indices[0] == 0
+        assert k == 1 or d.frame_indices[-1] == n - 1
+    d = decode(TRICKY / name, limits=fast)  # 32 instants spread evenly (two may fall on one frame)
+    assert 28 <= len(d.frame_indices) <= 32 and d.frame_indices[-1] == n - 1 and "spread evenly" in (d.sampling or "")
+    assert max(np.diff(d.timestamps)) < 2 * d.timestamps[-1] / 31  # no gap much wider than the spread's step
 
 
 @needs_corpus
@@ -499,12 +508,13 @@ def test_backgrounds_are_an_option_and_opaque_images_keep_one_frame():
 
 def test_animated_transparency_gives_views_per_frame():
     """A frame is judged on every background only where it has real alpha; the others stay one frame."""
-    d = decode(gif_animation((40, 30), 5, transparent=True), limits=DecodeLimits(sample_frames=3))
+    every = {"frames_per_second": 100}  # 50 ms frames: sampled at 100 fps, the cap of 3 spreads evenly over them
+    d = decode(gif_animation((40, 30), 5, transparent=True), limits=DecodeLimits(sample_frames=3, **every))
     assert_valid(d)
     assert d.frame_indices == (0, 0, 2, 2, 4, 4) and d.backgrounds == ((255, 255, 255), (0, 0, 0)) * 3
     white, black = np.asarray(d.frames[4]), np.asarray(d.frames[5])
     assert (white == 255).all() and (black == 255).any() and (black == 0).any()  # white dots, seen on black only
-    opaque = decode(gif_animation((40, 30), 5), limits=DecodeLimits(sample_frames=3))
+    opaque = decode(gif_animation((40, 30), 5), limits=DecodeLimits(sample_frames=3, **every))
     assert opaque.frame_indices == (0, 2, 4) and opaque.backgrounds == (None,) * 3
 
 
@@ -874,7 +884,8 @@ def test_tiny_animation_on_a_large_canvas_has_a_memory_ceiling(tmp_path: Path, c
     data = webp_animation(CANVAS, 20, alpha=alpha) if case.startswith("webp") else gif_animation(
         CANVAS, 20, transparent=alpha)
     assert len(data) < 2000
-    out = peak_rss_of_decode(tmp_path, data, target_size=224, limits={"sample_frames": 16})
+    # 20 frames of 50 ms: sampled at 100 fps so that the cap of 16 decides (at 1 fps only 2 frames would be)
+    out = peak_rss_of_decode(tmp_path, data, target_size=224, limits={"sample_frames": 16, "frames_per_second": 100})
     assert "error" not in out, out
     # libwebp keeps two canvases of its own, Pillow the current frame, its bytes and (alpha) a premultiplied copy to
     # reduce: at most 5-6 canvases, where holding the 16 sampled frames took 16 more
@@ -889,17 +900,20 @@ def test_frames_held_at_full_size_are_bounded(tmp_path: Path, monkeypatch):
     """Without a target_size nothing is reduced: canvas area x frames held is refused from the header."""
     data = webp_animation(CANVAS, 20)
     limit = 7 * CANVAS[0] * CANVAS[1]  # 7 full frames
-    out = peak_rss_of_decode(tmp_path, data, limits={"max_total_pixels": limit})
+    every = {"frames_per_second": 100, "sample_frames": 8}  # 20 frames of 50 ms: 8 of them, spread (not 2 at 1 fps)
+    out = peak_rss_of_decode(tmp_path, data, limits={"max_total_pixels": limit, **every})
     assert out["error"] == "ImageTooLargeError", out
     assert "8 sampled frames of 2000x2000" in out["message"] and f"{limit}-pixel" in out["message"]
     assert "max_total_pixels" in out["message"]
     assert out["rise_mib"] < 3 * CANVAS_MIB  # refused before a single frame was decoded
     # 7 frames fit; an alpha frame counts once per background
-    assert len(decode(data, limits=DecodeLimits(max_total_pixels=limit, sample_frames=7)).frames) == 7
+    fps = every["frames_per_second"]
+    assert len(decode(data, limits=DecodeLimits(max_total_pixels=limit, sample_frames=7, frames_per_second=fps)).frames) == 7
     alpha = webp_animation(CANVAS, 20, alpha=True)
-    with pytest.raises(ImageTooLargeError, match=r"frame 10 \(2 views of 2000x2000\)"):
-        decode(alpha, limits=DecodeLimits(max_total_pixels=limit, sample_frames=7))
-    assert len(decode(alpha, limits=DecodeLimits(max_total_pixels=limit), target_size=224).frames) == 16
+    with pytest.raises(ImageTooLargeError, match=r"frame 9 \(2 views of 2000x2000\)"):
+        decode(alpha, limits=DecodeLimits(max_total_pixels=limit, sample_frames=7, frames_per_second=fps))
+    reduced = decode(alpha, limits=DecodeLimits(max_total_pixels=limit, **every), target_size=224)
+    assert len(reduced.frames) == 16
 
 
 def test_reduced_frames_give_the_model_the_same_pixels():

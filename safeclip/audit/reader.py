@@ -67,7 +67,7 @@ BATCH_ROWS = 65_536
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo",
-    ".avif", ".heic", ".heif",
+    ".avif", ".heic", ".heif", ".mp4", ".m4v", ".mov", ".webm", ".mkv",
 })
 """File extensions (lower case) taken without reading when a folder is walked; other files are taken by content
 (:func:`sniff_image`). Files named explicitly are audited whatever they hold (a non-image becomes an error row)."""

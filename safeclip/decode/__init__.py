@@ -18,6 +18,8 @@ file's error instead of a line on stderr; messages from anywhere else go to the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from PIL import Image
 
@@ -34,11 +36,12 @@ from ._common import (
     read_source,
 )
 from ._pil import array_to_image, decode_file, decode_image
+from ._video import VIDEO_CODECS, decode_video, sniff_video, video_chunks
 from ._vips import decode_file as vips_decode_file
 from ._vips import load_pyvips, vips_version
 
-__all__ = ["ALLOWED_FORMATS", "BACKENDS", "DECODER_VERSION", "DecodeLimits", "Decoded", "Source", "decode",
-           "decoder_id", "read_source", "resolve_backend"]
+__all__ = ["ALLOWED_FORMATS", "BACKENDS", "DECODER_VERSION", "VIDEO_CODECS", "DecodeLimits", "Decoded", "Source",
+           "decode", "decode_chunks", "decoder_id", "read_source", "resolve_backend"]
 
 BACKENDS = ("auto", "pil", "vips")
 """Decode backends: ``"vips"`` (libvips through pyvips: still JPEG/PNG/WebP shrunk on load, the rest by Pillow),
@@ -101,8 +104,16 @@ def decode(
     and on black), so a decision can take the worse; ``backgrounds`` says which view is which (``None``: opaque, one
     view). ``background``: one colour to composite on instead.
 
-    Animated images (GIF, APNG, WebP, MPO, multi-page TIFF) return ``min(limits.sample_frames, n_frames)`` frames
-    sampled evenly, first and last included; ``frame_indices`` says which.
+    Animated images (GIF, APNG, WebP) are sampled by time: the frame showing every ``1 / limits.frames_per_second``
+    seconds and the last, at most ``limits.sample_frames`` (spread evenly when there would be more); ``timestamps``
+    and ``duration_s`` come from the frames' durations. MPO and multi-page TIFF pages are sampled evenly by index.
+    ``frame_indices`` says which frames were taken, ``sampling`` how.
+
+    Videos (MP4/MOV, WebM/MKV; the codecs of :data:`VIDEO_CODECS`) need PyAV (``pip install "safeclip[video]"``;
+    without it: :class:`UnsupportedFormatError` saying so) and are sampled the same way, each sampled frame reached by
+    seeking to the keyframe before it, reduced (its shorter side to ``target_size``) and rotated upright as it is decoded
+    (``frame_indices``: frame numbers; ``n_frames``: frames in the stream). A sampled frame that cannot be decoded
+    fails the whole clip. See :func:`decode_chunks` to judge a long clip chunk by chunk.
 
     Raises a :class:`~safeclip.errors.DecodeError` subclass, whose message is one line naming the input:
     :class:`UnsupportedFormatError` (not an allowed format, not an image input, or a path that is not a regular
@@ -132,14 +143,7 @@ def decode(
     ...
     safeclip.errors.UnsupportedFormatError: <bytes>: EPS files are not allowed (allowed: ...)
     """
-    if limits is None:
-        limits = DecodeLimits()
-    elif not isinstance(limits, DecodeLimits):
-        raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
-    if target_size is not None and (
-        isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1
-    ):
-        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
+    limits = _check_args(limits, target_size)
     bgs = limits.backgrounds if background is None else (check_background(background),)
     use_vips = resolve_backend(backend) == "vips"
 
@@ -157,7 +161,70 @@ def decode(
         raise UnsupportedFormatError("no bytes to decode", name)
     deadline.name = name
     deadline.check("after reading the input")
+    kind = sniff_video(data)
+    if kind is not None:
+        return decode_video(data, kind, name, limits, target_size, deadline)
     if use_vips:
         return vips_decode_file(data, name, limits, target_size, bgs, deadline)
     return decode_file(data, name, limits, target_size, bgs, deadline)
+
+
+def _check_args(limits: DecodeLimits | None, target_size: int | None) -> DecodeLimits:
+    if limits is None:
+        limits = DecodeLimits()
+    elif not isinstance(limits, DecodeLimits):
+        raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+    if target_size is not None and (
+        isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1
+    ):
+        raise ValueError(f"target_size must be a positive int or None, got {target_size!r}")
+    return limits
+
+
+def decode_chunks(
+    source: Source,
+    *,
+    limits: DecodeLimits | None = None,
+    target_size: int | None = None,
+    chunk_frames: int = 8,
+    backend: str = "pil",
+) -> Iterator[Decoded]:
+    """Decode ``source`` like :func:`decode`, yielding the sampled frames of a video ``chunk_frames`` at a time, in
+    time order, so that a caller can stop early (a clip already blocked on its first seconds) and hold one chunk at a
+    time. Each chunk is a :class:`Decoded` with the clip's ``sha256``, ``format``, ``size``, ``n_frames``,
+    ``duration_s`` and ``sampling``, and only that chunk's ``frames``, ``frame_indices``, ``timestamps`` and
+    ``backgrounds``. Anything that is not a video (a still, an animated GIF) yields one :class:`Decoded`, the one
+    :func:`decode` returns. ``limits.max_total_pixels`` bounds the pixels of one chunk; the time budget
+    (``limits.timeout_s``, ``wall_timeout_s``) counts the decoding of the whole clip, not the caller's work between
+    chunks. Sampling more frames (``sample_frames``) of long clips may need a larger ``timeout_s``.
+
+    Errors are raised where they happen: an error after some chunks were yielded means the clip failed as a whole;
+    never act on the chunks seen before it as if they were the clip (fail closed).
+
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO()
+    >>> Image.new("RGB", (40, 30)).save(buf, "PNG")
+    >>> [(d.format, d.frame_indices) for d in decode_chunks(buf.getvalue())]
+    [('PNG', (0,))]
+    """
+    limits = _check_args(limits, target_size)
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be a positive int, got {chunk_frames!r}")
+    use_vips = resolve_backend(backend) == "vips"
+    if isinstance(source, (Image.Image, np.ndarray)):
+        yield decode(source, limits=limits, target_size=target_size)
+        return
+    deadline = Deadline(limits, None)
+    data, name = read_source(source, max_bytes=limits.max_bytes)
+    if data is None:
+        raise UnsupportedFormatError("no bytes to decode", name)
+    deadline.name = name
+    deadline.check("after reading the input")
+    kind = sniff_video(data)
+    if kind is None:
+        still = vips_decode_file if use_vips else decode_file
+        yield still(data, name, limits, target_size, limits.backgrounds, deadline)
+        return
+    yield from video_chunks(data, kind, name, limits, target_size, deadline, chunk_frames)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -21,13 +23,13 @@ from ..errors import (
 )
 
 __all__ = ["ALLOWED_FORMATS", "DECODER_VERSION", "OPENERS", "RGB", "Deadline", "DecodeLimits", "Decoded", "Source",
-           "check_background", "one_line", "read_source"]
+           "check_background", "one_line", "read_source", "sample_positions", "sampling_text"]
 
 Source = Union[str, "os.PathLike[str]", "os.PathLike[bytes]", bytes, bytearray, memoryview, Any]
 """What :func:`decode` accepts: a path, bytes-like, a binary file object, a PIL image or a numpy array."""
 
 
-DECODER_VERSION = 3
+DECODER_VERSION = 4
 """Bump when decoding can give other pixels or other errors for the same bytes (limits, mode handling, sampling).
 Cached decode failures record it with Pillow's version and the limits, so a bump re-decodes them."""
 
@@ -56,8 +58,8 @@ class DecodeLimits:
     """Resource limits for one :func:`decode` call, and the backgrounds transparency is judged on.
 
     ``max_bytes``: input size; ``max_pixels``: width*height of any frame, checked from the header before pixels are
-    decoded; ``max_frames``: frames in the file; ``sample_frames``: how many frames of an animation to return (evenly
-    spaced, first and last included); ``timeout_s``: the time budget in CPU seconds of the decoding thread
+    decoded; ``max_frames``: frames in an image file (an animation's frames, a TIFF's pages); ``sample_frames``: the
+    cap on the frames returned from an animation or a video (see ``frames_per_second``); ``timeout_s``: the time budget in CPU seconds of the decoding thread
     (``time.thread_time``), so that a busy machine, which only slows a decode down, does not fail it; checked between
     steps and frames, and between the frames decoded on the way to a sampled one; ``wall_timeout_s``: a wall-clock
     backstop, checked at the same points, against a decode whose time is not on its thread's CPU clock (a codec that
@@ -65,6 +67,14 @@ class DecodeLimits:
     within its CPU budget; ``max_total_pixels``: width*height summed over the frames
     :func:`decode` returns (one per background for a frame with transparency), after the reduction ``target_size``
     allows, checked from the header before any frame is decoded and again as frames are added.
+
+    Time-based sampling (animated GIF/WebP/APNG and video): one frame per ``1 / frames_per_second`` seconds (the
+    frame showing at each instant), the first and the last frame always included; when that makes more than
+    ``sample_frames``, ``sample_frames`` instants spread evenly from the first frame to the last instead. Pages
+    without a time (MPO, multi-page TIFF) are sampled evenly by index, at most ``sample_frames``.
+    ``max_duration_s``: the longest animation or clip, from the header and again from the real timestamps (a header
+    that understates the length does not get past); ``max_video_frames``: frames in a video stream (the header's
+    count, then the packets themselves). Video inputs obey ``max_bytes`` too: raise it for long clips.
 
     ``backgrounds``: the colours a frame with real (not fully opaque) alpha is composited on, one returned frame
     each, so that content that vanishes on one background (white on a transparent canvas, shown on white) is seen on
@@ -74,11 +84,14 @@ class DecodeLimits:
     max_bytes: int = 64 * 2**20
     max_pixels: int = 64_000_000
     max_frames: int = 1000
-    sample_frames: int = 8
+    sample_frames: int = 32
     timeout_s: float = 10.0
     max_total_pixels: int = 128_000_000
     backgrounds: tuple[RGB, ...] = ((255, 255, 255), (0, 0, 0))
     wall_timeout_s: float | None = None
+    frames_per_second: float = 1.0
+    max_duration_s: float = 3600.0
+    max_video_frames: int = 216_000
 
     @property
     def wall_budget_s(self) -> float:
@@ -87,7 +100,7 @@ class DecodeLimits:
         return float(_WALL_BACKSTOP * self.timeout_s if wall is None else wall)
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels"):
+        for name in ("max_bytes", "max_pixels", "max_frames", "sample_frames", "max_total_pixels", "max_video_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
@@ -99,6 +112,10 @@ class DecodeLimits:
             raise ConfigError(
                 f"DecodeLimits.wall_timeout_s must be None or a number of seconds >= timeout_s ({t!r}), got {wall!r}"
             )
+        for name in ("frames_per_second", "max_duration_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"DecodeLimits.{name} must be a positive finite number, got {value!r}")
         bgs = self.backgrounds
         if isinstance(bgs, (str, bytes)) or not isinstance(bgs, (tuple, list)) or not bgs:
             raise ConfigError(f"DecodeLimits.backgrounds must be a non-empty tuple of (r, g, b) colours, got {bgs!r}")
@@ -115,6 +132,12 @@ class Decoded:
     views may be smaller than the image. ``size`` is the (width, height) of the first frame, oriented, before any
     reduction (the frames of an animation share it; the pages of an MPO/TIFF may not). ``sha256`` is of the input
     bytes, or for PIL/ndarray inputs of mode + size + raw pixels. ``nbytes`` is 0 for in-memory inputs.
+
+    Animations and videos: ``timestamps`` gives each view's time in seconds from the first frame (``()`` for stills
+    and for pages without a time: MPO, TIFF), ``duration_s`` the length of the animation or clip (``None`` for
+    stills), ``sampling`` how the frames were chosen, in words (e.g. ``"1 fps, at most 32 frames, first and last
+    included"``). For a video, ``format`` is the container (``"MP4"``, ``"MOV"``, ``"WEBM"``, ``"MKV"``),
+    ``frame_indices`` are frame numbers in presentation order and ``n_frames`` the frames in the stream.
     """
 
     frames: tuple[Image.Image, ...]
@@ -126,6 +149,9 @@ class Decoded:
     nbytes: int
     source: str | None
     backgrounds: tuple[RGB | None, ...]
+    timestamps: tuple[float, ...] = ()
+    duration_s: float | None = None
+    sampling: str | None = None
 
 
 _WALL_BACKSTOP = 10
@@ -137,7 +163,7 @@ class Deadline:
     Pillow's codecs run in the calling thread, so ``time.thread_time`` counts the decode's own work and nothing that
     other threads or processes do while it waits for a CPU."""
 
-    __slots__ = ("cpu_start", "wall_start", "budget", "wall_budget", "name")
+    __slots__ = ("budget", "cpu_start", "name", "wall_budget", "wall_start")
 
     def __init__(self, limits: DecodeLimits, name: str | None):
         self.cpu_start = time.thread_time()
@@ -293,3 +319,40 @@ def check_background(background: Any) -> tuple[int, int, int]:
     if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
         raise ConfigError(f"background must be an (r, g, b) tuple of ints in 0..255, got {background!r}")
     return bg  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time-based sampling (animations and video)
+
+_EPS = 1e-6
+
+
+def sample_positions(starts: Sequence[float], limits: DecodeLimits) -> tuple[list[int], bool]:
+    """The frames to sample from frames starting at ``starts`` (seconds, non-decreasing, the first at 0): the frame showing at every ``1 / limits.frames_per_second`` seconds, and the last frame;
+    when that is more than ``limits.sample_frames``, that many instants spread evenly from the first frame's start to
+    the last's. Returns (sorted frame positions, whether the cap spread them).
+
+    >>> sample_positions([0.0, 0.5, 1.0, 1.5, 2.0, 2.5], DecodeLimits())
+    ([0, 2, 4, 5], False)
+    >>> sample_positions([0.0, 0.5, 1.0, 1.5, 2.0, 2.5], DecodeLimits(sample_frames=2))
+    ([0, 5], True)
+    """
+    n, cap = len(starts), limits.sample_frames
+    last = float(starts[-1])
+    if n == 1 or cap == 1:
+        return [0], n > 1
+    step = 1.0 / limits.frames_per_second
+    k = math.floor(last / step + _EPS) + 1  # instants 0, step, 2 step, ... up to the last frame's start
+    spread = k + (1 if last > (k - 1) * step + _EPS else 0) > cap
+    instants = np.linspace(0.0, last, cap) if spread else np.arange(k) * step
+    pos = np.searchsorted(np.asarray(starts, dtype=np.float64), instants + _EPS, side="right") - 1
+    picked = {int(p) for p in np.clip(pos, 0, n - 1)} | {0, n - 1}
+    return sorted(picked), spread
+
+
+def sampling_text(limits: DecodeLimits, spread: bool, duration_s: float) -> str:
+    """``Decoded.sampling`` for time-based sampling, e.g. ``"1 fps, at most 32 frames, first and last included"``."""
+    text = f"{limits.frames_per_second:g} fps, at most {limits.sample_frames} frames, first and last included"
+    if spread:
+        text += f" (spread evenly over {duration_s:.3g} s)"
+    return text

@@ -31,6 +31,8 @@ from ._common import (
     Decoded,
     DecodeLimits,
     one_line,
+    sample_positions,
+    sampling_text,
 )
 
 __all__ = ["array_to_image", "decode_file", "decode_image"]
@@ -215,6 +217,82 @@ def _sample_indices(n_frames: int, k: int) -> list[int]:
     if k <= 1:
         return [0]
     return [int(i) for i in np.unique(np.round(np.linspace(0, n_frames - 1, k)).astype(np.int64))]
+
+
+_TIMED = frozenset({"GIF", "PNG", "WEBP"})
+"""Formats whose frames have durations: sampled by time. Others (MPO, TIFF pages) are sampled evenly by index."""
+_SHORTEST_MS = 10
+_DEFAULT_MS = 100
+"""A frame shown for ``_SHORTEST_MS`` or less (or with no duration) counts as ``_DEFAULT_MS``, as browsers show it."""
+
+
+class _Plan:
+    """Which frames of an image to decode, and each one's start time (``None``: pages, sampled by index)."""
+
+    __slots__ = ("duration_s", "indices", "sampling", "starts")
+
+    def __init__(self, n: int, durations_ms: list[int] | None, limits: DecodeLimits, what: str, name: str | None):
+        self.starts: list[float] | None = None
+        self.duration_s: float | None = None
+        self.sampling: str | None = None
+        if n == 1:
+            self.indices = [0]
+            return
+        if durations_ms is None:
+            self.indices = _sample_indices(n, limits.sample_frames)
+            self.sampling = (f"{len(self.indices)} of {n} pages, evenly spaced, first and last included")
+            return
+        ms = np.array([_DEFAULT_MS if d <= _SHORTEST_MS else d for d in durations_ms], dtype=np.float64)
+        starts = np.concatenate([[0.0], np.cumsum(ms[:-1])]) / 1000.0
+        self.duration_s = float(ms.sum()) / 1000.0
+        if self.duration_s > limits.max_duration_s:
+            raise ImageTooLargeError(
+                f"{what} lasts {self.duration_s:g} s, over the {limits.max_duration_s:g}-second limit "
+                "(DecodeLimits.max_duration_s)", name
+            )
+        self.starts = [float(t) for t in starts]
+        self.indices, spread = sample_positions(self.starts, limits)
+        self.sampling = sampling_text(limits, spread, self.duration_s)
+
+
+def _be(data: bytes, p: int, k: int) -> int:
+    return int.from_bytes(data[p : p + k], "big")
+
+
+def _le(data: bytes, p: int, k: int) -> int:
+    return int.from_bytes(data[p : p + k], "little")
+
+
+def _chunk_durations(data: bytes, fmt: str) -> list[int] | None:
+    """Frame durations in ms of an APNG (``fcTL`` delays; a default image outside the animation first, at 0 ms) or
+    an animated WebP (``ANMF`` durations), read from the chunks without decoding anything."""
+    out: list[int] = []
+    n = len(data)
+    if fmt == "PNG":
+        p, default_image = 8, False
+        while p + 8 <= n:
+            length, kind = _be(data, p, 4), data[p + 4 : p + 8]
+            body = p + 8
+            if kind == b"IDAT" and not out:
+                default_image = True
+            elif kind == b"fcTL" and body + 26 <= n:
+                num, den = _be(data, body + 20, 2), _be(data, body + 22, 2) or 100
+                out.append(round(1000 * num / den))
+            elif kind == b"IEND":
+                break
+            p = body + length + 4
+        if default_image and out:
+            out.insert(0, 0)
+        return out
+    if fmt == "WEBP":
+        p = 12
+        while p + 8 <= n:
+            kind, length = data[p : p + 4], _le(data, p + 4, 4)
+            if kind == b"ANMF" and p + 8 + 15 <= n:
+                out.append(_le(data, p + 8 + 12, 3))
+            p += 8 + length + (length & 1)
+        return out
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,8 +495,8 @@ def _skip_gif_subblocks(data: bytes, p: int) -> int:
     return p
 
 
-def _precheck(data: bytes, limits: DecodeLimits, name: str) -> None:
-    """Size checks Pillow cannot give us in time.
+def _precheck(data: bytes, limits: DecodeLimits, name: str) -> list[int] | None:
+    """Size checks Pillow cannot give us in time; returns a GIF's frame delays in ms (``None`` for other formats).
 
     GIF: Pillow grows the canvas and allocates a frame's dispose buffer while *seeking* (even inside ``Image.open``
     for the first frame), before a frame's size can be checked, so every image descriptor is checked here first
@@ -431,11 +509,15 @@ def _precheck(data: bytes, limits: DecodeLimits, name: str) -> None:
         flags = data[10]
         p = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
         frames = 0
+        delays: list[int] = []
+        delay = 0
         while p < n:
             block = data[p]
             if block == 0x3B:  # trailer
                 break
             if block == 0x21:  # extension: label, then sub-blocks
+                if p + 6 <= n and data[p + 1] == 0xF9 and data[p + 2] >= 4:  # graphic control: the next frame's delay
+                    delay = 10 * _le(data, p + 4, 2)
                 p = _skip_gif_subblocks(data, p + 2)
             elif block == 0x2C:  # image descriptor
                 if p + 10 > n:
@@ -447,14 +529,18 @@ def _precheck(data: bytes, limits: DecodeLimits, name: str) -> None:
                 width, height = max(width, x0 + w), max(height, y0 + h)
                 _check_pixels((max(width, 1), max(height, 1)), limits, f"GIF image frame {frames}", name)
                 frames += 1
+                delays.append(delay)
+                delay = 0
             else:  # Pillow skips stray bytes between blocks too
                 p += 1
         if frames > limits.max_frames:
             raise ImageTooLargeError(f"GIF image has {frames} frames, over the {limits.max_frames}-frame limit", name)
+        return delays
     elif data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8X" and n >= 30:
         width = int.from_bytes(data[24:27], "little") + 1
         height = int.from_bytes(data[27:30], "little") + 1
         _check_pixels((width, height), limits, "WEBP image canvas", name)
+    return None
 
 
 def _check_frames(n: Any, limits: DecodeLimits, what: str, name: str | None) -> int:
@@ -486,6 +572,17 @@ def _seek(im: Image.Image, i: int, deadline: Deadline) -> None:
     im.seek(i)
 
 
+def _pillow_durations(im: Image.Image, n: int, deadline: Deadline) -> list[int]:
+    """Each frame's duration in ms as Pillow reads it (``info["duration"]``), seeking frame by frame."""
+    out = []
+    for j in range(n):
+        _seek(im, j, deadline)
+        d = im.info.get("duration", 0)
+        out.append(int(d) if isinstance(d, (int, float)) and d >= 0 else 0)
+        deadline.check(f"reading the duration of frame {j}")
+    return out
+
+
 class _Views:
     """The RGB views of the sampled frames, and the pixels they hold, bounded by ``limits.max_total_pixels``."""
 
@@ -494,6 +591,7 @@ class _Views:
         self.frames: list[Image.Image] = []
         self.indices: list[int] = []
         self.colours: list[RGB | None] = []
+        self.times: list[float] = []
         self.held = 0
 
     def precheck(self, size: tuple[int, int], k: int, target_size: int | None) -> None:
@@ -501,7 +599,7 @@ class _Views:
         w, h = _reduced_size(size, _reduction(size, target_size))
         self._check(k * w * h, f"{k} sampled frame{'s' if k > 1 else ''} of {w}x{h}")
 
-    def add(self, base: Image.Image, index: int, alpha: bool) -> None:
+    def add(self, base: Image.Image, index: int, alpha: bool, start: float | None = None) -> None:
         colours: tuple[RGB | None, ...] = self.backgrounds if alpha else (None,)
         w, h = base.size
         views = f"{len(colours)} view{'s' if len(colours) > 1 else ''}"
@@ -510,6 +608,8 @@ class _Views:
             self.frames.append(base if bg is None else _composite(base, bg))
             self.indices.append(index)
             self.colours.append(bg)
+            if start is not None:
+                self.times.append(start)
         self.held += len(colours) * w * h
 
     def _check(self, total: int, what: str) -> None:
@@ -524,6 +624,7 @@ class _Views:
 def _sample(
     im: Image.Image,
     n: int,
+    plan: _Plan,
     what: str,
     name: str | None,
     limits: DecodeLimits,
@@ -536,7 +637,7 @@ def _sample(
 ) -> tuple[_Views, tuple[int, int]]:
     """Decode the sampled frames of an open image into views, each reduced for ``target_size`` as it is produced, so
     that at most one frame is held at full size; return them and the first frame's (oriented, full) size."""
-    indices = _sample_indices(n, limits.sample_frames)
+    indices = plan.indices
     views = _Views(limits, backgrounds, what, name)
     views.precheck(im.size, len(indices), target_size)
     size: tuple[int, int] | None = None
@@ -554,7 +655,7 @@ def _sample(
         if digest is not None:
             _pixel_digest(digest, im)
         base, oriented, alpha = _frame_base(im, full, target_size)
-        views.add(base, i, alpha)
+        views.add(base, i, alpha, None if plan.starts is None else plan.starts[i])
         size = size or oriented
     assert size is not None  # indices is never empty
     return views, size
@@ -574,7 +675,7 @@ def decode_file(
     what = "image"
     with _LIBTIFF.capture() as libtiff:
         try:
-            _precheck(data, limits, name)
+            gif_delays = _precheck(data, limits, name)
             deadline.check("after checking the header")
             with Image.open(io.BytesIO(data), formats=OPENERS) as im:
                 fmt = im.format or "unknown"
@@ -584,8 +685,15 @@ def decode_file(
                 _check_pixels(im.size, limits, what, name)
                 deadline.check("after reading the header")
                 n = _check_frames(getattr(im, "n_frames", 1), limits, what, name)
+                durations = None
+                if n > 1 and fmt in _TIMED:
+                    durations = gif_delays if fmt == "GIF" else _chunk_durations(data, fmt)
+                    if durations is None or len(durations) != n:  # not what Pillow sees: ask Pillow, frame by frame
+                        durations = _pillow_durations(im, n, deadline)
+                plan = _Plan(n, durations, limits, what, name)
                 draft = target_size is not None and fmt == "JPEG" and n == 1
-                views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, draft=draft)
+                views, size = _sample(im, n, plan, what, name, limits, target_size, backgrounds, deadline,
+                                      draft=draft)
                 deadline.check("after the last frame")
         except DecodeError:
             raise
@@ -605,6 +713,9 @@ def decode_file(
         nbytes=len(data),
         source=name,
         backgrounds=tuple(views.colours),
+        timestamps=tuple(views.times),
+        duration_s=plan.duration_s,
+        sampling=plan.sampling,
     )
 
 
@@ -639,7 +750,9 @@ def decode_image(
             start = im.tell() if n > 1 else 0
             h = hashlib.sha256()
             try:
-                views, size = _sample(im, n, what, name, limits, target_size, backgrounds, deadline, digest=h)
+                durations = _pillow_durations(im, n, deadline) if n > 1 and im.format in _TIMED else None
+                plan = _Plan(n, durations, limits, what, name)
+                views, size = _sample(im, n, plan, what, name, limits, target_size, backgrounds, deadline, digest=h)
             finally:
                 if n > 1 and im.tell() != start:
                     try:
@@ -661,6 +774,9 @@ def decode_image(
         nbytes=0,
         source=name,
         backgrounds=tuple(views.colours),
+        timestamps=tuple(views.times),
+        duration_s=plan.duration_s,
+        sampling=plan.sampling,
     )
 
 

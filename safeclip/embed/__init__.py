@@ -12,7 +12,8 @@ module         what
 =============  ===========================================================================
 _config        defaults, model/device/runtime/threads resolution (no torch)
 _pixels        :class:`PixelSpec`, :func:`prepare_pixels` (PIL + numpy)
-_prepare       :func:`prepare` (decode + pixels, shared by requests and audits), :class:`DecodeOptions`,
+_prepare       :func:`prepare` / :func:`prepare_chunks` (decode + pixels, shared by requests and audits),
+               :class:`DecodeOptions`,
                :class:`EncoderSpec` (the option groups that travel)
 _prompts       :class:`PromptCache`
 _identity      weights identity and ``encoder_id`` (no torch)
@@ -32,7 +33,7 @@ from ._config import (DEFAULT_MODEL, DEFAULT_PRETRAINED, IDENTITY_VERSION, PRECI
 from ._checkpoint import encoder_id_matches, known_encoder_id, read_state_dict, tag_encoder_id
 from ._encoder import Encoder, RuntimeFallbackWarning
 from ._pixels import PixelSpec, prepare_pixels
-from ._prepare import DecodeOptions, EncoderSpec, Prepared, prepare
+from ._prepare import DecodeOptions, EncoderSpec, Prepared, prepare, prepare_chunks
 from ._prompts import PromptCache
 from ._verify import Int8Report, verify_int8
 
@@ -54,6 +55,7 @@ __all__ = [
     "encoder_id_matches",
     "known_encoder_id",
     "prepare",
+    "prepare_chunks",
     "prepare_pixels",
     "read_state_dict",
     "resolve_device",

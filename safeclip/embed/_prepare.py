@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..decode import BACKENDS, DecodeLimits, decode
+from ..decode import BACKENDS, Decoded, DecodeLimits, decode, decode_chunks
 from ..errors import ConfigError
 from ..pdq import DECODE_SIDE, frame_hashes
 from ._config import PRECISIONS, RUNTIMES, default_cache_dir, resolve_encoder_args
@@ -24,7 +25,7 @@ from ._pixels import PixelSpec, prepare_pixels
 if TYPE_CHECKING:  # pragma: no cover
     from ._encoder import Encoder
 
-__all__ = ["DecodeOptions", "EncoderSpec", "Prepared", "prepare"]
+__all__ = ["DecodeOptions", "EncoderSpec", "Prepared", "prepare", "prepare_chunks"]
 
 RGB = tuple[int, int, int]
 
@@ -58,7 +59,8 @@ class Prepared:
     """One input ready for the model: ``pixels`` ``(V, S, S, 3)`` uint8, one per view, and what decode said of it
     (``frame_indices`` and ``backgrounds`` per view, as in :class:`~safeclip.decode.Decoded`). ``pdq`` ``(V, 32)``
     uint8 and ``pdq_quality`` ``(V,)``: each view's PDQ hash, taken from the decoded frame before the model's resize
-    (:func:`~safeclip.pdq.frame_hashes`: what PDQ banks match)."""
+    (:func:`~safeclip.pdq.frame_hashes`: what PDQ banks match). ``timestamps``, ``duration_s`` and ``sampling``:
+    as in :class:`~safeclip.decode.Decoded` (set for animations and videos)."""
 
     pixels: np.ndarray
     frame_indices: tuple[int, ...]
@@ -71,6 +73,9 @@ class Prepared:
     nbytes: int
     pdq: np.ndarray | None = None
     pdq_quality: np.ndarray | None = None
+    timestamps: tuple[float, ...] = ()
+    duration_s: float | None = None
+    sampling: str | None = None
 
 
 def prepare(source: Any, spec: PixelSpec, options: DecodeOptions | None = None) -> Prepared:
@@ -83,13 +88,37 @@ def prepare(source: Any, spec: PixelSpec, options: DecodeOptions | None = None) 
     """
     opts = options or DecodeOptions()
     # Decoded large enough for PDQ too (DECODE_SIDE), so that one decode serves the hash and the model's pixels.
-    dec = decode(source, limits=opts.limits, target_size=max(spec.size, DECODE_SIDE) if opts.fast else None,
-                 backend=opts.backend)
+    dec = decode(source, limits=opts.limits, target_size=_target(spec, opts), backend=opts.backend)
+    return _prepared(dec, source, spec, opts)
+
+
+def prepare_chunks(source: Any, spec: PixelSpec, options: DecodeOptions | None = None,
+                   *, chunk_frames: int = 8) -> Iterator[Prepared]:
+    """:func:`prepare` over :func:`~safeclip.decode.decode_chunks`: a video's sampled frames ``chunk_frames`` at a
+    time, in time order, each chunk a :class:`Prepared` (a still or an animated image: one). An error after some
+    chunks means the input failed as a whole (never act on the chunks before it as if they were the input).
+
+    >>> from PIL import Image
+    >>> [p.pixels.shape for p in prepare_chunks(Image.new("RGB", (640, 480)), PixelSpec(size=224))]
+    [(1, 224, 224, 3)]
+    """
+    opts = options or DecodeOptions()
+    for dec in decode_chunks(source, limits=opts.limits, target_size=_target(spec, opts), chunk_frames=chunk_frames,
+                             backend=opts.backend):
+        yield _prepared(dec, source, spec, opts)
+
+
+def _target(spec: PixelSpec, opts: DecodeOptions) -> int | None:
+    return max(spec.size, DECODE_SIDE) if opts.fast else None
+
+
+def _prepared(dec: Decoded, source: Any, spec: PixelSpec, opts: DecodeOptions) -> Prepared:
     pixels = np.stack([prepare_pixels(f, spec, fast=opts.fast) for f in dec.frames])
     pdq, quality = frame_hashes(dec.frames)
     name = dec.source or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else None)
     return Prepared(pixels, tuple(dec.frame_indices), tuple(dec.backgrounds), dec.sha256, name, dec.format,
-                    dec.size, dec.n_frames, dec.nbytes, pdq, quality)
+                    dec.size, dec.n_frames, dec.nbytes, pdq, quality, tuple(dec.timestamps), dec.duration_s,
+                    dec.sampling)
 
 
 @dataclass(frozen=True)
