@@ -123,10 +123,17 @@ class WorkerConfig:
 
 def decoder_fingerprint(limits: DecodeLimits, target_size: int | None, backend: str = "auto") -> str:
     """What a decode failure depends on besides the bytes: Pillow, the decoder's version, its limits, the target
-    size, and the backend that decodes (with libvips' version)."""
+    size, the backend that decodes (with libvips' version) and PyAV's version (videos: its FFmpeg decides what is
+    corrupt)."""
+    import importlib.metadata
+
     import PIL
 
-    parts: list[object] = [PIL.__version__, repr(limits), target_size, DECODER_VERSION]
+    try:
+        pyav: str | None = importlib.metadata.version("av")
+    except importlib.metadata.PackageNotFoundError:
+        pyav = None
+    parts: list[object] = [PIL.__version__, repr(limits), target_size, DECODER_VERSION, pyav]
     decoder = decoder_id(backend)
     if decoder != "pil":  # Pillow-only fingerprints stay as they were, so their remembered failures still count
         parts.append(decoder)
