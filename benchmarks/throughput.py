@@ -11,8 +11,10 @@ The set: the largest 13 JPEG, 28 WebP and 25 PNG files of the photo corpus (66 f
    process's CPU time over every thread), over the cores: bound img/s = cores / (decode + forward core-s).
 2. The whole command (process start to exit, warm caches: export, prompts and the audit's identity memo; no
    embedding cache), ``--runtime onnx`` vs NudeNet's detector loop in its own venv, alternated, 3 pairs, medians.
-   Cores busy: /proc/stat sampled every 50 ms during each audit; steady state = the window after the model is
-   loaded and the first rows flow (from 25% to 90% of the wall time). RSS: /proc/PID/status VmRSS of the audit's
+   Cores busy: the CPU seconds of the audit's own processes (main and decode workers, /proc/PID/stat) sampled every
+   50 ms, over wall seconds x cores; steady state = the window after the model is loaded and the first rows flow
+   (from 25% to 90% of the wall time). The whole machine's busy share in that window (/proc/stat) is printed beside
+   it: other load shows there. RSS: /proc/PID/status VmRSS of the audit's
    main process and of its decode workers (peak of each; workers summed), sampled at the same rate.
 3. Steady-state throughput per format (the audit in this process, model loaded: n / (seconds - start-up)) against
    the format's bound.
@@ -85,6 +87,19 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float | None:
+    """utime + stime of one process, in seconds (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -101,6 +116,8 @@ class Run:
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.samples: list[tuple[float, int, int]] = []
+        self.own: list[tuple[float, float]] = []  # (wall, CPU seconds of the command's processes so far)
+        last: dict[int, float] = {}
         self.main_rss = self.workers_rss = 0.0
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -112,6 +129,11 @@ class Run:
                 busy, total = _cpu_times()
                 self.samples.append((time.perf_counter() - t0, busy, total))
                 pids = _tree(proc.pid)
+                for p in pids:
+                    c = _cpu_s(p)
+                    if c is not None:
+                        last[p] = c
+                self.own.append((time.perf_counter() - t0, sum(last.values())))
                 self.main_rss = max(self.main_rss, _rss_mb(proc.pid))
                 self.workers_rss = max(self.workers_rss, sum(_rss_mb(p) for p in pids[1:]))
                 stop.wait(0.05)
@@ -129,7 +151,15 @@ class Run:
         self.n = int(m.group(1)) if m else 0
 
     def busy(self, start: float, end: float) -> float:
-        """The fraction of all cores busy between ``start`` and ``end`` of the wall time (0..1)."""
+        """The fraction of all cores the command's own processes kept busy between ``start`` and ``end`` of the wall
+        time (0..1): their CPU seconds over wall seconds x cores, whatever else runs on the machine."""
+        s = [x for x in self.own if start * self.wall <= x[0] <= end * self.wall]
+        if len(s) < 2:
+            return float("nan")
+        return (s[-1][1] - s[0][1]) / max(1e-9, (s[-1][0] - s[0][0]) * len(os.sched_getaffinity(0)))
+
+    def machine_busy(self, start: float, end: float) -> float:
+        """The fraction of all cores busy on the whole machine in the same window (/proc/stat)."""
         s = [x for x in self.samples if start * self.wall <= x[0] <= end * self.wall]
         if len(s) < 2:
             return float("nan")
@@ -218,8 +248,9 @@ def command_section(files: list[Path], ckpt: str, base: Path, pairs: int, nudene
     steady = [r.n / max(1e-9, r.wall - r.model_load) for r in runs]
     print(f"   safeclip audit (onnx): median {med:5.2f} s (runs {', '.join(f'{w:.2f}' for w in walls)}), "
           f"after model load {statistics.median(steady):.2f} img/s")
-    print(f"   cores busy, whole run {statistics.median(r.busy(0, 1) for r in runs):.0%}, steady state "
-          f"(25%-90% of the wall) {statistics.median(r.busy(.25, .9) for r in runs):.0%}")
+    print(f"   cores busy with the audit's processes: whole run {statistics.median(r.busy(0, 1) for r in runs):.0%}, "
+          f"steady state (25%-90% of the wall) {statistics.median(r.busy(.25, .9) for r in runs):.0%} "
+          f"(the whole machine in that window: {statistics.median(r.machine_busy(.25, .9) for r in runs):.0%})")
     print(f"   peak RSS: main process {max(r.main_rss for r in runs):.0f} MB, decode workers together "
           f"{max(r.workers_rss for r in runs):.0f} MB")
     if peer:
