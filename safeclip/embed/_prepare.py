@@ -66,6 +66,9 @@ class Prepared:
     nbytes: int
     pdq: np.ndarray | None = None
     pdq_quality: np.ndarray | None = None
+    timestamps: tuple[float, ...] = ()
+    duration_s: float | None = None
+    sampling: str | None = None
 
 
 def prepare(source: Any, spec: PixelSpec, options: DecodeOptions | None = None) -> Prepared:
