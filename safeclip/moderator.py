@@ -418,7 +418,16 @@ class Moderator:
             return self._run(images, policy, pool=pool)
 
     def _prepare(self, image: Any) -> Prepared:
-        return prepare(image, self.encoder.pixel_spec, self.decoding)
+        """Every sampled view of ``image``: a still's one chunk, a video's chunks joined (no early stop)."""
+        chunks = list(prepare_chunks(image, self.encoder.pixel_spec, self.decoding))
+        if len(chunks) == 1:
+            return chunks[0]
+        if not chunks:
+            raise DecodeError("the decoder gave no frames", _source_name(image))
+        clip = _Clip()
+        for c in chunks:
+            clip.add(c, np.empty((0, 0), np.float32))
+        return dataclasses.replace(clip.prepared(), pixels=np.concatenate([c.pixels for c in chunks]))
 
     def _decode_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:

@@ -229,3 +229,29 @@ def test_a_real_clip_reports_its_sampling(tiny_model, cache_dir, tmp_path):
     assert d.frames_scored >= 3 and d.sampling and d.duration_s == pytest.approx(3.0, abs=0.5)
     assert all(0.0 <= s.start_s <= s.peak_s <= s.end_s <= 3.0 for s in d.segments)
     assert load_policy("default").id == d.policy
+
+
+# ------------------------------------------------------------------------------------------------ surfaces
+def test_cli_check_prints_a_videos_segments(known, monkeypatch, capsys):
+    import json
+
+    from safeclip.cli import main
+
+    m, enc = known
+    monkeypatch.setattr(moderator_module, "Moderator",
+                        lambda policy=None, encoder=None, on_error="raise": Moderator(
+                            policy, encoder=enc, on_error=on_error))  # type: ignore[arg-type]
+    monkeypatch.setattr(moderator_module, "prepare_chunks", Chunks([CALM, MID], [MID, CALM], [HIT, CALM]))
+    assert main(["check", "clip.mp4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("clip.mp4\tblock\t")
+    assert out[1] == "  frames: 6 scored of 10.00 s (1 fps, at most 64 frames)"
+    segs = [line for line in out if line.startswith("  segment ")]
+    assert any(line.startswith("  segment 1.00-2.00 s\t") and "\tflag\t" in line and "(2 frames)" in line
+               for line in segs), out
+    assert any(line.startswith("  segment 4.00-4.00 s\t") and "\tblock\t" in line for line in segs), out
+    monkeypatch.setattr(moderator_module, "prepare_chunks", Chunks([CALM, MID], [MID, CALM], [HIT, CALM]))
+    assert main(["check", "--json", "clip.mp4"]) == 0
+    d = json.loads(capsys.readouterr().out)["decision"]
+    assert d["frames_scored"] == 6 and d["sampling"] == "1 fps, at most 64 frames" and d["time_s"] == 4.0
+    assert {(s["start_s"], s["end_s"], s["action"]) for s in d["segments"]} >= {(1.0, 2.0, "flag"), (4.0, 4.0, "block")}
