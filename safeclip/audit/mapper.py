@@ -15,6 +15,12 @@ its model actors and ``store`` on the driver, per shard; the results travel betw
 (:meth:`safeclip.compiled.CompiledPolicy.decide`), as for ``Moderator``: for an animation the worst frame decides, and
 for a transparent image the worst background (the row's ``background`` is the deciding view's).
 
+Videos and animations decoded with times (``FileResult.timestamps``): the decision object gets each frame's time
+(:meth:`~safeclip.compiled.Views.with_times`), so the worst frame decides after each category's ``k of n`` rule and
+the row records the deciding frame's time, the frames scored and the segments (runs of frames at or above a
+category's ``flag``). Their embeddings are not written to the cache: an entry keeps no frame times, and the frames a
+video gives depend on the sampling settings, so each run decodes a video again (a still's entry is unchanged).
+
 PDQ banks: each view's PDQ hash (computed where the file is decoded, or read from the cache) goes to the decision
 object with its embedding (:meth:`~safeclip.compiled.Views.with_pdq`), and the cache keeps it beside the embedding.
 Under a policy that matches PDQ banks a cache entry without hashes (made before they were kept) is a miss for the
@@ -109,6 +115,8 @@ class BatchUnit:
             if any(r.pdq is not None for r in ok):
                 views = views.with_pdq([None if r.pdq is None or r.pdq_quality is None else (r.pdq, r.pdq_quality)
                                         for r in ok])
+            if any(r.timestamps for r in ok):
+                views = views.with_times([r.timestamps for r in ok])
             verdicts = self.comp.decide(views)
             for k, r in enumerate(ok):
                 problem = verdicts.problems[k]
@@ -119,6 +127,9 @@ class BatchUnit:
                 r.view = view = int(verdicts.view[k])
                 r.background = r.backgrounds[view] if view < len(r.backgrounds) else None
                 r.matches = json.dumps([m.to_dict() for m in verdicts.matches(k)])
+                if r.timestamps and verdicts.frames is not None and int(verdicts.frames[k]) > 0:
+                    r.time_s, r.frames_scored = verdicts.time(k), int(verdicts.frames[k])
+                    r.segments = json.dumps([g.to_dict() for g in verdicts.segments_of(k)])
         score_s = (time.perf_counter() - t) / n
         for r in results:
             r.embed_s, r.score_s = embed_s, score_s
@@ -157,7 +168,7 @@ class BatchUnit:
 
 def _unusable(r: FileResult, kind: str, why: str) -> None:
     r.kind, r.error_kind, r.error, r.cacheable_error = "error", kind, why, False
-    r.code = r.probs = r.background = r.view = r.matches = None
+    r.code = r.probs = r.background = r.view = r.matches = r.time_s = r.frames_scored = r.segments = None
 
 
 def _hashes(r: FileResult) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -185,7 +196,7 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
                                          r.n_frames or 1, r.nbytes or 0, r.format or "", r.backgrounds,
                                          *_hashes(r))
                    for r in results if (r.new or (r.decoded and r.pdq is not None)) and r.sha256 is not None
-                   and r.embeddings is not None and r.kind != "error"}
+                   and r.embeddings is not None and r.kind != "error" and not r.timestamps}
         output.db.put_many(list(entries.values()))  # before any row that uses these embeddings can be committed
         errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
                   for r in results if r.kind == "error" and r.cacheable_error and r.sha256]

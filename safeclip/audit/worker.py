@@ -14,6 +14,7 @@ agree on the same file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,14 @@ import numpy as np
 
 from ..cache import EmbeddingCache
 from ..decode import DECODER_VERSION, DecodeLimits, read_source
-from ..embed import DecodeOptions, PixelSpec, prepare
+from ..embed import DecodeOptions, PixelSpec, Prepared, prepare
+
+try:
+    from ..embed import prepare_chunks  # type: ignore[attr-defined,unused-ignore]
+except ImportError:  # pragma: no cover - before the video decoder: every input is one chunk
+    def prepare_chunks(source: Any, spec: Any, options: DecodeOptions | None = None) -> Iterator[Prepared]:
+        """One chunk: what :func:`~safeclip.embed.prepare` gives."""
+        yield prepare(source, spec, options)
 from ..errors import (
     CacheError,
     DecodeError,
@@ -44,8 +52,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import pyarrow as pa
 
-__all__ = ["TEST_HOOK_ENV", "FileResult", "WorkerConfig", "decoder_fingerprint", "open_cache", "process_file",
-           "results_from_arrow", "results_to_arrow", "worker_main"]
+__all__ = ["TEST_HOOK_ENV", "FileResult", "WorkerConfig", "decoder_fingerprint", "open_cache", "prepare_all",
+           "process_file", "results_from_arrow", "results_to_arrow", "worker_main"]
 
 TEST_HOOK_ENV = "SAFECLIP_AUDIT_TEST_HOOK"
 """Test-only failure injection: JSON ``{"crash"|"abort"|"hang": [file names], "delay": s}`` (and the Ray engine's
@@ -65,6 +73,10 @@ class FileResult:
     bytes were embedded for another input). ``pdq`` ``(F, 32)`` uint8 and ``pdq_quality`` ``(F,)`` are each view's
     PDQ hash (decoded now, or from the cache; None for a cache entry made before hashes were kept); ``view`` (the
     deciding view) and ``matches`` (JSON: its bank matches) are set with ``code``.
+
+    A video or animation decoded with times: ``timestamps`` (per embedding row, seconds), ``duration_s`` and
+    ``sampling`` (what the decoder says of its sampling); the batch unit sets ``time_s`` (the deciding frame's),
+    ``frames_scored`` and ``segments`` (JSON: a list of :meth:`~safeclip.decide.Segment.to_dict`) with ``code``.
     """
 
     tid: int
@@ -97,6 +109,12 @@ class FileResult:
     pdq_quality: np.ndarray | None = None
     view: int | None = None
     matches: str | None = None
+    timestamps: tuple[float, ...] = ()
+    duration_s: float | None = None
+    sampling: str | None = None
+    time_s: float | None = None
+    frames_scored: int | None = None
+    segments: str | None = None
 
     @property
     def error_text(self) -> str:
@@ -170,8 +188,8 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
             _test_hook(hook, path)
         t1 = time.perf_counter()
         res.decoded = True
-        # The same prepare as Moderator's, so rows and Moderator.check agree.
-        prep = prepare(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast))
+        # The same prepare as Moderator's, so rows and Moderator.check agree (a video: every sampled frame).
+        prep = prepare_all(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast))
         res.pixels = prep.pixels
         res.pdq, res.pdq_quality = prep.pdq, prep.pdq_quality
         res.decode_s = time.perf_counter() - t1
@@ -179,6 +197,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.width, res.height = prep.size
         res.n_frames, res.frame_indices, res.format = prep.n_frames, prep.frame_indices, prep.format
         res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in prep.backgrounds)
+        res.timestamps, res.duration_s, res.sampling = tuple(prep.timestamps), prep.duration_s, prep.sampling
     except DecodeError as e:
         res.error_kind, res.error = type(e).__name__, e.reason
         res.cacheable_error = (res.sha256 is not None and isinstance(e, _DETERMINISTIC_ERRORS)
@@ -188,6 +207,27 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
     except Exception as e:  # decode promises DecodeError only; never let one file take the worker down
         res.error_kind, res.error = type(e).__name__, f"unexpected error while decoding: {e}"
     return res
+
+
+def prepare_all(source: Any, spec: PixelSpec, options: DecodeOptions) -> Prepared:
+    """Every sampled view of ``source`` as one :class:`~safeclip.embed.Prepared`: a still's one chunk, a video's
+    chunks joined in time order (an audit scores every frame: no early stop)."""
+    chunks = list(prepare_chunks(source, spec, options))
+    if len(chunks) == 1:
+        return chunks[0]
+    if not chunks:
+        raise DecodeError("the decoder gave no frames")
+
+    def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    last = chunks[-1]
+    return dataclasses.replace(
+        last, pixels=np.concatenate([c.pixels for c in chunks]),
+        frame_indices=tuple(f for c in chunks for f in c.frame_indices),
+        backgrounds=tuple(b for c in chunks for b in c.backgrounds),
+        timestamps=tuple(t for c in chunks for t in c.timestamps),
+        pdq=joined([c.pdq for c in chunks]), pdq_quality=joined([c.pdq_quality for c in chunks]))
 
 
 def _test_hook(hook: Mapping[str, Any], path: str) -> None:
@@ -247,7 +287,9 @@ def _arrow_schema() -> pa.Schema:
         ("decode_s", pa.float64()), ("pixels", pa.large_binary()), ("emb", pa.large_binary()),
         ("code", pa.int8()), ("probs", pa.list_(pa.float32())), ("new", pa.bool_()), ("duplicate", pa.bool_()),
         ("embed_s", pa.float64()), ("score_s", pa.float64()), ("pdq", pa.binary()), ("pdq_quality", pa.binary()),
-        ("view", pa.int32()), ("matches", pa.string()),
+        ("view", pa.int32()), ("matches", pa.string()), ("timestamps", pa.list_(pa.float64())),
+        ("duration_s", pa.float64()), ("sampling", pa.string()), ("time_s", pa.float64()),
+        ("frames_scored", pa.int32()), ("segments", pa.string()),
     ])
 
 
@@ -278,6 +320,9 @@ def results_to_arrow(results: Sequence[FileResult]) -> pa.Table:
         "pdq": [_blob(r.pdq, np.uint8) for r in results],
         "pdq_quality": [_blob(r.pdq_quality, np.int16) for r in results],
         "view": [r.view for r in results], "matches": [r.matches for r in results],
+        "timestamps": [list(r.timestamps) for r in results], "duration_s": [r.duration_s for r in results],
+        "sampling": [r.sampling for r in results], "time_s": [r.time_s for r in results],
+        "frames_scored": [r.frames_scored for r in results], "segments": [r.segments for r in results],
     }
     return pa.Table.from_pydict(cols, schema=_arrow_schema())
 
@@ -301,5 +346,7 @@ def results_from_arrow(table: pa.Table, size: int, dim: int) -> list[FileResult]
             probs=None if probs is None else np.asarray(probs, np.float32),
             pdq=None if pdq is None else np.frombuffer(pdq, np.uint8).reshape(-1, 32),
             pdq_quality=None if pdq_q is None else np.frombuffer(pdq_q, np.int16), view=c["view"][i],
-            matches=c["matches"][i]))
+            matches=c["matches"][i], timestamps=tuple(c["timestamps"][i] or ()), duration_s=c["duration_s"][i],
+            sampling=c["sampling"][i], time_s=c["time_s"][i], frames_scored=c["frames_scored"][i],
+            segments=c["segments"][i]))
     return out

@@ -1,0 +1,140 @@
+"""Videos in an audit (issue 24): one row per file with its segments, the per-segment table, the Arrow form the Ray
+engine ships, folders walked for video files, and stills decided as before beside them. The model is a stub whose
+answers are known (see ``test_moderator_video``)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import OrthoTexts
+from test_moderator_video import CALM, HIT, MID, _known_vectors, _mp4
+
+from safeclip.audit import collect_inputs, segments_table
+from safeclip.audit.mapper import BatchUnit, store
+from safeclip.audit.summary import Tally
+from safeclip.audit.worker import FileResult, results_from_arrow, results_to_arrow
+from safeclip.audit.writer import Rows, output_schema
+from safeclip.cache import EmbeddingCache
+from safeclip.compiled import CompiledPolicy
+from safeclip.policy import load_policy
+
+
+def _setup():
+    comp = CompiledPolicy.build(load_policy("default"), OrthoTexts(512), "known-space")
+    table = _known_vectors(comp)
+    forwards: list[int] = []
+
+    def embed_pixels(pixels: np.ndarray) -> np.ndarray:
+        forwards.append(len(pixels))
+        return np.stack([table[int(p[0, 0, 0])] for p in pixels]).astype(np.float32)
+
+    return comp, embed_pixels, forwards
+
+
+def _result(tid: int, sha: str, codes: list[int], times: tuple[float, ...] = ()) -> FileResult:
+    px = np.zeros((len(codes), 4, 4, 3), np.uint8)
+    px[:, 0, 0, 0] = codes
+    fmt = "MP4" if times else "PNG"
+    return FileResult(tid, "pixels", sha256=sha * 64, nbytes=100, width=64, height=48, n_frames=len(codes),
+                      frame_indices=tuple(range(len(codes))), backgrounds=(None,) * len(codes), format=fmt,
+                      pixels=px, decoded=True, timestamps=times, duration_s=2.0 if times else None,
+                      sampling="2 fps, at most 64 frames" if times else None)
+
+
+def _batch() -> list[FileResult]:
+    return [_result(0, "a", [HIT]),
+            _result(1, "b", [CALM, MID, HIT, CALM], (0.0, 0.5, 1.0, 1.5)),
+            _result(2, "c", [CALM, CALM, CALM], (0.0, 0.5, 1.0)),
+            _result(3, "d", [CALM])]
+
+
+def test_the_batch_unit_reports_a_clips_segments_and_leaves_stills_alone(tmp_path):
+    comp, embed_pixels, forwards = _setup()
+    results = BatchUnit(embed_pixels, comp).map(_batch())
+    assert forwards == [9]  # stills and every frame of both clips in one forward
+    still, clip, calm, other = results
+    assert (clip.code, clip.time_s, clip.frames_scored, clip.view) == (2, 1.0, 4, 2)
+    segs = json.loads(clip.segments)
+    name = comp.policy.categories[0].name  # OrthoTexts: the hit vector's category is among those in a segment
+    assert any(s["start_s"] == 0.5 and s["end_s"] == 1.0 and s["action"] == "block" and s["peak_s"] == 1.0
+               for s in segs), segs
+    assert all(set(s) == {"category", "start_s", "end_s", "peak_probability", "peak_s", "action", "frames"}
+               for s in segs) and name
+    assert (calm.code, calm.segments, calm.frames_scored, calm.time_s) == (0, "[]", 3, 0.0)
+    assert still.segments is None and still.time_s is None and still.frames_scored is None
+    # stills decided alone give the same rows
+    alone = BatchUnit(embed_pixels, comp).map([_result(0, "a", [HIT]), _result(3, "d", [CALM])])
+    for a, b in zip(alone, (still, other)):
+        assert a.code == b.code and a.view == b.view
+        np.testing.assert_array_equal(a.probs, b.probs)
+
+
+def test_rows_keep_the_segments_and_flatten_into_the_segment_table(tmp_path):
+    import pyarrow.parquet as pq
+
+    comp, embed_pixels, _ = _setup()
+    results = BatchUnit(embed_pixels, comp).map(_batch())
+    db = EmbeddingCache(tmp_path / "cache", "known-space")
+    cats = comp.policy.category_names
+    output = SimpleNamespace(db=db, rows=Rows(len(cats), False), fingerprint="fp",
+                             inputs=["still.png", "clip.mp4", "calm.mp4", "other.png"])
+    store(results, output, Tally())
+    # a clip's frames are not cached (an entry keeps no frame times); stills are, as before
+    assert sorted(db.get_many([c * 64 for c in "abcd"])) == ["a" * 64, "d" * 64]
+    db.close()
+    schema = output_schema(cats, {}, False)
+    table = output.rows.table(schema, cats, "known-space", comp.policy.id)
+    rows = table.to_pylist()
+    assert [r["segments"] is None for r in rows] == [True, False, False, True]
+    assert rows[2]["segments"] == [] and rows[1]["frames_scored"] == 4 and rows[1]["time_s"] == 1.0
+    assert rows[1]["sampling"] == "2 fps, at most 64 frames" and rows[1]["duration_s"] == 2.0
+    assert rows[0]["frames_scored"] is None and rows[0]["action"] == "block"
+    out = tmp_path / "out.parquet"
+    pq.write_table(table, out)
+    segs = segments_table(out)
+    assert segs.column_names == ["path", "sha256", "category", "start_s", "end_s", "peak_probability", "peak_s",
+                                 "action", "frames"]
+    assert set(segs.column("path").to_pylist()) == {"clip.mp4"}
+    assert segs.num_rows == len(rows[1]["segments"])
+    block = [r for r in segs.to_pylist() if r["action"] == "block"]
+    assert block and all((r["start_s"], r["end_s"], r["peak_s"]) == (0.5, 1.0, 1.0) for r in block)
+    # an output without videos (or from before them) gives an empty table
+    plain = table.drop(["segments"])
+    assert segments_table(plain).num_rows == 0
+
+
+def test_the_arrow_form_carries_a_clips_times_and_segments():
+    comp, embed_pixels, _ = _setup()
+    results = BatchUnit(embed_pixels, comp).map(_batch())
+    back = results_from_arrow(results_to_arrow(results), 4, 512)
+    for a, b in zip(results, back):
+        assert (a.timestamps, a.duration_s, a.sampling, a.time_s, a.frames_scored, a.segments) == (
+            b.timestamps, b.duration_s, b.sampling, b.time_s, b.frames_scored, b.segments)
+
+
+def test_folders_are_walked_for_video_files(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "b.WEBM").write_bytes(b"x")
+    (tmp_path / "c").write_bytes(b"\0\0\0\x20ftypisom" + bytes(20))  # an extensionless MP4
+    (tmp_path / "d").write_bytes(b"\x1a\x45\xdf\xa3" + bytes(20))  # an extensionless Matroska / WebM
+    (tmp_path / "e.txt").write_bytes(b"not a video")
+    assert [p.rsplit("/", 1)[1] for p in collect_inputs([tmp_path])] == ["a.mp4", "b.WEBM", "c", "d"]
+
+
+def test_a_real_clip_audits_to_one_row_with_its_segments(tmp_path, tiny_encoder):
+    import safeclip.decode
+    from audit_helpers import read, run_audit
+
+    if not hasattr(safeclip.decode, "decode_chunks"):
+        pytest.skip("the video decoder (safeclip.decode.decode_chunks) is not on this branch")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _mp4(folder / "clip.mp4")
+    s = run_audit([folder], tmp_path / "v.parquet", tmp_path / "cache", tiny_encoder)
+    assert s.rows == 1 and s.errors == 0
+    row = read(tmp_path / "v.parquet").to_pylist()[0]
+    assert row["frames_scored"] >= 3 and row["sampling"] and isinstance(row["segments"], list)
+    assert row["duration_s"] == pytest.approx(3.0, abs=0.5)
