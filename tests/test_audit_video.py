@@ -45,9 +45,11 @@ def _result(tid: int, sha: str, codes: list[int], times: tuple[float, ...] = ())
 
 
 def _batch() -> list[FileResult]:
+    import dataclasses
+
     return [_result(0, "a", [HIT]),
-            _result(1, "b", [CALM, MID, HIT, CALM], (0.0, 0.5, 1.0, 1.5)),
-            _result(2, "c", [CALM, CALM, CALM], (0.0, 0.5, 1.0)),
+            dataclasses.replace(_result(1, "b", [CALM, MID, HIT, CALM], (0.0, 0.5, 1.0, 1.5)), cache_sampling="s1"),
+            _result(2, "c", [CALM, CALM, CALM], (0.0, 0.5, 1.0)),  # its sampling unknown: never cached
             _result(3, "d", [CALM])]
 
 
@@ -82,8 +84,11 @@ def test_rows_keep_the_segments_and_flatten_into_the_segment_table(tmp_path):
     output = SimpleNamespace(db=db, rows=Rows(len(cats), False), fingerprint="fp",
                              inputs=["still.png", "clip.mp4", "calm.mp4", "other.png"])
     store(results, output, Tally())
-    # a clip's frames are not cached (an entry keeps no frame times); stills are, as before
-    assert sorted(db.get_many([c * 64 for c in "abcd"])) == ["a" * 64, "d" * 64]
+    # a clip's entry keeps its frame times, keyed by its sampling too; stills are cached as before
+    assert sorted(db.get_many([c * 64 for c in "abcd"], sampling="s1")) == ["a" * 64, "b" * 64, "d" * 64]
+    clip = db.get_many(["b" * 64], sampling="s1")["b" * 64]
+    assert clip.times == (0.0, 0.5, 1.0, 1.5) and clip.sampling == "s1" and len(clip.embeddings) == 4
+    assert sorted(db.get_many([c * 64 for c in "abcd"], sampling="s2")) == ["a" * 64, "d" * 64]
     db.close()
     schema = output_schema(cats, {}, False)
     table = output.rows.table(schema, cats, "known-space", comp.policy.id)
@@ -111,8 +116,8 @@ def test_the_arrow_form_carries_a_clips_times_and_segments():
     results = BatchUnit(embed_pixels, comp).map(_batch())
     back = results_from_arrow(results_to_arrow(results), 4, 512)
     for a, b in zip(results, back):
-        assert (a.timestamps, a.duration_s, a.sampling, a.time_s, a.frames_scored, a.segments) == (
-            b.timestamps, b.duration_s, b.sampling, b.time_s, b.frames_scored, b.segments)
+        assert (a.timestamps, a.duration_s, a.sampling, a.time_s, a.frames_scored, a.segments, a.cache_sampling) == (
+            b.timestamps, b.duration_s, b.sampling, b.time_s, b.frames_scored, b.segments, b.cache_sampling)
 
 
 def test_folders_are_walked_for_video_files(tmp_path):
@@ -138,3 +143,35 @@ def test_a_real_clip_audits_to_one_row_with_its_segments(tmp_path, tiny_encoder)
     row = read(tmp_path / "v.parquet").to_pylist()[0]
     assert row["frames_scored"] >= 3 and row["sampling"] and isinstance(row["segments"], list)
     assert row["duration_s"] == pytest.approx(3.0, abs=0.5)
+    # the same run again: the clip comes from the cache (keyed by sha256 + sampling), with its times
+    again = run_audit([folder], tmp_path / "v2.parquet", tmp_path / "cache", tiny_encoder)
+    assert again.cache_hits == 1 and again.decoded == 0
+    assert read(tmp_path / "v2.parquet").to_pylist()[0]["segments"] == row["segments"]
+
+
+def test_a_worker_takes_a_clip_from_the_cache_only_under_its_sampling(tmp_path):
+    import dataclasses
+
+    from safeclip.audit.worker import WorkerConfig, process_file, sampling_key
+    from safeclip.cache import CachedImage
+    from safeclip.decode import DecodeLimits
+    from safeclip.embed import PixelSpec
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not really a video")
+    import hashlib
+
+    sha = hashlib.sha256(clip.read_bytes()).hexdigest()
+    limits = DecodeLimits()
+    emb = np.eye(3, 8, dtype=np.float32)
+    with EmbeddingCache(tmp_path / "cache", "enc") as db:
+        db.put_many([CachedImage(sha, emb, (0, 1, 2), 64, 48, 90, 18, "MP4", times=(0.0, 1.0, 2.0),
+                                 sampling=sampling_key(limits))])
+    cfg = WorkerConfig(str(tmp_path / "cache"), "enc", PixelSpec(size=4), limits, "fp", 0, None)
+    with EmbeddingCache(tmp_path / "cache", "enc", readonly=True) as ro:
+        hit = process_file(0, str(clip), cfg, ro, {})
+        assert hit.kind == "hit" and hit.timestamps == (0.0, 1.0, 2.0) and hit.cache_sampling == sampling_key(limits)
+        other = dataclasses.replace(cfg, limits=DecodeLimits(sample_frames=4))
+        assert sampling_key(other.limits) != sampling_key(limits)
+        miss = process_file(0, str(clip), other, ro, {})
+        assert miss.kind == "error"  # not taken from the cache: decoded (and these bytes are no video)

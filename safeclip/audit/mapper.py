@@ -18,8 +18,10 @@ for a transparent image the worst background (the row's ``background`` is the de
 Videos and animations decoded with times (``FileResult.timestamps``): the decision object gets each frame's time
 (:meth:`~safeclip.compiled.Views.with_times`), so the worst frame decides after each category's ``k of n`` rule and
 the row records the deciding frame's time, the frames scored and the segments (runs of frames at or above a
-category's ``flag``). Their embeddings are not written to the cache: an entry keeps no frame times, and the frames a
-video gives depend on the sampling settings, so each run decodes a video again (a still's entry is unchanged).
+category's ``flag``). The cache keeps a clip's frame times with its embeddings, keyed by its sha256 and the sampling
+settings it was decoded under (``FileResult.cache_sampling``): a run under other sampling settings decodes it again.
+A duplicate clip is embedded once within a batch, but is never taken from an entry written since its worker looked
+(that entry may be of another sampling).
 
 PDQ banks: each view's PDQ hash (computed where the file is decoded, or read from the cache) goes to the decision
 object with its embedding (:meth:`~safeclip.compiled.Views.with_pdq`), and the cache keeps it beside the embedding.
@@ -147,9 +149,10 @@ class BatchUnit:
             else:
                 first[r.sha256] = r  # type: ignore[index]
         todo = list(first.values())
-        if known is not None and todo:
-            found = known([r.sha256 for r in todo])  # type: ignore[misc]
-            for r in todo:
+        stills = [r for r in todo if not r.timestamps]
+        if known is not None and stills:
+            found = known([r.sha256 for r in stills])  # type: ignore[misc]
+            for r in stills:
                 if r.sha256 in found:
                     r.embeddings, r.duplicate = found[r.sha256].embeddings, True  # type: ignore[index]
             todo = [r for r in todo if r.embeddings is None]
@@ -178,6 +181,13 @@ def _hashes(r: FileResult) -> tuple[np.ndarray | None, np.ndarray | None]:
     return r.pdq, r.pdq_quality
 
 
+def _times(r: FileResult) -> tuple[float, ...]:
+    """``r``'s frame times as the cache keeps them: one per embedding row (and its sampling known), or none (a
+    clip without them is not cached: an entry without times would be read as a still)."""
+    ok = r.embeddings is not None and len(r.timestamps) == len(r.embeddings) and r.cache_sampling is not None
+    return tuple(r.timestamps) if ok else ()
+
+
 def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> None:
     """The output half of the batch unit: the new embeddings and deterministic decode failures of ``results`` into
     the cache (one transaction each), then their rows into ``output``'s buffer; ``tally`` counts them.
@@ -194,9 +204,9 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
         # New embeddings, and decoded files whose cache entry may lack the PDQ hashes (put_many completes those).
         entries = {r.sha256: CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0,
                                          r.n_frames or 1, r.nbytes or 0, r.format or "", r.backgrounds,
-                                         *_hashes(r))
+                                         *_hashes(r), times=_times(r), sampling=r.cache_sampling)
                    for r in results if (r.new or (r.decoded and r.pdq is not None)) and r.sha256 is not None
-                   and r.embeddings is not None and r.kind != "error" and not r.timestamps}
+                   and r.embeddings is not None and r.kind != "error" and (_times(r) or not r.timestamps)}
         output.db.put_many(list(entries.values()))  # before any row that uses these embeddings can be committed
         errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
                   for r in results if r.kind == "error" and r.cacheable_error and r.sha256]

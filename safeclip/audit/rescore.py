@@ -10,6 +10,11 @@ embeddings (or from the ``embedding_pdq`` column of an output written with ``sav
 audited before an entry was added are found without decoding them ("which past files match what we added today").
 An image whose hashes were never recorded cannot be matched against a PDQ bank: under a policy that names one it is
 an error row (``NoHash``: audit the file again).
+
+Videos: the cache keeps no clip (an entry has no frame times), so a video row of an earlier audit is an error row
+(``EmbeddingNotCached``: audit the file again); from an output written with ``save_embeddings=True`` its frames are
+re-decided without their times: the worst frame decides (never less strict than a ``k of n`` rule) and the row has
+no segments.
 """
 
 from __future__ import annotations
@@ -444,6 +449,7 @@ def _cached_embeddings(part: pa.Table, db: EmbeddingCache, encoder_id: str) -> l
 
 
 _HEX = frozenset("0123456789abcdef")
+_VIDEO_COLUMNS = ("frames_scored", "time_s", "duration_s", "sampling", "segments")
 
 
 def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], schema: pa.Schema,
@@ -588,4 +594,7 @@ def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str],
     }
     for j, name in enumerate(comp.policy.category_names):
         cols[f"p_{name}"] = pa.array(np.ascontiguousarray(probs[:, j]), pa.float32(), mask=~valid)
+    for f in schema:  # a video's columns: the cache keeps no clip (its frames carry times an entry does not)
+        if f.name in _VIDEO_COLUMNS:
+            cols[f.name] = pa.nulls(n, f.type)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)

@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
 __all__ = ["TEST_HOOK_ENV", "FileResult", "WorkerConfig", "decoder_fingerprint", "open_cache", "prepare_all",
-           "process_file", "results_from_arrow", "results_to_arrow", "worker_main"]
+           "process_file", "sampling_key", "results_from_arrow", "results_to_arrow", "worker_main"]
 
 TEST_HOOK_ENV = "SAFECLIP_AUDIT_TEST_HOOK"
 """Test-only failure injection: JSON ``{"crash"|"abort"|"hang": [file names], "delay": s}`` (and the Ray engine's
@@ -75,8 +75,9 @@ class FileResult:
     deciding view) and ``matches`` (JSON: its bank matches) are set with ``code``.
 
     A video or animation decoded with times: ``timestamps`` (per embedding row, seconds), ``duration_s`` and
-    ``sampling`` (what the decoder says of its sampling); the batch unit sets ``time_s`` (the deciding frame's),
-    ``frames_scored`` and ``segments`` (JSON: a list of :meth:`~safeclip.decide.Segment.to_dict`) with ``code``.
+    ``sampling`` (what the decoder says of its sampling), and ``cache_sampling`` (:func:`sampling_key`: what keys
+    its cache entry beside its sha256); the batch unit sets ``time_s`` (the deciding frame's), ``frames_scored`` and
+    ``segments`` (JSON: a list of :meth:`~safeclip.decide.Segment.to_dict`) with ``code``.
     """
 
     tid: int
@@ -115,6 +116,7 @@ class FileResult:
     time_s: float | None = None
     frames_scored: int | None = None
     segments: str | None = None
+    cache_sampling: str | None = None
 
     @property
     def error_text(self) -> str:
@@ -147,6 +149,14 @@ def decoder_fingerprint(limits: DecodeLimits, target_size: int | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def sampling_key(limits: DecodeLimits) -> str:
+    """What decides which frames a clip gives, as text: the decode limits that count frames or set a rate. A clip's
+    cache entry is keyed by its sha256 and this (:meth:`~safeclip.cache.EmbeddingCache.get_many` ``sampling=``)."""
+    chosen = {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)
+              if "frame" in f.name or "per_second" in f.name or "fps" in f.name}
+    return json.dumps(chosen, sort_keys=True, default=repr)
+
+
 def open_cache(cfg: WorkerConfig) -> EmbeddingCache | None:
     """The cache, read-only, or None where this process cannot see it (then every file is decoded)."""
     if cfg.cache_dir is None:
@@ -171,7 +181,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.sha256 = sha = hashlib.sha256(data).hexdigest()
         res.read_s = time.perf_counter() - t0
         if cache is not None:
-            hit = cache.get(sha)
+            hit = cache.get_many([sha], sampling=sampling_key(cfg.limits)).get(sha)
             # An entry without PDQ hashes cannot be matched against a PDQ bank: decode the file again for them.
             if hit is not None and not (cfg.needs_pdq and hit.pdq is None):
                 res.kind, res.embeddings = "hit", hit.embeddings
@@ -179,6 +189,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
                 res.frame_indices, res.format = hit.frame_indices, hit.format
                 res.backgrounds = hit.backgrounds
                 res.pdq, res.pdq_quality = hit.pdq, hit.pdq_quality
+                res.timestamps, res.cache_sampling = hit.times, hit.sampling
                 return res
             known = cache.get_decode_errors([sha], cfg.fingerprint).get(sha)
             if known is not None:
@@ -198,6 +209,8 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.n_frames, res.frame_indices, res.format = prep.n_frames, prep.frame_indices, prep.format
         res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in prep.backgrounds)
         res.timestamps, res.duration_s, res.sampling = tuple(prep.timestamps), prep.duration_s, prep.sampling
+        if res.timestamps:
+            res.cache_sampling = sampling_key(cfg.limits)
     except DecodeError as e:
         res.error_kind, res.error = type(e).__name__, e.reason
         res.cacheable_error = (res.sha256 is not None and isinstance(e, _DETERMINISTIC_ERRORS)
@@ -289,7 +302,7 @@ def _arrow_schema() -> pa.Schema:
         ("embed_s", pa.float64()), ("score_s", pa.float64()), ("pdq", pa.binary()), ("pdq_quality", pa.binary()),
         ("view", pa.int32()), ("matches", pa.string()), ("timestamps", pa.list_(pa.float64())),
         ("duration_s", pa.float64()), ("sampling", pa.string()), ("time_s", pa.float64()),
-        ("frames_scored", pa.int32()), ("segments", pa.string()),
+        ("frames_scored", pa.int32()), ("segments", pa.string()), ("cache_sampling", pa.string()),
     ])
 
 
@@ -323,6 +336,7 @@ def results_to_arrow(results: Sequence[FileResult]) -> pa.Table:
         "timestamps": [list(r.timestamps) for r in results], "duration_s": [r.duration_s for r in results],
         "sampling": [r.sampling for r in results], "time_s": [r.time_s for r in results],
         "frames_scored": [r.frames_scored for r in results], "segments": [r.segments for r in results],
+        "cache_sampling": [r.cache_sampling for r in results],
     }
     return pa.Table.from_pydict(cols, schema=_arrow_schema())
 
@@ -348,5 +362,5 @@ def results_from_arrow(table: pa.Table, size: int, dim: int) -> list[FileResult]
             pdq_quality=None if pdq_q is None else np.frombuffer(pdq_q, np.int16), view=c["view"][i],
             matches=c["matches"][i], timestamps=tuple(c["timestamps"][i] or ()), duration_s=c["duration_s"][i],
             sampling=c["sampling"][i], time_s=c["time_s"][i], frames_scored=c["frames_scored"][i],
-            segments=c["segments"][i]))
+            segments=c["segments"][i], cache_sampling=c["cache_sampling"][i]))
     return out
