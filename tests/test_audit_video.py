@@ -175,3 +175,42 @@ def test_a_worker_takes_a_clip_from_the_cache_only_under_its_sampling(tmp_path):
         assert sampling_key(other.limits) != sampling_key(limits)
         miss = process_file(0, str(clip), other, ro, {})
         assert miss.kind == "error"  # not taken from the cache: decoded (and these bytes are no video)
+
+
+def test_rescore_decides_a_cached_clip_as_a_clip(tmp_path):
+    import pyarrow.parquet as pq
+
+    from safeclip.audit import rescore
+    from safeclip.embed import PromptCache
+
+    cache_dir = tmp_path / "cache"
+    prompts, ortho = PromptCache("known-space", cache_dir), OrthoTexts(512)
+
+    def texts(t: list[str]) -> np.ndarray:
+        vecs = ortho(t)
+        missing = prompts.missing(t)
+        if missing:
+            prompts.put(missing, vecs[[t.index(m) for m in missing]])
+        return vecs
+
+    comp = CompiledPolicy.build(load_policy("default"), texts, "known-space")
+    table = _known_vectors(comp)
+    results = BatchUnit(lambda px: np.stack([table[int(p[0, 0, 0])] for p in px]), comp).map(_batch())
+    cats = comp.policy.category_names
+    with EmbeddingCache(cache_dir, "known-space") as db:
+        output = SimpleNamespace(db=db, rows=Rows(len(cats), False), fingerprint="fp",
+                                 inputs=["still.png", "clip.mp4", "calm.mp4", "other.png"])
+        store(results, output, Tally())
+    src = tmp_path / "src.parquet"
+    meta = {"format": 1, "kind": "audit", "encoder_id": "known-space", "policy": comp.policy.id}
+    pq.write_table(output.rows.table(output_schema(cats, meta, False), cats, "known-space", comp.policy.id), src)
+    s = rescore(out=tmp_path / "re.parquet", policy="default", cache=cache_dir, from_audit=src, verbose=False)
+    assert s.rows == 4
+    before = {r["path"]: r for r in pq.read_table(src).to_pylist()}
+    after = {r["path"]: r for r in pq.read_table(tmp_path / "re.parquet").to_pylist()}
+    clip = after["clip.mp4"]
+    assert clip["action"] == "block" and clip["segments"] == before["clip.mp4"]["segments"]
+    assert (clip["frames_scored"], clip["time_s"], clip["duration_s"], clip["sampling"]) == (
+        4, 1.0, 2.0, "2 fps, at most 64 frames")
+    assert after["calm.mp4"]["action"] == "error" and "EmbeddingNotCached" in after["calm.mp4"]["error"]
+    assert after["still.png"]["segments"] is None and after["still.png"]["action"] == before["still.png"]["action"]

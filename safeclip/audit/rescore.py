@@ -11,10 +11,10 @@ audited before an entry was added are found without decoding them ("which past f
 An image whose hashes were never recorded cannot be matched against a PDQ bank: under a policy that names one it is
 an error row (``NoHash``: audit the file again).
 
-Videos: the cache keeps no clip (an entry has no frame times), so a video row of an earlier audit is an error row
-(``EmbeddingNotCached``: audit the file again); from an output written with ``save_embeddings=True`` its frames are
-re-decided without their times: the worst frame decides (never less strict than a ``k of n`` rule) and the row has
-no segments.
+Videos: a clip's cache entry keeps its frame times, so re-scoring a video row from the cache decides it as a clip
+(``k of n``, segments). From an output written with ``save_embeddings=True`` its frames are re-decided without their
+times: the worst frame decides (never less strict than a ``k of n`` rule) and the row has no segments. A re-score of
+the whole cache (no source output) decides every entry as the worst of its views.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ class _Source:
 
 _SOURCE_TEXT = ("path", "sha256", "error", "encoder_id")
 _NUMBERS = ("bytes", "width", "height", "frames")
-_SOURCE_ROWS = ("path", "path_bytes", "sha256", "error", "bytes", "width", "height", "frames")  # _decided_rows'
+_SOURCE_ROWS = ("path", "path_bytes", "sha256", "error", "bytes", "width", "height", "frames",  # _decided_rows'
+                "duration_s", "sampling")
 
 
 def _read_source(source: str | os.PathLike[str], encoder_id: str | None,
@@ -351,8 +352,12 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
     pieces, hits = [], 0
     for batch in parquet_batches(src.file, cols, f"audit output {src.name}", batch_rows=max(1, chunk_rows)):
         part = pa.Table.from_batches([batch])
-        embs = _embedding_column(part, dim) if db is None else _cached_embeddings(part, db, comp.scorer.encoder_id)
-        piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None)
+        times: list[tuple[float, ...]] | None = None
+        if db is None:
+            embs = _embedding_column(part, dim)
+        else:
+            embs, times = _cached_embeddings(part, db, comp.scorer.encoder_id)
+        piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None, times=times)
         hits += n_hits
         pieces.append(piece)
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
@@ -427,25 +432,29 @@ def _saved_hashes(codes: Any, qualities: Any, rows: int) -> Hashes:
     return out, quality
 
 
-def _cached_embeddings(part: pa.Table, db: EmbeddingCache, encoder_id: str) -> list[Source]:
+def _cached_embeddings(part: pa.Table, db: EmbeddingCache,
+                       encoder_id: str) -> tuple[list[Source], list[tuple[float, ...]]]:
+    """Each row's embeddings from the cache by sha256, and its frame times (a clip's; ``()`` for a still)."""
     shas, errors = part.column("sha256").to_pylist(), part.column("error").to_pylist()
     valid = [isinstance(s, str) and len(s) == 64 and all(ch in _HEX for ch in s.lower()) for s in shas]
     found = db.get_many([s.lower() for s, ok, err in zip(shas, valid, errors) if ok and err is None])
     out: list[Source] = []
+    times: list[tuple[float, ...]] = []
     for s, ok, err in zip(shas, valid, errors):
+        hit = found.get(s.lower()) if ok and err is None else None
+        times.append(hit.times if hit is not None else ())
         if err is not None:
             out.append((None, (), err, None))
         elif not ok:
             why = f"InvalidSha256: {str(s)[:80]!r} is not a sha256 (64 hex digits); audit the file again"
             out.append((None, (), why, None))
-        elif s.lower() in found:
-            hit = found[s.lower()]
+        elif hit is not None:
             hashes = None if hit.pdq is None or hit.pdq_quality is None else (hit.pdq, hit.pdq_quality)
             out.append((hit.embeddings, hit.backgrounds, None, hashes))
         else:
             why = f"EmbeddingNotCached: no embedding for sha256 {s} under encoder {encoder_id!r}; audit this file again"
             out.append((None, (), why, None))
-    return out
+    return out, times
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -453,10 +462,12 @@ _VIDEO_COLUMNS = ("frames_scored", "time_s", "duration_s", "sampling", "segments
 
 
 def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], schema: pa.Schema,
-                  save_emb: bool) -> tuple[pa.Table, int]:
+                  save_emb: bool, times: Sequence[tuple[float, ...]] | None = None) -> tuple[pa.Table, int]:
     """Re-decide one slice of a previous audit's rows; its error rows stay error rows, and so does every row
-    without usable embeddings (each one its own: no row ever takes another's decision)."""
-    c = {k: _column(part, k) for k in ("path", "sha256", "error", "bytes", "width", "height", "frames")}
+    without usable embeddings (each one its own: no row ever takes another's decision). ``times``: per row, a
+    clip's frame times (from the cache), so that it is decided as a clip, with its segments."""
+    c = {k: _column(part, k) for k in ("path", "sha256", "error", "bytes", "width", "height", "frames",
+                                       "duration_s", "sampling")}
     categories = comp.policy.category_names
     rows = Rows(len(categories), save_emb)
     errors: dict[int, str] = {}
@@ -467,8 +478,11 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
         else:
             ok.append(i)
     decided: dict[int, tuple[int, np.ndarray, str | None, int, str]] = {}
+    clips: dict[int, tuple[int, float | None, str]] = {}
     if ok:
         views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
+        if times is not None and any(times[i] for i in ok):
+            views = views.with_times([times[i] for i in ok])
         verdicts = comp.decide(views, record=False)
         for k, i in enumerate(ok):
             problem = verdicts.problems[k]
@@ -478,6 +492,9 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
                 view = int(verdicts.view[k])
                 decided[i] = (int(verdicts.actions[k]), verdicts.probabilities[k], _view(embs[i][1], view), view,
                               json.dumps([m.to_dict() for m in verdicts.matches(k)]))
+                if verdicts.frames is not None and int(verdicts.frames[k]) > 0:
+                    clips[i] = (int(verdicts.frames[k]), verdicts.time(k),
+                                json.dumps([g.to_dict() for g in verdicts.segments_of(k)]))
     for i in range(part.num_rows):
         action = probs_i = background = None
         chosen: int | None = None
@@ -486,10 +503,13 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
             code, probs_i, background, chosen, matches = decided[i]
             action = ACTIONS[code]
         hashes = embs[i][3]
+        frames_scored, time_s, segments = clips.get(i, (None, None, None))
         rows.add(c["path"][i], c["sha256"][i], _int(c["bytes"][i]), _int(c["width"][i]), _int(c["height"][i]),
                  _int(c["frames"][i]), action, probs_i, errors.get(i), embs[i][0] if i in decided else None,
                  background=background, emb_backgrounds=embs[i][1], pdq=None if hashes is None else hashes[0],
-                 pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches)
+                 pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches,
+                 frames_scored=frames_scored, time_s=time_s, duration_s=_float(c["duration_s"][i]),
+                 sampling=c["sampling"][i] if isinstance(c["sampling"][i], str) else None, segments=segments)
     return rows.table(schema, categories, comp.scorer.encoder_id, comp.policy.id), len(decided)
 
 
@@ -510,6 +530,15 @@ def _int(v: Any) -> int | None:
         return None if v is None else int(v)
     except (TypeError, ValueError):
         return None
+
+
+def _float(v: Any) -> float | None:
+    """A finite number of a source column, else None."""
+    try:
+        f = None if v is None or isinstance(v, bool) else float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f is not None and np.isfinite(f) else None
 
 
 def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
