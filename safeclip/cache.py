@@ -206,9 +206,10 @@ def _check_times(times: object, rows: int) -> tuple[float, ...]:
     if times is None or times == "":
         return ()
     found = _json_list(times, "times", rows)
-    if not all(type(t) in (int, float) and np.isfinite(t) for t in found):
+    numbers = [float(t) for t in found if type(t) in (int, float)]  # type: ignore[arg-type]
+    if len(numbers) != len(found) or not np.isfinite(numbers).all():
         raise _Damaged(f"its times {str(times)[:40]!r} are not finite numbers")
-    return tuple(float(t) for t in found)  # type: ignore[arg-type]
+    return tuple(numbers)
 
 
 def _pdq_blobs(it: CachedImage) -> tuple[bytes | None, bytes | None]:

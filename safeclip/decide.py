@@ -426,7 +426,7 @@ def build_decision(
         segments=tuple(segments),
         frames_scored=n_frames if frames_scored is None else int(frames_scored),
         sampling=sampling,
-        duration_s=duration_s,
+        duration_s=duration_s if duration_s is not None and np.isfinite(duration_s) else None,
         time_s=time_s,
         stopped_early=stopped_early,
     )

@@ -255,3 +255,27 @@ def test_cli_check_prints_a_videos_segments(known, monkeypatch, capsys):
     d = json.loads(capsys.readouterr().out)["decision"]
     assert d["frames_scored"] == 6 and d["sampling"] == "1 fps, at most 64 frames" and d["time_s"] == 4.0
     assert {(s["start_s"], s["end_s"], s["action"]) for s in d["segments"]} >= {(1.0, 2.0, "flag"), (4.0, 4.0, "block")}
+
+
+def test_stills_and_animations_decide_as_their_worst_view(tiny_encoder, photos, corpus):
+    """GIF/WebP animations go through the clip path when the decoder gives their frames times, stills never: either
+    way the decision is the worst view's, as it was (the default policy asks no category for k of n frames)."""
+    from safeclip.compiled import Views
+
+    m = Moderator("default", encoder=tiny_encoder)
+    tricky = corpus / "tricky"
+    inputs = [photos[0], photos[1], tricky / "iss634.gif", tricky / "dispose_bgnd.gif", tricky / "iss634.webp"]
+    comp = m.compiled()
+    for path in inputs:
+        d = m.check(path, early_stop=False)
+        prep = m._prepare(path)
+        emb = m.encoder.embed_pixels(prep.pixels)
+        plain = Views(emb, np.array([0, len(emb)]))
+        if prep.pdq is not None and prep.pdq_quality is not None:
+            plain = plain.with_pdq([(prep.pdq, prep.pdq_quality)])
+        v = comp.decide(plain, evidence=True)  # untimed: the worst view, as before videos
+        assert d.action == v.action(0), path
+        np.testing.assert_allclose([c.probability for c in d.categories.values()], v.probabilities[0], atol=1e-5)
+        assert d.frame_index == prep.frame_indices[int(v.view[0])]
+        if not prep.timestamps:
+            assert d.segments == () and d.time_s is None and d.sampling is None
