@@ -130,8 +130,9 @@ def test_folders_are_walked_for_video_files(tmp_path):
 
 
 def test_a_real_clip_audits_to_one_row_with_its_segments(tmp_path, tiny_encoder):
-    import safeclip.decode
     from audit_helpers import read, run_audit
+
+    import safeclip.decode
 
     if not hasattr(safeclip.decode, "decode_chunks"):
         pytest.skip("the video decoder (safeclip.decode.decode_chunks) is not on this branch")

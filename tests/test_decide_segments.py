@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from safeclip.decide import ACTIONS, Segment, decide_codes, frame_segments, min_frames_codes
+from safeclip.decide import (
+    ACTIONS,
+    Segment,
+    decide_codes,
+    frame_segments,
+    min_frames_codes,
+)
 from safeclip.errors import PolicyError
 from safeclip.policy import load_policy
 
@@ -165,7 +171,7 @@ def test_k_of_n_in_the_decision_object(tmp_path):
 
     from safeclip.compiled import CompiledPolicy
 
-    comp, cat, j, hit, mid, calm = _known()
+    comp, cat, _j, hit, mid, calm = _known()
     frames = [calm, hit, calm, mid, mid, calm]
     assert comp.decide(_clip(frames)).action(0) == "block"  # the worst frame decides by default
     for k, want in ((2, "flag"), (3, "flag"), (4, "allow")):
@@ -186,7 +192,7 @@ def test_k_of_n_in_the_decision_object(tmp_path):
 def test_stills_are_decided_exactly_as_before():
     from safeclip.compiled import Views
 
-    comp, cat, j, hit, mid, calm = _known()
+    comp, _cat, _j, hit, mid, calm = _known()
     per_input = [np.stack([calm, hit]), mid[None], calm[None], np.stack([mid, calm, mid])]
     plain = comp.decide(Views.of(per_input, 512), evidence=True)
     untimed = comp.decide(Views.of(per_input, 512).with_times([(), (), (), ()]), evidence=True)
@@ -207,7 +213,7 @@ def test_stills_are_decided_exactly_as_before():
 
 
 def test_a_clip_with_an_unusable_frame_never_decides():
-    comp, cat, j, hit, mid, calm = _known()
+    comp, _cat, _j, _hit, _mid, calm = _known()
     nan = np.full(512, np.nan, np.float32)
     v = comp.decide(_clip([calm, calm, nan, calm]))
     assert v.problems[0] is not None and v.actions.tolist() == [2] and v.segments_of(0) == ()
@@ -217,7 +223,7 @@ def test_times_of_the_wrong_length_are_refused():
     from safeclip.compiled import Views
     from safeclip.errors import DataError
 
-    comp, cat, j, hit, mid, calm = _known()
+    comp, _cat, _j, hit, _mid, calm = _known()
     v = dataclasses.replace(Views.of([np.stack([calm, hit])], 512), times=np.zeros(3))
     with pytest.raises(DataError, match="one time per view"):
         comp.decide(v)

@@ -129,7 +129,7 @@ def test_without_early_stop_every_frame_is_scored_as_if_decided_at_once(known, m
 
 
 def test_a_clean_clip_is_allowed_only_after_every_frame(known, monkeypatch):
-    m, enc = known
+    m, _enc = known
     chunks = Chunks([CALM, CALM], [CALM], [CALM, CALM])
     monkeypatch.setattr(moderator_module, "prepare_chunks", chunks)
     d = m.check("clip.mp4")
@@ -159,7 +159,7 @@ def test_a_clip_with_an_undecodable_frame_is_never_allowed(known, monkeypatch):
 
 
 def test_a_policy_may_flag_an_incomplete_clip(known, monkeypatch, tmp_path):
-    m, enc = known
+    m, _enc = known
     pol = dataclasses.replace(m.policy, video_incomplete="flag")
     bad = TruncatedImageError("frame 7 is truncated", "clip.mp4")
     monkeypatch.setattr(moderator_module, "prepare_chunks", Chunks([CALM, CALM], bad))
@@ -170,7 +170,7 @@ def test_a_policy_may_flag_an_incomplete_clip(known, monkeypatch, tmp_path):
 
 
 def test_early_stop_waits_for_min_frames(known, monkeypatch):
-    m, enc = known
+    m, _enc = known
     pol = dataclasses.replace(m.policy, categories=tuple(
         dataclasses.replace(c, min_frames=3) for c in m.policy.categories))
     chunks = Chunks([HIT], [CALM], [HIT, HIT], [CALM])
@@ -181,7 +181,7 @@ def test_early_stop_waits_for_min_frames(known, monkeypatch):
 
 
 def test_a_still_goes_through_the_batcher_unchanged(known, monkeypatch):
-    m, enc = known
+    m, _enc = known
     still = dataclasses.replace(_chunk([HIT], 0), timestamps=(), duration_s=None, sampling=None)
     monkeypatch.setattr(moderator_module, "prepare_chunks", lambda s, spec, o=None: iter([still]))
     d = m.check("x.png")
@@ -192,7 +192,7 @@ def test_a_still_goes_through_the_batcher_unchanged(known, monkeypatch):
 def test_check_async_on_a_clip(known, monkeypatch):
     import asyncio
 
-    m, enc = known
+    m, _enc = known
     chunks = Chunks([CALM], [HIT], [CALM])
     monkeypatch.setattr(moderator_module, "prepare_chunks", chunks)
     d = asyncio.run(m.check_async("clip.mp4"))
@@ -237,7 +237,7 @@ def test_cli_check_prints_a_videos_segments(known, monkeypatch, capsys):
 
     from safeclip.cli import main
 
-    m, enc = known
+    _m, enc = known
     monkeypatch.setattr(moderator_module, "Moderator",
                         lambda policy=None, encoder=None, on_error="raise": Moderator(
                             policy, encoder=enc, on_error=on_error))  # type: ignore[arg-type]

@@ -9,16 +9,16 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
+from test_moderator_video import CALM, HIT, MID, Chunks, known  # noqa: F401
 
-import safeclip.moderator as moderator_module  # noqa: E402
-from safeclip.server import VIDEO_TYPES, create_app  # noqa: E402
-from test_moderator_video import CALM, HIT, MID, Chunks, known  # noqa: E402, F401
+import safeclip.moderator as moderator_module
+from safeclip.server import VIDEO_TYPES, create_app
 
 
 @pytest.mark.parametrize("ctype", VIDEO_TYPES)
 def test_a_video_body_may_be_larger_than_an_image_body(known, monkeypatch, ctype):  # noqa: F811
-    m, enc = known
+    m, _enc = known
     app = create_app(m, warm_up=False, max_body_bytes=1000, max_video_bytes=5000)
     body = b"\0" * 3000
     with TestClient(app) as client:
@@ -34,7 +34,7 @@ def test_a_video_body_may_be_larger_than_an_image_body(known, monkeypatch, ctype
 
 
 def test_a_multipart_video_part_may_be_larger_than_an_image_part(known, monkeypatch):  # noqa: F811
-    m, enc = known
+    m, _enc = known
     app = create_app(m, warm_up=False, max_body_bytes=1000, max_video_bytes=5000)
     with TestClient(app) as client:
         monkeypatch.setattr(moderator_module, "prepare_chunks", Chunks([CALM], [CALM]))
