@@ -26,8 +26,8 @@ Older databases are upgraded in place when opened for writing; their entries rea
 without hashes is completed (not replaced otherwise) when the file is decoded again.
 
 Clips: since schema 4 an entry of a video or animation decoded with frame times also keeps them (``times``, one per
-embedding row, seconds) and the sampling settings it was decoded under (``sampling``: what decides which frames a
-clip gives). A lookup that names a sampling (:meth:`EmbeddingCache.get_many` ``sampling=``) takes a clip's entry
+embedding row, seconds, with the clip's duration and the decoder's words for its sampling) and the sampling settings
+it was decoded under (``sampling``: what decides which frames a clip gives). A lookup that names a sampling (:meth:`EmbeddingCache.get_many` ``sampling=``) takes a clip's entry
 only when it was decoded under that sampling (a still, with none, always): the entry is keyed by sha256 + sampling,
 and one of another sampling is a miss and is replaced when the clip is embedded again. Older databases are upgraded
 in place when opened for writing (both columns NULL: their entries are stills, or animations without times).
@@ -115,6 +115,8 @@ class CachedImage:
     pdq_quality: np.ndarray | None = None  # (F,) int16: each hash's quality (NO_HASH where none was computed)
     times: tuple[float, ...] = ()  # a clip's: each row's time in seconds; () for a still
     sampling: str | None = None  # a clip's: the sampling settings its frames were taken under (part of its key)
+    duration_s: float | None = None  # a clip's length, as the decoder said
+    sampling_text: str | None = None  # a clip's sampling in words, as the decoder said (``Decision.sampling``)
 
 
 def is_damage(e: BaseException) -> bool:
@@ -200,16 +202,34 @@ def _check_pdq(codes: object, quality: object, rows: int) -> tuple[np.ndarray | 
     return np.frombuffer(codes, np.uint8).reshape(rows, 32), q
 
 
-def _check_times(times: object, rows: int) -> tuple[float, ...]:
-    """A stored entry's frame times (``()`` when none were recorded); :class:`_Damaged` unless one finite number
-    per embedding row."""
-    if times is None or times == "":
-        return ()
-    found = _json_list(times, "times", rows)
-    numbers = [float(t) for t in found if type(t) in (int, float)]  # type: ignore[arg-type]
+def _check_times(stored: object, rows: int) -> tuple[tuple[float, ...], float | None, str | None]:
+    """A stored entry's ``(frame times, duration_s, sampling text)`` (``()`` when no times were recorded);
+    :class:`_Damaged` unless one finite number per embedding row (and a number and a text, or nulls, beside them)."""
+    if stored is None or stored == "":
+        return (), None, None
+    try:
+        value = json.loads(stored)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RecursionError):
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not JSON") from None
+    if not isinstance(value, dict):
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not an object with t, duration_s and sampling")
+    found, duration, text = value.get("t"), value.get("duration_s"), value.get("sampling")
+    if not isinstance(found, list) or len(found) != rows:
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not a list of {rows} (one per embedding row)")
+    numbers = [float(t) for t in found if type(t) in (int, float)]
     if len(numbers) != len(found) or not np.isfinite(numbers).all():
-        raise _Damaged(f"its times {str(times)[:40]!r} are not finite numbers")
-    return tuple(numbers)
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not finite numbers")
+    if duration is not None and (type(duration) not in (int, float) or not np.isfinite(duration)):
+        raise _Damaged(f"its duration {str(duration)[:40]!r} is not a finite number")
+    if text is not None and not isinstance(text, str):
+        raise _Damaged(f"its sampling {str(text)[:40]!r} is not text")
+    return tuple(numbers), None if duration is None else float(duration), text
+
+
+def _times_json(it: CachedImage) -> str:
+    """What the ``times`` column keeps of a clip: its frame times, duration and sampling in words."""
+    return json.dumps({"t": [float(t) for t in it.times], "duration_s": it.duration_s,
+                       "sampling": it.sampling_text}, allow_nan=False)
 
 
 def _pdq_blobs(it: CachedImage) -> tuple[bytes | None, bytes | None]:
@@ -490,7 +510,8 @@ class EmbeddingCache:
         is found only when it was decoded under these sampling settings (``None``: whatever it was)."""
         keys = list(dict.fromkeys(shas))
         found: list[tuple[str, bytes, int, tuple[int, ...], tuple[str | None, ...], tuple[int, ...], str,
-                          tuple[np.ndarray | None, np.ndarray | None], tuple[float, ...], str | None]] = []
+                          tuple[np.ndarray | None, np.ndarray | None],
+                          tuple[tuple[float, ...], float | None, str | None], str | None]] = []
         same = " AND (sampling IS NULL OR sampling = ?)" if sampling is not None and self._clips else ""
         damaged: list[tuple[bytes, object, str]] = []
         with self._locked("read"):
@@ -514,7 +535,7 @@ class EmbeddingCache:
                         damaged.append((sha, vec, str(e)))
                         continue
                     found.append((sha.hex(), vec, n, frames, backgrounds, (w, h, nf, nb), str(fmt), hashes, clip,
-                                  None if samp is None else str(samp)))
+                                  None if samp is None else str(samp)))  # clip: (times, duration_s, text)
             out: dict[str, CachedImage] = {}
             if found:
                 emb = np.frombuffer(b"".join(f[1] for f in found), np.float32).reshape(-1, self.dim)
@@ -527,7 +548,8 @@ class EmbeddingCache:
                         damaged.append((bytes.fromhex(key), vec, unusable[k]))
                     else:
                         out[key] = CachedImage(key, emb[offsets[k]:offsets[k + 1]], frames, w, h, nf, nb, fmt,
-                                               backgrounds, *hashes, times=clip, sampling=samp)
+                                               backgrounds, *hashes, times=clip[0], sampling=samp,
+                                               duration_s=clip[1], sampling_text=clip[2])
             self.hits += len(out)
             self.misses += len(keys) - len(out)
             if damaged:
@@ -705,11 +727,13 @@ class EmbeddingCache:
                                     f"({len(it.embeddings)}), got {len(getattr(it, name))}")
             if it.times and not np.isfinite(np.asarray(it.times, np.float64)).all():
                 raise DataError(f"times of {it.sha256} must be finite seconds, got {list(it.times)[:4]}")
+            if it.times and it.duration_s is not None and not np.isfinite(it.duration_s):
+                raise DataError(f"duration_s of {it.sha256} must be finite seconds or None, got {it.duration_s}")
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
                  np.ascontiguousarray(it.embeddings, np.float32).tobytes(), DECODER_VERSION,
                  json.dumps(list(it.backgrounds)) if any(it.backgrounds) else None, *_pdq_blobs(it),
-                 json.dumps([float(t) for t in it.times], allow_nan=False) if it.times else None,
+                 _times_json(it) if it.times else None,
                  it.sampling if it.times else None) for it in items]
         with self._locked("write to"):
             con = self._con

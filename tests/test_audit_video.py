@@ -88,6 +88,7 @@ def test_rows_keep_the_segments_and_flatten_into_the_segment_table(tmp_path):
     assert sorted(db.get_many([c * 64 for c in "abcd"], sampling="s1")) == ["a" * 64, "b" * 64, "d" * 64]
     clip = db.get_many(["b" * 64], sampling="s1")["b" * 64]
     assert clip.times == (0.0, 0.5, 1.0, 1.5) and clip.sampling == "s1" and len(clip.embeddings) == 4
+    assert (clip.duration_s, clip.sampling_text) == (2.0, "2 fps, at most 64 frames")
     assert sorted(db.get_many([c * 64 for c in "abcd"], sampling="s2")) == ["a" * 64, "d" * 64]
     db.close()
     schema = output_schema(cats, {}, False)
@@ -147,7 +148,9 @@ def test_a_real_clip_audits_to_one_row_with_its_segments(tmp_path, tiny_encoder)
     # the same run again: the clip comes from the cache (keyed by sha256 + sampling), with its times
     again = run_audit([folder], tmp_path / "v2.parquet", tmp_path / "cache", tiny_encoder)
     assert again.cache_hits == 1 and again.decoded == 0
-    assert read(tmp_path / "v2.parquet").to_pylist()[0]["segments"] == row["segments"]
+    hit = read(tmp_path / "v2.parquet").to_pylist()[0]
+    assert [hit[k] for k in ("segments", "frames_scored", "time_s", "duration_s", "sampling")] == [
+        row[k] for k in ("segments", "frames_scored", "time_s", "duration_s", "sampling")]
 
 
 def test_a_worker_takes_a_clip_from_the_cache_only_under_its_sampling(tmp_path):
@@ -167,11 +170,12 @@ def test_a_worker_takes_a_clip_from_the_cache_only_under_its_sampling(tmp_path):
     emb = np.eye(3, 8, dtype=np.float32)
     with EmbeddingCache(tmp_path / "cache", "enc") as db:
         db.put_many([CachedImage(sha, emb, (0, 1, 2), 64, 48, 90, 18, "MP4", times=(0.0, 1.0, 2.0),
-                                 sampling=sampling_key(limits))])
+                                 sampling=sampling_key(limits), duration_s=2.9, sampling_text="1 fps")])
     cfg = WorkerConfig(str(tmp_path / "cache"), "enc", PixelSpec(size=4), limits, "fp", 0, None)
     with EmbeddingCache(tmp_path / "cache", "enc", readonly=True) as ro:
         hit = process_file(0, str(clip), cfg, ro, {})
         assert hit.kind == "hit" and hit.timestamps == (0.0, 1.0, 2.0) and hit.cache_sampling == sampling_key(limits)
+        assert (hit.duration_s, hit.sampling) == (2.9, "1 fps")
         other = dataclasses.replace(cfg, limits=DecodeLimits(sample_frames=4))
         assert sampling_key(other.limits) != sampling_key(limits)
         miss = process_file(0, str(clip), other, ro, {})

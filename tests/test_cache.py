@@ -476,7 +476,7 @@ def test_new_cache_folders_are_private_whatever_the_umask(tmp_path):
 # ---------------------------------------------------------------------------------------------- clips (issue 24)
 def _clip(i: int, sampling: str, frames: int = 3) -> CachedImage:
     return dataclasses.replace(entry(i, frames=frames), format="MP4", times=tuple(0.5 * k for k in range(frames)),
-                               sampling=sampling)
+                               sampling=sampling, duration_s=0.5 * frames, sampling_text="2 fps")
 
 
 def test_a_clip_is_keyed_by_sha256_and_sampling(tmp_path):
@@ -484,6 +484,7 @@ def test_a_clip_is_keyed_by_sha256_and_sampling(tmp_path):
         assert cache.put_many([_clip(1, "fps=1"), entry(2)]) == 2
         got = cache.get_many([sha(1), sha(2)], sampling="fps=1")
         assert got[sha(1)].times == (0.0, 0.5, 1.0) and got[sha(1)].sampling == "fps=1"
+        assert got[sha(1)].duration_s == 1.5 and got[sha(1)].sampling_text == "2 fps"
         assert got[sha(2)].times == () and got[sha(2)].sampling is None  # a still: whatever the sampling
         assert set(cache.get_many([sha(1), sha(2)], sampling="fps=2")) == {sha(2)}  # another sampling: a miss
         assert cache.get(sha(1)).times == (0.0, 0.5, 1.0)  # no sampling named: whatever it was
@@ -505,11 +506,14 @@ def test_damaged_times_are_a_miss_and_schema_3_caches_are_upgraded(tmp_path):
         cache.put_many([_clip(1, "s"), entry(2)])
         path = cache.path
     con = sqlite3.connect(path)
-    con.execute("UPDATE images SET times = '[0, 1]' WHERE sha = ?", (bytes.fromhex(sha(1)),))
-    con.commit()
+    for bad in ('{"t": [0, 1]}', '[0, 1, 2]', '{"t": [0, 1, "x"]}', '{"t": [0, 1, 2], "duration_s": "long"}'):
+        with EmbeddingCache(tmp_path, "enc-a") as cache:
+            cache.put_many([_clip(1, "s")])
+        con.execute("UPDATE images SET times = ? WHERE sha = ?", (bad, bytes.fromhex(sha(1))))
+        con.commit()
+        with EmbeddingCache(tmp_path, "enc-a") as cache:
+            assert set(cache.get_many([sha(1), sha(2)])) == {sha(2)} and sha(1) in cache.damaged_entries, bad
     con.close()
-    with EmbeddingCache(tmp_path, "enc-a") as cache:
-        assert set(cache.get_many([sha(1), sha(2)])) == {sha(2)} and sha(1) in cache.damaged_entries
     con = sqlite3.connect(path)  # as the previous version wrote it: no clip columns
     con.execute("ALTER TABLE images DROP COLUMN times")
     con.execute("ALTER TABLE images DROP COLUMN sampling")

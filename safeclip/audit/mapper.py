@@ -204,7 +204,8 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
         # New embeddings, and decoded files whose cache entry may lack the PDQ hashes (put_many completes those).
         entries = {r.sha256: CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0,
                                          r.n_frames or 1, r.nbytes or 0, r.format or "", r.backgrounds,
-                                         *_hashes(r), times=_times(r), sampling=r.cache_sampling)
+                                         *_hashes(r), times=_times(r), sampling=r.cache_sampling,
+                                         duration_s=r.duration_s, sampling_text=r.sampling)
                    for r in results if (r.new or (r.decoded and r.pdq is not None)) and r.sha256 is not None
                    and r.embeddings is not None and r.kind != "error" and (_times(r) or not r.timestamps)}
         output.db.put_many(list(entries.values()))  # before any row that uses these embeddings can be committed

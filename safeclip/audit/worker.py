@@ -190,6 +190,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
                 res.backgrounds = hit.backgrounds
                 res.pdq, res.pdq_quality = hit.pdq, hit.pdq_quality
                 res.timestamps, res.cache_sampling = hit.times, hit.sampling
+                res.duration_s, res.sampling = hit.duration_s, hit.sampling_text
                 return res
             known = cache.get_decode_errors([sha], cfg.fingerprint).get(sha)
             if known is not None:
