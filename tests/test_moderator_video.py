@@ -201,9 +201,10 @@ def test_check_async_on_a_clip(known, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ real clips
 def _needs_video_decoder():
-    import safeclip.decode
+    import importlib
 
-    if not hasattr(safeclip.decode, "decode_chunks"):
+    # (not ``import safeclip.decode``: ``safeclip.decode`` is also the package's decode function)
+    if not hasattr(importlib.import_module("safeclip.decode"), "decode_chunks"):
         pytest.skip("the video decoder (safeclip.decode.decode_chunks) is not on this branch")
 
 
@@ -239,7 +240,7 @@ def test_cli_check_prints_a_videos_segments(known, monkeypatch, capsys):
 
     _m, enc = known
     monkeypatch.setattr(moderator_module, "Moderator",
-                        lambda policy=None, encoder=None, on_error="raise": Moderator(
+                        lambda policy=None, encoder=None, on_error="raise", **_: Moderator(
                             policy, encoder=enc, on_error=on_error))  # type: ignore[arg-type]
     monkeypatch.setattr(moderator_module, "prepare_chunks", Chunks([CALM, MID], [MID, CALM], [HIT, CALM]))
     assert main(["check", "clip.mp4"]) == 0
