@@ -209,8 +209,8 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.width, res.height = prep.size
         res.n_frames, res.frame_indices, res.format = prep.n_frames, prep.frame_indices, prep.format
         res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in prep.backgrounds)
-        res.timestamps, res.duration_s, res.sampling = tuple(prep.timestamps), prep.duration_s, prep.sampling
-        if res.timestamps:
+        if prep.timestamps:  # a clip (what its cache entry keeps too: a row is the same from a hit)
+            res.timestamps, res.duration_s, res.sampling = tuple(prep.timestamps), prep.duration_s, prep.sampling
             res.cache_sampling = sampling_key(cfg.limits)
     except DecodeError as e:
         res.error_kind, res.error = type(e).__name__, e.reason
