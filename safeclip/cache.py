@@ -298,6 +298,8 @@ class CacheChunk:
     for its metadata."""
     pdq: np.ndarray | None = None  # (total frames, 32) uint8: each row's PDQ hash (zeros where none)
     pdq_quality: np.ndarray | None = None  # (total frames,) int16: its quality, NO_HASH where none was recorded
+    clips: dict[int, tuple[tuple[float, ...], float | None, str | None]] = dataclasses.field(default_factory=dict)
+    """The clips of this chunk: image -> (its frame times, duration_s, sampling in words)."""
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -629,7 +631,7 @@ class EmbeddingCache:
                  + " AND ".join(f"typeof({c}) = 'integer' AND {c} BETWEEN 0 AND {_INT_MAX[c]}" for c in _INT_MAX))
         try:
             cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {bg}, frame_indices, {plain}, "
-                              f"{self._pdq_cols} FROM images WHERE {self._valid} ORDER BY rowid")
+                              f"{self._pdq_cols}, {self._clip_cols} FROM images WHERE {self._valid} ORDER BY rowid")
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:
@@ -646,7 +648,7 @@ class EmbeddingCache:
                 else:
                     blobs, meta, codes, quality = [], [], [], []
                     counts = np.ones(n, np.int64)
-                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain, pdq, pdq_q) in enumerate(rows):
+                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain, pdq, pdq_q, *_) in enumerate(rows):
                         try:
                             if not is_plain:
                                 if not isinstance(sha, bytes) or len(sha) != 32:
@@ -667,6 +669,13 @@ class EmbeddingCache:
                         codes.append(no_code * int(counts[k]) if pdq is None else pdq)
                         quality.append(no_quality * int(counts[k]) if pdq_q is None else pdq_q)
                     cols = np.array(meta, np.int64).T.copy()
+                clips: dict[int, tuple[tuple[float, ...], float | None, str | None]] = {}
+                for k, r in enumerate(rows):
+                    if r[11] is not None and k not in damaged:
+                        try:
+                            clips[k] = _check_times(r[11], int(counts[k]))
+                        except _Damaged as e:
+                            damaged[k] = str(e)
                 offsets = np.zeros(n + 1, np.int64)
                 np.cumsum(counts, out=offsets[1:])
                 emb = np.frombuffer(b"".join(blobs), np.float32).reshape(-1, dim)
@@ -690,6 +699,7 @@ class EmbeddingCache:
                     sha256=[r[0].hex() if r[8] else _sha_text(r[0]) for r in rows], embeddings=emb, offsets=offsets,
                     width=cols[0], height=cols[1], n_frames=cols[2], nbytes=cols[3], backgrounds=backgrounds,
                     damaged=damaged, pdq=pdq_rows, pdq_quality=pdq_quality,
+                    clips={k: c for k, c in clips.items() if k not in damaged},
                 )
         except sqlite3.Error as e:
             self.damaged = self.damaged or is_damage(e)

@@ -35,7 +35,7 @@ import numpy as np
 from ..files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
 from ..banks import NO_HASH
-from ..compiled import Views
+from ..compiled import Verdicts, Views
 from ..decide import ACTIONS
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
 from ..errors import (
@@ -303,8 +303,10 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
         damaged = tuple(("DamagedCacheEntry", chunk.damaged[i]) if i in chunk.damaged else None
                         for i in range(len(chunk))) if chunk.damaged else ()
-        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality),
-                               record=False)
+        views = Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality)
+        if chunk.clips:
+            views = views.with_times([chunk.clips[i][0] if i in chunk.clips else () for i in range(len(chunk))])
+        verdicts = comp.decide(views, record=False)
         bad = {i: _unusable_text(p) for i, p in enumerate(verdicts.problems) if p is not None}
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
@@ -321,8 +323,23 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
                                      if verdicts.scores.banks is not None else ["[]"] * n)
         pieces.append(_columns_table(schema, comp, chunk.sha256, chunk.nbytes, chunk.width, chunk.height,
                                      chunk.n_frames, verdicts.actions, verdicts.probabilities, background, bad,
-                                     (hashes, quality, matches)))
+                                     (hashes, quality, matches), _clip_columns(verdicts, chunk.clips, bad)))
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
+
+
+def _clip_columns(verdicts: Verdicts, clips: Mapping[int, tuple[tuple[float, ...], float | None, str | None]],
+                  bad: Mapping[int, str]) -> dict[str, list[Any]]:
+    """The video columns of a chunk's rows: a clip's frames scored, deciding time, duration, sampling and segments;
+    nulls for a still and for an image that did not decide."""
+    n = len(verdicts)
+    cols: dict[str, list[Any]] = {k: [None] * n for k in _VIDEO_COLUMNS}
+    for i, (_, duration, text) in clips.items():
+        if i in bad or verdicts.frames is None or int(verdicts.frames[i]) == 0:
+            continue
+        cols["frames_scored"][i], cols["time_s"][i] = int(verdicts.frames[i]), verdicts.time(i)
+        cols["duration_s"][i], cols["sampling"][i] = duration, text
+        cols["segments"][i] = [g.to_dict() for g in verdicts.segments_of(i)]
+    return cols
 
 
 def _view(backgrounds: Sequence[str | None], k: int) -> str | None:
@@ -346,7 +363,8 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
     import pyarrow as pa
 
     dim = src.dim or comp.scorer.dim
-    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality", "pdq",
+    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality",
+                              "embedding_times", "pdq",
                               "pdq_quality") if db is None else ())
     cols = [c for c in wanted if c in src.schema.names]
     pieces, hits = [], 0
@@ -355,6 +373,7 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
         times: list[tuple[float, ...]] | None = None
         if db is None:
             embs = _embedding_column(part, dim)
+            times = _saved_times(part, embs)
         else:
             embs, times = _cached_embeddings(part, db, comp.scorer.encoder_id)
         piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None, times=times)
@@ -409,6 +428,17 @@ def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
             codes, qualities = [one], [one_q]
         out.append((arr, tuple(row_bgs) if len(row_bgs) == len(arr) else (), None,
                     _saved_hashes(codes, qualities, len(arr))))
+    return out
+
+
+def _saved_times(table: pa.Table, embs: Sequence[Source]) -> list[tuple[float, ...]]:
+    """Each row's saved clip frame times (``embedding_times``), ``()`` where none (a still) or malformed (then its
+    frames decide untimed: the worst frame, never less strict)."""
+    out: list[tuple[float, ...]] = []
+    for t, (e, *_) in zip(_column(table, "embedding_times"), embs):
+        ok = (isinstance(t, list) and e is not None and len(t) == len(e)
+              and all(isinstance(x, float) and np.isfinite(x) for x in t))
+        out.append(tuple(t) if ok else ())  # type: ignore[arg-type]
     return out
 
 
@@ -509,7 +539,8 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
                  background=background, emb_backgrounds=embs[i][1], pdq=None if hashes is None else hashes[0],
                  pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches,
                  frames_scored=frames_scored, time_s=time_s, duration_s=_float(c["duration_s"][i]),
-                 sampling=c["sampling"][i] if isinstance(c["sampling"][i], str) else None, segments=segments)
+                 sampling=c["sampling"][i] if isinstance(c["sampling"][i], str) else None, segments=segments,
+                 emb_times=times[i] if times is not None else ())
     return rows.table(schema, categories, comp.scorer.encoder_id, comp.policy.id), len(decided)
 
 
@@ -583,7 +614,8 @@ def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str], nbytes: np.ndarray,
                    width: np.ndarray, height: np.ndarray, frames: np.ndarray, codes: np.ndarray,
                    probs: np.ndarray, background: Sequence[str | None], bad: dict[int, str],
-                   hashes: tuple[list[str | None], np.ndarray, list[str | None]]) -> pa.Table:
+                   hashes: tuple[list[str | None], np.ndarray, list[str | None]],
+                   video: Mapping[str, list[Any]] | None = None) -> pa.Table:
     """A table of rows without paths, built straight from column arrays (the whole-cache fast path); the images
     in ``bad`` are error rows (action ``error``, no probabilities, ``error`` from ``bad``). ``hashes``: per image,
     the deciding view's PDQ hash (hex, or None), its quality (NO_HASH: none) and the bank matches (JSON)."""
@@ -623,7 +655,7 @@ def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str],
     }
     for j, name in enumerate(comp.policy.category_names):
         cols[f"p_{name}"] = pa.array(np.ascontiguousarray(probs[:, j]), pa.float32(), mask=~valid)
-    for f in schema:  # a video's columns: the cache keeps no clip (its frames carry times an entry does not)
+    for f in schema:  # a clip's columns (nulls for stills)
         if f.name in _VIDEO_COLUMNS:
-            cols[f.name] = pa.nulls(n, f.type)
+            cols[f.name] = pa.array(video[f.name], f.type) if video else pa.nulls(n, f.type)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)

@@ -25,8 +25,9 @@ Changed inputs are redone
 Columns: ``path, sha256, bytes, width, height, frames, background, action, p_<category>..., error, encoder_id,
 policy, pdq, pdq_quality, matches`` (with ``save_embeddings`` also ``embedding``, a list of per-frame lists of D
 floats: ``np.stack`` of one row gives ``(frames, D)``, ``embedding_backgrounds``, the background of each of those
-rows, and ``embedding_pdq`` / ``embedding_pdq_quality``, the PDQ hash (64 hex digits, null where none) and quality
-of each). ``pdq`` (64 hex digits) and ``pdq_quality`` are the deciding view's PDQ hash, null where none was
+rows, ``embedding_pdq`` / ``embedding_pdq_quality``, the PDQ hash (64 hex digits, null where none) and quality
+of each, and ``embedding_times``, a clip's frame times, null for a still). ``pdq`` (64 hex digits) and
+``pdq_quality`` are the deciding view's PDQ hash, null where none was
 computed; ``matches`` is JSON, the bank entries the deciding view matched (a list of
 :meth:`~safeclip.banks.BankMatch.to_dict`; ``[]`` for none, null for an error row). A video or animation decoded
 with times also fills ``frames_scored``, ``time_s`` (the deciding frame's time), ``duration_s``, ``sampling`` and
@@ -279,6 +280,7 @@ def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embed
         fields.append(pa.field("embedding_backgrounds", pa.list_(pa.string())))
         fields.append(pa.field("embedding_pdq", pa.list_(pa.string())))
         fields.append(pa.field("embedding_pdq_quality", pa.list_(pa.int16())))
+        fields.append(pa.field("embedding_times", pa.list_(pa.float64())))
     return pa.schema(fields, metadata={b"safeclip": json.dumps(dict(meta), sort_keys=True).encode()})
 
 
@@ -331,6 +333,7 @@ class Rows:
         self.emb_bg: list[Sequence[str | None] | None] = []
         self.emb_pdq: list[list[str | None] | None] = []
         self.emb_pdq_q: list[list[int] | None] = []
+        self.emb_times: list[list[float] | None] = []
         self.mtime_ns: list[int | None] = []
 
     def __len__(self) -> int:
@@ -342,7 +345,8 @@ class Rows:
             emb_backgrounds: Sequence[str | None] | None = None, mtime_ns: int | None = None,
             pdq: np.ndarray | None = None, pdq_quality: np.ndarray | None = None, view: int | None = None,
             matches: str | None = None, frames_scored: int | None = None, time_s: float | None = None,
-            duration_s: float | None = None, sampling: str | None = None, segments: str | None = None) -> None:
+            duration_s: float | None = None, sampling: str | None = None, segments: str | None = None,
+            emb_times: Sequence[float] = ()) -> None:
         """One row; an error row (``error`` set) always gets the action ``error``, no probabilities and no matches.
         ``pdq`` ``(F, 32)`` uint8 and ``pdq_quality`` ``(F,)``: each view's PDQ hash (or None); ``view``: the
         deciding one; ``matches``: its bank matches as JSON. A video's ``frames_scored``, ``time_s``,
@@ -382,6 +386,8 @@ class Rows:
             self.emb_pdq.append(None if emb is None or hexes is None else hexes)
             self.emb_pdq_q.append(None if emb is None or hexes is None
                                   else [int(q) for q in pdq_quality])  # type: ignore[union-attr]
+            self.emb_times.append([float(t) for t in emb_times] if emb is not None and len(emb_times) == len(emb)
+                                  and len(emb_times) else None)
 
     def extend(self, inputs: Sequence[str], results: Sequence[FileResult]) -> None:
         """One row per result: decided (``code`` set) or an error row; each records its file's mtime (see the
@@ -397,7 +403,7 @@ class Rows:
                          r.probs, None, r.embeddings, background=r.background, emb_backgrounds=r.backgrounds,
                          mtime_ns=mtime, pdq=r.pdq, pdq_quality=r.pdq_quality, view=r.view, matches=r.matches,
                          frames_scored=r.frames_scored, time_s=r.time_s, duration_s=r.duration_s,
-                         sampling=r.sampling, segments=r.segments)
+                         sampling=r.sampling, segments=r.segments, emb_times=r.timestamps)
 
     def table(self, schema: pa.Schema, categories: Sequence[str], encoder_id: str, policy_id: str, *,
               parts: bool = False) -> pa.Table:
@@ -426,6 +432,7 @@ class Rows:
             arrays["embedding_backgrounds"] = self.emb_bg
             arrays["embedding_pdq"] = self.emb_pdq
             arrays["embedding_pdq_quality"] = self.emb_pdq_q
+            arrays["embedding_times"] = self.emb_times
         if parts:
             schema = _parts_schema(schema)
             arrays["mtime_ns"] = self.mtime_ns
