@@ -25,6 +25,13 @@ PDQ: since schema 3 an entry also keeps each view's PDQ hash (``pdq``, ``(F, 32)
 Older databases are upgraded in place when opened for writing; their entries read with ``pdq`` None, and an entry
 without hashes is completed (not replaced otherwise) when the file is decoded again.
 
+Clips: since schema 4 an entry of a video or animation decoded with frame times also keeps them (``times``, one per
+embedding row, seconds, with the clip's duration and the decoder's words for its sampling) and the sampling settings
+it was decoded under (``sampling``: what decides which frames a clip gives). A lookup that names a sampling (:meth:`EmbeddingCache.get_many` ``sampling=``) takes a clip's entry
+only when it was decoded under that sampling (a still, with none, always): the entry is keyed by sha256 + sampling,
+and one of another sampling is a miss and is replaced when the clip is embedded again. Older databases are upgraded
+in place when opened for writing (both columns NULL: their entries are stills, or animations without times).
+
 Damage: a database SQLite reports as malformed ("database disk image is malformed", "file is not a database") is
 never read as "no entry". Opening it for writing moves it aside to ``<name>.corrupt-<timestamp>`` and starts an empty
 one (one line on stderr). Damage found later raises :class:`~safeclip.errors.CacheError` (with
@@ -82,7 +89,7 @@ from .banks import NO_HASH
 
 __all__ = ["CacheChunk", "CachedImage", "EmbeddingCache", "is_damage", "list_cached_encoders"]
 
-_SCHEMA_VERSION = "3"
+_SCHEMA_VERSION = "4"
 _OPAQUE_FORMATS = ("JPEG", "MPO")  # entries of a decoder before version 2 stay valid only for these (no alpha)
 _VALID = f"(decoder >= 2 OR format IN {_OPAQUE_FORMATS!r})"
 _DAMAGE = ("malformed", "not a database", "file is encrypted", "database corrupt")
@@ -106,6 +113,10 @@ class CachedImage:
     backgrounds: tuple[str | None, ...] = ()  # per embedding row: "#rrggbb" it was composited on, None opaque
     pdq: np.ndarray | None = None  # (F, 32) uint8: each row's PDQ hash; None when not recorded (older entries)
     pdq_quality: np.ndarray | None = None  # (F,) int16: each hash's quality (NO_HASH where none was computed)
+    times: tuple[float, ...] = ()  # a clip's: each row's time in seconds; () for a still
+    sampling: str | None = None  # a clip's: the sampling settings its frames were taken under (part of its key)
+    duration_s: float | None = None  # a clip's length, as the decoder said
+    sampling_text: str | None = None  # a clip's sampling in words, as the decoder said (``Decision.sampling``)
 
 
 def is_damage(e: BaseException) -> bool:
@@ -191,6 +202,36 @@ def _check_pdq(codes: object, quality: object, rows: int) -> tuple[np.ndarray | 
     return np.frombuffer(codes, np.uint8).reshape(rows, 32), q
 
 
+def _check_times(stored: object, rows: int) -> tuple[tuple[float, ...], float | None, str | None]:
+    """A stored entry's ``(frame times, duration_s, sampling text)`` (``()`` when no times were recorded);
+    :class:`_Damaged` unless one finite number per embedding row (and a number and a text, or nulls, beside them)."""
+    if stored is None or stored == "":
+        return (), None, None
+    try:
+        value = json.loads(stored)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RecursionError):
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not JSON") from None
+    if not isinstance(value, dict):
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not an object with t, duration_s and sampling")
+    found, duration, text = value.get("t"), value.get("duration_s"), value.get("sampling")
+    if not isinstance(found, list) or len(found) != rows:
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not a list of {rows} (one per embedding row)")
+    numbers = [float(t) for t in found if type(t) in (int, float)]
+    if len(numbers) != len(found) or not np.isfinite(numbers).all():
+        raise _Damaged(f"its times {str(stored)[:40]!r} are not finite numbers")
+    if duration is not None and (type(duration) not in (int, float) or not np.isfinite(duration)):
+        raise _Damaged(f"its duration {str(duration)[:40]!r} is not a finite number")
+    if text is not None and not isinstance(text, str):
+        raise _Damaged(f"its sampling {str(text)[:40]!r} is not text")
+    return tuple(numbers), None if duration is None else float(duration), text
+
+
+def _times_json(it: CachedImage) -> str:
+    """What the ``times`` column keeps of a clip: its frame times, duration and sampling in words."""
+    return json.dumps({"t": [float(t) for t in it.times], "duration_s": it.duration_s,
+                       "sampling": it.sampling_text}, allow_nan=False)
+
+
 def _pdq_blobs(it: CachedImage) -> tuple[bytes | None, bytes | None]:
     """An entry's PDQ hashes as the two BLOBs stored (None, None: not recorded); :class:`DataError` when they are
     not one hash and one quality per embedding row."""
@@ -257,6 +298,8 @@ class CacheChunk:
     for its metadata."""
     pdq: np.ndarray | None = None  # (total frames, 32) uint8: each row's PDQ hash (zeros where none)
     pdq_quality: np.ndarray | None = None  # (total frames,) int16: its quality, NO_HASH where none was recorded
+    clips: dict[int, tuple[tuple[float, ...], float | None, str | None]] = dataclasses.field(default_factory=dict)
+    """The clips of this chunk: image -> (its frame times, duration_s, sampling in words)."""
 
     def __len__(self) -> int:
         return len(self.sha256)
@@ -348,6 +391,7 @@ class EmbeddingCache:
             cols = {r[1] for r in self._con.execute("PRAGMA table_info(images)").fetchall()}
             self._views = "decoder" in cols  # False: a schema 1 database opened read-only
             self._hashes = "pdq" in cols  # False: a schema 1 or 2 database opened read-only
+            self._clips = "times" in cols  # False: a schema 1 to 3 database opened read-only
             return dict(self._con.execute("SELECT key, value FROM meta").fetchall())
         except BaseException:
             self._con.close()
@@ -408,7 +452,7 @@ class EmbeddingCache:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS images (sha BLOB PRIMARY KEY, width INTEGER, height INTEGER, "
                 "n_frames INTEGER, nbytes INTEGER, format TEXT, frame_indices TEXT, vec BLOB NOT NULL, "
-                "decoder INTEGER, backgrounds TEXT, pdq BLOB, pdq_quality BLOB)")
+                "decoder INTEGER, backgrounds TEXT, pdq BLOB, pdq_quality BLOB, times TEXT, sampling TEXT)")
             cols = {r[1] for r in con.execute("PRAGMA table_info(images)").fetchall()}
             if "decoder" not in cols:  # schema 1: every entry predates per-background views
                 con.execute("ALTER TABLE images ADD COLUMN decoder INTEGER")
@@ -425,6 +469,10 @@ class EmbeddingCache:
                     print(f"safeclip: upgraded the embedding cache {self.path} to schema {_SCHEMA_VERSION}: its "
                           "entries keep their embeddings; their PDQ hashes are computed when the files are next "
                           "decoded (an audit whose policy matches PDQ banks decodes them again)", file=sys.stderr)
+            if "times" not in cols:  # schema 1 to 3: no entry is a clip with times (both columns NULL)
+                con.execute("ALTER TABLE images ADD COLUMN times TEXT")
+                con.execute("ALTER TABLE images ADD COLUMN sampling TEXT")
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (_SCHEMA_VERSION,))
             con.execute(
                 "CREATE TABLE IF NOT EXISTS decode_errors (sha BLOB NOT NULL, fingerprint TEXT NOT NULL, "
                 "kind TEXT NOT NULL, message TEXT NOT NULL, PRIMARY KEY (sha, fingerprint)) WITHOUT ROWID")
@@ -458,12 +506,15 @@ class EmbeddingCache:
         with self._locked("read"):
             return int(self._con.execute("SELECT count(*) FROM images").fetchone()[0])
 
-    def get_many(self, shas: Iterable[str]) -> dict[str, CachedImage]:
+    def get_many(self, shas: Iterable[str], *, sampling: str | None = None) -> dict[str, CachedImage]:
         """The cached entries among ``shas`` (hex sha256), in one indexed query per 900 keys. A damaged entry is a
-        miss (recorded in :attr:`damaged_entries`), and a writable instance removes it."""
+        miss (recorded in :attr:`damaged_entries`), and a writable instance removes it. ``sampling``: a clip's entry
+        is found only when it was decoded under these sampling settings (``None``: whatever it was)."""
         keys = list(dict.fromkeys(shas))
         found: list[tuple[str, bytes, int, tuple[int, ...], tuple[str | None, ...], tuple[int, ...], str,
-                          tuple[np.ndarray | None, np.ndarray | None]]] = []
+                          tuple[np.ndarray | None, np.ndarray | None],
+                          tuple[tuple[float, ...], float | None, str | None], str | None]] = []
+        same = " AND (sampling IS NULL OR sampling = ?)" if sampling is not None and self._clips else ""
         damaged: list[tuple[bytes, object, str]] = []
         with self._locked("read"):
             if self.dim is None:
@@ -472,31 +523,35 @@ class EmbeddingCache:
                 chunk = [bytes.fromhex(k) for k in keys[i:i + _IN_CHUNK]]
                 rows = self._con.execute(
                     f"SELECT sha, width, height, n_frames, nbytes, format, frame_indices, vec, {self._bg_col}, "
-                    f"{self._pdq_cols} FROM images WHERE sha IN ({','.join('?' * len(chunk))}) AND {self._valid}",
-                    chunk).fetchall()
-                for sha, w, h, nf, nb, fmt, fi, vec, bgs, pdq, pdq_q in rows:
+                    f"{self._pdq_cols}, {self._clip_cols} FROM images WHERE sha IN ({','.join('?' * len(chunk))}) "
+                    f"AND {self._valid}{same}", [*chunk, sampling] if same else chunk).fetchall()
+                for sha, w, h, nf, nb, fmt, fi, vec, bgs, pdq, pdq_q, times, samp in rows:
                     try:
                         if self.dim is None:  # entries but no dimension: nothing says how to split them
                             raise _Damaged("the database records no embedding dimension")
                         n, frames, backgrounds = _check_entry(
                             vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf), ("nbytes", nb)), self.dim)
                         hashes = _check_pdq(pdq, pdq_q, n)
+                        clip = _check_times(times, n)
                     except _Damaged as e:
                         damaged.append((sha, vec, str(e)))
                         continue
-                    found.append((sha.hex(), vec, n, frames, backgrounds, (w, h, nf, nb), str(fmt), hashes))
+                    found.append((sha.hex(), vec, n, frames, backgrounds, (w, h, nf, nb), str(fmt), hashes, clip,
+                                  None if samp is None else str(samp)))  # clip: (times, duration_s, text)
             out: dict[str, CachedImage] = {}
             if found:
                 emb = np.frombuffer(b"".join(f[1] for f in found), np.float32).reshape(-1, self.dim)
                 offsets = np.zeros(len(found) + 1, np.int64)
                 np.cumsum([f[2] for f in found], out=offsets[1:])
                 unusable = _unusable_rows(emb, offsets)
-                for k, (key, vec, _, frames, backgrounds, (w, h, nf, nb), fmt, hashes) in enumerate(found):
+                for k, (key, vec, _, frames, backgrounds, (w, h, nf, nb), fmt, hashes, clip, samp) in enumerate(
+                        found):
                     if k in unusable:
                         damaged.append((bytes.fromhex(key), vec, unusable[k]))
                     else:
                         out[key] = CachedImage(key, emb[offsets[k]:offsets[k + 1]], frames, w, h, nf, nb, fmt,
-                                               backgrounds, *hashes)
+                                               backgrounds, *hashes, times=clip[0], sampling=samp,
+                                               duration_s=clip[1], sampling_text=clip[2])
             self.hits += len(out)
             self.misses += len(keys) - len(out)
             if damaged:
@@ -532,6 +587,10 @@ class EmbeddingCache:
     @property
     def _pdq_cols(self) -> str:
         return "pdq, pdq_quality" if self._hashes else "NULL, NULL"
+
+    @property
+    def _clip_cols(self) -> str:
+        return "times, sampling" if self._clips else "NULL, NULL"
 
     def get(self, sha256: str) -> CachedImage | None:
         """One entry, or None."""
@@ -572,7 +631,7 @@ class EmbeddingCache:
                  + " AND ".join(f"typeof({c}) = 'integer' AND {c} BETWEEN 0 AND {_INT_MAX[c]}" for c in _INT_MAX))
         try:
             cur = con.execute(f"SELECT sha, width, height, n_frames, nbytes, vec, {bg}, frame_indices, {plain}, "
-                              f"{self._pdq_cols} FROM images WHERE {self._valid} ORDER BY rowid")
+                              f"{self._pdq_cols}, {self._clip_cols} FROM images WHERE {self._valid} ORDER BY rowid")
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:
@@ -589,7 +648,7 @@ class EmbeddingCache:
                 else:
                     blobs, meta, codes, quality = [], [], [], []
                     counts = np.ones(n, np.int64)
-                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain, pdq, pdq_q) in enumerate(rows):
+                    for k, (sha, w, h, nf, nb, vec, bgs, fi, is_plain, pdq, pdq_q, *_) in enumerate(rows):
                         try:
                             if not is_plain:
                                 if not isinstance(sha, bytes) or len(sha) != 32:
@@ -610,6 +669,13 @@ class EmbeddingCache:
                         codes.append(no_code * int(counts[k]) if pdq is None else pdq)
                         quality.append(no_quality * int(counts[k]) if pdq_q is None else pdq_q)
                     cols = np.array(meta, np.int64).T.copy()
+                clips: dict[int, tuple[tuple[float, ...], float | None, str | None]] = {}
+                for k, r in enumerate(rows):
+                    if r[11] is not None and k not in damaged:
+                        try:
+                            clips[k] = _check_times(r[11], int(counts[k]))
+                        except _Damaged as e:
+                            damaged[k] = str(e)
                 offsets = np.zeros(n + 1, np.int64)
                 np.cumsum(counts, out=offsets[1:])
                 emb = np.frombuffer(b"".join(blobs), np.float32).reshape(-1, dim)
@@ -633,6 +699,7 @@ class EmbeddingCache:
                     sha256=[r[0].hex() if r[8] else _sha_text(r[0]) for r in rows], embeddings=emb, offsets=offsets,
                     width=cols[0], height=cols[1], n_frames=cols[2], nbytes=cols[3], backgrounds=backgrounds,
                     damaged=damaged, pdq=pdq_rows, pdq_quality=pdq_quality,
+                    clips={k: c for k, c in clips.items() if k not in damaged},
                 )
         except sqlite3.Error as e:
             self.damaged = self.damaged or is_damage(e)
@@ -664,14 +731,20 @@ class EmbeddingCache:
         for it in items:
             if it.embeddings.ndim != 2 or it.embeddings.shape[1] != dim or len(it.embeddings) < 1:
                 raise DataError(f"embeddings of {it.sha256} must be (F >= 1, {dim}), got {it.embeddings.shape}")
-            for name in ("frame_indices", "backgrounds"):  # one per embedding row, or none recorded
+            for name in ("frame_indices", "backgrounds", "times"):  # one per embedding row, or none recorded
                 if len(getattr(it, name)) not in (0, len(it.embeddings)):
                     raise DataError(f"{name} of {it.sha256} must give one item per embedding row "
                                     f"({len(it.embeddings)}), got {len(getattr(it, name))}")
+            if it.times and not np.isfinite(np.asarray(it.times, np.float64)).all():
+                raise DataError(f"times of {it.sha256} must be finite seconds, got {list(it.times)[:4]}")
+            if it.times and it.duration_s is not None and not np.isfinite(it.duration_s):
+                raise DataError(f"duration_s of {it.sha256} must be finite seconds or None, got {it.duration_s}")
         rows = [(bytes.fromhex(it.sha256), int(it.width), int(it.height), int(it.n_frames), int(it.nbytes),
                  str(it.format), json.dumps(list(it.frame_indices)),
                  np.ascontiguousarray(it.embeddings, np.float32).tobytes(), DECODER_VERSION,
-                 json.dumps(list(it.backgrounds)) if any(it.backgrounds) else None, *_pdq_blobs(it)) for it in items]
+                 json.dumps(list(it.backgrounds)) if any(it.backgrounds) else None, *_pdq_blobs(it),
+                 _times_json(it) if it.times else None,
+                 it.sampling if it.times else None) for it in items]
         with self._locked("write to"):
             con = self._con
             con.execute("BEGIN IMMEDIATE")
@@ -688,13 +761,16 @@ class EmbeddingCache:
                 # without PDQ hashes, which the same decoder's entry completes (its views are the same).
                 con.executemany(
                     "INSERT INTO images (sha, width, height, n_frames, nbytes, format, frame_indices, vec, decoder, "
-                    "backgrounds, pdq, pdq_quality) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha) DO "
+                    "backgrounds, pdq, pdq_quality, times, sampling) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sha) DO "
                     "UPDATE SET width = excluded.width, height = excluded.height, n_frames = excluded.n_frames, "
                     "nbytes = excluded.nbytes, format = excluded.format, frame_indices = excluded.frame_indices, "
                     "vec = excluded.vec, decoder = excluded.decoder, backgrounds = excluded.backgrounds, "
-                    "pdq = excluded.pdq, pdq_quality = excluded.pdq_quality "
+                    "pdq = excluded.pdq, pdq_quality = excluded.pdq_quality, times = excluded.times, "
+                    "sampling = excluded.sampling "
                     "WHERE images.decoder IS NULL OR images.decoder < excluded.decoder OR "
-                    "(images.pdq IS NULL AND excluded.pdq IS NOT NULL AND images.decoder = excluded.decoder)", rows)
+                    "(images.pdq IS NULL AND excluded.pdq IS NOT NULL AND images.decoder = excluded.decoder) OR "
+                    "(excluded.times IS NOT NULL AND images.sampling IS NOT excluded.sampling)", rows)
                 added = con.total_changes - before
                 con.execute("COMMIT")
             except BaseException:
@@ -711,13 +787,14 @@ class EmbeddingCache:
             chunk = keys[i:i + _IN_CHUNK]
             present = self._con.execute(
                 "SELECT sha, width, height, n_frames, nbytes, frame_indices, vec, "
-                f"{self._bg_col}, {self._pdq_cols} FROM images WHERE sha IN ({','.join('?' * len(chunk))})",
-                chunk).fetchall()
-            for sha, w, h, nf, nb, fi, vec, bgs, pdq, pdq_q in present:
+                f"{self._bg_col}, {self._pdq_cols}, {self._clip_cols} FROM images WHERE sha IN "
+                f"({','.join('?' * len(chunk))})", chunk).fetchall()
+            for sha, w, h, nf, nb, fi, vec, bgs, pdq, pdq_q, times, _ in present:
                 try:
                     n, _, _ = _check_entry(vec, fi, bgs, (("width", w), ("height", h), ("n_frames", nf),
                                                           ("nbytes", nb)), dim)
                     _check_pdq(pdq, pdq_q, n)
+                    _check_times(times, n)
                     ok = not _unusable_rows(np.frombuffer(vec, np.float32).reshape(-1, dim), np.array([0, n]))
                 except _Damaged:
                     ok = False

@@ -32,7 +32,18 @@ import numpy as np
 from .arrays import embedding_row_problems
 from .banks import NO_HASH, BankMatch, read_meta
 from .calibrate import Calibrator, calibrate, load_calibrators, missing_inputs, probability_basis
-from .decide import ACTIONS, Decision, apply_banks, build_decision, decide_codes, unusable_inputs, worst_views
+from .decide import (
+    ACTIONS,
+    Decision,
+    Segment,
+    apply_banks,
+    build_decision,
+    decide_codes,
+    frame_segments,
+    min_frames_codes,
+    unusable_inputs,
+    worst_views,
+)
 from .errors import DataError, SafeclipError
 from .heads import LinearProbe, load_head
 from .policy import Policy, PolicyError, load_policy
@@ -52,6 +63,10 @@ class Views:
     such an input holds one placeholder row. Build with :meth:`single` (one view per row) or :meth:`of` (a list of
     per-input ``(F_i, D)`` arrays, ``None`` for an input without one).
 
+    ``times`` ``(R,)`` float64: each view's time in seconds from the start of a video or animation, NaN for a still
+    (:meth:`with_times`). An input whose every view has a time is *timed*: its frames are aggregated per category
+    (``k of n``) and its runs of frames at or above ``flag`` become segments.
+
     >>> v = Views.single(np.eye(2, dtype=np.float32))
     >>> len(v), v.offsets.tolist()
     (2, [0, 1, 2])
@@ -62,6 +77,7 @@ class Views:
     problems: tuple[tuple[str, str] | None, ...] = ()
     pdq: np.ndarray | None = None  # (R, 32) uint8: each view's PDQ hash, where computed
     pdq_quality: np.ndarray | None = None  # (R,) its quality; NO_HASH (-1) where none was computed
+    times: np.ndarray | None = None  # (R,) float64 seconds of each view in its video; NaN for a still
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -80,6 +96,17 @@ class Views:
             if len(h) == b - a and len(q) == b - a:
                 codes[a:b], quality[a:b] = h, q
         return dataclasses.replace(self, pdq=codes, pdq_quality=quality)
+
+    def with_times(self, per_input: Sequence[Sequence[float]]) -> Views:
+        """These views with each input's view times (seconds; one per view, as
+        :attr:`~safeclip.embed.Prepared.timestamps`), ``()`` for a still. A list of another length than the input's
+        views is not a timing: that input stays untimed (its worst view decides, it gets no segments)."""
+        times = np.full(len(self.embeddings), np.nan, np.float64)
+        for i, ts in enumerate(per_input):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            if len(ts) == b - a and b > a:
+                times[a:b] = np.asarray(ts, np.float64)
+        return dataclasses.replace(self, times=times if np.isfinite(times).any() else None)
 
     @classmethod
     def single(cls, embeddings: np.ndarray) -> Views:
@@ -148,11 +175,30 @@ class Verdicts:
     scores: Scores
     rows: np.ndarray  # (N,) the absolute row of each input's deciding view in ``scores``
     codes: np.ndarray | None = None  # (N, C) per-category action codes of the deciding views, banks applied
+    times: np.ndarray | None = None  # (R,) each view's time (``Views.times``), None when no input is timed
+    segments: tuple[tuple[Segment, ...], ...] = ()  # per input: its segments (timed inputs; else empty)
+    frames: np.ndarray | None = None  # (N,) sampled frames scored per timed input (distinct times), else 0
 
     def matches(self, i: int) -> tuple[BankMatch, ...]:
-        """The bank entries input ``i``'s deciding view matched."""
+        """The bank entries input ``i``'s deciding view matched (with the frame's time for a timed input)."""
         banks = self.scores.banks
-        return () if banks is None else banks.matches[int(self.rows[i])]
+        if banks is None:
+            return ()
+        row = int(self.rows[i])
+        t = self.time(i)
+        found = banks.matches[row]
+        return found if t is None else tuple(dataclasses.replace(m, time_s=t) for m in found)
+
+    def time(self, i: int) -> float | None:
+        """The time (seconds) of input ``i``'s deciding view, ``None`` for an untimed input."""
+        if self.times is None:
+            return None
+        t = float(self.times[int(self.rows[i])])
+        return t if np.isfinite(t) else None
+
+    def segments_of(self, i: int) -> tuple[Segment, ...]:
+        """Input ``i``'s :class:`~safeclip.decide.Segment` s (empty for a still or an input that did not decide)."""
+        return self.segments[i] if self.segments else ()
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -174,9 +220,13 @@ class Verdicts:
         frame_indices: Sequence[int] = (),
         backgrounds: Sequence[RGB | None] = (),
         encoder_id: str | None = None,
+        sampling: str | None = None,
+        duration_s: float | None = None,
+        stopped_early: bool = False,
     ) -> Decision:
         """Input ``i``'s :class:`~safeclip.decide.Decision` (``frame_indices``/``backgrounds``: one per view, as
-        decoded). An input that did not decide raises :class:`~safeclip.errors.DataError` naming why."""
+        decoded; ``sampling``, ``duration_s`` and ``stopped_early`` describe a video). An input that did not decide
+        raises :class:`~safeclip.errors.DataError` naming why."""
         problem = self.problems[i]
         if problem is not None:
             raise DataError(f"{source or 'input'}: {problem[1]}; it was not scored")
@@ -188,14 +238,19 @@ class Verdicts:
                 for j, name in enumerate(comp.policy.category_names)}
                if (self.scores.sims is not None and k) else None)
         n_views = len(frame_indices) if frame_indices else None
+        n_frames = len(set(frame_indices)) if n_views else 1
+        timed = self.frames is not None and int(self.frames[i]) > 0
         return build_decision(
             comp.policy, self.probabilities[i], self.calibrated, self.scores.row_signals(r),
             encoder_id=encoder_id or comp.scorer.encoder_id, top_prompts=top, basis=comp.basis,
             sha256=sha256, source=source,
             frame_index=frame_indices[v] if frame_indices else None,
-            n_frames=len(set(frame_indices)) if n_views else 1,
+            n_frames=n_frames,
             background=backgrounds[v] if backgrounds else None,
             codes=None if self.codes is None else self.codes[i], matches=self.matches(i),
+            segments=self.segments_of(i), frames_scored=int(self.frames[i]) if timed and self.frames is not None
+            else n_frames, sampling=sampling, duration_s=duration_s, time_s=self.time(i),
+            stopped_early=stopped_early,
         )
 
 
@@ -227,7 +282,10 @@ class CompiledPolicy:
         ``views``: a :class:`Views`, or an ``(N, D)`` array (one view per input). An input with any unusable view
         (not a finite L2-normalised embedding of this space's dimension) or a non-finite probability decides
         nothing (:func:`~safeclip.decide.unusable_inputs`); the others are decided by their worst view
-        (:func:`~safeclip.decide.worst_views`). ``evidence`` keeps the prompt similarities that
+        (:func:`~safeclip.decide.worst_views`). A timed input (``views.times``: the frames of a video) is decided
+        by its worst frame after each category's ``k of n`` rule (:func:`~safeclip.decide.min_frames_codes`, before
+        bank matches, which act on any one frame), and its runs of frames at or above ``flag`` become segments
+        (:func:`~safeclip.decide.frame_segments`). ``evidence`` keeps the prompt similarities that
         :meth:`Verdicts.decision` reports as top prompts. ``record``: count bank matches towards flood quarantine
         (what live decisions do; ``explain`` and ``rescore``, which look again at inputs already seen, pass False).
 
@@ -267,7 +325,13 @@ class CompiledPolicy:
                 i = int(np.searchsorted(offsets, row, side="right") - 1)
                 if why is not None and problems[i] is None:
                     problems[i] = ("NoHash", why)
-        codes = apply_banks(decide_codes(probs, self.policy), bank_codes)
+        times = None if views.times is None else np.asarray(views.times, np.float64)
+        if times is not None and times.shape != (len(emb),):
+            raise DataError(f"times must hold one time per view ({len(emb)}), got shape {times.shape}")
+        codes = decide_codes(probs, self.policy)
+        if times is not None:
+            codes = min_frames_codes(codes, offsets, times, [c.min_frames for c in self.policy.categories])
+        codes = apply_banks(codes, bank_codes)
         rows = worst_views(codes, probs, offsets)
         actions = codes[rows].max(axis=1) if codes.shape[1] else np.zeros(len(rows), np.int8)
         chosen = probs[rows]
@@ -277,8 +341,16 @@ class CompiledPolicy:
             actions[bad] = 2  # never allow what was not fully scored
             chosen = chosen.copy()
             chosen[bad] = np.nan
+        segments: tuple[tuple[Segment, ...], ...] = ()
+        frames = None
+        if times is not None:
+            found = frame_segments(probs, codes, offsets, times, self.policy)
+            segments = tuple(() if bad[i] else s for i, s in enumerate(found))
+            frames = np.array([len(np.unique(times[offsets[i]:offsets[i + 1]]))
+                               if np.isfinite(times[offsets[i]:offsets[i + 1]]).all() else 0
+                               for i in range(len(offsets) - 1)], np.int64)
         return Verdicts(self, actions.astype(np.int8), chosen, calibrated, rows - offsets[:-1], tuple(problems),
-                        scores, rows, codes[rows])
+                        scores, rows, codes[rows], times, segments, frames)
 
 
 def lint_policy(

@@ -3,9 +3,12 @@
 The rules, each in one function: a category acts on its own thresholds (:func:`decide_codes`: ``block`` if
 p >= block, else ``flag`` if p >= flag) and the worst category action is the view's action; an input seen in several
 views (the frames of an animation, a transparent image on light and dark backgrounds) is decided by its worst view
-(:func:`worst_views`); an input with any unusable view decides nothing (:func:`unusable_inputs`). They are applied
-together by one caller, :meth:`safeclip.compiled.CompiledPolicy.decide`; :func:`build_decision` turns one input's
-result into a :class:`Decision`.
+(:func:`worst_views`); an input with any unusable view decides nothing (:func:`unusable_inputs`). A timed input (the
+sampled frames of a video or animation, each with its time) is decided by its worst frame unless a category asks for
+``k`` of its frames (:func:`min_frames_codes`), and its frames at or above a category's ``flag`` are reported as
+segments (:func:`frame_segments`). They are applied together by one caller,
+:meth:`safeclip.compiled.CompiledPolicy.decide`; :func:`build_decision` turns one input's result into a
+:class:`Decision`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from .policy import Policy
 if TYPE_CHECKING:  # pragma: no cover
     from .banks import BankMatch
 
-__all__ = ["ACTIONS", "CategoryResult", "Decision", "apply_banks", "build_decision", "decide_codes", "error_decision",
-           "nonfinite_rows", "unusable_inputs", "worst_views"]
+__all__ = ["ACTIONS", "CategoryResult", "Decision", "Segment", "apply_banks", "build_decision", "decide_codes",
+           "error_decision", "frame_segments", "min_frames_codes", "nonfinite_rows", "unusable_inputs", "worst_views"]
 
 ACTIONS: tuple[str, str, str] = ("allow", "flag", "block")
 _ACTION_CODE = {a: i for i, a in enumerate(ACTIONS)}
@@ -97,6 +100,115 @@ def worst_views(codes: np.ndarray, probabilities: np.ndarray, offsets: np.ndarra
     return pick
 
 
+def _frames_of(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct sampled frames of one input's views: ``(frame times ascending, per view its frame)``. Views at
+    the same time (one frame on several backgrounds) are one frame."""
+    return np.unique(times, return_inverse=True)
+
+
+def _timed_inputs(offsets: np.ndarray, times: np.ndarray | None) -> list[int]:
+    """The inputs whose every view has a finite time (the sampled frames of a video or animation)."""
+    if times is None:
+        return []
+    t = np.asarray(times, np.float64)
+    finite = np.isfinite(t)
+    if not finite.any():
+        return []
+    return [i for i in range(len(offsets) - 1)
+            if offsets[i + 1] > offsets[i] and bool(finite[offsets[i]:offsets[i + 1]].all())]
+
+
+def min_frames_codes(codes: np.ndarray, offsets: np.ndarray, times: np.ndarray | None,
+                     min_frames: Sequence[int]) -> np.ndarray:
+    """Per-category codes ``(R, C)`` after each category's ``k of n`` rule (``min_frames``, ``(C,)``, the policy's
+    ``frames: {min_frames: k}``): in a timed input (every view has a time in ``times``, seconds), a category acts
+    only at the highest action that at least ``k`` of its sampled frames reach (every frame, when fewer than ``k``
+    were sampled); its codes are capped there. ``k = 1`` (the default) leaves the worst frame deciding. An untimed
+    input (a still, a transparent image's backgrounds) is left as it is: its worst view decides.
+
+    >>> import numpy as np
+    >>> codes = np.array([[2], [0], [1]], np.int8)            # one clip, three frames, one category
+    >>> min_frames_codes(codes, np.array([0, 3]), np.array([0.0, 1.0, 2.0]), [2]).ravel().tolist()
+    [1, 0, 1]
+    """
+    k = np.asarray(min_frames, np.int64)
+    if times is None or codes.shape[1] == 0 or not (k > 1).any():
+        return codes
+    offsets = np.asarray(offsets, np.int64)
+    out = codes.copy()
+    for i in _timed_inputs(offsets, times):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        ft, frame = _frames_of(np.asarray(times[a:b], np.float64))
+        per_frame = np.zeros((len(ft), codes.shape[1]), np.int8)
+        np.maximum.at(per_frame, frame, codes[a:b])
+        need = np.minimum(k, len(ft))
+        cap = np.where((per_frame >= 2).sum(axis=0) >= need, 2,
+                       np.where((per_frame >= 1).sum(axis=0) >= need, 1, 0)).astype(np.int8)
+        out[a:b] = np.minimum(out[a:b], cap[None, :])
+    return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive sampled frames of a video or animation at or above one category's ``flag`` (after the
+    category's ``k of n`` rule and bank matches): ``start_s`` is its first frame's time, ``end_s`` its last frame's
+    (a one-frame segment has ``start_s == end_s``: the time between two samples was not seen), ``peak_probability``
+    the category's highest probability in it and ``peak_s`` that frame's time, ``action`` the worst action of its
+    frames (``flag`` or ``block``), ``frames`` how many sampled frames it holds."""
+
+    category: str
+    start_s: float
+    end_s: float
+    peak_probability: float
+    peak_s: float
+    action: str
+    frames: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"category": self.category, "start_s": self.start_s, "end_s": self.end_s,
+                "peak_probability": self.peak_probability, "peak_s": self.peak_s, "action": self.action,
+                "frames": self.frames}
+
+
+def frame_segments(probabilities: np.ndarray, codes: np.ndarray, offsets: np.ndarray, times: np.ndarray | None,
+                   policy: Policy) -> list[tuple[Segment, ...]]:
+    """Per input, its :class:`Segment` s, in time order (then the policy's category order): for each category, the
+    runs of consecutive sampled frames whose code (``codes``: per view and category, thresholds, ``k of n`` and
+    banks applied) is ``flag`` or ``block``. A frame seen in several views counts with its worst. Untimed inputs
+    (``times`` NaN or ``None``: stills) have none.
+
+    >>> import numpy as np
+    >>> from safeclip.policy import load_policy
+    >>> p = load_policy("default")
+    >>> probs = np.zeros((3, len(p.categories)), np.float32); probs[1:, 0] = 0.99
+    >>> [s.to_dict()["start_s"] for s in frame_segments(probs, decide_codes(probs, p), np.array([0, 3]),
+    ...                                                  np.array([0.0, 1.0, 2.0]), p)[0]]
+    [1.0]
+    """
+    offsets = np.asarray(offsets, np.int64)
+    out: list[tuple[Segment, ...]] = [()] * (len(offsets) - 1)
+    names = policy.category_names
+    for i in _timed_inputs(offsets, times):
+        assert times is not None
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        ft, frame = _frames_of(np.asarray(times[a:b], np.float64))
+        c = np.zeros((len(ft), codes.shape[1]), np.int8)
+        np.maximum.at(c, frame, codes[a:b])
+        p = np.full((len(ft), codes.shape[1]), -np.inf, np.float64)
+        np.maximum.at(p, frame, np.asarray(probabilities[a:b], np.float64))
+        found: list[tuple[float, int, Segment]] = []
+        for j in np.flatnonzero((c >= 1).any(axis=0)):
+            on = np.concatenate([[False], c[:, j] >= 1, [False]])
+            edges = np.flatnonzero(on[1:] != on[:-1])
+            for s, e in zip(edges[::2], edges[1::2]):  # frames s .. e-1
+                peak = s + int(np.argmax(p[s:e, j]))
+                found.append((float(ft[s]), int(j), Segment(
+                    names[j], float(ft[s]), float(ft[e - 1]), round(float(p[peak, j]), 6), float(ft[peak]),
+                    ACTIONS[int(c[s:e, j].max())], int(e - s))))
+        out[i] = tuple(seg for _, _, seg in sorted(found, key=lambda x: (x[0], x[1])))
+    return out
+
+
 def unusable_inputs(offsets: np.ndarray, row_problems: np.ndarray,
                     probabilities: np.ndarray | None = None) -> list[tuple[str, str] | None]:
     """Per input, ``None`` when it may decide, else ``(kind, why)``: ``("InvalidEmbedding", "embedding row k is
@@ -158,6 +270,13 @@ class Decision:
     backgrounds, the worst view deciding), ``background`` the ``(r, g, b)`` colour it was seen on (``None``: opaque).
     ``matches`` lists the bank entries the deciding view matched (:class:`~safeclip.banks.BankMatch`: bank, entry,
     distance or similarity, what the match did).
+
+    A video or animation is decided on its sampled frames (``sampling`` says how they were sampled,
+    ``frames_scored`` how many were scored, ``duration_s`` its length): ``time_s`` is the deciding frame's time and
+    ``segments`` the runs of frames at or above a category's ``flag`` (:class:`Segment`). ``stopped_early``: decoding
+    stopped at the first chunk of frames that decided ``block`` (``Moderator.check``'s ``early_stop``), so the
+    segments cover the frames up to there. A still has ``frames_scored`` 1 (its frame count for an animation
+    decoded without times), no segments and ``time_s`` ``None``.
     """
 
     action: str
@@ -173,6 +292,12 @@ class Decision:
     calibrated: bool = field(default=False)
     background: tuple[int, int, int] | None = None
     matches: tuple[BankMatch, ...] = ()
+    segments: tuple[Segment, ...] = ()
+    frames_scored: int = 1
+    sampling: str | None = None
+    duration_s: float | None = None
+    time_s: float | None = None
+    stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +314,12 @@ class Decision:
             "error": self.error,
             "matches": [m.to_dict() for m in self.matches],
             "categories": {k: v.to_dict() for k, v in self.categories.items()},
+            "frames_scored": self.frames_scored,
+            "sampling": self.sampling,
+            "duration_s": self.duration_s,
+            "time_s": self.time_s,
+            "stopped_early": self.stopped_early,
+            "segments": [g.to_dict() for g in self.segments],
         }
 
     def to_json(self) -> str:
@@ -215,12 +346,20 @@ def build_decision(
     basis: tuple[str, ...] | None = None,
     codes: np.ndarray | None = None,
     matches: Sequence[BankMatch] = (),
+    segments: Sequence[Segment] = (),
+    frames_scored: int | None = None,
+    sampling: str | None = None,
+    duration_s: float | None = None,
+    time_s: float | None = None,
+    stopped_early: bool = False,
 ) -> Decision:
     """Build the :class:`Decision` for one image from its ``(C,)`` probabilities and signals.
 
     ``signals`` maps each signal name (``prompt``, ``probe``, ``head``, a head's named probability such as
     ``punsafe``) to its ``(C,)`` values, NaN where a category lacks it. ``basis`` says per category what the
     probability is (see :func:`safeclip.calibrate.probability_basis`); without it, calibrated or prompt.
+    ``segments``, ``frames_scored`` (default ``n_frames``), ``sampling``, ``duration_s``, ``time_s`` (the deciding
+    frame's) and ``stopped_early`` describe a video or animation (see :class:`Decision`).
 
     Non-finite probabilities raise :class:`~safeclip.errors.DataError`: they decide nothing (the caller turns that
     into its fail-closed action).
@@ -265,6 +404,8 @@ def build_decision(
                 why += " (uncalibrated: the head's own probability)"
             elif not res.calibrated:
                 why += " (uncalibrated)"
+            if time_s is not None:
+                why += f" at {time_s:.2f} s"
             if res.top_prompts:
                 why += f"; closest prompt: {res.top_prompts[0][0]!r}"
             fired.append((int(codes[j]), p, why))
@@ -282,6 +423,12 @@ def build_decision(
         n_frames=n_frames,
         calibrated=bool(np.all(calibrated)) if len(calibrated) else False,
         background=background,
+        segments=tuple(segments),
+        frames_scored=n_frames if frames_scored is None else int(frames_scored),
+        sampling=sampling,
+        duration_s=duration_s if duration_s is not None and np.isfinite(duration_s) else None,
+        time_s=time_s,
+        stopped_early=stopped_early,
     )
 
 

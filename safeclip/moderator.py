@@ -4,6 +4,14 @@
 thread-safe: ``check`` decodes in the calling thread and ``check_async`` in a decode pool, then a micro-batcher
 merges the requests in flight into one model forward (see ``safeclip._batcher``); ``check_many`` decodes in threads
 and runs full batches itself. Compiled policies are cached per policy.
+
+A video (or animation) given to ``check`` is decoded in chunks of sampled frames (``prepare_chunks``), each chunk
+embedded in one forward and the frames so far decided by the decision object after each; with ``early_stop`` it stops
+decoding at the first chunk after which the clip is ``block`` (the Decision says ``stopped_early`` and how many
+frames were scored). Otherwise every sampled frame is scored and the Decision is the one the decision object gives
+all of them at once. A clip whose frames cannot all be decoded is never allowed on the frames that did decode: it is
+an error (``on_error``), or ``flag`` when the policy says ``video: {incomplete: flag}``; never less than what its
+decoded frames decide.
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ from ._batcher import MicroBatcher, Ticket
 from ._keywords import apply_keywords
 from .banks import MIN_PDQ_QUALITY, NO_HASH, BankMatch
 from .compiled import CompiledPolicy, Verdicts, Views
-from .decide import Decision, error_decision
+from .decide import ACTIONS, Decision, error_decision
 from .decode import DecodeLimits
-from .embed import DecodeOptions, Encoder, EncoderSpec, Prepared, prepare
+from .embed import DecodeOptions, Encoder, EncoderSpec, Prepared, prepare_chunks
 from .errors import ConfigError, DataError, DecodeError, ModelLoadError
 from .policy import Category, Policy, UnknownCategoryError, load_policy
 from .score import Scores
@@ -188,6 +196,9 @@ class Moderator:
     not finite and normalised): ``"raise"`` (a :class:`DecodeError` / :class:`DataError`), or a Decision whose
     action is ``"flag"`` or ``"block"`` with ``error`` set (fail closed, for upload handlers). Never ``allow``.
 
+    ``early_stop`` (default True): :meth:`check` on a video stops decoding at the first chunk of frames after which
+    the clip is ``block`` (override per call with ``check(..., early_stop=False)``).
+
     Concurrent ``check`` / ``check_async`` calls share forwards (:class:`BatchingOptions`); at most ``max_queue``
     requests are in flight at once, one more raises :class:`~safeclip.errors.OverloadedError`.
     """
@@ -201,10 +212,14 @@ class Moderator:
         batching: BatchingOptions | None = None,
         on_error: str = "raise",
         allow_outside: bool = False,
+        early_stop: bool = True,
         **keywords: Unpack[ModeratorKeywords],
     ) -> None:
         if on_error not in _ON_ERROR:
             raise ConfigError(f"on_error must be one of {_ON_ERROR}, not {on_error!r}")
+        if not isinstance(early_stop, bool):
+            raise ConfigError(f"early_stop must be True or False, not {early_stop!r}")
+        self.early_stop = early_stop
         loaded = None if encoder is None or isinstance(encoder, EncoderSpec) else encoder
         groups = apply_keywords("Moderator", keywords, _KEYWORDS, {
             "encoder": encoder if isinstance(encoder, EncoderSpec) else EncoderSpec(),
@@ -345,13 +360,20 @@ class Moderator:
         return Explanation(decision, MappingProxyType(nearest), MappingProxyType(lines), int(verdicts.view[0]))
 
     # ------------------------------------------------------------------------------------ requests
-    def check(self, image: Any, *, policy: Any = None) -> Decision:
-        """Moderate one image (path, bytes, file object, PIL image or numpy array).
+    def check(self, image: Any, *, policy: Any = None, early_stop: bool | None = None) -> Decision:
+        """Moderate one image or video (path, bytes, file object, PIL image or numpy array).
 
-        Decodes in the calling thread; the forward is shared with the other requests in flight.
+        Decodes in the calling thread; the forward of a still is shared with the other requests in flight. A video is
+        decoded in chunks of sampled frames, one forward each; ``early_stop`` (default: the Moderator's, True) stops
+        at the first chunk after which it is ``block``. Its Decision has ``segments`` (runs of frames at or above a
+        category's ``flag``, with times), ``frames_scored`` and ``sampling``.
+
+        >>> d = moderator.check("clip.mp4")                                              # doctest: +SKIP
+        >>> d.action, [(s.category, s.start_s, s.end_s) for s in d.segments]             # doctest: +SKIP
+        ('flag', [('violence', 12.0, 15.0)])
         """
         with self.batcher.admit() as ticket:
-            prepared = self._prepare_request(image, policy, ticket)
+            prepared = self._prepare_request(image, policy, ticket, early_stop)
             return prepared if isinstance(prepared, Decision) else prepared.result()
 
     async def check_async(self, image: Any, *, policy: Any = None, ticket: Ticket | None = None) -> Decision:
@@ -389,7 +411,16 @@ class Moderator:
             return self._run(images, policy, pool=pool)
 
     def _prepare(self, image: Any) -> Prepared:
-        return prepare(image, self.encoder.pixel_spec, self.decoding)
+        """Every sampled view of ``image``: a still's one chunk, a video's chunks joined (no early stop)."""
+        chunks = list(prepare_chunks(image, self.encoder.pixel_spec, self.decoding))
+        if len(chunks) == 1:
+            return chunks[0]
+        if not chunks:
+            raise DecodeError("the decoder gave no frames", _source_name(image))
+        clip = _Clip()
+        for c in chunks:
+            clip.add(c, np.empty((0, 0), np.float32))
+        return dataclasses.replace(clip.prepared(), pixels=np.concatenate([c.pixels for c in chunks]))
 
     def _decode_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -397,18 +428,91 @@ class Moderator:
                 self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="safeclip-decode")
             return self._pool
 
-    def _prepare_request(self, image: Any, policy: Any, ticket: Ticket) -> Decision | Future[Decision]:
-        """Decode one request and queue it for a forward; an input that cannot be decoded is decided here."""
+    def _prepare_request(self, image: Any, policy: Any, ticket: Ticket,
+                         early_stop: bool | None = None) -> Decision | Future[Decision]:
+        """Decode one request and queue it for a forward; an input that cannot be decoded is decided here, and so is
+        a video (chunk by chunk, :meth:`_check_clip`)."""
         if ticket.cancelled:  # the caller gave up while this waited for a decode thread: decode nothing
             gone: Future[Decision] = Future()
             gone.cancel()
             return gone
         comp = self.compiled(policy)
-        prep = self._try_prepare(image)
-        if isinstance(prep, DecodeError):
-            return error_decision(self.on_error, str(prep), policy=comp.policy, encoder_id=self.encoder_id,
-                                  source=prep.source or _source_name(image))
-        return self.batcher.submit(ticket, (comp, prep), len(prep.pixels))
+        chunks = prepare_chunks(image, self.encoder.pixel_spec, self.decoding)
+        first = self._next_chunk(chunks)
+        if isinstance(first, DecodeError):
+            return error_decision(self.on_error, str(first), policy=comp.policy, encoder_id=self.encoder_id,
+                                  source=first.source or _source_name(image))
+        if first is None:
+            raise DecodeError("the decoder gave no frames", _source_name(image))
+        if first.timestamps:
+            return self._check_clip(comp, [first], chunks, image, early_stop)
+        more = self._next_chunk(chunks)  # a still is one chunk; anything more is decided with it, never dropped
+        if more is None:
+            return self.batcher.submit(ticket, (comp, first), len(first.pixels))
+        return self._check_clip(comp, [first, more], chunks, image, early_stop)
+
+    def _next_chunk(self, chunks: Iterator[Prepared]) -> Prepared | DecodeError | None:
+        """The next chunk of ``chunks``, ``None`` at the end, or the DecodeError (raised when ``on_error="raise"``)."""
+        try:
+            return next(chunks, None)
+        except DecodeError as e:
+            if self.on_error == "raise":
+                raise
+            return e
+
+    def _check_clip(self, comp: CompiledPolicy, head: list[Prepared | DecodeError], rest: Iterator[Prepared],
+                    image: Any, early_stop: bool | None) -> Decision:
+        """A video's Decision: each chunk embedded in one forward, the frames so far decided after each; stops at
+        the first ``block`` when ``early_stop`` (and as many frames as any category's ``min_frames`` were seen)."""
+        stop = self.early_stop if early_stop is None else early_stop
+        need = max((c.min_frames for c in comp.policy.categories), default=1)
+        clip = _Clip()
+        failed: DecodeError | None = None
+        stopped = False
+        pending: Iterator[Prepared | DecodeError | None] = iter(head)
+        while True:
+            chunk = next(pending, _END)
+            if chunk is _END:
+                try:
+                    chunk = next(rest, None)
+                except DecodeError as e:  # on_error="raise" too: first, what the decoded frames say
+                    chunk = e
+            if chunk is None:
+                break
+            if isinstance(chunk, DecodeError):
+                failed = chunk
+                break
+            assert isinstance(chunk, Prepared)
+            clip.add(chunk, self.encoder.embed_pixels(chunk.pixels))
+            if stop and clip.frames() >= need:
+                seen = comp.decide(clip.views(), record=False)
+                if seen.problems[0] is not None or seen.action(0) == "block":
+                    stopped = True
+                    break
+        if not clip.chunks:
+            assert failed is not None
+            return error_decision(self.on_error, str(failed), policy=comp.policy, encoder_id=self.encoder_id,
+                                  source=failed.source or _source_name(image))
+        verdicts = comp.decide(clip.views(), evidence=True)
+        decided = self._decision(comp, verdicts, 0, clip.prepared(), stopped_early=stopped and failed is None)
+        if isinstance(decided, DataError):
+            raise decided
+        if failed is None:
+            return decided
+        return self._incomplete(comp, decided, failed, clip)
+
+    def _incomplete(self, comp: CompiledPolicy, decided: Decision, failed: DecodeError, clip: _Clip) -> Decision:
+        """A clip whose later frames could not be decoded: never allowed on the frames that did decode."""
+        where = f"decoding stopped after {clip.frames()} frames, at {clip.last_time():.2f} s"
+        why = f"{failed} ({where})"
+        worst = max(ACTIONS.index(decided.action), 1)
+        if comp.policy.video_incomplete == "flag":
+            return dataclasses.replace(decided, action=ACTIONS[worst],
+                                       reasons=(f"incomplete: {why}: flagged for review",) + decided.reasons)
+        if self.on_error == "raise":
+            raise type(failed)(f"{failed.reason} ({where})", failed.source) from failed
+        action = ACTIONS[max(worst, ACTIONS.index(self.on_error))]
+        return error_decision(action, why, policy=comp.policy, encoder_id=self.encoder_id, source=decided.source)
 
     def _embed_and_decide(self, items: list[tuple[CompiledPolicy, Prepared]]) -> list[Decision | DataError]:
         """The micro-batcher's batch: one forward for every request, then each decided alone, under its policy."""
@@ -482,11 +586,14 @@ class Moderator:
 
     @staticmethod
     def _views(emb: np.ndarray, prepared: Sequence[Prepared]) -> Views:
-        """The views of decoded inputs, with each view's PDQ hash (what PDQ banks match)."""
+        """The views of decoded inputs, with each view's PDQ hash (what PDQ banks match) and, for a video, time."""
         offsets = np.zeros(len(prepared) + 1, np.int64)
         np.cumsum([len(p.pixels) for p in prepared], out=offsets[1:])
-        return Views(emb, offsets).with_pdq(
+        views = Views(emb, offsets).with_pdq(
             [None if p.pdq is None or p.pdq_quality is None else (p.pdq, p.pdq_quality) for p in prepared])
+        if any(p.timestamps for p in prepared):
+            views = views.with_times([p.timestamps for p in prepared])
+        return views
 
     def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray,
                          prepared: list[Prepared]) -> list[Decision | DataError]:
@@ -496,7 +603,7 @@ class Moderator:
         return [self._decision(comp, verdicts, i, p) for i, p in enumerate(prepared)]
 
     def _decision(self, comp: CompiledPolicy, verdicts: Verdicts, i: int,
-                  prep: Prepared | None = None) -> Decision | DataError:
+                  prep: Prepared | None = None, stopped_early: bool = False) -> Decision | DataError:
         """Input ``i``'s Decision; one that could not be scored is a :class:`DataError` (``on_error="raise"``) or a
         fail-closed Decision."""
         try:
@@ -505,7 +612,8 @@ class Moderator:
                 where = None if verdicts.problems[i] is None else f"row {i} of the embeddings"
                 return verdicts.decision(i, source=where, encoder_id=self.encoder_id)
             return verdicts.decision(i, sha256=prep.sha256, source=prep.source, frame_indices=prep.frame_indices,
-                                     backgrounds=prep.backgrounds, encoder_id=self.encoder_id)
+                                     backgrounds=prep.backgrounds, encoder_id=self.encoder_id,
+                                     sampling=prep.sampling, duration_s=prep.duration_s, stopped_early=stopped_early)
         except DataError as err:
             if self.on_error == "raise":
                 return err
@@ -516,7 +624,48 @@ class Moderator:
         return f"Moderator(policy={self.policy.id!r}, encoder={self.encoder_id!r}, on_error={self.on_error!r})"
 
 
-_END = object()
+_END: Any = object()
+
+
+class _Clip:
+    """The chunks of one video decoded so far, with their embeddings (pixels dropped once embedded)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Prepared] = []
+        self.embeddings: list[np.ndarray] = []
+
+    def add(self, chunk: Prepared, emb: np.ndarray) -> None:
+        self.chunks.append(dataclasses.replace(chunk, pixels=chunk.pixels[:0]))
+        self.embeddings.append(emb)
+
+    def prepared(self) -> Prepared:
+        """The chunks as one :class:`Prepared` (no pixels): what a Decision reports."""
+        c = self.chunks
+        last = c[-1]
+
+        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
+
+        return dataclasses.replace(
+            last, pixels=np.concatenate([p.pixels for p in c]),
+            frame_indices=tuple(f for p in c for f in p.frame_indices),
+            backgrounds=tuple(b for p in c for b in p.backgrounds),
+            timestamps=tuple(t for p in c for t in p.timestamps),
+            pdq=cat([p.pdq for p in c]), pdq_quality=cat([p.pdq_quality for p in c]))
+
+    def views(self) -> Views:
+        prep = self.prepared()
+        emb = np.concatenate(self.embeddings)
+        views = Views(emb, np.array([0, len(emb)], np.int64))
+        if prep.pdq is not None and prep.pdq_quality is not None:
+            views = views.with_pdq([(prep.pdq, prep.pdq_quality)])
+        return views.with_times([prep.timestamps])
+
+    def frames(self) -> int:
+        return len({t for p in self.chunks for t in p.timestamps})
+
+    def last_time(self) -> float:
+        return max((t for p in self.chunks for t in p.timestamps), default=0.0)
 
 
 # ---------------------------------------------------------------------------------------- process default
@@ -565,13 +714,17 @@ def set_default_moderator(moderator: Moderator | None) -> None:
         _default = moderator
 
 
-def check(image: Any, policy: str | os.PathLike[str] | Policy | None = None) -> Decision:
-    """Moderate one image with the process-wide default Moderator (loaded once, thread-safe).
+def check(image: Any, policy: str | os.PathLike[str] | Policy | None = None, *,
+          early_stop: bool | None = None) -> Decision:
+    """Moderate one image or video with the process-wide default Moderator (loaded once, thread-safe). A video
+    stops decoding at its first ``block`` unless ``early_stop=False``.
 
     >>> import safeclip                       # doctest: +SKIP
     >>> safeclip.check("upload.jpg").action   # doctest: +SKIP
     'allow'
+    >>> safeclip.check("clip.mp4").segments   # doctest: +SKIP
+    (Segment(category='violence', start_s=12.0, end_s=15.0, peak_probability=0.93, peak_s=13.0, action='block', ...),)
     """
-    return default_moderator().check(image, policy=policy)
+    return default_moderator().check(image, policy=policy, early_stop=early_stop)
 
 

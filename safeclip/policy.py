@@ -51,10 +51,12 @@ from .errors import ArtifactIntegrityError, PolicyError, SafeclipError
 __all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "Policy", "UnknownCategoryError",
            "builtin_policy_dir", "list_policies", "load_policy"]
 
-_TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories"}
+_TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories", "video"}
+_VIDEO_KEYS = {"incomplete"}
+_INCOMPLETE = ("error", "flag")
 _SCORING_KEYS = {"logit_scale", "templates", "neutral", "top_prompts"}
 _CATEGORY_KEYS = {"description", "prompts", "contrast", "templates", "thresholds", "probe", "head", "calibrator",
-                  "enabled", "banks"}
+                  "enabled", "banks", "frames"}
 _ARTIFACT_KEYS = ("probe", "head", "calibrator")
 _BANK_KEYS = {"path", "effect", "action", "max_distance", "min_similarity", "quarantine", "_base", "_file"}
 _QUARANTINE_KEYS = {"max_inputs", "window_hours"}
@@ -156,6 +158,7 @@ class Category:
     calibrator: ArtifactRef | None = None
     head: ArtifactRef | None = None
     banks: tuple[BankRef, ...] = ()
+    min_frames: int = 1  # ``frames: {min_frames: k}``: a video acts on this category when k sampled frames do
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Policy:
     top_prompts: int = 3
     encoder: Mapping[str, str] = field(default_factory=dict)
     source: str | None = None
+    video_incomplete: str = "error"  # ``video: {incomplete: error | flag}``: a clip not fully decoded
 
     @property
     def id(self) -> str:
@@ -248,8 +252,12 @@ class Policy:
                     entry[key] = ref
             if c.banks:
                 entry["banks"] = [bank(b) for b in c.banks]
+            if c.min_frames != 1:
+                entry["frames"] = {"min_frames": c.min_frames}
             cats[c.name] = entry
         doc["categories"] = cats
+        if self.video_incomplete != "error":
+            doc["video"] = {"incomplete": self.video_incomplete}
         return doc
 
     def with_thresholds(self, name: str, *, flag: float | None, block: float | None) -> Policy:
@@ -599,6 +607,24 @@ def _banks(value: Any, where: str, problems: list[str], allow_outside: bool) -> 
     return tuple(out)
 
 
+def _min_frames(value: Any, where: str, problems: list[str]) -> int:
+    """A category's ``frames: {min_frames: k}`` (default 1: the worst frame of a video decides)."""
+    if value is None:
+        return 1
+    if not isinstance(value, dict):
+        problems.append(f"{where}: must be a mapping with min_frames (how many sampled frames of a video must reach "
+                        "a threshold for the category to act)")
+        return 1
+    for key in sorted(set(value) - {"min_frames"}):
+        problems.append(f"{where}.{key}: unknown key (expected min_frames)")
+    k = value.get("min_frames", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 10_000:
+        problems.append(f"{where}.min_frames: must be an integer in [1, 10000] (1: the worst frame decides), got "
+                        f"{_printable(k)}")
+        return 1
+    return int(k)
+
+
 def _number(value: Any, where: str, problems: list[str], lo: float, hi: float, *, nullable: bool) -> float | None:
     if value is None and nullable:
         return None
@@ -735,20 +761,33 @@ def load_policy(
             block = _number(th.get("block"), at(f"{w}.thresholds.block"), problems, 0, 1, nullable=True)
             if flag is not None and block is not None and flag > block:
                 problems.append(at(f"{w}.thresholds: flag ({flag}) must not exceed block ({block})"))
+        min_frames = _min_frames(cat.get("frames"), at(f"{w}.frames"), problems)
         refs = {key: _artifact(cat.get(key), at(f"{w}.{key}"), problems, allow_outside) for key in _ARTIFACT_KEYS}
         if bank_only and any(refs.values()):
             problems.append(at(f"{w}: a category without prompts decides by its banks only; a probe, head or "
                                "calibrator needs prompts beside it"))
         categories.append(Category(cname, desc.strip(), prompts, contrast, ctemplates, flag, block, **refs,
-                                   banks=banks))
+                                   banks=banks, min_frames=min_frames))
     if not categories and isinstance(cats_raw, dict) and cats_raw and complete:
         problems.append(at("categories: every category is disabled"))
+    video = data.get("video") or {}
+    incomplete = "error"
+    if not isinstance(video, dict):
+        problems.append(at("video: must be a mapping with incomplete: error or flag"))
+    else:
+        for key in sorted(set(video) - _VIDEO_KEYS):
+            problems.append(at(f"video.{key}: unknown key (expected incomplete)"))
+        incomplete = video.get("incomplete", "error")
+        if incomplete not in _INCOMPLETE:
+            problems.append(at(f"video.incomplete: must be error (a clip not fully decoded is an error) or flag (it "
+                               f"is flagged for review, never allowed), got {_printable(incomplete)}"))
+            incomplete = "error"
     if problems:
         raise PolicyError(problems)
     policy = Policy(
         name=name, version=str(version), description=description.strip(), categories=tuple(categories),
         logit_scale=float(logit_scale), neutral=neutral, top_prompts=int(top), encoder=dict(encoder),
-        source=str(path),
+        source=str(path), video_incomplete=str(incomplete),
     )
     shipped = builtin_policy_dir() / f"{name}.yaml"
     if shipped.is_file() and shipped.resolve() != path.resolve():

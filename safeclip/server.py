@@ -6,7 +6,7 @@ application to mount in your own. It is built on Starlette rather than FastAPI: 
 pydantic, and it has four routes.
 
 =================  =============================================================================================
-``POST /v1/check``  the image as the raw body, or as the multipart field ``image``; ``?policy=NAME`` picks one of
+``POST /v1/check``  the image (or video) as the raw body, or as the multipart field ``image``; ``?policy=NAME`` picks one of
                     the loaded policies. 200: the Decision JSON (``Decision.to_dict()``). 400 unknown policy or
                     malformed request, 401 missing/wrong token, 413 body over the limit, 422 undecodable image (the
                     typed error; with a fail-closed Moderator, ``on_error="flag"|"block"``, a 200 Decision
@@ -16,6 +16,12 @@ pydantic, and it has four routes.
 ``GET /readyz``     200 once the model is loaded and has run a warm-up forward under every policy, else 503.
 ``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth (token-protected).
 =================  =============================================================================================
+
+Videos: a body whose Content-Type (the request's, or the multipart part's) is one of :data:`VIDEO_TYPES` may be up
+to ``max_video_bytes`` (``safeclip serve --max-video-mb``) instead of ``max_body_bytes``; it is decided by
+``Moderator.check_async`` like an image, its frames in chunks, stopping at the first ``block`` (the Moderator's
+``early_stop``), and answered with the Decision JSON (``segments``, ``frames_scored``, ``sampling``). The request
+timeout covers the whole clip.
 
 The Decision's ``matches`` lists the bank entries the image matched (policies with ``banks:``); the banks are
 re-read when they change (at most every second), so entries added, disabled or removed with ``safeclip bank`` are
@@ -58,7 +64,10 @@ from .errors import ConfigError, DecodeError, OverloadedError, SafeclipError
 from .moderator import Moderator
 from .policy import Policy, load_policy
 
-__all__ = ["create_app", "uvicorn_protocol"]
+__all__ = ["VIDEO_TYPES", "create_app", "uvicorn_protocol"]
+
+#: Content types whose bodies may be as large as ``max_video_bytes``
+VIDEO_TYPES = ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska")
 
 _access_log = logging.getLogger("safeclip.server.access")
 _log = logging.getLogger("safeclip.server")
@@ -219,6 +228,7 @@ class _Settings:
     policies: dict[str, Policy]
     token: bytes | None
     max_body_bytes: int
+    max_video_bytes: int
     bodies: _BodyBudget
     timeout_s: float
     retry_after_s: int
@@ -230,6 +240,20 @@ class _Settings:
     @property
     def default_policy(self) -> Policy:
         return next(iter(self.policies.values()))
+
+    def body_limit(self, request: Request) -> int:
+        """The largest body ``request`` may send: a video's (by Content-Type), else an image's; a multipart body may
+        hold either (its part's type is checked once read)."""
+        ctype = request.headers.get("content-type", "")
+        if _is_video(ctype):
+            return self.max_video_bytes
+        if ctype.lower().startswith("multipart/form-data"):
+            return max(self.max_body_bytes, self.max_video_bytes)
+        return self.max_body_bytes
+
+
+def _is_video(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() in VIDEO_TYPES
 
 
 def _settings(request: Request) -> _Settings:
@@ -285,8 +309,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _multipart_image(request: Request, body: bytes) -> bytes:
-    """The ``image`` file part of a multipart body already read (and bounded)."""
+async def _multipart_image(request: Request, body: bytes, max_image_bytes: int) -> bytes:
+    """The ``image`` file part of a multipart body already read (and bounded); a part that is not a video (by its
+    Content-Type) may hold at most ``max_image_bytes``."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -309,6 +334,9 @@ async def _multipart_image(request: Request, body: bytes) -> bytes:
         # A plain (non-file) field holds text, not bytes: an image sent that way arrives mangled, so it is refused.
         if not isinstance(field, UploadFile):
             raise _MissingImage("the multipart body has no file part named image (curl -F image=@photo.jpg)")
+        if not _is_video(field.content_type) and (field.size or 0) > max_image_bytes:
+            raise _TooLarge(f"the image part exceeds {max_image_bytes} bytes (a video part may be larger: send it "
+                            f"with a video Content-Type, one of {', '.join(VIDEO_TYPES)})")
         return await field.read()
     finally:
         await form.close()
@@ -319,14 +347,15 @@ async def _until_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
         pass
 
 
-async def _request_image(request: Request, settings: _Settings) -> bytes:
-    """The image bytes of a request: the raw body or its multipart ``image`` part, read within the limits."""
+async def _request_image(request: Request, settings: _Settings, limit: int) -> bytes:
+    """The image (or video) bytes of a request: the raw body or its multipart ``image`` part, read within the
+    limits (``limit``: :meth:`_Settings.body_limit`)."""
     try:
-        body = await asyncio.wait_for(_read_body(request, settings.max_body_bytes), settings.timeout_s)
+        body = await asyncio.wait_for(_read_body(request, limit), settings.timeout_s)
     except asyncio.TimeoutError as e:
         raise _BodyTimeout(f"the body did not arrive within {settings.timeout_s} s") from e
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        return await _multipart_image(request, body)
+        return await _multipart_image(request, body, settings.max_body_bytes)
     return body
 
 
@@ -342,13 +371,14 @@ async def _decide(request: Request, settings: _Settings, t0: float, log: dict[st
     if pol is None:
         raise _UnknownPolicy(f"policy {name!r} is not loaded; loaded: {', '.join(settings.policies)}")
     declared = _declared_length(request)
-    if declared is not None and declared > settings.max_body_bytes:
-        raise _TooLarge(f"the body exceeds {settings.max_body_bytes} bytes")
+    limit = settings.body_limit(request)
+    if declared is not None and declared > limit:
+        raise _TooLarge(f"the body exceeds {limit} bytes")
     moderator = settings.moderator
     # The queue place and the body's bytes are taken before the body is read: a request refused for either has
     # nothing of its body in memory, and at most max_queue bodies (within the budget) are ever held at once.
-    with moderator.admit() as ticket, settings.bodies.take(settings.max_body_bytes if declared is None else declared):
-        image = await _request_image(request, settings)
+    with moderator.admit() as ticket, settings.bodies.take(limit if declared is None else declared):
+        image = await _request_image(request, settings, limit)
         if not image:
             raise _EmptyBody("the body is empty: send the image bytes")
         job = asyncio.ensure_future(moderator.check_async(image, policy=pol, ticket=ticket))
@@ -435,6 +465,7 @@ def create_app(
     policies: Iterable[str | Policy] | None = None,
     token: str | None = None,
     max_body_bytes: int = 20 * 2**20,
+    max_video_bytes: int | None = None,
     max_body_budget_bytes: int | None = None,
     timeout_s: float = 30.0,
     retry_after_s: int = 1,
@@ -446,9 +477,10 @@ def create_app(
     is the default (none given: the Moderator's own). They are compiled here, before the first request. ``token``:
     required as ``Authorization: Bearer <token>`` on ``/v1/check`` and ``/metrics`` (compared in constant time, as
     UTF-8 bytes: a non-ASCII token works with any client that sends it in UTF-8).
-    ``max_body_bytes``: a larger body is answered 413 without being read past the limit.
-    ``max_body_budget_bytes``: the bytes of request bodies held at once, all requests together (default: 512 MiB,
-    or ``max_body_bytes`` if larger); a request whose Content-Length would pass it (without one: ``max_body_bytes``)
+    ``max_body_bytes``: a larger body is answered 413 without being read past the limit. ``max_video_bytes``: the
+    same for a video body (Content-Type one of :data:`VIDEO_TYPES`; default: ``max_body_bytes``; the decoder's
+    ``DecodeLimits.max_bytes`` still applies). ``max_body_budget_bytes``: the bytes of request bodies held at once, all requests together (default:
+    512 MiB, or the larger body limit if larger); a request whose Content-Length would pass it (without one: ``max_body_bytes``)
     is answered 503 before its body is read. ``timeout_s``: a request
     not answered in time (body read, queue, decode, forward) is answered 504 (408 while its body is still arriving)
     and dropped if it has not reached a forward. ``warm_up``: run one forward per policy at start-up before
@@ -462,12 +494,17 @@ def create_app(
         raise ConfigError("the bearer token is empty")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ConfigError(f"max_body_bytes must be a positive integer, not {max_body_bytes!r}")
+    if max_video_bytes is None:
+        max_video_bytes = max_body_bytes
+    if isinstance(max_video_bytes, bool) or not isinstance(max_video_bytes, int) or max_video_bytes < 1:
+        raise ConfigError(f"max_video_bytes must be a positive integer, not {max_video_bytes!r}")
+    largest = max(max_body_bytes, max_video_bytes)
     if max_body_budget_bytes is None:
-        max_body_budget_bytes = max(512 * 2**20, max_body_bytes)
+        max_body_budget_bytes = max(512 * 2**20, largest)
     if isinstance(max_body_budget_bytes, bool) or not isinstance(max_body_budget_bytes, int) \
-            or max_body_budget_bytes < max_body_bytes:
-        raise ConfigError(f"max_body_budget_bytes must be an integer of at least max_body_bytes ({max_body_bytes}): "
-                          f"a body of the largest size allowed must fit, not {max_body_budget_bytes!r}")
+            or max_body_budget_bytes < largest:
+        raise ConfigError(f"max_body_budget_bytes must be an integer of at least max_body_bytes and max_video_bytes "
+                          f"({largest}): a body of the largest size allowed must fit, not {max_body_budget_bytes!r}")
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be a positive number of seconds, not {timeout_s!r}")
     loaded: dict[str, Policy] = {}
@@ -478,7 +515,7 @@ def create_app(
         moderator.compiled(pol)
         loaded[pol.name] = pol
     settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes,
-                         _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up, _Metrics(moderator))
+                         max_video_bytes, _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up, _Metrics(moderator))
     app = Starlette(routes=[
         Route("/v1/check", _check, methods=["POST"]),
         Route("/healthz", _healthz, methods=["GET"]),

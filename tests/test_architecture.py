@@ -44,6 +44,9 @@ def test_each_decide_rule_is_applied_in_one_place():
     assert _functions_calling("worst_views") == {"compiled.decide"}
     assert _functions_calling("unusable_inputs") == {"compiled.decide"}
     assert _functions_calling("apply_banks") == {"compiled.decide"}
+    # Video (issue 24): k of n frames and segments, the same way.
+    assert _functions_calling("min_frames_codes") == {"compiled.decide"}
+    assert _functions_calling("frame_segments") == {"compiled.decide"}
     # The decision object computes the per-row problems that unusable_inputs maps to inputs; besides it,
     # as_embeddings validates an API argument, and the cache checks its own entries (a damaged one is a miss,
     # re-embedded: storage integrity, not a decision).

@@ -30,7 +30,7 @@ def test_rows_schema_order_and_parity_with_moderator(sample, tiny_encoder, tmp_p
     assert t.column_names == ["path", "path_bytes", "sha256", "bytes", "width", "height", "frames", "background",
                               "action",
                               *[f"p_{c}" for c in pol_cats], "error", "encoder_id", "policy", "pdq", "pdq_quality",
-                              "matches"]
+                              "matches", "frames_scored", "time_s", "duration_s", "sampling", "segments"]
     assert t.column("path").to_pylist() == sample  # one row per input, input order
     assert s.rows == len(sample) and s.errors == 0 and s.processed == len(sample) and s.resumed == 0
     assert s.embedded == len(sample) and s.decoded == len(sample) and s.cache_hits == 0

@@ -274,7 +274,7 @@ def test_cli_with_a_stale_encoder_memo(parity, files, tiny_model, tmp_path, caps
     assert json.loads(memo_file.read_text())[key] == real
     ref = pq.read_table(d / "ray.parquet").slice(0, 4).replace_schema_metadata(None)
     got = pq.read_table(tmp_path / "a.parquet")
-    saved = ["embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality"]
+    saved = ["embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality", "embedding_times"]
     assert_same_rows(ref.drop_columns(saved), got.replace_schema_metadata(None))
     # Usage errors exit 2.
     assert cli_main(["audit", *args, "--out", str(tmp_path / "c.parquet"), "--address", "auto"]) == 2

@@ -352,6 +352,30 @@ def test_deny_wins_over_allow_and_views_take_the_worst(decided):
     assert v.action(0) == "block" and int(v.view[0]) == 1
 
 
+def test_a_match_in_a_clip_gives_the_frames_time(decided):
+    """Video (issue 24): PDQ is matched per sampled frame, and a match says the frame's time; a deny match on one
+    frame acts whatever a category's k of n asks (banks act on any one frame)."""
+    import dataclasses
+
+    compiled, _, _ = decided
+    emb = np.concatenate([_unit(9), _unit(9), _unit(9)])
+    views = Views(emb, np.array([0, 3])).with_pdq(
+        [(np.stack([_codes([50])[0], _codes([60])[0], _codes([2])[0]]), [90, 90, 90])]).with_times([(0.0, 1.5, 3.0)])
+    v = compiled.decide(views, record=False)
+    assert v.action(0) == "block" and v.time(0) == 3.0
+    d = v.decision(0)
+    [m] = [m for m in d.matches if m.category == "known"]
+    assert m.entry == "inc-2" and m.time_s == 3.0 and d.to_dict()["matches"][0]["time_s"] == 3.0
+    assert "(frame at 3.00 s)" in m.describe()
+    assert [(s.category, s.start_s, s.end_s, s.action) for s in d.segments if s.category == "known"] == [
+        ("known", 3.0, 3.0, "block")]
+    k3 = dataclasses.replace(compiled, policy=dataclasses.replace(compiled.policy, categories=tuple(
+        dataclasses.replace(c, min_frames=3) for c in compiled.policy.categories)))
+    assert k3.decide(views, record=False).action(0) == "block"
+    still = compiled.decide(_views(_unit(9), [_codes([2])[0]]), record=False).decision(0)
+    assert all(m.time_s is None for m in still.matches)
+
+
 def test_a_flooding_entry_is_quarantined_until_confirmed(decided):
     compiled, deny, _ = decided
     base = _codes([2])[0]

@@ -283,7 +283,7 @@ def test_schema_2_caches_are_upgraded_in_place_and_keep_their_entries_without_ha
     with EmbeddingCache(tmp_path, "enc-a"):
         assert capsys.readouterr().err == ""  # upgraded once
     con = sqlite3.connect(path)
-    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "3"
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "4"
     con.close()
 
 
@@ -471,3 +471,60 @@ def test_new_cache_folders_are_private_whatever_the_umask(tmp_path):
         os.umask(old)
     for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "embeddings"):
         assert os.stat(d).st_mode & 0o777 == 0o700, d
+
+
+# ---------------------------------------------------------------------------------------------- clips (issue 24)
+def _clip(i: int, sampling: str, frames: int = 3) -> CachedImage:
+    return dataclasses.replace(entry(i, frames=frames), format="MP4", times=tuple(0.5 * k for k in range(frames)),
+                               sampling=sampling, duration_s=0.5 * frames, sampling_text="2 fps")
+
+
+def test_a_clip_is_keyed_by_sha256_and_sampling(tmp_path):
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        assert cache.put_many([_clip(1, "fps=1"), entry(2)]) == 2
+        got = cache.get_many([sha(1), sha(2)], sampling="fps=1")
+        assert got[sha(1)].times == (0.0, 0.5, 1.0) and got[sha(1)].sampling == "fps=1"
+        assert got[sha(1)].duration_s == 1.5 and got[sha(1)].sampling_text == "2 fps"
+        assert got[sha(2)].times == () and got[sha(2)].sampling is None  # a still: whatever the sampling
+        assert set(cache.get_many([sha(1), sha(2)], sampling="fps=2")) == {sha(2)}  # another sampling: a miss
+        assert cache.get(sha(1)).times == (0.0, 0.5, 1.0)  # no sampling named: whatever it was
+        # embedded again under the other sampling: the entry is replaced
+        assert cache.put_many([_clip(1, "fps=2", frames=5)]) == 1
+        assert sha(1) not in cache.get_many([sha(1)], sampling="fps=1")
+        assert cache.get_many([sha(1)], sampling="fps=2")[sha(1)].times == (0.0, 0.5, 1.0, 1.5, 2.0)
+        assert cache.put_many([_clip(1, "fps=2", frames=5)]) == 0  # the same: kept
+        from safeclip.errors import DataError
+
+        with pytest.raises(DataError, match="times of"):
+            cache.put_many([dataclasses.replace(_clip(3, "x"), times=(0.0, 1.0))])
+        with pytest.raises(DataError, match="finite"):
+            cache.put_many([dataclasses.replace(_clip(3, "x"), times=(0.0, float("nan"), 1.0))])
+
+
+def test_damaged_times_are_a_miss_and_schema_3_caches_are_upgraded(tmp_path):
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        cache.put_many([_clip(1, "s"), entry(2)])
+        path = cache.path
+    con = sqlite3.connect(path)
+    for bad in ('{"t": [0, 1]}', '[0, 1, 2]', '{"t": [0, 1, "x"]}', '{"t": [0, 1, 2], "duration_s": "long"}'):
+        with EmbeddingCache(tmp_path, "enc-a") as cache:
+            cache.put_many([_clip(1, "s")])
+        con.execute("UPDATE images SET times = ? WHERE sha = ?", (bad, bytes.fromhex(sha(1))))
+        con.commit()
+        with EmbeddingCache(tmp_path, "enc-a") as cache:
+            assert set(cache.get_many([sha(1), sha(2)])) == {sha(2)} and sha(1) in cache.damaged_entries, bad
+    con.close()
+    con = sqlite3.connect(path)  # as the previous version wrote it: no clip columns
+    con.execute("ALTER TABLE images DROP COLUMN times")
+    con.execute("ALTER TABLE images DROP COLUMN sampling")
+    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    con.commit()
+    con.close()
+    with EmbeddingCache(tmp_path, "enc-a", readonly=True) as ro:
+        assert ro.get_many([sha(2)], sampling="s")[sha(2)].times == ()
+    with EmbeddingCache(tmp_path, "enc-a") as cache:
+        assert cache.get(sha(2)) is not None and cache.put_many([_clip(1, "s")]) == 1
+        assert cache.get_many([sha(1)], sampling="s")[sha(1)].times == (0.0, 0.5, 1.0)
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == "4"
+    con.close()

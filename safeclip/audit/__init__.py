@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from .diff import diff
 from .plan import AuditKeywords, AuditPlan, EngineOptions
-from .reader import IMAGE_EXTENSIONS, collect_inputs, read_manifest
+from .reader import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, collect_inputs, read_manifest
 from .rescore import rescore
 from .summary import FAIL_LEVELS, AuditSummary
-from .writer import OutputOptions
+from .writer import OutputOptions, segments_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Unpack
@@ -54,12 +54,14 @@ __all__ = [
     "EngineOptions",
     "FAIL_LEVELS",
     "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
     "OutputOptions",
     "audit",
     "collect_inputs",
     "diff",
     "read_manifest",
     "rescore",
+    "segments_table",
 ]
 
 

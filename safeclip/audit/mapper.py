@@ -15,6 +15,14 @@ its model actors and ``store`` on the driver, per shard; the results travel betw
 (:meth:`safeclip.compiled.CompiledPolicy.decide`), as for ``Moderator``: for an animation the worst frame decides, and
 for a transparent image the worst background (the row's ``background`` is the deciding view's).
 
+Videos and animations decoded with times (``FileResult.timestamps``): the decision object gets each frame's time
+(:meth:`~safeclip.compiled.Views.with_times`), so the worst frame decides after each category's ``k of n`` rule and
+the row records the deciding frame's time, the frames scored and the segments (runs of frames at or above a
+category's ``flag``). The cache keeps a clip's frame times with its embeddings, keyed by its sha256 and the sampling
+settings it was decoded under (``FileResult.cache_sampling``): a run under other sampling settings decodes it again.
+A duplicate clip is embedded once within a batch, but is never taken from an entry written since its worker looked
+(that entry may be of another sampling).
+
 PDQ banks: each view's PDQ hash (computed where the file is decoded, or read from the cache) goes to the decision
 object with its embedding (:meth:`~safeclip.compiled.Views.with_pdq`), and the cache keeps it beside the embedding.
 Under a policy that matches PDQ banks a cache entry without hashes (made before they were kept) is a miss for the
@@ -109,6 +117,8 @@ class BatchUnit:
             if any(r.pdq is not None for r in ok):
                 views = views.with_pdq([None if r.pdq is None or r.pdq_quality is None else (r.pdq, r.pdq_quality)
                                         for r in ok])
+            if any(r.timestamps for r in ok):
+                views = views.with_times([r.timestamps for r in ok])
             verdicts = self.comp.decide(views)
             for k, r in enumerate(ok):
                 problem = verdicts.problems[k]
@@ -119,6 +129,9 @@ class BatchUnit:
                 r.view = view = int(verdicts.view[k])
                 r.background = r.backgrounds[view] if view < len(r.backgrounds) else None
                 r.matches = json.dumps([m.to_dict() for m in verdicts.matches(k)])
+                if r.timestamps and verdicts.frames is not None and int(verdicts.frames[k]) > 0:
+                    r.time_s, r.frames_scored = verdicts.time(k), int(verdicts.frames[k])
+                    r.segments = json.dumps([g.to_dict() for g in verdicts.segments_of(k)])
         score_s = (time.perf_counter() - t) / n
         for r in results:
             r.embed_s, r.score_s = embed_s, score_s
@@ -136,9 +149,10 @@ class BatchUnit:
             else:
                 first[r.sha256] = r  # type: ignore[index]
         todo = list(first.values())
-        if known is not None and todo:
-            found = known([r.sha256 for r in todo])  # type: ignore[misc]
-            for r in todo:
+        stills = [r for r in todo if not r.timestamps]
+        if known is not None and stills:
+            found = known([r.sha256 for r in stills])  # type: ignore[misc]
+            for r in stills:
                 if r.sha256 in found:
                     r.embeddings, r.duplicate = found[r.sha256].embeddings, True  # type: ignore[index]
             todo = [r for r in todo if r.embeddings is None]
@@ -157,7 +171,7 @@ class BatchUnit:
 
 def _unusable(r: FileResult, kind: str, why: str) -> None:
     r.kind, r.error_kind, r.error, r.cacheable_error = "error", kind, why, False
-    r.code = r.probs = r.background = r.view = r.matches = None
+    r.code = r.probs = r.background = r.view = r.matches = r.time_s = r.frames_scored = r.segments = None
 
 
 def _hashes(r: FileResult) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -165,6 +179,13 @@ def _hashes(r: FileResult) -> tuple[np.ndarray | None, np.ndarray | None]:
     if r.pdq is None or r.pdq_quality is None or r.embeddings is None or len(r.pdq) != len(r.embeddings):
         return None, None
     return r.pdq, r.pdq_quality
+
+
+def _times(r: FileResult) -> tuple[float, ...]:
+    """``r``'s frame times as the cache keeps them: one per embedding row (and its sampling known), or none (a
+    clip without them is not cached: an entry without times would be read as a still)."""
+    ok = r.embeddings is not None and len(r.timestamps) == len(r.embeddings) and r.cache_sampling is not None
+    return tuple(r.timestamps) if ok else ()
 
 
 def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> None:
@@ -183,9 +204,10 @@ def store(results: Sequence[FileResult], output: RunOutput, tally: Tally) -> Non
         # New embeddings, and decoded files whose cache entry may lack the PDQ hashes (put_many completes those).
         entries = {r.sha256: CachedImage(r.sha256, r.embeddings, r.frame_indices, r.width or 0, r.height or 0,
                                          r.n_frames or 1, r.nbytes or 0, r.format or "", r.backgrounds,
-                                         *_hashes(r))
+                                         *_hashes(r), times=_times(r), sampling=r.cache_sampling,
+                                         duration_s=r.duration_s, sampling_text=r.sampling)
                    for r in results if (r.new or (r.decoded and r.pdq is not None)) and r.sha256 is not None
-                   and r.embeddings is not None and r.kind != "error"}
+                   and r.embeddings is not None and r.kind != "error" and (_times(r) or not r.timestamps)}
         output.db.put_many(list(entries.values()))  # before any row that uses these embeddings can be committed
         errors = [(r.sha256, r.error_kind or "DecodeError", r.error or "")
                   for r in results if r.kind == "error" and r.cacheable_error and r.sha256]

@@ -1,8 +1,9 @@
 """The audit's inputs: folders walked for image files, manifests read, in order and each once.
 
-What a folder holds is decided by content: a file with a known image extension (:data:`IMAGE_EXTENSIONS`) is
-taken, any other regular file is taken when its first bytes are those of an allowed format (:func:`sniff_image`:
-JPEG/MPO, PNG/APNG, GIF, WebP, BMP, TIFF, AVIF, HEIF), so extensionless, hash-named uploads are found. What is left
+What a folder holds is decided by content: a file with a known image or video extension (:data:`IMAGE_EXTENSIONS`,
+:data:`VIDEO_EXTENSIONS`) is taken, any other regular file is taken when its first bytes are those of an allowed
+format (:func:`sniff_image`: JPEG/MPO, PNG/APNG, GIF, WebP, BMP, TIFF, AVIF, HEIF; MP4/QuickTime, WebM/Matroska), so
+extensionless, hash-named uploads are found. What is left
 out is counted by reason (:class:`Inputs` ``skipped``: ``"not an image"``, ``"not a regular file"``,
 ``"unreadable"``) and reported; ``include_all=True`` (``--all-files``) takes every regular file (a non-image
 becomes an error row). Files named explicitly, and the entries of a manifest, are taken as given (a missing one
@@ -55,8 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-__all__ = ["BATCH_ROWS", "DEFAULT_MAX_ROWS", "IMAGE_EXTENSIONS", "Inputs", "MAX_ROWS_ENV", "collect_inputs",
-           "describe_skipped", "gather_inputs", "max_rows", "open_parquet", "parquet_batches", "path_bytes",
+__all__ = ["BATCH_ROWS", "DEFAULT_MAX_ROWS", "IMAGE_EXTENSIONS", "Inputs", "MAX_ROWS_ENV", "VIDEO_EXTENSIONS",
+           "collect_inputs", "describe_skipped", "gather_inputs", "max_rows", "open_parquet", "parquet_batches", "path_bytes",
            "path_text", "read_manifest", "sniff_image", "text_column"]
 
 MAX_ROWS_ENV = "SAFECLIP_MAX_ROWS"
@@ -67,10 +68,19 @@ BATCH_ROWS = 65_536
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo",
-    ".avif", ".heic", ".heif", ".mp4", ".m4v", ".mov", ".webm", ".mkv",
+    ".avif", ".heic", ".heif",
 })
 """File extensions (lower case) taken without reading when a folder is walked; other files are taken by content
 (:func:`sniff_image`). Files named explicitly are audited whatever they hold (a non-image becomes an error row)."""
+
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv"})
+"""Video file extensions (lower case) taken without reading when a folder is walked (one row per file: its sampled
+frames decide, its segments are in the row)."""
+
+_VIDEO_BRANDS = (b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"M4V ", b"M4VP", b"qt  ",
+                 b"dash", b"3gp4", b"3gp5", b"3g2a")
+_EBML = b"\x1a\x45\xdf\xa3"  # WebM / Matroska
+_WALKED = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 SNIFF_BYTES = 16
 """How many leading bytes :func:`sniff_image` needs."""
@@ -91,9 +101,9 @@ def sniff_image(head: bytes) -> bool:
     (True, False)
     """
     return (head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
-                             b"MM\x00*"))
+                             b"MM\x00*", _EBML))
             or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-            or (head[4:8] == b"ftyp" and head[8:12] in _ISOBMFF_BRANDS))
+            or (head[4:8] == b"ftyp" and head[8:12] in _ISOBMFF_BRANDS + _VIDEO_BRANDS))
 
 
 def path_text(path: str) -> str:
@@ -148,7 +158,7 @@ def _keep(path: str, name: str, include_all: bool) -> str | None:
         return SKIP_UNREADABLE  # e.g. a dangling symlink
     if not stat.S_ISREG(st.st_mode):
         return SKIP_NOT_REGULAR  # FIFOs, sockets, devices: opening one may block
-    if include_all or os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+    if include_all or os.path.splitext(name)[1].lower() in _WALKED:
         return None
     try:
         with open(path, "rb") as f:

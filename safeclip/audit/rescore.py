@@ -10,6 +10,11 @@ embeddings (or from the ``embedding_pdq`` column of an output written with ``sav
 audited before an entry was added are found without decoding them ("which past files match what we added today").
 An image whose hashes were never recorded cannot be matched against a PDQ bank: under a policy that names one it is
 an error row (``NoHash``: audit the file again).
+
+Videos: a clip's cache entry keeps its frame times, so re-scoring a video row from the cache decides it as a clip
+(``k of n``, segments). From an output written with ``save_embeddings=True`` its frames are re-decided without their
+times: the worst frame decides (never less strict than a ``k of n`` rule) and the row has no segments. A re-score of
+the whole cache (no source output) decides every entry as the worst of its views.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 from ..files import write_parquet_atomic
 from ..cache import EmbeddingCache, list_cached_encoders
 from ..banks import NO_HASH
-from ..compiled import Views
+from ..compiled import Verdicts, Views
 from ..decide import ACTIONS
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
 from ..errors import (
@@ -190,7 +195,8 @@ class _Source:
 
 _SOURCE_TEXT = ("path", "sha256", "error", "encoder_id")
 _NUMBERS = ("bytes", "width", "height", "frames")
-_SOURCE_ROWS = ("path", "path_bytes", "sha256", "error", "bytes", "width", "height", "frames")  # _decided_rows'
+_SOURCE_ROWS = ("path", "path_bytes", "sha256", "error", "bytes", "width", "height", "frames",  # _decided_rows'
+                "duration_s", "sampling")
 
 
 def _read_source(source: str | os.PathLike[str], encoder_id: str | None,
@@ -297,8 +303,10 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
     for chunk in _prefetched(db.scan(chunk_rows)):  # SQLite reads the next chunk while numpy scores
         damaged = tuple(("DamagedCacheEntry", chunk.damaged[i]) if i in chunk.damaged else None
                         for i in range(len(chunk))) if chunk.damaged else ()
-        verdicts = comp.decide(Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality),
-                               record=False)
+        views = Views(chunk.embeddings, chunk.offsets, damaged, chunk.pdq, chunk.pdq_quality)
+        if chunk.clips:
+            views = views.with_times([chunk.clips[i][0] if i in chunk.clips else () for i in range(len(chunk))])
+        verdicts = comp.decide(views, record=False)
         bad = {i: _unusable_text(p) for i, p in enumerate(verdicts.problems) if p is not None}
         hits += len(chunk) - len(bad)
         bgs = chunk.backgrounds or [()] * len(chunk)
@@ -315,8 +323,23 @@ def _rescore_cache(comp: CompiledPolicy, db: EmbeddingCache, schema: pa.Schema,
                                      if verdicts.scores.banks is not None else ["[]"] * n)
         pieces.append(_columns_table(schema, comp, chunk.sha256, chunk.nbytes, chunk.width, chunk.height,
                                      chunk.n_frames, verdicts.actions, verdicts.probabilities, background, bad,
-                                     (hashes, quality, matches)))
+                                     (hashes, quality, matches), _clip_columns(verdicts, chunk.clips, bad)))
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
+
+
+def _clip_columns(verdicts: Verdicts, clips: Mapping[int, tuple[tuple[float, ...], float | None, str | None]],
+                  bad: Mapping[int, str]) -> dict[str, list[Any]]:
+    """The video columns of a chunk's rows: a clip's frames scored, deciding time, duration, sampling and segments;
+    nulls for a still and for an image that did not decide."""
+    n = len(verdicts)
+    cols: dict[str, list[Any]] = {k: [None] * n for k in _VIDEO_COLUMNS}
+    for i, (_, duration, text) in clips.items():
+        if i in bad or verdicts.frames is None or int(verdicts.frames[i]) == 0:
+            continue
+        cols["frames_scored"][i], cols["time_s"][i] = int(verdicts.frames[i]), verdicts.time(i)
+        cols["duration_s"][i], cols["sampling"][i] = duration, text
+        cols["segments"][i] = [g.to_dict() for g in verdicts.segments_of(i)]
+    return cols
 
 
 def _view(backgrounds: Sequence[str | None], k: int) -> str | None:
@@ -340,14 +363,20 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
     import pyarrow as pa
 
     dim = src.dim or comp.scorer.dim
-    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality", "pdq",
+    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality",
+                              "embedding_times", "pdq",
                               "pdq_quality") if db is None else ())
     cols = [c for c in wanted if c in src.schema.names]
     pieces, hits = [], 0
     for batch in parquet_batches(src.file, cols, f"audit output {src.name}", batch_rows=max(1, chunk_rows)):
         part = pa.Table.from_batches([batch])
-        embs = _embedding_column(part, dim) if db is None else _cached_embeddings(part, db, comp.scorer.encoder_id)
-        piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None)
+        times: list[tuple[float, ...]] | None = None
+        if db is None:
+            embs = _embedding_column(part, dim)
+            times = _saved_times(part, embs)
+        else:
+            embs, times = _cached_embeddings(part, db, comp.scorer.encoder_id)
+        piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None, times=times)
         hits += n_hits
         pieces.append(piece)
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
@@ -402,6 +431,17 @@ def _embedding_column(table: pa.Table, dim: int) -> list[Source]:
     return out
 
 
+def _saved_times(table: pa.Table, embs: Sequence[Source]) -> list[tuple[float, ...]]:
+    """Each row's saved clip frame times (``embedding_times``), ``()`` where none (a still) or malformed (then its
+    frames decide untimed: the worst frame, never less strict)."""
+    out: list[tuple[float, ...]] = []
+    for t, (e, *_) in zip(_column(table, "embedding_times"), embs):
+        ok = (isinstance(t, list) and e is not None and len(t) == len(e)
+              and all(isinstance(x, float) and np.isfinite(x) for x in t))
+        out.append(tuple(t) if ok else ())  # type: ignore[arg-type]
+    return out
+
+
 def _saved_hashes(codes: Any, qualities: Any, rows: int) -> Hashes:
     """The saved PDQ hashes of one row's ``rows`` views (hex texts, null where none was computed, and their
     qualities), or None where they are missing or malformed (then it cannot be matched against a PDQ bank)."""
@@ -422,35 +462,42 @@ def _saved_hashes(codes: Any, qualities: Any, rows: int) -> Hashes:
     return out, quality
 
 
-def _cached_embeddings(part: pa.Table, db: EmbeddingCache, encoder_id: str) -> list[Source]:
+def _cached_embeddings(part: pa.Table, db: EmbeddingCache,
+                       encoder_id: str) -> tuple[list[Source], list[tuple[float, ...]]]:
+    """Each row's embeddings from the cache by sha256, and its frame times (a clip's; ``()`` for a still)."""
     shas, errors = part.column("sha256").to_pylist(), part.column("error").to_pylist()
     valid = [isinstance(s, str) and len(s) == 64 and all(ch in _HEX for ch in s.lower()) for s in shas]
     found = db.get_many([s.lower() for s, ok, err in zip(shas, valid, errors) if ok and err is None])
     out: list[Source] = []
+    times: list[tuple[float, ...]] = []
     for s, ok, err in zip(shas, valid, errors):
+        hit = found.get(s.lower()) if ok and err is None else None
+        times.append(hit.times if hit is not None else ())
         if err is not None:
             out.append((None, (), err, None))
         elif not ok:
             why = f"InvalidSha256: {str(s)[:80]!r} is not a sha256 (64 hex digits); audit the file again"
             out.append((None, (), why, None))
-        elif s.lower() in found:
-            hit = found[s.lower()]
+        elif hit is not None:
             hashes = None if hit.pdq is None or hit.pdq_quality is None else (hit.pdq, hit.pdq_quality)
             out.append((hit.embeddings, hit.backgrounds, None, hashes))
         else:
             why = f"EmbeddingNotCached: no embedding for sha256 {s} under encoder {encoder_id!r}; audit this file again"
             out.append((None, (), why, None))
-    return out
+    return out, times
 
 
 _HEX = frozenset("0123456789abcdef")
+_VIDEO_COLUMNS = ("frames_scored", "time_s", "duration_s", "sampling", "segments")
 
 
 def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], schema: pa.Schema,
-                  save_emb: bool) -> tuple[pa.Table, int]:
+                  save_emb: bool, times: Sequence[tuple[float, ...]] | None = None) -> tuple[pa.Table, int]:
     """Re-decide one slice of a previous audit's rows; its error rows stay error rows, and so does every row
-    without usable embeddings (each one its own: no row ever takes another's decision)."""
-    c = {k: _column(part, k) for k in ("path", "sha256", "error", "bytes", "width", "height", "frames")}
+    without usable embeddings (each one its own: no row ever takes another's decision). ``times``: per row, a
+    clip's frame times (from the cache), so that it is decided as a clip, with its segments."""
+    c = {k: _column(part, k) for k in ("path", "sha256", "error", "bytes", "width", "height", "frames",
+                                       "duration_s", "sampling")}
     categories = comp.policy.category_names
     rows = Rows(len(categories), save_emb)
     errors: dict[int, str] = {}
@@ -461,8 +508,11 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
         else:
             ok.append(i)
     decided: dict[int, tuple[int, np.ndarray, str | None, int, str]] = {}
+    clips: dict[int, tuple[int, float | None, str]] = {}
     if ok:
         views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
+        if times is not None and any(times[i] for i in ok):
+            views = views.with_times([times[i] for i in ok])
         verdicts = comp.decide(views, record=False)
         for k, i in enumerate(ok):
             problem = verdicts.problems[k]
@@ -472,6 +522,9 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
                 view = int(verdicts.view[k])
                 decided[i] = (int(verdicts.actions[k]), verdicts.probabilities[k], _view(embs[i][1], view), view,
                               json.dumps([m.to_dict() for m in verdicts.matches(k)]))
+                if verdicts.frames is not None and int(verdicts.frames[k]) > 0:
+                    clips[i] = (int(verdicts.frames[k]), verdicts.time(k),
+                                json.dumps([g.to_dict() for g in verdicts.segments_of(k)]))
     for i in range(part.num_rows):
         action = probs_i = background = None
         chosen: int | None = None
@@ -480,10 +533,14 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
             code, probs_i, background, chosen, matches = decided[i]
             action = ACTIONS[code]
         hashes = embs[i][3]
+        frames_scored, time_s, segments = clips.get(i, (None, None, None))
         rows.add(c["path"][i], c["sha256"][i], _int(c["bytes"][i]), _int(c["width"][i]), _int(c["height"][i]),
                  _int(c["frames"][i]), action, probs_i, errors.get(i), embs[i][0] if i in decided else None,
                  background=background, emb_backgrounds=embs[i][1], pdq=None if hashes is None else hashes[0],
-                 pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches)
+                 pdq_quality=None if hashes is None else hashes[1], view=chosen, matches=matches,
+                 frames_scored=frames_scored, time_s=time_s, duration_s=_float(c["duration_s"][i]),
+                 sampling=c["sampling"][i] if isinstance(c["sampling"][i], str) else None, segments=segments,
+                 emb_times=times[i] if times is not None else ())
     return rows.table(schema, categories, comp.scorer.encoder_id, comp.policy.id), len(decided)
 
 
@@ -504,6 +561,15 @@ def _int(v: Any) -> int | None:
         return None if v is None else int(v)
     except (TypeError, ValueError):
         return None
+
+
+def _float(v: Any) -> float | None:
+    """A finite number of a source column, else None."""
+    try:
+        f = None if v is None or isinstance(v, bool) else float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f is not None and np.isfinite(f) else None
 
 
 def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -548,7 +614,8 @@ def _prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str], nbytes: np.ndarray,
                    width: np.ndarray, height: np.ndarray, frames: np.ndarray, codes: np.ndarray,
                    probs: np.ndarray, background: Sequence[str | None], bad: dict[int, str],
-                   hashes: tuple[list[str | None], np.ndarray, list[str | None]]) -> pa.Table:
+                   hashes: tuple[list[str | None], np.ndarray, list[str | None]],
+                   video: Mapping[str, list[Any]] | None = None) -> pa.Table:
     """A table of rows without paths, built straight from column arrays (the whole-cache fast path); the images
     in ``bad`` are error rows (action ``error``, no probabilities, ``error`` from ``bad``). ``hashes``: per image,
     the deciding view's PDQ hash (hex, or None), its quality (NO_HASH: none) and the bank matches (JSON)."""
@@ -588,4 +655,7 @@ def _columns_table(schema: pa.Schema, comp: CompiledPolicy, shas: Sequence[str],
     }
     for j, name in enumerate(comp.policy.category_names):
         cols[f"p_{name}"] = pa.array(np.ascontiguousarray(probs[:, j]), pa.float32(), mask=~valid)
+    for f in schema:  # a clip's columns (nulls for stills)
+        if f.name in _VIDEO_COLUMNS:
+            cols[f.name] = pa.array(video[f.name], f.type) if video else pa.nulls(n, f.type)
     return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)

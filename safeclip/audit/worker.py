@@ -14,6 +14,7 @@ agree on the same file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,8 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     import pyarrow as pa
 
-__all__ = ["TEST_HOOK_ENV", "FileResult", "WorkerConfig", "decoder_fingerprint", "open_cache", "process_file",
-           "results_from_arrow", "results_to_arrow", "worker_main"]
+__all__ = ["TEST_HOOK_ENV", "FileResult", "WorkerConfig", "decoder_fingerprint", "open_cache",
+           "process_file", "sampling_key", "results_from_arrow", "results_to_arrow", "worker_main"]
 
 TEST_HOOK_ENV = "SAFECLIP_AUDIT_TEST_HOOK"
 """Test-only failure injection: JSON ``{"crash"|"abort"|"hang": [file names], "delay": s}`` (and the Ray engine's
@@ -65,6 +66,11 @@ class FileResult:
     bytes were embedded for another input). ``pdq`` ``(F, 32)`` uint8 and ``pdq_quality`` ``(F,)`` are each view's
     PDQ hash (decoded now, or from the cache; None for a cache entry made before hashes were kept); ``view`` (the
     deciding view) and ``matches`` (JSON: its bank matches) are set with ``code``.
+
+    A video or animation decoded with times: ``timestamps`` (per embedding row, seconds), ``duration_s`` and
+    ``sampling`` (what the decoder says of its sampling), and ``cache_sampling`` (:func:`sampling_key`: what keys
+    its cache entry beside its sha256); the batch unit sets ``time_s`` (the deciding frame's), ``frames_scored`` and
+    ``segments`` (JSON: a list of :meth:`~safeclip.decide.Segment.to_dict`) with ``code``.
     """
 
     tid: int
@@ -97,6 +103,13 @@ class FileResult:
     pdq_quality: np.ndarray | None = None
     view: int | None = None
     matches: str | None = None
+    timestamps: tuple[float, ...] = ()
+    duration_s: float | None = None
+    sampling: str | None = None
+    time_s: float | None = None
+    frames_scored: int | None = None
+    segments: str | None = None
+    cache_sampling: str | None = None
 
     @property
     def error_text(self) -> str:
@@ -141,6 +154,14 @@ def decoder_fingerprint(limits: DecodeLimits, target_size: int | None, backend: 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def sampling_key(limits: DecodeLimits) -> str:
+    """What decides which frames a clip gives, as text: the decode limits that count frames or set a rate. A clip's
+    cache entry is keyed by its sha256 and this (:meth:`~safeclip.cache.EmbeddingCache.get_many` ``sampling=``)."""
+    chosen = {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)
+              if "frame" in f.name or "per_second" in f.name or "fps" in f.name}
+    return json.dumps(chosen, sort_keys=True, default=repr)
+
+
 def open_cache(cfg: WorkerConfig) -> EmbeddingCache | None:
     """The cache, read-only, or None where this process cannot see it (then every file is decoded)."""
     if cfg.cache_dir is None:
@@ -165,7 +186,7 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.sha256 = sha = hashlib.sha256(data).hexdigest()
         res.read_s = time.perf_counter() - t0
         if cache is not None:
-            hit = cache.get(sha)
+            hit = cache.get_many([sha], sampling=sampling_key(cfg.limits)).get(sha)
             # An entry without PDQ hashes cannot be matched against a PDQ bank: decode the file again for them.
             if hit is not None and not (cfg.needs_pdq and hit.pdq is None):
                 res.kind, res.embeddings = "hit", hit.embeddings
@@ -173,6 +194,8 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
                 res.frame_indices, res.format = hit.frame_indices, hit.format
                 res.backgrounds = hit.backgrounds
                 res.pdq, res.pdq_quality = hit.pdq, hit.pdq_quality
+                res.timestamps, res.cache_sampling = hit.times, hit.sampling
+                res.duration_s, res.sampling = hit.duration_s, hit.sampling_text
                 return res
             known = cache.get_decode_errors([sha], cfg.fingerprint).get(sha)
             if known is not None:
@@ -182,7 +205,8 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
             _test_hook(hook, path)
         t1 = time.perf_counter()
         res.decoded = True
-        # The same prepare as Moderator's, so rows and Moderator.check agree.
+        # The same prepare as Moderator's, so rows and Moderator.check agree (a video: every sampled frame, in one
+        # decode: an audit scores them all, no early stop).
         prep = prepare(data, cfg.spec, DecodeOptions(cfg.limits, cfg.fast, backend=cfg.backend))
         res.pixels = prep.pixels
         res.pdq, res.pdq_quality = prep.pdq, prep.pdq_quality
@@ -191,6 +215,9 @@ def process_file(tid: int, path: str, cfg: WorkerConfig, cache: EmbeddingCache |
         res.width, res.height = prep.size
         res.n_frames, res.frame_indices, res.format = prep.n_frames, prep.frame_indices, prep.format
         res.backgrounds = tuple(None if b is None else "#%02x%02x%02x" % tuple(b) for b in prep.backgrounds)
+        if prep.timestamps:  # a clip (what its cache entry keeps too: a row is the same from a hit)
+            res.timestamps, res.duration_s, res.sampling = tuple(prep.timestamps), prep.duration_s, prep.sampling
+            res.cache_sampling = sampling_key(cfg.limits)
     except DecodeError as e:
         res.error_kind, res.error = type(e).__name__, e.reason
         res.cacheable_error = (res.sha256 is not None and isinstance(e, _DETERMINISTIC_ERRORS)
@@ -259,7 +286,9 @@ def _arrow_schema() -> pa.Schema:
         ("decode_s", pa.float64()), ("pixels", pa.large_binary()), ("emb", pa.large_binary()),
         ("code", pa.int8()), ("probs", pa.list_(pa.float32())), ("new", pa.bool_()), ("duplicate", pa.bool_()),
         ("embed_s", pa.float64()), ("score_s", pa.float64()), ("pdq", pa.binary()), ("pdq_quality", pa.binary()),
-        ("view", pa.int32()), ("matches", pa.string()),
+        ("view", pa.int32()), ("matches", pa.string()), ("timestamps", pa.list_(pa.float64())),
+        ("duration_s", pa.float64()), ("sampling", pa.string()), ("time_s", pa.float64()),
+        ("frames_scored", pa.int32()), ("segments", pa.string()), ("cache_sampling", pa.string()),
     ])
 
 
@@ -290,6 +319,10 @@ def results_to_arrow(results: Sequence[FileResult]) -> pa.Table:
         "pdq": [_blob(r.pdq, np.uint8) for r in results],
         "pdq_quality": [_blob(r.pdq_quality, np.int16) for r in results],
         "view": [r.view for r in results], "matches": [r.matches for r in results],
+        "timestamps": [list(r.timestamps) for r in results], "duration_s": [r.duration_s for r in results],
+        "sampling": [r.sampling for r in results], "time_s": [r.time_s for r in results],
+        "frames_scored": [r.frames_scored for r in results], "segments": [r.segments for r in results],
+        "cache_sampling": [r.cache_sampling for r in results],
     }
     return pa.Table.from_pydict(cols, schema=_arrow_schema())
 
@@ -313,5 +346,7 @@ def results_from_arrow(table: pa.Table, size: int, dim: int) -> list[FileResult]
             probs=None if probs is None else np.asarray(probs, np.float32),
             pdq=None if pdq is None else np.frombuffer(pdq, np.uint8).reshape(-1, 32),
             pdq_quality=None if pdq_q is None else np.frombuffer(pdq_q, np.int16), view=c["view"][i],
-            matches=c["matches"][i]))
+            matches=c["matches"][i], timestamps=tuple(c["timestamps"][i] or ()), duration_s=c["duration_s"][i],
+            sampling=c["sampling"][i], time_s=c["time_s"][i], frames_scored=c["frames_scored"][i],
+            segments=c["segments"][i], cache_sampling=c["cache_sampling"][i]))
     return out

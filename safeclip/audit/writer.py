@@ -25,10 +25,17 @@ Changed inputs are redone
 Columns: ``path, sha256, bytes, width, height, frames, background, action, p_<category>..., error, encoder_id,
 policy, pdq, pdq_quality, matches`` (with ``save_embeddings`` also ``embedding``, a list of per-frame lists of D
 floats: ``np.stack`` of one row gives ``(frames, D)``, ``embedding_backgrounds``, the background of each of those
-rows, and ``embedding_pdq`` / ``embedding_pdq_quality``, the PDQ hash (64 hex digits, null where none) and quality
-of each). ``pdq`` (64 hex digits) and ``pdq_quality`` are the deciding view's PDQ hash, null where none was
+rows, ``embedding_pdq`` / ``embedding_pdq_quality``, the PDQ hash (64 hex digits, null where none) and quality
+of each, and ``embedding_times``, a clip's frame times, null for a still). ``pdq`` (64 hex digits) and
+``pdq_quality`` are the deciding view's PDQ hash, null where none was
 computed; ``matches`` is JSON, the bank entries the deciding view matched (a list of
-:meth:`~safeclip.banks.BankMatch.to_dict`; ``[]`` for none, null for an error row). Outputs written before these
+:meth:`~safeclip.banks.BankMatch.to_dict`; ``[]`` for none, null for an error row). A video or animation decoded
+with times also fills ``frames_scored``, ``time_s`` (the deciding frame's time), ``duration_s``, ``sampling`` and
+``segments``: a list of structs ``{category, start_s, end_s, peak_probability, peak_s, action, frames}``, one per
+run of sampled frames at or above a category's ``flag`` (:class:`~safeclip.decide.Segment`; ``[]`` for a clip
+without any; null for a still or an error row). The per-segment table is that column flattened
+(:func:`segments_table`: one row per segment with its file's ``path`` and ``sha256``); keeping it in the row of its
+file makes it resume and merge exactly once with the row. Outputs written before these
 columns existed stay readable: readers treat them as optional. ``action`` is
 ``allow``/``flag``/``block``, or ``error`` for an input that could not be decided (``error`` says why; no
 probabilities). ``background`` is the colour (``#rrggbb``) of the view that decided a transparent image, null for
@@ -72,7 +79,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 __all__ = ["FORMAT_VERSION", "RACY_NS", "OutputOptions", "Parts", "Rows", "RunOutput", "check_output", "check_writable",
-           "embedding_dir", "nested_embeddings", "output_error", "output_schema", "policy_fingerprint", "read_meta", "run_meta"]
+           "embedding_dir", "nested_embeddings", "output_error", "output_schema", "policy_fingerprint", "read_meta",
+           "run_meta", "segment_type", "segments_table"]
 
 FORMAT_VERSION = 1
 _NOT_IDENTITY = ("encoder_chosen_by", "cwd", "thresholds")  # metadata that does not change a row: resuming ignores it
@@ -208,6 +216,41 @@ def _same_run(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
     return key(a) == key(b)
 
 
+def segment_type() -> pa.DataType:
+    """The Arrow type of one segment in the ``segments`` column."""
+    import pyarrow as pa
+
+    return pa.struct([("category", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
+                      ("peak_probability", pa.float32()), ("peak_s", pa.float64()), ("action", pa.string()),
+                      ("frames", pa.int32())])
+
+
+def segments_table(output: pa.Table | str | os.PathLike[str]) -> pa.Table:
+    """The per-segment table of an audit output (a table, or the path of ``OUT.parquet``): one row per segment,
+    ``path, sha256, category, start_s, end_s, peak_probability, peak_s, action, frames``, in the output's row order.
+    An output without a ``segments`` column (no videos, or written before videos) gives an empty table.
+
+    >>> segments_table("audit.parquet").to_pandas()                     # doctest: +SKIP
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = output if isinstance(output, pa.Table) else pq.read_table(
+        output, columns=[c for c in ("path", "sha256", "segments") if c in pq.read_schema(output).names])
+    names = ("path", "sha256") + tuple(f.name for f in segment_type())
+    if "segments" not in t.column_names:
+        return pa.table({n: pa.array([], pa.string() if n in ("path", "sha256") else segment_type()[n].type)
+                         for n in names})
+    segs = t.column("segments").combine_chunks().cast(pa.list_(segment_type()))
+    parent = pc.list_parent_indices(segs)
+    flat = pc.list_flatten(segs)
+    cols = {"path": t.column("path").take(parent), "sha256": t.column("sha256").take(parent)}
+    for f in segment_type():
+        cols[f.name] = flat.field(f.name)
+    return pa.table(cols)
+
+
 def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embeddings: bool) -> pa.Schema:
     import pyarrow as pa
 
@@ -228,12 +271,18 @@ def output_schema(categories: Sequence[str], meta: Mapping[str, Any], save_embed
         pa.field("pdq", pa.string()),
         pa.field("pdq_quality", pa.int16()),
         pa.field("matches", pa.string()),
+        pa.field("frames_scored", pa.int32()),
+        pa.field("time_s", pa.float64()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("sampling", pa.string()),
+        pa.field("segments", pa.list_(segment_type())),
     ]
     if save_embeddings:
         fields.append(pa.field("embedding", pa.list_(pa.list_(pa.float32()))))
         fields.append(pa.field("embedding_backgrounds", pa.list_(pa.string())))
         fields.append(pa.field("embedding_pdq", pa.list_(pa.string())))
         fields.append(pa.field("embedding_pdq_quality", pa.list_(pa.int16())))
+        fields.append(pa.field("embedding_times", pa.list_(pa.float64())))
     return pa.schema(fields, metadata={b"safeclip": json.dumps(dict(meta), sort_keys=True).encode()})
 
 
@@ -280,12 +329,13 @@ class Rows:
         self.save_embeddings = save_embeddings
         self.cols: dict[str, list[Any]] = {k: [] for k in (
             "path", "sha256", "bytes", "width", "height", "frames", "background", "action", "error", "pdq",
-            "pdq_quality", "matches")}
+            "pdq_quality", "matches", "frames_scored", "time_s", "duration_s", "sampling", "segments")}
         self.probs: list[np.ndarray | None] = []
         self.emb: list[np.ndarray | None] = []
         self.emb_bg: list[Sequence[str | None] | None] = []
         self.emb_pdq: list[list[str | None] | None] = []
         self.emb_pdq_q: list[list[int] | None] = []
+        self.emb_times: list[list[float] | None] = []
         self.mtime_ns: list[int | None] = []
 
     def __len__(self) -> int:
@@ -296,12 +346,16 @@ class Rows:
             emb: np.ndarray | None = None, *, background: str | None = None,
             emb_backgrounds: Sequence[str | None] | None = None, mtime_ns: int | None = None,
             pdq: np.ndarray | None = None, pdq_quality: np.ndarray | None = None, view: int | None = None,
-            matches: str | None = None) -> None:
+            matches: str | None = None, frames_scored: int | None = None, time_s: float | None = None,
+            duration_s: float | None = None, sampling: str | None = None, segments: str | None = None,
+            emb_times: Sequence[float] = ()) -> None:
         """One row; an error row (``error`` set) always gets the action ``error``, no probabilities and no matches.
         ``pdq`` ``(F, 32)`` uint8 and ``pdq_quality`` ``(F,)``: each view's PDQ hash (or None); ``view``: the
-        deciding one; ``matches``: its bank matches as JSON."""
+        deciding one; ``matches``: its bank matches as JSON. A video's ``frames_scored``, ``time_s``,
+        ``duration_s``, ``sampling`` and ``segments`` (JSON: a list of segment dicts) are kept for a decided row."""
         if error is not None or action is None:
             action, probs, background, matches = ERROR_ACTION, None, None, None
+            frames_scored = time_s = segments = None
             error = error or "no decision"
         elif matches is None:
             matches = "[]"
@@ -321,6 +375,11 @@ class Rows:
         c["pdq"].append(chosen)
         c["pdq_quality"].append(None if chosen is None else int(pdq_quality[view]))  # type: ignore[index]
         c["matches"].append(matches)
+        c["frames_scored"].append(frames_scored)
+        c["time_s"].append(time_s)
+        c["duration_s"].append(duration_s)
+        c["sampling"].append(sampling)
+        c["segments"].append(None if segments is None else json.loads(segments))
         self.probs.append(probs)
         self.mtime_ns.append(mtime_ns)
         if self.save_embeddings:
@@ -329,6 +388,8 @@ class Rows:
             self.emb_pdq.append(None if emb is None or hexes is None else hexes)
             self.emb_pdq_q.append(None if emb is None or hexes is None
                                   else [int(q) for q in pdq_quality])  # type: ignore[union-attr]
+            self.emb_times.append([float(t) for t in emb_times] if emb is not None and len(emb_times) == len(emb)
+                                  and len(emb_times) else None)
 
     def extend(self, inputs: Sequence[str], results: Sequence[FileResult]) -> None:
         """One row per result: decided (``code`` set) or an error row; each records its file's mtime (see the
@@ -337,11 +398,14 @@ class Rows:
             path = inputs[r.tid]
             mtime = _stat_mark(path, r.nbytes)
             if r.code is None:
-                self.add(path, r.sha256, r.nbytes, None, None, None, None, None, r.error_text, mtime_ns=mtime)
+                self.add(path, r.sha256, r.nbytes, None, None, None, None, None, r.error_text, mtime_ns=mtime,
+                         duration_s=r.duration_s, sampling=r.sampling)
             else:
                 self.add(path, r.sha256, r.nbytes, r.width, r.height, r.n_frames, ACTIONS[r.code],
                          r.probs, None, r.embeddings, background=r.background, emb_backgrounds=r.backgrounds,
-                         mtime_ns=mtime, pdq=r.pdq, pdq_quality=r.pdq_quality, view=r.view, matches=r.matches)
+                         mtime_ns=mtime, pdq=r.pdq, pdq_quality=r.pdq_quality, view=r.view, matches=r.matches,
+                         frames_scored=r.frames_scored, time_s=r.time_s, duration_s=r.duration_s,
+                         sampling=r.sampling, segments=r.segments, emb_times=r.timestamps)
 
     def table(self, schema: pa.Schema, categories: Sequence[str], encoder_id: str, policy_id: str, *,
               parts: bool = False) -> pa.Table:
@@ -370,6 +434,7 @@ class Rows:
             arrays["embedding_backgrounds"] = self.emb_bg
             arrays["embedding_pdq"] = self.emb_pdq
             arrays["embedding_pdq_quality"] = self.emb_pdq_q
+            arrays["embedding_times"] = self.emb_times
         if parts:
             schema = _parts_schema(schema)
             arrays["mtime_ns"] = self.mtime_ns

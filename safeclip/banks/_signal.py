@@ -56,6 +56,7 @@ class BankMatch:
     quarantined: bool = False
     flood_count: int = 0
     matched: bool = True  # False for a near entry that ``explain`` reports beyond the threshold
+    time_s: float | None = None  # the matched view's time in a video or animation (seconds), None for a still
 
     @property
     def closeness(self) -> str:
@@ -65,14 +66,15 @@ class BankMatch:
 
     def describe(self) -> str:
         label = f" ({self.label!r})" if self.label else ""
-        return f"entry {self.entry!r}{label} of bank {self.bank!r} at {self.closeness}"
+        when = "" if self.time_s is None else f" (frame at {self.time_s:.2f} s)"
+        return f"entry {self.entry!r}{label} of bank {self.bank!r} at {self.closeness}{when}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"category": self.category, "bank": self.bank, "path": self.path, "kind": self.kind,
                 "entry": self.entry, "label": self.label, "effect": self.effect, "action": self.action,
                 "distance": self.distance, "similarity": None if self.similarity is None else round(self.similarity, 6),
                 "threshold": self.threshold, "quarantined": self.quarantined, "flood_count": self.flood_count,
-                "matched": self.matched}
+                "matched": self.matched, "time_s": self.time_s}
 
 
 @dataclass(frozen=True)

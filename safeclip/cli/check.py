@@ -1,5 +1,6 @@
-"""``safeclip check FILES...``: moderate image files, one result per input, in input order; ``safeclip explain
-IMAGE``: why one image got its decision from the policy's banks (the nearest entries of each bank)."""
+"""``safeclip check FILES...``: moderate image and video files, one result per input, in input order (a video's
+segments, runs of frames at or above a category's ``flag``, printed under its line); ``safeclip explain IMAGE``: why
+one image got its decision from the policy's banks (the nearest entries of each bank)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._options import (
     EXIT_FAILED,
@@ -23,12 +24,15 @@ from ._options import (
     run_standalone,
 )
 
-__all__ = ["register", "main"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..decide import Decision
+
+__all__ = ["main", "register", "video_lines"]
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("check", help="moderate image files, one result per input in input order")
-    p.add_argument("files", nargs="+", help="image files")
+    p = subparsers.add_parser("check", help="moderate image and video files, one result per input in input order")
+    p.add_argument("files", nargs="+", help="image or video files (a video's segments are printed under its line)")
     add_policy_arg(p)
     add_model_args(p)
     add_decoder_arg(p)
@@ -72,7 +76,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
         else:
             why = "; ".join(decision.reasons)
             print(f"{path}\t{decision.action}" + (f"\t{why}" if why else ""), flush=True)
+            for line in video_lines(decision):
+                print(f"  {line}", flush=True)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def video_lines(decision: Decision) -> list[str]:
+    """What ``safeclip check`` prints under a video's line: the frames scored, then one line per segment."""
+    if decision.sampling is None and not decision.segments and decision.duration_s is None:
+        return []
+    length = "" if decision.duration_s is None else f" of {decision.duration_s:.2f} s"
+    how = f" ({decision.sampling})" if decision.sampling else ""
+    early = "; stopped at the first block" if decision.stopped_early else ""
+    out = [f"frames: {decision.frames_scored} scored{length}{how}{early}"]
+    for s in decision.segments:
+        out.append(f"segment {s.start_s:.2f}-{s.end_s:.2f} s\t{s.category}\t{s.action}\tpeak p={s.peak_probability:.3f}"
+                   f" at {s.peak_s:.2f} s ({s.frames} frame{'s' if s.frames != 1 else ''})")
+    return out
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

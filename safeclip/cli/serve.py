@@ -76,10 +76,13 @@ def register(subparsers: Any) -> None:
                    help="a request not answered within this many seconds gets 504 (default 30)")
     p.add_argument("--max-body-mb", type=_positive_float, default=20.0,
                    help="larger request bodies get 413 (default 20)")
+    p.add_argument("--max-video-mb", type=_positive_float, default=64.0,
+                   help="larger video bodies (Content-Type video/mp4, video/webm, video/quicktime, video/x-matroska, "
+                        "or such a multipart part) get 413 (default 64, the decoder's byte limit)")
     p.add_argument("--max-body-budget-mb", type=_positive_float,
                    help="request bodies held in memory at once, all requests together; a request whose Content-Length "
                         "would pass it (without one: --max-body-mb) gets 503 + Retry-After before its body is read "
-                        "(default 512, or --max-body-mb if larger)")
+                        "(default 512, or --max-body-mb / --max-video-mb if larger)")
     p.add_argument("--header-timeout-s", type=_positive_float, default=10.0,
                    help="a connection that has not sent a complete request head this many seconds after opening (or "
                         "after its next byte, following a response) is closed (default 10)")
@@ -126,6 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
     app = create_app(moderator, policies=policies or None, token=token,
                      max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
+                     max_video_bytes=int(args.max_video_mb * 2**20),
                      max_body_budget_bytes=None if args.max_body_budget_mb is None else
                      int(args.max_body_budget_mb * 2**20))
 
