@@ -3,6 +3,7 @@
     python benchmarks/video.py            # --quick (default): 10 s and 60 s clips, 720p and 1080p, h264 and vp9
     python benchmarks/video.py --full     # and 10 min clips
     python benchmarks/video.py --codecs h264 --sizes 720 --lengths 10 60
+    python benchmarks/video.py --decide   # only the end-to-end decision on a 60 s 1080p h264 clip
 
 Clips are made with PyAV from ../shared/corpus/photos: a 10 s segment per codec and size (25 fps, a keyframe every
 2 s, a new photo every second, panning), encoded once, and longer clips made by repeating its packets with shifted
@@ -166,6 +167,72 @@ def measure(mode: str, path: Path, seconds: int) -> dict:
     return json.loads(proc.stdout)
 
 
+BLOCK_ALL = """
+name: block-all
+version: "1"
+scoring:
+  logit_scale: 100.0
+  templates: ["a photo of {}."]
+  neutral: ["a landscape"]
+categories:
+  everything:
+    prompts: ["a photo"]
+    contrast: ["a drawing"]
+    thresholds: {flag: 0.0, block: 0.0}
+"""
+
+
+def decide_section(folder: Path, codec: str, size: int, seconds: int) -> None:
+    """Seconds to a decision on a clip (ViT-B-32, random weights: timing only) at 1 frame per second, against
+    checking the same sampled frames as stills already decoded, against a naive loop, and an early stop."""
+    import av
+
+    from _common import vit_b32_checkpoint
+    from safeclip import Moderator
+    from safeclip.decode import DecodeLimits, decode
+    from safeclip.embed import DecodeOptions
+
+    path = repeated(folder, segment(folder, codec, size), seconds)
+    data = path.read_bytes()
+    limits = DecodeLimits(max_bytes=MAX_BYTES, sample_frames=seconds + 1, timeout_s=120.0)  # 1 fps, no cap
+    cache = Path(tempfile.gettempdir()) / "safeclip-bench" / "video-cache"
+    ckpt = str(vit_b32_checkpoint())
+    m = Moderator(model="ViT-B-32", pretrained=ckpt, cache_dir=cache, decoding=DecodeOptions(limits=limits))
+    print(f"\ndeciding a {codec} {size}p {seconds} s clip at 1 fps (ViT-B-32, random weights: timing only)")
+    m.check(data, early_stop=False)  # warm: the first forward allocates
+    t = time.perf_counter()
+    d = m.check(data, early_stop=False)
+    clip_s = time.perf_counter() - t
+    frames = list(decode(data, limits=limits, target_size=512).frames)  # decoded beforehand: not timed
+    t = time.perf_counter()
+    m.check_many(frames)
+    stills_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with av.open(str(path)) as c:  # the naive loop: every frame decoded, one check per second of video
+        s = c.streams.video[0]
+        step = max(1, round(float(s.average_rate or FPS)))
+        for i, frame in enumerate(c.decode(s)):
+            if i % step == 0:
+                m.check(frame.to_image())
+    naive_s = time.perf_counter() - t
+    print(f"  check(clip): {clip_s:.2f} s, {d.frames_scored} frames ({d.frames_scored / clip_s:.1f} frames/s), "
+          f"action {d.action}")
+    print(f"  check_many(its {len(frames)} sampled frames, already decoded): {stills_s:.2f} s -> RATIO clip / stills "
+          f"{clip_s / stills_s:.2f}x (goal <= 1.5)")
+    print(f"  naive loop (PyAV every frame -> PIL, one check per second): {naive_s:.2f} s -> RATIO naive / clip "
+          f"{naive_s / clip_s:.2f}x")
+    policy = cache / "block-all.yaml"
+    policy.write_text(BLOCK_ALL)
+    mb = Moderator(model="ViT-B-32", pretrained=ckpt, cache_dir=cache, policy=str(policy),
+                   decoding=DecodeOptions(limits=limits))
+    mb.check(frames[0])
+    t, c0 = time.perf_counter(), time.process_time()
+    d = mb.check(data)
+    print(f"  early stop (a policy that blocks the first frames): {time.perf_counter() - t:.2f} s wall, "
+          f"{time.process_time() - c0:.2f} s CPU, {d.frames_scored} frames scored, stopped early: "
+          f"{d.stopped_early} (goal < 1 s of work)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = ap.add_mutually_exclusive_group()
@@ -174,6 +241,7 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="+", choices=sorted(CODECS), default=["h264", "vp9"])
     ap.add_argument("--sizes", nargs="+", type=int, choices=sorted(SIZES), default=[720, 1080])
     ap.add_argument("--lengths", nargs="+", type=int, help="clip lengths in seconds, multiples of 10")
+    ap.add_argument("--decide", action="store_true", help="only the end-to-end decision on a 60 s 1080p h264 clip")
     args = ap.parse_args()
     lengths = args.lengths or ([10, 60, 600] if args.full else [10, 60])
     if not PHOTOS.is_dir():
@@ -181,6 +249,9 @@ def main() -> None:
     folder = Path(os.environ.get("SAFECLIP_BENCH_VIDEO", Path(tempfile.gettempdir()) / "safeclip-bench" / "video"))
     folder.mkdir(parents=True, exist_ok=True)
 
+    if args.decide:
+        decide_section(folder, "h264", 1080, 60)
+        return
     print(f"clips: {FPS} fps, keyframe every {GOP // FPS} s, from {PHOTOS}; kept in {folder}")
     print(f"{'clip':26} {'MiB':>6} | {'sampled: s':>10} {'frames':>6} {'RSS+':>6} | {'1 fps: s':>8} {'frames':>6} "
           f"{'fr/s':>6} {'RSS+':>6} | {'every: s':>8} {'frames':>6} {'fr/s':>6} | {'1 fps vs every':>14}")
@@ -206,6 +277,7 @@ def main() -> None:
                       f"{every['frames']:6d} {every['frames'] / every['seconds']:6.0f} | "
                       f"{every['seconds'] / fps1['seconds']:13.1f}x")
     print("RSS+: rise of peak RSS (VmHWM) in MiB over the interpreter's before decoding (the clip's bytes already read).")
+    decide_section(folder, "h264", 1080, 60)
 
 
 if __name__ == "__main__":
