@@ -186,8 +186,8 @@ def decide_section(folder: Path, codec: str, size: int, seconds: int) -> None:
     """Seconds to a decision on a clip (ViT-B-32, random weights: timing only) at 1 frame per second, against
     checking the same sampled frames as stills already decoded, against a naive loop, and an early stop."""
     import av
-
     from _common import vit_b32_checkpoint
+
     from safeclip import Moderator
     from safeclip.decode import DecodeLimits, decode
     from safeclip.embed import DecodeOptions
