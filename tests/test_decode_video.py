@@ -140,7 +140,8 @@ def test_decode_chunks_yields_the_same_frames_in_order():
     data = make_clip(seconds=12, gop=5)
     whole = decode(data)
     chunks = list(decode_chunks(data, chunk_frames=5))
-    assert [len(c.frames) for c in chunks] == [5, 5, 3]
+    # The first chunk is two frames (an early stop on the first seconds costs little), the others chunk_frames.
+    assert [len(c.frames) for c in chunks] == [2, 5, 5, 1]
     assert sum((c.frame_indices for c in chunks), ()) == whole.frame_indices
     assert sum((c.timestamps for c in chunks), ()) == whole.timestamps
     for c in chunks:

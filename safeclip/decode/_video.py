@@ -340,6 +340,11 @@ def _reduced(size: tuple[int, int], target_size: int | None) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+FIRST_CHUNK_FRAMES = 2
+"""Frames in a clip's first chunk (later ones hold ``chunk_frames``): an early stop on the first seconds costs two
+frames' decode and forward, not a whole chunk's."""
+
+
 def video_chunks(
     data: bytes,
     kind: str,
@@ -349,8 +354,8 @@ def video_chunks(
     deadline: Deadline,
     chunk_frames: int,
 ) -> Iterator[Decoded]:
-    """Decode a video's sampled frames, ``chunk_frames`` at a time, each chunk a :class:`Decoded` (see
-    :func:`~safeclip.decode.decode_chunks`). The pixels held at once, at most ``limits.max_total_pixels``, are a
+    """Decode a video's sampled frames, ``chunk_frames`` at a time (the first chunk at most
+    :data:`FIRST_CHUNK_FRAMES`), each chunk a :class:`Decoded` (see :func:`~safeclip.decode.decode_chunks`). The pixels held at once, at most ``limits.max_total_pixels``, are a
     chunk's."""
     sha = hashlib.sha256(data).hexdigest()
     what = f"{kind} video"
@@ -368,6 +373,7 @@ def video_chunks(
         size: tuple[int, int] | None = None
         chunk: list[tuple[int, float, Image.Image]] = []
         held = 0
+        want = min(FIRST_CHUNK_FRAMES, chunk_frames)  # a block in the first seconds is seen after little work
         for pos, t, im, upright in clip.frames(target_size):
             size = size or upright
             held += im.size[0] * im.size[1]
@@ -376,10 +382,10 @@ def video_chunks(
                     f"{clip.what}: holding frame {pos} takes {held} pixels, over the {limits.max_total_pixels}-pixel "
                     "limit on decoded frames (DecodeLimits.max_total_pixels)", name)
             chunk.append((pos, t, im))
-            if len(chunk) == chunk_frames:
+            if len(chunk) == want:
                 with _paused(deadline):
                     yield _result(chunk, sha, clip, size, len(data))
-                chunk, held = [], 0
+                chunk, held, want = [], 0, chunk_frames
         if chunk:
             assert size is not None
             with _paused(deadline):
