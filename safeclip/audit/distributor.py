@@ -117,7 +117,26 @@ DONE = object()
 """What :meth:`DecodePool.get` returns after the last result."""
 
 
-class DecodePool:
+class _Results:
+    """What both pools hand the engine: each :class:`FileResult` as it comes, ``DONE`` after the last, and a failure
+    of the pool's own machinery raised in the engine's thread."""
+
+    def __init__(self) -> None:
+        self._ready: queue.Queue[Any] = queue.Queue()
+
+    def get(self, timeout: float | None) -> Any:
+        """The next :class:`FileResult`, ``DONE`` after the last one, or None if nothing came within ``timeout``."""
+        try:
+            item = self._ready.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise EngineError(f"the local engine's decoding failed ({type(item).__name__}: {item}); what was "
+                              "committed is kept: run the same command again to resume") from item
+        return item
+
+
+class DecodePool(_Results):
     """Decode workers with one pipe each, fed and drained by a pump thread (see the module docstring).
 
     :meth:`boot` starts the processes (they import the decode stack while the model loads), :meth:`run` configures
@@ -127,6 +146,7 @@ class DecodePool:
 
     def __init__(self, n_workers: int, *, max_pending: int, prefetch: int = 2, task_timeout: float = 120.0,
                  max_attempts: int = 2) -> None:
+        super().__init__()
         self.n_workers = max(1, int(n_workers))
         self.max_pending = max(max_pending, self.n_workers * prefetch)
         self.prefetch = prefetch
@@ -135,7 +155,6 @@ class DecodePool:
         self.restarts = 0
         self._ctx = mp_context()
         self._handles: list[_Handle] = []
-        self._ready: queue.Queue[Any] = queue.Queue()
         self._retry: deque[tuple[int, str]] = deque()
         self._tasks: Iterator[tuple[int, str]] = iter(())
         self._attempts: dict[int, int] = {}
@@ -172,17 +191,6 @@ class DecodePool:
                 h.configured = True
         self._thread = threading.Thread(target=self._pump_safely, name="safeclip-audit-pump", daemon=True)
         self._thread.start()
-
-    def get(self, timeout: float | None) -> Any:
-        """The next :class:`FileResult`, ``DONE`` after the last one, or None if nothing came within ``timeout``."""
-        try:
-            item = self._ready.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, BaseException):
-            raise EngineError(f"the local engine's decode pump failed ({type(item).__name__}: {item}); what was "
-                              "committed is kept: run the same command again to resume") from item
-        return item
 
     # ----------------------------------------------------------------------------------------- pump thread
     def _pump_safely(self) -> None:
@@ -289,7 +297,7 @@ class DecodePool:
         self._handles = []
 
 
-class ThreadDecodePool:
+class ThreadDecodePool(_Results):
     """:class:`DecodePool`'s interface over threads of this process: what a small audit decodes with, so that no
     worker process has to start (a fork server and its imports) before its first file is decoded.
 
@@ -301,10 +309,10 @@ class ThreadDecodePool:
     """
 
     def __init__(self, n_workers: int, *, max_pending: int) -> None:
+        super().__init__()
         self.n_workers = max(1, int(n_workers))
         self.max_pending = max(max_pending, self.n_workers)
         self.restarts = 0
-        self._ready: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
@@ -317,17 +325,6 @@ class ThreadDecodePool:
         self._thread = threading.Thread(target=self._pump_safely, args=(config, iter(tasks)),
                                         name="safeclip-audit-pump", daemon=True)
         self._thread.start()
-
-    def get(self, timeout: float | None) -> Any:
-        """As :meth:`DecodePool.get`."""
-        try:
-            item = self._ready.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, BaseException):
-            raise EngineError(f"the local engine's decode threads failed ({type(item).__name__}: {item}); what "
-                              "was committed is kept: run the same command again to resume") from item
-        return item
 
     def _decode(self, config: WorkerConfig, tid: int, path: str) -> FileResult:
         if not hasattr(self._local, "cache"):
