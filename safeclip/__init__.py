@@ -65,6 +65,7 @@ _LAZY: dict[str, str] = {
     "ACTIONS": "safeclip.decide",
     "CategoryResult": "safeclip.decide",
     "Decision": "safeclip.decide",
+    "Segment": "safeclip.decide",
     "Encoder": "safeclip.embed",
     "PromptCache": "safeclip.embed",
     "LinearProbe": "safeclip.heads",
@@ -143,7 +144,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed. tests/test_init
     )
     from .banks import Bank, BankEntry, BankMatch, NewEntry
     from .compiled import CompiledPolicy, Verdicts, Views, lint_policy
-    from .decide import ACTIONS, CategoryResult, Decision
+    from .decide import ACTIONS, CategoryResult, Decision, Segment
     from .embed import DecodeOptions, Encoder, EncoderSpec, PromptCache
     from .fetch import fetch_artifact
     from .heads import LinearProbe, MLPHead
