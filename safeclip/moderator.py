@@ -417,10 +417,7 @@ class Moderator:
             return chunks[0]
         if not chunks:
             raise DecodeError("the decoder gave no frames", _source_name(image))
-        clip = _Clip()
-        for c in chunks:
-            clip.add(c, np.empty((0, 0), np.float32))
-        return dataclasses.replace(clip.prepared(), pixels=np.concatenate([c.pixels for c in chunks]))
+        return _joined(chunks)
 
     def _decode_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -627,6 +624,21 @@ class Moderator:
 _END: Any = object()
 
 
+def _joined(chunks: list[Prepared]) -> Prepared:
+    """A video's chunks, in time order, as one :class:`Prepared`."""
+    last = chunks[-1]
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    return dataclasses.replace(
+        last, pixels=np.concatenate([p.pixels for p in chunks]),
+        frame_indices=tuple(f for p in chunks for f in p.frame_indices),
+        backgrounds=tuple(b for p in chunks for b in p.backgrounds),
+        timestamps=tuple(t for p in chunks for t in p.timestamps),
+        pdq=cat([p.pdq for p in chunks]), pdq_quality=cat([p.pdq_quality for p in chunks]))
+
+
 class _Clip:
     """The chunks of one video decoded so far, with their embeddings (pixels dropped once embedded)."""
 
@@ -640,18 +652,7 @@ class _Clip:
 
     def prepared(self) -> Prepared:
         """The chunks as one :class:`Prepared` (no pixels): what a Decision reports."""
-        c = self.chunks
-        last = c[-1]
-
-        def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-            return None if any(a is None for a in arrays) else np.concatenate(arrays)  # type: ignore[arg-type]
-
-        return dataclasses.replace(
-            last, pixels=np.concatenate([p.pixels for p in c]),
-            frame_indices=tuple(f for p in c for f in p.frame_indices),
-            backgrounds=tuple(b for p in c for b in p.backgrounds),
-            timestamps=tuple(t for p in c for t in p.timestamps),
-            pdq=cat([p.pdq for p in c]), pdq_quality=cat([p.pdq_quality for p in c]))
+        return _joined(self.chunks)
 
     def views(self) -> Views:
         prep = self.prepared()
