@@ -6,9 +6,12 @@ preprocessing and batching code; decision logic is tested with embeddings built 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,3 +151,30 @@ def assert_same_rows(a, b, *, ignore: tuple[str, ...] = (), atol: float = 0.0, m
             np.testing.assert_allclose(x, y, rtol=0, atol=atol, equal_nan=True, err_msg=c)
         else:
             assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
+
+
+def encode_clip(frames: Iterable[tuple[int | None, np.ndarray]], *, codec: str, rate: int, size: tuple[int, int],
+                fmt: str | None = None, path: Path | None = None, pix_fmt: str = "yuv420p", reformat: bool = False,
+                configure: Callable[[Any], None] | None = None) -> bytes:
+    """A video made with PyAV from ``(pts or None, HxWx3 uint8 RGB)`` frames: written to ``path``, else returned as
+    bytes in container ``fmt``. ``configure`` sets more of the stream (GOP, rotation, time base) before any frame;
+    ``reformat``: convert each frame to ``pix_fmt`` first (codecs that take no RGB conversion)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(str(path) if path is not None else buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height, s.pix_fmt = size[0], size[1], pix_fmt
+        if configure is not None:
+            configure(s)
+        for pts, a in frames:
+            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
+            if reformat:
+                frame = frame.reformat(format=pix_fmt)
+            if pts is not None:
+                frame.pts = pts
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return buf.getvalue()

@@ -15,6 +15,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import encode_clip
 from PIL import Image
 
 from safeclip.decode import Decoded, DecodeLimits, decode, decode_chunks
@@ -37,27 +38,23 @@ COLOURS = [(230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30), (30, 230
 def make_clip(*, fmt: str = "mp4", codec: str = H264, seconds: float = 5, fps: int = 10, size: tuple[int, int] = (64, 48),
               gop: int | None = None, rotation: int | None = None, marker: bool = False) -> bytes:
     """A clip whose frames are solid ``COLOURS[second]`` (``marker``: with a white left half in the top row band)."""
-    buf = io.BytesIO()
     w, h = size
-    with av.open(buf, "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+
+    def configure(s) -> None:
         if gop:
             s.codec_context.gop_size = gop
         if rotation is not None:
             s.set_display_rotation(rotation)
+
+    def frames():
         for i in range(int(seconds * fps)):
             a = np.empty((h, w, 3), np.uint8)
             a[:] = COLOURS[(i // fps) % len(COLOURS)]
             if marker:
                 a[: h // 4, : w // 2] = 255
-            frame = av.VideoFrame.from_ndarray(a, format="rgb24")
-            frame.pts = i
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
+            yield i, a
+
+    return encode_clip(frames(), codec=codec, rate=fps, size=size, fmt=fmt, configure=configure)
 
 
 def colour_of(im: Image.Image) -> tuple[int, int, int]:
@@ -220,19 +217,9 @@ def test_zero_length_file(tmp_path):
 
 def _noise_clip(fmt: str, codec: str) -> bytes:
     """Frames of noise, so that the clip's bytes are mostly picture data (a cut or a flipped byte lands in it)."""
-    buf = io.BytesIO()
     rng = np.random.default_rng(0)
-    with av.open(buf, "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=10)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(40):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            frame.pts = i
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
+    frames = ((i, rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for i in range(40))
+    return encode_clip(frames, codec=codec, rate=10, size=(64, 48), fmt=fmt)
 
 
 @pytest.mark.parametrize("fmt,codec", [("mp4", H264), ("webm", "libvpx-vp9"), ("matroska", H264)])
@@ -296,20 +283,12 @@ def test_a_header_that_lies_about_the_length():
 
 def _sparse_clip(times_s: list[int], codec: str = H264) -> bytes:
     """2x2 frames at the given whole seconds (a clip of any length in a few frames)."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream(codec, rate=1)
-        s.width, s.height, s.pix_fmt = 2, 2, "yuv420p"
+    def configure(s) -> None:
         s.codec_context.time_base = Fraction(1, 1)
         s.codec_context.max_b_frames = 0
-        for t in times_s:
-            frame = av.VideoFrame.from_ndarray(np.zeros((2, 2, 3), np.uint8), format="rgb24")
-            frame.pts = t
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
+
+    frames = ((t, np.zeros((2, 2, 3), np.uint8)) for t in times_s)
+    return encode_clip(frames, codec=codec, rate=1, size=(2, 2), fmt="mp4", configure=configure)
 
 
 def test_ten_hour_clip_of_tiny_frames():
@@ -339,18 +318,8 @@ def test_time_budget():
 
 
 def _other_codec_clip(codec: str, pix_fmt: str) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="matroska") as c:
-        s = c.add_stream(codec, rate=5)
-        s.width, s.height, s.pix_fmt = 16, 16, pix_fmt
-        for i in range(3):
-            frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24").reformat(format=pix_fmt)
-            frame.pts = i
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return buf.getvalue()
+    frames = ((i, np.zeros((16, 16, 3), np.uint8)) for i in range(3))
+    return encode_clip(frames, codec=codec, rate=5, size=(16, 16), fmt="matroska", pix_fmt=pix_fmt, reformat=True)
 
 
 @pytest.mark.parametrize("codec,pix_fmt", [("mjpeg", "yuvj420p"), ("rawvideo", "yuv420p")])

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import encode_clip
 
 import safeclip.moderator as moderator_module
 from safeclip.compiled import CompiledPolicy
@@ -200,29 +201,13 @@ def test_check_async_on_a_clip(known, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ real clips
-def _needs_video_decoder():
-    import importlib
-
-    # (not ``import safeclip.decode``: ``safeclip.decode`` is also the package's decode function)
-    if not hasattr(importlib.import_module("safeclip.decode"), "decode_chunks"):
-        pytest.skip("the video decoder (safeclip.decode.decode_chunks) is not on this branch")
-
-
 def _mp4(path, seconds: int = 3, fps: int = 4) -> None:
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for k in range(seconds * fps):
-            img = np.full((48, 64, 3), (k * 20) % 255, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    pytest.importorskip("av")
+    frames = ((None, np.full((48, 64, 3), (k * 20) % 255, np.uint8)) for k in range(seconds * fps))
+    encode_clip(frames, codec="mpeg4", rate=fps, size=(64, 48), path=path)
 
 
 def test_a_real_clip_reports_its_sampling(tiny_model, cache_dir, tmp_path):
-    _needs_video_decoder()
     clip = tmp_path / "clip.mp4"
     _mp4(clip)
     m = Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir)
