@@ -11,6 +11,8 @@
     ├── CacheError              an embedding or prompt cache cannot be opened, read or written
     │   └── MissingPromptError      a prompt has no cached embedding (also a KeyError)
     ├── BankError               a bank of known content cannot be created, opened, read or written
+    ├── ReviewError             a review store cannot be opened, read or written, or a verdict is invalid
+    │   └── ReviewStoreUnavailableError the store's database cannot be reached (a moderation request never fails on it)
     ├── DataError               labelled data or an audit/rescore table is malformed (file, row, column named)
     ├── AuditError              an audit cannot start or finish
     │   ├── NoInputsError           nothing to audit
@@ -42,6 +44,8 @@ __all__ = [
     "CacheError",
     "MissingPromptError",
     "BankError",
+    "ReviewError",
+    "ReviewStoreUnavailableError",
     "DataError",
     "AuditError",
     "NoInputsError",
@@ -119,6 +123,16 @@ class MissingPromptError(CacheError, KeyError):
 class BankError(SafeclipError):
     """A bank (a folder of known hashes or embeddings) cannot be created, opened, read or written: the message names
     the bank, what is wrong and the fix."""
+
+
+class ReviewError(SafeclipError):
+    """A review store cannot be opened (corrupt, of a newer schema, bound to another policy), read or written, or a
+    verdict names an unknown item, action or category: the message names the store, what is wrong and the fix."""
+
+
+class ReviewStoreUnavailableError(ReviewError):
+    """The review store's database cannot be reached (PostgreSQL down, a SQLite file locked for too long). Review
+    writes fail loudly with it; a moderation request never does (see ``safeclip.review.ReviewQueue``)."""
 
 
 class DataError(SafeclipError, ValueError):

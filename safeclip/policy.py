@@ -24,6 +24,8 @@ Format (see ``policies/default.yaml``)::
         probe: {path: probes/violence.json, sha256: ...}          # optional
         head: {url: https://.../head.pth, sha256: ...}            # optional (see safeclip.heads.MLPHead)
         calibrator: {path: calibrators/violence.json, sha256: ...}  # optional
+    review:
+      sample: {block: 1.0, flag: 1.0, allow: 0.01}   # share of each action's decisions sent to review (defaults)
 
 An artifact is a local ``path`` (relative to the policy file) or a public ``url``, always with its sha256 pin; a
 ``url`` is fetched on first use (:func:`safeclip.fetch.fetch_artifact`: an offline mirror in
@@ -37,7 +39,7 @@ import dataclasses
 import importlib.resources
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,10 @@ from .artifacts import resolve_artifact_path
 from .bankmeta import bank_kind
 from .errors import ArtifactIntegrityError, PolicyError, SafeclipError
 
-__all__ = ["ArtifactRef", "Category", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "Policy", "UnknownCategoryError",
+__all__ = ["ArtifactRef", "Category", "ReviewRates", "MAX_EXTENDS_DEPTH", "MAX_POLICY_BYTES", "Policy", "UnknownCategoryError",
            "builtin_policy_dir", "list_policies", "load_policy"]
 
-_TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories", "video"}
+_TOP_KEYS = {"name", "version", "description", "extends", "encoder", "scoring", "categories", "video", "review"}
 _VIDEO_KEYS = {"incomplete"}
 _INCOMPLETE = ("error", "flag")
 _SCORING_KEYS = {"logit_scale", "templates", "neutral", "top_prompts"}
@@ -162,6 +164,26 @@ class Category:
 
 
 @dataclass(frozen=True)
+class ReviewRates:
+    """``review: {sample: {block: b, flag: f, allow: a}}``: the share of each action's decisions that go to the review
+    queue (``safeclip.review``). Every flag and block and 1% of allows by default: verdicts on sampled allows are
+    what let recalibration estimate recall (each sampled item stands for ``1 / rate`` decisions)."""
+
+    block: float = 1.0
+    flag: float = 1.0
+    allow: float = 0.01
+
+    def rate(self, action: str) -> float:
+        """The sampling probability of a decision whose action is ``action``."""
+        if action not in ("allow", "flag", "block"):
+            raise ValueError(f"unknown action {action!r}")
+        return float(getattr(self, action))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"block": self.block, "flag": self.flag, "allow": self.allow}
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy. Build one with :func:`load_policy`."""
 
@@ -175,6 +197,7 @@ class Policy:
     encoder: Mapping[str, str] = field(default_factory=dict)
     source: str | None = None
     video_incomplete: str = "error"  # ``video: {incomplete: error | flag}``: a clip not fully decoded
+    review: ReviewRates = field(default_factory=ReviewRates)  # ``review: {sample: {...}}``
 
     @property
     def id(self) -> str:
@@ -258,6 +281,8 @@ class Policy:
         doc["categories"] = cats
         if self.video_incomplete != "error":
             doc["video"] = {"incomplete": self.video_incomplete}
+        if self.review != ReviewRates():
+            doc["review"] = {"sample": self.review.to_dict()}
         return doc
 
     def with_thresholds(self, name: str, *, flag: float | None, block: float | None) -> Policy:
@@ -625,6 +650,31 @@ def _min_frames(value: Any, where: str, problems: list[str]) -> int:
     return int(k)
 
 
+def _review_rates(value: Any, at: Callable[[str], str], problems: list[str]) -> ReviewRates:
+    """``review: {sample: {block, flag, allow}}``, each a probability in [0, 1]; a missing action keeps its default."""
+    if value is None:
+        return ReviewRates()
+    if not isinstance(value, dict):
+        problems.append(at("review: must be a mapping with sample: {block: B, flag: F, allow: A}"))
+        return ReviewRates()
+    for key in sorted(set(value) - {"sample"}):
+        problems.append(at(f"review.{key}: unknown key (expected sample)"))
+    sample = value.get("sample") or {}
+    if not isinstance(sample, dict):
+        problems.append(at("review.sample: must be a mapping of action (block, flag, allow) to the share of its "
+                           "decisions sent to review, in [0, 1]"))
+        return ReviewRates()
+    rates = ReviewRates().to_dict()
+    for key in sorted(set(sample) - set(rates), key=str):
+        problems.append(at(f"review.sample.{_printable(key)}: unknown action (expected block, flag, allow)"))
+    for action in rates:
+        if action in sample:
+            v = _number(sample[action], at(f"review.sample.{action}"), problems, 0, 1, nullable=False)
+            if v is not None:
+                rates[action] = v
+    return ReviewRates(**rates)
+
+
 def _number(value: Any, where: str, problems: list[str], lo: float, hi: float, *, nullable: bool) -> float | None:
     if value is None and nullable:
         return None
@@ -782,12 +832,13 @@ def load_policy(
             problems.append(at(f"video.incomplete: must be error (a clip not fully decoded is an error) or flag (it "
                                f"is flagged for review, never allowed), got {_printable(incomplete)}"))
             incomplete = "error"
+    review = _review_rates(data.get("review"), at, problems)
     if problems:
         raise PolicyError(problems)
     policy = Policy(
         name=name, version=str(version), description=description.strip(), categories=tuple(categories),
         logit_scale=float(logit_scale), neutral=neutral, top_prompts=int(top), encoder=dict(encoder),
-        source=str(path), video_incomplete=str(incomplete),
+        source=str(path), video_incomplete=str(incomplete), review=review,
     )
     shipped = builtin_policy_dir() / f"{name}.yaml"
     if shipped.is_file() and shipped.resolve() != path.resolve():
