@@ -39,6 +39,7 @@ from .decode import DecodeLimits
 from .embed import DecodeOptions, Encoder, EncoderSpec, Prepared, prepare_chunks
 from .errors import ConfigError, DataError, DecodeError, ModelLoadError
 from .policy import Category, Policy, UnknownCategoryError, load_policy
+from .review import ReviewQueue, ReviewStore, open_store
 from .score import Scores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,6 +200,13 @@ class Moderator:
     ``early_stop`` (default True): :meth:`check` on a video stops decoding at the first chunk of frames after which
     the clip is ``block`` (override per call with ``check(..., early_stop=False)``).
 
+    ``review`` (opt-in): a review store (a SQLite path, a ``postgresql://`` URL, a
+    :class:`~safeclip.review.ReviewStore`) or a :class:`~safeclip.review.ReviewQueue`. The decisions of
+    :meth:`check`, :meth:`check_async` and :meth:`check_many` that fall in the policy's review sample (``review:
+    {sample: ...}``: every flag and block and 1% of allows by default) are written there in the background, with the
+    deciding view's embedding and a thumbnail of what the model saw. A store that cannot be written never fails a
+    request (see :class:`~safeclip.review.ReviewQueue`).
+
     Concurrent ``check`` / ``check_async`` calls share forwards (:class:`BatchingOptions`); at most ``max_queue``
     requests are in flight at once, one more raises :class:`~safeclip.errors.OverloadedError`.
     """
@@ -213,6 +221,7 @@ class Moderator:
         on_error: str = "raise",
         allow_outside: bool = False,
         early_stop: bool = True,
+        review: ReviewQueue | ReviewStore | str | os.PathLike[str] | None = None,
         **keywords: Unpack[ModeratorKeywords],
     ) -> None:
         if on_error not in _ON_ERROR:
@@ -227,6 +236,7 @@ class Moderator:
         self.on_error = on_error
         self.allow_outside = allow_outside
         self.policy = load_policy(policy, allow_outside=allow_outside)
+        self.review: ReviewQueue | None = _review_queue(review, self.policy)
         if loaded is None:
             spec, self.encoder_chosen_by = groups["encoder"].resolve(self.policy.encoder)
             _note_encoder_override(self.policy, spec, self.encoder_chosen_by)
@@ -437,8 +447,9 @@ class Moderator:
         chunks = prepare_chunks(image, self.encoder.pixel_spec, self.decoding)
         first = self._next_chunk(chunks)
         if isinstance(first, DecodeError):
-            return error_decision(self.on_error, str(first), policy=comp.policy, encoder_id=self.encoder_id,
-                                  source=first.source or _source_name(image))
+            return self._offer(comp, error_decision(self.on_error, str(first), policy=comp.policy,
+                                                    encoder_id=self.encoder_id,
+                                                    source=first.source or _source_name(image)))
         if first is None:
             raise DecodeError("the decoder gave no frames", _source_name(image))
         if first.timestamps:
@@ -463,7 +474,7 @@ class Moderator:
         the first ``block`` when ``early_stop`` (and as many frames as any category's ``min_frames`` were seen)."""
         stop = self.early_stop if early_stop is None else early_stop
         need = max((c.min_frames for c in comp.policy.categories), default=1)
-        clip = _Clip()
+        clip = _Clip(keep_pixels=self.review is not None)
         failed: DecodeError | None = None
         stopped = False
         pending: Iterator[Prepared | DecodeError | None] = iter(head)
@@ -488,15 +499,19 @@ class Moderator:
                     break
         if not clip.chunks:
             assert failed is not None
-            return error_decision(self.on_error, str(failed), policy=comp.policy, encoder_id=self.encoder_id,
-                                  source=failed.source or _source_name(image))
-        verdicts = comp.decide(clip.views(), evidence=True)
-        decided = self._decision(comp, verdicts, 0, clip.prepared(), stopped_early=stopped and failed is None)
+            return self._offer(comp, error_decision(self.on_error, str(failed), policy=comp.policy,
+                                                    encoder_id=self.encoder_id,
+                                                    source=failed.source or _source_name(image)))
+        views = clip.views()
+        verdicts = comp.decide(views, evidence=True)
+        prepared = clip.prepared()
+        decided = self._decision(comp, verdicts, 0, prepared, stopped_early=stopped and failed is None)
         if isinstance(decided, DataError):
             raise decided
-        if failed is None:
-            return decided
-        return self._incomplete(comp, decided, failed, clip)
+        if failed is not None:
+            decided = self._incomplete(comp, decided, failed, clip)
+        row = int(verdicts.rows[0])
+        return self._offer(comp, decided, views.embeddings[row], prepared.pixels[row] if len(prepared.pixels) else None)
 
     def _incomplete(self, comp: CompiledPolicy, decided: Decision, failed: DecodeError, clip: _Clip) -> Decision:
         """A clip whose later frames could not be decoded: never allowed on the frames that did decode."""
@@ -571,8 +586,9 @@ class Moderator:
 
         for i, prep in enumerate(self._prepared_stream(images, pool)):
             if isinstance(prep, DecodeError):
-                results[i] = error_decision(self.on_error, str(prep), policy=comp.policy,
-                                            encoder_id=self.encoder_id, source=prep.source or _source_name(images[i]))
+                results[i] = self._offer(comp, error_decision(
+                    self.on_error, str(prep), policy=comp.policy, encoder_id=self.encoder_id,
+                    source=prep.source or _source_name(images[i])))
                 continue
             batch.append((i, prep))
             n_frames += len(prep.pixels)
@@ -597,7 +613,20 @@ class Moderator:
         """Decide the embeddings of ``prepared`` (their views' rows, in order). An input the decision object could
         not score fails alone, never its neighbours (see :meth:`_decision`)."""
         verdicts = comp.decide(self._views(emb, prepared), evidence=True)
-        return [self._decision(comp, verdicts, i, p) for i, p in enumerate(prepared)]
+        out = [self._decision(comp, verdicts, i, p) for i, p in enumerate(prepared)]
+        if self.review is not None:
+            for i, (d, p) in enumerate(zip(out, prepared)):
+                if isinstance(d, Decision):
+                    view = int(verdicts.view[i])
+                    self._offer(comp, d, emb[int(verdicts.rows[i])], p.pixels[view] if len(p.pixels) else None)
+        return out
+
+    def _offer(self, comp: CompiledPolicy, decision: Decision, embedding: np.ndarray | None = None,
+               pixels: np.ndarray | None = None) -> Decision:
+        """Send a request's final Decision to the review queue (when there is one and it falls in the sample)."""
+        if self.review is not None:
+            self.review.offer(decision, comp.policy.review, embedding=embedding, pixels=pixels)
+        return decision
 
     def _decision(self, comp: CompiledPolicy, verdicts: Verdicts, i: int,
                   prep: Prepared | None = None, stopped_early: bool = False) -> Decision | DataError:
@@ -624,6 +653,20 @@ class Moderator:
 _END: Any = object()
 
 
+def _review_queue(review: ReviewQueue | ReviewStore | str | os.PathLike[str] | None, policy: Policy,
+                  ) -> ReviewQueue | None:
+    """A Moderator's review hook: a queue as given, else one over the store given or opened (bound to the
+    Moderator's policy name; a store of another policy, corrupt or unreachable is refused here, at start-up)."""
+    if review is None or isinstance(review, ReviewQueue):
+        return review
+    if isinstance(review, ReviewStore):
+        return ReviewQueue(review)
+    if isinstance(review, (str, os.PathLike)):
+        return ReviewQueue(open_store(review, policy=policy.name))
+    raise ConfigError(f"review must be a review store (path or postgresql:// URL), a ReviewStore or a ReviewQueue, "
+                      f"not {type(review).__name__}")
+
+
 def _joined(chunks: list[Prepared]) -> Prepared:
     """A video's chunks, in time order, as one :class:`Prepared`."""
     last = chunks[-1]
@@ -642,16 +685,17 @@ def _joined(chunks: list[Prepared]) -> Prepared:
 class _Clip:
     """The chunks of one video decoded so far, with their embeddings (pixels dropped once embedded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_pixels: bool = False) -> None:
         self.chunks: list[Prepared] = []
         self.embeddings: list[np.ndarray] = []
+        self.keep_pixels = keep_pixels  # for the review queue's thumbnail of the deciding frame
 
     def add(self, chunk: Prepared, emb: np.ndarray) -> None:
-        self.chunks.append(dataclasses.replace(chunk, pixels=chunk.pixels[:0]))
+        self.chunks.append(chunk if self.keep_pixels else dataclasses.replace(chunk, pixels=chunk.pixels[:0]))
         self.embeddings.append(emb)
 
     def prepared(self) -> Prepared:
-        """The chunks as one :class:`Prepared` (no pixels): what a Decision reports."""
+        """The chunks as one :class:`Prepared` (no pixels unless kept): what a Decision reports."""
         return _joined(self.chunks)
 
     def views(self) -> Views:

@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..files import write_parquet_atomic
-from ..cache import EmbeddingCache, list_cached_encoders
 from ..banks import NO_HASH
+from ..cache import EmbeddingCache, list_cached_encoders
 from ..compiled import Verdicts, Views
-from ..decide import ACTIONS
+from ..decide import ACTIONS, Decision
 from ..embed import PromptCache, default_cache_dir, resolve_encoder_args
 from ..errors import (
     CacheError,
@@ -45,6 +44,7 @@ from ..errors import (
     EncoderMismatchError,
     ModelLoadError,
 )
+from ..files import write_parquet_atomic
 from ..policy import Policy, load_policy
 from .reader import check_output_columns, open_parquet, parquet_batches
 from .summary import ERROR_ACTION, AuditSummary, Tally, summarize
@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..compiled import CompiledPolicy
 
-__all__ = ["compile_without_model", "rescore"]
+__all__ = ["AuditDecision", "audit_decisions", "compile_without_model", "rescore"]
 
 
 def compile_without_model(policy: Policy, encoder_id: str, cache_dir: Path, model: str | None,
@@ -170,6 +170,109 @@ def rescore(
     if verbose:
         print(f"safeclip rescore: {summary.format()}", file=sys.stderr)
     return summary
+
+
+@dataclass(frozen=True, eq=False)
+class AuditDecision:
+    """One row of an audit output, re-decided from its embeddings (:func:`audit_decisions`): ``row`` (0-based),
+    ``path``, ``sha256``, the ``action`` the audit wrote, and the full ``decision`` rebuilt by the decision object
+    with the ``embedding`` of its deciding view (``(D,)``); both ``None`` for a row that cannot be re-decided (an
+    error row, an embedding not cached: ``error`` says why)."""
+
+    row: int
+    path: str | None
+    sha256: str | None
+    action: str
+    decision: Decision | None
+    embedding: np.ndarray | None
+    error: str | None
+
+
+def audit_decisions(
+    source: str | os.PathLike[str],
+    policy: str | os.PathLike[str] | Policy,
+    *,
+    actions: Sequence[str] | None = None,
+    cache: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+    chunk_rows: int = 4096,
+) -> Iterator[AuditDecision]:
+    """The rows of an audit output whose action is in ``actions`` (default: all), each with its full Decision
+    rebuilt from its embeddings (the output's saved ``embedding`` column, else the cache by sha256) under
+    ``policy``, which must be the policy that wrote the audit (a :class:`~safeclip.errors.DataError` otherwise:
+    a Decision is only ever what that policy decided). What ``safeclip review add --from`` puts in a review
+    store.
+
+    >>> flagged = list(audit_decisions("audit.parquet", "default", actions=["flag"]))   # doctest: +SKIP
+    """
+    import pyarrow as pa
+
+    pol = load_policy(policy)
+    pf = open_parquet(source, DataError, "audit output")
+    saved = "embedding" in pf.schema_arrow.names
+    src, encoder_id = _read_source(source, None, saved)
+    written_by = src.meta.get("policy")
+    if written_by != pol.id:
+        raise DataError(f"{source} was decided by policy {written_by!r}, not {pol.id!r}: pass the policy that wrote "
+                        "it (--policy), so that each review item holds the decision that was made")
+    if encoder_id is None:
+        raise DataError(f"{source} names no encoder_id: not a safeclip audit output")
+    wanted = None if actions is None else set(actions)
+    cache_dir = Path(cache) if cache is not None else default_cache_dir()
+    comp = compile_without_model(pol, encoder_id, cache_dir, model, pretrained, device)
+    cols = [c for c in _SOURCE_ROWS + ("action", "embedding", "embedding_backgrounds", "embedding_pdq",
+                                       "embedding_pdq_quality", "embedding_times", "pdq", "pdq_quality")
+            if c in src.schema.names]
+    db = None if saved else EmbeddingCache(cache_dir, encoder_id, readonly=True)
+    try:
+        base = 0
+        for batch in parquet_batches(src.file, cols, f"audit output {src.name}", batch_rows=max(1, chunk_rows)):
+            part = pa.Table.from_batches([batch])
+            row_actions = _column(part, "action")
+            keep = [i for i, a in enumerate(row_actions) if wanted is None or a in wanted]
+            if keep:
+                part = part.take(pa.array(keep, pa.int64()))
+                if db is None:
+                    embs = _embedding_column(part, comp.scorer.dim)
+                    times = _saved_times(part, embs)
+                else:
+                    embs, times = _cached_embeddings(part, db, encoder_id)
+                yield from _redecided(comp, part, embs, times, [base + i for i in keep],
+                                      [row_actions[i] for i in keep])
+            base += batch.num_rows
+    finally:
+        if db is not None:
+            db.close()
+
+
+def _redecided(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], times: Sequence[tuple[float, ...]],
+               rows: Sequence[int], actions: Sequence[str]) -> Iterator[AuditDecision]:
+    c = {k: _column(part, k) for k in ("path", "sha256", "error", "duration_s", "sampling")}
+    ok = [i for i, (e, _, _, _) in enumerate(embs) if c["error"][i] is None and e is not None]
+    verdicts = None
+    if ok:
+        views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
+        if any(times[i] for i in ok):
+            views = views.with_times([times[i] for i in ok])
+        verdicts = comp.decide(views, evidence=True, record=False)
+    k_of = {i: k for k, i in enumerate(ok)}
+    for i in range(part.num_rows):
+        decision = embedding = None
+        error = c["error"][i] or embs[i][2]
+        k = k_of.get(i)
+        if k is not None and verdicts is not None:
+            if verdicts.problems[k] is not None:
+                error = _unusable_text(verdicts.problems[k])  # type: ignore[arg-type]
+            else:
+                n_views = len(embs[i][0])  # type: ignore[arg-type]
+                decision = verdicts.decision(
+                    k, sha256=c["sha256"][i], source=c["path"][i], frame_indices=tuple(range(n_views)),
+                    encoder_id=comp.scorer.encoder_id, duration_s=_float(c["duration_s"][i]),
+                    sampling=c["sampling"][i] if isinstance(c["sampling"][i], str) else None)
+                embedding = embs[i][0][int(verdicts.view[k])]  # type: ignore[index]
+        yield AuditDecision(rows[i], c["path"][i], c["sha256"][i], str(actions[i]), decision, embedding, error)
 
 
 @dataclass(frozen=True)

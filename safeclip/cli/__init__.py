@@ -16,6 +16,7 @@ signals        ``safeclip import laion-nsfw | laion-violence``
 serve          ``safeclip serve``
 bank           ``safeclip bank create | add | remove | disable | enable | confirm | list | match | hash |
                import | export | index``
+review         ``safeclip review add | list | next | verdict | stats``
 =============  ==========================================
 """
 
@@ -31,7 +32,7 @@ __all__ = ["build_parser", "main"]
 
 # Imported when the parser is built, not with the package: `python -m safeclip.cli.audit` then runs a module that
 # is not already half-imported (runpy warns about that).
-_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve", "signals", "bank")
+_FAMILIES = ("check", "policy", "audit", "calibration", "runtime", "serve", "signals", "bank", "review")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,34 @@ decision by itself: only a new policy version does.
 
 from __future__ import annotations
 
-from ._model import ACTIONS, NewItem, ReviewItem, StratumCount, Verdict, in_sample, thumbnail_jpeg
+from ._model import (
+           ACTIONS,
+           THUMBNAIL_SIDE,
+           NewItem,
+           ReviewItem,
+           StratumCount,
+           Verdict,
+           in_sample,
+           thumbnail_jpeg,
+)
+from ._queue import ReviewQueue, ReviewQueueStats, read_spool, replay_spool, write_spool
 from ._store import SCHEMA_VERSION, ReviewStore, open_store
 
-__all__ = ["ACTIONS", "NewItem", "ReviewItem", "ReviewStore", "SCHEMA_VERSION", "StratumCount", "Verdict",
-           "in_sample", "open_store", "thumbnail_jpeg"]
+__all__ = [
+           "ACTIONS",
+           "SCHEMA_VERSION",
+           "THUMBNAIL_SIDE",
+           "NewItem",
+           "ReviewItem",
+           "ReviewQueue",
+           "ReviewQueueStats",
+           "ReviewStore",
+           "StratumCount",
+           "Verdict",
+           "in_sample",
+           "open_store",
+           "read_spool",
+           "replay_spool",
+           "thumbnail_jpeg",
+           "write_spool",
+]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ACTIONS", "NewItem", "ReviewItem", "StratumCount", "Verdict", "in_sample", "thumbnail_jpeg"]
+__all__ = ["ACTIONS", "THUMBNAIL_SIDE", "NewItem", "ReviewItem", "StratumCount", "Verdict", "in_sample", "thumbnail_jpeg"]
 
 ACTIONS = ("allow", "flag", "block")
 THUMBNAIL_SIDE = 256

@@ -1,0 +1,134 @@
+"""``safeclip review add | list | next | verdict | stats`` on a real SQLite store, with an audit of real photos by
+the tiny random-weight checkpoint under a policy whose flag threshold of 0 flags everything (known by construction;
+not a moderation result)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from safeclip import Moderator
+from safeclip.banks import Bank
+from safeclip.cli import main as cli_main
+from safeclip.review import NewItem, open_store, write_spool
+
+POLICY = """
+name: review-cli
+version: "1"
+scoring:
+  logit_scale: 100.0
+  templates: ["a photo of {}."]
+  neutral: ["a landscape"]
+categories:
+  test_cat:
+    prompts: ["a red ball"]
+    contrast: ["a blue cube"]
+    thresholds: {flag: 0.0, block: null}
+    banks:
+      - path: allowed
+        effect: allow
+        min_similarity: 0.9999
+"""
+
+
+@pytest.fixture
+def audited(tmp_path, photos, tiny_model, tiny_encoder, capsys):
+    Bank.create(tmp_path / "allowed", "embedding", dim=tiny_encoder.dim, encoder_id=tiny_encoder.encoder_id).close()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    files = [str(p) for p in photos[:3]]
+    cache = tmp_path / "cache"
+    assert cli_main(["audit", *files, "--policy", str(policy), "--model", tiny_model, "--cache", str(cache),
+                     "--out", str(tmp_path / "audit.parquet"), "--no-progress"]) == 0
+    capsys.readouterr()
+    return tmp_path, policy, cache, files
+
+
+def _run(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli_main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_review_loop_on_the_command_line(audited, capsys, tiny_model, cache_dir):
+    tmp_path, policy, cache, files = audited
+    store = str(tmp_path / "review.db")
+    add = ["review", "add", store, "--from", str(tmp_path / "audit.parquet"), "--action", "flag", "--policy",
+           str(policy), "--cache", str(cache)]
+    code, out, _ = _run(capsys, *add)
+    assert code == 0 and "3 rows selected: 3 added, 0 already in the store" in out
+    code, out, _ = _run(capsys, *add)  # idempotent by sha256 + policy version
+    assert code == 0 and "0 added, 3 already in the store" in out
+
+    code, out, _ = _run(capsys, "review", "list", store, "--json")
+    items = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [i["source"] for i in items] == files
+    assert all(i["action"] == "flag" and i["probability"] == 1.0 and i["has_embedding"] and i["has_thumbnail"]
+               and i["decision"]["categories"]["test_cat"]["probability"] is not None for i in items)
+
+    code, out, _ = _run(capsys, "review", "next", store, "--reviewer", "alice", "--json",
+                        "--thumbnail", str(tmp_path / "t.jpg"))
+    first = json.loads(out)
+    assert code == 0 and first["id"] == items[0]["id"] and (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"
+    code, out, _ = _run(capsys, "review", "next", store, "--reviewer", "bob", "--json")
+    assert json.loads(out)["id"] == items[1]["id"]  # alice holds the first one
+
+    # alice: a false positive, straight into the allow bank; bob disagrees later: both verdicts are kept.
+    code, out, _ = _run(capsys, "review", "verdict", store, str(first["id"]), "allow", "--reviewer", "alice",
+                        "--note", "a toy", "--to-bank", str(tmp_path / "allowed"))
+    assert code == 0 and "allow by alice" in out and "added entry" in out
+    code, _, _ = _run(capsys, "review", "verdict", store, str(first["id"]), "flag", "--category", "test_cat",
+                      "--reviewer", "bob")
+    assert code == 0
+    with open_store(store) as s:
+        verdicts = s.get(first["id"]).verdicts
+    assert [(v.reviewer, v.action, v.category, v.note) for v in verdicts] == [
+        ("alice", "allow", None, "a toy"), ("bob", "flag", "test_cat", None)]
+
+    with Bank.open(tmp_path / "allowed") as bank:
+        (entry,) = list(bank.entries())
+    assert "alice" in entry.label and entry.sha256 == first["sha256"]
+    m = Moderator(str(policy), model=tiny_model, device="cpu", cache_dir=cache_dir)
+    d = m.check(files[0])  # the bank (named by the policy) now allows that image; the others stay flagged
+    assert d.action == "allow" and d.matches and d.matches[0].bank.endswith("allowed")
+    assert m.check(files[1]).action == "flag"
+
+    code, out, _ = _run(capsys, "review", "stats", store, "--json")
+    assert json.loads(out) == [{"policy": "review-cli@1", "action": "flag", "items": 3, "reviewed": 1}]
+    code, out, _ = _run(capsys, "review", "list", store, "--pending")
+    assert code == 0 and len(out.splitlines()) == 2
+
+
+def test_mistakes_are_one_line_errors(audited, capsys):
+    tmp_path, policy, cache, _ = audited
+    store = str(tmp_path / "review.db")
+    assert _run(capsys, "review", "add", store, "--from", str(tmp_path / "audit.parquet"), "--action", "flag",
+                "--policy", str(policy), "--cache", str(cache))[0] == 0
+    for args, needle in [
+        (("review", "verdict", store, "999", "allow", "--reviewer", "a"), "999"),
+        (("review", "verdict", store, "1", "block", "--to-bank", str(tmp_path / "allowed")), "--to-bank"),
+        (("review", "verdict", store, "1", "flag", "--category", "nope", "--reviewer", "a"), "nope"),
+        (("review", "list", str(tmp_path / "missing.db")), "missing.db"),
+        (("review", "add", store, "--from", str(tmp_path / "audit.parquet"), "--policy", "strict"), "review-cli"),
+    ]:
+        code, _, err = _run(capsys, *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (args, err)
+
+
+def test_a_spool_is_replayed_into_the_store(tmp_path, capsys):
+    spool = tmp_path / "spool.jsonl"
+    store_path = tmp_path / "review.db"
+    decision = {"action": "flag", "reasons": ["x"], "policy": "p@1", "encoder_id": "e", "sha256": "ab" * 32,
+                "source": None, "error": None, "categories": {"c": {"probability": 0.7, "flag": 0.5, "block": None}}}
+    item = NewItem(sha256="ab" * 32, policy="p@1", encoder_id="e", action="flag", decision=decision,
+                   probability=1.0, origin="check", embedding=np.ones(4, np.float32) / 2, thumbnail=b"\xff\xd8")
+    write_spool(spool, [item])  # what a ReviewQueue does while its store is down
+    code, out, _ = _run(capsys, "review", "add", str(store_path), "--from-spool", str(spool))
+    assert code == 0 and "1 spooled item(s)" in out and spool.read_text() == ""
+    with open_store(store_path) as store:
+        (got,) = store.items()
+        assert got.decision == decision and store.thumbnail(got.id) == b"\xff\xd8"
+        np.testing.assert_array_equal(store.embeddings([got.id])[0], np.ones(4, np.float32) / 2)
