@@ -42,6 +42,8 @@ from .errors import (
     OutputError,
     OverloadedError,
     PolicyError,
+    ReviewError,
+    ReviewStoreUnavailableError,
     SafeclipError,
     TruncatedImageError,
     UnsupportedFormatError,
@@ -97,6 +99,8 @@ _LAZY: dict[str, str] = {
     "NewEntry": "safeclip.banks",
     "PdqHash": "safeclip.pdq",
     "pdq_hash": "safeclip.pdq",
+    "ReviewQueue": "safeclip.review",
+    "ReviewStore": "safeclip.review",
 }
 
 __all__ = sorted([
@@ -105,7 +109,7 @@ __all__ = sorted([
     "EngineUnavailableError",
     "ImageTooLargeError", "ManifestError", "MissingPromptError", "ModelLoadError", "NoInputsError", "OutputError",
     "OverloadedError",
-    "PolicyError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
+    "PolicyError", "ReviewError", "ReviewStoreUnavailableError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
     "audit", "diff", "rescore", "EngineOptions", "OutputOptions", "Decoded", "DecodeLimits", "decode", *_LAZY,
 ])
 
@@ -151,5 +155,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed. tests/test_init
     from .importers import import_laion_nsfw, import_laion_violence
     from .moderator import BatchingOptions, Explanation, Moderator, check, default_moderator, set_default_moderator
     from .pdq import PdqHash, pdq_hash
+    from .review import ReviewQueue, ReviewStore
     from .policy import Category, Policy, list_policies, load_policy
     from .score import Scorer, Scores

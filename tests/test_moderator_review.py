@@ -165,3 +165,19 @@ def test_a_store_of_another_policy_is_refused_when_the_moderator_starts(tiny_mod
     open_store(db, policy="someone-else").close()
     with pytest.raises(ReviewError, match="someone-else"):
         _moderator(tiny_model, cache_dir, all_flag, str(db))
+
+
+def test_a_verdict_never_changes_a_decision(tiny_model, cache_dir, photos, tmp_path, all_flag):
+    """Only a new policy version (or an entry put into an allow bank on purpose) changes decisions: verdicts are
+    stored, never read by the Moderator."""
+    db = tmp_path / "review.db"
+    m = _moderator(tiny_model, cache_dir, all_flag, str(db))
+    before = m.check(str(photos[0]))
+    assert m.review is not None and m.review.flush()
+    with open_store(db) as store:
+        (item,) = store.items()
+        store.verdict(item.id, "allow", reviewer="alice", note="not a red ball")
+        store.verdict(item.id, "allow", reviewer="bob")
+    after = m.check(str(photos[0]))
+    fresh = _moderator(tiny_model, cache_dir, all_flag, str(db)).check(str(photos[0]))
+    assert json.loads(after.to_json()) == json.loads(before.to_json()) == json.loads(fresh.to_json())
