@@ -347,10 +347,12 @@ def _parse(log: Path, lineno: int, line: bytes) -> PolicyVersion:
     seq = d.get("seq")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise bad("seq must be a positive integer")
-    texts = {k: d.get(k) for k in ("policy", "version", "time", "author", "reason", "file")}
-    for k, v in texts.items():
+    texts: dict[str, str] = {}
+    for k in ("policy", "version", "time", "author", "reason", "file"):
+        v = d.get(k)
         if not isinstance(v, str) or not v or not v.isprintable():
             raise bad(f"{k} must be a non-empty printable string")
+        texts[k] = v
     files = d.get("files")
     if not isinstance(files, dict) or texts["file"] not in files:
         raise bad("files must map each file of the version, the policy file among them, to its sha256")
@@ -375,7 +377,10 @@ def _append(hist: Path, version: PolicyVersion) -> PolicyVersion:
             tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
             if not tail.endswith(b"\n"):
                 cut = tail.rfind(b"\n")
-                size = size - len(tail) + cut + 1 if cut >= 0 else 0  # a line is far shorter than 1 MiB
+                if cut < 0 and len(tail) < size:  # a record is a few hundred bytes: this is not one cut short
+                    raise ArtifactIntegrityError(f"{log}: ends in more than 1 MiB without a line break; the history "
+                                                 "was damaged: restore it from a backup")
+                size -= len(tail) - (cut + 1)
                 os.ftruncate(fd, size)
         os.pwrite(fd, line, size)
         os.fsync(fd)
