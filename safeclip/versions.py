@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import getpass
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -51,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from .artifacts import sha256_bytes as _sha
 from .errors import ArtifactIntegrityError, ConfigError, PolicyError
 from .files import fsync_dir, write_bytes_atomic
 from .policy import Policy, builtin_policy_dir, load_policy
@@ -422,10 +422,6 @@ def _inside(folder: Path, rel: str) -> Path:
         raise ArtifactIntegrityError(f"{folder / rel}: the history names a file outside the policy's folder "
                                      f"{folder}; refusing to write it")
     return path
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _text(value: Any, what: str) -> str:
