@@ -25,6 +25,8 @@ Outputs of :func:`calibrate_policy` in ``out``
     otherwise it holds a full copy of the input policy, whose other categories' artifacts are copied beside it, so
     that ``out`` is self-contained. Before it returns, the policy is reloaded and checked to reproduce the held-out
     probabilities and to mark the categories calibrated. Running again into the same folder replaces these files.
+    Each ``policy.yaml`` written is recorded as a version in ``out/.safeclip-history/`` (:mod:`safeclip.versions`),
+    and a ``policy.yaml`` found there first too, so ``safeclip policy rollback`` returns to any of them.
 
 :func:`evaluate_policy`
     Per category: ROC AUC, PR AUC, ECE, Brier, log-loss, and precision/recall (with lower confidence bounds) at the
@@ -78,9 +80,11 @@ from safeclip.compiled import CompiledPolicy
 from safeclip.files import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from safeclip.artifacts import jsonable, sha256_bytes
 from safeclip.calibrate import Calibrator
-from safeclip.errors import ArtifactIntegrityError, ConfigError, DataError, EncoderMismatchError, SafeclipError
+from safeclip.errors import (ArtifactIntegrityError, ConfigError, DataError, EncoderMismatchError, PolicyError,
+                             SafeclipError)
 from safeclip.heads import LinearProbe
 from safeclip.policy import ArtifactRef, Policy, builtin_policy_dir, load_policy
+from safeclip.versions import record
 
 from ._validate import CalibrationWarning
 from .calibrators import fit_calibrator
@@ -625,6 +629,13 @@ def calibrate_policy(
     split = {"seed": seed, "holdout": holdout, "probe_fraction": probe_fraction if probe else None,
              "rule": _SPLIT_RULE}
     targets = {"block_precision": block_precision, "flag_recall": flag_recall, "confidence": confidence}
+    previous = out_dir / "policy.yaml"
+    if previous.is_file():  # so that the first calibration into a folder can be rolled back
+        try:
+            record(previous, reason="before safeclip calibrate")
+        except (PolicyError, ArtifactIntegrityError) as e:  # not a policy: no version to return to
+            warnings.warn(f"{previous} is replaced without a version recorded: it does not load "
+                          f"({str(e).splitlines()[-1].strip()})", CalibrationWarning, stacklevel=2)
     saved = []
     for f in fits:
         meta = {"category": f.category, "policy": parent.id, "data": source, "split": split, "rows": f.rows,
@@ -642,6 +653,8 @@ def calibrate_policy(
         saved.append(dataclasses.replace(f, probe_sha256=probe_sha, calibrator_sha256=cal_sha))
     policy_path = _write_policy(out_dir, parent, saved, data, name, targets)
     policy_id = _verify(policy_path, data, texts, saved)
+    shown = "".join(c if c.isprintable() else "?" for c in data.name)[:200]
+    record(policy_path, reason=f"safeclip calibrate on {shown}")
 
     summary = jsonable({
         "kind": "safeclip.calibration_run", "policy": policy_id, "policy_file": "policy.yaml", "parent": parent.id,

@@ -1,4 +1,5 @@
-"""``safeclip policy lint | show | list``: validate and inspect policies."""
+"""``safeclip policy lint | show | list | history | record | rollback``: validate and inspect policies, and list and
+restore their recorded versions (:mod:`safeclip.versions`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_show)
     p = pol.add_parser("list", help="list the shipped policies")
     p.set_defaults(func=_cmd_list)
+    p = pol.add_parser("history", help="list the recorded versions of a policy file, oldest first")
+    p.add_argument("policy", help="policy YAML path")
+    p.add_argument("--json", action="store_true", help="one JSON object per version and line")
+    p.set_defaults(func=_cmd_history)
+    p = pol.add_parser("record", help="record the current state of a policy file (and its artifacts) as a version")
+    p.add_argument("policy", help="policy YAML path")
+    p.add_argument("--reason", required=True, help="why it changed (one line)")
+    p.add_argument("--author", help="who changed it (default: $USER)")
+    p.set_defaults(func=_cmd_record)
+    p = pol.add_parser("rollback", help="restore a recorded version of a policy file byte for byte")
+    p.add_argument("policy", help="policy YAML path")
+    p.add_argument("version", help="a version string (1.0+rev2) or a number from `policy history` (#3)")
+    p.add_argument("--author", help="who rolled back (default: $USER)")
+    p.set_defaults(func=_cmd_rollback)
 
 
 def _cmd_lint(args: argparse.Namespace) -> int:
@@ -67,6 +82,41 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in list_policies():
         p = load_policy(name)
         print(f"{name}\t{p.id}\t{p.description}")
+    return EXIT_OK
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from ..versions import history
+
+    versions = history(args.policy)
+    if not versions:
+        print(f"{args.policy}: no versions recorded; `safeclip policy record {args.policy} --reason TEXT` records "
+              "one", file=sys.stderr)
+    for v in versions:
+        if args.json:
+            print(json.dumps(v.to_dict(), sort_keys=True))
+        else:
+            when = v.created_at.replace("T", " ").removesuffix("Z") + " UTC"
+            print(f"{v.label}\t{v.version}\t{when}\t{v.author}\t{v.reason}")
+    return EXIT_OK
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from ..versions import history, record
+
+    before = history(args.policy)
+    v = record(args.policy, reason=args.reason, author=args.author)
+    if before and before[-1] == v:
+        print(f"{args.policy}: unchanged since {v.label} ({v.version}); nothing recorded")
+    else:
+        print(f"{args.policy}: recorded {v.label} ({v.policy_id}, {len(v.files)} file{'s' * (len(v.files) != 1)})")
+    return EXIT_OK
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from ..versions import rollback
+
+    print(rollback(args.policy, args.version, author=args.author).format())
     return EXIT_OK
 
 
