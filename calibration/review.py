@@ -29,7 +29,8 @@ precision and recall (with lower bounds) at each, and how many of the store's de
 by the new policy (:class:`~safeclip.compiled.CompiledPolicy`, the runtime's decision object), raw and weighted to
 the stream. Nothing is written until :meth:`ReviewCalibration.write`: the policy YAML with the new thresholds,
 version ``<base>+rev<N>``, and the calibrators under content-addressed names (``calibrators/<C>.<sha8>.json``, so
-that the files of earlier versions stay), recorded in the policy history.
+that the files of earlier versions stay), recorded in the policy history (:mod:`safeclip.versions`; in place, the
+version it replaces is recorded first, so ``safeclip policy rollback`` can return to it).
 
 >>> with open_store("review.db") as store:                                      # doctest: +SKIP
 ...     result = calibrate_from_review("policy.yaml", store, flag_recall=0.9)
@@ -61,6 +62,7 @@ from safeclip.errors import ConfigError, DataError, EncoderMismatchError, Review
 from safeclip.files import json_bytes, write_bytes_atomic
 from safeclip.policy import Policy, load_policy
 from safeclip.review import ReviewItem, ReviewStore, StratumCount, open_store
+from safeclip.versions import record
 
 from .calibrators import fit_calibrator
 from .data import LabeledData, prompt_source
@@ -405,14 +407,12 @@ class ReviewCalibration:
                   f"{self.policy.id}.\n# Thresholds target block precision >= {t['block_precision']}, flag recall >= "
                   f"{t['flag_recall']} at {t['confidence']:.0%} confidence,\n# estimated with verdicts weighted by "
                   "their inverse sampling probability; a null threshold never fires.\n")
-        history = _history()
-        if in_place and history is not None and path.exists():
-            history.record(path, reason=f"before {self.policy_id}", author=author or "safeclip calibrate")
+        if in_place and path.exists():  # the version being replaced stays restorable (a no-op when recorded)
+            record(path, reason=f"before {self.policy_id}", author=author)
         write_bytes_atomic(path, (header + yaml.safe_dump(doc, sort_keys=False, width=110)).encode())
         self._verify(path)
-        if history is not None:
-            history.record(path, reason=reason or f"calibrate --from-review {rd.source}: "
-                           + ", ".join(self.categories), author=author or "safeclip calibrate")
+        record(path, reason=reason or f"safeclip calibrate --from-review {rd.source}: " + ", ".join(self.categories),
+               author=author)
         return path
 
     def _verify(self, path: Path) -> None:
@@ -428,16 +428,6 @@ class ReviewCalibration:
             if off.mean() > 0.01:
                 raise SafeclipError(f"internal check failed: {path} gives {cat!r} probabilities that differ from the "
                                     f"refitted calibrator's on {off.mean():.1%} of the reviewed rows")
-
-
-def _history() -> Any:
-    """The policy history module (``safeclip.versions``: ``record(path, reason=, author=)``), if this safeclip has
-    it. SEAM: until it is merged, written versions are not recorded."""
-    try:
-        from safeclip import versions  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return None
-    return versions
 
 
 def next_version(version: str) -> str:
