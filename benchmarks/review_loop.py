@@ -10,10 +10,11 @@ at the policy's ``review: {sample: ...}`` rates), put into a real SQLite review 
 is reloaded and measured on held-out decisions of the same distribution. Twice: 100% of flags + 2% of allows
 sampled, then flags only (allow rate 0), which cannot see the positives the policy misses.
 
-    python benchmarks/review_loop.py [--n 10000] [--held-out 200000]
+    python benchmarks/review_loop.py [--n 10000] [--held-out 200000] [--coverage 20]
 
-Prints a table; the embeddings are synthetic, so nothing here is a moderation result. The test
-``tests/test_calibration_review.py::test_review_loop_*`` runs a small version and asserts its direction.
+Prints a table; the embeddings are synthetic, so nothing here is a moderation result. ``--coverage K`` repeats the
+sampled loop with K seeds and counts how often each bound held (true value >= lower bound) and each target was met.
+The test ``tests/test_calibration_review.py::test_review_loop_*`` runs the same loop and asserts its direction.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ D = 64
 BASE_RATE = 0.05
 ENCODER = "known-truth-64"
 CATEGORY = "weapons"
-TARGETS = {"block_precision": 0.9, "flag_recall": 0.8, "confidence": 0.9}
+TARGETS = {"block_precision": 0.9, "flag_recall": 0.7, "confidence": 0.9}
 _DIRS = {"weapon": 0, "tool": 1, "neutral": 2, "drug": 3, "candy": 4}
 
 
@@ -149,8 +150,8 @@ def run_loop(folder: Path, *, n: int, n_held_out: int, allow_rate: float, seed: 
     after = None
     if written:
         after = true_rates(load_policy(result.write(folder / "policy.yaml")), x_new, y_new)
-    label = "flags + 2% allows" if allow_rate else "flags only"
-    return LoopResult(f"{label} ({allow_rate:g})", counts, result, before, after, written)
+    label = f"flags + {allow_rate:.0%} allows" if allow_rate else "flags only"
+    return LoopResult(label, counts, result, before, after, written)
 
 
 def table(runs: list[LoopResult], targets: dict[str, float] = TARGETS) -> str:
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--held-out", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--coverage", type=int, default=0, metavar="K",
+                    help="also repeat the sampled loop with K seeds and count how often the bounds held")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_loop(Path(tmp) / name, n=args.n, n_held_out=args.held_out, allow_rate=rate, seed=args.seed)
@@ -200,7 +203,39 @@ def main(argv: list[str] | None = None) -> int:
         print(r.result.format())
     print()
     print(table(runs))
+    if args.coverage:
+        print()
+        print(coverage(args.coverage, args.n, min(args.held_out, 50_000)))
     return 0
+
+
+def coverage(k: int, n: int, n_held_out: int) -> str:
+    """How often, over ``k`` seeds of the sampled loop, each lower bound lay at or below the true value."""
+    held = {"recall at old flag": 0, "recall at new flag": 0, "precision at new block": 0}
+    seen = dict.fromkeys(held, 0)
+    met = {"flag recall": 0, "block precision": 0}
+    refused = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(k):
+            r = run_loop(Path(tmp) / str(seed), n=n, n_held_out=n_held_out, allow_rate=0.02, seed=seed)
+            c = r.result.categories[CATEGORY]
+            checks = [("recall at old flag", c.old_rates["flag"], "recall_bound", r.before["flag"][1])]
+            if r.after is None:
+                refused += 1
+            else:
+                checks += [("recall at new flag", c.new_rates["flag"], "recall_bound", r.after["flag"][1]),
+                           ("precision at new block", c.new_rates["block"], "precision_bound", r.after["block"][0])]
+                met["flag recall"] += r.after["flag"][1] >= TARGETS["flag_recall"]
+                met["block precision"] += r.after["block"][0] >= TARGETS["block_precision"]
+            for name, rates, attr, true in checks:
+                if rates is not None:
+                    seen[name] += 1
+                    held[name] += true >= getattr(rates, attr)
+    lines = [f"coverage over {k} seeds (flags + 2% allows, {n} decisions; nominal {TARGETS['confidence']:.0%}):"]
+    lines += [f"  {name}: true >= bound in {held[name]} of {seen[name]}" for name in held]
+    lines.append(f"  targets met on held-out: flag recall {met['flag recall']}, block precision "
+                 f"{met['block precision']} of {k - refused} written; {refused} refused (no threshold met a target)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

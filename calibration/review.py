@@ -13,8 +13,14 @@ Weights
     probability`` decisions of the stream stood behind each item sent to review (every flag, 2% of allows: 50),
     and ``items / reviewed`` is the non-response adjustment, which treats the reviewed items of a stratum as a
     random subsample of its items (reviewers take items in queue order, not by what they show). Weighted precision
-    and recall then estimate those of the whole stream, not of the review queue; the bounds use Kish's effective
-    sample size (:func:`~safeclip.calibration.effective_n`). Rows of old labelled data (``data=``) weigh 1.
+    and recall then estimate those of the whole stream, not of the review queue. Their lower bounds are
+    Clopper-Pearson on the weighted counts in units of the heaviest weight present (see
+    :func:`~safeclip.calibration.choose_thresholds`): a verdict on a sampled allow is one observation, however many
+    decisions it stands for. Rows of old labelled data (``data=``) weigh 1.
+
+    What a sample cannot see stays out of the bounds: with flags only (allow rate 0) the missed positives are never
+    reviewed and the recall estimate is ~1 whatever the truth; and a new threshold that acts on allows the sample
+    happened to miss has their false positives out of its precision bound. benchmarks/review_loop.py measures both.
 
 Refit (:func:`calibrate_from_review`), per category
     A sigmoid calibrator on the category's runtime signals (the prompt signal, and its probe and head when the
@@ -295,7 +301,7 @@ class CategoryReview:
 
     def format(self) -> str:
         extra = f" + {self.n_data} old labelled rows" if self.n_data else ""
-        lines = [f"{self.category}: {self.n_reviewed} reviewed ({self.n_positive} positive){extra}, effective n "
+        lines = [f"{self.category}: {self.n_reviewed} reviewed ({self.n_positive} positive){extra}, Kish effective n "
                  f"{self.n_eff:.1f}; sigmoid calibrator on {'+'.join(self.calibrator.inputs)}",
                  f"  {'':<10}{'threshold':>10}  {'precision (>= bound)':<22}{'recall (>= bound)':<22}acts on"]
         for kind in ("flag", "block"):

@@ -151,9 +151,9 @@ def run_small(tmp_path: Path, allow_rate: float, n: int = 10_000) -> Any:
 
 
 def test_review_loop_with_sampled_allows_moves_towards_the_target(tmp_path: Path) -> None:
-    """The loop of benchmarks/review_loop.py, small: with 2% of allows reviewed, the weighted recall estimate at the
-    old flag is near the truth and its bound below it; the refit lowers the flag and the new policy's true recall
-    on held-out decisions is closer to the target than the old one's."""
+    """The loop of benchmarks/review_loop.py: with 2% of allows reviewed, the weighted recall estimate at the old
+    flag is near the truth and its bound below it; the refit lowers the flag, and the new policy's true recall on
+    held-out decisions, under the target before, meets it (with the margin the bound asks for), its bound below it."""
     r = run_small(tmp_path, 0.02)
     c = r.result.categories["weapons"]
     target = loop.TARGETS["flag_recall"]
@@ -162,7 +162,7 @@ def test_review_loop_with_sampled_allows_moves_towards_the_target(tmp_path: Path
     old = c.old_rates["flag"]
     assert abs(old.recall - true_before) < 0.1 and old.recall_bound <= true_before
     assert c.new_flag < c.old_flag
-    assert abs(true_after - target) < abs(true_before - target) and true_after >= target
+    assert true_before < target <= c.new_rates["flag"].recall_bound <= true_after
     assert r.written and load_policy(tmp_path / "policy.yaml").version == "1.0+rev1"
 
 
