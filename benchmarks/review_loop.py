@@ -106,8 +106,9 @@ def fill_store(store: ReviewStore, pol: Policy, x: np.ndarray, y: np.ndarray, ta
     return {"decisions": len(x), "sampled": len(items), "flagged": int((v.actions >= 1).sum())}
 
 
-def true_rates(pol: Policy, x: np.ndarray, y: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Per kind (flag, block): the true precision and recall of the policy's ``weapons`` decisions."""
+def true_rates(pol: Policy, x: np.ndarray, y: np.ndarray) -> dict[str, tuple[float, float, float]]:
+    """Per kind (flag, block): the true precision, recall and share acted on of the policy's ``weapons``
+    decisions."""
     comp = CompiledPolicy.build(pol, embed_texts, ENCODER)
     codes = comp.decide(x, record=False).codes
     assert codes is not None
@@ -115,7 +116,8 @@ def true_rates(pol: Policy, x: np.ndarray, y: np.ndarray) -> dict[str, tuple[flo
     for kind, level in (("flag", 1), ("block", 2)):
         acted = codes[:, 0] >= level
         tp = int((acted & (y == 1)).sum())
-        out[kind] = (tp / acted.sum() if acted.any() else float("nan"), tp / max(int(y.sum()), 1))
+        out[kind] = (tp / acted.sum() if acted.any() else float("nan"), tp / max(int(y.sum()), 1),
+                     float(acted.mean()))
     return out
 
 
@@ -124,8 +126,8 @@ class LoopResult:
     label: str
     counts: dict[str, int]
     result: Any  # ReviewCalibration
-    before: dict[str, tuple[float, float]]
-    after: dict[str, tuple[float, float]] | None
+    before: dict[str, tuple[float, float, float]]
+    after: dict[str, tuple[float, float, float]] | None
     written: bool
 
 
@@ -157,8 +159,8 @@ def run_loop(folder: Path, *, n: int, n_held_out: int, allow_rate: float, seed: 
 def table(runs: list[LoopResult], targets: dict[str, float] = TARGETS) -> str:
     lines = [f"targets: flag recall >= {targets['flag_recall']}, block precision >= {targets['block_precision']} "
              f"at {targets['confidence']:.0%} confidence; true values on held-out decisions",
-             f"{'sampling':<24}{'threshold':<16}{'old':>8}{'new':>8}   {'metric':<16}{'true before':>12}"
-             f"{'true after':>11}   {'estimate (>= bound) at new':<28}{'true >= bound':>13}"]
+             f"{'sampling':<20}{'':<6}{'old':>8}{'new':>8}  {'metric':<10}{'true before':>12}{'true after':>11}  "
+             f"{'estimate (>= bound) at new':<27}{'true >= bound':>13}  {'acts on before/after':>20}"]
     for r in runs:
         c = r.result.categories.get(CATEGORY)
         if c is None:
@@ -177,12 +179,13 @@ def table(runs: list[LoopResult], targets: dict[str, float] = TARGETS) -> str:
                                                                                      est.precision_bound)
                 e, ok = f"{val:.3f} (>= {bnd:.3f})", ("yes" if ta >= bnd else "NO")
             nt = "none" if new_t is None else f"{new_t:.4f}"
-            lines.append(f"{r.label:<24}{kind:<16}{old_t:>8.4f}{nt:>8}   {metric:<16}{tb:>12.3f}{ta:>11.3f}   "
-                         f"{e:<28}{ok:>13}")
+            share = f"{r.before[kind][2]:.1%} / " + (f"{r.after[kind][2]:.1%}" if r.after else "-")
+            lines.append(f"{r.label:<20}{kind:<6}{old_t:>8.4f}{nt:>8}  {metric:<10}{tb:>12.3f}{ta:>11.3f}  "
+                         f"{e:<27}{ok:>13}  {share:>20}")
         old = c.old_rates["flag"]
-        lines.append(f"{'':<24}recall at the OLD flag: estimated {old.recall:.3f} (>= {old.recall_bound:.3f}), "
+        lines.append(f"{'':<20}recall at the OLD flag: estimated {old.recall:.3f} (>= {old.recall_bound:.3f}), "
                      f"true {r.before['flag'][1]:.3f}; {r.counts['sampled']} of {r.counts['decisions']} decisions "
-                     f"reviewed, effective n {c.n_eff:.1f}; {c.flips} stored decisions flip "
+                     f"reviewed (Kish effective n {c.n_eff:.1f}); {c.flips} stored decisions flip "
                      f"(~{c.flips_weighted:,.0f} of the stream)")
     return "\n".join(lines)
 
