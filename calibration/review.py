@@ -228,10 +228,10 @@ def review_data(store: ReviewStore, policy: PolicyLike, *, encoder_id: str | Non
     lab_arr = {c: np.full(len(rows), -1, np.int8) for c in cats}
     weights = np.zeros(len(rows))
     for i, (item_id, action, pid, prob, _) in enumerate(rows):
-        lab = labels.get(item_id)
-        if lab is None:
+        got = labels.get(item_id)
+        if got is None:
             continue
-        for c, v in lab.items():
+        for c, v in got.items():
             lab_arr[c][i] = v
         weights[i] = adjust.get((pid, action), 1.0) / prob
     return ReviewData(
@@ -598,15 +598,15 @@ def calibrate_from_review(
             if issubclass(wm.category, ThresholdWarning):
                 notes.append(str(wm.message))
                 warnings.warn(f"{cat}: {wm.message}", ThresholdWarning, stacklevel=2)
-        c = pol.category(cat)
+        category = pol.category(cat)
         p_old = np.asarray(old[rows, j], np.float64)
 
         def at(p: np.ndarray, t: float | None) -> ThresholdRates | None:
             return None if t is None else rates_at(p, y, t, sample_weight=wc, confidence=confidence)
 
         fits[cat] = CategoryReview(
-            category=cat, old_flag=c.flag, old_block=c.block, thresholds=th, calibrator=cal,
-            old_rates=MappingProxyType({"flag": at(p_old, c.flag), "block": at(p_old, c.block)}),
+            category=cat, old_flag=category.flag, old_block=category.block, thresholds=th, calibrator=cal,
+            old_rates=MappingProxyType({"flag": at(p_old, category.flag), "block": at(p_old, category.block)}),
             new_rates=MappingProxyType({"flag": at(p_new, th.flag), "block": at(p_new, th.block)}),
             flips=0, flips_weighted=0.0, n_reviewed=int((rows < n_review).sum()),
             n_positive=int(y[rows < n_review].sum()), n_data=int((rows >= n_review).sum()), n_eff=effective_n(wc),

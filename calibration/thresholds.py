@@ -313,7 +313,7 @@ def choose_thresholds(
     return Thresholds(
         block=out.pop("block", None), flag=out.pop("flag", None), target_block_precision=tb,
         target_flag_recall=tr, confidence=confidence, n=n, n_pos=n_pos, **out,
-        **({} if ww is None else {"bound": WEIGHTED_BOUND}),
+        bound=BOUND if ww is None else WEIGHTED_BOUND,
     )
 
 
