@@ -217,12 +217,13 @@ def coverage(k: int, n: int, n_held_out: int) -> str:
     held = {"recall at old flag": 0, "recall at new flag": 0, "precision at new block": 0}
     seen = dict.fromkeys(held, 0)
     met = {"flag recall": 0, "block precision": 0}
-    refused = 0
+    refused = no_flag = 0
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(k):
             r = run_loop(Path(tmp) / str(seed), n=n, n_held_out=n_held_out, allow_rate=0.02, seed=seed)
             c = r.result.categories[CATEGORY]
             checks = [("recall at old flag", c.old_rates["flag"], "recall_bound", r.before["flag"][1])]
+            no_flag += c.new_flag is None
             if r.after is None:
                 refused += 1
             else:
@@ -237,7 +238,8 @@ def coverage(k: int, n: int, n_held_out: int) -> str:
     lines = [f"coverage over {k} seeds (flags + 2% allows, {n} decisions; nominal {TARGETS['confidence']:.0%}):"]
     lines += [f"  {name}: true >= bound in {held[name]} of {seen[name]}" for name in held]
     lines.append(f"  targets met on held-out: flag recall {met['flag recall']}, block precision "
-                 f"{met['block precision']} of {k - refused} written; {refused} refused (no threshold met a target)")
+                 f"{met['block precision']} of {k - refused} written ({no_flag} with no supported flag threshold, "
+                 f"flag: null); {refused} refused (no threshold met a target)")
     return "\n".join(lines)
 
 
