@@ -63,7 +63,7 @@ def effective_n(w: np.ndarray) -> float:
     """Kish's effective sample size ``(sum w)^2 / sum w^2`` of weighted rows (``len(w)`` when all weights are equal).
 
     >>> effective_n(np.ones(10)), round(effective_n(np.r_[np.ones(9), 50.0]), 2)
-    (10.0, 1.35)
+    (10.0, 1.39)
     """
     w = np.asarray(w, np.float64)
     ss = float(w @ w)
