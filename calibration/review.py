@@ -461,12 +461,13 @@ def _policy_doc(result: ReviewCalibration, out_dir: Path) -> dict[str, Any]:
     doc["description"] = (f"{pol.id} recalibrated from review verdicts ({result.review.source}): "
                           + ", ".join(result.categories))
     base = out_dir.resolve()
-    for c in pol.categories:
-        entry = doc["categories"][c.name]
+    for c in pol.categories:  # checked before anything is copied
         for b in c.banks:
             if not b.path.resolve().is_relative_to(base):
                 raise ConfigError(f"{pol.id}: the bank {b.path} of {c.name!r} lies outside {out_dir}: write the "
                                   "new version beside the policy (in place), or copy the bank into the folder")
+    for c in pol.categories:
+        entry = doc["categories"][c.name]
         for key in ("probe", "head", "calibrator"):
             ref = getattr(c, key)
             if ref is None or ref.path is None or ref.path.resolve().is_relative_to(base):
