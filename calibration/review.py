@@ -388,8 +388,9 @@ class ReviewCalibration:
               reason: str | None = None) -> Path:
         """Write the new version: ``target`` is a folder (``target/policy.yaml``) or the policy file to replace (in
         place). The calibrators go to ``calibrators/<C>.<sha8>.json`` beside it; artifacts the policy names outside
-        that folder are copied in under content-addressed names. The written policy is reloaded and checked to
-        reproduce the refitted probabilities, then recorded in the policy history. Returns the policy file's path.
+        that folder are copied in under content-addressed names. The new policy is reloaded and checked to reproduce
+        the refitted probabilities before it replaces anything, then recorded in the policy history. Returns the
+        policy file's path.
 
         A category whose new thresholds would never fire is refused (:class:`~safeclip.errors.DataError`, nothing
         written) unless ``allow_disabled``."""
@@ -415,8 +416,14 @@ class ReviewCalibration:
                   "their inverse sampling probability; a null threshold never fires.\n")
         if in_place and path.exists():  # the version being replaced stays restorable (a no-op when recorded)
             record(path, reason=f"before {self.policy_id}", author=author)
-        write_bytes_atomic(path, (header + yaml.safe_dump(doc, sort_keys=False, width=110)).encode())
-        self._verify(path)
+        # Checked before it replaces anything: a new version that does not reproduce the refit is never in place.
+        draft = out_dir / f".{path.stem}.{os.getpid()}.draft.yaml"
+        write_bytes_atomic(draft, (header + yaml.safe_dump(doc, sort_keys=False, width=110)).encode())
+        try:
+            self._verify(draft)
+            os.replace(draft, path)
+        finally:
+            draft.unlink(missing_ok=True)
         record(path, reason=reason or f"safeclip calibrate --from-review {rd.source}: " + ", ".join(self.categories),
                author=author)
         return path

@@ -285,3 +285,22 @@ def test_cli_needs_data_or_verdicts(tmp_path: Path) -> None:
     assert len(err.strip().splitlines()) == 1
     rc, _, err = cli("calibrate", "--policy", "default", "--from-review", str(tmp_path / "none.db"))
     assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_old_labelled_data_joins_the_verdicts_with_weight_one(reviewed: tuple[Path, Path]) -> None:
+    from safeclip.calibration import LabeledData
+
+    pol_path, db = reviewed
+    x, y = loop.stream(np.random.default_rng(7), 400)
+    old = LabeledData(x, {"weapons": y}, ENC)
+    with new_store(db) as store:
+        rd = review_data(store, pol_path)
+    alone = calibrate_from_review(pol_path, rd, embed_texts=loop.embed_texts, **loop.TARGETS)
+    both = calibrate_from_review(pol_path, rd, data=old, embed_texts=loop.embed_texts, **loop.TARGETS)
+    a, b = alone.categories["weapons"], both.categories["weapons"]
+    assert (b.n_data, b.n_reviewed) == (400, a.n_reviewed) and both.n_data == 400
+    assert "+ 400 old labelled rows" in both.format()
+    assert b.calibrator.n_samples_ == a.calibrator.n_samples_ + 400
+    with pytest.raises(EncoderMismatchError):
+        calibrate_from_review(pol_path, rd, data=LabeledData(x, {"weapons": y}, "elsewhere"),
+                              embed_texts=loop.embed_texts)
