@@ -307,9 +307,12 @@ class CategoryReview:
         for kind in ("flag", "block"):
             for when, t, r in (("old", self.old_flag if kind == "flag" else self.old_block, self.old_rates[kind]),
                                ("new", self.new_flag if kind == "flag" else self.new_block, self.new_rates[kind])):
-                lines.append(f"  {when + ' ' + kind:<10}" + (f"{'none':>10}  never fires" if t is None or r is None
-                                                              else f"{t:>10.4g}  {_rate(r.precision, r.precision_bound):<22}"
-                                                              f"{_rate(r.recall, r.recall_bound):<22}{r.positive_rate:.1%}"))
+                head = f"  {when + ' ' + kind:<10}"
+                if t is None or r is None:
+                    lines.append(f"{head}{'none':>10}  never fires")
+                else:
+                    lines.append(f"{head}{t:>10.4g}  {_rate(r.precision, r.precision_bound):<22}"
+                                 f"{_rate(r.recall, r.recall_bound):<22}{r.positive_rate:.1%}")
         lines.append(f"  would change: {self.flips} stored decisions for {self.category} (about "
                      f"{self.flips_weighted:,.0f} decisions of the stream)")
         if self.disabled:
