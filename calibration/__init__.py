@@ -16,6 +16,7 @@ calibrators    :func:`fit_calibrator`: a fitted Calibrator from raw signals
 thresholds     :func:`choose_thresholds`: flag / block thresholds whose targets hold with a confidence
 report         :func:`evaluate` -> :class:`Report` (AUCs, ECE, Brier, reliability, confusion) and its plots
 workflow       :func:`calibrate_policy` and :func:`evaluate_policy`: the whole workflow, as the CLI and notebook run it
+review         :func:`calibrate_from_review`: refit from a review store's verdicts (weighted), report, new version
 =============  ==============================================================================================
 
 The whole workflow, as ``safeclip calibrate`` runs it::
@@ -45,13 +46,17 @@ from .calibrators import fit_calibrator
 from .data import DataWarning, LabeledData, load_labeled, prompt_source
 from .probes import DEFAULT_CS, data_sha256, train_probe
 from .report import Report, evaluate, plot_pr_curve, plot_reliability
+from .review import CategoryReview, ReviewCalibration, ReviewData, calibrate_from_review, review_data
 from .split import grouped_split, identical_groups
 from .thresholds import (
+    ThresholdRates,
     ThresholdWarning,
     Thresholds,
     choose_thresholds,
+    effective_n,
     naive_threshold,
     precision_lower_bound,
+    rates_at,
     recall_lower_bound,
 )
 from .workflow import (
@@ -70,16 +75,22 @@ __all__ = [
     "CalibrationWarning",
     "CategoryEvaluation",
     "CategoryFit",
+    "CategoryReview",
     "DataWarning",
     "EvaluationResult",
     "LabeledData",
     "Report",
+    "ReviewCalibration",
+    "ReviewData",
+    "ThresholdRates",
     "ThresholdWarning",
     "Thresholds",
+    "calibrate_from_review",
     "calibrate_policy",
     "check_calibration_request",
     "choose_thresholds",
     "data_sha256",
+    "effective_n",
     "evaluate",
     "evaluate_policy",
     "fit_calibrator",
@@ -91,6 +102,8 @@ __all__ = [
     "plot_reliability",
     "precision_lower_bound",
     "prompt_source",
+    "rates_at",
     "recall_lower_bound",
+    "review_data",
     "train_probe",
 ]

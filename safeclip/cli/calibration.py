@@ -3,7 +3,9 @@
 Each handler parses, calls :func:`safeclip.calibration.load_labeled` and then
 :func:`~safeclip.calibration.calibrate_policy` / :func:`~safeclip.calibration.evaluate_policy`, and prints. The data
 format is documented in :mod:`safeclip.calibration.data`, the split and the output files in
-:mod:`safeclip.calibration.workflow`.
+:mod:`safeclip.calibration.workflow`. ``safeclip calibrate --from-review STORE`` learns from a review store's verdicts
+instead (:func:`~safeclip.calibration.calibrate_from_review`, :mod:`safeclip.calibration.review`): it prints the
+report of what would change, then (without ``--dry-run``) writes the new policy version.
 
 :func:`register` adds both to the ``safeclip`` parser (``safeclip.cli``); ``python -m safeclip.cli.calibration``
 runs them on their own. Handlers return the exit code (0); configuration and data errors raise
@@ -21,17 +23,23 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..calibration import (
     CalibrationWarning,
     LabeledData,
+    calibrate_from_review,
     calibrate_policy,
     check_calibration_request,
     evaluate_policy,
     load_labeled,
+    prompt_source,
+    review_data,
 )
-from ..policy import Policy, load_policy
+from ..errors import ConfigError
+from ..policy import Policy, builtin_policy_dir, load_policy
+from ..review import open_store
 from ._options import add_model_args, add_policy_arg, run_standalone
 
 __all__ = ["main", "register"]
@@ -54,12 +62,14 @@ def _target(text: str) -> float | None:
     return _fraction(text)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
     add_policy_arg(p)
-    p.add_argument("--data", required=True, metavar="LABELED",
+    p.add_argument("--data", required=data_required, metavar="LABELED",
                    help="Parquet or CSV file: an 'embedding' or a 'path' column, and labels (see --label-column); "
                         "a 'path' column is embedded with --model through the cache, for an 'embedding' column the "
-                        "model is loaded only if a prompt has no cached embedding")
+                        "model is loaded only if a prompt has no cached embedding"
+                        + ("" if data_required else "; with --from-review: old labels added to the verdicts "
+                                                    "(weight 1 each)"))
     p.add_argument("--category", action="append", metavar="C",
                    help="a policy category to work on (repeatable)")
     p.add_argument("--label-column", default="label", metavar="NAME",
@@ -82,9 +92,21 @@ def register(subparsers: Any) -> None:
                     "probe, fit a calibrator, choose flag/block thresholds for the targets on held-out rows, and "
                     "write the artifacts, reports and DIR/policy.yaml (which extends --policy). See `pydoc "
                     "safeclip.calibration.data` for the data format and `pydoc safeclip.calibration.workflow` for "
-                    "the split and the files.")
-    _add_data_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (policy.yaml, artifacts, reports)")
+                    "the split and the files. With --from-review STORE: refit each category's calibrator (sigmoid, on "
+                    "its signals as they are) and thresholds from the store's verdicts, weighted by their inverse "
+                    "sampling probability; print what would change; then write the new version (`pydoc "
+                    "safeclip.calibration.review`).")
+    _add_data_args(p, data_required=False)
+    p.add_argument("--from-review", metavar="STORE",
+                   help="learn from the verdicts of this review store (SQLite path or postgresql:// URL) instead of "
+                        "(or, with --data, besides) labelled data; --method, --probe, --holdout, --probe-fraction, "
+                        "--seed and --name do not apply")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --from-review: print the report of what would change and write nothing")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (policy.yaml, artifacts, reports); required with --data; with "
+                        "--from-review the new version goes here, else replaces the --policy file (its previous "
+                        "version stays in the policy history)")
     p.add_argument("--block-precision", type=_target, default=0.95, metavar="P",
                    help="block threshold: precision >= P on new data at --confidence (default 0.95; 'none': "
                         "never block)")
@@ -154,6 +176,14 @@ def _load(args: argparse.Namespace, policy: Policy, categories: Sequence[str] | 
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.from_review:
+        return _cmd_from_review(args)
+    if not args.data:
+        raise ConfigError("calibrate: give --data LABELED (labelled data) or --from-review STORE (review verdicts)")
+    if not args.out:
+        raise ConfigError("calibrate --data: give --out DIR for the calibrated policy, artifacts and reports")
+    if args.dry_run:
+        raise ConfigError("calibrate: --dry-run applies to --from-review only")
     with _messages_to_stderr("safeclip calibrate"):
         parent, cats, out = check_calibration_request(args.policy, args.category, args.out, args.block_precision,
                                                       args.flag_recall)
@@ -165,6 +195,41 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             allow_disabled=args.allow_disabled)
     print(result.format())
     print(f"wrote {result.policy_path} ({result.policy_id}); use it with --policy {result.policy_path}")
+    return 0
+
+
+def _review_target(args: argparse.Namespace, policy: Policy) -> str | None:
+    """Where the new version goes: --out, else the --policy file itself (never a shipped policy)."""
+    if args.out:
+        return str(args.out)
+    src = policy.source
+    if not src or Path(src).resolve().parent == builtin_policy_dir().resolve():
+        if args.dry_run:
+            return None
+        raise ConfigError(f"calibrate --from-review: --policy {args.policy} is a shipped policy; give --out DIR for "
+                          "the new version")
+    return src
+
+
+def _cmd_from_review(args: argparse.Namespace) -> int:
+    with _messages_to_stderr("safeclip calibrate"):
+        policy = load_policy(args.policy)
+        target = _review_target(args, policy)
+        with open_store(args.from_review, create=False) as store:
+            reviewed = review_data(store, policy, encoder_id=args.encoder_id)
+        old = _load(args, policy, args.category) if args.data else None
+        texts = (old.embed_texts if old is not None else None) or prompt_source(
+            reviewed.encoder_id, cache=args.cache, model=args.model, pretrained=args.pretrained, device=args.device,
+            policy=policy)
+        result = calibrate_from_review(
+            policy, reviewed, data=old, block_precision=args.block_precision, flag_recall=args.flag_recall,
+            confidence=args.confidence, categories=args.category, embed_texts=texts)
+    print(result.format(), flush=True)
+    if args.dry_run or target is None:
+        print("dry run: nothing written")
+        return 0
+    path = result.write(target, allow_disabled=args.allow_disabled)
+    print(f"wrote {path} ({result.policy_id}), recorded in its history; use it with --policy {path}")
     return 0
 
 
