@@ -131,19 +131,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"safeclip serve needs the serve extra ({e.name} is not installed): "
                           "pip install 'safeclip[serve]'") from e
     from ..moderator import BatchingOptions, Moderator
+    from ..policy import load_policy
 
     token = read_token(args.token_file)
     policies = args.policy or []
-    moderator = Moderator(policy=policies[0] if policies else None, encoder=encoder_spec(args), on_error=args.on_error,
-                          batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
+    serving = load_policy(policies[0] if policies else None)
     with contextlib.ExitStack() as stack:
         review = None
-        if args.review is not None:
+        if args.review is not None:  # opened before the model loads: a store that cannot be used stops us at once
             from ..review import open_store
 
             # Seam for the review hook (served decisions sampled into the store at the policy's rates): this
             # opened store, one per process, is what it is to be handed, beside create_app.
-            review = stack.enter_context(open_store(args.review, policy=moderator.policy.name))
+            review = stack.enter_context(open_store(args.review, policy=serving.name))
+        moderator = Moderator(policy=serving, encoder=encoder_spec(args), on_error=args.on_error,
+                              batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
         app = create_app(moderator, policies=policies or None, token=token,
                          max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
                          max_video_bytes=int(args.max_video_mb * 2**20),
