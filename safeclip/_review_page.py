@@ -3,7 +3,8 @@
 It asks for the server's bearer token and the reviewer's name (kept in the tab's ``sessionStorage`` only), claims
 items from ``/v1/review/next``, shows the thumbnail (fetched with the token, shown through a ``blob:`` URL), the
 decided action, each category's probability and thresholds and the decision's reasons, and posts the verdict
-(buttons, or the keys ``a`` / ``f`` / ``b``; ``n`` asks for the next item again). Everything shown from the server
+(buttons, or the keys ``a`` / ``f`` / ``b``; ``n`` asks the queue again: the item this reviewer holds comes
+back first). Everything shown from the server
 is set as text, never parsed as HTML. The Content-Security-Policy allows only this page's own script and style (by
 their hashes), ``blob:`` images and requests to the same origin.
 """
@@ -67,7 +68,7 @@ _BODY = """
         <button id="allow" type="button" class="allow">Allow <kbd>a</kbd></button>
         <button id="flag" type="button" class="flag">Flag <kbd>f</kbd></button>
         <button id="block" type="button" class="block">Block <kbd>b</kbd></button>
-        <button id="next" type="button">Next <kbd>n</kbd></button>
+        <button id="next" type="button">Refresh <kbd>n</kbd></button>
       </p>
     </div>
   </div>

@@ -3,7 +3,7 @@
 ``safeclip serve`` runs it under uvicorn, with :func:`uvicorn_protocol` closing connections that send no request
 head in time and keeping the connection limit from ever refusing the probes; :func:`create_app` gives the same
 application to mount in your own. It is built on Starlette rather than FastAPI: a smaller dependency with no
-pydantic, and it has few routes.
+pydantic, and it has a handful of routes.
 
 =================  =============================================================================================
 ``POST /v1/check``  the image (or video) as the raw body, or as the multipart field ``image``; ``?policy=NAME`` picks one of
@@ -71,10 +71,10 @@ from typing import Any
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from ._review_page import PAGE, PAGE_HEADERS

@@ -12,7 +12,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -365,3 +368,18 @@ def test_the_review_page_is_self_contained_under_a_strict_content_security_polic
         assert csp[directive] == f"'sha256-{digest}'"
     assert not re.search(r"\b(?:src|href)\s*=\s*[\"']|https?://", page)
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+
+
+# ---------------------------------------------------------------------------------------------- safeclip serve
+def test_serve_refuses_a_store_it_cannot_open_before_loading_the_model(tmp_path):
+    bad = tmp_path / "review.db"
+    bad.write_bytes(b"this is not a review store\n" * 100)
+    env = {**os.environ, "SAFECLIP_DEVICE": "cpu", "SAFECLIP_OFFLINE": "1"}
+    env.pop("SAFECLIP_SERVE_TOKEN", None)
+    r = subprocess.run([sys.executable, "-m", "safeclip", "serve", "--port", "0", "--review", str(bad),
+                        "--model", f"local-dir:{tmp_path / 'no-such-model'}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("safeclip: error:") and str(bad) in line  # the store, not the missing model
+    assert bad.read_bytes() == b"this is not a review store\n" * 100
