@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx")
 from safeclip.review import open_store  # noqa: E402
 from test_server_review import fill  # noqa: E402
 
-TOKEN = "page-token-93d1"
+TOKEN = "page-token-93d1-\u00fc"  # not ASCII: sent as its UTF-8 bytes
 REVIEWER = "carol (trust & safety)"  # a name with characters that would matter if it were parsed as HTML
 WAIT_S = 10.0
 
