@@ -226,7 +226,7 @@ _ANSWERS: dict[type[BaseException], _Answer] = {
     OverloadedError: _Answer(503, "overloaded", retry_after=True),
     # The review routes' (never counted in safeclip_requests_total: only the access log shows their outcome).
     _NotFound: _Answer(404, "not_found"),
-    ReviewError: _Answer(400, "bad_request"),  # an invalid verdict (unknown category, empty reviewer)
+    ReviewError: _Answer(400, "bad_request"),  # what the store refuses that the server's own checks let by
     ReviewStoreUnavailableError: _Answer(503, "review_unavailable", retry_after=True),
     SafeclipError: _Answer(500, "error"),
     Exception: _Answer(500, "error", internal=True),  # the model failed: an error, never a guess
@@ -497,7 +497,7 @@ def _item_of(store: ReviewStore, item_id: int) -> ReviewItem:
     except ReviewStoreUnavailableError:
         raise
     except ReviewError as e:
-        raise _NotFound(f"there is no review item {item_id} ({e})") from e
+        raise _NotFound(f"there is no review item {item_id}") from e
 
 
 def _review_route(handler: Callable[[Request, ReviewStore], Awaitable[Response]]) -> Callable[[Request],
@@ -585,7 +585,10 @@ async def _review_verdict(request: Request, store: ReviewStore) -> Response:
     fields = await _verdict_fields(request, _settings(request).timeout_s)
 
     def record() -> dict[str, Any]:
-        _item_of(store, item_id)
+        categories = _item_of(store, item_id).decision.get("categories") or {}
+        if fields["category"] is not None and fields["category"] not in categories:
+            raise _InvalidVerdict(f"category {fields['category']!r} is not one of item {item_id}'s: "
+                                  f"{', '.join(categories) or 'it has none'}")
         return store.verdict(item_id, fields["action"], reviewer=fields["reviewer"], category=fields["category"],
                              note=fields["note"]).to_dict()
 

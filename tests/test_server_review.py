@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -74,9 +75,10 @@ ITEMS = ((1, {"nudity": 0.93, "violence": 0.12}, True), (2, {"nudity": 0.2, "vio
 
 
 def fill(store) -> list[int]:
-    ids = store.add([new_item(seed, probs, thumbnail=thumb) for seed, probs, thumb in ITEMS])
+    """ITEMS in the store, in this order (one add each: the store orders one batch its own way)."""
+    ids = [store.add([new_item(seed, probs, thumbnail=thumb)])[0] for seed, probs, thumb in ITEMS]
     assert all(i is not None for i in ids)
-    return ids
+    return ids  # type: ignore[return-value]
 
 
 class Client:
@@ -105,73 +107,10 @@ def moderator(tiny_model, cache_dir) -> Moderator:
     return Moderator(model=tiny_model, device="cpu", cache_dir=cache_dir, max_wait_ms=5)
 
 
-class _StandIn:
-    """TEMPORARY in-memory stand-in until the SQLite store is merged (then: open_store)."""
-
-    def __init__(self):
-        from safeclip.review import ReviewItem, Verdict
-        self.RI, self.V = ReviewItem, Verdict
-        self.rows: dict[int, dict] = {}
-        self.verdicts: dict[int, list] = {}
-        self.claims: dict[int, str] = {}
-        self.until: dict[int, float] = {}
-        self.lock = threading.Lock()
-
-    def add(self, items):
-        out = []
-        for it in items:
-            if any(r["sha256"] == it.sha256 and r["policy"] == it.policy for r in self.rows.values()):
-                out.append(None)
-                continue
-            i = len(self.rows) + 1
-            self.rows[i] = {**it.__dict__, "created_at": time.time()}
-            self.verdicts[i] = []
-            out.append(i)
-        return out
-
-    def get(self, item_id):
-        from safeclip.errors import ReviewError
-        if item_id not in self.rows:
-            raise ReviewError(f"no review item {item_id} in the store")
-        r = self.rows[item_id]
-        return self.RI(item_id, r["sha256"], r["policy"], r["encoder_id"], r["action"], r["decision"],
-                       r["probability"], r["origin"], r["source"], r["created_at"], r["embedding"] is not None,
-                       r["thumbnail"] is not None, tuple(self.verdicts[item_id]), self.claims.get(item_id),
-                       self.until.get(item_id) if item_id in self.claims else None)
-
-    def next(self, reviewer, lease_s=600.0):
-        with self.lock:
-            mine = [i for i, who in self.claims.items() if who == reviewer]
-            if mine:
-                return self.get(mine[0])
-            for i in self.rows:
-                if not self.verdicts[i] and i not in self.claims:
-                    self.claims[i] = reviewer
-                    self.until[i] = time.time() + lease_s
-                    return self.get(i)
-            return None
-
-    def verdict(self, item_id, action, *, reviewer, category=None, note=None):
-        from safeclip.errors import ReviewError
-        item = self.get(item_id)
-        if category is not None and category not in item.decision["categories"]:
-            raise ReviewError(f"category {category!r} is not one of the item's: {', '.join(item.decision['categories'])}")
-        v = self.V(sum(map(len, self.verdicts.values())) + 1, item_id, reviewer, action, category, note, time.time())
-        self.verdicts[item_id].append(v)
-        if self.claims.get(item_id) == reviewer:
-            del self.claims[item_id]
-        return v
-
-    def thumbnail(self, item_id):
-        return self.rows[item_id]["thumbnail"]
-
-    def close(self):
-        pass
-
-
 @pytest.fixture
 def store(tmp_path):
-    yield _StandIn()
+    with open_store(tmp_path / "r.db", policy="default") as s:
+        yield s
 
 
 @pytest.fixture
@@ -269,7 +208,7 @@ def test_verdicts_are_recorded_with_reviewer_and_time_and_a_disagreement_is_kept
 
 @pytest.mark.parametrize("body, kind, words", [
     ({"action": "delete", "reviewer": "alice"}, "InvalidVerdict", "allow, flag, block"),
-    ({"action": "block", "reviewer": "alice", "category": "spam"}, "ReviewError", "spam"),
+    ({"action": "block", "reviewer": "alice", "category": "spam"}, "InvalidVerdict", "'spam' is not one of"),
     ({"action": "block", "reviewer": "  "}, "InvalidVerdict", "reviewer"),
     ({"action": "block"}, "InvalidVerdict", "reviewer"),
     ({"action": "block", "reviewer": "alice", "note": 5}, "InvalidVerdict", "note"),
@@ -371,15 +310,26 @@ def test_the_review_page_is_self_contained_under_a_strict_content_security_polic
 
 
 # ---------------------------------------------------------------------------------------------- safeclip serve
-def test_serve_refuses_a_store_it_cannot_open_before_loading_the_model(tmp_path):
-    bad = tmp_path / "review.db"
-    bad.write_bytes(b"this is not a review store\n" * 100)
+@pytest.mark.parametrize("kind", ["corrupt sqlite", "postgresql down"])
+def test_serve_refuses_a_store_it_cannot_open_before_loading_the_model(tmp_path, kind):
+    if kind == "corrupt sqlite":
+        bad = tmp_path / "review.db"
+        bad.write_bytes(b"this is not a review store\n" * 100)
+        store, named = str(bad), str(bad)
+    else:
+        pytest.importorskip("psycopg")
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        store, named = f"postgresql://review:secret@127.0.0.1:{port}/queue", "cannot be reached"
     env = {**os.environ, "SAFECLIP_DEVICE": "cpu", "SAFECLIP_OFFLINE": "1"}
     env.pop("SAFECLIP_SERVE_TOKEN", None)
-    r = subprocess.run([sys.executable, "-m", "safeclip", "serve", "--port", "0", "--review", str(bad),
+    r = subprocess.run([sys.executable, "-m", "safeclip", "serve", "--port", "0", "--review", store,
                         "--model", f"local-dir:{tmp_path / 'no-such-model'}"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     (line,) = r.stderr.strip().splitlines()
-    assert line.startswith("safeclip: error:") and str(bad) in line  # the store, not the missing model
-    assert bad.read_bytes() == b"this is not a review store\n" * 100
+    assert line.startswith("safeclip: error: review store") and named in line  # the store, not the missing model
+    assert "secret" not in line
+    if kind == "corrupt sqlite":
+        assert bad.read_bytes() == b"this is not a review store\n" * 100
