@@ -47,11 +47,12 @@ def decision(sha256: str, probabilities: dict[str, float]) -> dict[str, Any]:
         return "block" if p >= BLOCK_AT[name] else "flag" if p >= FLAG_AT[name] else "allow"
 
     rank = {"allow": 0, "flag": 1, "block": 2}
-    cats = {name: {"banks": [], "probability": p, "action": act(name, p), "flag_threshold": FLAG_AT[name],
+    actions = {name: act(name, p) for name, p in probabilities.items()}
+    cats = {name: {"banks": [], "probability": p, "action": actions[name], "flag_threshold": FLAG_AT[name],
                    "block_threshold": BLOCK_AT[name], "calibrated": True, "basis": "calibrator", "signals": {},
                    "top_prompts": []} for name, p in probabilities.items()}
-    fired = sorted((n for n in cats if cats[n]["action"] != "allow"), key=lambda n: -rank[cats[n]["action"]])
-    action = max((c["action"] for c in cats.values()), key=rank.__getitem__)
+    fired = sorted((n for n in actions if actions[n] != "allow"), key=lambda n: -rank[actions[n]])
+    action = max(actions.values(), key=rank.__getitem__)
     return {"action": action, "reasons": fired, "policy": POLICY, "encoder_id": ENCODER, "sha256": sha256,
             "source": None, "frame_index": 0, "n_frames": 1, "background": None, "calibrated": True, "error": None,
             "matches": [], "categories": cats, "frames_scored": 1, "sampling": None, "duration_s": None,
@@ -88,13 +89,13 @@ class Client:
         self.loop = asyncio.new_event_loop()
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
 
-    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+    def request(self, method: str, url: str, **kw: Any) -> Any:
         return self.loop.run_until_complete(self.http.request(method, url, **kw))
 
-    def get(self, url: str, **kw: Any) -> httpx.Response:
+    def get(self, url: str, **kw: Any) -> Any:
         return self.request("GET", url, **kw)
 
-    def post(self, url: str, **kw: Any) -> httpx.Response:
+    def post(self, url: str, **kw: Any) -> Any:
         return self.request("POST", url, **kw)
 
     def close(self) -> None:
@@ -120,7 +121,7 @@ def client(moderator, store):
     c.close()
 
 
-def one_line_error(r: httpx.Response, status: int) -> dict[str, str]:
+def one_line_error(r: Any, status: int) -> dict[str, str]:
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
     error = r.json()["error"]
@@ -128,7 +129,7 @@ def one_line_error(r: httpx.Response, status: int) -> dict[str, str]:
     return error
 
 
-def verdict(client: Client, item_id: int, action: str, reviewer: str = "alice", **extra: Any) -> httpx.Response:
+def verdict(client: Client, item_id: int, action: str, reviewer: str = "alice", **extra: Any) -> Any:
     return client.post(f"/v1/review/{item_id}/verdict", headers=AUTH,
                        json={"action": action, "reviewer": reviewer, **extra})
 
