@@ -481,12 +481,18 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status_code=status, media_type="application/json")
 
 
+def _shown(value: Any) -> str:
+    """``value`` as a refusal quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _reviewer(value: Any) -> str:
     """A reviewer's name as given (surrounding blanks stripped): 1 to 200 printable characters."""
     name = value.strip() if isinstance(value, str) else ""
     if not name or len(name) > _MAX_REVIEWER_CHARS or not name.isprintable():
         raise _InvalidVerdict(f"reviewer must be a name of 1 to {_MAX_REVIEWER_CHARS} printable characters "
-                              f"(?reviewer=NAME, or \"reviewer\" in a verdict), not {value!r}")
+                              f"(?reviewer=NAME, or \"reviewer\" in a verdict), not {_shown(value)}")
     return name
 
 
@@ -560,21 +566,21 @@ async def _verdict_fields(request: Request, timeout_s: float) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except ValueError as e:
-        raise _MalformedBody(f"the verdict is not JSON ({e}): send {{\"action\": \"block\", \"reviewer\": \"NAME\"}}") \
-            from e
+        raise _MalformedBody(f"the verdict is not JSON ({e}): send "
+                             '{"action": "block", "reviewer": "NAME"}') from e
     if not isinstance(data, dict):
         raise _MalformedBody('the verdict must be a JSON object: {"action": "block", "reviewer": "NAME"}')
     unknown = sorted(set(data) - set(_VERDICT_FIELDS))
     if unknown:
-        raise _InvalidVerdict(f"unknown verdict field(s) {', '.join(map(repr, unknown))}; a verdict has "
+        raise _InvalidVerdict(f"unknown verdict field(s) {', '.join(map(_shown, unknown))}; a verdict has "
                               f"{', '.join(_VERDICT_FIELDS)}")
     if data.get("action") not in ACTIONS:
-        raise _InvalidVerdict(f"action must be one of {', '.join(ACTIONS)}, not {data.get('action')!r}")
+        raise _InvalidVerdict(f"action must be one of {', '.join(ACTIONS)}, not {_shown(data.get('action'))}")
     out = {"action": data["action"], "reviewer": _reviewer(data.get("reviewer"))}
     for key in ("category", "note"):
         value = data.get(key)
         if value is not None and not isinstance(value, str):
-            raise _InvalidVerdict(f"{key} must be a string or null, not {value!r}")
+            raise _InvalidVerdict(f"{key} must be a string or null, not {_shown(value)}")
         out[key] = value or None
     return out
 
@@ -587,7 +593,7 @@ async def _review_verdict(request: Request, store: ReviewStore) -> Response:
     def record() -> dict[str, Any]:
         categories = _item_of(store, item_id).decision.get("categories") or {}
         if fields["category"] is not None and fields["category"] not in categories:
-            raise _InvalidVerdict(f"category {fields['category']!r} is not one of item {item_id}'s: "
+            raise _InvalidVerdict(f"category {_shown(fields['category'])} is not one of item {item_id}'s: "
                                   f"{', '.join(categories) or 'it has none'}")
         return store.verdict(item_id, fields["action"], reviewer=fields["reviewer"], category=fields["category"],
                              note=fields["note"]).to_dict()
@@ -679,8 +685,8 @@ def create_app(
         moderator.compiled(pol)
         loaded[pol.name] = pol
     settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes,
-                         max_video_bytes, _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up, _Metrics(moderator),
-                         review)
+                         max_video_bytes, _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up,
+                         _Metrics(moderator), review)
     routes = [
         Route("/v1/check", _check, methods=["POST"]),
         Route("/healthz", _healthz, methods=["GET"]),
