@@ -3,7 +3,7 @@
 ``safeclip serve`` runs it under uvicorn, with :func:`uvicorn_protocol` closing connections that send no request
 head in time and keeping the connection limit from ever refusing the probes; :func:`create_app` gives the same
 application to mount in your own. It is built on Starlette rather than FastAPI: a smaller dependency with no
-pydantic, and it has four routes.
+pydantic, and it has a handful of routes.
 
 =================  =============================================================================================
 ``POST /v1/check``  the image (or video) as the raw body, or as the multipart field ``image``; ``?policy=NAME`` picks one of
@@ -16,6 +16,23 @@ pydantic, and it has four routes.
 ``GET /readyz``     200 once the model is loaded and has run a warm-up forward under every policy, else 503.
 ``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth (token-protected).
 =================  =============================================================================================
+
+With a review store (``create_app(review=...)``, ``safeclip serve --review STORE``), reviewers' routes too; each
+``/v1/review`` route is behind the same bearer token as ``/v1/check``, answers errors in the same JSON shape (400
+invalid verdict or reviewer, 401 missing/wrong token, 404 no such item, 503 + ``Retry-After`` the store's database
+cannot be reached; ``/v1/check`` never depends on the store) and is never cached (``Cache-Control: no-store``):
+
+===================================  ===========================================================================
+``GET /v1/review/next?reviewer=R``   claims the next item for reviewer ``R`` (``ReviewStore.next``): 200 the item
+                                     JSON (``ReviewItem.to_dict()``), 204 when the queue is empty.
+``GET /v1/review/{id}``              200 the item JSON with its verdicts.
+``GET /v1/review/{id}/thumbnail``    200 ``image/jpeg``; 404 when the item has none.
+``POST /v1/review/{id}/verdict``     JSON ``{"action": "allow"|"flag"|"block", "reviewer": R, "category"?: C,
+                                     "note"?: TEXT}``: 201 the verdict JSON (``Verdict.to_dict()``: who and when).
+                                     An earlier verdict on the item is kept beside it.
+``GET /review``                      the HTML review page (no token needed to load it: it asks for the token
+                                     and sends it with each call; no external assets, a strict CSP).
+===================================  ===========================================================================
 
 Videos: a body whose Content-Type (the request's, or the multipart part's) is one of :data:`VIDEO_TYPES` may be up
 to ``max_video_bytes`` (``safeclip serve --max-video-mb``) instead of ``max_body_bytes``; it is decided by
@@ -54,15 +71,19 @@ from typing import Any
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ._review_page import PAGE, PAGE_HEADERS
 from .decide import Decision
-from .errors import ConfigError, DecodeError, OverloadedError, SafeclipError
+from .errors import (ConfigError, DecodeError, OverloadedError, ReviewError, ReviewStoreUnavailableError,
+                     SafeclipError)
 from .moderator import Moderator
 from .policy import Policy, load_policy
+from .review import ACTIONS, ReviewItem, ReviewStore
 
 __all__ = ["VIDEO_TYPES", "create_app", "uvicorn_protocol"]
 
@@ -171,6 +192,14 @@ class _ClientGone(_Problem):
     kind = "ClientGone"
 
 
+class _InvalidVerdict(_Problem):
+    kind = "InvalidVerdict"
+
+
+class _NotFound(_Problem):
+    kind = "NotFound"
+
+
 @dataclass(frozen=True)
 class _Answer:
     """How an exception is answered: status, ``safeclip_requests_total`` outcome, extra headers."""
@@ -195,6 +224,10 @@ _ANSWERS: dict[type[BaseException], _Answer] = {
     _NoDecision: _Answer(504, "timeout"),
     DecodeError: _Answer(422, "invalid_image"),
     OverloadedError: _Answer(503, "overloaded", retry_after=True),
+    # The review routes' (never counted in safeclip_requests_total: only the access log shows their outcome).
+    _NotFound: _Answer(404, "not_found"),
+    ReviewError: _Answer(400, "bad_request"),  # what the store refuses that the server's own checks let by
+    ReviewStoreUnavailableError: _Answer(503, "review_unavailable", retry_after=True),
     SafeclipError: _Answer(500, "error"),
     Exception: _Answer(500, "error", internal=True),  # the model failed: an error, never a guess
 }
@@ -234,6 +267,7 @@ class _Settings:
     retry_after_s: int
     warm_up: bool
     metrics: _Metrics
+    review: ReviewStore | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     warm_error: list[str] = field(default_factory=list)
 
@@ -437,6 +471,140 @@ async def _metrics(request: Request) -> Response:
     return Response(generate_latest(settings.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+#: The largest verdict body read (a verdict is a few short fields; a long note still fits)
+_MAX_VERDICT_BYTES = 64 * 1024
+_MAX_REVIEWER_CHARS = 200
+_VERDICT_FIELDS = ("action", "reviewer", "category", "note")
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status_code=status, media_type="application/json")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a refusal quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _reviewer(value: Any) -> str:
+    """A reviewer's name as given (surrounding blanks stripped): 1 to 200 printable characters."""
+    name = value.strip() if isinstance(value, str) else ""
+    if not name or len(name) > _MAX_REVIEWER_CHARS or not name.isprintable():
+        raise _InvalidVerdict(f"reviewer must be a name of 1 to {_MAX_REVIEWER_CHARS} printable characters "
+                              f"(?reviewer=NAME, or \"reviewer\" in a verdict), not {_shown(value)}")
+    return name
+
+
+def _item_of(store: ReviewStore, item_id: int) -> ReviewItem:
+    """The item, or 404 (the store raises the same ReviewError for an unknown id as for an invalid verdict)."""
+    try:
+        return store.get(item_id)
+    except ReviewStoreUnavailableError:
+        raise
+    except ReviewError as e:
+        raise _NotFound(f"there is no review item {item_id}") from e
+
+
+def _review_route(handler: Callable[[Request, ReviewStore], Awaitable[Response]]) -> Callable[[Request],
+                                                                                              Awaitable[Response]]:
+    """A ``/v1/review`` route: the bearer token checked, every failure answered from the one table, nothing cached.
+    The handler runs the store's (blocking) calls in the thread pool."""
+    async def route(request: Request) -> Response:
+        settings = _settings(request)
+        log = request.scope.setdefault("safeclip.log", {})
+        assert settings.review is not None  # the routes exist only with a store
+        try:
+            if not _authorized(request, settings.token):
+                raise _Unauthorized
+            response = await handler(request, settings.review)
+            log["outcome"] = "ok"
+        except Exception as e:  # noqa: BLE001 - every failure is answered from the one table
+            answer, response = _error_response(e, settings.retry_after_s)
+            if answer.internal:
+                _log.error("request %s failed", log.get("id"), exc_info=e)
+            log["outcome"] = answer.outcome
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    return route
+
+
+@_review_route
+async def _review_next(request: Request, store: ReviewStore) -> Response:
+    item = await run_in_threadpool(store.next, _reviewer(request.query_params.get("reviewer")))
+    return Response(status_code=204) if item is None else _json(item.to_dict())
+
+
+@_review_route
+async def _review_item(request: Request, store: ReviewStore) -> Response:
+    item = await run_in_threadpool(_item_of, store, request.path_params["item_id"])
+    return _json(item.to_dict())
+
+
+@_review_route
+async def _review_thumbnail(request: Request, store: ReviewStore) -> Response:
+    item_id = request.path_params["item_id"]
+
+    def read() -> bytes | None:
+        _item_of(store, item_id)
+        return store.thumbnail(item_id)
+
+    jpeg = await run_in_threadpool(read)
+    if jpeg is None:
+        raise _NotFound(f"review item {item_id} has no thumbnail")
+    return Response(jpeg, media_type="image/jpeg")
+
+
+async def _verdict_fields(request: Request, timeout_s: float) -> dict[str, Any]:
+    """The verdict a POST body asks for, checked: ``action``, ``reviewer``, ``category`` and ``note`` (an empty
+    category or note, as a form sends it, is none)."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, _MAX_VERDICT_BYTES), timeout_s)
+    except asyncio.TimeoutError as e:
+        raise _BodyTimeout(f"the body did not arrive within {timeout_s} s") from e
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise _MalformedBody(f"the verdict is not JSON ({e}): send "
+                             '{"action": "block", "reviewer": "NAME"}') from e
+    if not isinstance(data, dict):
+        raise _MalformedBody('the verdict must be a JSON object: {"action": "block", "reviewer": "NAME"}')
+    unknown = sorted(set(data) - set(_VERDICT_FIELDS))
+    if unknown:
+        raise _InvalidVerdict(f"unknown verdict field(s) {', '.join(map(_shown, unknown))}; a verdict has "
+                              f"{', '.join(_VERDICT_FIELDS)}")
+    if data.get("action") not in ACTIONS:
+        raise _InvalidVerdict(f"action must be one of {', '.join(ACTIONS)}, not {_shown(data.get('action'))}")
+    out = {"action": data["action"], "reviewer": _reviewer(data.get("reviewer"))}
+    for key in ("category", "note"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _InvalidVerdict(f"{key} must be a string or null, not {_shown(value)}")
+        out[key] = value or None
+    return out
+
+
+@_review_route
+async def _review_verdict(request: Request, store: ReviewStore) -> Response:
+    item_id = request.path_params["item_id"]
+    fields = await _verdict_fields(request, _settings(request).timeout_s)
+
+    def record() -> dict[str, Any]:
+        categories = _item_of(store, item_id).decision.get("categories") or {}
+        if fields["category"] is not None and fields["category"] not in categories:
+            raise _InvalidVerdict(f"category {_shown(fields['category'])} is not one of item {item_id}'s: "
+                                  f"{', '.join(categories) or 'it has none'}")
+        return store.verdict(item_id, fields["action"], reviewer=fields["reviewer"], category=fields["category"],
+                             note=fields["note"]).to_dict()
+
+    return _json(await run_in_threadpool(record), 201)
+
+
+async def _review_page(request: Request) -> Response:
+    return Response(PAGE, media_type="text/html", headers=PAGE_HEADERS)
+
+
 def _warm(settings: _Settings) -> None:
     """One forward per policy, then ``/readyz`` answers 200; a failure is reported by /readyz and the log."""
     try:
@@ -470,6 +638,7 @@ def create_app(
     timeout_s: float = 30.0,
     retry_after_s: int = 1,
     warm_up: bool = True,
+    review: ReviewStore | None = None,
 ) -> Starlette:
     """The ASGI application serving ``moderator``.
 
@@ -484,7 +653,8 @@ def create_app(
     is answered 503 before its body is read. ``timeout_s``: a request
     not answered in time (body read, queue, decode, forward) is answered 504 (408 while its body is still arriving)
     and dropped if it has not reached a forward. ``warm_up``: run one forward per policy at start-up before
-    ``/readyz`` answers 200.
+    ``/readyz`` answers 200. ``review``: an open review store: adds the ``/v1/review`` routes and the ``/review``
+    page (see the module's table); the caller opens and closes it.
 
     The Moderator's ``on_error`` decides undecodable images: ``"raise"`` answers 422, ``"flag"``/``"block"`` a
     fail-closed Decision. Its ``max_queue`` bounds the requests in flight, bodies being received included (the
@@ -515,13 +685,23 @@ def create_app(
         moderator.compiled(pol)
         loaded[pol.name] = pol
     settings = _Settings(moderator, loaded, None if token is None else _token_bytes(token), max_body_bytes,
-                         max_video_bytes, _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up, _Metrics(moderator))
-    app = Starlette(routes=[
+                         max_video_bytes, _BodyBudget(max_body_budget_bytes), timeout_s, retry_after_s, warm_up,
+                         _Metrics(moderator), review)
+    routes = [
         Route("/v1/check", _check, methods=["POST"]),
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", _readyz, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
-    ], lifespan=_lifespan)
+    ]
+    if review is not None:
+        routes += [
+            Route("/v1/review/next", _review_next, methods=["GET"]),
+            Route("/v1/review/{item_id:int}", _review_item, methods=["GET"]),
+            Route("/v1/review/{item_id:int}/thumbnail", _review_thumbnail, methods=["GET"]),
+            Route("/v1/review/{item_id:int}/verdict", _review_verdict, methods=["POST"]),
+            Route("/review", _review_page, methods=["GET"]),
+        ]
+    app = Starlette(routes=routes, lifespan=_lifespan)
     app.state.safeclip = settings
     app.state.metrics_registry = settings.metrics.registry
     Gauge("safeclip_body_bytes_held", "bytes of request bodies taken from the budget (being received or decided)",

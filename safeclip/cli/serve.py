@@ -3,11 +3,16 @@
 Needs the serve extra: ``pip install safeclip[serve]``. Binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM
 stops accepting connections, lets the requests in flight finish (at most ``--timeout-s`` more), and exits 0. The
 access log is one JSON line per request on stdout; uvicorn's own messages go to stderr.
+
+``--review STORE`` (a SQLite file, or a ``postgresql://`` URL) opens a review store at start-up, bound to the
+serving policy's name, and adds the ``/v1/review`` routes and the ``/review`` page; a store that cannot be opened
+stops the server before it listens.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -90,6 +95,10 @@ def register(subparsers: Any) -> None:
                    help="connections kept open at once; one more closes the one idle longest, and while every one "
                         "has a request in progress POST /v1/check gets 503 + Retry-After (the probes are still "
                         "answered) (default 1024, or less under a lower open-file limit: ulimit -n)")
+    p.add_argument("--review", metavar="STORE",
+                   help="serve the review queue of this store (a SQLite file, created if missing, or a "
+                        "postgresql://user@host/db URL): GET /v1/review/next, POST /v1/review/ID/verdict and the "
+                        "page /review, behind the same token as /v1/check")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -115,23 +124,41 @@ def read_token(token_file: Path | None) -> str | None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - checked here, used by _run
 
-        from ..server import create_app, uvicorn_protocol
+        from ..server import create_app
     except ImportError as e:
         raise ConfigError(f"safeclip serve needs the serve extra ({e.name} is not installed): "
                           "pip install 'safeclip[serve]'") from e
     from ..moderator import BatchingOptions, Moderator
+    from ..policy import load_policy
 
     token = read_token(args.token_file)
     policies = args.policy or []
-    moderator = Moderator(policy=policies[0] if policies else None, encoder=encoder_spec(args), on_error=args.on_error,
-                          batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
-    app = create_app(moderator, policies=policies or None, token=token,
-                     max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
-                     max_video_bytes=int(args.max_video_mb * 2**20),
-                     max_body_budget_bytes=None if args.max_body_budget_mb is None else
-                     int(args.max_body_budget_mb * 2**20))
+    serving = load_policy(policies[0] if policies else None)
+    with contextlib.ExitStack() as stack:
+        review = None
+        if args.review is not None:  # opened before the model loads: a store that cannot be used stops us at once
+            from ..review import open_store
+
+            # Seam for the review hook (served decisions sampled into the store at the policy's rates): this
+            # opened store, one per process, is what it is to be handed, beside create_app.
+            review = stack.enter_context(open_store(args.review, policy=serving.name))
+        moderator = Moderator(policy=serving, encoder=encoder_spec(args), on_error=args.on_error,
+                              batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
+        app = create_app(moderator, policies=policies or None, token=token,
+                         max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
+                         max_video_bytes=int(args.max_video_mb * 2**20),
+                         max_body_budget_bytes=None if args.max_body_budget_mb is None else
+                         int(args.max_body_budget_mb * 2**20), review=review)
+        return _run(app, args, token)
+
+
+def _run(app: Any, args: argparse.Namespace, token: str | None) -> int:
+    """Serve ``app`` under uvicorn until SIGTERM (drained) or a failure to listen."""
+    import uvicorn
+
+    from ..server import uvicorn_protocol
 
     access = logging.getLogger("safeclip.server.access")
     handler = logging.StreamHandler(sys.stdout)
