@@ -334,3 +334,37 @@ def test_serve_refuses_a_store_it_cannot_open_before_loading_the_model(tmp_path,
     assert "secret" not in line
     if kind == "corrupt sqlite":
         assert bad.read_bytes() == b"this is not a review store\n" * 100
+
+
+def test_serve_review_writes_the_served_decisions_in_the_policy_sample_to_the_store(tiny_model, cache_dir,
+                                                                                   tmp_path, photos):
+    """``safeclip serve --review``: an upload flagged by a policy whose flag threshold is 0 (flags everything, known
+    by construction) is in the store once the server has drained, with origin ``serve``."""
+    import signal
+
+    from test_server import _start_serve
+
+    policy = tmp_path / "flag-all.yaml"
+    policy.write_text('name: flag-all\nversion: "1"\nscoring: {logit_scale: 100.0, templates: ["a photo of {}."], '
+                      'neutral: ["a landscape"]}\ncategories:\n  test_cat:\n    prompts: ["a red ball"]\n'
+                      '    contrast: ["a blue cube"]\n    thresholds: {flag: 0.0, block: null}\n')
+    db = tmp_path / "served.db"
+    env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache_dir), "SAFECLIP_DEVICE": "cpu", "SAFECLIP_SERVE_TOKEN": "t"}
+    proc, port = _start_serve(["--model", tiny_model, "--policy", str(policy), "--review", str(db),
+                               "--review-spool", str(tmp_path / "spool.jsonl")], env)
+    try:
+        body = photos[0].read_bytes()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/check", content=body, headers={"Authorization": "Bearer t"},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["action"] == "flag"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open_store(db) as store:
+        items = list(store.items())
+    assert len(items) == 1, [(i.id, i.sha256, i.origin, i.source) for i in items]
+    (item,) = items
+    assert (item.sha256, item.origin, item.action, item.policy) == (r.json()["sha256"], "serve", "flag", "flag-all@1")
+    assert item.has_embedding and item.has_thumbnail

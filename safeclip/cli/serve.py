@@ -6,7 +6,9 @@ access log is one JSON line per request on stdout; uvicorn's own messages go to 
 
 ``--review STORE`` (a SQLite file, or a ``postgresql://`` URL) opens a review store at start-up, bound to the
 serving policy's name, and adds the ``/v1/review`` routes and the ``/review`` page; a store that cannot be opened
-stops the server before it listens.
+stops the server before it listens. The decisions it serves that fall in the policy's review sample are written there
+(:class:`~safeclip.review.ReviewQueue`, origin ``serve``); ``--review-spool FILE`` keeps what the store cannot take
+until it can.
 """
 
 from __future__ import annotations
@@ -98,7 +100,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--review", metavar="STORE",
                    help="serve the review queue of this store (a SQLite file, created if missing, or a "
                         "postgresql://user@host/db URL): GET /v1/review/next, POST /v1/review/ID/verdict and the "
-                        "page /review, behind the same token as /v1/check")
+                        "page /review, behind the same token as /v1/check; the served decisions in the policy's "
+                        "review sample (review: {sample: ...}) are written there")
+    p.add_argument("--review-spool", metavar="FILE",
+                   help="with --review: keep here what the store cannot take (down, locked) and write it there "
+                        "once it can; without it such items are logged and lost, never a failed request")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=_cmd_serve)
 
@@ -138,14 +144,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serving = load_policy(policies[0] if policies else None)
     with contextlib.ExitStack() as stack:
         review = None
+        queue = None
         if args.review is not None:  # opened before the model loads: a store that cannot be used stops us at once
-            from ..review import open_store
+            from ..review import ReviewQueue, open_store
 
-            # Seam for the review hook (served decisions sampled into the store at the policy's rates): this
-            # opened store, one per process, is what it is to be handed, beside create_app.
             review = stack.enter_context(open_store(args.review, policy=serving.name))
+            # Served decisions in the policy's sample go to the same store (flushed before it closes, on exit).
+            queue = ReviewQueue(review, origin="serve", spool=args.review_spool)
+            stack.callback(queue.close)
+        elif args.review_spool is not None:
+            raise ConfigError("--review-spool keeps what --review STORE could not take: give --review too")
         moderator = Moderator(policy=serving, encoder=encoder_spec(args), on_error=args.on_error,
-                              batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue))
+                              batching=BatchingOptions(args.max_batch, args.max_wait_ms, args.max_queue),
+                              review=queue)
         app = create_app(moderator, policies=policies or None, token=token,
                          max_body_bytes=int(args.max_body_mb * 2**20), timeout_s=args.timeout_s,
                          max_video_bytes=int(args.max_video_mb * 2**20),
