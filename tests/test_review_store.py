@@ -428,6 +428,20 @@ def test_postgres_location_never_shows_the_password() -> None:
             assert "hunter2" not in repr(store)
 
 
+def test_a_lost_connection_fails_loudly_then_reconnects() -> None:
+    with _fresh_schema() as location:
+        name = f"victim_{uuid.uuid4().hex[:8]}"
+        with open_store(f"{location}&application_name={name}") as store:
+            [iid] = added(store, [item(1)])
+            raw(location, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ?", (name,))
+            with pytest.raises(ReviewStoreUnavailableError, match="connection was lost") as e:
+                store.verdict(iid, "flag", reviewer="alice")
+            one_line(e)
+            assert store.get(iid).verdicts == ()  # nothing was written; the next call connected again
+            store.verdict(iid, "flag", reviewer="alice")
+            assert len(store.get(iid).verdicts) == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -446,6 +460,15 @@ def test_unreachable_postgres_is_unavailable_quickly() -> None:
         port = silent.getsockname()[1]
         with pytest.raises(ReviewStoreUnavailableError, match="cannot be reached"):
             open_store(f"postgresql://postgres@127.0.0.1:{port}/db?connect_timeout=1")
+
+
+@pytest.mark.parametrize("url", ["postgresql://postgres:hun%zzter2@127.0.0.1:1/db",
+                                 "postgresql://postgres@127.0.0.1:1/db?password=hun%zzter2&sslmode=disable"])
+def test_a_password_is_masked_even_where_libpq_quotes_it(url: str) -> None:
+    _psycopg()
+    with pytest.raises(ReviewError, match="percent-encoded") as e:  # libpq quotes the token it could not decode
+        open_store(url)
+    assert "hun" not in one_line(e) and "***" in one_line(e)
 
 
 def test_postgres_without_psycopg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
