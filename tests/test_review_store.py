@@ -172,6 +172,8 @@ def test_add_is_idempotent_by_sha256_and_policy_version(location: str) -> None:
         assert store.get(first[0]).action == "flag"  # nothing changed
         newer = store.add([item(1, policy="default@1.1")])  # the same content under a new policy version
         assert newer[0] is not None and len(list(store.items())) == 3
+        later = added(store, [item(9), item(3), item(5)])  # ids follow the order given, not the keys'
+        assert later == sorted(later) and [int(i.sha256, 16) for i in store.items(after_id=later[0] - 1)] == [9, 3, 5]
 
 
 def test_items_of_another_policy_are_refused(location: str) -> None:

@@ -8,6 +8,7 @@ shown: :func:`redact` gives what ``location`` and every message say.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -150,6 +151,13 @@ class PostgresDialect:
     def migration_lock(self, tx: Tx) -> None:
         """One migrating process per schema at a time (concurrent CREATE TABLEs would collide)."""
         tx.rows("SELECT pg_advisory_xact_lock(hashtext('safeclip.review:' || coalesce(current_schema(), '')))")
+
+    def lock_keys(self, tx: Tx, keys: Sequence[str]) -> None:
+        """Lock the items' keys in one order for every writer before inserting them in the order given: two
+        transactions adding overlapping items never wait on each other in a cycle."""
+        for k in sorted({int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+                         for key in keys}):
+            tx.rows("SELECT pg_advisory_xact_lock(?)", (k,))
 
     def tables(self, tx: Tx) -> set[str]:
         return {str(r[0]) for r in tx.rows(
