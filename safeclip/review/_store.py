@@ -77,11 +77,11 @@ class ReviewStore:
         if META not in tables:
             if tables:
                 shown = ", ".join(sorted(tables)[:5])
-                raise ReviewError(f"review store {self.location} is not a review store (it holds other tables: "
-                                  f"{shown}): give a new file, or an empty database or schema")
+                raise ReviewError(f"{self.location} is not a review store (it holds other tables: {shown}): give "
+                                  f"a new file, or an empty database or schema")
             if not create:
-                raise ReviewError(f"review store {self.location} holds no review store yet: create it "
-                                  f"(create=True), or give the right location")
+                raise ReviewError(f"there is no review store at {self.location} yet: create it (create=True), or "
+                                  f"give the right location")
             return 0, None, ""
         rows = tx.rows(f"SELECT schema_version, policy_name, store_id FROM {META}")
         if len(rows) != 1 or type(rows[0][0]) is not int or rows[0][0] < 1:
