@@ -8,11 +8,12 @@ shown: :func:`redact` gives what ``location`` and every message say.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ReviewError, ReviewStoreUnavailableError
 from ._schema import Tx
@@ -20,7 +21,7 @@ from ._schema import Tx
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["PostgresDialect", "is_postgres_url", "redact"]
+__all__ = ["PostgresDialect", "is_postgres_url", "passwords", "redact"]
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10  # unless the URL says (connect_timeout=N)
@@ -43,8 +44,15 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def _one_line(e: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+def passwords(url: str) -> list[str]:
+    """The passwords in ``url``, as written and decoded (libpq's messages may quote either)."""
+    parts = urlsplit(url)
+    found = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in _SECRET_KEYS]
+    found += [v for k, v in (p.split("=", 1) for p in parts.query.split("&") if "=" in p) if k in _SECRET_KEYS]
+    user = parts.netloc.rpartition("@")[0]
+    if ":" in user:
+        found += [user.partition(":")[2], unquote(user.partition(":")[2])]
+    return sorted({f for f in found if f}, key=len, reverse=True)
 
 
 class _PgTx:
@@ -67,6 +75,7 @@ class PostgresDialect:
     def __init__(self, url: str):
         self._url = url
         self.location = redact(url)
+        self._secrets = passwords(url)
         try:
             import psycopg
         except ImportError as e:
@@ -78,6 +87,13 @@ class PostgresDialect:
         self._con: psycopg.Connection[Any] | None = None
         self._connect()
 
+    def _one_line(self, e: BaseException) -> str:
+        """``e``'s message on one line, any password in it masked."""
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        for secret in self._secrets:
+            msg = msg.replace(secret, "***")
+        return msg
+
     def _connect(self) -> psycopg.Connection[Any]:
         psycopg = self._psycopg
         given = {k for k, _ in parse_qsl(urlsplit(self._url).query)}
@@ -86,16 +102,17 @@ class PostgresDialect:
             self._con = psycopg.connect(self._url, autocommit=True, **extra)
         except psycopg.OperationalError as e:
             raise ReviewStoreUnavailableError(
-                f"review store {self.location} cannot be reached ({_one_line(e)}): start PostgreSQL, or fix the "
+                f"review store {self.location} cannot be reached ({self._one_line(e)}): start PostgreSQL, or fix the "
                 f"URL") from e
         except psycopg.Error as e:
-            raise ReviewError(f"review store {self.location} cannot be opened ({_one_line(e)}): fix the URL") from e
+            raise ReviewError(f"review store {self.location} cannot be opened ({self._one_line(e)}): fix the "
+                              f"URL") from e
         return self._con
 
     def error(self, e: Exception) -> ReviewError:
         """``e`` (a psycopg error) as one line naming the store and the fix."""
         psycopg = self._psycopg
-        msg = _one_line(e)
+        msg = self._one_line(e)
         state = getattr(e, "sqlstate", None) or ""
         con = self._con
         if con is None or con.broken or con.closed or state.startswith(("08", "57P")):
@@ -134,6 +151,13 @@ class PostgresDialect:
     def migration_lock(self, tx: Tx) -> None:
         """One migrating process per schema at a time (concurrent CREATE TABLEs would collide)."""
         tx.rows("SELECT pg_advisory_xact_lock(hashtext('safeclip.review:' || coalesce(current_schema(), '')))")
+
+    def lock_keys(self, tx: Tx, keys: Sequence[str]) -> None:
+        """Lock the items' keys in one order for every writer before inserting them in the order given: two
+        transactions adding overlapping items never wait on each other in a cycle."""
+        for k in sorted({int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+                         for key in keys}):
+            tx.rows("SELECT pg_advisory_xact_lock(?)", (k,))
 
     def tables(self, tx: Tx) -> set[str]:
         return {str(r[0]) for r in tx.rows(

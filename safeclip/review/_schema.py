@@ -24,6 +24,9 @@ Indexes: ``items_queue`` (``id`` of the items without a verdict: ``next``), ``it
 those: a reviewer's own lease first), ``items_strata`` (``policy, action, n_verdicts``: the strata counts),
 ``verdicts_item`` (``item_id``).
 
+On PostgreSQL the tables live in the first schema of the connection's ``search_path``; a store refuses a database
+(or schema) that holds other tables, as SQLite refuses a file that does.
+
 A migration is applied in one transaction with its record (a row of ``safeclip_review_migrations`` and
 ``schema_version``), so it runs once however many processes open the store at the same time.
 """
@@ -127,6 +130,8 @@ class Dialect(Protocol):
     def run(self, fn: Callable[[Tx], T], *, write: bool) -> T: ...
 
     def migration_lock(self, tx: Tx) -> None: ...
+
+    def lock_keys(self, tx: Tx, keys: Sequence[str]) -> None: ...
 
     def tables(self, tx: Tx) -> set[str]: ...
 

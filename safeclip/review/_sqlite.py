@@ -101,6 +101,9 @@ class SQLiteDialect:
     def migration_lock(self, tx: Tx) -> None:
         """Nothing to do: a write transaction holds the whole database."""
 
+    def lock_keys(self, tx: Tx, keys: Sequence[str]) -> None:
+        """Nothing to do: a write transaction holds the whole database."""
+
     def tables(self, tx: Tx) -> set[str]:
         return {str(r[0]) for r in tx.rows("SELECT name FROM sqlite_master WHERE type = 'table' "
                                            "AND name NOT LIKE 'sqlite!_%' ESCAPE '!'")}

@@ -77,11 +77,11 @@ class ReviewStore:
         if META not in tables:
             if tables:
                 shown = ", ".join(sorted(tables)[:5])
-                raise ReviewError(f"review store {self.location} is not a review store (it holds other tables: "
-                                  f"{shown}): give a new file, or an empty database or schema")
+                raise ReviewError(f"{self.location} is not a review store (it holds other tables: {shown}): give "
+                                  f"a new file, or an empty database or schema")
             if not create:
-                raise ReviewError(f"review store {self.location} holds no review store yet: create it "
-                                  f"(create=True), or give the right location")
+                raise ReviewError(f"there is no review store at {self.location} yet: create it (create=True), or "
+                                  f"give the right location")
             return 0, None, ""
         rows = tx.rows(f"SELECT schema_version, policy_name, store_id FROM {META}")
         if len(rows) != 1 or type(rows[0][0]) is not int or rows[0][0] < 1:
@@ -187,21 +187,18 @@ class ReviewStore:
                               f"one add: a store holds one policy's items; add each policy's to its own store")
         name = names[0]
         self._check_policy(name)
-        # One order for every writer: two PostgreSQL transactions inserting the same keys never wait on each other
-        # in a cycle. The first of duplicates within the call gets the id.
-        order = sorted(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1], i))
-
         def write(tx: Tx) -> list[int | None]:
             if self.policy_name is None:  # bind an unbound store, unless another process bound it first
                 tx.run(f"UPDATE {META} SET policy_name = ? WHERE id = 1 AND policy_name IS NULL", (name,))
                 bound = tx.rows(f"SELECT policy_name FROM {META}")[0][0]
                 if bound != name:
                     self._check_policy(name, bound)
-            ids: list[int | None] = [None] * len(rows)
+            self._d.lock_keys(tx, [f"{r[0]}\0{r[1]}" for r in rows])
             now = time.time()
-            for i in order:
-                got = tx.rows(_INSERT, (*rows[i], now))
-                ids[i] = int(got[0][0]) if got else None
+            ids: list[int | None] = []
+            for row in rows:  # in the order given: ids follow it (the first of duplicates gets one)
+                got = tx.rows(_INSERT, (*row, now))
+                ids.append(int(got[0][0]) if got else None)
             return ids
 
         ids = self._d.run(write, write=True)
