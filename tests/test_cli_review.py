@@ -8,25 +8,15 @@ import json
 
 import numpy as np
 import pytest
+from audit_helpers import ALL_FLAG_POLICY
 
 from safeclip import Moderator
 from safeclip.banks import Bank
 from safeclip.cli import main as cli_main
 from safeclip.review import NewItem, open_store, write_spool
 
-POLICY = """
-name: review-cli
-version: "1"
-scoring:
-  logit_scale: 100.0
-  templates: ["a photo of {}."]
-  neutral: ["a landscape"]
-categories:
-  test_cat:
-    prompts: ["a red ball"]
-    contrast: ["a blue cube"]
-    thresholds: {flag: 0.0, block: null}
-    banks:
+# Flags everything (threshold 0), with an allow bank the review loop can add to.
+POLICY = ALL_FLAG_POLICY.replace("name: all-flag", "name: review-cli") + """    banks:
       - path: allowed
         effect: allow
         min_similarity: 0.9999

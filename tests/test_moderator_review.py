@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import pytest
+from audit_helpers import ALL_FLAG_POLICY
 from conftest import encode_clip
 from PIL import Image
 
@@ -18,26 +19,11 @@ from safeclip import Moderator
 from safeclip.errors import ReviewError, ReviewStoreUnavailableError
 from safeclip.review import ReviewQueue, in_sample, open_store
 
-POLICY = """
-name: review-test
-version: "1"
-scoring:
-  logit_scale: 100.0
-  templates: ["a photo of {{}}."]
-  neutral: ["a landscape"]
-categories:
-  test_cat:
-    prompts: ["a red ball"]
-    contrast: ["a blue cube"]
-    thresholds: {{flag: {flag}, block: null}}
-review:
-  sample: {{block: 1.0, flag: 1.0, allow: {allow}}}
-"""
-
 
 def _policy(tmp_path, *, flag: str, allow: float) -> str:
     p = tmp_path / f"policy-{flag}-{allow}.yaml"
-    p.write_text(POLICY.format(flag=flag, allow=allow))
+    p.write_text(ALL_FLAG_POLICY.replace("name: all-flag", "name: review-test").replace("flag: 0.0", f"flag: {flag}")
+                 + f"review:\n  sample: {{block: 1.0, flag: 1.0, allow: {allow}}}\n")
     return str(p)
 
 

@@ -11,14 +11,9 @@ here is a moderation result. Every wait is bounded; the browser and the server a
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -26,6 +21,7 @@ pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from safeclip.review import open_store  # noqa: E402
+from test_server import _start_serve  # noqa: E402
 from test_server_review import fill  # noqa: E402
 
 TOKEN = "page-token-93d1-\u00fc"  # not ASCII: sent as its UTF-8 bytes
@@ -74,32 +70,6 @@ def driver(monkeypatch):
         d.quit()
 
 
-def start_serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """``safeclip serve`` on a free loopback port; its port once uvicorn says it listens (bounded wait)."""
-    proc = subprocess.Popen([sys.executable, "-m", "safeclip", "serve", "--host", "127.0.0.1", "--port", "0", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    port: list[int] = []
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            m = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                port.append(int(m.group(1)))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not port:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait(10)
-            pytest.fail("safeclip serve did not start:\n" + "".join(lines[-30:]))
-        time.sleep(0.1)
-    return proc, port[0]
-
-
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -121,7 +91,7 @@ def test_a_reviewer_clicks_through_the_queue_in_headless_chromium(driver, tiny_m
     (tmp_path / "token").write_text(TOKEN + "\n")
     env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache_dir), "SAFECLIP_DEVICE": "cpu"}
     env.pop("SAFECLIP_SERVE_TOKEN", None)
-    proc, port = start_serve(["--model", tiny_model, "--policy", "default", "--token-file", str(tmp_path / "token"),
+    proc, port = _start_serve(["--model", tiny_model, "--policy", "default", "--token-file", str(tmp_path / "token"),
                               "--review", str(db)], env)
     try:
         wait = WebDriverWait(driver, WAIT_S)

@@ -342,12 +342,11 @@ def test_serve_review_writes_the_served_decisions_in_the_policy_sample_to_the_st
     by construction) is in the store once the server has drained, with origin ``serve``."""
     import signal
 
+    from audit_helpers import ALL_FLAG_POLICY
     from test_server import _start_serve
 
     policy = tmp_path / "flag-all.yaml"
-    policy.write_text('name: flag-all\nversion: "1"\nscoring: {logit_scale: 100.0, templates: ["a photo of {}."], '
-                      'neutral: ["a landscape"]}\ncategories:\n  test_cat:\n    prompts: ["a red ball"]\n'
-                      '    contrast: ["a blue cube"]\n    thresholds: {flag: 0.0, block: null}\n')
+    policy.write_text(ALL_FLAG_POLICY)
     db = tmp_path / "served.db"
     env = {**os.environ, "SAFECLIP_CACHE_DIR": str(cache_dir), "SAFECLIP_DEVICE": "cpu", "SAFECLIP_SERVE_TOKEN": "t"}
     proc, port = _start_serve(["--model", tiny_model, "--policy", str(policy), "--review", str(db),
@@ -366,5 +365,5 @@ def test_serve_review_writes_the_served_decisions_in_the_policy_sample_to_the_st
         items = list(store.items())
     assert len(items) == 1, [(i.id, i.sha256, i.origin, i.source) for i in items]
     (item,) = items
-    assert (item.sha256, item.origin, item.action, item.policy) == (r.json()["sha256"], "serve", "flag", "flag-all@1")
+    assert (item.sha256, item.origin, item.action, item.policy) == (r.json()["sha256"], "serve", "flag", "all-flag@1")
     assert item.has_embedding and item.has_thumbnail
