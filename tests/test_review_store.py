@@ -577,3 +577,22 @@ def test_eight_processes_lose_no_item_no_verdict_and_share_no_claim(location: st
         assert len(claims) == len(set(claims))
         assert {by_index[i] for i in range(8 + 2 * workers, n)} <= set(claims)
         assert store.next("anyone") is None and store.strata()[0].reviewed == n
+
+
+def test_a_forked_child_gets_its_own_connection_and_the_parents_keeps_working(location: str) -> None:
+    """A forking server (gunicorn's pre-fork, multiprocessing's fork) inherits an open store: the child must not use
+    the parent's connection (SQLite's and libpq's do not cross fork), nor close it under the parent."""
+    with open_store(location, policy="default") as store:
+        added(store, [item(1)])
+        pid = os.fork()
+        if pid == 0:  # the child: writes through the inherited store object and closes it
+            code = 1
+            try:
+                code = 0 if added(store, [item(2)]) else 1
+                store.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        added(store, [item(3)])  # the parent's connection still works
+        assert sorted(i.sha256 for i in store.items()) == [f"{i:064x}" for i in (1, 2, 3)]

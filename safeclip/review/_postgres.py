@@ -9,6 +9,7 @@ shown: :func:`redact` gives what ``location`` and every message say.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -85,6 +86,8 @@ class PostgresDialect:
         self._lock = threading.RLock()
         self._closed = False
         self._con: psycopg.Connection[Any] | None = None
+        self._pid = os.getpid()
+        self._inherited: list[Any] = []
         self._connect()
 
     def _one_line(self, e: BaseException) -> str:
@@ -130,6 +133,7 @@ class PostgresDialect:
         """``fn`` in one transaction, retried when PostgreSQL aborts it as a deadlock or serialization failure;
         committed when it returns, rolled back when it raises."""
         psycopg = self._psycopg
+        self._after_fork()
         with self._lock:
             for attempt in range(RETRIES):
                 con = self._con
@@ -164,7 +168,15 @@ class PostgresDialect:
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')")}
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's connection (its socket) is kept, unused and unclosed (closing it would end
+        the parent's session); the child connects anew on its next call."""
+        if self._pid != os.getpid():
+            self._inherited.append(self._con)
+            self._con, self._lock, self._pid = None, threading.RLock(), os.getpid()
+
     def close(self) -> None:
+        self._after_fork()
         with self._lock:
             self._closed = True
             if self._con is not None:

@@ -7,6 +7,7 @@ which SQLite refuses without waiting), and wait for another process's up to the 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -49,9 +50,16 @@ class SQLiteDialect:
         if not create and not path.exists():
             raise ReviewError(f"review store {path} does not exist: give an existing store, or let it be created "
                               f"(create=True)")
+        self._path = path
+        self._inherited: list[sqlite3.Connection] = []
+        self._con: sqlite3.Connection | None = None
+        self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        self._pid = os.getpid()
         try:
-            self._con: sqlite3.Connection | None = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            self._con = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                        check_same_thread=False)
         except sqlite3.Error as e:
             raise self.error(e) from e
         try:
@@ -60,6 +68,7 @@ class SQLiteDialect:
         except sqlite3.Error as e:
             self.close()
             raise self.error(e) from e
+        return self._con
 
     def error(self, e: sqlite3.Error) -> ReviewError:
         """``e`` as one line naming the store and the fix."""
@@ -80,6 +89,7 @@ class SQLiteDialect:
     def run(self, fn: Callable[[Tx], T], *, write: bool) -> T:
         """``fn`` in one transaction (``write``: holding the database's write lock); committed when it returns,
         rolled back when it raises."""
+        self._after_fork()
         with self._lock:
             con = self._con
             if con is None:
@@ -108,7 +118,16 @@ class SQLiteDialect:
         return {str(r[0]) for r in tx.rows("SELECT name FROM sqlite_master WHERE type = 'table' "
                                            "AND name NOT LIKE 'sqlite!_%' ESCAPE '!'")}
 
+    def _after_fork(self) -> None:
+        """In a forked child: a connection of its own (SQLite connections do not cross fork); the parent's is kept,
+        unused and unclosed: it is not the child's to close."""
+        if self._pid != os.getpid() and self._con is not None:
+            self._inherited.append(self._con)
+            self._lock = threading.RLock()
+            self._connect()
+
     def close(self) -> None:
+        self._after_fork()
         with self._lock:
             if self._con is not None:
                 with contextlib.suppress(sqlite3.Error):
