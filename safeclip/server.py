@@ -14,7 +14,8 @@ pydantic, and it has a handful of routes.
                     read), 504 no answer within the request timeout.
 ``GET /healthz``    200 while the process is alive.
 ``GET /readyz``     200 once the model is loaded and has run a warm-up forward under every policy, else 503.
-``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth (token-protected).
+``GET /metrics``    Prometheus text: requests by outcome, latency, batch sizes, queue depth, the review hook's counts
+                   (token-protected).
 =================  =============================================================================================
 
 With a review store (``create_app(review=...)``, ``safeclip serve --review STORE``), reviewers' routes too; each
@@ -135,6 +136,13 @@ class _Metrics:
             ["reason"], registry=self.registry)
         for reason in ("header_timeout", "evicted"):
             self.connections_closed.labels(reason)
+        queue = moderator.review
+        if queue is not None:  # the review hook: a store that fails shows here, never as a failed request
+            review = Gauge("safeclip_review_items", "decisions the review hook handled since start, by state: sampled, "
+                           "written (duplicates among them), failed (lost), spooled, replayed, dropped, pending",
+                           ["state"], registry=self.registry)
+            for state in ("sampled", "written", "duplicates", "failed", "spooled", "replayed", "dropped", "pending"):
+                review.labels(state).set_function(lambda state=state: getattr(queue.stats, state))
         moderator.batcher.add_observer(self._batch)
 
     def _batch(self, n_requests: int, n_frames: int, seconds: float) -> None:

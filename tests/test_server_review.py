@@ -367,3 +367,28 @@ def test_serve_review_writes_the_served_decisions_in_the_policy_sample_to_the_st
     (item,) = items
     assert (item.sha256, item.origin, item.action, item.policy) == (r.json()["sha256"], "serve", "flag", "all-flag@1")
     assert item.has_embedding and item.has_thumbnail
+
+
+def test_metrics_show_what_the_review_hook_could_not_write(tiny_model, cache_dir, tmp_path, photos, monkeypatch):
+    """A store that fails shows on /metrics (and in the log), never as a failed /v1/check."""
+    from audit_helpers import ALL_FLAG_POLICY
+
+    from safeclip.review import ReviewQueue
+
+    policy = tmp_path / "all-flag.yaml"
+    policy.write_text(ALL_FLAG_POLICY)
+    with open_store(tmp_path / "r.db", policy="all-flag") as s:
+        queue = ReviewQueue(s)
+        m = Moderator(str(policy), model=tiny_model, device="cpu", cache_dir=cache_dir, review=queue)
+        monkeypatch.setattr(s, "add", lambda items: (_ for _ in ()).throw(ReviewStoreUnavailableError("down")))
+        c = Client(create_app(m, token=TOKEN, warm_up=False, review=s))
+        try:
+            r = c.post("/v1/check", headers=AUTH, content=photos[0].read_bytes())
+            assert r.status_code == 200 and r.json()["action"] == "flag"
+            assert queue.flush()
+            text = c.get("/metrics", headers=AUTH).text
+        finally:
+            c.close()
+    assert 'safeclip_review_items{state="sampled"} 1.0' in text
+    assert 'safeclip_review_items{state="failed"} 1.0' in text
+    assert 'safeclip_review_items{state="written"} 0.0' in text
