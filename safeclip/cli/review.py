@@ -114,7 +114,8 @@ def _describe(item: ReviewItem) -> str:
              f"{item.probability:g}, {_when(item.created_at)} UTC)"),
              f"  source: {json.dumps(item.source)}  sha256: {item.sha256}"]
     for name, c in (item.decision.get("categories") or {}).items():
-        lines.append(f"  {name}: p={c.get('probability')} (flag {c.get('flag')}, block {c.get('block')})")
+        lines.append(f"  {name}: {c.get('action')}, p={c.get('probability')} (flag at {c.get('flag_threshold')}, "
+                     f"block at {c.get('block_threshold')})")
     for r in item.decision.get("reasons") or []:
         lines.append(f"  reason: {r}")
     for v in item.verdicts:
