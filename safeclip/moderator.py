@@ -370,23 +370,25 @@ class Moderator:
         return Explanation(decision, MappingProxyType(nearest), MappingProxyType(lines), int(verdicts.view[0]))
 
     # ------------------------------------------------------------------------------------ requests
-    def check(self, image: Any, *, policy: Any = None, early_stop: bool | None = None) -> Decision:
+    def check(self, image: Any, *, policy: Any = None, early_stop: bool | None = None, review: bool = True) -> Decision:
         """Moderate one image or video (path, bytes, file object, PIL image or numpy array).
 
         Decodes in the calling thread; the forward of a still is shared with the other requests in flight. A video is
         decoded in chunks of sampled frames, one forward each; ``early_stop`` (default: the Moderator's, True) stops
         at the first chunk after which it is ``block``. Its Decision has ``segments`` (runs of frames at or above a
-        category's ``flag``, with times), ``frames_scored`` and ``sampling``.
+        category's ``flag``, with times), ``frames_scored`` and ``sampling``. ``review=False`` keeps this one
+        decision out of the review queue (a warm-up, a synthetic probe: not a decision on real content).
 
         >>> d = moderator.check("clip.mp4")                                              # doctest: +SKIP
         >>> d.action, [(s.category, s.start_s, s.end_s) for s in d.segments]             # doctest: +SKIP
         ('flag', [('violence', 12.0, 15.0)])
         """
         with self.batcher.admit() as ticket:
-            prepared = self._prepare_request(image, policy, ticket, early_stop)
+            prepared = self._prepare_request(image, policy, ticket, early_stop, review)
             return prepared if isinstance(prepared, Decision) else prepared.result()
 
-    async def check_async(self, image: Any, *, policy: Any = None, ticket: Ticket | None = None) -> Decision:
+    async def check_async(self, image: Any, *, policy: Any = None, ticket: Ticket | None = None,
+                          review: bool = True) -> Decision:
         """:meth:`check` for asyncio code: decoding and the forward run in threads, never in the event loop.
 
         Cancelling the call (a timeout, a client gone) drops the request if it has not reached a forward yet.
@@ -398,7 +400,7 @@ class Moderator:
         ticket = self.admit() if ticket is None else ticket
         try:
             prepared = await asyncio.wrap_future(self._decode_pool().submit(self._prepare_request, image, policy,
-                                                                            ticket))
+                                                                            ticket, None, review))
             return prepared if isinstance(prepared, Decision) else await asyncio.wrap_future(prepared)
         except asyncio.CancelledError:
             ticket.cancel()
@@ -435,8 +437,8 @@ class Moderator:
                 self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="safeclip-decode")
             return self._pool
 
-    def _prepare_request(self, image: Any, policy: Any, ticket: Ticket,
-                         early_stop: bool | None = None) -> Decision | Future[Decision]:
+    def _prepare_request(self, image: Any, policy: Any, ticket: Ticket, early_stop: bool | None = None,
+                         review: bool = True) -> Decision | Future[Decision]:
         """Decode one request and queue it for a forward; an input that cannot be decoded is decided here, and so is
         a video (chunk by chunk, :meth:`_check_clip`)."""
         if ticket.cancelled:  # the caller gave up while this waited for a decode thread: decode nothing
@@ -449,15 +451,15 @@ class Moderator:
         if isinstance(first, DecodeError):
             return self._offer(comp, error_decision(self.on_error, str(first), policy=comp.policy,
                                                     encoder_id=self.encoder_id,
-                                                    source=first.source or _source_name(image)))
+                                                    source=first.source or _source_name(image)), send=review)
         if first is None:
             raise DecodeError("the decoder gave no frames", _source_name(image))
         if first.timestamps:
-            return self._check_clip(comp, [first], chunks, image, early_stop)
+            return self._check_clip(comp, [first], chunks, image, early_stop, review)
         more = self._next_chunk(chunks)  # a still is one chunk; anything more is decided with it, never dropped
         if more is None:
-            return self.batcher.submit(ticket, (comp, first), len(first.pixels))
-        return self._check_clip(comp, [first, more], chunks, image, early_stop)
+            return self.batcher.submit(ticket, (comp, first, review), len(first.pixels))
+        return self._check_clip(comp, [first, more], chunks, image, early_stop, review)
 
     def _next_chunk(self, chunks: Iterator[Prepared]) -> Prepared | DecodeError | None:
         """The next chunk of ``chunks``, ``None`` at the end, or the DecodeError (raised when ``on_error="raise"``)."""
@@ -469,12 +471,12 @@ class Moderator:
             return e
 
     def _check_clip(self, comp: CompiledPolicy, head: list[Prepared | DecodeError], rest: Iterator[Prepared],
-                    image: Any, early_stop: bool | None) -> Decision:
+                    image: Any, early_stop: bool | None, review: bool = True) -> Decision:
         """A video's Decision: each chunk embedded in one forward, the frames so far decided after each; stops at
         the first ``block`` when ``early_stop`` (and as many frames as any category's ``min_frames`` were seen)."""
         stop = self.early_stop if early_stop is None else early_stop
         need = max((c.min_frames for c in comp.policy.categories), default=1)
-        clip = _Clip(keep_pixels=self.review is not None)
+        clip = _Clip(keep_pixels=self.review is not None and review)
         failed: DecodeError | None = None
         stopped = False
         pending: Iterator[Prepared | DecodeError | None] = iter(head)
@@ -501,7 +503,7 @@ class Moderator:
             assert failed is not None
             return self._offer(comp, error_decision(self.on_error, str(failed), policy=comp.policy,
                                                     encoder_id=self.encoder_id,
-                                                    source=failed.source or _source_name(image)))
+                                                    source=failed.source or _source_name(image)), send=review)
         views = clip.views()
         verdicts = comp.decide(views, evidence=True)
         prepared = clip.prepared()
@@ -511,7 +513,8 @@ class Moderator:
         if failed is not None:
             decided = self._incomplete(comp, decided, failed, clip)
         row = int(verdicts.rows[0])
-        return self._offer(comp, decided, views.embeddings[row], prepared.pixels[row] if len(prepared.pixels) else None)
+        return self._offer(comp, decided, views.embeddings[row],
+                           prepared.pixels[row] if len(prepared.pixels) else None, send=review)
 
     def _incomplete(self, comp: CompiledPolicy, decided: Decision, failed: DecodeError, clip: _Clip) -> Decision:
         """A clip whose later frames could not be decoded: never allowed on the frames that did decode."""
@@ -526,12 +529,12 @@ class Moderator:
         action = ACTIONS[max(worst, ACTIONS.index(self.on_error))]
         return error_decision(action, why, policy=comp.policy, encoder_id=self.encoder_id, source=decided.source)
 
-    def _embed_and_decide(self, items: list[tuple[CompiledPolicy, Prepared]]) -> list[Decision | DataError]:
+    def _embed_and_decide(self, items: list[tuple[CompiledPolicy, Prepared, bool]]) -> list[Decision | DataError]:
         """The micro-batcher's batch: one forward for every request, then each decided alone, under its policy."""
-        emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p in items]))
+        emb = self.encoder.embed_pixels(np.concatenate([p.pixels for _, p, _ in items]))
         out, row = [], 0
-        for comp, p in items:
-            out.extend(self._decide_embedded(comp, emb[row:row + len(p.pixels)], [p]))
+        for comp, p, review in items:
+            out.extend(self._decide_embedded(comp, emb[row:row + len(p.pixels)], [p], review=review))
             row += len(p.pixels)
         return out
 
@@ -608,13 +611,14 @@ class Moderator:
             views = views.with_times([p.timestamps for p in prepared])
         return views
 
-    def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray,
-                         prepared: list[Prepared]) -> list[Decision | DataError]:
+    def _decide_embedded(self, comp: CompiledPolicy, emb: np.ndarray, prepared: list[Prepared],
+                         review: bool = True) -> list[Decision | DataError]:
         """Decide the embeddings of ``prepared`` (their views' rows, in order). An input the decision object could
-        not score fails alone, never its neighbours (see :meth:`_decision`)."""
+        not score fails alone, never its neighbours (see :meth:`_decision`). ``review``: offer the Decisions to the
+        review queue."""
         verdicts = comp.decide(self._views(emb, prepared), evidence=True)
         out = [self._decision(comp, verdicts, i, p) for i, p in enumerate(prepared)]
-        if self.review is not None:
+        if self.review is not None and review:
             for i, (d, p) in enumerate(zip(out, prepared)):
                 if isinstance(d, Decision):
                     view = int(verdicts.view[i])
@@ -622,9 +626,10 @@ class Moderator:
         return out
 
     def _offer(self, comp: CompiledPolicy, decision: Decision, embedding: np.ndarray | None = None,
-               pixels: np.ndarray | None = None) -> Decision:
-        """Send a request's final Decision to the review queue (when there is one and it falls in the sample)."""
-        if self.review is not None:
+               pixels: np.ndarray | None = None, *, send: bool = True) -> Decision:
+        """Send a request's final Decision to the review queue (when there is one, ``send``, and it falls in the
+        sample)."""
+        if self.review is not None and send:
             self.review.offer(decision, comp.policy.review, embedding=embedding, pixels=pixels)
         return decision
 

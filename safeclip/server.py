@@ -617,10 +617,9 @@ def _warm(settings: _Settings) -> None:
     """One forward per policy, then ``/readyz`` answers 200; a failure is reported by /readyz and the log."""
     try:
         size = settings.moderator.encoder.pixel_spec.size
-        m = settings.moderator
-        emb = m.embed([np.full((size, size, 3), 127, np.uint8)])
         for pol in settings.policies.values():
-            m.decide(emb, policy=pol)  # not check(): a warm-up is no decision on an upload, never sent to review
+            # review=False: a warm-up is no decision on an upload; it never goes to the review queue
+            settings.moderator.check(np.full((size, size, 3), 127, np.uint8), policy=pol, review=False)
         settings.ready.set()
     except Exception as e:  # noqa: BLE001 - the process stays up
         settings.warm_error.append(f"{type(e).__name__}: {e}")

@@ -167,3 +167,16 @@ def test_a_verdict_never_changes_a_decision(tiny_model, cache_dir, photos, tmp_p
     after = m.check(str(photos[0]))
     fresh = _moderator(tiny_model, cache_dir, all_flag, str(db)).check(str(photos[0]))
     assert json.loads(after.to_json()) == json.loads(before.to_json()) == json.loads(fresh.to_json())
+
+
+def test_review_false_keeps_one_decision_out_of_the_queue(tiny_model, cache_dir, photos, tmp_path, all_flag):
+    """What a server's warm-up uses: the full check (PDQ, banks, batcher), never offered to review."""
+    db = tmp_path / "review.db"
+    m = _moderator(tiny_model, cache_dir, all_flag, str(db))
+    assert m.check(np.full((64, 64, 3), 127, np.uint8), review=False).action == "flag"
+    assert asyncio.run(m.check_async(str(photos[1]), review=False)).action == "flag"
+    kept = m.check(str(photos[0]))
+    assert m.review is not None and m.review.flush()
+    with open_store(db) as store:
+        assert [i.sha256 for i in store.items()] == [kept.sha256]
+    assert m.review.stats.offered == 1
