@@ -23,17 +23,29 @@ POLICY = ALL_FLAG_POLICY.replace("name: all-flag", "name: review-cli") + """    
 """
 
 
-@pytest.fixture
-def audited(tmp_path, photos, tiny_model, tiny_encoder, capsys):
-    Bank.create(tmp_path / "allowed", "embedding", dim=tiny_encoder.dim, encoder_id=tiny_encoder.encoder_id).close()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+@pytest.fixture(scope="module")
+def audit_dir(tmp_path_factory, photos, tiny_model, tiny_encoder):
+    """One audit of three photos under the flag-everything policy (with its allow bank), shared by the tests."""
+    d = tmp_path_factory.mktemp("review-cli")
+    Bank.create(d / "allowed", "embedding", dim=tiny_encoder.dim, encoder_id=tiny_encoder.encoder_id).close()
+    (d / "policy.yaml").write_text(POLICY)
     files = [str(p) for p in photos[:3]]
-    cache = tmp_path / "cache"
-    assert cli_main(["audit", *files, "--policy", str(policy), "--model", tiny_model, "--cache", str(cache),
-                     "--out", str(tmp_path / "audit.parquet"), "--no-progress"]) == 0
+    assert cli_main(["audit", *files, "--policy", str(d / "policy.yaml"), "--model", tiny_model, "--cache",
+                     str(d / "cache"), "--out", str(d / "audit.parquet"), "--no-progress"]) == 0
+    return d, files
+
+
+@pytest.fixture
+def audited(audit_dir, tmp_path, capsys):
+    """The shared audit, and this test's own copy of the bank (it adds to it) and a fresh store folder."""
+    import shutil
+
+    d, files = audit_dir
+    shutil.copytree(d / "allowed", tmp_path / "allowed")
+    (tmp_path / "policy.yaml").write_text(POLICY)  # names ./allowed: this test's copy
+    shutil.copy(d / "audit.parquet", tmp_path / "audit.parquet")
     capsys.readouterr()
-    return tmp_path, policy, cache, files
+    return tmp_path, tmp_path / "policy.yaml", d / "cache", files
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
