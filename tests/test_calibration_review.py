@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import io
 import sys
 import warnings
 from pathlib import Path
@@ -232,15 +230,10 @@ def test_new_thresholds_that_never_fire_are_refused(reviewed: tuple[Path, Path],
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def cli(*argv: str) -> tuple[int, str, str]:
-    from safeclip.cli import main
+    """``safeclip ARGV`` in this process (test_calibration_cli's runner)."""
+    from test_calibration_cli import run
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(argv))
-        except SystemExit as e:
-            rc = int(e.code or 0)
-    return rc, out.getvalue(), err.getvalue()
+    return run(*argv)
 
 
 def prompt_cache(folder: Path, pol_path: Path) -> Path:
