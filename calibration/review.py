@@ -68,7 +68,7 @@ from safeclip.errors import ConfigError, DataError, EncoderMismatchError, Review
 from safeclip.files import json_bytes, write_bytes_atomic
 from safeclip.policy import Policy, load_policy
 from safeclip.review import ReviewItem, ReviewStore, StratumCount, open_store
-from safeclip.versions import record
+from safeclip.versions import history, record
 
 from .calibrators import fit_calibrator
 from .data import LabeledData, prompt_source
@@ -408,6 +408,7 @@ class ReviewCalibration:
         if target.exists() and not in_place and not target.is_dir():
             raise ConfigError(f"--out {target} is a file; give a folder or a policy .yaml file")
         doc = _policy_doc(self, out_dir)
+        doc["version"] = unused_version(self.version, path)  # the target's history may hold other versions
         import yaml
 
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -454,6 +455,18 @@ def next_version(version: str) -> str:
     """
     m = _REV.fullmatch(version)
     return f"{m['base']}+rev{int(m['n']) + 1}" if m else f"{version}+rev1"
+
+
+def unused_version(version: str, policy_path: str | os.PathLike[str]) -> str:
+    """``version``, or the first ``+rev<N>`` after it that the policy file's history has not recorded: after a
+    rollback to ``1.0``, the next refit is not ``1.0+rev1`` again (a policy id names one set of decisions)."""
+    try:
+        taken = {v.version for v in history(policy_path)}
+    except SafeclipError:
+        taken = set()
+    while version in taken:
+        version = next_version(version)
+    return version
 
 
 def _content_name(folder: str, stem: str, data: bytes, suffix: str) -> tuple[str, str]:
@@ -628,7 +641,10 @@ def calibrate_from_review(
     new_pol = pol
     for cat, r in fits.items():
         new_pol = new_pol.with_thresholds(cat, flag=r.new_flag, block=r.new_block)
-    new_pol = dataclasses.replace(new_pol, version=next_version(pol.version))
+    version = next_version(pol.version)
+    if pol.source is not None:
+        version = unused_version(version, pol.source)
+    new_pol = dataclasses.replace(new_pol, version=version)
     new_comp = dataclasses.replace(comp, policy=new_pol, calibrators=PolicyCalibrators(
         {**comp.calibrators, **cals}, heads=head_categories(pol)))
     fits, (n_flips, w_flips), transitions = _flips(comp, new_comp, rd, fits)

@@ -213,6 +213,10 @@ def test_report_counts_flips_and_write_makes_a_recorded_version(reviewed: tuple[
     assert [v.version for v in history(pol_path)] == ["1.0", "1.0+rev1"]
     rollback(pol_path, "1.0")
     assert pol_path.read_bytes() == before
+    # Refitting after the rollback names a version the history has not seen: one id, one set of decisions.
+    with new_store(db) as store:
+        again = calibrate_from_review(pol_path, store, embed_texts=loop.embed_texts, **loop.TARGETS)
+    assert again.version == "1.0+rev2" and load_policy(again.write(pol_path)).version == "1.0+rev2"
 
 
 def test_new_thresholds_that_never_fire_are_refused(reviewed: tuple[Path, Path], tmp_path: Path) -> None:

@@ -229,7 +229,7 @@ def _cmd_from_review(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     path = result.write(target, allow_disabled=args.allow_disabled)
-    print(f"wrote {path} ({result.policy_id}), recorded in its history; use it with --policy {path}")
+    print(f"wrote {path} ({load_policy(path).id}), recorded in its history; use it with --policy {path}")
     return 0
 
 
