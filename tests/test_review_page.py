@@ -80,6 +80,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+@pytest.mark.slow  # a real server process (and a browser): CI runs it; -m 'not slow' skips it
 def test_a_reviewer_clicks_through_the_queue_in_headless_chromium(driver, tiny_model, cache_dir, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

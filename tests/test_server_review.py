@@ -336,6 +336,7 @@ def test_serve_refuses_a_store_it_cannot_open_before_loading_the_model(tmp_path,
         assert bad.read_bytes() == b"this is not a review store\n" * 100
 
 
+@pytest.mark.slow  # a real server process: CI runs it; -m 'not slow' skips it
 def test_serve_review_writes_the_served_decisions_in_the_policy_sample_to_the_store(tiny_model, cache_dir,
                                                                                    tmp_path, photos):
     """``safeclip serve --review``: an upload flagged by a policy whose flag threshold is 0 (flags everything, known
