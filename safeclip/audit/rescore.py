@@ -210,9 +210,10 @@ def audit_decisions(
     import pyarrow as pa
 
     pol = load_policy(policy)
-    pf = open_parquet(source, DataError, "audit output")
-    saved = "embedding" in pf.schema_arrow.names
-    src, encoder_id = _read_source(source, None, saved)
+    src, encoder_id = _read_source(source, None, False)
+    saved = "embedding" in src.schema.names
+    if saved:
+        _check_embedding_types(src.schema, source)
     written_by = src.meta.get("policy")
     if written_by != pol.id:
         raise DataError(f"{source} was decided by policy {written_by!r}, not {pol.id!r}: pass the policy that wrote "
@@ -222,9 +223,7 @@ def audit_decisions(
     wanted = None if actions is None else set(actions)
     cache_dir = Path(cache) if cache is not None else default_cache_dir()
     comp = compile_without_model(pol, encoder_id, cache_dir, model, pretrained, device)
-    cols = [c for c in _SOURCE_ROWS + ("action", "embedding", "embedding_backgrounds", "embedding_pdq",
-                                       "embedding_pdq_quality", "embedding_times", "pdq", "pdq_quality")
-            if c in src.schema.names]
+    cols = [c for c in _SOURCE_ROWS + ("action",) + _SAVED_EMBEDDING_COLUMNS if c in src.schema.names]
     db = None if saved else EmbeddingCache(cache_dir, encoder_id, readonly=True)
     try:
         base = 0
@@ -234,11 +233,7 @@ def audit_decisions(
             keep = [i for i, a in enumerate(row_actions) if wanted is None or a in wanted]
             if keep:
                 part = part.take(pa.array(keep, pa.int64()))
-                if db is None:
-                    embs = _embedding_column(part, comp.scorer.dim)
-                    times = _saved_times(part, embs)
-                else:
-                    embs, times = _cached_embeddings(part, db, encoder_id)
+                embs, times = _row_embeddings(part, db, comp.scorer.dim, encoder_id)
                 yield from _redecided(comp, part, embs, times, [base + i for i in keep],
                                       [row_actions[i] for i in keep])
             base += batch.num_rows
@@ -253,10 +248,7 @@ def _redecided(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], tim
     ok = [i for i, (e, _, _, _) in enumerate(embs) if c["error"][i] is None and e is not None]
     verdicts = None
     if ok:
-        views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
-        if any(times[i] for i in ok):
-            views = views.with_times([times[i] for i in ok])
-        verdicts = comp.decide(views, evidence=True, record=False)
+        verdicts = comp.decide(_views_of(embs, times, ok, comp.scorer.dim), evidence=True, record=False)
     k_of = {i: k for k, i in enumerate(ok)}
     for i in range(part.num_rows):
         decision = embedding = None
@@ -466,23 +458,38 @@ def _rescore_table(comp: CompiledPolicy, src: _Source, schema: pa.Schema, db: Em
     import pyarrow as pa
 
     dim = src.dim or comp.scorer.dim
-    wanted = _SOURCE_ROWS + (("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality",
-                              "embedding_times", "pdq",
-                              "pdq_quality") if db is None else ())
+    wanted = _SOURCE_ROWS + (_SAVED_EMBEDDING_COLUMNS if db is None else ())
     cols = [c for c in wanted if c in src.schema.names]
     pieces, hits = [], 0
     for batch in parquet_batches(src.file, cols, f"audit output {src.name}", batch_rows=max(1, chunk_rows)):
         part = pa.Table.from_batches([batch])
-        times: list[tuple[float, ...]] | None = None
-        if db is None:
-            embs = _embedding_column(part, dim)
-            times = _saved_times(part, embs)
-        else:
-            embs, times = _cached_embeddings(part, db, comp.scorer.encoder_id)
+        embs, times = _row_embeddings(part, db, dim, comp.scorer.encoder_id)
         piece, n_hits = _decided_rows(comp, part, embs, schema, save_emb=db is None, times=times)
         hits += n_hits
         pieces.append(piece)
     return (pa.concat_tables(pieces) if pieces else schema.empty_table()), hits
+
+
+_SAVED_EMBEDDING_COLUMNS = ("embedding", "embedding_backgrounds", "embedding_pdq", "embedding_pdq_quality",
+                            "embedding_times", "pdq", "pdq_quality")
+
+
+def _row_embeddings(part: pa.Table, db: EmbeddingCache | None, dim: int,
+                    encoder_id: str) -> tuple[list[Source], list[tuple[float, ...]]]:
+    """Each row's embeddings and clip frame times: from ``db`` by sha256, else from the saved embedding columns."""
+    if db is None:
+        embs = _embedding_column(part, dim)
+        return embs, _saved_times(part, embs)
+    return _cached_embeddings(part, db, encoder_id)
+
+
+def _views_of(embs: Sequence[Source], times: Sequence[tuple[float, ...]] | None, ok: Sequence[int],
+              dim: int) -> Views:
+    """The views of rows ``ok``: their embeddings, PDQ hashes and, where a row is a clip, frame times."""
+    views = Views.of([embs[i][0] for i in ok], dim).with_pdq([embs[i][3] for i in ok])
+    if times is not None and any(times[i] for i in ok):
+        views = views.with_times([times[i] for i in ok])
+    return views
 
 
 Hashes = tuple[np.ndarray, np.ndarray] | None
@@ -613,10 +620,7 @@ def _decided_rows(comp: CompiledPolicy, part: pa.Table, embs: Sequence[Source], 
     decided: dict[int, tuple[int, np.ndarray, str | None, int, str]] = {}
     clips: dict[int, tuple[int, float | None, str]] = {}
     if ok:
-        views = Views.of([embs[i][0] for i in ok], comp.scorer.dim).with_pdq([embs[i][3] for i in ok])
-        if times is not None and any(times[i] for i in ok):
-            views = views.with_times([times[i] for i in ok])
-        verdicts = comp.decide(views, record=False)
+        verdicts = comp.decide(_views_of(embs, times, ok, comp.scorer.dim), record=False)
         for k, i in enumerate(ok):
             problem = verdicts.problems[k]
             if problem is not None:
