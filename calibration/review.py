@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from safeclip.artifacts import jsonable, sha256_bytes
+from safeclip.artifacts import copy_pinned, jsonable, sha256_bytes
 from safeclip.calibrate import Calibrator, PolicyCalibrators, head_categories
 from safeclip.compiled import CompiledPolicy
 from safeclip.decide import ACTIONS
@@ -495,15 +495,9 @@ def _policy_doc(result: ReviewCalibration, out_dir: Path) -> dict[str, Any]:
             ref = getattr(c, key)
             if ref is None or ref.path is None or ref.path.resolve().is_relative_to(base):
                 continue
-            try:
-                data = ref.path.read_bytes()
-            except OSError as e:
-                raise ConfigError(f"cannot read {ref.path} ({key} of {c.name!r}) to copy it: {e}") from e
-            rel, sha = _content_name(f"{key}s", c.name, data, ref.path.suffix)
-            if sha != ref.sha256:
-                raise ConfigError(f"{ref.path} ({key} of {c.name!r}) no longer matches its pin {ref.sha256}")
-            write_bytes_atomic(out_dir / rel, data)
-            entry[key] = {"path": rel, "sha256": sha}
+            rel = f"{key}s/{c.name}.{ref.sha256[:8]}{ref.path.suffix}"  # content-addressed by its (checked) pin
+            copy_pinned(ref.path, ref.sha256, out_dir / rel)
+            entry[key] = {"path": rel, "sha256": ref.sha256}
     for cat, r in result.categories.items():
         data = json_bytes(result.calibrators[cat].to_dict())
         rel, sha = _content_name("calibrators", cat, data, ".json")

@@ -78,7 +78,7 @@ import numpy as np
 
 from safeclip.compiled import CompiledPolicy
 from safeclip.files import write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from safeclip.artifacts import jsonable, sha256_bytes
+from safeclip.artifacts import copy_pinned, jsonable
 from safeclip.calibrate import Calibrator
 from safeclip.errors import (ArtifactIntegrityError, ConfigError, DataError, EncoderMismatchError, PolicyError,
                              SafeclipError)
@@ -436,21 +436,8 @@ def _artifact_entry(ref: ArtifactRef, out_dir: Path, rel: str) -> dict[str, str]
     """The policy entry for ``ref`` in ``out_dir/policy.yaml``: a ``url`` stays one; a file is copied to ``rel``."""
     if ref.path is None:
         return {"url": str(ref.url), "sha256": ref.sha256}
-    return {"path": rel, "sha256": _copy_artifact(ref, out_dir / rel)}
-
-
-def _copy_artifact(ref: ArtifactRef, dst: Path) -> str:
-    """Copy a pinned artifact to ``dst`` (checking its pin); returns the pin."""
-    assert ref.path is not None
-    if ref.path.resolve() != dst.resolve():
-        try:
-            data = ref.path.read_bytes()
-        except OSError as e:
-            raise ArtifactIntegrityError(f"cannot read artifact {str(ref.path)!r}: {e}") from e
-        if sha256_bytes(data) != ref.sha256:
-            raise ArtifactIntegrityError(f"artifact {str(ref.path)!r} no longer matches its pin {ref.sha256}")
-        write_bytes_atomic(dst, data)
-    return ref.sha256
+    copy_pinned(ref.path, ref.sha256, out_dir / rel)
+    return {"path": rel, "sha256": ref.sha256}
 
 
 def _copied_categories(parent: Policy, out_dir: Path, calibrated: set[str]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 from .files import write_bytes_atomic, write_json_atomic
 from .errors import ArtifactIntegrityError, EncoderMismatchError
 
-__all__ = ["ARTIFACT_FORMAT", "JSON_BYTES_PER_NUMBER", "MAX_ARTIFACT_JSON_BYTES", "MAX_ARTIFACT_NUMBERS",
+__all__ = ["ARTIFACT_FORMAT", "copy_pinned", "JSON_BYTES_PER_NUMBER", "MAX_ARTIFACT_JSON_BYTES", "MAX_ARTIFACT_NUMBERS",
            "MAX_LOGIT_BOUND", "check_artifact", "check_encoder", "finite_number", "float_list", "jsonable",
            "load_pinned", "read_pinned_json", "resolve_artifact_path", "sha256_bytes", "sha256_file",
            "write_bytes_atomic", "write_json_atomic"]
@@ -55,6 +55,21 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def copy_pinned(src: str | os.PathLike[str], sha256: str, dst: str | os.PathLike[str]) -> None:
+    """Copy the artifact ``src`` to ``dst`` (atomically) after checking it still matches its pin ``sha256``; nothing
+    is written when it does not (:class:`~safeclip.errors.ArtifactIntegrityError`). Copying a file onto itself does
+    nothing."""
+    if Path(src).resolve() == Path(dst).resolve():
+        return
+    try:
+        data = Path(src).read_bytes()
+    except OSError as e:
+        raise ArtifactIntegrityError(f"cannot read artifact {str(src)!r}: {e}") from e
+    if sha256_bytes(data) != sha256:
+        raise ArtifactIntegrityError(f"artifact {str(src)!r} no longer matches its pin {sha256}")
+    write_bytes_atomic(dst, data)
 
 
 def resolve_artifact_path(
