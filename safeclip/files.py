@@ -13,11 +13,11 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["fsync_dir", "write_atomic", "write_bytes_atomic", "write_json_atomic", "write_parquet_atomic",
+__all__ = ["fsync_dir", "locked_file", "write_atomic", "write_bytes_atomic", "write_json_atomic", "write_parquet_atomic",
            "json_bytes"]
 
 
@@ -29,6 +29,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_file(path: str | os.PathLike[str], mode: str = "a+b", *, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """``path`` opened (``mode``) and held under an exclusive ``fcntl.flock``: writers in other processes, and other
+    open files of it in this one, wait; the kernel releases it if the process dies."""
+    import fcntl
+
+    with open(path, mode, encoding=encoding) as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, durable: bool = False) -> None:

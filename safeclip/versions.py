@@ -52,7 +52,7 @@ import yaml
 
 from .artifacts import sha256_bytes as _sha
 from .errors import ArtifactIntegrityError, ConfigError, PolicyError
-from .files import fsync_dir, write_bytes_atomic
+from .files import fsync_dir, locked_file, write_bytes_atomic
 from .policy import Policy, builtin_policy_dir, load_policy
 
 __all__ = ["HISTORY_DIR", "PolicyVersion", "Rollback", "history", "record", "rollback"]
@@ -304,20 +304,14 @@ def _find(mine: list[PolicyVersion], spec: str | int, path: Path) -> PolicyVersi
 # ------------------------------------------------------------------------------------------------ the log
 @contextlib.contextmanager
 def _locked(hist: Path, *, create: bool) -> Iterator[None]:
-    import fcntl
-
     if not hist.is_dir():
         if not create:
             raise ConfigError(f"{hist.parent}: no versions recorded (no {HISTORY_DIR} folder); record one with "
                               "`safeclip policy record POLICY --reason TEXT`")
         (hist / _OBJECTS).mkdir(parents=True, exist_ok=True)
         fsync_dir(hist.parent)
-    with open(hist / _LOCK, "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released by the kernel if this process dies
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    with locked_file(hist / _LOCK):
+        yield
 
 
 def _read_log(hist: Path) -> list[PolicyVersion]:

@@ -18,7 +18,6 @@ number in the manifest; a reader's :meth:`Bank.refresh` reads only what changed 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ import numpy as np
 
 from ..bankmeta import BANK_KINDS, DB, FORMAT, FORMAT_VERSION, PDQ_BYTES, ROWS, connect
 from ..errors import BankError
-from ..files import fsync_dir, write_json_atomic
+from ..files import fsync_dir, locked_file, write_json_atomic
 from ._index import HammingIndex, VectorIndex
 
 __all__ = ["Bank", "BankEntry", "NewEntry"]
@@ -488,14 +487,8 @@ class Bank:
     def _writing(self) -> Iterator[sqlite3.Connection]:
         if not self.writable:
             raise BankError(f"{self.path}: opened read-only; open it with writable=True to change it")
-        lock_path = self.path / _LOCK
-        with open(lock_path, "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            with self._lock:
-                try:
-                    yield self._con
-                finally:
-                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        with locked_file(self.path / _LOCK), self._lock:
+            yield self._con
 
     def _committed_rows(self, con: sqlite3.Connection) -> int:
         r = con.execute("SELECT coalesce(max(row0 + nrows), 0) FROM entries").fetchone()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -22,7 +20,7 @@ import queue
 import threading
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError, ReviewError
+from ..files import locked_file
 from ._model import NewItem, in_sample, thumbnail_jpeg
 from ._store import ReviewStore
 
@@ -226,17 +225,6 @@ class ReviewQueue:
         return True
 
 
-@contextlib.contextmanager
-def _locked(path: Path, mode: str) -> Iterator[Any]:
-    """``path`` opened under an exclusive lock (processes sharing a spool never interleave lines)."""
-    with open(path, mode, encoding="utf-8") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield f
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -254,7 +242,7 @@ def _item_json(item: NewItem) -> dict[str, Any]:
 
 def write_spool(path: str | os.PathLike[str], items: Sequence[NewItem]) -> None:
     """Append ``items`` to a spool file (one JSON object per line, under its lock, synced to disk)."""
-    with _locked(Path(path), "a") as f:
+    with locked_file(path, "a", encoding="utf-8") as f:  # processes sharing a spool never interleave lines
         f.write("".join(json.dumps(_item_json(i), allow_nan=False) + "\n" for i in items))
         f.flush()
         os.fsync(f.fileno())
@@ -284,7 +272,7 @@ def replay_spool(store: ReviewStore, path: str | os.PathLike[str]) -> int:
     already in the store are skipped (the store is idempotent), so a replay that was interrupted can run again."""
     p = Path(path)
     try:
-        with _locked(p, "r+") as f:
+        with locked_file(p, "r+", encoding="utf-8") as f:
             items, bad = read_spool(p)
             if bad:
                 log.warning("review spool %s: %d line(s) could not be read (torn by a crash mid-write) and are "
