@@ -128,11 +128,10 @@ def _cmd_add(args: argparse.Namespace) -> int:
     from ..policy import load_policy
 
     if args.from_spool is not None:
-        from ..review import read_spool, replay_spool
+        from ..review import replay_spool
 
-        items, _ = read_spool(args.from_spool)
-        names = {i.policy.rpartition("@")[0] for i in items}
-        with open_store(args.store, policy=next(iter(names)) if len(names) == 1 else None) as store:
+        # The store binds itself to the first item's policy and refuses items of another (ReviewStore.add).
+        with open_store(args.store) as store:
             n = replay_spool(store, args.from_spool)
         print(f"{n} spooled item(s) written to {store.location}; {args.from_spool} is now empty")
         return EXIT_OK
