@@ -37,10 +37,10 @@ __all__ = [
 ]
 
 BOUND = "clopper-pearson, one-sided"
-_MAX_STRATA = 16
 """The confidence bound every unweighted :class:`Thresholds` records."""
 WEIGHTED_BOUND = "clopper-pearson, one-sided, on counts in units of the heaviest weight"
 """The bound of weighted thresholds (``sample_weight``): see :func:`choose_thresholds`."""
+_MAX_STRATA = 16  # more distinct weights than this are grouped into quantile strata (see _Strata)
 
 
 class ThresholdWarning(CalibrationWarning):
@@ -122,6 +122,11 @@ def _check_weights(sample_weight: np.ndarray | None, n: int) -> np.ndarray | Non
     if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"sample_weight must be ({n},), finite, non-negative and not all zero")
     return w
+
+
+def _population(y: np.ndarray, w: np.ndarray | None) -> tuple[float, float]:
+    """What the rates are over: the rows and the positives, counted (unweighted) or as the sums of their weights."""
+    return (float(y.size), float(y.sum())) if w is None else (float(w.sum()), float(w @ y))
 
 
 def _cp_lower(x: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
@@ -249,9 +254,7 @@ def choose_thresholds(
     n, n_pos = int(pp.size), int(yy.sum())
     t, tp, fp, strata = _cutoffs(pp, yy, ww)
     k = tp + fp
-    # The population the rates are over: rows (unweighted), else the weights' sums.
-    total: float = n if ww is None else float(ww.sum())
-    total_pos: float = n_pos if ww is None else float(ww @ yy)
+    total, total_pos = _population(yy, ww)
     size = "" if ww is None else f" (Kish effective n of the positives {effective_n(ww[yy == 1]):.1f})"
 
     def stats(i: int) -> dict[str, float]:
@@ -354,7 +357,7 @@ class ThresholdRates:
 def rates_at(p: np.ndarray, y: np.ndarray, threshold: float, *, sample_weight: np.ndarray | None = None,
              confidence: float = 0.95) -> ThresholdRates:
     """Precision and recall (and lower bounds) of one threshold, by the counts and bounds :func:`choose_thresholds`
-    uses (weighted and on Kish effective counts with ``sample_weight``).
+    uses (with ``sample_weight``: weighted, the bounds on counts in units of the heaviest weight).
 
     >>> r = rates_at(np.array([0.9, 0.8, 0.2, 0.1]), np.array([1, 0, 1, 0]), 0.5)
     >>> r.precision, r.recall, r.positive_rate
@@ -364,8 +367,7 @@ def rates_at(p: np.ndarray, y: np.ndarray, threshold: float, *, sample_weight: n
     ww = _check_weights(sample_weight, pp.size)
     t, tp_all, fp_all, strata = _cutoffs(pp, yy, ww)
     i = int(np.searchsorted(-t, -float(threshold), side="right")) - 1  # the lowest cutoff >= threshold
-    total: float = pp.size if ww is None else float(ww.sum())
-    total_pos: float = int(yy.sum()) if ww is None else float(ww @ yy)
+    total, total_pos = _population(yy, ww)
     if i >= 0:
         tp, fp = tp_all[i:i + 1], fp_all[i:i + 1]
         part = None if strata is None else strata.at(slice(i, i + 1))
