@@ -355,8 +355,8 @@ def video_chunks(
     chunk_frames: int,
 ) -> Iterator[Decoded]:
     """Decode a video's sampled frames, ``chunk_frames`` at a time (the first chunk at most
-    :data:`FIRST_CHUNK_FRAMES`), each chunk a :class:`Decoded` (see :func:`~safeclip.decode.decode_chunks`). The pixels held at once, at most ``limits.max_total_pixels``, are a
-    chunk's."""
+    :data:`FIRST_CHUNK_FRAMES`), each chunk a :class:`Decoded` (see :func:`~safeclip.decode.decode_chunks`). The
+    pixels held at once, at most ``limits.max_total_pixels``, are a chunk's."""
     sha = hashlib.sha256(data).hexdigest()
     what = f"{kind} video"
     clip: _Clip | None = None
