@@ -192,11 +192,12 @@ def decode_chunks(
     """Decode ``source`` like :func:`decode`, yielding the sampled frames of a video ``chunk_frames`` at a time (the
     first chunk only two: an early stop on the first seconds costs little), in time order, so that a caller can stop
     early (a clip already blocked on its first seconds) and hold one chunk at a time. Each chunk is a
-    :class:`Decoded` with the clip's ``sha256``, ``format``, ``size``, ``n_frames``, ``duration_s`` and ``sampling``, and only that chunk's ``frames``, ``frame_indices``, ``timestamps`` and
-    ``backgrounds``. Anything that is not a video (a still, an animated GIF) yields one :class:`Decoded`, the one
-    :func:`decode` returns. ``limits.max_total_pixels`` bounds the pixels of one chunk; the time budget
-    (``limits.timeout_s``, ``wall_timeout_s``) counts the decoding of the whole clip, not the caller's work between
-    chunks. Sampling more frames (``sample_frames``) of long clips may need a larger ``timeout_s``.
+    :class:`Decoded` with the clip's ``sha256``, ``format``, ``size``, ``n_frames``, ``duration_s`` and
+    ``sampling``, and only that chunk's ``frames``, ``frame_indices``, ``timestamps`` and ``backgrounds``. Anything
+    that is not a video (a still, an animated GIF) yields one :class:`Decoded`, the one :func:`decode` returns.
+    ``limits.max_total_pixels`` bounds the pixels of one chunk; the time budget (``limits.timeout_s``,
+    ``wall_timeout_s``) counts the decoding of the whole clip, not the caller's work between chunks. Sampling more
+    frames (``sample_frames``) of long clips may need a larger ``timeout_s``.
 
     Errors are raised where they happen: an error after some chunks were yielded means the clip failed as a whole;
     never act on the chunks seen before it as if they were the clip (fail closed).
