@@ -821,6 +821,74 @@ def test_gif_frame_bomb_refused_before_pillow_allocates(monkeypatch):
         decode(data, limits=DecodeLimits(max_frames=1))
 
 
+_GIF_FRAME = b"\x2c%s\x00\x02\x02\x4c\x01\x00"  # descriptor (x0, y0, w, h; no local palette), LZW: clear, 1, end
+_NETSCAPE = b"\x21\xff\x0bNETSCAPE2.0"
+
+
+def gif_with_blocks(before_frame0: bytes, before_frame1: bytes, extent: tuple[int, int, int, int]) -> bytes:
+    """A 40x30 two-frame GIF with raw blocks spliced in before each frame; frame 1 has ``extent``."""
+    out = b"GIF89a" + struct.pack("<HH", 40, 30) + bytes([0x80, 0, 0]) + b"\0\0\0\xff\xff\xff" + before_frame0
+    out += _GIF_FRAME % struct.pack("<HHHH", 0, 0, 1, 1) + before_frame1
+    return out + _GIF_FRAME % struct.pack("<HHHH", *extent) + b"\x3b"
+
+
+def pillow_gif_canvases(data: bytes) -> list[tuple[int, int]]:
+    """The canvas Pillow reaches at each frame, decoding every frame (only for small test files)."""
+    with Image.open(io.BytesIO(data)) as im:
+        sizes = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            im.load()
+            sizes.append(im.size)
+        return sizes
+
+
+# Block sequences Pillow reads in its own way. Pillow reads an extension's first sub-block and then skips sub-blocks
+# up to a terminator, so after an empty first sub-block "01 21 00" is one more sub-block to it, while a parser that
+# stops at the first terminator reads "21 00" as an extension whose sub-blocks start at the descriptor (0x2c = 44
+# bytes) and never sees frame 1. A comment stops at its first terminator; a NETSCAPE2.0 block before frame 0 reads
+# one extra sub-block.
+GIF_BLOCK_QUIRKS = {
+    "graphic control with an empty first sub-block": (b"", b"\x21\xf9\x00" + b"\x01\x21\x00"),
+    "application block with an empty sub-block": (b"\x21\xfe\x00" + b"\x21\x01\x00\x01\x21\x00", b""),
+    "comment with an empty first sub-block": (b"", b"\x21\xfe\x00"),
+    "NETSCAPE2.0 with an empty loop block": (_NETSCAPE + b"\x00" + b"\x01\x21\x00", b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GIF_BLOCK_QUIRKS))
+def test_gif_prescan_reads_blocks_as_pillow_does(case, monkeypatch):
+    """The prescan finds every frame extent Pillow will grow the canvas to, however the blocks are broken: a mutated
+    GIF whose third frame Pillow grew to 33065x480 got past it (fuzzing) and was decoded at that size."""
+    before0, before1 = GIF_BLOCK_QUIRKS[case]
+    data = gif_with_blocks(before0, before1, (3001, 5, 1, 1))
+    assert pillow_gif_canvases(data) == [(40, 30), (3002, 30)]  # Pillow sees frame 1 and grows the canvas
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    with pytest.raises(ImageTooLargeError, match="GIF image frame 1 is 3002x30 "):
+        decode(data, limits=DecodeLimits(max_pixels=3002 * 30 - 1))
+    assert not opened
+    d = decode(data, limits=DecodeLimits(max_pixels=3002 * 30))  # no phantom frame either
+    assert d.n_frames == 2 and opened
+
+
+def test_gif_canvas_checked_at_every_seek_of_a_pil_input(monkeypatch):
+    """A PIL image handed in was never prescanned: a frame stepped over on the way to a sampled one is refused once
+    Pillow has grown the canvas for it, before anything decodes it at that size."""
+    small = b"\x21\xf9\x04\x00\x64\x00\x00\x00"  # 1 s a frame
+    data = gif_with_blocks(small, small, (1999, 1999, 1, 1))
+    data = data[:-1] + small + _GIF_FRAME % struct.pack("<HHHH", 3, 3, 1, 1) + b"\x3b"  # a third frame
+    loaded = []
+    real_load = GifImagePlugin.GifImageFile.load
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "load", lambda im: loaded.append(im.size) or real_load(im))
+    im = Image.open(io.BytesIO(data))
+    assert im.n_frames == 3
+    with pytest.raises(ImageTooLargeError, match="PIL image frame 1 is 2000x2000 "):
+        decode(im, limits=DecodeLimits(max_pixels=1_000_000, frames_per_second=0.1))
+    assert loaded and max(w * h for w, h in loaded) <= 1_000_000, loaded
+
+
 def test_webp_canvas_checked_before_open():
     buf = io.BytesIO()
     frames = [Image.new("RGB", (8, 8), (i * 50, 0, 0)) for i in range(2)]

@@ -484,15 +484,77 @@ def _check_pixels(size: tuple[int, int], limits: DecodeLimits, what: str, name: 
         )
 
 
-def _skip_gif_subblocks(data: bytes, p: int) -> int:
-    n = len(data)
-    while p < n:
-        size = data[p]
-        p += 1
-        if size == 0:
-            break
-        p += size
-    return p
+class _GifBlocks:
+    """A cursor over a GIF's bytes that reads sub-blocks exactly as Pillow's ``GifImageFile.data`` does, so that a
+    walk with it sees the image descriptors Pillow will see, however the block structure is broken."""
+
+    __slots__ = ("data", "p")
+
+    def __init__(self, data: bytes, p: int):
+        self.data, self.p = data, p
+
+    def byte(self) -> int | None:
+        if self.p >= len(self.data):
+            return None
+        self.p += 1
+        return self.data[self.p - 1]
+
+    def block(self) -> bytes | None:
+        """One sub-block; ``None`` for a terminator or the end of the data (Pillow's ``data()``)."""
+        size = self.byte()
+        if not size:
+            return None
+        self.p += size
+        return self.data[self.p - size : self.p] or None
+
+    def skip_blocks(self) -> None:
+        while self.block() is not None:
+            pass
+
+
+def _gif_frames(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """Each frame of a GIF as Pillow's parser reaches it, without decoding: the canvas size once the frame is drawn
+    (Pillow grows the canvas to fit a frame that reaches past it) and the frame's delay in ms.
+
+    Pillow's quirks are followed on purpose: after an extension's label it reads one sub-block and then skips
+    sub-blocks up to a terminator, so an extension whose first sub-block is empty swallows the chain after it (only a
+    comment stops at once), and a NETSCAPE2.0 application block before the first frame consumes one extra sub-block.
+    """
+    width, height = _le(data, 6, 2), _le(data, 8, 2)
+    flags = data[10]
+    cur = _GifBlocks(data, 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0))
+    frame = 0
+    while (first := cur.byte()) is not None and first != 0x3B:
+        delay = 0
+        b: int | None = first
+        while b is not None and b != 0x3B:
+            if b == 0x21:  # extension: label, one sub-block, then Pillow's skip
+                label = cur.byte()
+                block = cur.block()
+                if label == 0xF9 and block is not None and len(block) >= 3:
+                    delay = 10 * _le(block, 1, 2)
+                if label == 0xFE:
+                    while block is not None:
+                        block = cur.block()
+                    b = cur.byte()
+                    continue
+                if label == 0xFF and frame == 0 and block is not None and block.startswith(b"NETSCAPE2.0"):
+                    cur.block()
+                cur.skip_blocks()
+            elif b == 0x2C:  # image descriptor, the local palette, the LZW code size, then the image's sub-blocks
+                if cur.p + 9 > len(data):
+                    return
+                x0, y0, w, h = (_le(data, cur.p + i, 2) for i in (0, 2, 4, 6))
+                local = data[cur.p + 8]
+                cur.p += 9 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1
+                width, height = max(width, x0 + w), max(height, y0 + h)
+                yield width, height, delay
+                cur.skip_blocks()
+                break
+            b = cur.byte()  # anything else: Pillow skips stray bytes between blocks
+        else:
+            return
+        frame += 1
 
 
 def _precheck(data: bytes, limits: DecodeLimits, name: str) -> list[int] | None:
@@ -500,41 +562,19 @@ def _precheck(data: bytes, limits: DecodeLimits, name: str) -> list[int] | None:
 
     GIF: Pillow grows the canvas and allocates a frame's dispose buffer while *seeking* (even inside ``Image.open``
     for the first frame), before a frame's size can be checked, so every image descriptor is checked here first
-    (one pass over the block structure, no decoding). Animated WebP: libwebp allocates the whole canvas when the
-    file is opened, so the VP8X canvas size is checked first.
+    (one pass over the block structure as Pillow reads it, no decoding). Animated WebP: libwebp allocates the whole
+    canvas when the file is opened, so the VP8X canvas size is checked first.
     """
     n = len(data)
     if data[:6] in (b"GIF87a", b"GIF89a") and n >= 13:
-        width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
-        flags = data[10]
-        p = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-        frames = 0
         delays: list[int] = []
-        delay = 0
-        while p < n:
-            block = data[p]
-            if block == 0x3B:  # trailer
-                break
-            if block == 0x21:  # extension: label, then sub-blocks
-                if p + 6 <= n and data[p + 1] == 0xF9 and data[p + 2] >= 4:  # graphic control: the next frame's delay
-                    delay = 10 * _le(data, p + 4, 2)
-                p = _skip_gif_subblocks(data, p + 2)
-            elif block == 0x2C:  # image descriptor
-                if p + 10 > n:
-                    break
-                x0, y0, w, h = (int.from_bytes(data[p + i : p + i + 2], "little") for i in (1, 3, 5, 7))
-                local = data[p + 9]
-                p += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0)
-                p = _skip_gif_subblocks(data, p + 1)  # after the LZW minimum code size
-                width, height = max(width, x0 + w), max(height, y0 + h)
-                _check_pixels((max(width, 1), max(height, 1)), limits, f"GIF image frame {frames}", name)
-                frames += 1
-                delays.append(delay)
-                delay = 0
-            else:  # Pillow skips stray bytes between blocks too
-                p += 1
-        if frames > limits.max_frames:
-            raise ImageTooLargeError(f"GIF image has {frames} frames, over the {limits.max_frames}-frame limit", name)
+        for width, height, delay in _gif_frames(data):
+            _check_pixels((max(width, 1), max(height, 1)), limits, f"GIF image frame {len(delays)}", name)
+            delays.append(delay)
+        if len(delays) > limits.max_frames:
+            raise ImageTooLargeError(
+                f"GIF image has {len(delays)} frames, over the {limits.max_frames}-frame limit", name
+            )
         return delays
     elif data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8X" and n >= 30:
         width = int.from_bytes(data[24:27], "little") + 1
@@ -555,28 +595,37 @@ _SEQUENTIAL_SEEK = frozenset({"GIF", "PNG", "WEBP"})
 """Formats whose frames Pillow decodes one after another to reach a later one (it composes each on the last)."""
 
 
-def _seek(im: Image.Image, i: int, deadline: Deadline) -> None:
+def _seek(im: Image.Image, i: int, deadline: Deadline, limits: DecodeLimits, what: str) -> None:
     """Seek to frame ``i``. Where Pillow would decode every frame on the way inside one ``seek`` (a 999-frame GIF on a
-    large canvas: many seconds), step one frame at a time with the time budget checked between frames."""
+    large canvas: many seconds), step one frame at a time with the time budget checked between frames.
+
+    The canvas is checked after every seek, before anything decodes the frame: Pillow grows a GIF's canvas to fit a
+    frame that reaches past it, and decodes the frame it leaves at the start of the next seek. The byte prescan sees
+    the same sizes for a file; a PIL image handed in was never prescanned."""
+
+    def to(j: int) -> None:
+        im.seek(j)
+        _check_pixels(im.size, limits, f"{what} frame {j}", deadline.name)
+
     pos = im.tell()
     if i == pos:
         return
     if im.format in _SEQUENTIAL_SEEK:
         if i < pos:
-            im.seek(0)
+            to(0)
             pos = 0
         for j in range(pos + 1, i):
-            im.seek(j)
+            to(j)
             im.load()  # WebP decodes on load; GIF and APNG load each frame before the next anyway
             deadline.check(f"at frame {j} on the way to frame {i}")
-    im.seek(i)
+    to(i)
 
 
-def _pillow_durations(im: Image.Image, n: int, deadline: Deadline) -> list[int]:
+def _pillow_durations(im: Image.Image, n: int, deadline: Deadline, limits: DecodeLimits, what: str) -> list[int]:
     """Each frame's duration in ms as Pillow reads it (``info["duration"]``), seeking frame by frame."""
     out = []
     for j in range(n):
-        _seek(im, j, deadline)
+        _seek(im, j, deadline, limits, what)
         d = im.info.get("duration", 0)
         out.append(int(d) if isinstance(d, (int, float)) and d >= 0 else 0)
         deadline.check(f"reading the duration of frame {j}")
@@ -644,7 +693,7 @@ def _sample(
     for i in indices:
         deadline.check(f"before frame {i}")
         if n > 1:  # never seek a single-frame image: it may be a PIL input of a format we do not hand to Pillow
-            _seek(im, i, deadline)
+            _seek(im, i, deadline, limits, what)
         _check_pixels(im.size, limits, f"{what} frame {i}", name)
         full = im.size
         if draft:
@@ -689,7 +738,7 @@ def decode_file(
                 if n > 1 and fmt in _TIMED:
                     durations = gif_delays if fmt == "GIF" else _chunk_durations(data, fmt)
                     if durations is None or len(durations) != n:  # not what Pillow sees: ask Pillow, frame by frame
-                        durations = _pillow_durations(im, n, deadline)
+                        durations = _pillow_durations(im, n, deadline, limits, what)
                 plan = _Plan(n, durations, limits, what, name)
                 draft = target_size is not None and fmt == "JPEG" and n == 1
                 views, size = _sample(im, n, plan, what, name, limits, target_size, backgrounds, deadline,
@@ -750,7 +799,7 @@ def decode_image(
             start = im.tell() if n > 1 else 0
             h = hashlib.sha256()
             try:
-                durations = _pillow_durations(im, n, deadline) if n > 1 and im.format in _TIMED else None
+                durations = _pillow_durations(im, n, deadline, limits, what) if n > 1 and im.format in _TIMED else None
                 plan = _Plan(n, durations, limits, what, name)
                 views, size = _sample(im, n, plan, what, name, limits, target_size, backgrounds, deadline, digest=h)
             finally:
