@@ -15,6 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI draws the same examples on every run, so that a main which passed keeps passing and a failure is one to fix, not
+# a draw; a local run explores new examples each time (HYPOTHESIS_PROFILE=ci replays CI's). What exploration finds
+# becomes a deterministic regression test.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 if not CORPUS.is_dir():  # CI clones main into another folder with shared/ beside it, as here
