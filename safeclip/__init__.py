@@ -35,6 +35,7 @@ from .errors import (
     EngineStalledError,
     EngineUnavailableError,
     ImageTooLargeError,
+    InvalidVerdictError,
     ManifestError,
     MissingPromptError,
     ModelLoadError,
@@ -43,6 +44,7 @@ from .errors import (
     OverloadedError,
     PolicyError,
     ReviewError,
+    ReviewItemNotFoundError,
     ReviewStoreUnavailableError,
     SafeclipError,
     TruncatedImageError,
@@ -107,9 +109,9 @@ __all__ = sorted([
     "ArtifactIntegrityError", "ArtifactUnavailableError", "AuditError", "AuditLockedError", "BankError", "CacheError", "ConfigError", "DataError", "DecodeError",
     "DecodeTimeoutError", "DeviceError", "EncoderMismatchError", "EngineError", "EngineStalledError",
     "EngineUnavailableError",
-    "ImageTooLargeError", "ManifestError", "MissingPromptError", "ModelLoadError", "NoInputsError", "OutputError",
+    "ImageTooLargeError", "InvalidVerdictError", "ManifestError", "MissingPromptError", "ModelLoadError", "NoInputsError", "OutputError",
     "OverloadedError",
-    "PolicyError", "ReviewError", "ReviewStoreUnavailableError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
+    "PolicyError", "ReviewError", "ReviewItemNotFoundError", "ReviewStoreUnavailableError", "SafeclipError", "TruncatedImageError", "UnsupportedFormatError", "__version__", "AuditSummary",
     "audit", "diff", "rescore", "EngineOptions", "OutputOptions", "Decoded", "DecodeLimits", "decode", *_LAZY,
 ])
 

@@ -12,7 +12,9 @@
     │   └── MissingPromptError      a prompt has no cached embedding (also a KeyError)
     ├── BankError               a bank of known content cannot be created, opened, read or written
     ├── ReviewError             a review store cannot be opened, read or written, or a verdict is invalid
-    │   └── ReviewStoreUnavailableError the store's database cannot be reached (a moderation request never fails on it)
+    │   ├── ReviewStoreUnavailableError the store's database cannot be reached (a moderation request never fails on it)
+    │   ├── ReviewItemNotFoundError the store has no item with that id
+    │   └── InvalidVerdictError     a verdict's action, category or fields are not ones the item allows
     ├── DataError               labelled data or an audit/rescore table is malformed (file, row, column named)
     ├── AuditError              an audit cannot start or finish
     │   ├── NoInputsError           nothing to audit
@@ -46,6 +48,8 @@ __all__ = [
     "BankError",
     "ReviewError",
     "ReviewStoreUnavailableError",
+    "ReviewItemNotFoundError",
+    "InvalidVerdictError",
     "DataError",
     "AuditError",
     "NoInputsError",
@@ -133,6 +137,23 @@ class ReviewError(SafeclipError):
 class ReviewStoreUnavailableError(ReviewError):
     """The review store's database cannot be reached (PostgreSQL down, a SQLite file locked for too long). Review
     writes fail loudly with it; a moderation request never does (see ``safeclip.review.ReviewQueue``)."""
+
+
+class ReviewItemNotFoundError(ReviewError):
+    """A review store has no item with the id given. ``item_id`` is that id."""
+
+    def __init__(self, message: str, item_id: int | None = None):
+        self.item_id = item_id
+        super().__init__(message)
+
+
+class InvalidVerdictError(ReviewError, ValueError):
+    """A verdict cannot be recorded as given: its action, category, note or reviewer is not one the item takes.
+    ``reason`` says what without naming the store (a server answers its client with it)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        self.reason = reason or message
+        super().__init__(message)
 
 
 class DataError(SafeclipError, ValueError):

@@ -80,11 +80,11 @@ from starlette.routing import Route
 
 from ._review_page import PAGE, PAGE_HEADERS
 from .decide import Decision
-from .errors import (ConfigError, DecodeError, OverloadedError, ReviewError, ReviewStoreUnavailableError,
-                     SafeclipError)
+from .errors import (ConfigError, DecodeError, InvalidVerdictError, OverloadedError, ReviewError,
+                     ReviewItemNotFoundError, ReviewStoreUnavailableError, SafeclipError)
 from .moderator import Moderator
 from .policy import Policy, load_policy
-from .review import ACTIONS, ReviewItem, ReviewStore
+from .review import ACTIONS, ReviewStore
 
 __all__ = ["VIDEO_TYPES", "create_app", "uvicorn_protocol"]
 
@@ -504,16 +504,6 @@ def _reviewer(value: Any) -> str:
     return name
 
 
-def _item_of(store: ReviewStore, item_id: int) -> ReviewItem:
-    """The item, or 404 (the store raises the same ReviewError for an unknown id as for an invalid verdict)."""
-    try:
-        return store.get(item_id)
-    except ReviewStoreUnavailableError:
-        raise
-    except ReviewError as e:
-        raise _NotFound(f"there is no review item {item_id}") from e
-
-
 def _review_route(handler: Callable[[Request, ReviewStore], Awaitable[Response]]) -> Callable[[Request],
                                                                                               Awaitable[Response]]:
     """A ``/v1/review`` route: the bearer token checked, every failure answered from the one table, nothing cached.
@@ -525,7 +515,12 @@ def _review_route(handler: Callable[[Request, ReviewStore], Awaitable[Response]]
         try:
             if not _authorized(request, settings.token):
                 raise _Unauthorized
-            response = await handler(request, settings.review)
+            try:
+                response = await handler(request, settings.review)
+            except ReviewItemNotFoundError as e:  # the store's messages name its location: not for a client
+                raise _NotFound(f"there is no review item {e.item_id}") from e
+            except InvalidVerdictError as e:
+                raise _InvalidVerdict(e.reason) from e
             log["outcome"] = "ok"
         except Exception as e:  # noqa: BLE001 - every failure is answered from the one table
             answer, response = _error_response(e, settings.retry_after_s)
@@ -546,19 +541,14 @@ async def _review_next(request: Request, store: ReviewStore) -> Response:
 
 @_review_route
 async def _review_item(request: Request, store: ReviewStore) -> Response:
-    item = await run_in_threadpool(_item_of, store, request.path_params["item_id"])
+    item = await run_in_threadpool(store.get, request.path_params["item_id"])
     return _json(item.to_dict())
 
 
 @_review_route
 async def _review_thumbnail(request: Request, store: ReviewStore) -> Response:
     item_id = request.path_params["item_id"]
-
-    def read() -> bytes | None:
-        _item_of(store, item_id)
-        return store.thumbnail(item_id)
-
-    jpeg = await run_in_threadpool(read)
+    jpeg = await run_in_threadpool(store.thumbnail, item_id)
     if jpeg is None:
         raise _NotFound(f"review item {item_id} has no thumbnail")
     return Response(jpeg, media_type="image/jpeg")
@@ -598,15 +588,9 @@ async def _review_verdict(request: Request, store: ReviewStore) -> Response:
     item_id = request.path_params["item_id"]
     fields = await _verdict_fields(request, _settings(request).timeout_s)
 
-    def record() -> dict[str, Any]:
-        categories = _item_of(store, item_id).decision.get("categories") or {}
-        if fields["category"] is not None and fields["category"] not in categories:
-            raise _InvalidVerdict(f"category {_shown(fields['category'])} is not one of item {item_id}'s: "
-                                  f"{', '.join(categories) or 'it has none'}")
-        return store.verdict(item_id, fields["action"], reviewer=fields["reviewer"], category=fields["category"],
-                             note=fields["note"]).to_dict()
-
-    return _json(await run_in_threadpool(record), 201)
+    verdict = await run_in_threadpool(store.verdict, item_id, fields["action"], reviewer=fields["reviewer"],
+                                      category=fields["category"], note=fields["note"])
+    return _json(verdict.to_dict(), 201)
 
 
 async def _review_page(request: Request) -> Response:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from safeclip.errors import ReviewError, ReviewStoreUnavailableError
+from safeclip.errors import InvalidVerdictError, ReviewError, ReviewItemNotFoundError, ReviewStoreUnavailableError
 from safeclip.review import SCHEMA_VERSION, NewItem, ReviewStore, StratumCount, open_store
 from safeclip.review import _schema, _store
 
@@ -155,9 +155,11 @@ def test_add_get_round_trip(location: str) -> None:
         other = store.get(ids[1])
         assert not other.has_embedding and not other.has_thumbnail and store.thumbnail(ids[1]) is None
         assert other.probability == 0.02 and other.to_dict()["decision"] == decision("allow")
-        with pytest.raises(ReviewError, match="has no item 12345") as e:
-            store.get(12345)
-        one_line(e)
+        for read in (store.get, store.thumbnail):
+            with pytest.raises(ReviewItemNotFoundError, match="has no item 12345") as e:
+                read(12345)
+            one_line(e)
+            assert e.value.item_id == 12345
     with open_store(location, create=False) as again:  # it persists, and the first add bound the policy
         assert again.policy_name == "default" and again.get(ids[0]).decision == decision("flag")
 
@@ -234,19 +236,21 @@ def test_verdicts_are_kept_side_by_side(location: str) -> None:
 def test_invalid_verdicts_are_refused(location: str) -> None:
     with open_store(location) as store:
         [iid] = added(store, [item(1)])
-        cases: list[tuple[tuple[Any, str], dict[str, Any], str]] = [
-                 ((iid + 1, "flag"), {"reviewer": "a"}, "has no item"),
-                 ((iid, "maybe"), {"reviewer": "a"}, "not one of allow, flag, block"),
-                 ((iid, "flag"), {"reviewer": "a", "category": "weapons"},
+        cases: list[tuple[tuple[Any, str], dict[str, Any], type[ReviewError], str]] = [
+                 ((iid + 1, "flag"), {"reviewer": "a"}, ReviewItemNotFoundError, "has no item"),
+                 ((iid, "maybe"), {"reviewer": "a"}, InvalidVerdictError, "not one of allow, flag, block"),
+                 ((iid, "flag"), {"reviewer": "a", "category": "weapons"}, InvalidVerdictError,
                   r"not one of item \d+.s categories \(nudity, violence\)"),
-                 ((iid, "flag"), {"reviewer": "  "}, "reviewer"),
-                 ((iid, "flag"), {"reviewer": None}, "reviewer"),
-                 (("1", "flag"), {"reviewer": "a"}, "not an integer"),
-                 ((iid, "flag"), {"reviewer": "a", "note": 3}, "note")]
-        for args, kwargs, match in cases:
-            with pytest.raises(ReviewError, match=match) as e:
+                 ((iid, "flag"), {"reviewer": "  "}, InvalidVerdictError, "reviewer"),
+                 ((iid, "flag"), {"reviewer": None}, InvalidVerdictError, "reviewer"),
+                 (("1", "flag"), {"reviewer": "a"}, ReviewError, "not an integer"),
+                 ((iid, "flag"), {"reviewer": "a", "note": 3}, InvalidVerdictError, "note")]
+        for args, kwargs, cls, match in cases:
+            with pytest.raises(cls, match=match) as e:
                 store.verdict(*args, **kwargs)
             one_line(e)
+            if isinstance(e.value, InvalidVerdictError):  # what a server tells its client: the store unnamed
+                assert e.value.reason in str(e.value) and str(store.location) not in e.value.reason
         assert store.get(iid).verdicts == () and [i.id for i in store.items(reviewed=False)] == [iid]
 
 

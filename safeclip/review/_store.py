@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ReviewError
+from ..errors import InvalidVerdictError, ReviewError, ReviewItemNotFoundError
 from . import _schema
 from ._model import ACTIONS, NewItem, ReviewItem, StratumCount, Verdict
 from ._postgres import PostgresDialect, is_postgres_url
@@ -240,16 +240,15 @@ class ReviewStore:
                 note: str | None = None) -> Verdict:
         """Record a verdict (``allow`` / ``flag`` / ``block``; ``category`` must be one of the item's decision's
         categories); earlier verdicts on the item are kept. Releases the reviewer's lease on it. Raises
-        :class:`~safeclip.errors.ReviewError` for an unknown item, action or category, an empty reviewer."""
+        :class:`~safeclip.errors.ReviewItemNotFoundError` for an unknown item,
+        :class:`~safeclip.errors.InvalidVerdictError` for an unknown action or category, an empty reviewer."""
         item_id = self._id(item_id)
-        reviewer = self._reviewer(reviewer)
+        reviewer = self._reviewer(reviewer, verdict=True)
         if action not in ACTIONS:
-            raise ReviewError(f"review store {self.location}: verdict {action!r} on item {item_id} is not one of "
-                              f"{', '.join(ACTIONS)}")
+            raise self._invalid(f"verdict {action!r} on item {item_id} is not one of {', '.join(ACTIONS)}")
         for field, value in (("category", category), ("note", note)):
             if value is not None and not isinstance(value, str):
-                raise ReviewError(f"review store {self.location}: a verdict's {field} is text or None, not "
-                                  f"{type(value).__name__}")
+                raise self._invalid(f"a verdict's {field} is text or None, not {type(value).__name__}")
 
         def write(tx: Tx) -> Verdict:
             now = time.time()
@@ -262,29 +261,31 @@ class ReviewStore:
             if category is not None:
                 categories = json.loads(got[0][0]).get("categories") or {}
                 if category not in categories:
-                    raise ReviewError(f"review store {self.location}: category {category!r} is not one of item "
-                                      f"{item_id}'s categories ({', '.join(categories) or 'none'}): give one of "
-                                      f"them, or none")
+                    raise self._invalid(f"category {category!r} is not one of item {item_id}'s categories "
+                                        f"({', '.join(categories) or 'none'}): give one of them, or none")
             vid = tx.rows("INSERT INTO verdicts (item_id, reviewer, action, category, note, created_at) "
                           "VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (item_id, reviewer, action, category, note, now))
             return Verdict(int(vid[0][0]), item_id, reviewer, action, category, note, now)
 
         return self._d.run(write, write=True)
 
-    def _reviewer(self, reviewer: object) -> str:
+    def _reviewer(self, reviewer: object, *, verdict: bool = False) -> str:
         if not isinstance(reviewer, str) or not reviewer.strip():
-            raise ReviewError(f"review store {self.location}: reviewer {reviewer!r} is empty: say who reviews "
-                              f"(a name or login)")
+            reason = f"reviewer {reviewer!r} is empty: say who reviews (a name or login)"
+            raise self._invalid(reason) if verdict else ReviewError(f"review store {self.location}: {reason}")
         return reviewer.strip()
+
+    def _invalid(self, reason: str) -> InvalidVerdictError:
+        return InvalidVerdictError(f"review store {self.location}: {reason}", reason)
 
     def _id(self, item_id: object) -> int:
         if isinstance(item_id, bool) or not isinstance(item_id, (int, np.integer)):
             raise ReviewError(f"review store {self.location}: item id {item_id!r} is not an integer")
         return int(item_id)
 
-    def _no_item(self, item_id: int) -> ReviewError:
-        return ReviewError(f"review store {self.location} has no item {item_id}: list its items with "
-                           f"`safeclip review list {self.location}`")
+    def _no_item(self, item_id: int) -> ReviewItemNotFoundError:
+        return ReviewItemNotFoundError(f"review store {self.location} has no item {item_id}: list its items with "
+                                       f"`safeclip review list {self.location}`", item_id)
 
     # ------------------------------------------------------------------------------------------ reading
     @staticmethod
