@@ -3,8 +3,8 @@
 It asks for the server's bearer token and the reviewer's name (kept in the tab's ``sessionStorage`` only), claims
 items from ``/v1/review/next``, shows the thumbnail (fetched with the token, shown through a ``blob:`` URL), the
 decided action, each category's probability and thresholds and the decision's reasons, and posts the verdict
-(buttons, or the keys ``a`` / ``f`` / ``b``; ``n`` asks the queue again: the item this reviewer holds comes
-back first). Everything shown from the server
+(buttons, or the keys ``a`` / ``f`` / ``b``; ``n`` skips the item: it goes to the back of the queue, and the next
+one is claimed). Everything shown from the server
 is set as text, never parsed as HTML. The Content-Security-Policy allows only this page's own script and style (by
 their hashes), ``blob:`` images and requests to the same origin.
 """
@@ -68,7 +68,7 @@ _BODY = """
         <button id="allow" type="button" class="allow">Allow <kbd>a</kbd></button>
         <button id="flag" type="button" class="flag">Flag <kbd>f</kbd></button>
         <button id="block" type="button" class="block">Block <kbd>b</kbd></button>
-        <button id="next" type="button">Refresh <kbd>n</kbd></button>
+        <button id="next" type="button">Skip <kbd>n</kbd></button>
       </p>
     </div>
   </div>
@@ -207,6 +207,24 @@ async function decide(action) {
   if (done) await loadNext();
 }
 
+async function skip() {
+  if (busy) return;
+  if (item) {
+    busy = true;
+    const reviewer = store.getItem("safeclip.reviewer") || "";
+    try {
+      await api("/v1/review/" + item.id + "/skip?reviewer=" + encodeURIComponent(reviewer), {method: "POST"});
+      showError("");
+    } catch (e) {
+      showError(e.message);
+      return;
+    } finally {
+      busy = false;
+    }
+  }
+  await loadNext();
+}
+
 function start() {
   $("login").hidden = true;
   $("panel").hidden = false;
@@ -230,14 +248,14 @@ $("signout").addEventListener("click", () => {
   showLogin();
 });
 for (const action of ["allow", "flag", "block"]) $(action).addEventListener("click", () => decide(action));
-$("next").addEventListener("click", () => loadNext());
+$("next").addEventListener("click", () => skip());
 document.addEventListener("keydown", (event) => {
   if (event.ctrlKey || event.metaKey || event.altKey || $("panel").hidden) return;
   const tag = event.target && event.target.tagName;
   if (tag === "INPUT" || tag === "SELECT" || tag === "TEXTAREA") return;
   const action = {a: "allow", f: "flag", b: "block"}[event.key];
   if (action) { event.preventDefault(); decide(action); }
-  else if (event.key === "n") { event.preventDefault(); loadNext(); }
+  else if (event.key === "n") { event.preventDefault(); skip(); }
 });
 
 if (store.getItem("safeclip.token") && store.getItem("safeclip.reviewer")) start(); else showLogin();

@@ -31,6 +31,9 @@ cannot be reached; ``/v1/check`` never depends on the store) and is never cached
 ``POST /v1/review/{id}/verdict``     JSON ``{"action": "allow"|"flag"|"block", "reviewer": R, "category"?: C,
                                      "note"?: TEXT}``: 201 the verdict JSON (``Verdict.to_dict()``: who and when).
                                      An earlier verdict on the item is kept beside it.
+``POST /v1/review/{id}/skip``        ``?reviewer=R`` passes the item on (``ReviewStore.skip``): 200
+                                     ``{"skipped": true}`` when ``R`` held it, which sends it to the back of the
+                                     queue; ``false`` when it has a verdict or another holds it (left as it is).
 ``GET /review``                      the HTML review page (no token needed to load it: it asks for the token
                                      and sends it with each call; no external assets, a strict CSP).
 ===================================  ===========================================================================
@@ -593,6 +596,13 @@ async def _review_verdict(request: Request, store: ReviewStore) -> Response:
     return _json(verdict.to_dict(), 201)
 
 
+@_review_route
+async def _review_skip(request: Request, store: ReviewStore) -> Response:
+    reviewer = _reviewer(request.query_params.get("reviewer"))
+    skipped = await run_in_threadpool(store.skip, request.path_params["item_id"], reviewer)
+    return _json({"skipped": skipped})
+
+
 async def _review_page(request: Request) -> Response:
     return Response(PAGE, media_type="text/html", headers=PAGE_HEADERS)
 
@@ -692,6 +702,7 @@ def create_app(
             Route("/v1/review/{item_id:int}", _review_item, methods=["GET"]),
             Route("/v1/review/{item_id:int}/thumbnail", _review_thumbnail, methods=["GET"]),
             Route("/v1/review/{item_id:int}/verdict", _review_verdict, methods=["POST"]),
+            Route("/v1/review/{item_id:int}/skip", _review_skip, methods=["POST"]),
             Route("/review", _review_page, methods=["GET"]),
         ]
     app = Starlette(routes=routes, lifespan=_lifespan)

@@ -76,8 +76,14 @@ def test_the_review_loop_on_the_command_line(audited, capsys, tiny_model, cache_
     assert code == 0 and first["id"] == items[0]["id"] and (tmp_path / "t.jpg").read_bytes()[:2] == b"\xff\xd8"
     code, out, _ = _run(capsys, "review", "next", store, "--reviewer", "bob", "--json")
     assert json.loads(out)["id"] == items[1]["id"]  # alice holds the first one
+    code, out, _ = _run(capsys, "review", "skip", store, str(items[1]["id"]), "--reviewer", "bob")
+    assert code == 0 and "at the back of the queue" in out
+    code, _, err = _run(capsys, "review", "skip", store, str(items[1]["id"]), "--reviewer", "bob")
+    assert code == 1 and "was not skipped: bob does not hold it" in err  # no longer his
+    code, out, _ = _run(capsys, "review", "next", store, "--reviewer", "bob", "--json")
+    assert json.loads(out)["id"] == items[2]["id"]  # the skipped one went behind the third
     code, out, _ = _run(capsys, "review", "next", store, "--reviewer", "carol")  # the text form, for a person
-    assert code == 0 and out.startswith(f"item {items[2]['id']}: flag under review-cli@1 (audit, sampled with "
+    assert code == 0 and out.startswith(f"item {items[1]['id']}: flag under review-cli@1 (audit, sampled with "
                                         "probability 1")
     assert "  test_cat: flag, p=" in out and "(flag at 0.0, block at None)" in out
 

@@ -275,6 +275,26 @@ def test_next_claims_the_oldest_free_item_with_a_lease(location: str) -> None:
             store.next("")
 
 
+def test_skip_sends_an_item_behind_the_queue_and_only_its_holder_can(location: str) -> None:
+    with open_store(location) as store:
+        a, b, c = added(store, [item(1), item(2), item(3)])
+        assert claim(store, "alice") == a
+        assert store.skip(a, "bob") is False  # not bob's to pass on
+        assert store.skip(a, "alice") is True
+        got = store.get(a)
+        assert got.claimed_by is None and got.claimed_until is None and got.verdicts == ()
+        assert claim(store, "alice") == b  # her lease is gone and the item is behind b and c
+        [d] = added(store, [item(4)])  # added after the skip: behind the skipped one
+        assert [claim(store, who) for who in ("bob", "carol", "dave")] == [c, a, d]
+        assert store.skip(b, "alice") is True and claim(store, "erin") == b  # skipped again: still served
+        store.verdict(b, "flag", reviewer="erin")
+        assert store.skip(b, "erin") is False  # judged: left as it is
+        with pytest.raises(ReviewItemNotFoundError, match="has no item 999"):
+            store.skip(999, "alice")
+        with pytest.raises(ReviewError, match="reviewer"):
+            store.skip(a, " ")
+
+
 def test_threads_sharing_one_store_never_claim_the_same_item(location: str) -> None:
     with open_store(location) as store:
         store.add([item(i) for i in range(40)])
@@ -403,23 +423,35 @@ def test_each_migration_runs_once_and_is_recorded(location: str, monkeypatch: py
     def recorded() -> list[int]:
         return [int(r[0]) for r in raw(location, "SELECT version FROM safeclip_review_migrations ORDER BY version")]
 
+    released = list(_schema.MIGRATIONS)
+    monkeypatch.setattr(_schema, "MIGRATIONS", released[:1])
+    monkeypatch.setattr(_store, "SCHEMA_VERSION", 1)
     with open_store(location) as store:  # a store at version 1, as an older safeclip wrote it
-        [iid] = added(store, [item(1)])
+        a, b = added(store, [item(1), item(2)])
         store_id = store.store_id
-    open_store(location).close()
+    raw(location, "UPDATE items SET claimed_by = 'alice', claimed_until = ? WHERE id = ?", (time.time() + 600, a))
     assert recorded() == [1]
+
+    monkeypatch.setattr(_schema, "MIGRATIONS", released)  # this safeclip: every released migration
+    monkeypatch.setattr(_store, "SCHEMA_VERSION", len(released))
+    with open_store(location) as store:
+        assert store.schema_version == len(released) and store.store_id == store_id
+        assert store.get(a).decision == decision("flag") and store.get(a).claimed_by == "alice"  # data came through
+        assert store.skip(a, "alice") and claim(store, "bob") == b  # version 2's queue order on old rows
+    assert recorded() == list(range(1, len(released) + 1))
+
+    n = len(released) + 1
     extra = "ALTER TABLE items ADD COLUMN reviewed_by_model TEXT"  # fails if it ever runs twice
-    monkeypatch.setattr(_schema, "MIGRATIONS", [*_schema.MIGRATIONS, _schema.Migration(2, (extra,), (extra,))])
-    monkeypatch.setattr(_store, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(_schema, "MIGRATIONS", [*released, _schema.Migration(n, (extra,), (extra,))])
+    monkeypatch.setattr(_store, "SCHEMA_VERSION", n)
     with open_store(location) as store:
-        assert store.schema_version == 2 and store.store_id == store_id
-        assert store.get(iid).decision == decision("flag")  # the data came through
+        assert store.schema_version == n and store.store_id == store_id
     with open_store(location) as store:
-        assert store.schema_version == 2
-    assert recorded() == [1, 2]
-    assert raw(location, "SELECT schema_version FROM safeclip_review_meta") == [(2,)]
-    assert raw(location, "SELECT reviewed_by_model FROM items") == [(None,)]
-    monkeypatch.setattr(_store, "SCHEMA_VERSION", 1)  # the older safeclip meets the migrated store
+        assert store.schema_version == n
+    assert recorded() == list(range(1, n + 1))
+    assert raw(location, "SELECT schema_version FROM safeclip_review_meta") == [(n,)]
+    assert raw(location, "SELECT reviewed_by_model FROM items") == [(None,), (None,)]
+    monkeypatch.setattr(_store, "SCHEMA_VERSION", n - 1)  # the older safeclip meets the migrated store
     with pytest.raises(ReviewError, match="upgrade safeclip"):
         open_store(location)
 

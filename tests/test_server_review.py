@@ -395,3 +395,20 @@ def test_metrics_show_what_the_review_hook_could_not_write(tiny_model, cache_dir
     assert 'safeclip_review_items{state="sampled"} 1.0' in text
     assert 'safeclip_review_items{state="failed"} 1.0' in text
     assert 'safeclip_review_items{state="written"} 0.0' in text
+
+
+def test_a_skipped_item_goes_to_the_back_of_the_queue(client, store):
+    ids = fill(store)
+    assert client.get("/v1/review/next?reviewer=alice", headers=AUTH).json()["id"] == ids[0]
+    r = client.post(f"/v1/review/{ids[0]}/skip?reviewer=alice", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"skipped": True} and r.headers["Cache-Control"] == "no-store"
+    assert client.get("/v1/review/next?reviewer=alice", headers=AUTH).json()["id"] == ids[1]
+    assert client.get("/v1/review/next?reviewer=bob", headers=AUTH).json()["id"] == ids[2]
+    assert client.get("/v1/review/next?reviewer=carol", headers=AUTH).json()["id"] == ids[0]
+    r = client.post(f"/v1/review/{ids[0]}/skip?reviewer=alice", headers=AUTH)  # carol holds it now
+    assert r.status_code == 200 and r.json() == {"skipped": False}
+    assert store.get(ids[0]).claimed_by == "carol"
+    assert one_line_error(client.post("/v1/review/999/skip?reviewer=alice", headers=AUTH), 404)["type"] == "NotFound"
+    assert "reviewer" in one_line_error(client.post(f"/v1/review/{ids[0]}/skip", headers=AUTH), 400)["message"]
+    assert client.post(f"/v1/review/{ids[0]}/skip?reviewer=carol").status_code == 401
+    assert store.get(ids[0]).claimed_by == "carol"

@@ -1,11 +1,12 @@
-"""``safeclip review add | list | next | verdict | stats``: the review queue on the command line.
+"""``safeclip review add | list | next | skip | verdict | stats``: the review queue on the command line.
 
 STORE is a SQLite file (created on first use) or a ``postgresql://`` URL (the ``review-pg`` extra). Items come from
 a Moderator or ``safeclip serve --review`` (the policy's sample of live decisions), from an audit's output
 (``review add STORE --from audit.parquet``) or from a spool file a server kept while its store was down
-(``--from-spool``). ``review next`` claims the oldest item no one has judged, ``review verdict`` records a judgement
-(a second reviewer's is kept beside the first); ``--to-bank BANK`` with ``allow`` also adds the item's embedding to an
-allow bank, so that the same false positive is allowed from then on (the bank records who and which item).
+(``--from-spool``). ``review next`` claims the oldest item no one has judged (``review skip`` passes it on to the
+back of the queue), ``review verdict`` records a judgement (a second reviewer's is kept beside the first);
+``--to-bank BANK`` with ``allow`` also adds the item's embedding to an allow bank, so that the same false positive is
+allowed from then on (the bank records who and which item).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from ..errors import BankError, ConfigError, ReviewError
 from ..review import ACTIONS, ReviewItem, ReviewStore, open_store
-from ._options import EXIT_OK, add_policy_arg, positive_int, run_standalone
+from ._options import EXIT_FAILED, EXIT_OK, add_policy_arg, positive_int, run_standalone
 
 __all__ = ["main", "register"]
 
@@ -68,6 +69,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--thumbnail", metavar="FILE", help="also write its thumbnail (JPEG) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_next)
+
+    p = rev.add_parser("skip", help="pass on an item you hold: it goes to the back of the queue")
+    _store_arg(p)
+    p.add_argument("id", type=positive_int, metavar="ID")
+    _reviewer_arg(p)
+    p.set_defaults(func=_cmd_skip)
 
     p = rev.add_parser("verdict", help="record a verdict on an item")
     _store_arg(p)
@@ -168,6 +175,17 @@ def _cmd_next(args: argparse.Namespace) -> int:
                     f.write(thumb)
     print(json.dumps(item.to_dict()) if args.json else _describe(item))
     return EXIT_OK
+
+
+def _cmd_skip(args: argparse.Namespace) -> int:
+    reviewer = _reviewer(args)
+    with open_store(args.store, create=False) as store:
+        if store.skip(args.id, reviewer):
+            print(f"item {args.id} skipped: it is at the back of the queue")
+            return EXIT_OK
+    print(f"item {args.id} was not skipped: {reviewer} does not hold it (it has a verdict, or another reviewer "
+          f"claimed it once {reviewer}'s lease ran out); `safeclip review next` claims one", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _cmd_verdict(args: argparse.Namespace) -> int:

@@ -31,9 +31,10 @@ from ._sqlite import SQLiteDialect
 
 __all__ = ["ReviewStore", "SCHEMA_VERSION", "open_store"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 PAGE = 500  # items read per query by items() / embeddings()
+_QUEUE_ORDER = "COALESCE(queue_pos, id), id"  # the index items_queue_order
 _ITEM = ("id, sha256, policy, encoder_id, action, decision, probability, origin, source, created_at, "
          "embedding IS NOT NULL, thumbnail IS NOT NULL, claimed_by, claimed_until")
 _VERDICT = "id, item_id, reviewer, action, category, note, created_at"
@@ -212,8 +213,9 @@ class ReviewStore:
                               f"are refused; put them in {name!r}'s own store")
 
     def next(self, reviewer: str, *, lease_s: float = 600.0) -> ReviewItem | None:
-        """Claim the oldest item with no verdict that no other reviewer holds a live lease on (the one this
-        reviewer already claims comes back first); ``None`` when the queue is empty. Two reviewers calling at
+        """Claim the first item in the queue with no verdict that no other reviewer holds a live lease on (the one
+        this reviewer already claims comes back first); ``None`` when the queue is empty. The queue runs oldest
+        first, a skipped item behind what was waiting when it was skipped. Two reviewers calling at
         once never get the same item."""
         reviewer = self._reviewer(reviewer)
         if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not (0 < lease_s < math.inf):
@@ -223,11 +225,11 @@ class ReviewStore:
 
         def claim(tx: Tx) -> ReviewItem | None:
             now = time.time()
-            found = tx.rows(f"SELECT id FROM items WHERE n_verdicts = 0 AND claimed_by = ? ORDER BY id LIMIT 1 "
-                            f"{lock}", (reviewer,))
+            found = tx.rows(f"SELECT id FROM items WHERE n_verdicts = 0 AND claimed_by = ? ORDER BY {_QUEUE_ORDER} "
+                            f"LIMIT 1 {lock}", (reviewer,))
             if not found:
                 found = tx.rows(f"SELECT id FROM items WHERE n_verdicts = 0 AND (claimed_until IS NULL OR "
-                                f"claimed_until <= ?) ORDER BY id LIMIT 1 {lock}", (now,))
+                                f"claimed_until <= ?) ORDER BY {_QUEUE_ORDER} LIMIT 1 {lock}", (now,))
             if not found:
                 return None
             row = tx.rows(f"UPDATE items SET claimed_by = ?, claimed_until = ? WHERE id = ? RETURNING {_ITEM}",
@@ -235,6 +237,24 @@ class ReviewStore:
             return self._item(row, ())
 
         return self._d.run(claim, write=True)
+
+    def skip(self, item_id: int, reviewer: str) -> bool:
+        """Pass an item on: give back this reviewer's lease on it and send it to the back of the queue, behind every
+        item waiting now, so that ``next`` gives them another. ``True`` when the reviewer held the item; an item
+        with a verdict, or held by someone else (this reviewer's lease ran out), is left as it is and gives
+        ``False``. :class:`~safeclip.errors.ReviewItemNotFoundError` for an unknown item."""
+        item_id = self._id(item_id)
+        reviewer = self._reviewer(reviewer)
+
+        def write(tx: Tx) -> bool:
+            got = tx.rows(f"UPDATE items SET claimed_by = NULL, claimed_until = NULL, queue_pos = (SELECT "
+                          f"MAX(COALESCE(queue_pos, id)) + 1 FROM items) WHERE id = ? AND claimed_by = ? AND "
+                          f"n_verdicts = 0 RETURNING id", (item_id, reviewer))
+            if not got and not tx.rows("SELECT id FROM items WHERE id = ?", (item_id,)):
+                raise self._no_item(item_id)
+            return bool(got)
+
+        return self._d.run(write, write=True)
 
     def verdict(self, item_id: int, action: str, *, reviewer: str, category: str | None = None,
                 note: str | None = None) -> Verdict:
