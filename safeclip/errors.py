@@ -219,3 +219,18 @@ class TruncatedImageError(DecodeError):
 
 class DecodeTimeoutError(DecodeError):
     """Decoding exceeded its time budget."""
+
+
+def one_line(e: BaseException | str, limit: int | None = None) -> str:
+    """``e``'s message (or the text ``e``) on one line (whitespace runs, newlines included, become one space), cut to
+    ``limit`` characters with ``...``; an exception's class name when it has no message. For quoting a cause inside
+    a message of our own, which is one line.
+
+    >>> one_line(ValueError("bad\\n  thing"))
+    'bad thing'
+    >>> one_line(KeyboardInterrupt())
+    'KeyboardInterrupt'
+    """
+    text = " ".join(str(e).split()) or ("" if isinstance(e, str) else type(e).__name__)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, DataError, ManifestError, SafeclipError
+from ..errors import ConfigError, DataError, ManifestError, SafeclipError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -216,10 +216,6 @@ def max_rows() -> int:
     return n
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
-
-
 def open_parquet(path: str | os.PathLike[str], error: type[SafeclipError] = DataError,
                  what: str = "") -> pq.ParquetFile:
     """``path`` opened for :func:`parquet_batches`, its declared row count checked against :func:`max_rows`;
@@ -237,7 +233,7 @@ def open_parquet(path: str | os.PathLike[str], error: type[SafeclipError] = Data
         n = pf.metadata.num_rows
         pf.schema_arrow  # noqa: B018 - a footer whose schema cannot be converted fails here, not later
     except (OSError, pa.ArrowException, ValueError, TypeError) as e:
-        raise error(f"cannot read {name}: {_one_line(e)}") from e
+        raise error(f"cannot read {name}: {one_line(e, 300)}") from e
     limit = max_rows()
     if n > limit:
         raise error(f"{name} has {n:_} rows, more than the limit of {limit:_}: set ${MAX_ROWS_ENV} to a larger "
@@ -254,7 +250,7 @@ def parquet_batches(pf: pq.ParquetFile, columns: list[str] | None, name: str,
     try:
         yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
     except (OSError, pa.ArrowException, ValueError, TypeError) as e:
-        raise error(f"cannot read {name}: {_one_line(e)}") from e
+        raise error(f"cannot read {name}: {one_line(e, 300)}") from e
 
 
 def text_column(schema: pa.Schema, name: str, *, binary: bool = False) -> bool:

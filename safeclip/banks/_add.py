@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, DecodeError, EncoderMismatchError
+from ..errors import ConfigError, DataError, DecodeError, EncoderMismatchError, one_line
 from ..pdq import MIN_QUALITY
 from ._store import Bank, NewEntry
 
@@ -303,6 +303,6 @@ def _code(value: Any) -> np.ndarray | None:
 
 
 def _one_line(e: BaseException, path: str) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
+    msg = one_line(e)
     return msg if path in msg else f"{path}: {msg}"
 

@@ -21,6 +21,7 @@ from ..errors import (
     ImageTooLargeError,
     UnsupportedFormatError,
 )
+from ..errors import one_line as errors_one_line
 
 __all__ = ["ALLOWED_FORMATS", "DECODER_VERSION", "OPENERS", "RGB", "Deadline", "DecodeLimits", "Decoded", "Source",
            "check_background", "one_line", "read_source", "sample_positions", "sampling_text"]
@@ -188,11 +189,8 @@ class Deadline:
 
 
 def one_line(e: BaseException, limit: int = 200) -> str:
-    text = re.sub(r"\s+", " ", str(e)).strip()
-    text = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "<data>", text)
-    if not text:
-        text = type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """:func:`safeclip.errors.one_line`, with a file object's repr (``<_io.BytesIO object at 0x...>``) as ``<data>``."""
+    return errors_one_line(re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "<data>", errors_one_line(e)), limit)
 
 
 # ----------------------------------------------------------------------------------------------------------------

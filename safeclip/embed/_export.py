@@ -31,7 +31,7 @@ import numpy as np
 from .. import _trust
 from ..files import write_atomic
 from ..artifacts import sha256_file
-from ..errors import CacheError, ModelLoadError
+from ..errors import CacheError, ModelLoadError, one_line
 from ._identity import encoder_id_for, weights_identity
 from ._store import EXPORT_FORMAT, ExportStore, package_versions
 
@@ -57,8 +57,7 @@ def verification_batch(size: int) -> np.ndarray:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
+    return f"{type(e).__name__}: {one_line(e, 300)}"
 
 
 def _to_onnx(tm: Any, opset: int) -> bytes:

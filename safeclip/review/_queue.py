@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, ReviewError
+from ..errors import ConfigError, ReviewError, one_line
 from ..files import locked_file
 from ._model import NewItem, in_sample, thumbnail_jpeg
 from ._store import ReviewStore
@@ -203,7 +203,7 @@ class ReviewQueue:
             if where == "lost":
                 self._count("failed", len(items))
             log.error("review store %s: could not write %d item(s) (%s): %s", self.store.location, len(items),
-                      where, _one_line(e))
+                      where, one_line(e))
             return
         self._count("written", len(items))
         self._count("duplicates", sum(i is None for i in ids))
@@ -212,21 +212,17 @@ class ReviewQueue:
                 self._count("replayed", replay_spool(self.store, self.spool))
             except Exception as e:  # noqa: BLE001 -- kept in the spool for the next try
                 log.error("review store %s: the spool %s could not be replayed yet: %s", self.store.location,
-                          self.spool, _one_line(e))
+                          self.spool, one_line(e))
 
     def _spool(self, items: Sequence[NewItem]) -> bool:
         assert self.spool is not None
         try:
             write_spool(self.spool, items)
         except (OSError, ValueError) as e:
-            log.error("review spool %s cannot be written: %s", self.spool, _one_line(e))
+            log.error("review spool %s cannot be written: %s", self.spool, one_line(e))
             return False
         self._count("spooled", len(items))
         return True
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _b64(data: bytes | None) -> str | None:
