@@ -258,12 +258,14 @@ def test_invalid_verdicts_are_refused(location: str) -> None:
 def test_next_claims_the_oldest_free_item_with_a_lease(location: str) -> None:
     with open_store(location) as store:
         a, b, c = added(store, [item(1), item(2), item(3)])
-        got = store.next("alice", lease_s=0.3)
+        t0 = time.time()
+        got = store.next("alice", lease_s=120)
         assert got is not None and got.id == a and got.claimed_by == "alice"
-        assert got.claimed_until is not None and got.claimed_until > time.time()
+        assert got.claimed_until is not None and t0 + 120 <= got.claimed_until <= time.time() + 120
         assert claim(store, "bob") == b  # alice's lease is live
-        assert claim(store, "alice", 0.3) == a  # her own claim first
-        time.sleep(0.4)  # alice's lease runs out
+        assert claim(store, "alice", 120) == a  # her own claim first
+        # Alice's lease runs out (set in the past: a short real lease would make the test race a slow machine).
+        raw(location, "UPDATE items SET claimed_until = ? WHERE id = ?", (time.time() - 1, a))
         assert claim(store, "carol") == a
         assert claim(store, "alice") == c  # hers was taken: the next free one
         store.verdict(c, "flag", reviewer="dave")  # a verdict by anyone takes the item out of the queue
