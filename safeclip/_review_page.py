@@ -4,9 +4,8 @@ It asks for the server's bearer token and the reviewer's name (kept in the tab's
 items from ``/v1/review/next``, shows the thumbnail (fetched with the token, shown through a ``blob:`` URL), the
 decided action, each category's probability and thresholds and the decision's reasons, and posts the verdict
 (buttons, or the keys ``a`` / ``f`` / ``b``; ``n`` skips the item: it goes to the back of the queue, and the next
-one is claimed). Everything shown from the server
-is set as text, never parsed as HTML. The Content-Security-Policy allows only this page's own script and style (by
-their hashes), ``blob:`` images and requests to the same origin.
+one is claimed). Everything shown from the server is set as text, never parsed as HTML. The Content-Security-Policy
+allows only this page's own script and style (by their hashes), ``blob:`` images and requests to the same origin.
 """
 
 from __future__ import annotations

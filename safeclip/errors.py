@@ -233,4 +233,3 @@ def one_line(e: BaseException | str, limit: int | None = None) -> str:
     """
     text = " ".join(str(e).split()) or ("" if isinstance(e, str) else type(e).__name__)
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
-
