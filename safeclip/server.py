@@ -237,7 +237,9 @@ _ANSWERS: dict[type[BaseException], _Answer] = {
     OverloadedError: _Answer(503, "overloaded", retry_after=True),
     # The review routes' (never counted in safeclip_requests_total: only the access log shows their outcome).
     _NotFound: _Answer(404, "not_found"),
-    ReviewError: _Answer(400, "bad_request"),  # what the store refuses that the server's own checks let by
+    # The store's other refusals; the routes turn its unknown-item and invalid-verdict errors into _NotFound and
+    # _InvalidVerdict themselves, so that the answer does not name where the store lives.
+    ReviewError: _Answer(400, "bad_request"),
     ReviewStoreUnavailableError: _Answer(503, "review_unavailable", retry_after=True),
     SafeclipError: _Answer(500, "error"),
     Exception: _Answer(500, "error", internal=True),  # the model failed: an error, never a guess
