@@ -617,6 +617,57 @@ def test_eight_processes_lose_no_item_no_verdict_and_share_no_claim(location: st
         assert store.next("anyone") is None and store.strata()[0].reviewed == n
 
 
+KILLED_WRITER = r"""
+import sys
+
+import numpy as np
+
+from safeclip.review import NewItem, open_store
+
+store = open_store(sys.argv[1], policy="default")
+cats = {"nudity": {"probability": 0.9}, "violence": {"probability": 0.1}}
+for i in range(1_000_000):  # until killed: each line is printed only once its write has returned
+    thumb = np.random.default_rng(i).bytes(64 * 1024)  # long writes, so that the kill lands inside one
+    [iid] = store.add([NewItem(f"{i:064x}", "default@1.0", "tiny", "flag", {"action": "flag", "categories": cats},
+                               1.0, "check", embedding=np.ones(16, np.float32), thumbnail=thumb)])
+    print("item", iid, flush=True)
+    v = store.verdict(iid, "block", reviewer="killed", category="nudity")
+    print("verdict", v.id, flush=True)
+"""
+
+
+def test_a_writer_killed_mid_write_loses_nothing_it_was_told_was_written(location: str) -> None:
+    """kill -9 a process in the middle of adding items and posting verdicts: the store opens clean, holds every item
+    and verdict whose write had returned, and takes new work."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, location], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    acked: dict[str, set[int]] = {"item": set(), "verdict": set()}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            kind, number = line.split()
+            acked[kind].add(int(number))
+            if len(acked["verdict"]) >= 25:
+                break
+        else:
+            pytest.fail(f"the writer stopped early: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    finally:
+        proc.kill()  # SIGKILL: no atexit, no rollback of its own
+        proc.wait(timeout=30)
+    assert proc.returncode == -9
+    if not location.startswith("postgresql://"):
+        assert raw(location, "PRAGMA integrity_check") == [("ok",)]
+    with open_store(location, create=False) as store:
+        items = {i.id: i for i in store.items()}
+        assert acked["item"] <= set(items)
+        stored = {v.id for i in items.values() for v in i.verdicts}
+        assert acked["verdict"] <= stored
+        assert all(items[i].has_thumbnail for i in acked["item"])
+        [new] = added(store, [item(10**9)])
+        store.verdict(new, "allow", reviewer="alice")
+        assert [v.reviewer for v in store.get(new).verdicts] == ["alice"]
+
+
 def test_a_forked_child_gets_its_own_connection_and_the_parents_keeps_working(location: str) -> None:
     """A forking server (gunicorn's pre-fork, multiprocessing's fork) inherits an open store: the child must not use
     the parent's connection (SQLite's and libpq's do not cross fork), nor close it under the parent."""

@@ -237,9 +237,16 @@ def _item_json(item: NewItem) -> dict[str, Any]:
 
 
 def write_spool(path: str | os.PathLike[str], items: Sequence[NewItem]) -> None:
-    """Append ``items`` to a spool file (one JSON object per line, under its lock, synced to disk)."""
-    with locked_file(path, "a", encoding="utf-8") as f:  # processes sharing a spool never interleave lines
-        f.write("".join(json.dumps(_item_json(i), allow_nan=False) + "\n" for i in items))
+    """Append ``items`` to a spool file (one JSON object per line, under its lock, synced to disk). A line torn by a
+    crash mid-write is ended first, so that it costs only its own items, never the next ones."""
+    text = "".join(json.dumps(_item_json(i), allow_nan=False) + "\n" for i in items).encode("utf-8")
+    with locked_file(path, "a+b") as f:  # processes sharing a spool never interleave lines
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                text = b"\n" + text
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
