@@ -21,6 +21,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if __name__ == "__main__":  # standalone: make the checkout importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from safeclip.decode import DecodeLimits, Decoded, decode
-from safeclip.errors import DecodeError
+from safeclip.errors import DecodeError, ImageTooLargeError
 from test_decode import gif_animation, webp_animation, white_drawing_on_clear
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -305,6 +306,61 @@ def test_animated_canvases_and_alpha_images(kind, canvas, frames, alpha, ops, ta
     """Tiny frames on canvases up to the pixel limit, and alpha stills: valid views or a DecodeError, and no case
     raises the peak RSS over the ceiling."""
     check_one(apply_ops(canvas_case(kind, canvas, frames, alpha), ops), target_size)
+
+
+GIF_SEEDS = [i for i, (_, data) in enumerate(SEEDS) if data[:3] == b"GIF"]
+# Extension starts where readers of GIF's block structure part ways: an empty first sub-block (Pillow then skips the
+# chain after it, except in a comment), and NETSCAPE2.0 (before frame 0 Pillow reads one sub-block more).
+GIF_EXTENSION_STARTS = (b"\x21\xf9\x00", b"\x21\xfe\x00", b"\x21\x01\x00", b"\x21\xff\x0bNETSCAPE2.0",
+                        b"\x21\xff\x0bNETSCAPE2.0\x00", b"\x21\xf9\x04\x00\x05\x00\x00\x00")
+
+
+def pillow_canvases(data: bytes) -> list[tuple[int, int]] | None:
+    """The canvas Pillow reaches at each frame of a GIF, seeking without decoding the frames sought to (each seek
+    decodes the one before it, so growth is bounded by MAX_IMAGE_PIXELS); None when Pillow gives up part way."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels // 2  # Pillow refuses a canvas over twice this
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            sizes = [im.size]
+            for j in range(1, im.n_frames):
+                im.seek(j)
+                sizes.append(im.size)
+            return sizes
+    except Exception:  # noqa: BLE001 - a walk Pillow cannot finish is not compared
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning", "ignore::DeprecationWarning")
+@settings(max_examples=400, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(seed=st.sampled_from(GIF_SEEDS or [0]), ops=st.lists(op_strategy, max_size=3),
+       spliced=st.lists(st.tuples(st.integers(0, (1 << 16) - 1), st.sampled_from(GIF_EXTENSION_STARTS),
+                                  st.binary(max_size=12)), max_size=2))
+def test_the_gif_prescan_sees_every_canvas_pillow_reaches(seed: int, ops, spliced):
+    """Differential: wherever Pillow's own walk of a mutated GIF reaches a canvas of M pixels, a limit of M - 1 is
+    refused by the prescan, before Pillow opens the file; a limit of M is not (the prescan sees no phantom frame).
+    Extension starts are spliced in where readers part ways; the prescan that stopped at an extension's empty first
+    sub-block fails this."""
+    data = apply_ops(SEEDS[seed][1], ops)
+    for at, start, tail in spliced:  # an extension (often with an empty first sub-block) and bytes after it
+        at %= len(data) or 1
+        data = data[:at] + start + tail + data[at:]
+    sizes = pillow_canvases(data) if data[:6] in (b"GIF87a", b"GIF89a") else None
+    if not sizes:
+        return
+    most = max(w * h for w, h in sizes)
+    with mock.patch.object(Image, "open", wraps=Image.open) as opened:
+        with pytest.raises(ImageTooLargeError, match=r"GIF image frame \d+ is \d+x\d+ = "):
+            decode(data, limits=DecodeLimits(max_pixels=most - 1, max_total_pixels=LIMITS.max_total_pixels))
+        assert not opened.called
+    try:
+        decode(data, limits=DecodeLimits(max_pixels=most, max_total_pixels=LIMITS.max_total_pixels))
+    except ImageTooLargeError as e:
+        assert " over the %d-pixel limit" % most not in str(e), str(e)
+    except DecodeError:
+        pass
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
