@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 
 import pytest
 
@@ -21,7 +19,7 @@ pytest.importorskip("starlette")
 httpx = pytest.importorskip("httpx")
 
 from safeclip.review import open_store  # noqa: E402
-from test_server import _start_serve  # noqa: E402
+from test_server import _start_serve, _stop_serve  # noqa: E402
 from test_server_review import fill  # noqa: E402
 
 TOKEN = "page-token-93d1-\u00fc"  # not ASCII: sent as its UTF-8 bytes
@@ -68,16 +66,6 @@ def driver(monkeypatch):
         yield d
     finally:
         d.quit()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.mark.slow  # a real server process (and a browser): CI runs it; -m 'not slow' skips it
@@ -156,7 +144,7 @@ def test_a_reviewer_clicks_through_the_queue_in_headless_chromium(driver, tiny_m
                     if e["level"] in ("SEVERE", "WARNING") and "favicon.ico" not in e["message"]]
         assert problems == []  # no CSP violation, no script error, no failed request
     finally:
-        stop(proc)
+        _stop_serve(proc)
 
     with open_store(db, policy="default") as store:
         got = [(v.item_id, v.reviewer, v.action, v.category, v.note) for i in ids for v in store.get(i).verdicts]

@@ -517,6 +517,17 @@ def _start_serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen
     return proc, port[0]
 
 
+def _stop_serve(proc: subprocess.Popen, wait_s: float = 30) -> None:
+    """Stop a ``safeclip serve`` the way a supervisor does: SIGTERM, then SIGKILL if it has not exited in ``wait_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_safeclip_serve_answers_then_drains_on_sigterm_and_exits_0(tiny_model, cache_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")

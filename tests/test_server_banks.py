@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
 import time
 
 import numpy as np
@@ -18,7 +16,7 @@ pytest.importorskip("starlette")
 
 from safeclip.banks import Bank, NewEntry  # noqa: E402
 from safeclip.pdq import pdq_hash  # noqa: E402
-from test_server import _start_serve  # noqa: E402
+from test_server import _start_serve, _stop_serve  # noqa: E402
 
 POLICY = """name: served-banks
 version: "1"
@@ -82,9 +80,4 @@ def test_safeclip_serve_picks_up_bank_changes_and_answers_the_matches(tiny_model
             assert answer_until(c, body, "allow", 10.0)["action"] == "allow"
     finally:
         bank.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        _stop_serve(proc)
