@@ -207,7 +207,7 @@ class ReviewQueue:
             return
         self._count("written", len(items))
         self._count("duplicates", sum(i is None for i in ids))
-        if self.spool is not None and self.spool.exists():
+        if self.spool is not None and _has_bytes(self.spool):  # a replayed spool is left empty, not removed
             try:
                 self._count("replayed", replay_spool(self.store, self.spool))
             except Exception as e:  # noqa: BLE001 -- kept in the spool for the next try
@@ -223,6 +223,13 @@ class ReviewQueue:
             return False
         self._count("spooled", len(items))
         return True
+
+
+def _has_bytes(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _b64(data: bytes | None) -> str | None:
