@@ -84,10 +84,10 @@ from starlette.routing import Route
 from ._review_page import PAGE, PAGE_HEADERS
 from .decide import Decision
 from .errors import (ConfigError, DecodeError, InvalidVerdictError, OverloadedError, ReviewError,
-                     ReviewItemNotFoundError, ReviewStoreUnavailableError, SafeclipError)
+                     ReviewItemNotFoundError, ReviewStoreUnavailableError, SafeclipError, one_line)
 from .moderator import Moderator
 from .policy import Policy, load_policy
-from .review import ACTIONS, ReviewStore
+from .review import ReviewStore
 
 __all__ = ["VIDEO_TYPES", "create_app", "uvicorn_protocol"]
 
@@ -496,8 +496,7 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def _shown(value: Any) -> str:
     """``value`` as a refusal quotes it: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return one_line(repr(value), 60)
 
 
 def _reviewer(value: Any) -> str:
@@ -577,9 +576,7 @@ async def _verdict_fields(request: Request, timeout_s: float) -> dict[str, Any]:
     if unknown:
         raise _InvalidVerdict(f"unknown verdict field(s) {', '.join(map(_shown, unknown))}; a verdict has "
                               f"{', '.join(_VERDICT_FIELDS)}")
-    if data.get("action") not in ACTIONS:
-        raise _InvalidVerdict(f"action must be one of {', '.join(ACTIONS)}, not {_shown(data.get('action'))}")
-    out = {"action": data["action"], "reviewer": _reviewer(data.get("reviewer"))}
+    out = {"action": data.get("action"), "reviewer": _reviewer(data.get("reviewer"))}  # the store checks the action
     for key in ("category", "note"):
         value = data.get(key)
         if value is not None and not isinstance(value, str):

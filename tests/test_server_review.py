@@ -210,6 +210,8 @@ def test_verdicts_are_recorded_with_reviewer_and_time_and_a_disagreement_is_kept
 @pytest.mark.parametrize("body, kind, words", [
     ({"action": "delete", "reviewer": "alice"}, "InvalidVerdict", "allow, flag, block"),
     ({"action": "block", "reviewer": "alice", "category": "spam"}, "InvalidVerdict", "'spam' is not one of"),
+    ({"action": "block", "reviewer": "alice", "category": "x" * 5000}, "InvalidVerdict", "xxx... is not one of"),
+    ({"action": "x" * 5000, "reviewer": "alice"}, "InvalidVerdict", "allow, flag, block"),
     ({"action": "block", "reviewer": "  "}, "InvalidVerdict", "reviewer"),
     ({"action": "block"}, "InvalidVerdict", "reviewer"),
     ({"action": "block", "reviewer": "alice", "note": 5}, "InvalidVerdict", "note"),
@@ -221,6 +223,7 @@ def test_an_invalid_verdict_is_answered_400_in_one_line_and_nothing_is_recorded(
     error = one_line_error(client.post(f"/v1/review/{ids[0]}/verdict", headers=AUTH, json=body), 400)
     assert error["type"] == kind and words in error["message"]
     assert str(store.location) not in error["message"]  # where the store lives is not the client's business
+    assert len(error["message"]) < 300  # a value quoted from the body is cut short
     assert store.get(ids[0]).verdicts == ()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidVerdictError, ReviewError, ReviewItemNotFoundError
+from ..errors import InvalidVerdictError, ReviewError, ReviewItemNotFoundError, one_line
 from . import _schema
 from ._model import ACTIONS, NewItem, ReviewItem, StratumCount, Verdict
 from ._postgres import PostgresDialect, is_postgres_url
@@ -34,6 +34,11 @@ __all__ = ["ReviewStore", "SCHEMA_VERSION", "open_store"]
 SCHEMA_VERSION = 2
 
 PAGE = 500  # items read per query by items() / embeddings()
+def _quoted(value: object) -> str:
+    """A value a caller gave, as a refusal quotes it: its repr, cut short (it may be a whole request body)."""
+    return one_line(repr(value), 60)
+
+
 _QUEUE_ORDER = "COALESCE(queue_pos, id), id"  # the index items_queue_order
 _ITEM = ("id, sha256, policy, encoder_id, action, decision, probability, origin, source, created_at, "
          "embedding IS NOT NULL, thumbnail IS NOT NULL, claimed_by, claimed_until")
@@ -247,9 +252,9 @@ class ReviewStore:
         reviewer = self._reviewer(reviewer)
 
         def write(tx: Tx) -> bool:
-            got = tx.rows(f"UPDATE items SET claimed_by = NULL, claimed_until = NULL, queue_pos = (SELECT "
-                          f"MAX(COALESCE(queue_pos, id)) + 1 FROM items) WHERE id = ? AND claimed_by = ? AND "
-                          f"n_verdicts = 0 RETURNING id", (item_id, reviewer))
+            got = tx.rows("UPDATE items SET claimed_by = NULL, claimed_until = NULL, queue_pos = (SELECT "
+                          "MAX(COALESCE(queue_pos, id)) + 1 FROM items) WHERE id = ? AND claimed_by = ? AND "
+                          "n_verdicts = 0 RETURNING id", (item_id, reviewer))
             if not got and not tx.rows("SELECT id FROM items WHERE id = ?", (item_id,)):
                 raise self._no_item(item_id)
             return bool(got)
@@ -265,7 +270,7 @@ class ReviewStore:
         item_id = self._id(item_id)
         reviewer = self._reviewer(reviewer, verdict=True)
         if action not in ACTIONS:
-            raise self._invalid(f"verdict {action!r} on item {item_id} is not one of {', '.join(ACTIONS)}")
+            raise self._invalid(f"verdict {_quoted(action)} on item {item_id} is not one of {', '.join(ACTIONS)}")
         for field, value in (("category", category), ("note", note)):
             if value is not None and not isinstance(value, str):
                 raise self._invalid(f"a verdict's {field} is text or None, not {type(value).__name__}")
@@ -281,7 +286,7 @@ class ReviewStore:
             if category is not None:
                 categories = json.loads(got[0][0]).get("categories") or {}
                 if category not in categories:
-                    raise self._invalid(f"category {category!r} is not one of item {item_id}'s categories "
+                    raise self._invalid(f"category {_quoted(category)} is not one of item {item_id}'s categories "
                                         f"({', '.join(categories) or 'none'}): give one of them, or none")
             vid = tx.rows("INSERT INTO verdicts (item_id, reviewer, action, category, note, created_at) "
                           "VALUES (?, ?, ?, ?, ?, ?) RETURNING id", (item_id, reviewer, action, category, note, now))
